@@ -1,0 +1,7 @@
+"""`python -m scaleforge` is the `scaleforge` command."""
+
+import sys
+
+from scaleforge.cli import main
+
+sys.exit(main())

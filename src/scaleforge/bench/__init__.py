@@ -1,0 +1,1 @@
+"""Benchmarks: `scaleforge bench ...`; each prints a table (or JSON) and says what it measured."""

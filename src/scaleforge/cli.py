@@ -1,0 +1,146 @@
+"""The `scaleforge` command: argument parsing only; each command calls one function elsewhere.
+
+User errors print one line on stderr and exit with code 2; unexpected failures exit 1 with a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from scaleforge.errors import ScaleforgeError, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (`usage error: ...`) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _split_config_args(items: Sequence[str]) -> tuple[str | None, list[str]]:
+    """`[CONFIG] [KEY=VALUE ...]`: the first item is the config file if it names a file or ends in .yaml/.yml."""
+    first = items[0] if items else ""
+    if first and "=" not in first and (first.endswith((".yaml", ".yml")) or Path(first).exists()):
+        return first, list(items[1:])
+    return None, list(items)
+
+
+def _load(items: Sequence[str]):  # noqa: ANN202 - RunConfig, imported lazily to keep --help fast
+    from scaleforge.config import load_config
+
+    path, overrides = _split_config_args(items)
+    return load_config(path, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from scaleforge.train.trainer import default_run_dir, train
+
+    config = _load(args.config)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(config)
+    summary = train(config, run_dir)
+    metrics = " | ".join(f"{k} {v:.4f}" for k, v in summary.items() if k.startswith("val_"))
+    print(f"done: {summary['steps']} steps in {summary['wall_time_s']:.1f}s | {metrics}")
+    print(f"results: {run_dir}/ (summary.json, metrics.jsonl, loss.png, final/model.safetensors)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from scaleforge.evaluate import evaluate_run
+
+    results = evaluate_run(args.run_dir)
+    for name, value in results.items():
+        print(f"{name}: {value:.4f}")
+    return 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from scaleforge.config import dump_yaml, explain_yaml
+
+    config = _load(args.config)
+    sys.stdout.write(explain_yaml(config) if args.explain else dump_yaml(config))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from scaleforge.registry import REGISTRIES
+
+    kinds = [args.kind] if args.kind else list(REGISTRIES)
+    for kind in kinds:
+        print(f"{kind}: {', '.join(REGISTRIES[kind].names())}")
+    return 0
+
+
+def cmd_bench_overhead(args: argparse.Namespace) -> int:
+    from scaleforge.bench.overhead import run_overhead_benchmark
+
+    run_overhead_benchmark(
+        steps=args.steps, repeats=args.repeats, lightning=not args.no_lightning, as_json=args.json, threads=args.threads
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line."""
+    from scaleforge import __version__
+
+    parser = _Parser(prog="scaleforge", description="Train, evaluate and benchmark models from one YAML config.")
+    parser.add_argument("--version", action="version", version=f"scaleforge {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    config_help = "[CONFIG.yaml] [KEY=VALUE ...]: a config file (default: the embedded default) and dotted overrides"
+    train = commands.add_parser("train", help="train a model", description="Train the model a config describes.")
+    train.add_argument("config", nargs="*", metavar="CONFIG_OR_OVERRIDE", help=config_help)
+    train.add_argument("--run-dir", help="where results go (default: runs/<name>-<time>)")
+    train.set_defaults(handler=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate a trained run on its validation split")
+    evaluate.add_argument("run_dir", metavar="RUN_DIR")
+    evaluate.set_defaults(handler=cmd_eval)
+
+    config = commands.add_parser("config", help="inspect configs")
+    config_commands = config.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
+    show = config_commands.add_parser("show", help="print the resolved config as YAML")
+    show.add_argument("config", nargs="*", metavar="CONFIG_OR_OVERRIDE", help=config_help)
+    show.add_argument("--explain", action="store_true", help="say where each value came from")
+    show.set_defaults(handler=cmd_config_show)
+
+    kinds = ["models", "datasets", "optimizers", "schedulers", "losses", "metrics", "callbacks"]
+    listing = commands.add_parser("list", help="list registered components")
+    listing.add_argument("kind", nargs="?", choices=kinds)
+    listing.set_defaults(handler=cmd_list)
+
+    bench = commands.add_parser("bench", help="benchmarks")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True, parser_class=_Parser)
+    overhead = bench_commands.add_parser(
+        "overhead", help="trainer step time against a plain PyTorch loop (and Lightning when installed)"
+    )
+    overhead.add_argument("--steps", type=int, default=300, help="timed steps per measurement (default 300)")
+    overhead.add_argument(
+        "--repeats", type=int, default=5, help="interleaved repeats; medians are reported (default 5)"
+    )
+    overhead.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    overhead.add_argument("--no-lightning", action="store_true", help="skip PyTorch Lightning even if installed")
+    overhead.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    overhead.set_defaults(handler=cmd_bench_overhead)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+        return args.handler(args)
+    except ScaleforgeError as error:
+        print(error.one_line(), file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

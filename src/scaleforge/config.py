@@ -1,0 +1,681 @@
+"""The run configuration: one YAML file plus `KEY=VALUE` overrides, typed, validated and with provenance.
+
+Every section is a small frozen dataclass. Component sections are open: `model.architecture` (or
+`data.dataset`, `training.optimizer`, ...) names a registered component and its sibling keys are bound to
+that component's constructor signature here, at load time, so a misspelt key fails before any work starts.
+Each value remembers where it came from (the default, a file and line, or an override) for
+`scaleforge config show --explain` and for error messages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+import sys
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from scaleforge import registry
+from scaleforge.errors import ConfigError, did_you_mean, one_of
+
+DEFAULT = "default"
+
+# Fields a dataset provides to a model whose signature names them (see data/base.py: DataInfo).
+DATA_PROVIDED = ("input_shape", "num_classes", "vocab_size", "seq_len")
+
+
+def _check(*, minimum: float | None = None, above: float | None = None) -> dict[str, Any]:
+    return {"minimum": minimum, "above": above}
+
+
+POSITIVE = _check(above=0)
+NON_NEGATIVE = _check(minimum=0)
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """A registered component's name (or `module:Attr` path) and its constructor parameters."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """`model.architecture` and the model's constructor arguments."""
+
+    architecture: str = "mlp"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spec(self) -> ComponentSpec:
+        return ComponentSpec(self.architecture, self.params)
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """`data.dataset`, the dataset's constructor arguments, and how batches are loaded."""
+
+    dataset: str = "digits"
+    num_workers: int = field(default=0, metadata=NON_NEGATIVE)
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spec(self) -> ComponentSpec:
+        return ComponentSpec(self.dataset, self.params)
+
+
+@dataclass(frozen=True)
+class TrainingSection:
+    """How the model is optimised. `batch_size` is the global batch per optimizer step."""
+
+    batch_size: int = field(default=64, metadata=POSITIVE)
+    learning_rate: float = field(default=1e-3, metadata=POSITIVE)
+    epochs: int = field(default=20, metadata=POSITIVE)
+    max_steps: int | None = field(default=None, metadata=POSITIVE)
+    optimizer: ComponentSpec = ComponentSpec("adam")
+    scheduler: ComponentSpec = ComponentSpec("none")
+    weight_decay: float = field(default=0.0, metadata=NON_NEGATIVE)
+    grad_accum_steps: int = field(default=1, metadata=POSITIVE)
+    clip_grad_norm: float | None = field(default=None, metadata=POSITIVE)
+    precision: Literal["auto", "32", "bf16-mixed", "fp16-mixed"] = "auto"
+    compile: bool = False
+    eval_every_steps: int = field(default=0, metadata=NON_NEGATIVE)
+    loss: ComponentSpec = ComponentSpec("auto")
+    metrics: list[ComponentSpec] | None = None
+    callbacks: list[ComponentSpec] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CheckpointSection:
+    """Periodic checkpoints; `every_steps: 0` turns them off."""
+
+    every_steps: int = field(default=200, metadata=NON_NEGATIVE)
+    keep: int = field(default=3, metadata=POSITIVE)
+
+
+@dataclass(frozen=True)
+class HardwareSection:
+    """Where to run: `device: auto` picks cuda, then mps, then cpu."""
+
+    device: str = "auto"
+    threads: int | None = field(default=None, metadata=POSITIVE)
+
+
+@dataclass(frozen=True)
+class ParallelSection:
+    """How the work is split across processes: `auto` is `single` for one process."""
+
+    strategy: Literal["auto", "single"] = "auto"
+
+
+@dataclass(frozen=True)
+class LoggingSection:
+    """What a run reports while it trains."""
+
+    every_steps: int = field(default=10, metadata=POSITIVE)
+    progress: Literal["auto", "bar", "plain", "none"] = "auto"
+    tensorboard: bool = True
+    plot: bool = True
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole run, resolved and validated."""
+
+    seed: int = 0
+    name: str = "default"
+    imports: list[str] = field(default_factory=list)
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    training: TrainingSection = TrainingSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    hardware: HardwareSection = HardwareSection()
+    parallel: ParallelSection = ParallelSection()
+    logging: LoggingSection = LoggingSection()
+    origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain YAML-ready data, in the file format (component parameters beside the name)."""
+        return _section_to_dict(self)
+
+    def origin(self, key: str) -> str:
+        """Where the value at a dotted key came from: 'default', 'FILE:LINE' or 'override KEY=VALUE'."""
+        return _origin(self.origins, key)
+
+
+# Which field of an open section names its component, and which registry resolves it.
+_OPEN_SECTIONS: dict[type, tuple[str, registry.Registry]] = {
+    ModelSection: ("architecture", registry.MODELS),
+    DataSection: ("dataset", registry.DATASETS),
+}
+# Component fields of `training`: registry, and the names the trainer passes itself (not settable).
+_COMPONENT_FIELDS: dict[str, tuple[registry.Registry, frozenset[str]]] = {
+    "optimizer": (registry.OPTIMIZERS, frozenset({"params", "lr", "weight_decay"})),
+    "scheduler": (registry.SCHEDULERS, frozenset({"optimizer", "total_steps", "steps_per_epoch"})),
+    "loss": (registry.LOSSES, frozenset()),
+    "metrics": (registry.METRICS, frozenset()),
+    "callbacks": (registry.CALLBACKS, frozenset()),
+}
+# Names resolved by the task at build time rather than from a registry.
+_AUTO = "auto"
+
+
+# --------------------------------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML file (or the defaults when `path` is None), apply `KEY=VALUE` overrides and validate."""
+    raw: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    if path is not None:
+        raw, origins = read_yaml(Path(path))
+    for item in overrides:
+        apply_override(raw, origins, item)
+    if "name" not in raw and path is not None:
+        raw["name"] = Path(path).stem
+        origins["name"] = f"the name of {path}"
+    return _build(RunConfig, raw, origins, prefix="")
+
+
+def config_from_dict(data: Mapping[str, Any], origin: str = DEFAULT) -> RunConfig:
+    """Validate an already-parsed config mapping (such as a saved `config.yaml`)."""
+    raw = _deep_copy(data)
+    origins = {key: origin for key in _dotted_keys(raw)} if origin != DEFAULT else {}
+    return _build(RunConfig, raw, origins, prefix="")
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 insists on a dot: `1.0e-3`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.[\d_]*)?[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml_value(text: str) -> Any:
+    """Parse one value the way the config file would."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """A config file's data and the `file:line` of each dotted key in it."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        node = yaml.compose(text, Loader=_Loader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigError(f"{where}: malformed YAML: {problem}") from error
+    if data is None:
+        return {}, {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {_type_name(data)}")
+    origins: dict[str, str] = {}
+    _record_lines(node, "", str(path), origins)
+    return data, origins
+
+
+def _record_lines(node: yaml.Node, prefix: str, filename: str, origins: dict[str, str]) -> None:
+    if not isinstance(node, yaml.MappingNode):
+        return
+    for key_node, value_node in node.value:
+        key = f"{prefix}{key_node.value}"
+        origins[key] = f"{filename}:{key_node.start_mark.line + 1}"
+        _record_lines(value_node, f"{key}.", filename, origins)
+
+
+def apply_override(raw: dict[str, Any], origins: dict[str, str], item: str) -> None:
+    """Apply one `dotted.key=VALUE` override in place; VALUE is parsed as YAML."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override '{item}' is not KEY=VALUE (for example training.epochs=3)")
+    try:
+        value = parse_yaml_value(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override '{item}': value is not valid YAML: {getattr(error, 'problem', error)}") from error
+    origin = f"override {item}"
+    parts = key.split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        where = ".".join(parts[: depth + 1])
+        if isinstance(child, str):  # `training.optimizer=sgd training.optimizer.momentum=0.9`
+            child = {"name": child}
+        elif not isinstance(child, dict):
+            if child is not None:
+                raise ConfigError(f"override '{item}': {where} is {_type_name(child)}, not a section")
+            child = {}
+            origins.setdefault(where, origin)
+        node[part] = child
+        node = child
+    node[parts[-1]] = value
+    for existing in [k for k in origins if k == key or k.startswith(key + ".")]:
+        del origins[existing]
+    origins[key] = origin
+    for sub in _dotted_keys(value, key):
+        origins[sub] = origin
+
+
+def _dotted_keys(value: Any, prefix: str = "") -> list[str]:
+    if not isinstance(value, dict):
+        return []
+    keys = []
+    for name, child in value.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        keys.append(key)
+        keys.extend(_dotted_keys(child, key))
+    return keys
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _deep_copy(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_deep_copy(v) for v in value]
+    return value
+
+
+# ------------------------------------------------------------------------------------------------- building
+
+
+def _origin(origins: Mapping[str, str], key: str) -> str:
+    """Where a key's value came from. A component written as a bare name (`optimizer: adam`) gives its
+    `name` the line of the component; parameters filled from the signature are defaults."""
+    if key in origins:
+        return origins[key]
+    parent, _, leaf = key.rpartition(".")
+    if leaf == "name" and parent in origins:
+        return origins[parent]
+    return DEFAULT
+
+
+def _enclosing_origin(origins: Mapping[str, str], key: str) -> str:
+    while key:
+        if key in origins:
+            return origins[key]
+        key = key.rpartition(".")[0]
+    return DEFAULT
+
+
+def _fail(origins: Mapping[str, str], key: str, message: str) -> ConfigError:
+    origin = _enclosing_origin(origins, key)
+    suffix = f" [{origin}]" if origin != DEFAULT else ""
+    return ConfigError(f"{key}: {message}{suffix}")
+
+
+def _build(cls: type, raw: Any, origins: dict[str, str], prefix: str) -> Any:
+    """Build a section dataclass from raw data, checking keys, types and ranges."""
+    section_key = prefix.rstrip(".")
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise _fail(origins, section_key, f"expected a mapping, got {_type_name(raw)} {raw!r}")
+    raw = dict(raw)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in ("params", "origins")}
+    values: dict[str, Any] = {}
+
+    if cls is RunConfig:  # imports come first: they register the components the other sections name
+        values["imports"] = _convert(raw.pop("imports", []), hints["imports"], origins, "imports")
+        if "" not in sys.path:  # console scripts do not put the working directory on the path; `python -m` does
+            sys.path.insert(0, "")
+        for module in values["imports"]:
+            registry.import_module(module, key="imports")
+
+    open_section = _OPEN_SECTIONS.get(cls)
+    if open_section is None:
+        unknown = [k for k in raw if k not in fields]
+        if unknown:
+            key = f"{prefix}{unknown[0]}"
+            raise _fail(origins, key, f"unknown key{did_you_mean(str(unknown[0]), fields)}; {one_of(fields)}")
+
+    for name, spec in fields.items():
+        key = f"{prefix}{name}"
+        hint = hints[name]
+        # Sections and components are built even when absent, so their defaults are bound and shown.
+        if dataclasses.is_dataclass(hint) and hint is not ComponentSpec:
+            values[name] = _build(hint, raw.pop(name, {}), origins, f"{key}.")
+        elif name in _COMPONENT_FIELDS:
+            default = _plain_default(spec)
+            values[name] = _component_field(name, raw.pop(name, default), origins, key)
+        elif name in raw:
+            value = raw.pop(name)
+            values[name] = _convert(value, hint, origins, key)
+            _check_range(values[name], spec.metadata, origins, key)
+
+    if open_section is not None:
+        name_field, component_registry = open_section
+        component = values.get(name_field, fields[name_field].default)
+        factory = _resolve(component_registry, component, origins, f"{prefix}{name_field}")
+        values["params"] = bind_params(factory, raw, origins, section_key, section_fields=list(fields))
+    if cls is RunConfig:
+        values["origins"] = dict(origins)
+        _check_training(values.get("training", TrainingSection()), origins)
+    return cls(**values)
+
+
+def _resolve(component_registry: registry.Registry, name: str, origins: Mapping[str, str], key: str) -> Any:
+    """Look a component up; a miss names where the name came from, like every other config error."""
+    try:
+        return component_registry.get(name, key=key)
+    except ConfigError as error:
+        origin = _enclosing_origin(origins, key)
+        raise ConfigError(f"{error} [{origin}]" if origin != DEFAULT else str(error)) from error
+
+
+def _plain_default(spec: dataclasses.Field) -> Any:
+    default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+    if isinstance(default, ComponentSpec):
+        return _spec_to_data(default)
+    return _plain(default)
+
+
+def _component_field(name: str, value: Any, origins: dict[str, str], key: str) -> Any:
+    component_registry, injected = _COMPONENT_FIELDS[name]
+    if name in ("metrics", "callbacks"):
+        if value is None and name == "metrics":
+            return None
+        if not isinstance(value, list):
+            raise _fail(origins, key, f"expected a list of {component_registry.kind} names, got {_type_name(value)}")
+        return [_component(item, component_registry, injected, origins, f"{key}.{i}") for i, item in enumerate(value)]
+    return _component(value, component_registry, injected, origins, key)
+
+
+def _component(
+    value: Any, component_registry: registry.Registry, injected: frozenset[str], origins: dict[str, str], key: str
+) -> ComponentSpec:
+    if isinstance(value, str):
+        name, params = value, {}
+    elif isinstance(value, dict) and isinstance(value.get("name"), str):
+        params = dict(value)
+        name = params.pop("name")
+    elif isinstance(value, dict):
+        raise _fail(origins, key, f"a mapping needs 'name', the {component_registry.kind} to use, got {value!r}")
+    else:
+        raise _fail(origins, key, f"expected the name of a {component_registry.kind} or a mapping with 'name'")
+    if name == _AUTO and component_registry in (registry.LOSSES,):
+        if params:
+            raise _fail(origins, key, "'auto' takes no parameters")
+        return ComponentSpec(name)
+    factory = _resolve(component_registry, name, origins, f"{key}.name" if params else key)
+    return ComponentSpec(name, bind_params(factory, params, origins, key, injected=injected))
+
+
+def bind_params(
+    factory: Callable[..., Any],
+    params: Mapping[str, Any],
+    origins: Mapping[str, str],
+    key: str,
+    *,
+    injected: frozenset[str] = frozenset(),
+    section_fields: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Check `params` against `factory`'s signature and return them with the signature's defaults filled in.
+
+    `injected` names are passed by scaleforge itself and cannot be set. Names a dataset provides (such as
+    `num_classes`) may be set, and are checked against the dataset at build time. `section_fields` are the
+    section's own keys that sit beside the parameters (`architecture`), offered as did-you-mean too.
+    """
+    signature = _signature(factory)
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+    settable = {
+        name: p
+        for name, p in signature.parameters.items()
+        if name not in injected and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+    hints = _type_hints(factory)
+    bound: dict[str, Any] = {}
+    for name, p in settable.items():  # the signature's defaults, so the resolved config shows every value
+        if name not in DATA_PROVIDED and p.default is not p.empty and _is_plain_data(p.default):
+            bound[name] = _deep_copy(p.default)
+    for name, value in params.items():
+        param_key = f"{key}.{name}"
+        if name not in settable and not accepts_any:
+            if name in injected:
+                raise _fail(origins, param_key, "is set by scaleforge and cannot be given here")
+            choices = list(settable)
+            suggestion = did_you_mean(str(name), [*choices, *section_fields])
+            raise _fail(
+                origins,
+                param_key,
+                f"{_factory_name(factory)} takes no parameter '{name}'{suggestion}; "
+                f"it takes: {', '.join(choices) or 'no parameters'}",
+            )
+        hint = hints.get(name, Any)
+        bound[name] = _convert(value, hint, origins, param_key) if name not in DATA_PROVIDED else value
+    return bound
+
+
+def _signature(factory: Callable[..., Any]) -> inspect.Signature:
+    try:
+        return inspect.signature(factory)
+    except (TypeError, ValueError):
+        return inspect.Signature([inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)])
+
+
+def _type_hints(factory: Callable[..., Any]) -> dict[str, Any]:
+    target = factory.__init__ if inspect.isclass(factory) else factory
+    try:
+        return typing.get_type_hints(target)
+    except Exception:  # unresolvable annotations in user code: bind without type checks
+        return {}
+
+
+def _factory_name(factory: Callable[..., Any]) -> str:
+    return getattr(factory, "__name__", repr(factory))
+
+
+def _is_plain_data(value: Any) -> bool:
+    if value is None or isinstance(value, bool | int | float | str):
+        return True
+    if isinstance(value, list | tuple):
+        return all(_is_plain_data(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain_data(v) for k, v in value.items())
+    return False
+
+
+def _check_training(training: TrainingSection, origins: Mapping[str, str]) -> None:
+    if training.batch_size % training.grad_accum_steps:
+        raise _fail(
+            origins,
+            "training.batch_size",
+            f"{training.batch_size} is not divisible by training.grad_accum_steps={training.grad_accum_steps}",
+        )
+
+
+def _check_range(value: Any, metadata: Mapping[str, Any], origins: Mapping[str, str], key: str) -> None:
+    if value is None or not isinstance(value, int | float):
+        return
+    if metadata.get("above") is not None and not value > metadata["above"]:
+        raise _fail(origins, key, f"must be greater than {metadata['above']}, got {value}")
+    if metadata.get("minimum") is not None and not value >= metadata["minimum"]:
+        raise _fail(origins, key, f"must be at least {metadata['minimum']}, got {value}")
+
+
+# ------------------------------------------------------------------------------------------------ type checks
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _convert(value: Any, hint: Any, origins: Mapping[str, str], key: str) -> Any:
+    """Check `value` against a type hint and return it in that type (ints widen to floats, lists to tuples)."""
+    try:
+        return _coerce(value, hint)
+    except _Mismatch:
+        raise _fail(origins, key, f"expected {describe_type(hint)}, got {_type_name(value)} {value!r}") from None
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any or hint is inspect.Parameter.empty or isinstance(hint, typing.TypeVar):
+        return value
+    if origin is Literal:
+        for choice in args:
+            if value == choice or (isinstance(choice, str) and not isinstance(value, bool) and str(value) == choice):
+                return choice
+        raise _Mismatch
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if hint is type(None):
+        if value is None:
+            return None
+        raise _Mismatch
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise _Mismatch
+    if hint is str or hint is Path:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    if origin in (list, tuple, Sequence, typing.Sequence) or hint in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise _Mismatch
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise _Mismatch
+            return [_coerce(v, a) for v, a in zip(value, args, strict=True)]
+        item = args[0] if args else Any
+        return [_coerce(v, item) for v in value]
+    if origin in (dict, Mapping) or hint in (dict, Mapping):
+        if isinstance(value, dict):
+            return value
+        raise _Mismatch
+    return value  # a type we do not check (a user class, a callable): left to the component
+
+
+def describe_type(hint: Any) -> str:
+    """Plain-English name of a type hint for error messages."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is Literal:
+        return one_of(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        parts = [describe_type(a) for a in args if a is not type(None)]
+        text = " or ".join(parts)
+        return f"{text} or null" if type(None) in args else text
+    if origin in (list, tuple, Sequence, typing.Sequence):
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return f"a list of {len(args)} values ({', '.join(describe_type(a) for a in args)})"
+        return f"a list of {_plural(args[0]) if args else 'values'}"
+    if origin in (dict, Mapping):
+        return "a mapping"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _plural(hint: Any) -> str:
+    plurals = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
+    return plurals.get(hint, describe_type(hint))
+
+
+def _type_name(value: Any) -> str:
+    names = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a mapping",
+    }
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+# ------------------------------------------------------------------------------------------------- output
+
+
+def _section_to_dict(section: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(section):
+        if f.name == "origins":
+            continue
+        value = getattr(section, f.name)
+        if f.name == "params":
+            out.update(_plain(value))
+        elif isinstance(value, ComponentSpec):
+            out[f.name] = _spec_to_data(value)
+        elif isinstance(value, list) and value and isinstance(value[0], ComponentSpec):
+            out[f.name] = [_spec_to_data(v) for v in value]
+        elif dataclasses.is_dataclass(value):
+            out[f.name] = _section_to_dict(value)
+        else:
+            out[f.name] = _plain(value)
+    return out
+
+
+def _spec_to_data(spec: ComponentSpec) -> Any:
+    return {"name": spec.name, **_plain(spec.params)} if spec.params else spec.name
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def dump_yaml(config: RunConfig) -> str:
+    """The resolved config as YAML, loadable by `load_config`."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None, width=120)
+
+
+def explain_yaml(config: RunConfig) -> str:
+    """The resolved config as YAML with a comment after each value saying where it came from."""
+    lines: list[str] = []
+    _explain(config.to_dict(), "", 0, config.origins, lines)
+    width = max(len(text) for text, _ in lines) + 2
+    return "\n".join(f"{text:<{width}}# {origin}" if origin else text for text, origin in lines) + "\n"
+
+
+def _explain(data: Mapping[str, Any], prefix: str, depth: int, origins: Mapping[str, str], lines: list) -> None:
+    indent = "  " * depth
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, dict) and value:
+            lines.append((f"{indent}{name}:", ""))
+            _explain(value, f"{key}.", depth + 1, origins, lines)
+        else:
+            lines.append((f"{indent}{name}: {_flow(value)}", _origin(origins, key)))
+
+
+def _flow(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    return text.removesuffix("...").strip()

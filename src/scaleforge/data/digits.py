@@ -1,0 +1,30 @@
+"""scikit-learn's digits: 1,797 real 8x8 grey-scale images of hand-written digits, shipped with the package."""
+
+from __future__ import annotations
+
+import torch
+
+from scaleforge.data.base import DataInfo, DatasetSplits, InMemoryDataset
+from scaleforge.errors import ConfigError
+from scaleforge.registry import register_dataset
+
+
+@register_dataset("digits")
+def digits(val_fraction: float = 0.2, split_seed: int = 0) -> DatasetSplits:
+    """Images as (1, 8, 8) tensors scaled to [0, 1]; a stratification-free random split fixed by `split_seed`."""
+    from sklearn.datasets import load_digits
+
+    if not 0 < val_fraction < 1:
+        raise ConfigError(f"data.val_fraction: must be between 0 and 1 (exclusive), got {val_fraction}")
+    bunch = load_digits()
+    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
+    labels = torch.tensor(bunch.target, dtype=torch.long)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(split_seed))
+    num_val = round(len(labels) * val_fraction)
+    val_idx, train_idx = order[:num_val], order[num_val:]
+    info = DataInfo(task="classification", input_shape=(1, 8, 8), num_classes=10)
+    return DatasetSplits(
+        train=InMemoryDataset(images[train_idx], labels[train_idx]),
+        val=InMemoryDataset(images[val_idx], labels[val_idx]),
+        info=info,
+    )

@@ -1,0 +1,1 @@
+"""Where and how processes run: device selection now; process groups, meshes and strategies build on it."""

@@ -1,0 +1,47 @@
+"""User-facing errors: the one place that decides how a mistake is reported and with which exit code."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class ScaleforgeError(Exception):
+    """An error caused by the user's input; the CLI prints it as one line and exits with `exit_code`."""
+
+    exit_code = 2
+    kind = "error"
+
+    def one_line(self) -> str:
+        """The message as printed: a single line, prefixed with the error kind."""
+        text = " ".join(str(self).split())
+        return f"{self.kind}: {text}"
+
+
+class ConfigError(ScaleforgeError):
+    """A config file, override or component parameter that cannot be used."""
+
+    kind = "config error"
+
+
+class DataError(ScaleforgeError):
+    """Input data that is missing or malformed."""
+
+    kind = "data error"
+
+
+class UsageError(ScaleforgeError):
+    """A command line that cannot be understood (bad arguments, missing files)."""
+
+    kind = "usage error"
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """A ` (did you mean 'x'?)` suffix for the closest choice, or '' when nothing is close."""
+    matches = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{matches[0]}'?)" if matches else ""
+
+
+def one_of(choices: Iterable[str]) -> str:
+    """`one of: a, b, c` for error messages, sorted."""
+    return "one of: " + ", ".join(sorted(choices))

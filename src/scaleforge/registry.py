@@ -1,0 +1,148 @@
+"""Registries of named components, and the three ways a user's own component gets in.
+
+A registry is a plain dict behind a decorator. Names are resolved once, at the user boundary (the config
+loader); the rest of the package passes objects. A name may also be a `"module:Attr"` path, and installed
+packages may add components through the `scaleforge.plugins` entry-point group.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+from scaleforge.errors import ConfigError, did_you_mean, one_of
+
+T = TypeVar("T", bound=Callable[..., Any])
+
+PLUGIN_GROUP = "scaleforge.plugins"
+
+# Modules whose import registers the built-in components.
+_BUILTIN_MODULES = (
+    "scaleforge.models",
+    "scaleforge.data",
+    "scaleforge.train.optim",
+    "scaleforge.train.objectives",
+    "scaleforge.train.callbacks",
+)
+_loaded = False
+
+
+class Registry:
+    """A named collection of component factories (classes or functions)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, Callable[..., Any]] = {}
+
+    def register(self, name: str | None = None) -> Callable[[T], T]:
+        """Decorator that registers a class or function under `name` (default: its own name, lower-cased)."""
+
+        def decorator(obj: T) -> T:
+            key = name or obj.__name__.lower()
+            existing = self._entries.get(key)
+            # The same definition imported again (a reloaded module, a notebook cell run twice) replaces itself.
+            if existing is not None and _qualname(existing) != _qualname(obj):
+                raise ValueError(f"{self.kind} '{key}' is already registered by {_qualname(self._entries[key])}")
+            self._entries[key] = obj
+            return obj
+
+        return decorator
+
+    def names(self) -> list[str]:
+        """The registered names, sorted."""
+        load_components()
+        return sorted(self._entries)
+
+    def get(self, name: str, *, key: str = "") -> Callable[..., Any]:
+        """Resolve a registered name or a `module:Attr` path; `key` is the config key named in errors."""
+        load_components()
+        where = f"{key}: " if key else ""
+        if ":" in name:
+            return import_attr(name, key=key)
+        if name not in self._entries:
+            raise ConfigError(
+                f"{where}unknown {self.kind} '{name}'{did_you_mean(name, self._entries)}; "
+                f"{one_of(self._entries)}, or a 'module:Attr' path"
+            )
+        return self._entries[name]
+
+    def __contains__(self, name: object) -> bool:
+        load_components()
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+
+def _qualname(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
+def import_attr(path: str, *, key: str = "") -> Callable[..., Any]:
+    """Import `module:Attr` (Attr may be dotted) and return the attribute."""
+    where = f"{key}: " if key else ""
+    module_name, _, attr_path = path.partition(":")
+    if not module_name or not attr_path:
+        raise ConfigError(f"{where}'{path}' is not a 'module:Attr' path")
+    module = import_module(module_name, key=key)
+    obj: Any = module
+    for part in attr_path.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"{where}module '{module_name}' has no attribute '{attr_path}'")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ConfigError(f"{where}'{path}' is not a class or function")
+    return obj
+
+
+def import_module(name: str, *, key: str = "") -> Any:
+    """Import a user module, turning an import failure into a config error that names it."""
+    where = f"{key}: " if key else ""
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        raise ConfigError(f"{where}cannot import '{name}': {error}") from error
+
+
+def load_components() -> None:
+    """Import the built-in components and the installed plugins (once)."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+    for entry_point in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+        try:
+            entry_point.load()
+        except Exception as error:  # a broken plugin must name itself, not surface as an unrelated failure
+            raise ConfigError(f"plugin '{entry_point.name}' ({entry_point.value}) failed to load: {error}") from error
+
+
+MODELS = Registry("model")
+DATASETS = Registry("dataset")
+OPTIMIZERS = Registry("optimizer")
+SCHEDULERS = Registry("scheduler")
+LOSSES = Registry("loss")
+METRICS = Registry("metric")
+CALLBACKS = Registry("callback")
+
+REGISTRIES: dict[str, Registry] = {
+    "models": MODELS,
+    "datasets": DATASETS,
+    "optimizers": OPTIMIZERS,
+    "schedulers": SCHEDULERS,
+    "losses": LOSSES,
+    "metrics": METRICS,
+    "callbacks": CALLBACKS,
+}
+
+register_model = MODELS.register
+register_dataset = DATASETS.register
+register_optimizer = OPTIMIZERS.register
+register_scheduler = SCHEDULERS.register
+register_loss = LOSSES.register
+register_metric = METRICS.register
+register_callback = CALLBACKS.register

@@ -1,0 +1,180 @@
+"""What a run reports: metrics.jsonl, TensorBoard event files, a progress bar or log lines, a loss plot."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, TextIO
+
+from scaleforge.train.callbacks import Callback, RunState
+
+
+class JsonlLogger(Callback):
+    """One JSON object per logged step and per evaluation, appended to `metrics.jsonl` as it happens."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file: TextIO | None = None
+
+    def on_train_start(self, state: RunState) -> None:
+        self.file = self.path.open("a", buffering=1)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        assert self.file is not None
+        self.file.write(json.dumps(record) + "\n")
+
+    def on_log(self, state: RunState, record: dict[str, Any]) -> None:
+        self._write(record)
+
+    def on_eval(self, state: RunState, record: dict[str, Any]) -> None:
+        self._write(record)
+
+    def on_train_end(self, state: RunState, summary: dict[str, Any]) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+class TensorBoardLogger(Callback):
+    """Scalars under `train/` and `val/` in TensorBoard event files."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.writer: Any = None
+
+    def on_train_start(self, state: RunState) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # imports TensorBoard only when it is used
+
+        self.writer = SummaryWriter(str(self.log_dir))
+
+    def _scalars(self, prefix: str, record: dict[str, Any]) -> None:
+        for name, value in record.items():
+            if name not in ("step", "epoch", "time") and isinstance(value, int | float):
+                self.writer.add_scalar(f"{prefix}/{name.removeprefix('val_')}", value, record["step"])
+
+    def on_log(self, state: RunState, record: dict[str, Any]) -> None:
+        self._scalars("train", record)
+
+    def on_eval(self, state: RunState, record: dict[str, Any]) -> None:
+        self._scalars("val", record)
+
+    def on_train_end(self, state: RunState, summary: dict[str, Any]) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _format_record(record: dict[str, Any]) -> str:
+    parts = []
+    for name, value in record.items():
+        if name in ("step", "epoch", "time"):
+            continue
+        if name == "lr":
+            parts.append(f"lr {value:.2e}")
+        elif name == "samples_per_s":
+            parts.append(f"{value:,.0f} samples/s")
+        elif isinstance(value, float):
+            parts.append(f"{name} {value:.4f}")
+    return " | ".join(parts)
+
+
+class PlainProgress(Callback):
+    """Plain log lines, for logs and pipes."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stdout
+        self.start = 0.0
+
+    def on_train_start(self, state: RunState) -> None:
+        self.start = time.perf_counter()
+
+    def _print(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def on_log(self, state: RunState, record: dict[str, Any]) -> None:
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / max(1, state.step) * (state.total_steps - state.step)
+        self._print(
+            f"step {state.step}/{state.total_steps} | epoch {state.epoch + 1} | {_format_record(record)} "
+            f"| eta {timedelta(seconds=round(eta))}"
+        )
+
+    def on_eval(self, state: RunState, record: dict[str, Any]) -> None:
+        self._print(f"eval step {state.step} | {_format_record(record)}")
+
+
+class BarProgress(Callback):
+    """A live progress bar (step, loss, lr, samples/s, ETA) for a terminal."""
+
+    def __init__(self) -> None:
+        self.progress: Any = None
+        self.task: Any = None
+
+    def on_train_start(self, state: RunState) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("epoch {task.fields[epoch]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+        )
+        self.task = self.progress.add_task("train", total=state.total_steps, epoch=1, stats="")
+        self.progress.start()
+
+    def on_log(self, state: RunState, record: dict[str, Any]) -> None:
+        self.progress.update(self.task, completed=state.step, epoch=state.epoch + 1, stats=_format_record(record))
+
+    def on_eval(self, state: RunState, record: dict[str, Any]) -> None:
+        self.progress.console.print(f"eval step {state.step} | {_format_record(record)}")
+
+    def on_train_end(self, state: RunState, summary: dict[str, Any]) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.step)
+            self.progress.stop()
+
+
+class LossPlot(Callback):
+    """`loss.png`: training and validation loss against step, and validation accuracy when there is one."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_end(self, state: RunState, summary: dict[str, Any]) -> None:
+        train = [r for r in state.history if "loss" in r]
+        val = [r for r in state.history if "val_loss" in r]
+        if not train and not val:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot as plt
+
+        figure, axis = plt.subplots(figsize=(7, 4), dpi=120)
+        axis.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", color="tab:blue")
+        axis.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val loss", color="tab:orange")
+        axis.set_xlabel("step")
+        axis.set_ylabel("loss")
+        axis.set_yscale("log")
+        handles, labels = axis.get_legend_handles_labels()
+        if any("val_accuracy" in r for r in val):
+            right = axis.twinx()
+            right.plot([r["step"] for r in val], [r["val_accuracy"] for r in val], "s--", color="tab:green")
+            right.set_ylabel("val accuracy")
+            handles.append(right.lines[0])
+            labels.append("val accuracy")
+        axis.legend(handles, labels, loc="center right")
+        axis.set_title(state.run_dir.name)
+        figure.tight_layout()
+        figure.savefig(self.path)
+        plt.close(figure)
+
+
+def build_progress(mode: str) -> Callback | None:
+    """The progress reporter for `logging.progress` (auto: a bar on a terminal, plain lines otherwise)."""
+    if mode == "auto":
+        mode = "bar" if sys.stdout.isatty() else "plain"
+    return {"bar": BarProgress, "plain": PlainProgress}.get(mode, lambda: None)()

@@ -1,0 +1,111 @@
+"""Losses and metrics, registered by name and chosen from the dataset's task when the config says `auto`.
+
+Metrics accumulate on the device and synchronise with the host only in `compute()`, once per evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from scaleforge.data.base import DataInfo
+from scaleforge.registry import register_loss, register_metric
+
+
+@register_loss("cross_entropy")
+class CrossEntropy(nn.Module):
+    """Cross-entropy over the last dimension; (B, T, V) language-model logits are flattened."""
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), label_smoothing=self.label_smoothing
+        )
+
+
+@register_loss("mse")
+class MeanSquaredError(nn.Module):
+    """Mean squared error for regression."""
+
+    def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(outputs.reshape(targets.shape), targets)
+
+
+class Metric(Protocol):
+    """Accumulates over batches; `compute()` returns named values (plain floats)."""
+
+    def reset(self) -> None: ...
+    def update(self, outputs: torch.Tensor, targets: torch.Tensor, loss_sum: torch.Tensor) -> None: ...
+    def compute(self) -> dict[str, float]: ...
+
+
+@register_metric("accuracy")
+class Accuracy:
+    """Top-k accuracy of class predictions."""
+
+    def __init__(self, top_k: int = 1) -> None:
+        self.top_k = top_k
+        self.reset()
+
+    def reset(self) -> None:
+        self.correct: torch.Tensor | int = 0
+        self.count = 0
+
+    def update(self, outputs: torch.Tensor, targets: torch.Tensor, loss_sum: torch.Tensor) -> None:
+        logits = outputs.reshape(-1, outputs.shape[-1])
+        labels = targets.reshape(-1, 1)
+        top = logits.topk(self.top_k, dim=-1).indices
+        self.correct = self.correct + (top == labels).any(dim=-1).sum()
+        self.count += labels.shape[0]
+
+    def compute(self) -> dict[str, float]:
+        name = "accuracy" if self.top_k == 1 else f"top{self.top_k}_accuracy"
+        return {name: float(self.correct) / max(1, self.count)}
+
+
+@register_metric("perplexity")
+class Perplexity:
+    """exp(mean token cross-entropy), from the loss the evaluator already computed."""
+
+    def reset(self) -> None:
+        self.loss_sum: torch.Tensor | float = 0.0
+        self.count = 0
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def update(self, outputs: torch.Tensor, targets: torch.Tensor, loss_sum: torch.Tensor) -> None:
+        self.loss_sum = self.loss_sum + loss_sum
+        self.count += targets.numel()
+
+    def compute(self) -> dict[str, float]:
+        return {"perplexity": math.exp(min(50.0, float(self.loss_sum) / max(1, self.count)))}
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The loss to train on and the metrics to evaluate, for one task."""
+
+    loss: nn.Module
+    metrics: list[Metric]
+
+
+_DEFAULTS = {
+    "classification": (CrossEntropy, [Accuracy]),
+    "language_modeling": (CrossEntropy, [Perplexity]),
+    "regression": (MeanSquaredError, []),
+}
+
+
+def default_objective(info: DataInfo) -> Objective:
+    """The usual loss and metrics for the dataset's task."""
+    loss_cls, metric_classes = _DEFAULTS[info.task]
+    return Objective(loss=loss_cls(), metrics=[cls() for cls in metric_classes])

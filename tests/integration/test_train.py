@@ -1,0 +1,201 @@
+"""End-to-end training from the CLI and through `train()`, read back from the run directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from scaleforge import load_config, load_run
+from scaleforge.train.trainer import train
+from tests.conftest import REPO, run_subprocess
+
+QUICK = ["logging.progress=none", "logging.tensorboard=false", "logging.plot=false"]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_default_run_reaches_95_percent_and_writes_the_run_directory(tmp_path: Path) -> None:
+    run_dir = tmp_path / "demo"
+    result = run_subprocess("train", "--run-dir", str(run_dir))
+    assert result.code == 0, result.err
+    assert f"results: {run_dir}/" in result.out
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("num_parameters", "steps", "epochs", "val_loss", "val_accuracy", "wall_time_s", "samples_per_s"):
+        assert key in summary
+    assert summary["val_accuracy"] >= 0.95
+    assert summary["wall_time_s"] < 60
+
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    assert steps and evals
+    assert {"step", "epoch", "time", "loss", "lr"} <= steps[0].keys()
+    assert {"step", "val_loss", "val_accuracy"} <= evals[-1].keys()
+    assert steps[-1]["step"] == summary["steps"]
+    assert steps[-1]["loss"] < steps[0]["loss"]
+
+    assert load_config(run_dir / "config.yaml") == load_config(None, [])
+    assert (run_dir / "loss.png").stat().st_size > 10_000
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] != []
+
+    weights = load_file(str(run_dir / "final" / "model.safetensors"))
+    loaded = load_run(run_dir)
+    assert set(weights) == set(loaded.model.state_dict())
+
+    evaluated = run_subprocess("eval", str(run_dir))
+    assert evaluated.code == 0, evaluated.err
+    assert f"val_accuracy: {summary['val_accuracy']:.4f}" in evaluated.out
+
+
+def test_seed_config_runs_verbatim(cli, tmp_path: Path) -> None:
+    result = cli("train", str(REPO / "configs" / "seed_mlp.yaml"), *QUICK, "--run-dir", str(tmp_path / "seed"))
+    assert result.code == 0, result.err
+    summary = json.loads((tmp_path / "seed" / "summary.json").read_text())
+    assert summary["epochs"] == 50
+    assert summary["val_accuracy"] >= 0.95
+    lrs = [r["lr"] for r in read_jsonl(tmp_path / "seed" / "metrics.jsonl") if "lr" in r]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[-1] < 1e-6  # the step scheduler decays 10x every 10 epochs
+
+
+USER_MODEL = """
+import torch
+from torch import nn
+from scaleforge import register_model
+
+
+@register_model("tiny_user_net")
+class TinyUserNet(nn.Module):
+    def __init__(self, input_shape, num_classes: int, width: int = 8):
+        super().__init__()
+        features = 1
+        for size in input_shape:
+            features *= size
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Flatten(), nn.Linear(features, width), nn.ReLU())])
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+"""
+
+
+@pytest.mark.parametrize(
+    "selection",
+    [["imports=[user_nets]", "model.architecture=tiny_user_net"], ["model.architecture=user_nets:TinyUserNet"]],
+    ids=["imports", "module-path"],
+)
+def test_user_model_from_outside_the_package(cli, tmp_path: Path, monkeypatch, selection: list[str]) -> None:
+    (tmp_path / "user_nets.py").write_text(USER_MODEL)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(__import__("sys").modules, "user_nets", raising=False)
+    result = cli("train", *selection, "model.width=12", "training.epochs=2", *QUICK, "--run-dir", "run")
+    assert result.code == 0, result.err
+    weights = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    assert weights["blocks.0.1.weight"].shape == (12, 64)
+    bad = cli("train", *selection, "model.widht=12", *QUICK, "--run-dir", "run2")
+    assert bad.code == 2 and "(did you mean 'width'?)" in bad.err
+
+
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def test_same_seed_gives_bitwise_equal_weights(tmp_path: Path) -> None:
+    overrides = ["training.epochs=2", "model.dropout_rate=0.3", "checkpoint.every_steps=0", *QUICK]
+    runs = {}
+    for name, seed in (("a", 7), ("b", 7), ("c", 8)):
+        train(load_config(None, [*overrides, f"seed={seed}"]), tmp_path / name)
+        runs[name] = _final_weights(tmp_path / name)
+    assert all(torch.equal(runs["a"][k], runs["b"][k]) for k in runs["a"])
+    assert not all(torch.equal(runs["a"][k], runs["c"][k]) for k in runs["a"])
+
+
+def test_gradient_accumulation_does_not_change_the_math(tmp_path: Path) -> None:
+    overrides = ["training.max_steps=30", "model.dropout_rate=0.0", "checkpoint.every_steps=0", *QUICK]
+    train(load_config(None, overrides), tmp_path / "one")
+    train(load_config(None, [*overrides, "training.grad_accum_steps=4"]), tmp_path / "four")
+    one, four = _final_weights(tmp_path / "one"), _final_weights(tmp_path / "four")
+    for name in one:
+        torch.testing.assert_close(one[name], four[name], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "fp16-mixed"])
+def test_mixed_precision_trains(tmp_path: Path, precision: str) -> None:
+    config = load_config(
+        None,
+        [
+            f"training.precision={precision}",
+            "training.epochs=3",
+            "training.clip_grad_norm=1.0",
+            "checkpoint.every_steps=0",
+            *QUICK,
+        ],
+    )
+    summary = train(config, tmp_path / "run")
+    assert summary["precision"] == precision
+    assert summary["val_accuracy"] > 0.8
+
+
+def test_max_steps_eval_every_and_early_stopping(tmp_path: Path) -> None:
+    config = load_config(None, ["training.max_steps=25", "training.eval_every_steps=10", *QUICK])
+    summary = train(config, tmp_path / "steps")
+    evals = [r["step"] for r in read_jsonl(tmp_path / "steps" / "metrics.jsonl") if "val_loss" in r]
+    assert summary["steps"] == 25 and evals == [10, 20, 25]  # every 10 steps, and at the end
+
+    config = load_config(
+        None,
+        [
+            "training.learning_rate=1e-7",
+            "training.eval_every_steps=2",
+            "training.epochs=5",
+            "training.callbacks=[{name: early_stopping, patience: 2, min_delta: 1.0}]",
+            *QUICK,
+        ],
+    )
+    summary = train(config, tmp_path / "early")
+    assert summary["stopped_early"] and summary["steps"] == 6
+
+
+def test_checkpoints_are_written_and_pruned(tmp_path: Path) -> None:
+    config = load_config(None, ["training.max_steps=50", "checkpoint.every_steps=10", "checkpoint.keep=2", *QUICK])
+    train(config, tmp_path / "run")
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["step-00000040", "step-00000050"]
+    progress = json.loads((tmp_path / "run" / "checkpoints" / "step-00000050" / "progress.json").read_text())
+    assert progress["step"] == 50 and progress["global_sample_position"] == 50 * 64
+
+
+def test_config_show_list_and_explain(cli, tmp_path: Path) -> None:
+    shown = cli("config", "show", str(REPO / "configs" / "seed_mlp.yaml"), "training.epochs=3")
+    assert shown.code == 0
+    dumped = tmp_path / "dumped.yaml"
+    dumped.write_text(shown.out)
+    assert load_config(dumped).training.epochs == 3
+
+    explained = cli("config", "show", str(REPO / "configs" / "seed_mlp.yaml"), "training.epochs=3", "--explain")
+    lines = {line.split(":")[0].strip(): line for line in explained.out.splitlines()}
+    assert lines["epochs"].endswith("# override training.epochs=3")
+    assert lines["hidden_layers"].endswith("seed_mlp.yaml:3")
+    assert lines["every_steps"].endswith("# default")
+
+    listed = cli("list")
+    assert listed.code == 0 and "models: mlp" in listed.out and "optimizers: adam, adamw, rmsprop, sgd" in listed.out
+
+
+def test_bench_overhead_prints_json(cli) -> None:
+    result = cli("bench", "overhead", "--steps", "20", "--repeats", "1", "--no-lightning", "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    loops = [row["loop"] for row in report["results"]]
+    assert loops == ["plain PyTorch loop", "scaleforge trainer"]
+    assert all(row["median_step_ms"] > 0 for row in report["results"])
+    assert report["results"][0]["throughput_vs_plain"] == 1.0

@@ -1,0 +1,158 @@
+"""Tests for scaleforge.data.loading: global batches are a function of the config, not of the process layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from scaleforge.data.base import InMemoryDataset
+from scaleforge.data.loading import BatchPlan, TrainBatches, epoch_permutation, eval_batches
+from scaleforge.errors import ConfigError
+
+NUM_SAMPLES = 100
+GLOBAL_BATCH = 16
+STEPS_PER_EPOCH = NUM_SAMPLES // GLOBAL_BATCH  # 6; the last 4 samples are dropped
+CPU = torch.device("cpu")
+
+
+class PlainDataset(Dataset):
+    """The same samples one at a time, so the loader takes the DataLoader path."""
+
+    def __init__(self, source: InMemoryDataset) -> None:
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.source.inputs[index], self.source.targets[index]
+
+
+def _indexed_dataset(num_samples: int = NUM_SAMPLES) -> InMemoryDataset:
+    """Sample i has input [i, -i] and target i, so every batch shows which samples it holds."""
+    index = torch.arange(num_samples)
+    return InMemoryDataset(torch.stack([index, -index], dim=1).float(), index)
+
+
+def _steps(dataset: Dataset, plan: BatchPlan, *, epoch: int = 0, start_step: int = 0, seed: int = 0) -> list:
+    return list(TrainBatches(dataset, plan, seed=seed, device=CPU).epoch(epoch, start_step=start_step))
+
+
+def _global_batches(world_size: int, grad_accum_steps: int, *, epoch: int = 0) -> list[torch.Tensor]:
+    """Per step, the targets of all ranks' micro-batches concatenated in rank, then micro-step, order."""
+    dataset = _indexed_dataset()
+    per_rank = []
+    for rank in range(world_size):
+        plan = BatchPlan(GLOBAL_BATCH, grad_accum_steps=grad_accum_steps, world_size=world_size, rank=rank)
+        steps = _steps(dataset, plan, epoch=epoch, seed=3)
+        assert len(steps) == STEPS_PER_EPOCH
+        for micro_batches in steps:
+            assert len(micro_batches) == grad_accum_steps
+            for inputs, targets in micro_batches:
+                assert inputs.shape == (plan.micro_batch_size, 2)
+                assert torch.equal(inputs[:, 0].long(), targets)  # inputs and targets stay paired
+        per_rank.append(steps)
+    return [torch.cat([targets for steps in per_rank for _, targets in steps[step]]) for step in range(STEPS_PER_EPOCH)]
+
+
+@pytest.mark.parametrize(("world_size", "grad_accum_steps"), [(1, 1), (1, 4), (2, 1), (2, 2), (4, 1), (4, 2), (4, 4)])
+def test_global_batch_is_the_same_for_any_world_size(world_size: int, grad_accum_steps: int) -> None:
+    expected = epoch_permutation(NUM_SAMPLES, seed=3, epoch=1)[: STEPS_PER_EPOCH * GLOBAL_BATCH]
+    batches = _global_batches(world_size, grad_accum_steps, epoch=1)
+    assert torch.equal(torch.stack(batches), expected.view(STEPS_PER_EPOCH, GLOBAL_BATCH))
+
+
+def test_micro_batch_size() -> None:
+    assert BatchPlan(32, grad_accum_steps=2, world_size=4).micro_batch_size == 4
+    assert BatchPlan(32).micro_batch_size == 32
+
+
+def test_rank_slice_is_contiguous_per_rank() -> None:
+    global_batch = torch.arange(100, 116)
+    plan = BatchPlan(16, grad_accum_steps=2, world_size=2, rank=1)
+    slices = plan.rank_slice(global_batch)
+    assert [s.tolist() for s in slices] == [[108, 109, 110, 111], [112, 113, 114, 115]]
+
+
+def test_permutation_depends_on_seed_and_epoch_only() -> None:
+    first = epoch_permutation(NUM_SAMPLES, seed=7, epoch=3)
+    assert torch.equal(first, epoch_permutation(NUM_SAMPLES, seed=7, epoch=3))
+    torch.manual_seed(12345)  # the global generator plays no part
+    assert torch.equal(first, epoch_permutation(NUM_SAMPLES, seed=7, epoch=3))
+    assert torch.equal(first.sort().values, torch.arange(NUM_SAMPLES))
+    assert not torch.equal(first, epoch_permutation(NUM_SAMPLES, seed=7, epoch=4))
+    assert not torch.equal(first, epoch_permutation(NUM_SAMPLES, seed=8, epoch=3))
+
+
+def test_epochs_differ_and_repeat() -> None:
+    batches = TrainBatches(_indexed_dataset(), BatchPlan(GLOBAL_BATCH), seed=0, device=CPU)
+    epoch0 = [targets for ((_, targets),) in batches.epoch(0)]
+    again = [targets for ((_, targets),) in batches.epoch(0)]
+    epoch1 = [targets for ((_, targets),) in batches.epoch(1)]
+    assert all(torch.equal(a, b) for a, b in zip(epoch0, again, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(epoch0, epoch1, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("global_batch_size", "grad_accum_steps", "world_size"), [(10, 3, 1), (16, 1, 3), (16, 2, 3), (12, 4, 2)]
+)
+def test_batch_that_does_not_split_raises(global_batch_size: int, grad_accum_steps: int, world_size: int) -> None:
+    parts = grad_accum_steps * world_size
+    with pytest.raises(ConfigError, match=f"training.batch_size: {global_batch_size} does not split") as info:
+        BatchPlan(global_batch_size, grad_accum_steps=grad_accum_steps, world_size=world_size)
+    assert f"= {parts} equal micro-batches" in str(info.value)
+
+
+def test_batch_larger_than_dataset_raises() -> None:
+    with pytest.raises(ConfigError, match=r"training.batch_size: 16 is larger than the training split \(10 samples\)"):
+        TrainBatches(_indexed_dataset(10), BatchPlan(16), seed=0, device=CPU)
+
+
+def test_batch_equal_to_dataset_gives_one_step() -> None:
+    batches = TrainBatches(_indexed_dataset(16), BatchPlan(16), seed=0, device=CPU)
+    assert batches.steps_per_epoch == 1
+    assert len(list(batches.epoch(0))) == 1
+
+
+def _assert_same_steps(left: list, right: list) -> None:
+    assert len(left) == len(right)
+    for left_step, right_step in zip(left, right, strict=True):
+        assert len(left_step) == len(right_step)
+        for (left_inputs, left_targets), (right_inputs, right_targets) in zip(left_step, right_step, strict=True):
+            assert left_inputs.dtype == right_inputs.dtype and left_targets.dtype == right_targets.dtype
+            assert torch.equal(left_inputs, right_inputs)
+            assert torch.equal(left_targets, right_targets)
+
+
+@pytest.mark.parametrize("start_step", [0, 2])
+@pytest.mark.parametrize("rank", [0, 1])
+def test_data_loader_path_matches_in_memory_path(rank: int, start_step: int) -> None:
+    in_memory = _indexed_dataset()
+    plain = PlainDataset(in_memory)
+    plan = BatchPlan(GLOBAL_BATCH, grad_accum_steps=2, world_size=2, rank=rank)
+    fast = TrainBatches(in_memory, plan, seed=5, device=CPU)
+    slow = TrainBatches(plain, plan, seed=5, device=CPU)
+    assert fast.in_memory and not slow.in_memory
+    fast_steps = list(fast.epoch(2, start_step=start_step))
+    assert len(fast_steps) == STEPS_PER_EPOCH - start_step
+    _assert_same_steps(fast_steps, list(slow.epoch(2, start_step=start_step)))
+
+
+@pytest.mark.parametrize("in_memory", [True, False], ids=["in-memory", "data-loader"])
+def test_start_step_skips_steps(in_memory: bool) -> None:
+    dataset = _indexed_dataset() if in_memory else PlainDataset(_indexed_dataset())
+    plan = BatchPlan(GLOBAL_BATCH, grad_accum_steps=2)
+    everything = _steps(dataset, plan, epoch=1)
+    resumed = _steps(dataset, plan, epoch=1, start_step=4)
+    assert len(resumed) == STEPS_PER_EPOCH - 4
+    _assert_same_steps(resumed, everything[4:])
+    assert _steps(dataset, plan, epoch=1, start_step=STEPS_PER_EPOCH) == []
+
+
+@pytest.mark.parametrize("in_memory", [True, False], ids=["in-memory", "data-loader"])
+def test_eval_batches_cover_the_split_in_order(in_memory: bool) -> None:
+    dataset = _indexed_dataset(10) if in_memory else PlainDataset(_indexed_dataset(10))
+    batches = list(eval_batches(dataset, 4, CPU))
+    assert [len(targets) for _, targets in batches] == [4, 4, 2]
+    assert torch.equal(torch.cat([targets for _, targets in batches]), torch.arange(10))
