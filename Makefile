@@ -3,8 +3,8 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 EXTRAS ?= dev
-STAMP := $(VENV)/.setup-$(subst $(comma),-,$(EXTRAS))
 comma := ,
+STAMP := $(VENV)/.setup-$(subst $(comma),-,$(EXTRAS))
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
 .PHONY: setup demo test lint bench clean
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	touch $@
 
 demo: setup
-	$(BIN)/scaleforge train --run-dir runs/demo
+	$(BIN)/scaleforge train
 
 test: setup
 	$(BIN)/python -m pytest -n 2 -q

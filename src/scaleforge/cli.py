@@ -44,7 +44,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = train(config, run_dir)
     metrics = " | ".join(f"{k} {v:.4f}" for k, v in summary.items() if k.startswith("val_"))
     print(f"done: {summary['steps']} steps in {summary['wall_time_s']:.1f}s | {metrics}")
-    print(f"results: {run_dir}/ (summary.json, metrics.jsonl, loss.png, final/model.safetensors)")
+    print(f"results: {run_dir}/ ({', '.join(sorted(p.name for p in run_dir.iterdir()))})")
     return 0
 
 
@@ -83,6 +83,16 @@ def cmd_bench_overhead(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line."""
     from scaleforge import __version__
@@ -118,11 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     overhead = bench_commands.add_parser(
         "overhead", help="trainer step time against a plain PyTorch loop (and Lightning when installed)"
     )
-    overhead.add_argument("--steps", type=int, default=300, help="timed steps per measurement (default 300)")
+    overhead.add_argument("--steps", type=_positive_int, default=300, help="timed steps per measurement (default 300)")
     overhead.add_argument(
-        "--repeats", type=int, default=5, help="interleaved repeats; medians are reported (default 5)"
+        "--repeats", type=_positive_int, default=5, help="interleaved repeats; medians are reported (default 5)"
     )
-    overhead.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    overhead.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's choice)")
     overhead.add_argument("--no-lightning", action="store_true", help="skip PyTorch Lightning even if installed")
     overhead.add_argument("--json", action="store_true", help="print JSON instead of a table")
     overhead.set_defaults(handler=cmd_bench_overhead)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
-import sys
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -45,6 +44,7 @@ class ComponentSpec:
 
     name: str
     params: dict[str, Any] = field(default_factory=dict)
+    factory: Callable[..., Any] | None = field(default=None, compare=False, repr=False)  # resolved at load
 
 
 @dataclass(frozen=True)
@@ -53,10 +53,7 @@ class ModelSection:
 
     architecture: str = "mlp"
     params: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def spec(self) -> ComponentSpec:
-        return ComponentSpec(self.architecture, self.params)
+    factory: Callable[..., Any] | None = field(default=None, compare=False, repr=False)  # resolved at load
 
 
 @dataclass(frozen=True)
@@ -66,10 +63,7 @@ class DataSection:
     dataset: str = "digits"
     num_workers: int = field(default=0, metadata=NON_NEGATIVE)
     params: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def spec(self) -> ComponentSpec:
-        return ComponentSpec(self.dataset, self.params)
+    factory: Callable[..., Any] | None = field(default=None, compare=False, repr=False)  # resolved at load
 
 
 @dataclass(frozen=True)
@@ -130,7 +124,7 @@ class LoggingSection:
 class RunConfig:
     """A whole run, resolved and validated."""
 
-    seed: int = 0
+    seed: int = field(default=0, metadata={**NON_NEGATIVE, "maximum": 2**63 - 1})
     name: str = "default"
     imports: list[str] = field(default_factory=list)
     model: ModelSection = ModelSection()
@@ -164,6 +158,8 @@ _COMPONENT_FIELDS: dict[str, tuple[registry.Registry, frozenset[str]]] = {
     "metrics": (registry.METRICS, frozenset()),
     "callbacks": (registry.CALLBACKS, frozenset()),
 }
+# Fields that are not keys of the config file.
+_NOT_FROM_FILE = ("params", "factory", "origins")
 # Names resolved by the task at build time rather than from a registry.
 _AUTO = "auto"
 
@@ -212,7 +208,10 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     """A config file's data and the `file:line` of each dotted key in it."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({error.reason} at byte {error.start})") from error
     try:
         data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
         node = yaml.compose(text, Loader=_Loader)
@@ -235,7 +234,10 @@ def _record_lines(node: yaml.Node, prefix: str, filename: str, origins: dict[str
         return
     for key_node, value_node in node.value:
         key = f"{prefix}{key_node.value}"
-        origins[key] = f"{filename}:{key_node.start_mark.line + 1}"
+        where = f"{filename}:{key_node.start_mark.line + 1}"
+        if key in origins:  # YAML would silently keep the last one; a user cannot tell which setting won
+            raise ConfigError(f"{where}: {key} is set twice (first at {origins[key]})")
+        origins[key] = where
         _record_lines(value_node, f"{key}.", filename, origins)
 
 
@@ -328,13 +330,11 @@ def _build(cls: type, raw: Any, origins: dict[str, str], prefix: str) -> Any:
         raise _fail(origins, section_key, f"expected a mapping, got {_type_name(raw)} {raw!r}")
     raw = dict(raw)
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in ("params", "origins")}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in _NOT_FROM_FILE}
     values: dict[str, Any] = {}
 
     if cls is RunConfig:  # imports come first: they register the components the other sections name
         values["imports"] = _convert(raw.pop("imports", []), hints["imports"], origins, "imports")
-        if "" not in sys.path:  # console scripts do not put the working directory on the path; `python -m` does
-            sys.path.insert(0, "")
         for module in values["imports"]:
             registry.import_module(module, key="imports")
 
@@ -364,6 +364,7 @@ def _build(cls: type, raw: Any, origins: dict[str, str], prefix: str) -> Any:
         component = values.get(name_field, fields[name_field].default)
         factory = _resolve(component_registry, component, origins, f"{prefix}{name_field}")
         values["params"] = bind_params(factory, raw, origins, section_key, section_fields=list(fields))
+        values["factory"] = factory
     if cls is RunConfig:
         values["origins"] = dict(origins)
         _check_training(values.get("training", TrainingSection()), origins)
@@ -414,7 +415,7 @@ def _component(
             raise _fail(origins, key, "'auto' takes no parameters")
         return ComponentSpec(name)
     factory = _resolve(component_registry, name, origins, f"{key}.name" if params else key)
-    return ComponentSpec(name, bind_params(factory, params, origins, key, injected=injected))
+    return ComponentSpec(name, bind_params(factory, params, origins, key, injected=injected), factory)
 
 
 def bind_params(
@@ -432,7 +433,7 @@ def bind_params(
     `num_classes`) may be set, and are checked against the dataset at build time. `section_fields` are the
     section's own keys that sit beside the parameters (`architecture`), offered as did-you-mean too.
     """
-    signature = _signature(factory)
+    signature = signature_of(factory)
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
     settable = {
         name: p
@@ -462,7 +463,8 @@ def bind_params(
     return bound
 
 
-def _signature(factory: Callable[..., Any]) -> inspect.Signature:
+def signature_of(factory: Callable[..., Any]) -> inspect.Signature:
+    """A component's signature; one that cannot be read accepts any keyword."""
     try:
         return inspect.signature(factory)
     except (TypeError, ValueError):
@@ -507,6 +509,8 @@ def _check_range(value: Any, metadata: Mapping[str, Any], origins: Mapping[str, 
         raise _fail(origins, key, f"must be greater than {metadata['above']}, got {value}")
     if metadata.get("minimum") is not None and not value >= metadata["minimum"]:
         raise _fail(origins, key, f"must be at least {metadata['minimum']}, got {value}")
+    if metadata.get("maximum") is not None and not value <= metadata["maximum"]:
+        raise _fail(origins, key, f"must be at most {metadata['maximum']}, got {value}")
 
 
 # ------------------------------------------------------------------------------------------------ type checks
@@ -624,7 +628,7 @@ def _type_name(value: Any) -> str:
 def _section_to_dict(section: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in dataclasses.fields(section):
-        if f.name == "origins":
+        if f.name in ("origins", "factory"):
             continue
         value = getattr(section, f.name)
         if f.name == "params":

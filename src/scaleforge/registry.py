@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -36,8 +37,15 @@ class Registry:
         self.kind = kind
         self._entries: dict[str, Callable[..., Any]] = {}
 
-    def register(self, name: str | None = None) -> Callable[[T], T]:
-        """Decorator that registers a class or function under `name` (default: its own name, lower-cased)."""
+    def register(self, name: str | T | None = None) -> Callable[[T], T] | T:
+        """Decorator that registers a class or function under `name` (default: its own name, lower-cased).
+
+        Works with and without arguments: `@register_model("tiny")`, `@register_model()`, `@register_model`.
+        """
+        if callable(name):
+            return self.register(None)(name)
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"a {self.kind} name must be a string, got {name!r}")
 
         def decorator(obj: T) -> T:
             key = name or obj.__name__.lower()
@@ -98,12 +106,16 @@ def import_attr(path: str, *, key: str = "") -> Callable[..., Any]:
 
 
 def import_module(name: str, *, key: str = "") -> Any:
-    """Import a user module, turning an import failure into a config error that names it."""
+    """Import a user module (from the working directory too), turning any failure into a config error naming it."""
     where = f"{key}: " if key else ""
+    if "" not in sys.path:  # console scripts leave the working directory off the path; `python -m` puts it on
+        sys.path.insert(0, "")
     try:
         return importlib.import_module(name)
     except ImportError as error:
         raise ConfigError(f"{where}cannot import '{name}': {error}") from error
+    except Exception as error:  # the user's module failed while running (a SyntaxError, a duplicate name, ...)
+        raise ConfigError(f"{where}importing '{name}' failed: {type(error).__name__}: {error}") from error
 
 
 def load_components() -> None:

@@ -6,12 +6,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from torch import nn
 
-from scaleforge.config import RunConfig, config_from_dict
+from scaleforge.config import RunConfig, load_config
 from scaleforge.data.base import DataInfo
 from scaleforge.errors import UsageError
+
+FINAL_FILES = ("model.safetensors", "config.yaml", "data_info.json")
 
 
 @dataclass(frozen=True)
@@ -27,22 +28,32 @@ def find_final(path: str | Path) -> Path:
     """The `final/` folder of a run directory (or the folder itself if it is one)."""
     path = Path(path)
     final = path / "final" if (path / "final").is_dir() else path
-    if not (final / "model.safetensors").is_file() or not (final / "config.yaml").is_file():
-        raise UsageError(f"{path} is not a finished run: {final}/model.safetensors or config.yaml is missing")
+    missing = [name for name in FINAL_FILES if not (final / name).is_file()]
+    if missing:
+        raise UsageError(f"{path} is not a finished run: {', '.join(missing)} missing in {final}")
     return final
 
 
 def load_run(path: str | Path) -> LoadedRun:
     """Rebuild a run's model from `final/config.yaml` and load `final/model.safetensors` into it (no pickle)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from scaleforge.train.trainer import build_model
 
     final = find_final(path)
-    config = config_from_dict(yaml.safe_load((final / "config.yaml").read_text()), origin=str(final / "config.yaml"))
-    info_data = json.loads((final / "data_info.json").read_text())
-    info = DataInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in info_data.items()})
+    config = load_config(final / "config.yaml")
+    try:
+        info_data = json.loads((final / "data_info.json").read_text())
+        info = DataInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in info_data.items()})
+    except (ValueError, TypeError) as error:
+        raise UsageError(f"{final / 'data_info.json'} is damaged: {error}") from error
     model = build_model(config.model, info)
-    model.load_state_dict(load_file(str(final / "model.safetensors")))
+    try:
+        state = load_file(str(final / "model.safetensors"))
+        model.load_state_dict(state)
+    except (SafetensorError, RuntimeError, OSError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"{final / 'model.safetensors'} does not hold this model's weights: {first_line}") from error
     model.eval()
     return LoadedRun(config=config, model=model, info=info)

@@ -87,3 +87,69 @@ def test_internal_failure_exits_1_with_traceback(tmp_path: Path) -> None:
     )
     assert result.code == 1
     assert "Traceback" in result.err and "boom in forward" in result.err
+
+
+def test_a_finished_run_is_never_overwritten(cli, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    first = cli("train", "training.max_steps=3", "logging.progress=none", "--run-dir", str(run_dir))
+    assert first.code == 0
+    before = (run_dir / "final" / "model.safetensors").read_bytes()
+    second = cli("train", "training.max_steps=5", "--run-dir", str(run_dir))
+    assert second.code == 2
+    assert second.err.startswith(f"usage error: {run_dir} already holds a run (final, metrics.jsonl)")
+    assert (run_dir / "final" / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("seed=-1",), "seed: must be at least 0, got -1"),
+        (("training.scheduler={name: step, step_size: 0}",), "step_size must be at least 1"),
+        (("training.scheduler={name: cosine, min_lr_ratio: 2}",), "min_lr_ratio must be between 0 and 1"),
+        (("data.val_fraction=0.0001",), "the validation split of 'digits' is empty"),
+        (("data.val_fraction=2",), "val_fraction must be between 0 and 1"),
+        (("training.metrics=[{name: accuracy, top_k: 20}]",), "top_k=20 is more than the dataset's 10 classes"),
+        (("training.loss={name: cross_entropy, label_smoothing: 2}",), "label_smoothing must be in [0, 1)"),
+        (("training.loss=mse",), "training.loss: mse is for regression data, but the dataset is classification"),
+        (("training.callbacks=[{name: early_stopping, patience: 0}]",), "training.callbacks.0: EarlyStopping rejected"),
+    ],
+)
+def test_bad_component_values_fail_before_training(cli, tmp_path: Path, args: tuple[str, ...], expected: str) -> None:
+    result = cli("train", *args, "--run-dir", str(tmp_path / "run"))
+    assert result.code == 2
+    assert expected in result.err and result.err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_file_problems(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00")
+    result = cli("config", "show", str(binary))
+    assert result.code == 2 and "not a UTF-8 text file" in result.err
+
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("training:\n  epochs: 3\n  epochs: 4\n")
+    result = cli("config", "show", str(twice))
+    assert result.code == 2 and f"{twice}:3: training.epochs is set twice (first at {twice}:2)" in result.err
+
+    broken_module = tmp_path / "broken_module.py"
+    broken_module.write_text("def oops(:\n")
+    monkeypatch.chdir(tmp_path)
+    result = cli("config", "show", f"imports=[{broken_module.stem}]")
+    assert result.code == 2 and "importing 'broken_module' failed: SyntaxError" in result.err
+
+
+def test_eval_of_a_damaged_run(cli, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert cli("train", "training.max_steps=2", "logging.progress=none", "--run-dir", str(run_dir)).code == 0
+    (run_dir / "final" / "model.safetensors").write_bytes(b"not a safetensors file")
+    result = cli("eval", str(run_dir))
+    assert result.code == 2 and "model.safetensors does not hold this model's weights" in result.err
+    (run_dir / "final" / "data_info.json").unlink()
+    result = cli("eval", str(run_dir))
+    assert result.code == 2 and "data_info.json missing" in result.err
+
+
+def test_bench_arguments_must_be_positive(cli) -> None:
+    result = cli("bench", "overhead", "--repeats", "0")
+    assert result.code == 2 and "expected a positive integer, got 0" in result.err

@@ -199,3 +199,13 @@ def test_bench_overhead_prints_json(cli) -> None:
     assert loops == ["plain PyTorch loop", "scaleforge trainer"]
     assert all(row["median_step_ms"] > 0 for row in report["results"])
     assert report["results"][0]["throughput_vs_plain"] == 1.0
+
+
+def test_compiled_model_trains_like_the_eager_one(tmp_path: Path) -> None:
+    overrides = ["training.max_steps=5", "model.dropout_rate=0.0", "checkpoint.every_steps=0", *QUICK]
+    train(load_config(None, overrides), tmp_path / "eager")
+    train(load_config(None, [*overrides, "training.compile=true"]), tmp_path / "compiled")
+    eager, compiled = _final_weights(tmp_path / "eager"), _final_weights(tmp_path / "compiled")
+    assert set(eager) == set(compiled)  # no `_orig_mod.` prefixes in the saved names
+    for name in eager:
+        torch.testing.assert_close(eager[name], compiled[name], rtol=0, atol=1e-4)

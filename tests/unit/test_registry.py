@@ -215,3 +215,23 @@ def test_broken_plugin_names_itself(tmp_path: Path) -> None:
     )
     assert child.returncode == 0, child.stderr
     assert child.stdout.strip() == "plugin 'my_plugin' (my_plugin) failed to load: boom"
+
+
+def test_decorator_works_with_and_without_arguments() -> None:
+    things = Registry("thing")
+
+    @things.register
+    class Bare:
+        pass
+
+    @things.register()
+    class Empty:
+        pass
+
+    @things.register("named")
+    class Named:
+        pass
+
+    assert things._entries == {"bare": Bare, "empty": Empty, "named": Named}
+    with pytest.raises(TypeError, match="a thing name must be a string"):
+        things.register(3)  # type: ignore[arg-type]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from scaleforge.data.base import DataInfo, DatasetSplits, InMemoryDataset
-from scaleforge.errors import ConfigError
 from scaleforge.registry import register_dataset
 
 
@@ -15,7 +14,7 @@ def digits(val_fraction: float = 0.2, split_seed: int = 0) -> DatasetSplits:
     from sklearn.datasets import load_digits
 
     if not 0 < val_fraction < 1:
-        raise ConfigError(f"data.val_fraction: must be between 0 and 1 (exclusive), got {val_fraction}")
+        raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     bunch = load_digits()
     images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
     labels = torch.tensor(bunch.target, dtype=torch.long)

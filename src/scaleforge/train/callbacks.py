@@ -45,6 +45,9 @@ class Callback:
     def on_train_end(self, state: RunState, summary: dict[str, Any]) -> None:
         """Once, after the final model has been written."""
 
+    def close(self) -> None:
+        """Release files and displays; called when the run ends, also when it fails."""
+
 
 class CallbackList(Callback):
     """Calls each hook of every callback in order."""
@@ -72,6 +75,10 @@ class CallbackList(Callback):
         for callback in self.callbacks:
             callback.on_train_end(state, summary)
 
+    def close(self) -> None:
+        for callback in self.callbacks:
+            callback.close()
+
 
 @register_callback("early_stopping")
 class EarlyStopping(Callback):
@@ -81,7 +88,7 @@ class EarlyStopping(Callback):
         self, monitor: str = "val_loss", patience: int = 3, mode: Literal["min", "max"] = "min", min_delta: float = 0.0
     ) -> None:
         if patience < 1:
-            raise ConfigError(f"early_stopping.patience: must be at least 1, got {patience}")
+            raise ValueError(f"patience must be at least 1, got {patience}")
         self.monitor = monitor
         self.patience = patience
         self.sign = 1.0 if mode == "min" else -1.0
@@ -92,7 +99,7 @@ class EarlyStopping(Callback):
     def on_eval(self, state: RunState, record: dict[str, Any]) -> None:
         if self.monitor not in record:
             raise ConfigError(
-                f"early_stopping.monitor: '{self.monitor}' is not an evaluation metric; "
+                f"training.callbacks: early_stopping monitors '{self.monitor}', which is not an evaluation metric; "
                 f"available: {', '.join(k for k in record if k.startswith('val_'))}"
             )
         value = self.sign * record[self.monitor]

@@ -32,7 +32,7 @@ class JsonlLogger(Callback):
     def on_eval(self, state: RunState, record: dict[str, Any]) -> None:
         self._write(record)
 
-    def on_train_end(self, state: RunState, summary: dict[str, Any]) -> None:
+    def close(self) -> None:
         if self.file is not None:
             self.file.close()
 
@@ -60,7 +60,7 @@ class TensorBoardLogger(Callback):
     def on_eval(self, state: RunState, record: dict[str, Any]) -> None:
         self._scalars("val", record)
 
-    def on_train_end(self, state: RunState, summary: dict[str, Any]) -> None:
+    def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
 
@@ -132,8 +132,10 @@ class BarProgress(Callback):
         self.progress.console.print(f"eval step {state.step} | {_format_record(record)}")
 
     def on_train_end(self, state: RunState, summary: dict[str, Any]) -> None:
+        self.progress.update(self.task, completed=state.step)
+
+    def close(self) -> None:
         if self.progress is not None:
-            self.progress.update(self.task, completed=state.step)
             self.progress.stop()
 
 

@@ -21,8 +21,12 @@ from scaleforge.registry import register_loss, register_metric
 class CrossEntropy(nn.Module):
     """Cross-entropy over the last dimension; (B, T, V) language-model logits are flattened."""
 
+    tasks = ("classification", "language_modeling")
+
     def __init__(self, label_smoothing: float = 0.0) -> None:
         super().__init__()
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.label_smoothing = label_smoothing
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -34,6 +38,8 @@ class CrossEntropy(nn.Module):
 @register_loss("mse")
 class MeanSquaredError(nn.Module):
     """Mean squared error for regression."""
+
+    tasks = ("regression",)
 
     def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(outputs.reshape(targets.shape), targets)
@@ -51,7 +57,11 @@ class Metric(Protocol):
 class Accuracy:
     """Top-k accuracy of class predictions."""
 
+    tasks = ("classification", "language_modeling")
+
     def __init__(self, top_k: int = 1) -> None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}")
         self.top_k = top_k
         self.reset()
 
@@ -75,12 +85,14 @@ class Accuracy:
 class Perplexity:
     """exp(mean token cross-entropy), from the loss the evaluator already computed."""
 
-    def reset(self) -> None:
-        self.loss_sum: torch.Tensor | float = 0.0
-        self.count = 0
+    tasks = ("classification", "language_modeling")
 
     def __init__(self) -> None:
         self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum: torch.Tensor | float = 0.0
+        self.count = 0
 
     def update(self, outputs: torch.Tensor, targets: torch.Tensor, loss_sum: torch.Tensor) -> None:
         self.loss_sum = self.loss_sum + loss_sum

@@ -59,12 +59,15 @@ def step(
     optimizer: Optimizer, total_steps: int, steps_per_epoch: int, step_size: int = 10, gamma: float = 0.1
 ) -> LRScheduler:
     """Multiply the learning rate by `gamma` every `step_size` epochs."""
+    if step_size < 1 or gamma <= 0:
+        raise ValueError(f"step_size must be at least 1 and gamma positive, got step_size={step_size}, gamma={gamma}")
     return StepLR(optimizer, step_size=max(1, step_size * steps_per_epoch), gamma=gamma)
 
 
 @register_scheduler("cosine")
 def cosine(optimizer: Optimizer, total_steps: int, steps_per_epoch: int, min_lr_ratio: float = 0.0) -> LRScheduler:
     """Cosine decay from the base rate to `min_lr_ratio` times it over the whole run."""
+    _check_ratio("min_lr_ratio", min_lr_ratio)
     base_lr = optimizer.param_groups[0]["lr"]
     return CosineAnnealingLR(optimizer, T_max=max(1, total_steps), eta_min=base_lr * min_lr_ratio)
 
@@ -79,6 +82,10 @@ def warmup_cosine(
     min_lr_ratio: float = 0.0,
 ) -> LRScheduler:
     """Linear warm-up from zero over `warmup_steps` (default `warmup_fraction` of the run), then cosine decay."""
+    _check_ratio("min_lr_ratio", min_lr_ratio)
+    _check_ratio("warmup_fraction", warmup_fraction)
+    if warmup_steps is not None and warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be at least 0, got {warmup_steps}")
     warmup = warmup_steps if warmup_steps is not None else round(warmup_fraction * total_steps)
     decay = max(1, total_steps - warmup)
 
@@ -89,3 +96,8 @@ def warmup_cosine(
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return LambdaLR(optimizer, factor)
+
+
+def _check_ratio(name: str, value: float) -> None:
+    if not 0 <= value <= 1:
+        raise ValueError(f"{name} must be between 0 and 1, got {value}")

@@ -31,11 +31,12 @@ from scaleforge.config import (
     RunConfig,
     TrainingSection,
     dump_yaml,
+    signature_of,
 )
 from scaleforge.data.base import DataInfo, DatasetSplits
 from scaleforge.data.loading import BatchPlan, TrainBatches, eval_batches
 from scaleforge.distributed.env import select_device
-from scaleforge.errors import ConfigError
+from scaleforge.errors import ConfigError, UsageError
 from scaleforge.train.callbacks import Callback, CallbackList, RunState
 from scaleforge.train.checkpoint import save_checkpoint
 from scaleforge.train.metrics import JsonlLogger, LossPlot, TensorBoardLogger, build_progress
@@ -51,30 +52,41 @@ PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16, "fp16-mixed": torch.floa
 
 
 def construct(factory: Callable[..., Any], key: str, **kwargs: Any) -> Any:
-    """Call a component factory; a rejection of its arguments becomes a config error naming `key`."""
+    """Call a component factory; a ValueError (its way of rejecting a parameter) becomes a config error naming `key`.
+
+    Other exceptions are bugs, in scaleforge or in the component, and propagate with their traceback.
+    """
     try:
         return factory(**kwargs)
     except ConfigError:
         raise
-    except (TypeError, ValueError) as error:
+    except ValueError as error:
         name = getattr(factory, "__name__", repr(factory))
         raise ConfigError(f"{key}: {name} rejected its parameters: {error}") from error
 
 
 def build_data(section: DataSection) -> DatasetSplits:
     """The dataset the config names, split into training and validation."""
-    factory = registry.DATASETS.get(section.dataset, key="data.dataset")
-    splits = construct(factory, "data", **section.params)
+    splits = construct(_factory(section.factory, registry.DATASETS, section.dataset), "data", **section.params)
     if not isinstance(splits, DatasetSplits):
         raise ConfigError(f"data.dataset: '{section.dataset}' returned {type(splits).__name__}, not DatasetSplits")
+    if len(splits.val) == 0:  # type: ignore[arg-type]
+        raise ConfigError(f"data: the validation split of '{section.dataset}' is empty; raise data.val_fraction")
     return splits
+
+
+def _factory(
+    factory: Callable[..., Any] | None, component_registry: registry.Registry, name: str
+) -> Callable[..., Any]:
+    """The factory the config loader resolved; configs built by hand are resolved here."""
+    return factory if factory is not None else component_registry.get(name)
 
 
 def build_model(section: ModelSection, info: DataInfo) -> nn.Module:
     """The model the config names; it receives the dataset's fields (`num_classes`, ...) its signature names."""
-    factory = registry.MODELS.get(section.architecture, key="model.architecture")
+    factory = _factory(section.factory, registry.MODELS, section.architecture)
     kwargs = dict(section.params)
-    signature = _parameter_names(factory)
+    signature = signature_of(factory).parameters
     for name in DATA_PROVIDED:
         provided = getattr(info, name)
         if name not in signature or provided is None:
@@ -89,15 +101,6 @@ def build_model(section: ModelSection, info: DataInfo) -> nn.Module:
     return model
 
 
-def _parameter_names(factory: Callable[..., Any]) -> set[str]:
-    import inspect
-
-    try:
-        return set(inspect.signature(factory).parameters)
-    except (TypeError, ValueError):
-        return set()
-
-
 def _normalise(value: Any) -> Any:
     return list(value) if isinstance(value, list | tuple) else value
 
@@ -107,21 +110,31 @@ def build_objective(section: TrainingSection, info: DataInfo) -> Objective:
     objective = default_objective(info)
     loss = objective.loss
     if section.loss.name != "auto":
-        loss = construct(
-            registry.LOSSES.get(section.loss.name, key="training.loss"), "training.loss", **section.loss.params
-        )
+        loss = _build_for_task(section.loss, registry.LOSSES, "training.loss", info)
     metrics = objective.metrics
     if section.metrics is not None:
         metrics = [
-            construct(registry.METRICS.get(spec.name), f"training.metrics.{i}", **spec.params)
+            _build_for_task(spec, registry.METRICS, f"training.metrics.{i}", info)
             for i, spec in enumerate(section.metrics)
         ]
     return Objective(loss=loss, metrics=metrics)
 
 
+def _build_for_task(spec: ComponentSpec, component_registry: registry.Registry, key: str, info: DataInfo) -> Any:
+    """A loss or metric, checked against the dataset: its `tasks` (if it declares them) and `num_classes`."""
+    component = construct(_factory(spec.factory, component_registry, spec.name), key, **spec.params)
+    tasks = getattr(component, "tasks", None)
+    if tasks is not None and info.task not in tasks:
+        raise ConfigError(f"{key}: {spec.name} is for {' or '.join(tasks)} data, but the dataset is {info.task}")
+    top_k = getattr(component, "top_k", None)
+    if top_k is not None and info.num_classes is not None and top_k > info.num_classes:
+        raise ConfigError(f"{key}: top_k={top_k} is more than the dataset's {info.num_classes} classes")
+    return component
+
+
 def build_optimizer(section: TrainingSection, model: nn.Module) -> torch.optim.Optimizer:
     """The optimizer over the model's trainable parameters."""
-    factory = registry.OPTIMIZERS.get(section.optimizer.name, key="training.optimizer")
+    factory = _factory(section.optimizer.factory, registry.OPTIMIZERS, section.optimizer.name)
     params = [p for p in model.parameters() if p.requires_grad]
     return construct(
         factory,
@@ -137,7 +150,7 @@ def build_scheduler(
     spec: ComponentSpec, optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
     """The learning-rate schedule, stepped once per optimizer step (None: constant)."""
-    factory = registry.SCHEDULERS.get(spec.name, key="training.scheduler")
+    factory = _factory(spec.factory, registry.SCHEDULERS, spec.name)
     return construct(
         factory,
         "training.scheduler",
@@ -159,7 +172,7 @@ def build_callbacks(config: RunConfig, run_dir: Path, extra: Sequence[Callback] 
     if config.logging.plot:
         callbacks.append(LossPlot(run_dir / "loss.png"))
     for i, spec in enumerate(config.training.callbacks):
-        factory = registry.CALLBACKS.get(spec.name, key=f"training.callbacks.{i}")
+        factory = _factory(spec.factory, registry.CALLBACKS, spec.name)
         callbacks.append(construct(factory, f"training.callbacks.{i}", **spec.params))
     callbacks.extend(extra)
     return CallbackList(callbacks)
@@ -182,11 +195,23 @@ def make_autocast(precision: str, device: torch.device) -> Autocast:
     return partial(torch.autocast, device_type=device.type, dtype=dtype)
 
 
+def eval_batch_size(training: TrainingSection) -> int:
+    """Evaluation needs no gradients, so it takes larger batches than training's micro-batches."""
+    return max(256, training.batch_size // training.grad_accum_steps)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (every device)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """A run directory that already holds a run's results is refused, never overwritten."""
+    earlier = [name for name in ("final", "checkpoints", "metrics.jsonl") if (run_dir / name).exists()]
+    if earlier:
+        raise UsageError(f"{run_dir} already holds a run ({', '.join(earlier)}); choose another --run-dir or remove it")
 
 
 def default_run_dir(config: RunConfig) -> Path:
@@ -264,6 +289,7 @@ def train(config: RunConfig, run_dir: Path | None = None, *, callbacks: Sequence
     """Train the model the config describes, write the run directory and return the summary."""
     started = time.perf_counter()
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
+    check_run_dir(run_dir)
     training = config.training
     if config.hardware.threads is not None:
         torch.set_num_threads(config.hardware.threads)
@@ -284,98 +310,99 @@ def train(config: RunConfig, run_dir: Path | None = None, *, callbacks: Sequence
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16-mixed" else None
     autocast = make_autocast(precision, device)
     forward_model = torch.compile(model) if training.compile else model
-    eval_batch_size = max(256, plan.micro_batch_size)
 
+    hooks = build_callbacks(config, run_dir, callbacks)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(dump_yaml(config))
-    hooks = build_callbacks(config, run_dir, callbacks)
     state = RunState(run_dir, total_steps, batches.steps_per_epoch, training.batch_size)
     print(
         f"run {run_dir} | {config.model.architecture} ({count_parameters(model):,} parameters) on "
         f"{config.data.dataset} | device {device} | precision {precision} | {total_steps} steps"
     )
-    hooks.on_train_start(state)
+    with contextlib.closing(hooks):  # files closed and the progress bar stopped, even on failure
+        hooks.on_train_start(state)
 
-    def run_eval() -> dict[str, Any]:
-        batches_iter = eval_batches(data.val, eval_batch_size, device, config.data.num_workers)
-        record = {"step": state.step, "epoch": state.epoch, "time": time.time()}
-        record.update(evaluate(forward_model, batches_iter, objective, autocast))
-        state.history.append(record)
-        hooks.on_eval(state, record)
-        return record
+        def run_eval() -> dict[str, Any]:
+            batches_iter = eval_batches(data.val, eval_batch_size(training), device, config.data.num_workers)
+            record = {"step": state.step, "epoch": state.epoch, "time": time.time()}
+            record.update(evaluate(forward_model, batches_iter, objective, autocast))
+            state.history.append(record)
+            hooks.on_eval(state, record)
+            return record
 
-    loss_sum = torch.zeros((), device=device)
-    last_log_step, last_log_time = 0, time.perf_counter()
-    loop_started = last_log_time
-    last_eval: dict[str, Any] = {}
-    model.train()
-    for epoch in range(epochs):
-        state.epoch = epoch
-        for micro_batches in batches.epoch(epoch):
-            loss = train_step(
-                forward_model,
-                micro_batches,
-                objective.loss,
-                optimizer,
-                autocast=autocast,
-                scaler=scaler,
-                clip_grad_norm=training.clip_grad_norm,
-            )
-            if scheduler is not None:
-                scheduler.step()
-            loss_sum += loss
-            state.step += 1
-            if state.step % config.logging.every_steps == 0 or state.step == total_steps:
-                now = time.perf_counter()
-                steps = state.step - last_log_step
-                record = {
-                    "step": state.step,
-                    "epoch": epoch,
-                    "time": time.time(),
-                    "loss": float(loss_sum) / steps,  # the one host sync per log line
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "samples_per_s": steps * training.batch_size / max(now - last_log_time, 1e-9),
-                }
-                loss_sum.zero_()
-                last_log_step, last_log_time = state.step, now
-                state.history.append(record)
-                hooks.on_log(state, record)
-            if training.eval_every_steps and state.step % training.eval_every_steps == 0:
-                last_eval = run_eval()
-            if config.checkpoint.every_steps and state.step % config.checkpoint.every_steps == 0:
-                path = save_checkpoint(
-                    run_dir / "checkpoints",
-                    model=model,
-                    optimizer=optimizer,
-                    progress=_progress(state, config, scheduler),
-                    keep=config.checkpoint.keep,
+        loss_sum = torch.zeros((), device=device)
+        last_log_step, last_log_time = 0, time.perf_counter()
+        loop_started = last_log_time
+        last_eval: dict[str, Any] = {}
+        model.train()
+        for epoch in range(epochs):
+            state.epoch = epoch
+            for micro_batches in batches.epoch(epoch):
+                loss = train_step(
+                    forward_model,
+                    micro_batches,
+                    objective.loss,
+                    optimizer,
+                    autocast=autocast,
+                    scaler=scaler,
+                    clip_grad_norm=training.clip_grad_norm,
                 )
-                hooks.on_checkpoint(state, path)
+                lr = optimizer.param_groups[0]["lr"]  # the rate this step used, before the scheduler moves it
+                if scheduler is not None:
+                    scheduler.step()
+                loss_sum += loss
+                state.step += 1
+                if state.step % config.logging.every_steps == 0 or state.step == total_steps:
+                    now = time.perf_counter()
+                    steps = state.step - last_log_step
+                    record = {
+                        "step": state.step,
+                        "epoch": epoch,
+                        "time": time.time(),
+                        "loss": float(loss_sum) / steps,  # the one host sync per log line
+                        "lr": lr,
+                        "samples_per_s": steps * training.batch_size / max(now - last_log_time, 1e-9),
+                    }
+                    loss_sum.zero_()
+                    last_log_step, last_log_time = state.step, now
+                    state.history.append(record)
+                    hooks.on_log(state, record)
+                if training.eval_every_steps and state.step % training.eval_every_steps == 0:
+                    last_eval = run_eval()
+                if config.checkpoint.every_steps and state.step % config.checkpoint.every_steps == 0:
+                    path = save_checkpoint(
+                        run_dir / "checkpoints",
+                        model=model,
+                        optimizer=optimizer,
+                        progress=_progress(state, config, scheduler),
+                        keep=config.checkpoint.keep,
+                    )
+                    hooks.on_checkpoint(state, path)
+                if state.should_stop or state.step >= total_steps:
+                    break
+            if not training.eval_every_steps and last_eval.get("step") != state.step:
+                last_eval = run_eval()
             if state.should_stop or state.step >= total_steps:
                 break
-        if not training.eval_every_steps and last_eval.get("step") != state.step:
+        loop_time = time.perf_counter() - loop_started
+        if last_eval.get("step") != state.step:
             last_eval = run_eval()
-        if state.should_stop or state.step >= total_steps:
-            break
-    loop_time = time.perf_counter() - loop_started
-    if last_eval.get("step") != state.step:
-        last_eval = run_eval()
 
-    save_final(run_dir / "final", model, config, data.info)
-    summary = {
-        "num_parameters": count_parameters(model),
-        "steps": state.step,
-        "epochs": state.epoch + 1,
-        **{k: v for k, v in last_eval.items() if k.startswith("val_")},
-        "wall_time_s": time.perf_counter() - started,
-        "loop_time_s": loop_time,
-        "samples_per_s": state.step * training.batch_size / max(loop_time, 1e-9),
-        "device": str(device),
-        "precision": precision,
-        "stopped_early": state.should_stop,
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    hooks.on_train_end(state, summary)
+        save_final(run_dir / "final", model, config, data.info)
+        summary = {
+            "num_parameters": count_parameters(model),
+            "steps": state.step,
+            "epochs": state.epoch + 1,
+            **{k: v for k, v in last_eval.items() if k.startswith("val_")},
+            "wall_time_s": time.perf_counter() - started,
+            "loop_time_s": loop_time,
+            "samples_per_s": state.step * training.batch_size / max(loop_time, 1e-9),
+            "device": str(device),
+            "precision": precision,
+            "stopped_early": state.should_stop,
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        hooks.on_train_end(state, summary)
     return summary
 
 
