@@ -43,7 +43,12 @@ def test_default_run_reaches_95_percent_and_writes_the_run_directory(tmp_path: P
 
     assert load_config(run_dir / "config.yaml") == load_config(None, [])
     assert (run_dir / "loss.png").stat().st_size > 10_000
-    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/lr", "val/loss", "val/accuracy"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("train/loss")] == [r["step"] for r in steps]
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] != []
 
     weights = load_file(str(run_dir / "final" / "model.safetensors"))
@@ -193,6 +198,8 @@ def test_config_show_list_and_explain(cli, tmp_path: Path) -> None:
 
 def test_bench_overhead_prints_json(cli) -> None:
     result = cli("bench", "overhead", "--steps", "20", "--repeats", "1", "--no-lightning", "--json")
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["steps"] == 50  # rounded up to whole log intervals
     assert result.code == 0, result.err
     report = json.loads(result.out)
     loops = [row["loop"] for row in report["results"]]

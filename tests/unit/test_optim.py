@@ -187,7 +187,9 @@ def test_early_stopping_max_mode_and_min_delta(tmp_path: Path) -> None:
 
 def test_early_stopping_unknown_monitor_lists_metrics(tmp_path: Path) -> None:
     callback = EarlyStopping(monitor="val_acc")
-    with pytest.raises(ConfigError, match="monitors 'val_acc', which is not an evaluation metric; available: val_loss, val_accuracy"):
+    with pytest.raises(
+        ConfigError, match="monitors 'val_acc', which is not an evaluation metric; available: val_loss, val_accuracy"
+    ):
         callback.on_eval(_state(tmp_path), {"step": 3, "val_loss": 1.0, "val_accuracy": 0.5})
 
 

@@ -1,11 +1,13 @@
 """`scaleforge bench overhead`: what the trainer costs per step against a hand-written PyTorch loop.
 
-The same MLP, data, optimizer and batch run in three loops, interleaved repeat by repeat so that machine
-noise hits all of them alike: a plain loop over tensors held in memory, the scaleforge trainer with its
-default logging on (metrics.jsonl, TensorBoard, progress lines), and PyTorch Lightning when it is
-installed (`pip install -e .[bench]`). Each measurement times `steps` steps after a warm-up; the table
-reports the median over repeats. Evaluation and checkpoints are outside the timed window (each has its
-own benchmark): the dataset is sized so that the timed steps fall inside one epoch.
+The same MLP, data, optimizer and batch run in three loops: a plain loop over tensors held in memory,
+the scaleforge trainer with its default logging on (metrics.jsonl, TensorBoard, progress lines), and
+PyTorch Lightning when it is installed (`make setup EXTRAS=dev,bench`). Each measurement times `steps`
+steps after a warm-up. The loops run in alternating order (ABC, CBA, ...) and each repeat gives a
+throughput ratio against the plain loop measured beside it; the table reports medians over repeats.
+A shared 2-core machine needs that: single measurements drift by 10-20% between repeats, paired ratios
+far less. Evaluation and checkpoints are outside the timed window (each has its own benchmark): the
+dataset is sized so that the timed steps fall inside one epoch.
 """
 
 from __future__ import annotations
@@ -25,13 +27,15 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from scaleforge.config import load_config
+from scaleforge.config import LoggingSection, load_config
 from scaleforge.data.loading import epoch_permutation
 from scaleforge.models.mlp import MLP
 from scaleforge.train.callbacks import Callback, RunState
 from scaleforge.train.trainer import train
 
-WARMUP_STEPS = 30
+# The trainer's clock is read at its log lines, so warm-up and timed steps are whole log intervals.
+LOG_INTERVAL = LoggingSection().every_steps
+WARMUP_STEPS = LOG_INTERVAL
 
 
 @dataclass(frozen=True)
@@ -82,13 +86,19 @@ def time_plain_loop(workload: Workload, steps: int) -> float:
 
 
 class _StepClock(Callback):
-    """Reads the clock at the log line after warm-up and at the last step."""
+    """Reads the clock at every log line (the trainer always logs its last step)."""
 
     def __init__(self) -> None:
         self.marks: dict[int, float] = {}
 
     def on_log(self, state: RunState, record: dict[str, Any]) -> None:
         self.marks[state.step] = time.perf_counter()
+
+    def seconds_per_step(self, after: int) -> float:
+        """Mean step time from the first log line at or after step `after` to the last step."""
+        first = min(step for step in self.marks if step >= after)
+        last = max(self.marks)
+        return (self.marks[last] - self.marks[first]) / (last - first)
 
 
 def time_trainer(workload: Workload, steps: int) -> float:
@@ -113,7 +123,7 @@ def time_trainer(workload: Workload, steps: int) -> float:
     clock = _StepClock()
     with tempfile.TemporaryDirectory() as run_dir, contextlib.redirect_stdout(io.StringIO()):
         train(config, Path(run_dir), callbacks=[clock])
-    return (clock.marks[WARMUP_STEPS + steps] - clock.marks[WARMUP_STEPS]) / steps
+    return clock.seconds_per_step(after=WARMUP_STEPS)
 
 
 def time_lightning(workload: Workload, steps: int) -> float:
@@ -182,7 +192,11 @@ def lightning_available() -> bool:
 def run_overhead_benchmark(
     *, steps: int = 300, repeats: int = 5, lightning: bool = True, as_json: bool = False, threads: int | None = None
 ) -> dict[str, Any]:
-    """Measure, print (table or JSON) and return the step times of each loop."""
+    """Measure, print (table or JSON) and return the step times of each loop.
+
+    `steps` is rounded up to a whole number of the trainer's default log intervals.
+    """
+    steps = -(-steps // LOG_INTERVAL) * LOG_INTERVAL
     if threads is not None:
         torch.set_num_threads(threads)
     workload = Workload()
@@ -194,14 +208,15 @@ def run_overhead_benchmark(
         loops["PyTorch Lightning"] = time_lightning
     times: dict[str, list[float]] = {name: [] for name in loops}
     for repeat in range(repeats):
-        for name, measure in loops.items():
+        order = list(loops.items())
+        for name, measure in order if repeat % 2 == 0 else reversed(order):
             times[name].append(measure(workload, steps))
         if not as_json:
             print(
                 f"repeat {repeat + 1}/{repeats}: " + " | ".join(f"{n} {t[-1] * 1e3:.3f} ms" for n, t in times.items()),
                 flush=True,
             )
-    baseline = statistics.median(times["plain PyTorch loop"])
+    plain = times["plain PyTorch loop"]
     rows = []
     for name, samples in times.items():
         median = statistics.median(samples)
@@ -212,7 +227,7 @@ def run_overhead_benchmark(
                 "min_step_ms": min(samples) * 1e3,
                 "max_step_ms": max(samples) * 1e3,
                 "samples_per_s": workload.batch_size / median,
-                "throughput_vs_plain": baseline / median,
+                "throughput_vs_plain": statistics.median(p / t for p, t in zip(plain, samples, strict=True)),
             }
         )
     result = {
@@ -242,7 +257,7 @@ def _print_table(result: dict[str, Any]) -> None:
         f"{workload['num_classes']}, batch {workload['batch_size']}, adam; {result['steps']} steps x "
         f"{result['repeats']} repeats, {result['threads']} threads, torch {result['torch']}"
     )
-    for column in ("loop", "median step (ms)", "min-max (ms)", "samples/s", "throughput vs plain"):
+    for column in ("loop", "median step (ms)", "min-max (ms)", "samples/s", "throughput vs plain (median of pairs)"):
         table.add_column(column, justify="left" if column == "loop" else "right")
     for row in result["results"]:
         table.add_row(

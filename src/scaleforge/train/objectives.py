@@ -30,9 +30,9 @@ class CrossEntropy(nn.Module):
         self.label_smoothing = label_smoothing
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), label_smoothing=self.label_smoothing
-        )
+        if logits.dim() > 2:  # (B, T, V) -> (B*T, V)
+            logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+        return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
 
 
 @register_loss("mse")

