@@ -168,6 +168,8 @@ def test_max_steps_eval_every_and_early_stopping(tmp_path: Path) -> None:
     )
     summary = train(config, tmp_path / "early")
     assert summary["stopped_early"] and summary["steps"] == 6
+    logged = [r["step"] for r in read_jsonl(tmp_path / "early" / "metrics.jsonl") if "loss" in r]
+    assert logged == [6]  # the steps since the last log line are logged when a run stops early
 
 
 def test_checkpoints_are_written_and_pruned(tmp_path: Path) -> None:
@@ -199,13 +201,22 @@ def test_config_show_list_and_explain(cli, tmp_path: Path) -> None:
 def test_bench_overhead_prints_json(cli) -> None:
     result = cli("bench", "overhead", "--steps", "20", "--repeats", "1", "--no-lightning", "--json")
     assert result.code == 0, result.err
-    assert json.loads(result.out)["steps"] == 50  # rounded up to whole log intervals
-    assert result.code == 0, result.err
     report = json.loads(result.out)
-    loops = [row["loop"] for row in report["results"]]
-    assert loops == ["plain PyTorch loop", "scaleforge trainer"]
-    assert all(row["median_step_ms"] > 0 for row in report["results"])
-    assert report["results"][0]["throughput_vs_plain"] == 1.0
+    assert report["steps"] == 50  # rounded up to whole log intervals
+    plain, trainer = report["results"]
+    assert (plain["loop"], trainer["loop"]) == ("plain PyTorch loop", "scaleforge trainer")
+    assert 0 < plain["median_step_ms"] < 1000 and 0 < trainer["median_step_ms"] < 1000
+    ratio = plain["median_step_ms"] / trainer["median_step_ms"]  # one repeat: the pair ratio is this ratio
+    assert trainer["throughput_vs_plain"] == pytest.approx(ratio)
+    assert trainer["samples_per_s"] == pytest.approx(128 / (trainer["median_step_ms"] / 1e3))
+
+
+def test_step_clock_times_the_steps_after_warm_up() -> None:
+    from scaleforge.bench.overhead import StepClock
+
+    clock = StepClock()
+    clock.marks = {25: 0.5, 50: 1.0, 100: 2.0, 102: 2.04}
+    assert clock.seconds_per_step(after=50) == pytest.approx(1.04 / 52)
 
 
 def test_compiled_model_trains_like_the_eager_one(tmp_path: Path) -> None:

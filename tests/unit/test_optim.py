@@ -162,6 +162,14 @@ def test_cross_entropy_flattens_sequence_logits() -> None:
     assert torch.allclose(CrossEntropy()(logits, targets), expected)
 
 
+def test_cross_entropy_on_class_logits_with_label_smoothing() -> None:
+    torch.manual_seed(0)
+    logits, targets = torch.randn(4, 5), torch.randint(0, 5, (4,))
+    expected = nn.functional.cross_entropy(logits, targets, label_smoothing=0.1)
+    assert torch.allclose(CrossEntropy(label_smoothing=0.1)(logits, targets), expected)
+    assert not torch.allclose(CrossEntropy()(logits, targets), expected)
+
+
 # ----------------------------------------------------------------------------------------- early stopping
 
 

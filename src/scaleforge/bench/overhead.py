@@ -85,7 +85,7 @@ def time_plain_loop(workload: Workload, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-class _StepClock(Callback):
+class StepClock(Callback):
     """Reads the clock at every log line (the trainer always logs its last step)."""
 
     def __init__(self) -> None:
@@ -116,11 +116,13 @@ def time_trainer(workload: Workload, steps: int) -> float:
         f"training.max_steps={WARMUP_STEPS + steps}",
         "training.optimizer=adam",
         "checkpoint.every_steps=0",
+        "hardware.device=cpu",  # where the other two loops run, also on a machine with a GPU
+        "training.precision=32",
         "logging.progress=plain",
         "logging.plot=false",
     ]
     config = load_config(None, overrides)
-    clock = _StepClock()
+    clock = StepClock()
     with tempfile.TemporaryDirectory() as run_dir, contextlib.redirect_stdout(io.StringIO()):
         train(config, Path(run_dir), callbacks=[clock])
     return clock.seconds_per_step(after=WARMUP_STEPS)
@@ -152,11 +154,11 @@ def time_lightning(workload: Workload, steps: int) -> float:
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.Adam(self.parameters(), lr=workload.learning_rate)
 
-    marks: dict[int, float] = {}
+    clock = StepClock()
 
     class Clock(L.Callback):
         def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-            marks[trainer.global_step] = time.perf_counter()
+            clock.marks[trainer.global_step] = time.perf_counter()
 
     loader = DataLoader(TensorDataset(inputs, targets), batch_size=workload.batch_size, shuffle=True, drop_last=True)
     with (
@@ -168,7 +170,7 @@ def time_lightning(workload: Workload, steps: int) -> float:
             accelerator="cpu",
             devices=1,
             max_steps=WARMUP_STEPS + steps,
-            log_every_n_steps=10,
+            log_every_n_steps=LOG_INTERVAL,  # the same logging cadence as the trainer's default
             enable_checkpointing=False,
             enable_model_summary=False,
             enable_progress_bar=False,
@@ -177,7 +179,7 @@ def time_lightning(workload: Workload, steps: int) -> float:
             callbacks=[Clock()],
         )
         trainer.fit(Module(), loader)
-    return (marks[WARMUP_STEPS + steps] - marks[WARMUP_STEPS]) / steps
+    return clock.seconds_per_step(after=WARMUP_STEPS)
 
 
 def lightning_available() -> bool:

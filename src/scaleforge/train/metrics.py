@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TextIO
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from scaleforge.train.callbacks import Callback, RunState
 
@@ -38,29 +41,32 @@ class JsonlLogger(Callback):
 
 
 class TensorBoardLogger(Callback):
-    """Scalars under `train/` and `val/` in TensorBoard event files."""
+    """Scalars under `train/` and `val/` in TensorBoard event files.
+
+    Each record becomes one event holding all its values, rather than one event per scalar as `add_scalar`
+    writes: TensorBoard checksums every event in pure Python on a writer thread that competes with training
+    for the CPU.
+    """
 
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self.writer: Any = None
+        self.summary_type: Any = None
 
     def on_train_start(self, state: RunState) -> None:
-        from torch.utils.tensorboard import SummaryWriter  # imports TensorBoard only when it is used
+        from tensorboard.compat.proto.summary_pb2 import Summary  # TensorBoard is imported only when used
+        from torch.utils.tensorboard.writer import FileWriter
 
-        self.writer = SummaryWriter(str(self.log_dir))
+        self.writer = FileWriter(str(self.log_dir))
+        self.summary_type = Summary
 
     def _scalars(self, prefix: str, record: dict[str, Any]) -> None:
-        # One event holding every value of the record rather than one event per `add_scalar`: TensorBoard's
-        # writer checksums each event in pure Python on a background thread that competes with training for
-        # the CPU; this halves that work (`scaleforge bench overhead`).
-        from tensorboard.compat.proto.summary_pb2 import Summary
-
         values = [
-            Summary.Value(tag=f"{prefix}/{name.removeprefix('val_')}", simple_value=value)
+            self.summary_type.Value(tag=f"{prefix}/{name.removeprefix('val_')}", simple_value=value)
             for name, value in record.items()
             if name not in ("step", "epoch", "time") and isinstance(value, int | float)
         ]
-        self.writer.file_writer.add_summary(Summary(value=values), record["step"], record["time"])
+        self.writer.add_summary(self.summary_type(value=values), record["step"], record["time"])
 
     def on_log(self, state: RunState, record: dict[str, Any]) -> None:
         self._scalars("train", record)
@@ -112,45 +118,53 @@ class PlainProgress(Callback):
         self._print(f"eval step {state.step} | {_format_record(record)}")
 
 
+class StepProgress(Progress):
+    """A rich progress display whose refresh thread reads the run's step and epoch counters itself."""
+
+    def __init__(self, state: RunState, *columns: Any, **options: Any) -> None:
+        super().__init__(*columns, **options)
+        self.state = state
+
+    def get_renderables(self) -> Iterator[Any]:
+        for task in self.tasks:
+            self.update(task.id, completed=self.state.step, epoch=self.state.epoch + 1)
+        yield from super().get_renderables()
+
+
 class BarProgress(Callback):
     """A live progress bar (step, loss, lr, samples/s, ETA) for a terminal.
 
-    The bar's display thread reads the step counter itself, ten times a second, so the bar moves every step
-    at no cost to the training thread; loss and lr change with each log line.
+    The bar's display thread reads the step counter ten times a second, so the bar moves with every step
+    without a call from the training loop; loss and lr change with each log line. On a GPU the counter can
+    run ahead of the device between log lines, by as many steps as the CPU has queued.
     """
 
-    def __init__(self) -> None:
-        self.progress: Any = None
+    def __init__(self, console: Any = None) -> None:
+        self.console = console
+        self.progress: StepProgress | None = None
         self.task: Any = None
 
     def on_train_start(self, state: RunState) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        class StepProgress(Progress):
-            def get_renderables(self):  # noqa: ANN202 - rich's own signature
-                for task in self.tasks:
-                    self.update(task.id, completed=state.step, epoch=state.epoch + 1)
-                yield from super().get_renderables()
-
         self.progress = StepProgress(
+            state,
             TextColumn("epoch {task.fields[epoch]}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[stats]}"),
             TextColumn("eta"),
             TimeRemainingColumn(),
+            console=self.console,
         )
         self.task = self.progress.add_task("train", total=state.total_steps, epoch=1, stats="")
         self.progress.start()
 
     def on_log(self, state: RunState, record: dict[str, Any]) -> None:
-        self.progress.update(self.task, completed=state.step, epoch=state.epoch + 1, stats=_format_record(record))
+        assert self.progress is not None
+        self.progress.update(self.task, stats=_format_record(record))
 
     def on_eval(self, state: RunState, record: dict[str, Any]) -> None:
+        assert self.progress is not None
         self.progress.console.print(f"eval step {state.step} | {_format_record(record)}")
-
-    def on_train_end(self, state: RunState, summary: dict[str, Any]) -> None:
-        self.progress.update(self.task, completed=state.step)
 
     def close(self) -> None:
         if self.progress is not None:

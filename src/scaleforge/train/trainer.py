@@ -331,8 +331,26 @@ def train(config: RunConfig, run_dir: Path | None = None, *, callbacks: Sequence
             return record
 
         step_losses: list[torch.Tensor] = []
-        last_log_step, last_log_time = 0, time.perf_counter()
-        loop_started = last_log_time
+        last_log = {"step": 0, "time": time.perf_counter()}
+        loop_started = last_log["time"]
+
+        def log_line(lr: float) -> None:
+            steps = state.step - last_log["step"]
+            mean_loss = float(torch.stack(step_losses).float().sum()) / steps  # the one host sync per log line
+            now = time.perf_counter()
+            record = {
+                "step": state.step,
+                "epoch": state.epoch,
+                "time": time.time(),
+                "loss": mean_loss,
+                "lr": lr,
+                "samples_per_s": steps * training.batch_size / max(now - last_log["time"], 1e-9),
+            }
+            step_losses.clear()
+            last_log.update(step=state.step, time=now)
+            state.history.append(record)
+            hooks.on_log(state, record)
+
         last_eval: dict[str, Any] = {}
         model.train()
         for epoch in range(epochs):
@@ -353,20 +371,7 @@ def train(config: RunConfig, run_dir: Path | None = None, *, callbacks: Sequence
                 step_losses.append(loss)  # no kernel, no sync: summed once per log line
                 state.step += 1
                 if state.step % config.logging.every_steps == 0 or state.step == total_steps:
-                    now = time.perf_counter()
-                    steps = state.step - last_log_step
-                    record = {
-                        "step": state.step,
-                        "epoch": epoch,
-                        "time": time.time(),
-                        "loss": float(torch.stack(step_losses).sum()) / steps,  # the one host sync per log line
-                        "lr": lr,
-                        "samples_per_s": steps * training.batch_size / max(now - last_log_time, 1e-9),
-                    }
-                    step_losses.clear()
-                    last_log_step, last_log_time = state.step, now
-                    state.history.append(record)
-                    hooks.on_log(state, record)
+                    log_line(lr)
                 if training.eval_every_steps and state.step % training.eval_every_steps == 0:
                     last_eval = run_eval()
                 if config.checkpoint.every_steps and state.step % config.checkpoint.every_steps == 0:
@@ -384,6 +389,8 @@ def train(config: RunConfig, run_dir: Path | None = None, *, callbacks: Sequence
                 last_eval = run_eval()
             if state.should_stop or state.step >= total_steps:
                 break
+        if step_losses:  # stopped early between log lines
+            log_line(lr)
         loop_time = time.perf_counter() - loop_started
         if last_eval.get("step") != state.step:
             last_eval = run_eval()
