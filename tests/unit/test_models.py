@@ -8,13 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from scaleforge.config import ModelSection, load_config
+from scaleforge.config import ModelSection, load_config, signature_of
 from scaleforge.data.base import DataInfo
 from scaleforge.errors import ConfigError
 from scaleforge.registry import MODELS
 from scaleforge.train.trainer import build_model
 
 INFO = DataInfo(task="classification", input_shape=(1, 8, 8), num_classes=10)
+TOKENS = DataInfo(task="language_modeling", input_shape=(16,), vocab_size=256, seq_len=16)
 
 
 def _section(name: str) -> ModelSection:
@@ -22,31 +23,51 @@ def _section(name: str) -> ModelSection:
     return load_config(None, [f"model.architecture={name}"]).model
 
 
+def _is_classifier(name: str) -> bool:
+    return "num_classes" in signature_of(MODELS.get(name)).parameters
+
+
+def _batch(info: DataInfo, size: int) -> torch.Tensor:
+    if info.vocab_size is not None:
+        return torch.randint(0, info.vocab_size, (size, *info.input_shape))
+    return torch.rand(size, *info.input_shape)
+
+
 @pytest.fixture(params=MODELS.names())
 def name(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-def test_forward_gives_one_logit_per_class(name: str) -> None:
+@pytest.fixture
+def info(name: str) -> DataInfo:
+    """Digits-shaped images for classifiers, byte tokens for language models."""
+    return INFO if _is_classifier(name) else TOKENS
+
+
+def _expected_shape(info: DataInfo, size: int) -> tuple[int, ...]:
+    return (size, 10) if info is INFO else (size, 16, 256)
+
+
+def test_forward_gives_the_expected_logits(name: str, info: DataInfo) -> None:
     torch.manual_seed(0)
-    model = build_model(_section(name), INFO)
+    model = build_model(_section(name), info)
     model.eval()
     with torch.no_grad():
-        logits = model(torch.rand(4, *INFO.input_shape))
-    assert logits.shape == (4, 10)
+        logits = model(_batch(info, 4))
+    assert logits.shape == _expected_shape(info, 4)
     assert torch.isfinite(logits).all()
 
 
-def test_backward_reaches_every_parameter(name: str) -> None:
+def test_backward_reaches_every_parameter(name: str, info: DataInfo) -> None:
     torch.manual_seed(0)
-    model = build_model(_section(name), INFO)
-    model(torch.rand(4, *INFO.input_shape)).logsumexp(dim=1).sum().backward()
+    model = build_model(_section(name), info)
+    model(_batch(info, 4)).logsumexp(dim=-1).sum().backward()
     for parameter_name, parameter in model.named_parameters():
         assert parameter.grad is not None, parameter_name
 
 
-def test_model_exposes_its_blocks(name: str) -> None:
-    model = build_model(_section(name), INFO)
+def test_model_exposes_its_blocks(name: str, info: DataInfo) -> None:
+    model = build_model(_section(name), info)
     assert isinstance(model.blocks, nn.ModuleList)
     assert len(model.blocks) >= 1
     block_parameters = {id(p) for p in model.blocks.parameters()}
@@ -55,6 +76,8 @@ def test_model_exposes_its_blocks(name: str) -> None:
 
 
 def test_num_classes_that_disagrees_with_the_dataset_raises(name: str) -> None:
+    if not _is_classifier(name):
+        pytest.skip("a language model takes no num_classes")
     section = _section(name)
     wrong = dataclasses.replace(section, params={**section.params, "num_classes": 5})
     with pytest.raises(ConfigError, match="num_classes"):
@@ -62,9 +85,28 @@ def test_num_classes_that_disagrees_with_the_dataset_raises(name: str) -> None:
 
 
 def test_num_classes_that_agrees_with_the_dataset_is_accepted(name: str) -> None:
+    if not _is_classifier(name):
+        pytest.skip("a language model takes no num_classes")
     section = _section(name)
     agreeing = dataclasses.replace(section, params={**section.params, "num_classes": 10})
     assert build_model(agreeing, INFO)(torch.rand(2, *INFO.input_shape)).shape == (2, 10)
+
+
+def test_lstm_is_a_language_model_on_tokens() -> None:
+    model = build_model(_section("lstm"), TOKENS)
+    assert model(_batch(TOKENS, 3)).shape == (3, 16, 256)
+
+
+def test_gpt_ties_its_head_to_the_embedding_and_is_causal() -> None:
+    torch.manual_seed(0)
+    model = build_model(_section("gpt"), TOKENS).eval()
+    assert model.lm_head.weight is model.token_embedding.weight
+    tokens = _batch(TOKENS, 1)
+    changed = tokens.clone()
+    changed[0, 10:] = (changed[0, 10:] + 1) % 256
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens)[0, :10], model(changed)[0, :10])  # the future does not leak
+        assert not torch.allclose(model(tokens)[0, 10:], model(changed)[0, 10:])
 
 
 def test_mlp_hidden_layers_become_blocks() -> None:

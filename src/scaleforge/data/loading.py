@@ -8,8 +8,10 @@ number of processes therefore changes who computes what, never what is computed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -19,6 +21,7 @@ from scaleforge.data.base import InMemoryDataset
 from scaleforge.errors import ConfigError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -122,3 +125,22 @@ def eval_batches(dataset: Dataset, batch_size: int, device: torch.device, num_wo
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     for inputs, targets in loader:
         yield inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+
+
+class DataWaitClock:
+    """Accumulates the time the training loop spends waiting for its next batch."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def wrap(self, batches: Iterable[T]) -> Iterator[T]:
+        """Yield from `batches`, adding the time each `next` takes to `seconds`."""
+        iterator = iter(batches)
+        while True:
+            started = time.perf_counter()
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            self.seconds += time.perf_counter() - started
+            yield item

@@ -88,6 +88,8 @@ def _format_record(record: dict[str, Any]) -> str:
             parts.append(f"lr {value:.2e}")
         elif name == "samples_per_s":
             parts.append(f"{value:,.0f} samples/s")
+        elif name == "data_wait_share":
+            parts.append(f"data wait {value:.0%}")
         elif isinstance(value, float):
             parts.append(f"{name} {value:.4f}")
     return " | ".join(parts)

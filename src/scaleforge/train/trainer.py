@@ -34,7 +34,7 @@ from scaleforge.config import (
     signature_of,
 )
 from scaleforge.data.base import DataInfo, DatasetSplits
-from scaleforge.data.loading import BatchPlan, TrainBatches, eval_batches
+from scaleforge.data.loading import BatchPlan, DataWaitClock, TrainBatches, eval_batches
 from scaleforge.distributed.env import select_device
 from scaleforge.errors import ConfigError, UsageError
 from scaleforge.train.callbacks import Callback, CallbackList, RunState
@@ -331,23 +331,26 @@ def train(config: RunConfig, run_dir: Path | None = None, *, callbacks: Sequence
             return record
 
         step_losses: list[torch.Tensor] = []
-        last_log = {"step": 0, "time": time.perf_counter()}
+        data_wait = DataWaitClock()
+        last_log = {"step": 0, "time": time.perf_counter(), "data_wait": 0.0}
         loop_started = last_log["time"]
 
         def log_line(lr: float) -> None:
             steps = state.step - last_log["step"]
             mean_loss = float(torch.stack(step_losses).float().sum()) / steps  # the one host sync per log line
             now = time.perf_counter()
+            elapsed = max(now - last_log["time"], 1e-9)
             record = {
                 "step": state.step,
                 "epoch": state.epoch,
                 "time": time.time(),
                 "loss": mean_loss,
                 "lr": lr,
-                "samples_per_s": steps * training.batch_size / max(now - last_log["time"], 1e-9),
+                "samples_per_s": steps * training.batch_size / elapsed,
+                "data_wait_share": (data_wait.seconds - last_log["data_wait"]) / elapsed,
             }
             step_losses.clear()
-            last_log.update(step=state.step, time=now)
+            last_log.update(step=state.step, time=now, data_wait=data_wait.seconds)
             state.history.append(record)
             hooks.on_log(state, record)
 
@@ -355,7 +358,7 @@ def train(config: RunConfig, run_dir: Path | None = None, *, callbacks: Sequence
         model.train()
         for epoch in range(epochs):
             state.epoch = epoch
-            for micro_batches in batches.epoch(epoch):
+            for micro_batches in data_wait.wrap(batches.epoch(epoch)):
                 loss = train_step(
                     forward_model,
                     micro_batches,
@@ -404,6 +407,8 @@ def train(config: RunConfig, run_dir: Path | None = None, *, callbacks: Sequence
             "wall_time_s": time.perf_counter() - started,
             "loop_time_s": loop_time,
             "samples_per_s": state.step * training.batch_size / max(loop_time, 1e-9),
+            "data_wait_s": data_wait.seconds,
+            "data_wait_share": data_wait.seconds / max(loop_time, 1e-9),
             "device": str(device),
             "precision": precision,
             "stopped_early": state.should_stop,
