@@ -20,7 +20,16 @@ def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("model", [["model.architecture=lstm", "model.hidden_size=32"]], ids=["lstm-classifier"])
+@pytest.mark.parametrize(
+    "model",
+    [
+        ["model.architecture=cnn", "model.attention_heads=4"],
+        ["model.architecture=vit", "model.patch_size=2", "model.depth=2", "model.width=64", "model.heads=4"],
+        ["model.architecture=resnet18", "model.width=8"],
+        ["model.architecture=lstm", "model.hidden_size=32"],
+    ],
+    ids=["cnn-attention", "vit", "resnet18", "lstm-classifier"],
+)
 def test_image_models_train_on_digits(cli, tmp_path: Path, model: list[str]) -> None:
     result = cli("train", *model, *QUICK, "--run-dir", str(tmp_path / "run"))
     assert result.code == 0, result.err

@@ -6,34 +6,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from scaleforge.models.attention import MultiHeadSelfAttention
 from scaleforge.registry import register_model
-
-
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with separate q, k, v projections (splittable by heads)."""
-
-    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
-        super().__init__()
-        self.n_heads = n_heads
-        self.q_proj = nn.Linear(d_model, d_model)
-        self.k_proj = nn.Linear(d_model, d_model)
-        self.v_proj = nn.Linear(d_model, d_model)
-        self.out_proj = nn.Linear(d_model, d_model)
-        self.dropout = dropout
-        self.resid_dropout = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, seq, _ = x.shape  # (B, T, C)
-        # -1 rather than C // n_heads: under tensor parallelism each rank holds a slice of the heads
-        q, k, v = (
-            proj(x).view(batch, seq, self.n_heads, -1).transpose(1, 2)
-            for proj in (self.q_proj, self.k_proj, self.v_proj)
-        )
-        y = F.scaled_dot_product_attention(  # (B, H, T, C/H)
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )
-        y = y.transpose(1, 2).reshape(batch, seq, -1)  # (B, T, C)
-        return self.resid_dropout(self.out_proj(y))
 
 
 class MLP(nn.Module):
@@ -55,7 +29,7 @@ class Block(nn.Module):
     def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(d_model)
-        self.attn = CausalSelfAttention(d_model, n_heads, dropout)
+        self.attn = MultiHeadSelfAttention(d_model, n_heads, dropout, causal=True)
         self.ln_2 = nn.LayerNorm(d_model)
         self.mlp = MLP(d_model, dropout)
 

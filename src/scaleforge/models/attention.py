@@ -1,0 +1,57 @@
+"""Multi-head self-attention: over all positions (image models) or causal (language models)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class MultiHeadSelfAttention(nn.Module):
+    """Multi-head self-attention over a (B, T, C) sequence, with separate q, k, v projections (splittable by heads)."""
+
+    def __init__(self, width: int, heads: int, dropout_rate: float = 0.0, causal: bool = False) -> None:
+        super().__init__()
+        if heads < 1:
+            raise ValueError(f"heads must be at least 1, got {heads}")
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads={heads}")
+        self.heads = heads
+        self.causal = causal
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
+        self.dropout_rate = dropout_rate
+        self.resid_dropout = nn.Dropout(dropout_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = x.shape  # (B, T, C)
+        # -1 rather than C // heads: under tensor parallelism each rank holds a slice of the heads
+        q, k, v = (
+            proj(x).view(batch, seq, self.heads, -1).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        y = F.scaled_dot_product_attention(  # (B, H, T, C/H)
+            q, k, v, is_causal=self.causal, dropout_p=self.dropout_rate if self.training else 0.0
+        )
+        y = y.transpose(1, 2).reshape(batch, seq, -1)  # (B, T, C)
+        return self.resid_dropout(self.out_proj(y))
+
+
+class SpatialSelfAttention(nn.Module):
+    """Pre-norm self-attention between the H*W positions of a feature map, added back as a residual."""
+
+    def __init__(self, channels: int, heads: int) -> None:
+        super().__init__()
+        if heads < 1:
+            raise ValueError(f"attention heads must be at least 1, got {heads}")
+        if channels % heads:
+            raise ValueError(f"{channels} channels are not divisible by {heads} attention heads")
+        self.norm = nn.LayerNorm(channels)
+        self.attn = MultiHeadSelfAttention(channels, heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, channels, height, width = x.shape  # (B, C, H, W)
+        tokens = x.flatten(2).transpose(1, 2)  # (B, H*W, C)
+        tokens = tokens + self.attn(self.norm(tokens))
+        return tokens.transpose(1, 2).reshape(batch, channels, height, width)  # (B, C, H, W)

@@ -1,0 +1,67 @@
+"""A small convolutional classifier: conv-BatchNorm-ReLU-pool blocks, optional self-attention, pooled linear head."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from scaleforge.models.attention import SpatialSelfAttention
+from scaleforge.registry import register_model
+
+
+class ConvBlock(nn.Module):
+    """conv3x3 (same padding), BatchNorm, ReLU, then a 2x2 max-pool unless the map is already 1 pixel wide."""
+
+    def __init__(self, in_channels: int, out_channels: int, pool: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False)  # BN supplies the bias
+        self.norm = nn.BatchNorm2d(out_channels)
+        self.activation = nn.ReLU()
+        self.pool = nn.MaxPool2d(2) if pool else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.activation(self.norm(self.conv(x))))  # (B, C_out, H', W')
+
+
+@register_model("cnn")
+class CNN(nn.Module):
+    """One `ConvBlock` per entry of `channels`, an optional `SpatialSelfAttention`, global average pool, linear head."""
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        channels: Sequence[int] = (32, 64),
+        attention_heads: int = 0,
+        dropout_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if len(input_shape) != 3:
+            raise ValueError(f"CNN needs images shaped (C, H, W), got input_shape={list(input_shape)}")
+        if not channels or any(c <= 0 for c in channels):
+            raise ValueError(f"channels must be a non-empty list of positive widths, got {list(channels)}")
+        if attention_heads < 0:
+            raise ValueError(f"attention_heads must be 0 (no attention) or positive, got {attention_heads}")
+        if not 0 <= dropout_rate < 1:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
+        in_channels, height, width = input_shape
+        blocks: list[nn.Module] = []
+        for out_channels in channels:
+            pool = min(height, width) > 1
+            blocks.append(ConvBlock(in_channels, out_channels, pool))
+            if pool:
+                height, width = height // 2, width // 2
+            in_channels = out_channels
+        if attention_heads > 0:
+            blocks.append(SpatialSelfAttention(in_channels, attention_heads))
+        self.blocks = nn.ModuleList(blocks)
+        self.dropout = nn.Dropout(dropout_rate)
+        self.head = nn.Linear(in_channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:  # (B, C, H, W)
+            x = block(x)  # (B, C_i, H_i, W_i)
+        x = x.mean(dim=(2, 3))  # (B, C_last): global average pool
+        return self.head(self.dropout(x))  # (B, num_classes)

@@ -1,0 +1,99 @@
+"""A Vision Transformer (Dosovitskiy et al., 2020): image patches as tokens, a class token, pre-norm encoder blocks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from scaleforge.models.attention import MultiHeadSelfAttention
+from scaleforge.registry import register_model
+
+
+class FeedForward(nn.Module):
+    """The position-wise MLP: C -> hidden -> C with GELU."""
+
+    def __init__(self, width: int, hidden: int, dropout_rate: float) -> None:
+        super().__init__()
+        self.up = nn.Linear(width, hidden)
+        self.activation = nn.GELU()
+        self.down = nn.Linear(hidden, width)
+        self.dropout = nn.Dropout(dropout_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(self.activation(self.up(x))))  # (B, T, C)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer encoder block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, dropout_rate: float) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = MultiHeadSelfAttention(width, heads, dropout_rate)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = FeedForward(width, int(width * mlp_ratio), dropout_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))  # (B, T, C)
+
+
+@register_model("vit")
+class ViT(nn.Module):
+    """Strided-conv patch embedding, class token, learned positions, `depth` encoder blocks, head on the class token."""
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        patch_size: int = 4,
+        depth: int = 6,
+        width: int = 192,
+        heads: int = 3,
+        mlp_ratio: float = 4.0,
+        dropout_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if len(input_shape) != 3:
+            raise ValueError(f"ViT needs images shaped (C, H, W), got input_shape={list(input_shape)}")
+        in_channels, height, image_width = input_shape
+        if patch_size < 1 or height % patch_size or image_width % patch_size:
+            raise ValueError(f"image size {height}x{image_width} is not divisible by patch_size={patch_size}")
+        if heads < 1 or width % heads:
+            raise ValueError(f"width={width} is not divisible by heads={heads}")
+        if depth < 1:
+            raise ValueError(f"depth must be at least 1, got {depth}")
+        if int(width * mlp_ratio) < 1:
+            raise ValueError(f"mlp_ratio must give a hidden width of at least 1, got {mlp_ratio}")
+        if not 0 <= dropout_rate < 1:
+            raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
+        num_patches = (height // patch_size) * (image_width // patch_size)
+        self.patch_embedding = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
+        self.class_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.position_embedding = nn.Parameter(torch.zeros(1, num_patches + 1, width))
+        self.dropout = nn.Dropout(dropout_rate)
+        self.blocks = nn.ModuleList(EncoderBlock(width, heads, mlp_ratio, dropout_rate) for _ in range(depth))
+        self.ln_f = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_classes)
+        nn.init.trunc_normal_(self.class_token, std=0.02)
+        nn.init.trunc_normal_(self.position_embedding, std=0.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_embedding(x)  # (B, C, H/P, W/P)
+        tokens = patches.flatten(2).transpose(1, 2)  # (B, N, C)
+        class_token = self.class_token.expand(tokens.shape[0], -1, -1)  # (B, 1, C)
+        x = torch.cat([class_token, tokens], dim=1) + self.position_embedding  # (B, N+1, C)
+        x = self.dropout(x)
+        for block in self.blocks:
+            x = block(x)  # (B, N+1, C)
+        return self.head(self.ln_f(x[:, 0]))  # (B, num_classes)
