@@ -1,4 +1,5 @@
-"""Multi-head self-attention: over all positions (image models) or causal (language models)."""
+"""Transformer building blocks shared by the model families: self-attention (over all positions for image
+models, causal for language models), the feed-forward network and the pre-norm block that joins them."""
 
 from __future__ import annotations
 
@@ -55,3 +56,32 @@ class SpatialSelfAttention(nn.Module):
         tokens = x.flatten(2).transpose(1, 2)  # (B, H*W, C)
         tokens = tokens + self.attn(self.norm(tokens))
         return tokens.transpose(1, 2).reshape(batch, channels, height, width)  # (B, C, H, W)
+
+
+class FeedForward(nn.Module):
+    """The position-wise MLP: C -> hidden -> C with GELU."""
+
+    def __init__(self, width: int, hidden: int, dropout_rate: float) -> None:
+        super().__init__()
+        self.up = nn.Linear(width, hidden)
+        self.activation = nn.GELU()
+        self.down = nn.Linear(hidden, width)
+        self.dropout = nn.Dropout(dropout_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(self.activation(self.up(x))))  # (B, T, C)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, dropout_rate: float, causal: bool = False) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = MultiHeadSelfAttention(width, heads, dropout_rate, causal=causal)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = FeedForward(width, int(width * mlp_ratio), dropout_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))  # (B, T, C)

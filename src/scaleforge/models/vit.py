@@ -7,37 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from scaleforge.models.attention import MultiHeadSelfAttention
+from scaleforge.models.attention import TransformerBlock
 from scaleforge.registry import register_model
-
-
-class FeedForward(nn.Module):
-    """The position-wise MLP: C -> hidden -> C with GELU."""
-
-    def __init__(self, width: int, hidden: int, dropout_rate: float) -> None:
-        super().__init__()
-        self.up = nn.Linear(width, hidden)
-        self.activation = nn.GELU()
-        self.down = nn.Linear(hidden, width)
-        self.dropout = nn.Dropout(dropout_rate)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.down(self.activation(self.up(x))))  # (B, T, C)
-
-
-class EncoderBlock(nn.Module):
-    """Pre-norm transformer encoder block: x + attn(ln(x)), then x + mlp(ln(x))."""
-
-    def __init__(self, width: int, heads: int, mlp_ratio: float, dropout_rate: float) -> None:
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(width)
-        self.attn = MultiHeadSelfAttention(width, heads, dropout_rate)
-        self.ln_2 = nn.LayerNorm(width)
-        self.mlp = FeedForward(width, int(width * mlp_ratio), dropout_rate)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))  # (B, T, C)
 
 
 @register_model("vit")
@@ -74,7 +45,7 @@ class ViT(nn.Module):
         self.class_token = nn.Parameter(torch.zeros(1, 1, width))
         self.position_embedding = nn.Parameter(torch.zeros(1, num_patches + 1, width))
         self.dropout = nn.Dropout(dropout_rate)
-        self.blocks = nn.ModuleList(EncoderBlock(width, heads, mlp_ratio, dropout_rate) for _ in range(depth))
+        self.blocks = nn.ModuleList(TransformerBlock(width, heads, mlp_ratio, dropout_rate) for _ in range(depth))
         self.ln_f = nn.LayerNorm(width)
         self.head = nn.Linear(width, num_classes)
         nn.init.trunc_normal_(self.class_token, std=0.02)
