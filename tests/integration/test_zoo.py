@@ -68,3 +68,47 @@ def test_bad_text_data_names_the_file(cli, tmp_path: Path) -> None:
     ):
         result = cli("train", *gpt, f"data.path={path}", "--run-dir", str(tmp_path / "run"))
         assert result.code == 2 and result.err.startswith(f"data error: {expected}"), result.err
+
+
+def _write_csv(path: Path, rows: int = 200) -> Path:
+    rng = random.Random(0)
+    lines = ["width,height,target"]
+    for _ in range(rows):
+        width, height = rng.uniform(0, 100), rng.uniform(0, 1)
+        lines.append(f"{width:.3f},{height:.4f},{'wide' if width > 50 else 'narrow'}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_mlp_trains_on_a_csv_file(cli, tmp_path: Path) -> None:
+    path = _write_csv(tmp_path / "shapes.csv")
+    overrides = ["data.dataset=csv", f"data.path={path}", "training.batch_size=16", "model.hidden_layers=[16]"]
+    result = cli("train", *overrides, "training.epochs=15", "logging.progress=none", "--run-dir", str(tmp_path / "r"))
+    assert result.code == 0, result.err
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["val_accuracy"] >= 0.9  # one standardised feature decides the class
+
+
+def test_csv_features_are_standardised_with_training_statistics(tmp_path: Path) -> None:
+    from scaleforge.data.csv_table import csv_table
+
+    splits = csv_table(str(_write_csv(tmp_path / "shapes.csv")))
+    train_inputs = splits.train.inputs
+    assert splits.info.num_classes == 2 and splits.info.input_shape == (2,)
+    assert train_inputs.mean(dim=0).abs().max() < 1e-5
+    assert (train_inputs.std(dim=0, unbiased=False) - 1).abs().max() < 1e-4
+    assert splits.val.inputs.mean(dim=0).abs().max() > 1e-5  # validation rows were not used for the statistics
+
+
+def test_bad_csv_names_the_file(cli, tmp_path: Path) -> None:
+    no_target = tmp_path / "no_target.csv"
+    no_target.write_text("a,b\n1,2\n")
+    text_value = tmp_path / "text_value.csv"
+    text_value.write_text("a,target\n1,x\nhello,y\n")
+    for path, expected in (
+        (tmp_path / "missing.csv", f"data.path: {tmp_path / 'missing.csv'} does not exist"),
+        (no_target, f"{no_target}: no 'target' column (data.target); the columns are: a, b"),
+        (text_value, f"{text_value}:3: column 'a' has a non-numeric value 'hello'"),
+    ):
+        result = cli("train", "data.dataset=csv", f"data.path={path}", "--run-dir", str(tmp_path / "run"))
+        assert result.code == 2 and result.err.startswith(f"data error: {expected}"), result.err
