@@ -112,3 +112,56 @@ def test_bad_csv_names_the_file(cli, tmp_path: Path) -> None:
     ):
         result = cli("train", "data.dataset=csv", f"data.path={path}", "--run-dir", str(tmp_path / "run"))
         assert result.code == 2 and result.err.startswith(f"data error: {expected}"), result.err
+
+
+def _write_image_folder(root: Path, per_class: int = 12) -> Path:
+    from PIL import Image
+
+    rng = random.Random(0)
+    for name, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            size = rng.randint(20, 40)  # images of several sizes, resized by the dataset
+            noisy = tuple(min(255, c + rng.randint(0, 30)) for c in colour)
+            image = Image.new("RGB", (size, size), (0, 0, 0))
+            image.paste(noisy, (0, 0, size // 2, size))  # a coloured left half: flips and crops change pixels
+            image.save(root / name / f"{i}.png")
+    return root
+
+
+def test_resnet18_trains_on_an_image_folder(cli, tmp_path: Path) -> None:
+    root = _write_image_folder(tmp_path / "images")
+    data = ["data.dataset=image_folder", f"data.path={root}", "data.image_size=16", "training.batch_size=8"]
+    model = ["model.architecture=resnet18", "model.width=8"]
+    result = cli("train", *data, *model, "training.epochs=4", "logging.progress=none", "--run-dir", str(tmp_path / "r"))
+    assert result.code == 0, result.err
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["steps"] == 4 * (19 // 8) and 0 <= summary["val_accuracy"] <= 1
+
+
+def test_image_folder_normalises_with_training_statistics_and_augments(tmp_path: Path) -> None:
+    import torch
+
+    from scaleforge.data.image_folder import AugmentedImages, image_folder
+
+    splits = image_folder(str(_write_image_folder(tmp_path / "images")), image_size=8)
+    assert splits.info.num_classes == 2 and splits.info.input_shape == (3, 8, 8)
+    assert isinstance(splits.train, AugmentedImages) and len(splits.val) == 5
+    assert splits.train.inputs.mean(dim=(0, 2, 3)).abs().max() < 1e-4
+    torch.manual_seed(0)
+    first, _ = splits.train[torch.arange(8)]
+    second, _ = splits.train[torch.arange(8)]
+    assert first.shape == (8, 3, 8, 8) and not torch.equal(first, second)  # a new flip and crop each time
+
+
+def test_bad_image_folders_name_the_path(cli, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    broken = _write_image_folder(tmp_path / "broken", per_class=2)
+    (broken / "red" / "bad.png").write_bytes(b"not an image")
+    for path, expected in (
+        (empty, f"data.path: {empty} holds no images in <class>/<image> folders"),
+        (broken, f"{broken / 'red' / 'bad.png'}: not a readable image"),
+    ):
+        result = cli("train", "data.dataset=image_folder", f"data.path={path}", "--run-dir", str(tmp_path / "run"))
+        assert result.code == 2 and result.err.startswith(f"data error: {expected}"), result.err

@@ -1,0 +1,116 @@
+"""Images in `path/<class>/<image>` folders, decoded with Pillow and held in memory as tensors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch.nn import functional as F
+
+from scaleforge.data.base import DataInfo, DatasetSplits, InMemoryDataset
+from scaleforge.errors import DataError
+from scaleforge.registry import register_dataset
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def list_images(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Class names (sorted sub-folders) and (image path, class index) pairs."""
+    if not root.is_dir():
+        raise DataError(f"data.path: {root} is not a folder")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    samples = [
+        (image, index)
+        for index, name in enumerate(classes)
+        for image in sorted((root / name).rglob("*"))
+        if image.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    if not samples:
+        raise DataError(f"data.path: {root} holds no images in <class>/<image> folders")
+    return classes, samples
+
+
+def load_images(samples: list[tuple[Path, int]], image_size: int, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode, convert and resize every image: (N, C, S, S) floats in [0, 1] and (N,) labels."""
+    from PIL import Image, UnidentifiedImageError
+
+    mode = "L" if channels == 1 else "RGB"
+    images = torch.empty(len(samples), channels, image_size, image_size)
+    for i, (path, _) in enumerate(samples):
+        try:
+            with Image.open(path) as image:
+                pixels = image.convert(mode).resize((image_size, image_size), Image.Resampling.BILINEAR)
+        except (UnidentifiedImageError, OSError) as error:
+            raise DataError(f"{path}: not a readable image ({error})") from error
+        data = torch.frombuffer(bytearray(pixels.tobytes()), dtype=torch.uint8)
+        images[i] = data.view(image_size, image_size, channels).permute(2, 0, 1).float() / 255  # (C, S, S)
+    return images, torch.tensor([label for _, label in samples], dtype=torch.long)
+
+
+class AugmentedImages(InMemoryDataset):
+    """Training images with a random horizontal flip and a random crop from a 4-pixel padded copy, per sample."""
+
+    padding = 4
+
+    def __getitem__(self, index: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images, targets = super().__getitem__(index)
+        if images.dim() == 3:  # one image
+            return self._augment(images.unsqueeze(0))[0], targets
+        return self._augment(images), targets
+
+    def _augment(self, images: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = images.shape  # (B, C, H, W)
+        flip = torch.rand(batch, device=images.device) < 0.5
+        images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+        padded = F.pad(images, [self.padding] * 4, mode="reflect")
+        offsets = torch.randint(0, 2 * self.padding + 1, (batch, 2)).tolist()
+        return torch.stack(
+            [image[:, y : y + height, x : x + width] for image, (y, x) in zip(padded, offsets, strict=True)]
+        )
+
+    def to(self, device: torch.device) -> AugmentedImages:
+        return AugmentedImages(self.inputs.to(device), self.targets.to(device))
+
+
+@register_dataset("image_folder")
+def image_folder(
+    path: str,
+    image_size: int = 32,
+    channels: Literal[1, 3] = 3,
+    val_fraction: float = 0.2,
+    split_seed: int = 0,
+    augment: bool = True,
+) -> DatasetSplits:
+    """`path/<class>/<image>`; validation from `path/val/` when `path/train/` and `path/val/` exist, else by fraction.
+
+    Images are resized to `image_size` squares and normalised per channel with the training split's mean and
+    standard deviation; `augment` adds flips and crops to training batches.
+    """
+    if image_size < 1:
+        raise ValueError(f"image_size must be at least 1, got {image_size}")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    root = Path(path)
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        classes, train_samples = list_images(root / "train")
+        val_classes, val_samples = list_images(root / "val")
+        if val_classes != classes:
+            raise DataError(f"{root / 'val'}: classes {val_classes} differ from {root / 'train'}'s {classes}")
+    else:
+        classes, samples = list_images(root)
+        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(split_seed)).tolist()
+        num_val = round(len(samples) * val_fraction)
+        val_samples = [samples[i] for i in order[:num_val]]
+        train_samples = [samples[i] for i in order[num_val:]]
+    train_images, train_labels = load_images(train_samples, image_size, channels)
+    val_images, val_labels = load_images(val_samples, image_size, channels)
+    mean = train_images.mean(dim=(0, 2, 3), keepdim=True)
+    std = train_images.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    train_type = AugmentedImages if augment else InMemoryDataset
+    info = DataInfo(task="classification", input_shape=(channels, image_size, image_size), num_classes=len(classes))
+    return DatasetSplits(
+        train=train_type((train_images - mean) / std, train_labels),
+        val=InMemoryDataset((val_images - mean) / std, val_labels),
+        info=info,
+    )
