@@ -165,3 +165,43 @@ def test_bad_image_folders_name_the_path(cli, tmp_path: Path) -> None:
     ):
         result = cli("train", "data.dataset=image_folder", f"data.path={path}", "--run-dir", str(tmp_path / "run"))
         assert result.code == 2 and result.err.startswith(f"data error: {expected}"), result.err
+
+
+USER_DATASET = '''
+import torch
+from scaleforge import register_dataset
+from scaleforge.data import DataInfo, DatasetSplits, InMemoryDataset
+
+
+@register_dataset("user_parity")
+def user_parity(num_samples: int = 256, bits: int = 6) -> DatasetSplits:
+    """Is the number of set bits even or odd?"""
+    numbers = torch.arange(num_samples) % (2**bits)
+    inputs = ((numbers.unsqueeze(1) >> torch.arange(bits)) & 1).float()  # (N, bits)
+    targets = inputs.sum(dim=1).long() % 2
+    split = num_samples * 3 // 4
+    info = DataInfo(task="classification", input_shape=(bits,), num_classes=2)
+    train = InMemoryDataset(inputs[:split], targets[:split])
+    return DatasetSplits(train, InMemoryDataset(inputs[split:], targets[split:]), info)
+'''
+
+
+def test_a_dataset_from_the_users_own_file(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "user_data.py").write_text(USER_DATASET)
+    monkeypatch.chdir(tmp_path)
+    result = cli(
+        "train",
+        "imports=[user_data]",
+        "data.dataset=user_parity",
+        "data.bits=5",
+        "training.batch_size=32",
+        "training.epochs=2",
+        "logging.progress=none",
+        "--run-dir",
+        "run",
+    )
+    assert result.code == 0, result.err
+    input_shape = json.loads((tmp_path / "run" / "final" / "data_info.json").read_text())["input_shape"]
+    assert input_shape == [5]
+    bad = cli("train", "imports=[user_data]", "data.dataset=user_parity", "data.bitz=5", "--run-dir", "run2")
+    assert bad.code == 2 and "(did you mean 'bits'?)" in bad.err
