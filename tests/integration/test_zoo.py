@@ -205,3 +205,30 @@ def test_a_dataset_from_the_users_own_file(cli, tmp_path: Path, monkeypatch: pyt
     assert input_shape == [5]
     bad = cli("train", "imports=[user_data]", "data.dataset=user_parity", "data.bitz=5", "--run-dir", "run2")
     assert bad.code == 2 and "(did you mean 'bits'?)" in bad.err
+
+
+@pytest.mark.parametrize(
+    ("data", "model", "metric"),
+    [
+        (["data.kind=images", "data.image_size=8", "data.num_samples=256"], ["model.architecture=cnn"], "val_accuracy"),
+        (["data.kind=tokens", "data.seq_len=16", "data.num_samples=256"], ["model.architecture=gpt"], "val_perplexity"),
+    ],
+    ids=["images", "tokens"],
+)
+def test_synthetic_images_and_tokens(cli, tmp_path: Path, data: list[str], model: list[str], metric: str) -> None:
+    result = cli("train", "data.dataset=synthetic", *data, *model, *QUICK, "--run-dir", str(tmp_path / "r"))
+    assert result.code == 0, result.err
+    assert metric in json.loads((tmp_path / "r" / "summary.json").read_text())
+
+
+def test_synthetic_tokens_mostly_count_up() -> None:
+    from scaleforge.data.synthetic import synthetic
+
+    splits = synthetic(kind="tokens", num_samples=64, seq_len=32, vocab_size=50)
+    inputs, targets = splits.train.inputs, splits.train.targets
+    assert _share_equal(targets[:, :-1], inputs[:, 1:]) == 1.0  # targets are the inputs shifted by one
+    assert 0.75 < _share_equal((inputs[:, :-1] + 1) % 50, inputs[:, 1:]) < 0.9
+
+
+def _share_equal(a, b) -> float:
+    return (a == b).float().mean().item()
