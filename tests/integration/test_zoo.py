@@ -205,6 +205,10 @@ def test_a_dataset_from_the_users_own_file(cli, tmp_path: Path, monkeypatch: pyt
     assert input_shape == [5]
     bad = cli("train", "imports=[user_data]", "data.dataset=user_parity", "data.bitz=5", "--run-dir", "run2")
     assert bad.code == 2 and "(did you mean 'bits'?)" in bad.err
+    by_path = cli(
+        "train", "data.dataset=user_data:user_parity", "training.epochs=1", "logging.progress=none", "--run-dir", "run3"
+    )
+    assert by_path.code == 0, by_path.err
 
 
 @pytest.mark.parametrize(
@@ -232,3 +236,25 @@ def test_synthetic_tokens_mostly_count_up() -> None:
 
 def _share_equal(a, b) -> float:
     return (a == b).float().mean().item()
+
+
+def test_image_folder_takes_validation_from_a_val_folder(tmp_path: Path) -> None:
+    from scaleforge.data.image_folder import image_folder
+
+    _write_image_folder(tmp_path / "images" / "train", per_class=6)
+    _write_image_folder(tmp_path / "images" / "val", per_class=2)
+    splits = image_folder(str(tmp_path / "images"), image_size=8, augment=False)
+    assert (len(splits.train), len(splits.val)) == (12, 4)
+    assert splits.val.targets.tolist() == [0, 0, 1, 1]  # classes in sorted folder order: blue, red
+
+
+def test_text_from_a_folder_joins_its_files_in_order(tmp_path: Path) -> None:
+    from scaleforge.data.text import text
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "b.txt").write_bytes(b"b" * 500)
+    (tmp_path / "corpus" / "a.txt").write_bytes(b"a" * 500)
+    splits = text(str(tmp_path / "corpus"), seq_len=10, val_fraction=0.5)
+    assert splits.info.vocab_size == 256 and splits.info.seq_len == 10
+    assert set(splits.train.inputs.flatten().tolist()) == {ord("a")}  # a.txt first: the head is training
+    assert set(splits.val.inputs.flatten().tolist()) == {ord("b")}  # the tail is validation

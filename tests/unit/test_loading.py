@@ -156,3 +156,14 @@ def test_eval_batches_cover_the_split_in_order(in_memory: bool) -> None:
     batches = list(eval_batches(dataset, 4, CPU))
     assert [len(targets) for _, targets in batches] == [4, 4, 2]
     assert torch.equal(torch.cat([targets for _, targets in batches]), torch.arange(10))
+
+
+def test_persistent_workers_follow_the_plan_across_epochs() -> None:
+    in_memory = _indexed_dataset()
+    plan = BatchPlan(GLOBAL_BATCH, grad_accum_steps=2)
+    fast = TrainBatches(in_memory, plan, seed=3, device=CPU)
+    workers = TrainBatches(PlainDataset(in_memory), plan, seed=3, device=CPU, num_workers=2)
+    assert workers.loader is not None and workers.loader.persistent_workers
+    for epoch in (0, 1, 2):  # one loader, its worker processes reused, a new order every epoch
+        _assert_same_steps(list(fast.epoch(epoch)), list(workers.epoch(epoch)))
+    assert not torch.equal(next(fast.epoch(0))[0][1], next(fast.epoch(1))[0][1])

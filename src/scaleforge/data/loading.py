@@ -59,54 +59,84 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_samples, generator=torch.Generator().manual_seed(epoch_seed))
 
 
+class EpochIndexPlan:
+    """This process's micro-batch index tensors, step by step, for one epoch: the order every loader follows.
+
+    Also a `batch_sampler` for `DataLoader`: it yields index lists for the epoch (and first step) chosen by
+    `set_epoch`, so one loader with persistent workers serves every epoch.
+    """
+
+    def __init__(self, num_samples: int, plan: BatchPlan, seed: int) -> None:
+        self.num_samples = num_samples
+        self.plan = plan
+        self.seed = seed
+        self.steps_per_epoch = num_samples // plan.global_batch_size  # the incomplete last batch is dropped
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"training.batch_size: {plan.global_batch_size} is larger than the training split "
+                f"({num_samples} samples)"
+            )
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Choose the epoch (and the step within it) that the next iteration yields."""
+        self.epoch, self.start_step = epoch, start_step
+
+    def steps(self) -> list[list[torch.Tensor]]:
+        """Per remaining step of the chosen epoch, this process's micro-batch index tensors."""
+        order = epoch_permutation(self.num_samples, self.seed, self.epoch)
+        usable = order[: self.steps_per_epoch * self.plan.global_batch_size]
+        global_batches = usable.view(self.steps_per_epoch, self.plan.global_batch_size)[self.start_step :]
+        return [self.plan.rank_slice(batch) for batch in global_batches]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for micro_indices in self.steps():
+            for indices in micro_indices:
+                yield indices.tolist()
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch - self.start_step) * self.plan.grad_accum_steps
+
+
 class TrainBatches:
     """Per optimizer step, this process's micro-batches of the next global batch, already on `device`.
 
     In-memory datasets take the fast path: each micro-batch is one indexed gather from tensors that live on
-    the device, with no per-sample collation. Other datasets go through a `DataLoader` with workers, fed by
-    the same index plan.
+    the device, with no per-sample collation. Other datasets go through one `DataLoader` fed by the same
+    index plan, with worker processes that persist across epochs, prefetching, and pinned memory with
+    non-blocking copies on a GPU.
     """
 
     def __init__(
         self, dataset: Dataset, plan: BatchPlan, *, seed: int, device: torch.device, num_workers: int = 0
     ) -> None:
         self.plan = plan
-        self.seed = seed
         self.device = device
-        self.num_samples = len(dataset)  # type: ignore[arg-type]
-        self.steps_per_epoch = self.num_samples // plan.global_batch_size  # the incomplete last batch is dropped
-        if self.steps_per_epoch == 0:
-            raise ConfigError(
-                f"training.batch_size: {plan.global_batch_size} is larger than the training split "
-                f"({self.num_samples} samples)"
-            )
+        self.index_plan = EpochIndexPlan(len(dataset), plan, seed)  # type: ignore[arg-type]
+        self.steps_per_epoch = self.index_plan.steps_per_epoch
         self.in_memory = isinstance(dataset, InMemoryDataset)
         self.dataset = dataset.to(device) if isinstance(dataset, InMemoryDataset) else dataset
-        self.num_workers = num_workers
+        self.loader = None
+        if not self.in_memory:
+            self.loader = DataLoader(
+                self.dataset,
+                batch_sampler=self.index_plan,
+                num_workers=num_workers,
+                pin_memory=device.type == "cuda",
+                persistent_workers=num_workers > 0,
+                prefetch_factor=4 if num_workers > 0 else None,
+            )
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[list[Batch]]:
         """The micro-batches of each step of `epoch`, from step `start_step` on."""
-        order = epoch_permutation(self.num_samples, self.seed, epoch)
-        usable = order[: self.steps_per_epoch * self.plan.global_batch_size]
-        global_batches = usable.view(self.steps_per_epoch, self.plan.global_batch_size)[start_step:]
-        index_plan = [self.plan.rank_slice(batch) for batch in global_batches]
-        if self.in_memory:
+        self.index_plan.set_epoch(epoch, start_step)
+        if self.loader is None:
             dataset = self.dataset
-            for micro_indices in index_plan:
+            for micro_indices in self.index_plan.steps():
                 yield [dataset[indices.to(self.device)] for indices in micro_indices]  # type: ignore[index]
             return
-        yield from self._from_loader(index_plan)
-
-    def _from_loader(self, index_plan: list[list[torch.Tensor]]) -> Iterator[list[Batch]]:
-        flat = [indices.tolist() for step in index_plan for indices in step]
-        loader = DataLoader(
-            self.dataset,
-            batch_sampler=flat,
-            num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda",
-        )
         micro_batches: list[Batch] = []
-        for inputs, targets in loader:
+        for inputs, targets in self.loader:
             micro_batches.append(
                 (inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True))
             )
