@@ -410,7 +410,7 @@ def _component(
         raise _fail(origins, key, f"a mapping needs 'name', the {component_registry.kind} to use, got {value!r}")
     else:
         raise _fail(origins, key, f"expected the name of a {component_registry.kind} or a mapping with 'name'")
-    if name == _AUTO and component_registry in (registry.LOSSES,):
+    if name == _AUTO and component_registry is registry.LOSSES:
         if params:
             raise _fail(origins, key, "'auto' takes no parameters")
         return ComponentSpec(name)

@@ -13,8 +13,8 @@ from scaleforge.errors import DataError
 from scaleforge.registry import register_dataset
 
 
-def read_table(path: Path, target: str) -> tuple[list[str], list[list[float]], list[str]]:
-    """Feature names, feature rows and target labels; every problem names the file (and line)."""
+def read_table(path: Path, target: str) -> tuple[list[list[float]], list[str]]:
+    """Feature rows and target labels; every problem names the file (and line)."""
     if not path.is_file():
         raise DataError(f"data.path: {path} does not exist")
     with path.open(newline="") as file:
@@ -25,7 +25,6 @@ def read_table(path: Path, target: str) -> tuple[list[str], list[list[float]], l
         if target not in header:
             raise DataError(f"{path}: no '{target}' column (data.target); the columns are: {', '.join(header)}")
         target_index = header.index(target)
-        names = [name for i, name in enumerate(header) if i != target_index]
         rows: list[list[float]] = []
         labels: list[str] = []
         for row in reader:
@@ -48,7 +47,7 @@ def read_table(path: Path, target: str) -> tuple[list[str], list[list[float]], l
             labels.append(row[target_index].strip())
     if not rows:
         raise DataError(f"data.path: {path} has a header but no rows")
-    return names, rows, labels
+    return rows, labels
 
 
 def class_order(labels: set[str]) -> list[str]:
@@ -64,7 +63,7 @@ def csv_table(path: str, target: str = "target", val_fraction: float = 0.2, spli
     """Rows split at random (fixed by `split_seed`); features standardised with training-split statistics only."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-    _, rows, labels = read_table(Path(path), target)
+    rows, labels = read_table(Path(path), target)
     classes = class_order(set(labels))
     index = {label: i for i, label in enumerate(classes)}
     features = torch.tensor(rows, dtype=torch.float32)  # (N, F)

@@ -44,10 +44,6 @@ class SpatialSelfAttention(nn.Module):
 
     def __init__(self, channels: int, heads: int) -> None:
         super().__init__()
-        if heads < 1:
-            raise ValueError(f"attention heads must be at least 1, got {heads}")
-        if channels % heads:
-            raise ValueError(f"{channels} channels are not divisible by {heads} attention heads")
         self.norm = nn.LayerNorm(channels)
         self.attn = MultiHeadSelfAttention(channels, heads)
 

@@ -178,6 +178,14 @@ def build_callbacks(config: RunConfig, run_dir: Path, extra: Sequence[Callback] 
     return CallbackList(callbacks)
 
 
+def setup_runtime(config: RunConfig) -> tuple[torch.device, str]:
+    """Apply `hardware.threads`, pick the device and resolve the precision for it."""
+    if config.hardware.threads is not None:
+        torch.set_num_threads(config.hardware.threads)
+    device = select_device(config.hardware.device)
+    return device, resolve_precision(config.training.precision, device)
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """`auto`: bf16-mixed on a GPU that supports it, fp32 elsewhere."""
     if precision != "auto":
@@ -291,10 +299,7 @@ def train(config: RunConfig, run_dir: Path | None = None, *, callbacks: Sequence
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
     check_run_dir(run_dir)
     training = config.training
-    if config.hardware.threads is not None:
-        torch.set_num_threads(config.hardware.threads)
-    device = select_device(config.hardware.device)
-    precision = resolve_precision(training.precision, device)
+    device, precision = setup_runtime(config)
     seed_everything(config.seed)
 
     data = build_data(config.data)
