@@ -6,12 +6,16 @@ User errors print one line on stderr and exit with code 2; unexpected failures e
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-from scaleforge.errors import ScaleforgeError, UsageError
+from scaleforge.errors import ConfigError, ScaleforgeError, UsageError
+
+if TYPE_CHECKING:
+    from scaleforge.distributed.launch import LaunchOptions
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,15 +41,44 @@ def _load(items: Sequence[str]):  # noqa: ANN202 - RunConfig, imported lazily to
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from scaleforge.train.trainer import default_run_dir, train
+    from scaleforge.distributed.launch import LaunchOptions
+
+    options = LaunchOptions(
+        nproc=args.nproc,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        rdzv_endpoint=args.rdzv_endpoint,
+        rdzv_id=args.rdzv_id,
+        max_restarts=args.max_restarts,
+    )
+    if options.world_size > 1 or options.max_restarts > 0:
+        return _launch_train(args, options)
+    from scaleforge.train.trainer import train
 
     config = _load(args.config)
-    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(config)
-    summary = train(config, run_dir)
-    metrics = " | ".join(f"{k} {v:.4f}" for k, v in summary.items() if k.startswith("val_"))
-    print(f"done: {summary['steps']} steps in {summary['wall_time_s']:.1f}s | {metrics}")
-    print(f"results: {run_dir}/ ({', '.join(sorted(p.name for p in run_dir.iterdir()))})")
+    summary = train(config, Path(args.run_dir) if args.run_dir else None)
+    if int(os.environ.get("RANK", 0)) == 0:
+        run_dir = Path(summary["run_dir"])
+        metrics = " | ".join(f"{k} {v:.4f}" for k, v in summary.items() if k.startswith("val_"))
+        print(f"done: {summary['steps']} steps in {summary['wall_time_s']:.1f}s | {metrics}")
+        print(f"results: {run_dir}/ ({', '.join(sorted(p.name for p in run_dir.iterdir()))})")
     return 0
+
+
+def _launch_train(args: argparse.Namespace, options: LaunchOptions) -> int:
+    """Check what can be checked here, then start the workers; each runs `scaleforge train` without launch flags."""
+    from scaleforge.distributed.launch import launch
+    from scaleforge.distributed.parallel_dims import ParallelDims
+    from scaleforge.train.trainer import check_run_dir
+
+    options.check()
+    config = _load(args.config)  # a bad config fails here, once, before any process starts
+    ParallelDims.resolve(config.parallel, options.world_size)
+    worker_args = ["train", *args.config]
+    if args.run_dir:  # else the workers' rank 0 picks the default and shares it
+        check_run_dir(Path(args.run_dir))
+        worker_args += ["--run-dir", args.run_dir]
+    return launch(worker_args, options)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -83,14 +116,23 @@ def cmd_bench_overhead(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _int_at_least(minimum: int, kind: str) -> Callable[[str], int]:
+    """An argparse type: an integer of at least `minimum`, described as `kind` in errors."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind} integer, got '{text}'") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a {kind} integer, got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1, "positive")
+_non_negative_int = _int_at_least(0, "non-negative")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,6 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a model", description="Train the model a config describes.")
     train.add_argument("config", nargs="*", metavar="CONFIG_OR_OVERRIDE", help=config_help)
     train.add_argument("--run-dir", help="where results go (default: runs/<name>-<time>)")
+    launch = train.add_argument_group("processes (as torchrun's flags)")
+    launch.add_argument("--nproc", type=_positive_int, default=1, help="processes on this node (default 1)")
+    launch.add_argument("--nnodes", type=_positive_int, default=1, help="nodes taking part (default 1)")
+    launch.add_argument("--node-rank", type=_non_negative_int, default=0, help="this node's index (default 0)")
+    launch.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="where the nodes meet (needed for --nnodes > 1)")
+    launch.add_argument("--rdzv-id", metavar="ID", help="a name shared by the nodes of one job")
+    launch.add_argument(
+        "--max-restarts", type=_non_negative_int, default=0, help="restart the workers up to K times after a failure"
+    )
     train.set_defaults(handler=cmd_train)
 
     evaluate = commands.add_parser("eval", help="evaluate a trained run on its validation split")
@@ -139,13 +190,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """argparse, with `KEY=VALUE` overrides accepted anywhere on the line (`train cfg.yaml --nproc 2 seed=1`)."""
+    args, extra = parser.parse_known_args(argv)
+    overrides = [item for item in extra if "=" in item and not item.startswith("-")]
+    unknown = [item for item in extra if item not in overrides]
+    if unknown or (overrides and not hasattr(args, "config")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or overrides)}")
+    if overrides:
+        args.config = [*args.config, *overrides]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     try:
-        args = build_parser().parse_args(argv)
+        args = parse_args(build_parser(), argv)
         return args.handler(args)
     except ScaleforgeError as error:
-        print(error.one_line(), file=sys.stderr)
+        # A config error is the same on every process of a run: rank 0 alone says it.
+        if not (isinstance(error, ConfigError) and int(os.environ.get("RANK", 0)) > 0):
+            print(error.one_line(), file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -81,6 +81,7 @@ class TrainingSection:
     clip_grad_norm: float | None = field(default=None, metadata=POSITIVE)
     precision: Literal["auto", "32", "bf16-mixed", "fp16-mixed"] = "auto"
     compile: bool = False
+    activation_checkpointing: bool = False
     eval_every_steps: int = field(default=0, metadata=NON_NEGATIVE)
     loss: ComponentSpec = ComponentSpec("auto")
     metrics: list[ComponentSpec] | None = None
@@ -105,9 +106,22 @@ class HardwareSection:
 
 @dataclass(frozen=True)
 class ParallelSection:
-    """How the work is split across processes: `auto` is `single` for one process."""
+    """How the work is split across processes. `auto`: `single` for one process, `ddp` for more.
 
-    strategy: Literal["auto", "single"] = "auto"
+    `dp`, `tp` and `pp` size the device mesh of `hybrid` (their product is the number of processes; `dp` left
+    out takes what remains). `stages` lists the block indices where pipeline stages 2, 3, ... begin (left out:
+    balanced by parameter count); `microbatches` is how many pieces the pipeline cuts each batch into (left out:
+    one per stage).
+    """
+
+    strategy: Literal["auto", "single", "ddp", "fsdp", "tp", "pp", "hybrid"] = "auto"
+    dp: int | None = field(default=None, metadata=POSITIVE)
+    tp: int = field(default=1, metadata=POSITIVE)
+    pp: int = field(default=1, metadata=POSITIVE)
+    stages: list[int] | None = None
+    schedule: Literal["gpipe", "1f1b"] = "1f1b"
+    microbatches: int | None = field(default=None, metadata=POSITIVE)
+    cpu_offload: bool = False
 
 
 @dataclass(frozen=True)
@@ -368,6 +382,7 @@ def _build(cls: type, raw: Any, origins: dict[str, str], prefix: str) -> Any:
     if cls is RunConfig:
         values["origins"] = dict(origins)
         _check_training(values.get("training", TrainingSection()), origins)
+        _check_parallel(values.get("parallel", ParallelSection()), origins)
     return cls(**values)
 
 
@@ -500,6 +515,18 @@ def _check_training(training: TrainingSection, origins: Mapping[str, str]) -> No
             "training.batch_size",
             f"{training.batch_size} is not divisible by training.grad_accum_steps={training.grad_accum_steps}",
         )
+
+
+def _check_parallel(parallel: ParallelSection, origins: Mapping[str, str]) -> None:
+    stages = parallel.stages
+    if stages is not None and (any(s < 1 for s in stages) or sorted(set(stages)) != list(stages)):
+        raise _fail(origins, "parallel.stages", f"expected increasing block indices above 0, got {list(stages)}")
+    allowed = {"hybrid": ("dp", "tp", "pp"), "ddp": ("dp",), "fsdp": ("dp",), "tp": ("tp",), "pp": ("pp",)}
+    for key in ("dp", "tp", "pp"):
+        if getattr(parallel, key) not in (None, 1) and key not in allowed.get(parallel.strategy, ()):
+            raise _fail(
+                origins, f"parallel.{key}", f"sizes a mesh dimension that parallel.strategy={parallel.strategy} lacks"
+            )
 
 
 def _check_range(value: Any, metadata: Mapping[str, Any], origins: Mapping[str, str], key: str) -> None:

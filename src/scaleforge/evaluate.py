@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from scaleforge.data.loading import eval_batches
+from scaleforge.distributed.parallelize import ParallelModel
 from scaleforge.runs import load_run
 from scaleforge.train.trainer import (
     build_data,
@@ -27,4 +28,4 @@ def evaluate_run(run_dir: str | Path) -> dict[str, float]:
     objective.loss.to(device)
     autocast = make_autocast(precision, device)
     batches = eval_batches(data.val, eval_batch_size(config.training), device, config.data.num_workers)
-    return evaluate(model, batches, objective, autocast)
+    return evaluate(ParallelModel.single(model), batches, objective, autocast)

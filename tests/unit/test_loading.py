@@ -154,8 +154,18 @@ def test_start_step_skips_steps(in_memory: bool) -> None:
 def test_eval_batches_cover_the_split_in_order(in_memory: bool) -> None:
     dataset = _indexed_dataset(10) if in_memory else PlainDataset(_indexed_dataset(10))
     batches = list(eval_batches(dataset, 4, CPU))
-    assert [len(targets) for _, targets in batches] == [4, 4, 2]
+    assert [len(targets) for _, targets in batches] == [4, 3, 3]  # as few batches as fit, evened out
     assert torch.equal(torch.cat([targets for _, targets in batches]), torch.arange(10))
+
+
+@pytest.mark.parametrize(("size", "shares", "batch_size"), [(10, 2, 4), (11, 3, 2), (257, 2, 128), (7, 7, 256)])
+def test_eval_shares_cover_the_split_once_in_equal_numbers_of_batches(size: int, shares: int, batch_size: int) -> None:
+    dataset = _indexed_dataset(size)
+    per_share = [list(eval_batches(dataset, batch_size, CPU, shard=(index, shares))) for index in range(shares)]
+    assert len({len(batches) for batches in per_share}) == 1  # processes that compute together stay in step
+    assert all(len(targets) <= batch_size for batches in per_share for _, targets in batches)
+    seen = torch.cat([targets for batches in per_share for _, targets in batches])
+    assert torch.equal(seen, torch.arange(size))
 
 
 def test_persistent_workers_follow_the_plan_across_epochs() -> None:

@@ -100,7 +100,7 @@ def test_lstm_is_a_language_model_on_tokens() -> None:
 def test_gpt_ties_its_head_to_the_embedding_and_is_causal() -> None:
     torch.manual_seed(0)
     model = build_model(_section("gpt"), TOKENS).eval()
-    assert model.lm_head.weight is model.token_embedding.weight
+    assert model.head.proj.weight is model.embed.token.weight
     tokens = _batch(TOKENS, 1)
     changed = tokens.clone()
     changed[0, 10:] = (changed[0, 10:] + 1) % 256

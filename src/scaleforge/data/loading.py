@@ -145,14 +145,25 @@ class TrainBatches:
                 micro_batches = []
 
 
-def eval_batches(dataset: Dataset, batch_size: int, device: torch.device, num_workers: int = 0) -> Iterator[Batch]:
-    """The whole validation split in order, in batches of `batch_size`, on `device`."""
+def eval_batches(
+    dataset: Dataset, batch_size: int, device: torch.device, num_workers: int = 0, shard: tuple[int, int] = (0, 1)
+) -> Iterator[Batch]:
+    """Share `shard = (index, count)` of the validation split, in order, on `device`.
+
+    Every share yields the same number of batches (of at most `batch_size`), so processes that must compute
+    together (sharded or pipelined models) stay in step; the shares together cover each sample once.
+    """
+    index, count = shard
+    largest_share = -(-len(dataset) // count)  # type: ignore[arg-type]
+    num_batches = max(1, -(-largest_share // batch_size))
+    mine = torch.arange(len(dataset)).tensor_split(count)[index]  # type: ignore[arg-type]
+    pieces = [piece for piece in mine.tensor_split(num_batches) if len(piece)]
     if isinstance(dataset, InMemoryDataset):
-        for start in range(0, len(dataset), batch_size):
-            inputs, targets = dataset[start : start + batch_size]  # type: ignore[index]
+        for piece in pieces:
+            inputs, targets = dataset[piece]  # type: ignore[index]
             yield inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         return
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_sampler=[piece.tolist() for piece in pieces], num_workers=num_workers)
     for inputs, targets in loader:
         yield inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
 

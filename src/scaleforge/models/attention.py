@@ -18,6 +18,7 @@ class MultiHeadSelfAttention(nn.Module):
         if width % heads:
             raise ValueError(f"width {width} is not divisible by heads={heads}")
         self.heads = heads
+        self.head_dim = width // heads
         self.causal = causal
         self.q_proj = nn.Linear(width, width)
         self.k_proj = nn.Linear(width, width)
@@ -28,9 +29,10 @@ class MultiHeadSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape  # (B, T, C)
-        # -1 rather than C // heads: under tensor parallelism each rank holds a slice of the heads
+        # -1 heads rather than self.heads: under tensor parallelism each process holds a slice of whole heads
         q, k, v = (
-            proj(x).view(batch, seq, self.heads, -1).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj)
+            proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
         y = F.scaled_dot_product_attention(  # (B, H, T, C/H)
             q, k, v, is_causal=self.causal, dropout_p=self.dropout_rate if self.training else 0.0

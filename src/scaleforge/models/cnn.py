@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from scaleforge.models.attention import SpatialSelfAttention
+from scaleforge.models.heads import PooledLinearHead
 from scaleforge.registry import register_model
 
 
@@ -56,12 +57,12 @@ class CNN(nn.Module):
             in_channels = out_channels
         if attention_heads > 0:
             blocks.append(SpatialSelfAttention(in_channels, attention_heads))
+        self.embed = nn.Identity()  # the first block reads the image itself
         self.blocks = nn.ModuleList(blocks)
-        self.dropout = nn.Dropout(dropout_rate)
-        self.head = nn.Linear(in_channels, num_classes)
+        self.head = PooledLinearHead(in_channels, num_classes, dropout_rate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:  # (B, C, H, W)
+        x = self.embed(x)  # (B, C, H, W)
+        for block in self.blocks:
             x = block(x)  # (B, C_i, H_i, W_i)
-        x = x.mean(dim=(2, 3))  # (B, C_last): global average pool
-        return self.head(self.dropout(x))  # (B, num_classes)
+        return self.head(x)  # (B, num_classes)

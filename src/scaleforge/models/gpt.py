@@ -9,9 +9,39 @@ from scaleforge.models.attention import TransformerBlock
 from scaleforge.registry import register_model
 
 
+class TokenEmbedding(nn.Module):
+    """Token plus learned position embeddings, then dropout."""
+
+    def __init__(self, vocab_size: int, seq_len: int, d_model: int, dropout: float) -> None:
+        super().__init__()
+        self.seq_len = seq_len
+        self.token = nn.Embedding(vocab_size, d_model)
+        self.position = nn.Embedding(seq_len, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        seq = tokens.shape[1]  # (B, T)
+        if seq > self.seq_len:
+            raise ValueError(f"sequence of {seq} tokens is longer than the model's context of {self.seq_len}")
+        positions = torch.arange(seq, device=tokens.device)
+        return self.dropout(self.token(tokens) + self.position(positions))  # (B, T, C)
+
+
+class LMHead(nn.Module):
+    """Final LayerNorm and the projection to vocabulary logits."""
+
+    def __init__(self, d_model: int, vocab_size: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.proj = nn.Linear(d_model, vocab_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(x))  # (B, T, vocab_size)
+
+
 @register_model("gpt")
 class GPT(nn.Module):
-    """Token and position embeddings, `n_layers` blocks, a final LayerNorm and a head tied to the embedding."""
+    """Token and position embeddings, `n_layers` blocks, then a head (tied to the token embedding by default)."""
 
     def __init__(
         self,
@@ -21,22 +51,20 @@ class GPT(nn.Module):
         n_heads: int = 4,
         d_model: int = 128,
         dropout: float = 0.0,
+        tie_embeddings: bool = True,
     ) -> None:
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
         if n_layers < 1:
             raise ValueError(f"n_layers must be at least 1, got {n_layers}")
-        self.seq_len = seq_len
-        self.token_embedding = nn.Embedding(vocab_size, d_model)
-        self.position_embedding = nn.Embedding(seq_len, d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.embed = TokenEmbedding(vocab_size, seq_len, d_model, dropout)
         self.blocks = nn.ModuleList(
             TransformerBlock(d_model, n_heads, 4.0, dropout, causal=True) for _ in range(n_layers)
         )
-        self.ln_f = nn.LayerNorm(d_model)
-        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
-        self.lm_head.weight = self.token_embedding.weight  # tied embeddings
+        self.head = LMHead(d_model, vocab_size)
+        if tie_embeddings:
+            self.head.proj.weight = self.embed.token.weight
         self.apply(self._init_weights)
 
     @staticmethod
@@ -47,11 +75,7 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        seq = tokens.shape[1]  # (B, T)
-        if seq > self.seq_len:
-            raise ValueError(f"sequence of {seq} tokens is longer than the model's context of {self.seq_len}")
-        positions = torch.arange(seq, device=tokens.device)
-        x = self.dropout(self.token_embedding(tokens) + self.position_embedding(positions))  # (B, T, C)
+        x = self.embed(tokens)  # (B, T) -> (B, T, C)
         for block in self.blocks:
-            x = block(x)
-        return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
+            x = block(x)  # (B, T, C)
+        return self.head(x)  # (B, T, vocab_size)

@@ -52,13 +52,14 @@ class MLP(nn.Module):
         if any(width <= 0 for width in hidden_layers):
             raise ValueError(f"hidden_layers must be positive widths, got {list(hidden_layers)}")
         widths = [math.prod(input_shape), *hidden_layers]
+        self.embed = nn.Flatten()
         self.blocks = nn.ModuleList(
             MLPBlock(w_in, w_out, activation, dropout_rate) for w_in, w_out in zip(widths, widths[1:], strict=False)
         )
         self.head = nn.Linear(widths[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.flatten(1)  # (B, F)
+        x = self.embed(x)  # (B, F)
         for block in self.blocks:
             x = block(x)  # (B, H)
         return self.head(x)  # (B, num_classes)

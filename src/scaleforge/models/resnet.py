@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from scaleforge.models.attention import SpatialSelfAttention
+from scaleforge.models.heads import PooledLinearHead
 from scaleforge.registry import register_model
 
 # Images up to this size get the CIFAR-style stem; the ImageNet stem would shrink them 4x before the first block.
@@ -92,9 +93,9 @@ class ResNet(nn.Module):
             raise ValueError(f"layers must be four positive block counts, got {list(layers)}")
         in_channels, height, image_width = input_shape
         if min(height, image_width) <= SMALL_IMAGE_SIZE:
-            self.stem = nn.Sequential(conv_bn(in_channels, width, kernel_size=3), nn.ReLU())
+            self.embed = nn.Sequential(conv_bn(in_channels, width, kernel_size=3), nn.ReLU())
         else:
-            self.stem = nn.Sequential(
+            self.embed = nn.Sequential(
                 conv_bn(in_channels, width, kernel_size=7, stride=2),
                 nn.ReLU(),
                 nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
@@ -110,7 +111,7 @@ class ResNet(nn.Module):
         if attention_heads > 0:
             blocks.append(SpatialSelfAttention(channels, attention_heads))
         self.blocks = nn.ModuleList(blocks)
-        self.head = nn.Linear(channels, num_classes)
+        self.head = PooledLinearHead(channels, num_classes)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -119,10 +120,9 @@ class ResNet(nn.Module):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)  # (B, width, H', W')
+        x = self.embed(x)  # (B, width, H', W'): the stem
         for block in self.blocks:
             x = block(x)  # (B, C_i, H_i, W_i)
-        x = x.mean(dim=(2, 3))  # (B, C_last): global average pool
         return self.head(x)  # (B, num_classes)
 
 

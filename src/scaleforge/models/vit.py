@@ -11,6 +11,36 @@ from scaleforge.models.attention import TransformerBlock
 from scaleforge.registry import register_model
 
 
+class PatchEmbedding(nn.Module):
+    """Strided-conv patches as tokens, a class token in front, learned positions, dropout."""
+
+    def __init__(self, in_channels: int, width: int, patch_size: int, num_patches: int, dropout_rate: float) -> None:
+        super().__init__()
+        self.patches = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
+        self.class_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.position = nn.Parameter(torch.zeros(1, num_patches + 1, width))
+        self.dropout = nn.Dropout(dropout_rate)
+        nn.init.trunc_normal_(self.class_token, std=0.02)
+        nn.init.trunc_normal_(self.position, std=0.02)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        tokens = self.patches(images).flatten(2).transpose(1, 2)  # (B, C, H/P, W/P) -> (B, N, C)
+        class_token = self.class_token.expand(tokens.shape[0], -1, -1)  # (B, 1, C)
+        return self.dropout(torch.cat([class_token, tokens], dim=1) + self.position)  # (B, N+1, C)
+
+
+class ClassTokenHead(nn.Module):
+    """Final LayerNorm, then a linear classifier on the class token."""
+
+    def __init__(self, width: int, num_classes: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.linear = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.norm(x[:, 0]))  # (B, N+1, C) -> (B, num_classes)
+
+
 @register_model("vit")
 class ViT(nn.Module):
     """Strided-conv patch embedding, class token, learned positions, `depth` encoder blocks, head on the class token."""
@@ -41,15 +71,9 @@ class ViT(nn.Module):
         if not 0 <= dropout_rate < 1:
             raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
         num_patches = (height // patch_size) * (image_width // patch_size)
-        self.patch_embedding = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
-        self.class_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.position_embedding = nn.Parameter(torch.zeros(1, num_patches + 1, width))
-        self.dropout = nn.Dropout(dropout_rate)
+        self.embed = PatchEmbedding(in_channels, width, patch_size, num_patches, dropout_rate)
         self.blocks = nn.ModuleList(TransformerBlock(width, heads, mlp_ratio, dropout_rate) for _ in range(depth))
-        self.ln_f = nn.LayerNorm(width)
-        self.head = nn.Linear(width, num_classes)
-        nn.init.trunc_normal_(self.class_token, std=0.02)
-        nn.init.trunc_normal_(self.position_embedding, std=0.02)
+        self.head = ClassTokenHead(width, num_classes)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -60,11 +84,7 @@ class ViT(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        patches = self.patch_embedding(x)  # (B, C, H/P, W/P)
-        tokens = patches.flatten(2).transpose(1, 2)  # (B, N, C)
-        class_token = self.class_token.expand(tokens.shape[0], -1, -1)  # (B, 1, C)
-        x = torch.cat([class_token, tokens], dim=1) + self.position_embedding  # (B, N+1, C)
-        x = self.dropout(x)
+        x = self.embed(x)  # (B, C, H, W) -> (B, N+1, C)
         for block in self.blocks:
             x = block(x)  # (B, N+1, C)
-        return self.head(self.ln_f(x[:, 0]))  # (B, num_classes)
+        return self.head(x)  # (B, num_classes)

@@ -41,18 +41,30 @@ def save_checkpoint(
     progress: dict[str, Any],
     keep: int,
 ) -> Path:
-    """Write a checkpoint for `progress["step"]`, then delete all but the newest `keep`."""
+    """Write a checkpoint for `progress["step"]`, then delete all but the newest `keep`.
+
+    Every process calls this: each writes its own shards; rank 0 prepares the folder, adds `progress.json` and
+    renames it into place once all shards are written.
+    """
+    distributed = dist.is_initialized()
+    is_main = not distributed or dist.get_rank() == 0
     final = checkpoint_dir / checkpoint_name(progress["step"])
     staging = final.with_name(final.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    if is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    if distributed:
+        dist.barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
     with warnings.catch_warnings():  # DCP warns on every single-process save, which is a supported case here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=staging, no_dist=not dist.is_initialized())
-    (staging / "progress.json").write_text(json.dumps(progress, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
-    staging.rename(final)
-    for old in list_checkpoints(checkpoint_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=staging, no_dist=not distributed)
+    if is_main:
+        (staging / "progress.json").write_text(json.dumps(progress, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+        for old in list_checkpoints(checkpoint_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    if distributed:
+        dist.barrier()  # the checkpoint is in place when any process returns
     return final

@@ -1,11 +1,13 @@
 """Losses and metrics, registered by name and chosen from the dataset's task when the config says `auto`.
 
-Metrics accumulate on the device and synchronise with the host only in `compute()`, once per evaluation.
+Metrics accumulate on the device and synchronise with the host only in `compute()`, once per evaluation. Their
+state is sums, so over several processes `sync()` adds up each process's share before `compute()`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -45,12 +47,27 @@ class MeanSquaredError(nn.Module):
         return F.mse_loss(outputs.reshape(targets.shape), targets)
 
 
+ReduceSum = Callable[[torch.Tensor], torch.Tensor]
+
+
 class Metric(Protocol):
-    """Accumulates over batches; `compute()` returns named values (plain floats)."""
+    """Accumulates over batches; `compute()` returns named values (plain floats).
+
+    `sync(reduce_sum)` replaces the state with its sum over every process (`reduce_sum` returns a tensor added
+    up across them); a metric without it cannot be used in a multi-process run.
+    """
 
     def reset(self) -> None: ...
     def update(self, outputs: torch.Tensor, targets: torch.Tensor, loss_sum: torch.Tensor) -> None: ...
+    def sync(self, reduce_sum: ReduceSum) -> None: ...
     def compute(self) -> dict[str, float]: ...
+
+
+def _summed(reduce_sum: ReduceSum, *values: torch.Tensor | float) -> list[float]:
+    """`values` summed over every process, in one collective."""
+    device = next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+    return reduce_sum(stacked).tolist()
 
 
 @register_metric("accuracy")
@@ -76,6 +93,10 @@ class Accuracy:
         self.correct = self.correct + (top == labels).any(dim=-1).sum()
         self.count += labels.shape[0]
 
+    def sync(self, reduce_sum: ReduceSum) -> None:
+        correct, count = _summed(reduce_sum, self.correct, self.count)
+        self.correct, self.count = correct, int(count)
+
     def compute(self) -> dict[str, float]:
         name = "accuracy" if self.top_k == 1 else f"top{self.top_k}_accuracy"
         return {name: float(self.correct) / max(1, self.count)}
@@ -97,6 +118,10 @@ class Perplexity:
     def update(self, outputs: torch.Tensor, targets: torch.Tensor, loss_sum: torch.Tensor) -> None:
         self.loss_sum = self.loss_sum + loss_sum
         self.count += targets.numel()
+
+    def sync(self, reduce_sum: ReduceSum) -> None:
+        loss_sum, count = _summed(reduce_sum, self.loss_sum, self.count)
+        self.loss_sum, self.count = loss_sum, int(count)
 
     def compute(self) -> dict[str, float]:
         return {"perplexity": math.exp(min(50.0, float(self.loss_sum) / max(1, self.count)))}

@@ -3,11 +3,15 @@
 One step: this process's micro-batches -> autocast forward -> loss / grad_accum -> backward -> (unscale,
 clip) -> optimizer step -> scheduler step. The loss stays on the device and is read back once per
 `logging.every_steps`, so logging costs one host synchronisation per log line, not one per step.
+
+The same loop runs every strategy: `parallelize()` hands it a `ParallelModel` that knows how to run a
+forward-backward pass on this process's share. Every process runs the loop; only rank 0 reports and writes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -20,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from scaleforge import registry
@@ -35,7 +40,9 @@ from scaleforge.config import (
 )
 from scaleforge.data.base import DataInfo, DatasetSplits
 from scaleforge.data.loading import BatchPlan, DataWaitClock, TrainBatches, eval_batches
-from scaleforge.distributed.env import select_device
+from scaleforge.distributed.env import DistEnv, init_distributed, select_device, teardown_distributed
+from scaleforge.distributed.parallel_dims import ParallelDims
+from scaleforge.distributed.parallelize import ParallelModel, parallelize
 from scaleforge.errors import ConfigError, UsageError
 from scaleforge.train.callbacks import Callback, CallbackList, RunState
 from scaleforge.train.checkpoint import save_checkpoint
@@ -178,11 +185,11 @@ def build_callbacks(config: RunConfig, run_dir: Path, extra: Sequence[Callback] 
     return CallbackList(callbacks)
 
 
-def setup_runtime(config: RunConfig) -> tuple[torch.device, str]:
-    """Apply `hardware.threads`, pick the device and resolve the precision for it."""
+def setup_runtime(config: RunConfig, env: DistEnv | None = None) -> tuple[torch.device, str]:
+    """Apply `hardware.threads`, pick this process's device and resolve the precision for it."""
     if config.hardware.threads is not None:
         torch.set_num_threads(config.hardware.threads)
-    device = select_device(config.hardware.device)
+    device = select_device(config.hardware.device, env.local_rank if env is not None else 0)
     return device, resolve_precision(config.training.precision, device)
 
 
@@ -231,7 +238,7 @@ def default_run_dir(config: RunConfig) -> Path:
 
 
 def train_step(
-    model: nn.Module,
+    parallel: ParallelModel,
     micro_batches: MicroBatches,
     loss_fn: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -244,17 +251,16 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     accum = len(micro_batches)
     total: torch.Tensor | None = None
-    for inputs, targets in micro_batches:
-        with autocast():
-            loss = loss_fn(model(inputs), targets)
-        if accum > 1:
-            loss = loss / accum
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        total = loss.detach() if total is None else total + loss.detach()
+    for index, (inputs, targets) in enumerate(micro_batches):
+        with parallel.sync_gradients(index == accum - 1):  # DDP: all-reduce once, on the last micro-step
+            loss = parallel.forward_backward(
+                inputs, targets, loss_fn, autocast=autocast, scaler=scaler, loss_scale=1 / accum
+            )
+        total = loss if total is None else total + loss
     if clip_grad_norm is not None:
         if scaler is not None:
             scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+        parallel.clip_grad_norm_(clip_grad_norm)
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -266,83 +272,146 @@ def train_step(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module,
+    parallel: ParallelModel,
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
     objective: Objective,
     autocast: Autocast = contextlib.nullcontext,
 ) -> dict[str, float]:
-    """Mean loss and the objective's metrics over `batches`, as `val_*` values."""
-    was_training = model.training
-    model.eval()
+    """Mean loss and the objective's metrics over `batches` (this process's share), as `val_*` values combined
+    over every process."""
+    module = parallel.module
+    was_training = module.training
+    module.eval()
+    parallel.begin_eval()
     for metric in objective.metrics:
         metric.reset()
-    loss_sum = torch.zeros(())
-    count = 0
+    totals = torch.zeros(2)  # loss sum, count
     for inputs, targets in batches:
         with autocast():
-            outputs = model(inputs)
+            outputs = parallel.forward(inputs, targets)
+            if outputs is None or not parallel.holds_outputs:
+                continue
             batch_loss = objective.loss(outputs, targets).float() * targets.numel()
-        loss_sum = loss_sum.to(batch_loss.device) + batch_loss
-        count += targets.numel()
+        count = torch.tensor(targets.numel(), device=batch_loss.device)
+        totals = totals.to(batch_loss.device) + torch.stack([batch_loss, count])
         for metric in objective.metrics:
             metric.update(outputs, targets, batch_loss)
-    model.train(was_training)
-    result = {"val_loss": float(loss_sum) / max(1, count)}
+    module.train(was_training)
+    if parallel.mesh is not None:
+        totals = parallel.all_reduce_sum(totals)
+        for metric in objective.metrics:
+            metric.sync(parallel.all_reduce_sum)  # type: ignore[attr-defined]
+    loss_sum, count = totals.tolist()
+    result = {"val_loss": loss_sum / max(1, count)}
     for metric in objective.metrics:
         result.update({f"val_{name}": value for name, value in metric.compute().items()})
     return result
 
 
 def train(config: RunConfig, run_dir: Path | None = None, *, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
-    """Train the model the config describes, write the run directory and return the summary."""
+    """Train the model the config describes on this process's share, write the run directory (rank 0) and
+    return the summary (with `run_dir`, which rank 0 chose when none was given)."""
+    env = DistEnv.from_environ()
+    dims = ParallelDims.resolve(config.parallel, env.world_size)
+    device, precision = setup_runtime(config, env)
+    init_distributed(env, device)
+    try:
+        run_dir = agree_on_run_dir(run_dir, config, env)
+        check_run_dir(run_dir)
+        if env.distributed:
+            dist.barrier()  # every process has checked before rank 0 starts writing
+        summary = _train(config, run_dir, env, dims, device, precision, callbacks)
+    finally:
+        teardown_distributed()
+    return {**summary, "run_dir": str(run_dir)}
+
+
+def agree_on_run_dir(run_dir: Path | None, config: RunConfig, env: DistEnv) -> Path:
+    """The run directory: the one given, else rank 0's default, shared with every process."""
+    if not env.distributed:
+        return Path(run_dir) if run_dir is not None else default_run_dir(config)
+    chosen = [str(run_dir) if run_dir is not None else str(default_run_dir(config))]
+    dist.broadcast_object_list(chosen, src=0)
+    return Path(chosen[0])
+
+
+def _train(
+    config: RunConfig,
+    run_dir: Path,
+    env: DistEnv,
+    dims: ParallelDims,
+    device: torch.device,
+    precision: str,
+    callbacks: Sequence[Callback],
+) -> dict[str, Any]:
     started = time.perf_counter()
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
-    check_run_dir(run_dir)
     training = config.training
-    device, precision = setup_runtime(config)
-    seed_everything(config.seed)
+    seed_everything(config.seed)  # the same on every process: every replica starts from the same weights
 
     data = build_data(config.data)
     model = build_model(config.model, data.info).to(device)
+    num_parameters = count_parameters(model)
     objective = build_objective(training, data.info)
     objective.loss.to(device)
-    plan = BatchPlan(training.batch_size, training.grad_accum_steps)
+    check_metrics_combine(objective, dims)
+    plan = BatchPlan(training.batch_size, training.grad_accum_steps, world_size=dims.dp)
+    parallel = parallelize(
+        model,
+        dims=dims,
+        device=device,
+        architecture=config.model.architecture,
+        training=training,
+        parallel=config.parallel,
+        precision=precision,
+        loss_fn=objective.loss,
+        micro_batch_size=plan.micro_batch_size,
+    )
+    plan = dataclasses.replace(plan, rank=parallel.dp_rank)
+    if len(data.val) < dims.dp:  # type: ignore[arg-type]
+        raise ConfigError(f"data: {len(data.val)} validation samples cannot be shared by {dims.dp} processes")  # type: ignore[arg-type]
     batches = TrainBatches(data.train, plan, seed=config.seed, device=device, num_workers=config.data.num_workers)
     total_steps = training.max_steps or training.epochs * batches.steps_per_epoch
     epochs = math.ceil(total_steps / batches.steps_per_epoch)
-    optimizer = build_optimizer(training, model)
+    optimizer = build_optimizer(training, parallel.module)
     scheduler = build_scheduler(training.scheduler, optimizer, total_steps, batches.steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16-mixed" else None
     autocast = make_autocast(precision, device)
-    forward_model = torch.compile(model) if training.compile else model
 
-    hooks = build_callbacks(config, run_dir, callbacks)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_yaml(config))
+    hooks = build_callbacks(config, run_dir, callbacks) if env.is_main else CallbackList([])
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_yaml(config))
+        print(
+            f"run {run_dir} | {config.model.architecture} ({num_parameters:,} parameters) on "
+            f"{config.data.dataset} | device {device} | precision {precision} | {total_steps} steps | "
+            f"{describe(dims)}"
+        )
     state = RunState(run_dir, total_steps, batches.steps_per_epoch, training.batch_size)
-    print(
-        f"run {run_dir} | {config.model.architecture} ({count_parameters(model):,} parameters) on "
-        f"{config.data.dataset} | device {device} | precision {precision} | {total_steps} steps"
-    )
     with contextlib.closing(hooks):  # files closed and the progress bar stopped, even on failure
         hooks.on_train_start(state)
 
         def run_eval() -> dict[str, Any]:
-            batches_iter = eval_batches(data.val, eval_batch_size(training), device, config.data.num_workers)
+            share = parallel.eval_shard()
+            batches_iter = eval_batches(data.val, eval_batch_size(training), device, config.data.num_workers, share)
             record = {"step": state.step, "epoch": state.epoch, "time": time.time()}
-            record.update(evaluate(forward_model, batches_iter, objective, autocast))
+            record.update(evaluate(parallel, batches_iter, objective, autocast))
             state.history.append(record)
             hooks.on_eval(state, record)
+            state.should_stop = parallel.any_process(state.should_stop)
             return record
 
         step_losses: list[torch.Tensor] = []
         data_wait = DataWaitClock()
         last_log = {"step": 0, "time": time.perf_counter(), "data_wait": 0.0}
         loop_started = last_log["time"]
+        # The mean over data-parallel replicas: the processes that hold a loss (the last pipeline stage, once
+        # per tensor-parallel group) each add their share.
+        loss_weight = 1 / dims.dp if parallel.holds_outputs else 0.0
 
         def log_line(lr: float) -> None:
             steps = state.step - last_log["step"]
-            mean_loss = float(torch.stack(step_losses).float().sum()) / steps  # the one host sync per log line
+            step_sum = torch.stack(step_losses).float().sum() * loss_weight
+            mean_loss = float(parallel.all_reduce_sum(step_sum)) / steps  # the one host sync per log line
             now = time.perf_counter()
             elapsed = max(now - last_log["time"], 1e-9)
             record = {
@@ -358,14 +427,15 @@ def train(config: RunConfig, run_dir: Path | None = None, *, callbacks: Sequence
             last_log.update(step=state.step, time=now, data_wait=data_wait.seconds)
             state.history.append(record)
             hooks.on_log(state, record)
+            state.should_stop = parallel.any_process(state.should_stop)
 
         last_eval: dict[str, Any] = {}
-        model.train()
+        parallel.module.train()
         for epoch in range(epochs):
             state.epoch = epoch
             for micro_batches in data_wait.wrap(batches.epoch(epoch)):
                 loss = train_step(
-                    forward_model,
+                    parallel,
                     micro_batches,
                     objective.loss,
                     optimizer,
@@ -385,7 +455,7 @@ def train(config: RunConfig, run_dir: Path | None = None, *, callbacks: Sequence
                 if config.checkpoint.every_steps and state.step % config.checkpoint.every_steps == 0:
                     path = save_checkpoint(
                         run_dir / "checkpoints",
-                        model=model,
+                        model=parallel.module,
                         optimizer=optimizer,
                         progress=_progress(state, config, scheduler),
                         keep=config.checkpoint.keep,
@@ -403,9 +473,9 @@ def train(config: RunConfig, run_dir: Path | None = None, *, callbacks: Sequence
         if last_eval.get("step") != state.step:
             last_eval = run_eval()
 
-        save_final(run_dir / "final", model, config, data.info)
+        full_state = parallel.full_state_dict()  # every process takes part in gathering the shards
         summary = {
-            "num_parameters": count_parameters(model),
+            "num_parameters": num_parameters,
             "steps": state.step,
             "epochs": state.epoch + 1,
             **{k: v for k, v in last_eval.items() if k.startswith("val_")},
@@ -416,11 +486,35 @@ def train(config: RunConfig, run_dir: Path | None = None, *, callbacks: Sequence
             "data_wait_share": data_wait.seconds / max(loop_time, 1e-9),
             "device": str(device),
             "precision": precision,
+            "strategy": dims.strategy,
+            "processes": dims.world_size,
             "stopped_early": state.should_stop,
         }
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        hooks.on_train_end(state, summary)
-    return summary
+        if env.is_main:
+            assert full_state is not None
+            save_final(run_dir / "final", full_state, config, data.info)
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            hooks.on_train_end(state, summary)
+    return summary  # the model and optimizer go with this frame, before `train` leaves the process group
+
+
+def describe(dims: ParallelDims) -> str:
+    """`strategy ddp on 2 processes (dp=2 x tp=1 x pp=1)`."""
+    if dims.world_size == 1:
+        return "1 process"
+    return f"{dims.strategy} on {dims.world_size} processes (dp={dims.dp} x tp={dims.tp} x pp={dims.pp})"
+
+
+def check_metrics_combine(objective: Objective, dims: ParallelDims) -> None:
+    """Over several processes each metric must be able to add up its state across them (`sync`)."""
+    if dims.world_size == 1:
+        return
+    for metric in objective.metrics:
+        if not callable(getattr(metric, "sync", None)):
+            raise ConfigError(
+                f"training.metrics: {type(metric).__name__} has no sync(reduce_sum) method, which combines a "
+                f"metric over the {dims.world_size} processes"
+            )
 
 
 def _progress(state: RunState, config: RunConfig, scheduler: Any) -> dict[str, Any]:
@@ -438,14 +532,14 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def save_final(final_dir: Path, model: nn.Module, config: RunConfig, info: DataInfo) -> None:
+def save_final(final_dir: Path, state_dict: dict[str, torch.Tensor], config: RunConfig, info: DataInfo) -> None:
     """`final/`: the full state dict as safetensors, the resolved config and the dataset's description."""
     from safetensors.torch import save_file
 
     final_dir.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state_dict.items():
         tensor = tensor.detach().cpu()
         pointer = tensor.untyped_storage().data_ptr()
         # safetensors refuses shared storage (tied weights): such names get their own copy.

@@ -1,0 +1,75 @@
+"""The sizes of the data-, tensor- and pipeline-parallel dimensions, checked against the world size, and the
+device mesh they span."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from scaleforge.config import ParallelSection
+from scaleforge.errors import ConfigError
+
+STRATEGIES = ("single", "ddp", "fsdp", "tp", "pp", "hybrid")
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """`strategy` over `dp` x `tp` x `pp` processes (mesh order: pp, dp, tp; tp innermost, on neighbouring ranks)."""
+
+    strategy: str
+    dp: int
+    tp: int
+    pp: int
+
+    @classmethod
+    def resolve(cls, section: ParallelSection, world_size: int) -> ParallelDims:
+        """The dimensions `section` asks for on `world_size` processes; bad arithmetic is a config error."""
+        strategy = section.strategy
+        if strategy == "auto":
+            strategy = "single" if world_size == 1 else "ddp"
+        if strategy == "single":
+            if world_size > 1:
+                raise ConfigError(
+                    f"parallel.strategy: single runs one process, but {world_size} were started; "
+                    "use ddp, fsdp, tp, pp or hybrid"
+                )
+            return cls("single", 1, 1, 1)
+        sizes = {"dp": section.dp, "tp": section.tp, "pp": section.pp}
+        only = {"ddp": "dp", "fsdp": "dp", "tp": "tp", "pp": "pp"}.get(strategy)
+        if only is not None:  # one dimension spans every process
+            given = sizes[only]
+            if given not in (None, 1) and given != world_size:
+                raise ConfigError(
+                    f"parallel.{only}: {given} does not match the {world_size} processes of "
+                    f"parallel.strategy={strategy}"
+                )
+            sizes = {"dp": 1, "tp": 1, "pp": 1, only: world_size}
+        elif sizes["dp"] is None:
+            model_parallel = section.tp * section.pp
+            if world_size % model_parallel:
+                raise ConfigError(
+                    f"parallel: {world_size} processes do not divide into parallel.tp={section.tp} x "
+                    f"parallel.pp={section.pp} = {model_parallel}"
+                )
+            sizes["dp"] = world_size // model_parallel
+        dims = cls(strategy, sizes["dp"], sizes["tp"], sizes["pp"])  # type: ignore[arg-type]
+        if dims.dp * dims.tp * dims.pp != world_size:
+            raise ConfigError(
+                f"parallel: dp={dims.dp} x tp={dims.tp} x pp={dims.pp} = {dims.dp * dims.tp * dims.pp}, "
+                f"but {world_size} processes were started; the product must equal the number of processes"
+            )
+        return dims
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    @property
+    def shards_data(self) -> bool:
+        """Whether the dp dimension shards parameters (FSDP2) rather than replicating them (DDP)."""
+        return self.strategy in ("fsdp", "hybrid")
+
+    def build_mesh(self, device_type: str) -> DeviceMesh:
+        """The (pp, dp, tp) device mesh over every process; size-1 dimensions are kept so code can always slice."""
+        return init_device_mesh(device_type, (self.pp, self.dp, self.tp), mesh_dim_names=("pp", "dp", "tp"))

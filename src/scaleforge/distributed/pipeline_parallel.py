@@ -1,0 +1,143 @@
+"""Pipeline parallelism with `torch.distributed.pipelining`: the model's blocks are cut into consecutive stages,
+one per pipeline process, and each batch flows through them in micro-batches (GPipe or 1F1B).
+
+A model can be pipelined when it is `embed -> blocks -> head`: submodules named `embed` and `head` around a
+`blocks` list, with a forward that runs exactly those in that order. A stage is the same model with the other
+stages' parts replaced by `nn.Identity`, so the model's own forward runs any stage and every parameter keeps the
+name it has in the whole model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.distributed import ProcessGroup
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.pipelining.schedules import PipelineScheduleSingle
+
+from scaleforge.errors import ConfigError
+
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+
+
+def check_pipelinable(model: nn.Module, architecture: str) -> None:
+    """Refuse a model that is not `embed -> blocks -> head`."""
+    embed, blocks, head = (getattr(model, name, None) for name in ("embed", "blocks", "head"))
+    if not (isinstance(embed, nn.Module) and isinstance(blocks, nn.ModuleList) and isinstance(head, nn.Module)):
+        raise ConfigError(
+            f"parallel: model '{architecture}' cannot be pipelined: it needs submodules embed, blocks (a ModuleList) "
+            "and head, run in that order (gpt, mlp, vit, cnn and resnet are)"
+        )
+
+
+def stage_bounds(model: nn.Module, num_stages: int, starts: Sequence[int] | None) -> list[range]:
+    """The blocks of each stage: cut where `starts` says (`parallel.stages`), else balanced by parameter count."""
+    num_blocks = len(model.blocks)  # type: ignore[arg-type]
+    if num_stages > num_blocks:
+        raise ConfigError(
+            f"parallel.pp: {num_stages} pipeline stages need at least {num_stages} blocks; the model has {num_blocks}"
+        )
+    if starts is not None:
+        if len(starts) != num_stages - 1:
+            raise ConfigError(
+                f"parallel.stages: {num_stages} stages need {num_stages - 1} start indices, got {list(starts)}"
+            )
+        if starts and starts[-1] >= num_blocks:
+            raise ConfigError(f"parallel.stages: {starts[-1]} is past the model's last block ({num_blocks - 1})")
+    else:
+        weights = [_parameter_count(block) for block in model.blocks]  # type: ignore[union-attr]
+        weights[0] += _parameter_count(model.embed)  # type: ignore[arg-type]
+        weights[-1] += _parameter_count(model.head)  # type: ignore[arg-type]
+        starts = balanced_starts(weights, num_stages)
+    edges = [0, *starts, num_blocks]
+    return [range(edges[i], edges[i + 1]) for i in range(num_stages)]
+
+
+def balanced_starts(weights: Sequence[int], parts: int) -> list[int]:
+    """Cut `weights` into `parts` non-empty consecutive runs whose largest sum is as small as possible."""
+    count = len(weights)
+    prefix = [0]
+    for weight in weights:
+        prefix.append(prefix[-1] + weight)
+    inf = float("inf")
+    # cost[k][i]: the smallest possible largest run when the first i items form k runs; cut[k][i]: where run k starts
+    cost = [[inf] * (count + 1) for _ in range(parts + 1)]
+    cut = [[0] * (count + 1) for _ in range(parts + 1)]
+    cost[0][0] = 0
+    for k in range(1, parts + 1):
+        for i in range(k, count + 1):
+            for j in range(k - 1, i):
+                candidate = max(cost[k - 1][j], prefix[i] - prefix[j])
+                if candidate < cost[k][i]:
+                    cost[k][i], cut[k][i] = candidate, j
+    starts, end = [], count
+    for k in range(parts, 1, -1):
+        end = cut[k][end]
+        starts.append(end)
+    return starts[::-1]
+
+
+def _parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def keep_stage(model: nn.Module, bounds: list[range], stage_index: int) -> None:
+    """Turn `model` in place into stage `stage_index`: the other stages' parts become `nn.Identity`.
+
+    Weights shared between parts that land on different stages (tied embeddings) cannot be split apart.
+    """
+    owners: dict[int, tuple[int, str]] = {}
+    for index, parts in enumerate(_stage_parts(model, bounds)):
+        for part_name, part in parts:
+            for param_name, param in part.named_parameters():
+                owner = owners.setdefault(id(param), (index, f"{part_name}.{param_name}"))
+                if owner[0] != index:
+                    raise ConfigError(
+                        f"parallel: {owner[1]} (stage {owner[0]}) and {part_name}.{param_name} (stage {index}) are "
+                        "one tied weight, which cannot be split between pipeline stages; untie it "
+                        "(gpt: model.tie_embeddings=false) or use fewer stages"
+                    )
+    blocks: nn.ModuleList = model.blocks  # type: ignore[assignment]
+    for index in range(len(blocks)):
+        if index not in bounds[stage_index]:
+            blocks[index] = nn.Identity()
+    if stage_index > 0:
+        model.embed = nn.Identity()
+    if stage_index < len(bounds) - 1:
+        model.head = nn.Identity()
+
+
+def _stage_parts(model: nn.Module, bounds: list[range]) -> list[list[tuple[str, nn.Module]]]:
+    parts: list[list[tuple[str, nn.Module]]] = []
+    for index, block_range in enumerate(bounds):
+        stage = [(f"blocks.{i}", model.blocks[i]) for i in block_range]  # type: ignore[index]
+        if index == 0:
+            stage.insert(0, ("embed", model.embed))  # type: ignore[arg-type]
+        if index == len(bounds) - 1:
+            stage.append(("head", model.head))  # type: ignore[arg-type]
+        parts.append(stage)
+    return parts
+
+
+def build_schedule(
+    stage_module: nn.Module,
+    *,
+    stage_index: int,
+    num_stages: int,
+    device: torch.device,
+    group: ProcessGroup,
+    schedule: str,
+    microbatches: int,
+    loss_fn: nn.Module,
+) -> PipelineScheduleSingle:
+    """The schedule that runs this process's stage; `loss_fn` is applied per micro-batch on the last stage and
+    the gradients are averaged over micro-batches, as for the loss of the whole batch."""
+    if schedule == "1f1b" and microbatches < num_stages:
+        raise ConfigError(
+            f"parallel.microbatches: the 1f1b schedule needs at least one micro-batch per stage ({num_stages}), "
+            f"got {microbatches}"
+        )
+    stage = PipelineStage(stage_module, stage_index, num_stages, device, group=group)
+    return SCHEDULES[schedule](stage, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=True)

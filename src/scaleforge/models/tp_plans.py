@@ -1,0 +1,82 @@
+"""Tensor-parallel plans: for each model family, which layers are split across the tensor-parallel processes.
+
+A plan maps module names to `ParallelStyle`s (data, not code). The Megatron pattern throughout: a column-wise
+split (each process computes some output features) followed by a row-wise split (each process consumes its
+features and the partial results are summed), so one all-reduce per pair. In attention the column-wise q, k, v
+projections hand each process whole heads; `MultiHeadSelfAttention` derives its local head count from the
+tensor shape, so no model code knows about ranks. Embeddings, norms and heads stay replicated.
+
+A user's model gets a plan with `@register_tp_plan(MyModel)` on a function `model -> dict[str, ParallelStyle]`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+from torch.distributed.tensor import Replicate
+from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
+
+from scaleforge.models.gpt import GPT
+from scaleforge.models.mlp import MLP
+from scaleforge.models.vit import ViT
+
+TPPlan = dict[str, ParallelStyle]
+TP_PLANS: dict[type[nn.Module], Callable[[nn.Module], TPPlan]] = {}
+
+
+def register_tp_plan(model_class: type[nn.Module]) -> Callable[[Callable[[nn.Module], TPPlan]], Callable]:
+    """Declare the tensor-parallel plan of `model_class` (and its subclasses)."""
+
+    def decorate(plan: Callable[[nn.Module], TPPlan]) -> Callable[[nn.Module], TPPlan]:
+        TP_PLANS[model_class] = plan
+        return plan
+
+    return decorate
+
+
+def tp_plan(model: nn.Module) -> TPPlan | None:
+    """The plan for `model`, or None when its family declares none."""
+    for cls in type(model).__mro__:
+        if cls in TP_PLANS:
+            return TP_PLANS[cls](model)
+    return None
+
+
+def transformer_block_plan(prefix: str) -> TPPlan:
+    """`attention.TransformerBlock`: heads split across processes, then the feed-forward hidden units."""
+    return {
+        f"{prefix}.attn.q_proj": ColwiseParallel(),
+        f"{prefix}.attn.k_proj": ColwiseParallel(),
+        f"{prefix}.attn.v_proj": ColwiseParallel(),
+        f"{prefix}.attn.out_proj": RowwiseParallel(),
+        f"{prefix}.mlp.up": ColwiseParallel(),
+        f"{prefix}.mlp.down": RowwiseParallel(),
+    }
+
+
+@register_tp_plan(GPT)
+@register_tp_plan(ViT)
+def transformer_plan(model: nn.Module) -> TPPlan:
+    plan: TPPlan = {}
+    for index in _present_blocks(model):
+        plan.update(transformer_block_plan(f"blocks.{index}"))
+    return plan
+
+
+@register_tp_plan(MLP)
+def mlp_plan(model: nn.Module) -> TPPlan:
+    """Hidden layers in column/row pairs; an unpaired last layer is split column-wise and gathered for the head."""
+    plan: TPPlan = {}
+    present = _present_blocks(model)
+    for first, second in zip(present[::2], present[1::2], strict=False):
+        plan[f"blocks.{first}.linear"] = ColwiseParallel()
+        plan[f"blocks.{second}.linear"] = RowwiseParallel()
+    if len(present) % 2:
+        plan[f"blocks.{present[-1]}.linear"] = ColwiseParallel(output_layouts=Replicate())
+    return plan
+
+
+def _present_blocks(model: nn.Module) -> list[int]:
+    """Indices of the blocks this process holds (a pipeline stage holds placeholders for the others)."""
+    return [i for i, block in enumerate(model.blocks) if not isinstance(block, nn.Identity)]  # type: ignore[arg-type]

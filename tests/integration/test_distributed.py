@@ -1,0 +1,178 @@
+"""Real multi-process training on CPU (gloo): every strategy ends with the weights of one process.
+
+Each test launches `scaleforge train --nproc N` (or `torchrun`) as a user would and compares the run's
+`final/model.safetensors` with a single-process run of the same config.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from scaleforge import load_config
+from scaleforge.train.trainer import train
+from tests.conftest import REPO, CliResult, run_subprocess
+
+pytestmark = pytest.mark.timeout(600)
+
+# A small GPT (every strategy applies to it: heads split for tp, blocks cut for pp, untied so stages own their
+# weights), trained with plain SGD and no dropout, so any difference comes from how the work was split.
+MODEL = ["model.architecture=gpt", "model.n_layers=2", "model.d_model=32", "model.n_heads=4"]
+MODEL += ["model.tie_embeddings=false"]
+RUN = [
+    "data.dataset=synthetic",
+    "data.kind=tokens",
+    "data.seq_len=16",
+    "data.vocab_size=64",
+    "data.num_samples=512",
+    "training.batch_size=16",
+    "training.max_steps=25",
+    "training.optimizer=sgd",
+    "training.optimizer.momentum=0.9",
+    "training.learning_rate=0.05",
+    "training.clip_grad_norm=1.0",
+    "logging.every_steps=5",
+    "logging.progress=plain",
+    "logging.tensorboard=false",
+    "logging.plot=false",
+    "checkpoint.every_steps=0",
+]
+GPT = MODEL + RUN
+TOLERANCE = 1e-4
+
+
+def read_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys(), f"tensor names differ: {sorted(a.keys() ^ b.keys())}"
+    return max((a[name].float() - b[name].float()).abs().max().item() for name in a)
+
+
+def logged_losses(run_dir: Path) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [record["loss"] for record in map(json.loads, lines) if "loss" in record]
+
+
+def launch(run_dir: Path, *overrides: str, nproc: int = 2) -> CliResult:
+    result = run_subprocess("train", *GPT, *overrides, "--nproc", str(nproc), "--run-dir", str(run_dir), timeout=540)
+    assert result.code == 0, result.out + result.err
+    return result
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The single-process run every multi-process run is compared with."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    train(load_config(None, GPT), run_dir)
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    ("strategy", "extra"),
+    [
+        ("ddp", []),
+        ("ddp", ["training.grad_accum_steps=2"]),
+        ("fsdp", []),
+        ("tp", []),
+        ("pp", []),
+        ("pp", ["parallel.schedule=gpipe", "parallel.microbatches=4"]),
+    ],
+    ids=["ddp", "ddp-accumulation", "fsdp", "tp", "pp-1f1b", "pp-gpipe"],
+)
+def test_two_processes_end_with_the_weights_of_one(
+    reference: Path, tmp_path: Path, strategy: str, extra: list[str]
+) -> None:
+    run_dir = tmp_path / strategy
+    result = launch(run_dir, f"parallel.strategy={strategy}", *extra)
+    assert f"{strategy} on 2 processes" in result.out
+    assert max_difference(read_weights(reference), read_weights(run_dir)) <= TOLERANCE
+    # rank 0 logs the loss averaged over the processes: the loss of the whole global batch
+    assert logged_losses(run_dir) == pytest.approx(logged_losses(reference), abs=TOLERANCE)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["strategy"] == strategy and summary["processes"] == 2
+    reference_summary = json.loads((reference / "summary.json").read_text())
+    assert summary["val_loss"] == pytest.approx(reference_summary["val_loss"], abs=TOLERANCE)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "tp", "pp"])
+def test_compiled_and_checkpointed_blocks_match_eager(reference: Path, tmp_path: Path, strategy: str) -> None:
+    run_dir = tmp_path / strategy
+    launch(run_dir, f"parallel.strategy={strategy}", "training.compile=true", "training.activation_checkpointing=true")
+    assert max_difference(read_weights(reference), read_weights(run_dir)) <= TOLERANCE
+
+
+@pytest.mark.slow
+def test_hybrid_mesh_of_four_processes_trains_gpt_to_the_end(reference: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "hybrid"
+    result = launch(run_dir, "parallel.strategy=hybrid", "parallel.dp=2", "parallel.tp=2", nproc=4)
+    assert "hybrid on 4 processes (dp=2 x tp=2 x pp=1)" in result.out
+    assert max_difference(read_weights(reference), read_weights(run_dir)) <= TOLERANCE
+
+
+def test_a_script_started_by_torchrun_directly_trains(reference: Path, tmp_path: Path) -> None:
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun is not None
+    run_dir = tmp_path / "torchrun"
+    command = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "scaleforge", "train", *GPT]
+    proc = subprocess.run(
+        [*command, "--run-dir", str(run_dir)], cwd=REPO, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("done:") == 1  # rank 0 alone reports
+    assert max_difference(read_weights(reference), read_weights(run_dir)) <= TOLERANCE
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--nproc", "2", "parallel.strategy=single"], "parallel.strategy: single runs one process, but 2 were"),
+        (["--nproc", "3", "parallel.strategy=hybrid", "parallel.tp=2"], "3 processes do not divide into parallel.tp=2"),
+        (
+            ["--nproc", "2", "parallel.strategy=hybrid", "parallel.dp=2", "parallel.tp=2"],
+            "dp=2 x tp=2 x pp=1 = 4, but 2 processes were started",
+        ),
+        (["--nproc", "2", "parallel.strategy=tp", "parallel.tp=4"], "parallel.tp: 4 does not match the 2 processes"),
+        (["parallel.strategy=ddp", "parallel.tp=2"], "parallel.tp: sizes a mesh dimension that parallel.strategy=ddp"),
+        (["parallel.stages=[2, 1]"], "parallel.stages: expected increasing block indices above 0"),
+        (["--nnodes", "2"], "--nnodes above 1 needs --rdzv-endpoint"),
+        (["--nproc", "0"], "argument --nproc: expected a positive integer"),
+    ],
+)
+def test_bad_parallel_configs_fail_before_any_process_starts(cli, args: list[str], message: str) -> None:
+    result = cli("train", *GPT, *args)
+    assert result.code == 2
+    assert message in result.err
+    assert len(result.err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["parallel.strategy=tp", "model.architecture=lstm"], "model 'lstm' declares no tensor-parallel plan"),
+        (["parallel.strategy=tp", "model.n_heads=3", "model.d_model=48"], "3 attention heads, which do not split"),
+        (["parallel.strategy=pp", "model.n_layers=1"], "parallel.pp: 2 pipeline stages need at least 2 blocks"),
+        (["parallel.strategy=pp", "model.tie_embeddings=true"], "are one tied weight"),
+        (["parallel.strategy=pp", "parallel.microbatches=3"], "does not split into 3 pipeline micro-batches"),
+        (["parallel.strategy=fsdp", "training.precision=fp16-mixed"], "training.precision: fp16-mixed needs"),
+    ],
+    ids=["tp-without-plan", "tp-heads", "pp-too-few-blocks", "pp-tied", "pp-microbatches", "fsdp-fp16"],
+)
+def test_strategies_that_cannot_apply_to_the_model_are_config_errors(
+    tmp_path: Path, overrides: list[str], message: str
+) -> None:
+    model = [] if "model.architecture=lstm" in overrides else MODEL
+    result = run_subprocess("train", *model, *RUN, *overrides, "--nproc", "2", "--run-dir", str(tmp_path / "run"))
+    assert result.code == 2, result.err
+    errors = [line for line in result.err.splitlines() if line.strip()]
+    assert errors and all(message in line for line in errors), result.err  # said once, by rank 0, one line
+    assert len(errors) == 1
