@@ -168,6 +168,14 @@ class ParallelModel:
     def _device(self) -> torch.device:
         return next(self.module.parameters()).device
 
+    def gather(self, value: Any) -> list[Any] | None:
+        """Every process's `value` (small, plain data), in rank order, on rank 0; None on the others."""
+        if self.mesh is None:
+            return [value]
+        gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(value, gathered, dst=0)
+        return gathered
+
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole model's unsharded state dict on CPU, under the names of the plain model, on rank 0 (None on
         the others). Every process must call this: sharded tensors are gathered collectively."""

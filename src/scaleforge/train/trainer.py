@@ -15,8 +15,10 @@ import dataclasses
 import json
 import math
 import random
+import resource
+import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from scaleforge import registry
 from scaleforge.config import (
@@ -473,6 +476,7 @@ def _train(
         if last_eval.get("step") != state.step:
             last_eval = run_eval()
 
+        memory = parallel.gather(process_memory(parallel.module, optimizer, device))
         full_state = parallel.full_state_dict()  # every process takes part in gathering the shards
         summary = {
             "num_parameters": num_parameters,
@@ -489,6 +493,7 @@ def _train(
             "strategy": dims.strategy,
             "processes": dims.world_size,
             "stopped_early": state.should_stop,
+            "memory_per_process": memory,
         }
         if env.is_main:
             assert full_state is not None
@@ -496,6 +501,30 @@ def _train(
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             hooks.on_train_end(state, summary)
     return summary  # the model and optimizer go with this frame, before `train` leaves the process group
+
+
+def process_memory(module: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, Any]:
+    """This process's memory in MiB: its share of the parameters, gradients and optimizer state, and its peak
+    (allocated GPU memory on CUDA, else the process's peak resident set, which includes the runtime)."""
+
+    def mib(tensors: Iterable[torch.Tensor]) -> float:
+        local = (t.to_local() if isinstance(t, DTensor) else t for t in tensors)
+        return sum(t.numel() * t.element_size() for t in local) / 2**20
+
+    parameters = list(module.parameters())
+    optimizer_state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    if device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_allocated"
+    else:  # ru_maxrss is KiB on Linux, bytes on macOS
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak, kind = rss / (2**20 if sys.platform == "darwin" else 2**10), "rss"
+    return {
+        "parameters_mib": mib(parameters),
+        "gradients_mib": mib(p.grad for p in parameters if p.grad is not None),
+        "optimizer_mib": mib(optimizer_state),
+        "peak_mib": peak,
+        "peak_kind": kind,
+    }
 
 
 def describe(dims: ParallelDims) -> str:
