@@ -7,7 +7,7 @@ comma := ,
 STAMP := $(VENV)/.setup-$(subst $(comma),-,$(EXTRAS))
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench support-matrix clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,13 @@ lint: setup
 
 bench: setup
 	$(BIN)/scaleforge bench overhead
+
+# Every strategy x compile x checkpointing x precision cell (about 20 minutes on 2 cores), then the table.
+support-matrix: setup
+	rm -rf .support-matrix
+	SCALEFORGE_MATRIX=all SCALEFORGE_MATRIX_DIR=.support-matrix $(BIN)/python -m pytest -n 2 -q \
+		tests/integration/test_support_matrix.py tests/integration/test_distributed.py; status=$$?; \
+	$(BIN)/python -m tests.support_matrix .support-matrix docs/support-matrix.md; exit $$status
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

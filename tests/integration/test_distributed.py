@@ -6,6 +6,7 @@ Each test launches `scaleforge train --nproc N` (or `torchrun`) as a user would 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -13,67 +14,29 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from scaleforge import load_config
-from scaleforge.train.trainer import train
-from tests.conftest import REPO, CliResult, run_subprocess
+from tests.conftest import REPO, run_subprocess
+from tests.integration.multiprocess import (
+    GPT,
+    MODEL,
+    RUN,
+    TOLERANCE,
+    launch,
+    logged_losses,
+    max_difference,
+    read_weights,
+    single_process_run,
+)
+from tests.support_matrix import record_cell
 
 pytestmark = pytest.mark.timeout(600)
-
-# A small GPT (every strategy applies to it: heads split for tp, blocks cut for pp, untied so stages own their
-# weights), trained with plain SGD and no dropout, so any difference comes from how the work was split.
-MODEL = ["model.architecture=gpt", "model.n_layers=2", "model.d_model=32", "model.n_heads=4"]
-MODEL += ["model.tie_embeddings=false"]
-RUN = [
-    "data.dataset=synthetic",
-    "data.kind=tokens",
-    "data.seq_len=16",
-    "data.vocab_size=64",
-    "data.num_samples=512",
-    "training.batch_size=16",
-    "training.max_steps=25",
-    "training.optimizer=sgd",
-    "training.optimizer.momentum=0.9",
-    "training.learning_rate=0.05",
-    "training.clip_grad_norm=1.0",
-    "logging.every_steps=5",
-    "logging.progress=plain",
-    "logging.tensorboard=false",
-    "logging.plot=false",
-    "checkpoint.every_steps=0",
-]
-GPT = MODEL + RUN
-TOLERANCE = 1e-4
-
-
-def read_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "final" / "model.safetensors"))
-
-
-def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert a.keys() == b.keys(), f"tensor names differ: {sorted(a.keys() ^ b.keys())}"
-    return max((a[name].float() - b[name].float()).abs().max().item() for name in a)
-
-
-def logged_losses(run_dir: Path) -> list[float]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [record["loss"] for record in map(json.loads, lines) if "loss" in record]
-
-
-def launch(run_dir: Path, *overrides: str, nproc: int = 2) -> CliResult:
-    result = run_subprocess("train", *GPT, *overrides, "--nproc", str(nproc), "--run-dir", str(run_dir), timeout=540)
-    assert result.code == 0, result.out + result.err
-    return result
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The single-process run every multi-process run is compared with."""
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    train(load_config(None, GPT), run_dir)
-    return run_dir
+    with record_cell("single", "eager", "32"):
+        return single_process_run(tmp_path_factory.mktemp("reference") / "run")
 
 
 @pytest.mark.parametrize(
@@ -91,7 +54,11 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_two_processes_end_with_the_weights_of_one(
     reference: Path, tmp_path: Path, strategy: str, extra: list[str]
 ) -> None:
-    run_dir = tmp_path / strategy
+    with record_cell(strategy, "eager", "32") if not extra else contextlib.nullcontext():
+        check_equivalent_run(reference, tmp_path / strategy, strategy, extra)
+
+
+def check_equivalent_run(reference: Path, run_dir: Path, strategy: str, extra: list[str]) -> None:
     result = launch(run_dir, f"parallel.strategy={strategy}", *extra)
     assert f"{strategy} on 2 processes" in result.out
     assert max_difference(read_weights(reference), read_weights(run_dir)) <= TOLERANCE
@@ -104,18 +71,10 @@ def test_two_processes_end_with_the_weights_of_one(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "tp", "pp"])
-def test_compiled_and_checkpointed_blocks_match_eager(reference: Path, tmp_path: Path, strategy: str) -> None:
-    run_dir = tmp_path / strategy
-    launch(run_dir, f"parallel.strategy={strategy}", "training.compile=true", "training.activation_checkpointing=true")
-    assert max_difference(read_weights(reference), read_weights(run_dir)) <= TOLERANCE
-
-
-@pytest.mark.slow
-def test_hybrid_mesh_of_four_processes_trains_gpt_to_the_end(reference: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mesh", [["parallel.pp=2", "parallel.tp=2"], ["parallel.dp=2", "parallel.pp=2"]])
+def test_hybrid_meshes_with_pipeline_stages_match_one_process(reference: Path, tmp_path: Path, mesh: list[str]) -> None:
     run_dir = tmp_path / "hybrid"
-    result = launch(run_dir, "parallel.strategy=hybrid", "parallel.dp=2", "parallel.tp=2", nproc=4)
-    assert "hybrid on 4 processes (dp=2 x tp=2 x pp=1)" in result.out
+    launch(run_dir, "parallel.strategy=hybrid", *mesh, nproc=4)
     assert max_difference(read_weights(reference), read_weights(run_dir)) <= TOLERANCE
 
 
