@@ -10,9 +10,9 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, TypeVar
 
-from scaleforge.errors import ConfigError, ScaleforgeError, UsageError
+from scaleforge.errors import AgreedError, ScaleforgeError, UsageError
 
 if TYPE_CHECKING:
     from scaleforge.distributed.launch import LaunchOptions
@@ -41,6 +41,7 @@ def _load(items: Sequence[str]):  # noqa: ANN202 - RunConfig, imported lazily to
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from scaleforge.distributed.env import DistEnv
     from scaleforge.distributed.launch import LaunchOptions
 
     options = LaunchOptions(
@@ -51,13 +52,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         rdzv_id=args.rdzv_id,
         max_restarts=args.max_restarts,
     )
-    if options.world_size > 1 or options.max_restarts > 0:
+    if options.needs_launcher:
         return _launch_train(args, options)
     from scaleforge.train.trainer import train
 
     config = _load(args.config)
     summary = train(config, Path(args.run_dir) if args.run_dir else None)
-    if int(os.environ.get("RANK", 0)) == 0:
+    if DistEnv.from_environ().is_main:
         run_dir = Path(summary["run_dir"])
         metrics = " | ".join(f"{k} {v:.4f}" for k, v in summary.items() if k.startswith("val_"))
         print(f"done: {summary['steps']} steps in {summary['wall_time_s']:.1f}s | {metrics}")
@@ -67,18 +68,26 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _launch_train(args: argparse.Namespace, options: LaunchOptions) -> int:
     """Check what can be checked here, then start the workers; each runs `scaleforge train` without launch flags."""
+    from scaleforge.distributed.env import DistEnv, check_device_per_process, select_device
     from scaleforge.distributed.launch import launch
     from scaleforge.distributed.parallel_dims import ParallelDims
-    from scaleforge.train.trainer import check_run_dir
+    from scaleforge.train.trainer import check_run_dir, default_run_dir
 
     options.check()
     config = _load(args.config)  # a bad config fails here, once, before any process starts
     ParallelDims.resolve(config.parallel, options.world_size)
-    worker_args = ["train", *args.config]
-    if args.run_dir:  # else the workers' rank 0 picks the default and shares it
-        check_run_dir(Path(args.run_dir))
-        worker_args += ["--run-dir", args.run_dir]
-    return launch(worker_args, options)
+    check_device_per_process(config.hardware.device, DistEnv(world_size=options.world_size))
+    select_device(config.hardware.device)  # a device this node lacks
+    # One run directory for every worker and every restart: nodes agree on it through the job's id.
+    if args.run_dir:
+        run_dir = Path(args.run_dir)
+    elif options.nnodes > 1:
+        run_dir = Path("runs") / f"{config.name}-{options.rdzv_id or 'multinode'}"
+    else:
+        run_dir = default_run_dir(config)
+    if options.node_rank == 0:
+        check_run_dir(run_dir)
+    return launch(["train", *args.config, "--run-dir", str(run_dir)], options)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -116,6 +125,39 @@ def cmd_bench_overhead(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_scaling(args: argparse.Namespace) -> int:
+    from scaleforge.bench.scaling import run_scaling_benchmark
+
+    config_path, overrides = _split_config_args(args.config)
+    run_scaling_benchmark(
+        config_path,
+        overrides,
+        process_counts=args.nproc,
+        mode=args.mode,
+        strategy=args.strategy,
+        steps=args.steps,
+        out=Path(args.out),
+        as_json=args.json,
+    )
+    return 0
+
+
+def cmd_bench_memory(args: argparse.Namespace) -> int:
+    from scaleforge.bench.memory import run_memory_benchmark
+
+    config_path, overrides = _split_config_args(args.config)
+    run_memory_benchmark(
+        config_path,
+        overrides,
+        nproc=args.nproc,
+        strategies=args.strategies,
+        steps=args.steps,
+        out=Path(args.out),
+        as_json=args.json,
+    )
+    return 0
+
+
 def _int_at_least(minimum: int, kind: str) -> Callable[[str], int]:
     """An argparse type: an integer of at least `minimum`, described as `kind` in errors."""
 
@@ -135,6 +177,18 @@ _positive_int = _int_at_least(1, "positive")
 _non_negative_int = _int_at_least(0, "non-negative")
 
 
+Item = TypeVar("Item")
+
+
+def _comma_separated(item: Callable[[str], Item]) -> Callable[[str], list[Item]]:
+    """An argparse type: `a,b,c`, each part parsed by `item` (whose errors name the bad part)."""
+
+    def parse(text: str) -> list[Item]:
+        return [item(part.strip()) for part in text.split(",")]
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line."""
     from scaleforge import __version__
@@ -152,7 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--nnodes", type=_positive_int, default=1, help="nodes taking part (default 1)")
     launch.add_argument("--node-rank", type=_non_negative_int, default=0, help="this node's index (default 0)")
     launch.add_argument("--rdzv-endpoint", metavar="HOST:PORT", help="where the nodes meet (needed for --nnodes > 1)")
-    launch.add_argument("--rdzv-id", metavar="ID", help="a name shared by the nodes of one job")
+    launch.add_argument(
+        "--rdzv-id", metavar="ID", help="a name shared by the nodes of one job (names the default run directory)"
+    )
     launch.add_argument(
         "--max-restarts", type=_non_negative_int, default=0, help="restart the workers up to K times after a failure"
     )
@@ -187,6 +243,53 @@ def build_parser() -> argparse.ArgumentParser:
     overhead.add_argument("--no-lightning", action="store_true", help="skip PyTorch Lightning even if installed")
     overhead.add_argument("--json", action="store_true", help="print JSON instead of a table")
     overhead.set_defaults(handler=cmd_bench_overhead)
+
+    scaling = bench_commands.add_parser(
+        "scaling",
+        help="training throughput at several process counts (strong or weak scaling)",
+        description="Train one config at each process count, every process with cores // (largest count) threads, "
+        "and report steady-state throughput, speed-up and scaling efficiency.",
+    )
+    scaling.add_argument("config", nargs="*", metavar="CONFIG_OR_OVERRIDE", help=config_help)
+    scaling.add_argument(
+        "--nproc",
+        type=_comma_separated(_positive_int),
+        required=True,
+        metavar="N,N,...",
+        help="process counts, such as 1,2",
+    )
+    scaling.add_argument(
+        "--mode",
+        choices=("strong", "weak"),
+        required=True,
+        help="strong: the global batch stays training.batch_size; weak: each process gets training.batch_size",
+    )
+    scaling.add_argument(
+        "--strategy", default="ddp", help="ddp, fsdp, tp, pp or hybrid: how runs above 1 process split (default ddp)"
+    )
+    scaling.add_argument("--steps", type=_positive_int, default=100, help="steps per run, at least 30 (default 100)")
+    scaling.add_argument("--out", default="runs/bench-scaling", help="where runs and results go (default %(default)s)")
+    scaling.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    scaling.set_defaults(handler=cmd_bench_scaling)
+
+    memory = bench_commands.add_parser(
+        "memory",
+        help="parameters, gradients, optimizer state and peak memory per process under each strategy",
+        description="Train one config under each strategy on the same processes and compare memory per process.",
+    )
+    memory.add_argument("config", nargs="*", metavar="CONFIG_OR_OVERRIDE", help=config_help)
+    memory.add_argument("--nproc", type=_positive_int, required=True, help="processes per run, at least 2")
+    memory.add_argument(
+        "--strategies",
+        type=_comma_separated(str),
+        default=["ddp", "fsdp", "tp"],
+        metavar="S,S,...",
+        help="strategies to compare (default ddp,fsdp,tp)",
+    )
+    memory.add_argument("--steps", type=_positive_int, default=20, help="steps per run (default 20)")
+    memory.add_argument("--out", default="runs/bench-memory", help="where runs and results go (default %(default)s)")
+    memory.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    memory.set_defaults(handler=cmd_bench_memory)
     return parser
 
 
@@ -208,13 +311,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse_args(build_parser(), argv)
         return args.handler(args)
     except ScaleforgeError as error:
-        # A config error is the same on every process of a run: rank 0 alone says it.
-        if not (isinstance(error, ConfigError) and int(os.environ.get("RANK", 0)) > 0):
+        # Workers leave their errors for the launcher, which prints one. Under torchrun, which reports failed
+        # workers its own way, rank 0 also says its error.
+        from scaleforge.distributed.launch import is_launched_worker, record_user_error
+
+        if _is_main_process() and not is_launched_worker():
             print(error.one_line(), file=sys.stderr)
+        rank = int(os.environ.get("RANK", 0))
+        if "RANK" in os.environ:  # an error other processes did not share names its rank
+            shared = rank == 0 or isinstance(error, AgreedError)
+            record_user_error(error.one_line() if shared else f"rank {rank}: {error.one_line()}")
         return error.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except Exception as error:
+        from scaleforge.distributed.env import PEER_FAILED_EXIT, lost_peer
+        from scaleforge.distributed.launch import is_launched_worker
+
+        if is_launched_worker() and lost_peer(error):  # the launcher reports the peer's failure instead
+            return PEER_FAILED_EXIT
+        raise
+    except KeyboardInterrupt:  # under the launcher, the launcher says it
+        from scaleforge.distributed.launch import is_launched_worker
+
+        if _is_main_process() and not is_launched_worker():
+            print("interrupted", file=sys.stderr)
         return 130
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", 0)) == 0
 
 
 if __name__ == "__main__":

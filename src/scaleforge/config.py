@@ -104,6 +104,16 @@ class HardwareSection:
     threads: int | None = field(default=None, metadata=POSITIVE)
 
 
+# The device-mesh dimensions each strategy spans (`single` spans none; `auto` resolves to single or ddp).
+MESH_DIMENSIONS: dict[str, tuple[str, ...]] = {
+    "ddp": ("dp",),
+    "fsdp": ("dp",),
+    "tp": ("tp",),
+    "pp": ("pp",),
+    "hybrid": ("dp", "tp", "pp"),
+}
+
+
 @dataclass(frozen=True)
 class ParallelSection:
     """How the work is split across processes. `auto`: `single` for one process, `ddp` for more.
@@ -521,12 +531,18 @@ def _check_parallel(parallel: ParallelSection, origins: Mapping[str, str]) -> No
     stages = parallel.stages
     if stages is not None and (any(s < 1 for s in stages) or sorted(set(stages)) != list(stages)):
         raise _fail(origins, "parallel.stages", f"expected increasing block indices above 0, got {list(stages)}")
-    allowed = {"hybrid": ("dp", "tp", "pp"), "ddp": ("dp",), "fsdp": ("dp",), "tp": ("tp",), "pp": ("pp",)}
+    dimensions = MESH_DIMENSIONS.get(parallel.strategy, ())
     for key in ("dp", "tp", "pp"):
-        if getattr(parallel, key) not in (None, 1) and key not in allowed.get(parallel.strategy, ()):
+        if getattr(parallel, key) not in (None, 1) and key not in dimensions:
             raise _fail(
                 origins, f"parallel.{key}", f"sizes a mesh dimension that parallel.strategy={parallel.strategy} lacks"
             )
+    if "pp" not in dimensions:  # pipeline options for a strategy without stages would be silently ignored
+        defaults = ParallelSection()
+        for key in ("stages", "schedule", "microbatches"):
+            if getattr(parallel, key) != getattr(defaults, key):
+                message = f"shapes pipeline stages, which parallel.strategy={parallel.strategy} lacks"
+                raise _fail(origins, f"parallel.{key}", message)
 
 
 def _check_range(value: Any, metadata: Mapping[str, Any], origins: Mapping[str, str], key: str) -> None:

@@ -36,6 +36,18 @@ class UsageError(ScaleforgeError):
     kind = "usage error"
 
 
+class AgreedError(ScaleforgeError):
+    """A user error met on one or more processes of a run, raised on all of them with one message."""
+
+    def __init__(self, line: str, exit_code: int = 2) -> None:
+        super().__init__(line)
+        self.line = line
+        self.exit_code = exit_code
+
+    def one_line(self) -> str:
+        return self.line
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """A ` (did you mean 'x'?)` suffix for the closest choice, or '' when nothing is close."""
     matches = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)

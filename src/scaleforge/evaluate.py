@@ -7,12 +7,12 @@ from pathlib import Path
 from scaleforge.data.loading import eval_batches
 from scaleforge.distributed.parallelize import ParallelModel
 from scaleforge.runs import load_run
+from scaleforge.train.precision import make_autocast
 from scaleforge.train.trainer import (
     build_data,
     build_objective,
     eval_batch_size,
     evaluate,
-    make_autocast,
     setup_runtime,
 )
 

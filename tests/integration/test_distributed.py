@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from scaleforge import load_config
+from scaleforge.train.trainer import train
 from tests.conftest import REPO, run_subprocess
 from tests.integration.multiprocess import (
     GPT,
@@ -48,8 +50,9 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ("tp", []),
         ("pp", []),
         ("pp", ["parallel.schedule=gpipe", "parallel.microbatches=4"]),
+        ("pp", ["training.grad_accum_steps=2"]),
     ],
-    ids=["ddp", "ddp-accumulation", "fsdp", "tp", "pp-1f1b", "pp-gpipe"],
+    ids=["ddp", "ddp-accumulation", "fsdp", "tp", "pp-1f1b", "pp-gpipe", "pp-accumulation"],
 )
 def test_two_processes_end_with_the_weights_of_one(
     reference: Path, tmp_path: Path, strategy: str, extra: list[str]
@@ -76,6 +79,19 @@ def test_hybrid_meshes_with_pipeline_stages_match_one_process(reference: Path, t
     run_dir = tmp_path / "hybrid"
     launch(run_dir, "parallel.strategy=hybrid", *mesh, nproc=4)
     assert max_difference(read_weights(reference), read_weights(run_dir)) <= TOLERANCE
+
+
+def test_the_mlp_tensor_parallel_plan_matches_one_process(tmp_path: Path) -> None:
+    # three hidden layers: a column/row pair, then an unpaired column-wise layer gathered for the head
+    mlp = ["model.architecture=mlp", "model.hidden_layers=[32, 32, 16]", "model.dropout_rate=0"]
+    mlp += ["data.kind=rows", "data.num_features=12", "data.num_classes=4"]
+    reference = tmp_path / "single"
+    train(load_config(None, [*RUN, *mlp]), reference)
+    result = run_subprocess(
+        "train", *RUN, *mlp, "parallel.strategy=tp", "--nproc", "2", "--run-dir", str(tmp_path / "tp"), timeout=300
+    )
+    assert result.code == 0, result.err
+    assert max_difference(read_weights(reference), read_weights(tmp_path / "tp")) <= TOLERANCE
 
 
 def test_a_script_started_by_torchrun_directly_trains(reference: Path, tmp_path: Path) -> None:
@@ -105,6 +121,8 @@ def test_a_script_started_by_torchrun_directly_trains(reference: Path, tmp_path:
         (["parallel.stages=[2, 1]"], "parallel.stages: expected increasing block indices above 0"),
         (["--nnodes", "2"], "--nnodes above 1 needs --rdzv-endpoint"),
         (["--nproc", "0"], "argument --nproc: expected a positive integer"),
+        (["--nproc", "2", "hardware.device=mps"], "hardware.device: 'mps' is one device, but each of the 2"),
+        (["parallel.microbatches=4"], "parallel.microbatches: shapes pipeline stages, which parallel.strategy=auto"),
     ],
 )
 def test_bad_parallel_configs_fail_before_any_process_starts(cli, args: list[str], message: str) -> None:

@@ -6,7 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from scaleforge.distributed.pipeline_parallel import balanced_starts, check_pipelinable, keep_stage, stage_bounds
+from scaleforge.distributed.pipeline_parallel import (
+    balanced_starts,
+    check_pipelinable,
+    check_stage_ties,
+    keep_stage,
+    stage_bounds,
+    stage_view,
+)
 from scaleforge.errors import ConfigError
 from scaleforge.models.gpt import GPT
 from scaleforge.models.lstm import LSTMModel
@@ -79,7 +86,8 @@ def test_stages_together_compute_the_whole_model_under_its_own_names() -> None:
 
 def test_a_weight_tied_across_stages_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"embed.token.weight \(stage 0\) and head.proj.weight \(stage 1\)"):
-        keep_stage(gpt(tie=True), [range(0, 2), range(2, 4)], 0)
+        check_stage_ties(gpt(tie=True), [range(0, 2), range(2, 4)])
+    check_stage_ties(gpt(tie=True), [range(0, 4)])  # one stage holds both ends
 
 
 def test_only_embed_blocks_head_models_can_be_pipelined() -> None:
@@ -93,3 +101,11 @@ def test_parameter_free_placeholders_stand_in_for_other_stages() -> None:
     keep_stage(model, [range(0, 2), range(2, 3)], 1)
     assert isinstance(model.embed, nn.Identity) and isinstance(model.blocks[0], nn.Identity)
     assert not isinstance(model.head, nn.Identity) and not isinstance(model.blocks[2], nn.Identity)
+
+
+def test_a_stage_view_leaves_the_model_whole() -> None:
+    model = MLP(input_shape=(4,), num_classes=3, hidden_layers=(8, 8, 8))
+    view = stage_view(model, [range(0, 1), range(1, 3)], 1)
+    assert isinstance(view.embed, nn.Identity) and isinstance(view.blocks[0], nn.Identity)
+    assert view.blocks[1] is model.blocks[1] and view.head is model.head  # weights shared, not copied
+    assert not any(isinstance(module, nn.Identity) for module in [model.embed, *model.blocks, model.head])

@@ -6,11 +6,11 @@ from __future__ import annotations
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+from scaleforge.distributed.pipeline_parallel import present_blocks
+
 
 def apply_ac(model: nn.Module) -> None:
     """Wrap every block of `model.blocks` in place. The wrapper strips its own name from state-dict keys, so
     saved tensor names stay those of the plain model."""
-    blocks: nn.ModuleList = model.blocks  # type: ignore[assignment]
-    for index, block in enumerate(blocks):
-        if any(True for _ in block.parameters()):  # pipeline stages leave parameter-free placeholders
-            blocks[index] = checkpoint_wrapper(block, preserve_rng_state=True)
+    for index, block in present_blocks(model):
+        model.blocks[index] = checkpoint_wrapper(block, preserve_rng_state=True)  # type: ignore[index]

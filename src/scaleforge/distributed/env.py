@@ -3,15 +3,17 @@ its device."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from scaleforge.errors import ConfigError
+from scaleforge.errors import AgreedError, ConfigError, ScaleforgeError
 
 # Collectives wait this long for a peer before failing, so a dead or hung peer ends the run instead of stalling it.
 PROCESS_GROUP_TIMEOUT = timedelta(minutes=10)
@@ -24,18 +26,22 @@ class DistEnv:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    restart_count: int = 0  # how many times the launcher has restarted the workers after a failure
 
     @classmethod
     def from_environ(cls) -> DistEnv:
-        """Read RANK, LOCAL_RANK and WORLD_SIZE; a process started without a launcher is rank 0 of 1."""
+        """Read RANK, LOCAL_RANK, WORLD_SIZE and TORCHELASTIC_RESTART_COUNT; a process started without a launcher
+        is rank 0 of 1."""
         return cls(
             rank=int(os.environ.get("RANK", 0)),
             local_rank=int(os.environ.get("LOCAL_RANK", 0)),
             world_size=int(os.environ.get("WORLD_SIZE", 1)),
+            restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
         )
 
     @property
     def distributed(self) -> bool:
+        """Whether other processes take part in this run."""
         return self.world_size > 1
 
     @property
@@ -68,14 +74,30 @@ def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return device
 
 
-def init_distributed(env: DistEnv, device: torch.device) -> None:
-    """Join the process group: nccl on CUDA, gloo otherwise; each process pins its own GPU first."""
-    if not env.distributed or dist.is_initialized():
+def check_device_per_process(name: str, env: DistEnv) -> None:
+    """Processes of one node each need their own device: a single named GPU (or MPS) cannot serve several."""
+    if env.distributed and (name.startswith("cuda:") or name == "mps"):
+        raise ConfigError(
+            f"hardware.device: '{name}' is one device, but each of the {env.world_size} processes needs its own; "
+            "use auto or cuda (each process takes cuda:LOCAL_RANK)"
+        )
+
+
+def init_distributed(env: DistEnv, device: torch.device, *, required: bool = False) -> None:
+    """Join the process group: nccl on CUDA, gloo otherwise; each process pins its own GPU first.
+
+    A single process started without a launcher joins a group of its own when `required` (a parallel strategy
+    on one process), through an in-memory store instead of the launcher's rendezvous.
+    """
+    if dist.is_initialized() or not (env.distributed or required):
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT, device_id=device if backend == "nccl" else None)
+    options: dict = {"timeout": PROCESS_GROUP_TIMEOUT, "device_id": device if backend == "nccl" else None}
+    if "MASTER_ADDR" not in os.environ:
+        options.update(store=dist.HashStore(), rank=0, world_size=1)
+    dist.init_process_group(backend, **options)
 
 
 def teardown_distributed() -> None:
@@ -83,3 +105,57 @@ def teardown_distributed() -> None:
     if dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()
+
+
+class PeerFailed(Exception):
+    """Another process of the run failed, so this one cannot go on; the launcher reports the other's failure."""
+
+
+# Set by a worker that stopped only because a peer failed (PeerFailed, or a collective that lost its peer).
+PEER_FAILED_EXIT = 3
+# How gloo words a collective whose peer has gone.
+_LOST_PEER_MESSAGES = ("closed by peer", "reset by peer", "Broken pipe")
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether `error` only says that another process of the run has gone."""
+    if isinstance(error, PeerFailed | dist.DistNetworkError):
+        return True
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in _LOST_PEER_MESSAGES)
+
+
+@contextlib.contextmanager
+def errors_agreed(env: DistEnv) -> Iterator[None]:
+    """Run a stretch of setup with no collectives in it, which may fail on some processes only (a rank's own data
+    file, rank 0's callbacks), and leave it together.
+
+    A user error on any process is raised on every process with one message, which names the rank unless every
+    process met it. A crash is re-raised where it happened and stops the others with `PeerFailed`. Without
+    this, the processes that got through would wait in their next collective for a peer that has gone and fail
+    there with a traceback of their own.
+    """
+    if not (env.distributed and dist.is_initialized()):
+        yield
+        return
+    failure: BaseException | None = None
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - every failure is shared, then re-raised below
+        failure = error
+    if isinstance(failure, ScaleforgeError):
+        outcome: tuple[str, str, int] | None = ("user", failure.one_line(), failure.exit_code)
+    else:
+        outcome = None if failure is None else ("crash", type(failure).__name__, 1)
+    outcomes: list[tuple[str, str, int] | None] = [None] * env.world_size
+    dist.all_gather_object(outcomes, outcome)
+    failed = [(rank, outcome) for rank, outcome in enumerate(outcomes) if outcome is not None]
+    if not failed:
+        return
+    if any(kind == "crash" for _, (kind, _, _) in failed):
+        if failure is not None and not isinstance(failure, ScaleforgeError):
+            raise failure
+        raise PeerFailed("another process crashed during setup")
+    rank, (_, line, exit_code) = failed[0]
+    if len(failed) < env.world_size or len({outcome for _, outcome in failed}) > 1:
+        line = f"rank {rank}: {line}"
+    raise AgreedError(line, exit_code) from failure

@@ -8,6 +8,8 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+from scaleforge.distributed.pipeline_parallel import present_blocks
+
 
 def apply_fsdp(
     model: nn.Module, dp_mesh: DeviceMesh, *, param_dtype: torch.dtype | None, cpu_offload: bool = False
@@ -19,8 +21,7 @@ def apply_fsdp(
     """
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
-    for block in model.blocks:  # type: ignore[union-attr]
-        if any(True for _ in block.parameters()):  # pipeline stages leave parameter-free placeholders
-            fully_shard(block, mesh=dp_mesh, mp_policy=policy, offload_policy=offload)
+    for _, block in present_blocks(model):
+        fully_shard(block, mesh=dp_mesh, mp_policy=policy, offload_policy=offload)
     fully_shard(model, mesh=dp_mesh, mp_policy=policy, offload_policy=offload)
     return model

@@ -6,14 +6,24 @@ in its environment, exactly as under `torchrun`, so the two ways of starting a r
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import signal
 import sys
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from scaleforge.distributed.env import PEER_FAILED_EXIT
 from scaleforge.errors import UsageError
+
+# torch's elastic modules name their loggers under these; the launcher reports failures itself.
+ELASTIC_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher")
+# Set for the workers this launcher starts: they leave user errors to it rather than printing them.
+LAUNCHED = "SCALEFORGE_LAUNCHED"
 
 
 @dataclass(frozen=True)
@@ -29,12 +39,18 @@ class LaunchOptions:
 
     @property
     def world_size(self) -> int:
+        """Processes over all nodes."""
         return self.nproc * self.nnodes
+
+    @property
+    def needs_launcher(self) -> bool:
+        """Whether workers must be started (more than one, or restarts to supervise)."""
+        return self.world_size > 1 or self.max_restarts > 0
 
     def check(self) -> None:
         """Refuse flags that cannot describe a job."""
         if self.nnodes > 1 and self.rdzv_endpoint is None:
-            raise UsageError("--nnodes above 1 needs --rdzv-endpoint HOST:PORT, the address every node meets at")
+            raise UsageError("--nnodes above 1 needs --rdzv-endpoint HOST:PORT, the address of node 0")
         if not 0 <= self.node_rank < self.nnodes:
             raise UsageError(
                 f"--node-rank {self.node_rank} is not a node of --nnodes {self.nnodes} (0..{self.nnodes - 1})"
@@ -42,43 +58,109 @@ class LaunchOptions:
 
 
 def threads_per_process(nproc: int) -> int:
-    """The node's cores shared fairly among its processes (the elastic launcher does not set OMP_NUM_THREADS)."""
-    return max(1, (os.cpu_count() or 1) // nproc)
+    """This node's usable cores shared fairly among its processes (the elastic launcher leaves OMP_NUM_THREADS
+    unset)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // nproc)
 
 
 def launch(worker_args: Sequence[str], options: LaunchOptions) -> int:
     """Run `python -m scaleforge *worker_args` on `options.nproc` processes of this node; returns the exit code.
 
-    A worker that fails with a user error (exit 2) has printed its one-line message; the launcher then exits 2
-    too. Other failures end the job with the failing rank named.
+    One node alone meets through a local c10d rendezvous (torchrun's `--standalone`). Several nodes use a static
+    rendezvous at `--rdzv-endpoint`, where `--node-rank` orders the nodes, so node 0 holds global rank 0 (which
+    writes the run directory), as with torchrun.
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    options.check()
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_process(options.nproc)))
-    # Without this, workers restarted after a failure hang in the next rendezvous (torch 2.13).
-    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # failures are reported below
-    standalone = options.rdzv_endpoint is None
+    single_node = options.nnodes == 1
     config = LaunchConfig(
         min_nodes=options.nnodes,
         max_nodes=options.nnodes,
         nproc_per_node=options.nproc,
-        run_id=options.rdzv_id or (uuid.uuid4().hex if standalone else "scaleforge"),
-        rdzv_backend="c10d",
-        rdzv_endpoint=options.rdzv_endpoint or "localhost:0",
-        rdzv_configs={"is_host": options.node_rank == 0} if not standalone else {},
+        # nodes meet under one job id: torchrun's default when none is given
+        run_id=options.rdzv_id or (uuid.uuid4().hex if single_node else "none"),
+        rdzv_backend="c10d" if single_node else "static",
+        rdzv_endpoint="localhost:0" if single_node else options.rdzv_endpoint,  # type: ignore[arg-type]
+        rdzv_configs={} if single_node else {"rank": options.node_rank},
         max_restarts=options.max_restarts,
         monitor_interval=0.1,
-        start_method="spawn",
     )
     try:
-        elastic_launch(config, sys.executable)("-m", "scaleforge", *worker_args)
+        with _worker_environment(options):
+            elastic_launch(config, sys.executable)("-m", "scaleforge", *worker_args)
+    except SignalException as interrupt:  # Ctrl-C or SIGTERM: the launcher has already stopped the workers
+        print("interrupted", file=sys.stderr)
+        return 128 + int(interrupt.sigval)
     except ChildFailedError as error:
-        rank, failure = error.get_first_failure()
-        if failure.exitcode == 2:
-            return 2
-        print(f"training failed: rank {rank} exited with code {failure.exitcode} (its error is above)", file=sys.stderr)
-        return 1
+        return report_failure(error)
     return 0
+
+
+@contextlib.contextmanager
+def _worker_environment(options: LaunchOptions) -> Iterator[None]:
+    """The variables the workers inherit, and quiet elastic loggers, only while the workers run: the caller may
+    be a long-lived process. The signal handlers the launcher installs to stop its workers are put back too."""
+    saved = os.environ.copy()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
+    names = {*ELASTIC_LOGGERS, *logging.root.manager.loggerDict}  # the parents cover loggers made later
+    loggers = [logging.getLogger(name) for name in names]
+    levels = {logger: logger.level for logger in loggers if logger.name.startswith(ELASTIC_LOGGERS)}
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_process(options.nproc)))
+    os.environ[LAUNCHED] = "1"
+    # Without this, workers restarted after a failure hang in the next rendezvous (torch 2.13).
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    for logger in levels:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        for logger, level in levels.items():
+            logger.setLevel(level)
+
+
+def report_failure(error: object) -> int:
+    """Say why the workers failed; returns the launcher's exit code (2 for a user error, else 1).
+
+    A user error is the cause whenever there is one (the other processes may have failed only because a peer
+    left): its one line, as the worker left it in the launcher's error file (see `record_user_error`), already
+    naming its rank unless every process met it. Otherwise the first worker that crashed is named.
+    """
+    failures = error.failures  # type: ignore[attr-defined]
+    user_errors = {rank: failure for rank, failure in failures.items() if failure.exitcode == 2}
+    if user_errors:
+        print(user_errors[min(user_errors)].message, file=sys.stderr)
+        return 2
+    # The cause: not a worker that stopped because a peer had gone, nor one the launcher stopped (SIGTERM).
+    causes = {
+        rank: failure
+        for rank, failure in failures.items()
+        if failure.exitcode not in (PEER_FAILED_EXIT, -signal.SIGTERM)
+    } or failures
+    rank = min(causes, key=lambda r: (causes[r].timestamp, r))
+    failure = causes[rank]
+    if failure.exitcode < 0:
+        how = f"was killed by {signal.Signals(-failure.exitcode).name}"
+    else:
+        how = f"exited with code {failure.exitcode} (its traceback is above)"
+    print(f"training failed: rank {rank} {how}", file=sys.stderr)
+    return 1
+
+
+def is_launched_worker() -> bool:
+    """Whether this process is a worker that `launch` started."""
+    return os.environ.get(LAUNCHED) == "1"
+
+
+def record_user_error(message: str) -> None:
+    """A worker's one-line user error, left where the elastic launcher collects a failed worker's message."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with open(path, "w") as file:
+            json.dump({"message": message, "timestamp": int(time.time())}, file)

@@ -7,10 +7,8 @@ from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from scaleforge.config import ParallelSection
+from scaleforge.config import MESH_DIMENSIONS, ParallelSection
 from scaleforge.errors import ConfigError
-
-STRATEGIES = ("single", "ddp", "fsdp", "tp", "pp", "hybrid")
 
 
 @dataclass(frozen=True)
@@ -35,9 +33,12 @@ class ParallelDims:
                     "use ddp, fsdp, tp, pp or hybrid"
                 )
             return cls("single", 1, 1, 1)
+        if strategy == "pp" and world_size == 1:
+            raise ConfigError("parallel.strategy: pp needs a process per stage, at least 2; start them with --nproc")
         sizes = {"dp": section.dp, "tp": section.tp, "pp": section.pp}
-        only = {"ddp": "dp", "fsdp": "dp", "tp": "tp", "pp": "pp"}.get(strategy)
-        if only is not None:  # one dimension spans every process
+        dimensions = MESH_DIMENSIONS[strategy]
+        if len(dimensions) == 1:  # one dimension spans every process
+            only = dimensions[0]
             given = sizes[only]
             if given not in (None, 1) and given != world_size:
                 raise ConfigError(

@@ -7,20 +7,22 @@ The techniques are applied in one fixed order, each by its own `apply_*` functio
 The order matters: tensor parallelism rewrites layers that checkpointing and compile then wrap; DDP must wrap
 the compiled module (not the other way round); FSDP shards whatever the earlier steps produced, block by block.
 The result, `ParallelModel`, is what the trainer talks to: it runs a forward-backward pass, a forward for
-evaluation, gradient clipping and the gathering of the full state dict the same way for every strategy.
+evaluation, gradient clipping, reductions and the gathering of the full state dict the same way for every
+strategy.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 from torch.distributed.tensor import DTensor
@@ -31,26 +33,57 @@ from scaleforge.distributed.activation_checkpoint import apply_ac
 from scaleforge.distributed.ddp import apply_ddp
 from scaleforge.distributed.fsdp import apply_fsdp
 from scaleforge.distributed.parallel_dims import ParallelDims
-from scaleforge.distributed.pipeline_parallel import build_schedule, check_pipelinable, keep_stage, stage_bounds
-from scaleforge.distributed.tensor_parallel import apply_tp
+from scaleforge.distributed.pipeline_parallel import (
+    build_schedule,
+    check_pipelinable,
+    check_stage_ties,
+    keep_stage,
+    present_blocks,
+    stage_bounds,
+    stage_view,
+)
+from scaleforge.distributed.tensor_parallel import apply_tp, check_tp
 from scaleforge.errors import ConfigError
+from scaleforge.models.tp_plans import tp_plan
+from scaleforge.train.precision import PRECISIONS, Autocast
 
-Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
-LOW_PRECISION = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
+
+class ScaledLoss(nn.Module):
+    """`loss_fn(outputs, targets) * scale`: the loss a pipeline schedule applies to each of its micro-batches."""
+
+    def __init__(self, loss_fn: nn.Module, scale: float = 1.0) -> None:
+        super().__init__()
+        self.loss_fn = loss_fn
+        self.scale = scale
+
+    def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(outputs, targets) * self.scale
 
 
 @dataclass
 class ParallelModel:
-    """A model prepared for this process: `module` holds this process's parameters (the whole model, or its
-    pipeline stage, possibly sharded); training calls `train_module` (a DDP wrapper, or `module` itself)."""
+    """A model prepared for this process.
+
+    `module` holds this process's parameters (the whole model or its pipeline stage, possibly sharded);
+    training calls `train_module` (a DDP wrapper, or `module` itself); `device` is where this process computes.
+    Under pipeline parallelism `schedule` runs the stage and `pipeline_loss` is the loss it applies.
+    """
 
     module: nn.Module
     train_module: nn.Module
     dims: ParallelDims
+    device: torch.device
     mesh: DeviceMesh | None = None
     schedule: PipelineScheduleSingle | None = None
+    pipeline_loss: ScaledLoss | None = None
     microbatches: int = 1
     _eval_rows: int | None = None
+
+    @classmethod
+    def single(cls, model: nn.Module) -> ParallelModel:
+        """A model on one process, as it is."""
+        device = next(model.parameters()).device
+        return cls(module=model, train_module=model, dims=ParallelDims("single", 1, 1, 1), device=device)
 
     def coordinate(self, dim: str) -> int:
         """This process's index along mesh dimension `dim` (0 without a mesh)."""
@@ -58,14 +91,17 @@ class ParallelModel:
 
     @property
     def dp_rank(self) -> int:
+        """Which data-parallel replica this process belongs to (its slice of every global batch)."""
         return self.coordinate("dp")
 
     @property
     def is_first_stage(self) -> bool:
+        """Whether this process's pipeline stage reads the inputs (always, without pipelining)."""
         return self.coordinate("pp") == 0
 
     @property
     def is_last_stage(self) -> bool:
+        """Whether this process's pipeline stage produces the outputs (always, without pipelining)."""
         return self.coordinate("pp") == self.dims.pp - 1
 
     @property
@@ -73,6 +109,8 @@ class ParallelModel:
         """Whether this process's outputs count in reductions: the last pipeline stage, once per tensor-parallel
         group (those processes hold identical copies)."""
         return self.is_last_stage and self.coordinate("tp") == 0
+
+    # ------------------------------------------------------------------------------------------ training
 
     def sync_gradients(self, sync: bool) -> contextlib.AbstractContextManager[Any]:
         """Under DDP, skip the gradient all-reduce on the micro-steps that do not step the optimizer."""
@@ -90,17 +128,20 @@ class ParallelModel:
         scaler: torch.amp.GradScaler | None,
         loss_scale: float,
     ) -> torch.Tensor:
-        """Forward and backward of one micro-batch; returns its loss times `loss_scale` (zero on pipeline stages
-        that compute no loss), still on the device."""
+        """Forward and backward of one micro-batch with its loss times `loss_scale`; returns that scaled loss
+        (zero on pipeline stages that compute no loss), still on the device."""
         if self.schedule is not None:
+            assert self.pipeline_loss is not None
+            # The schedule adds up its micro-batches' gradients: each carries its share of the scale.
+            self.pipeline_loss.scale = loss_scale / self.microbatches
             losses: list[torch.Tensor] = []
             with autocast():
                 self.schedule.step(
                     *self._stage_args(inputs), **self._stage_target(targets, losses), return_outputs=False
                 )
             if not losses:
-                return torch.zeros((), device=inputs.device)
-            return torch.stack([loss.detach().float() for loss in losses]).mean()  # loss_fn applied loss_scale
+                return torch.zeros((), device=self.device)
+            return torch.stack([loss.detach().float() for loss in losses]).sum()
         with autocast():
             loss = loss_fn(self.train_module(inputs), targets) * loss_scale
         (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -111,6 +152,34 @@ class ParallelModel:
 
     def _stage_target(self, targets: torch.Tensor, losses: list[torch.Tensor]) -> dict[str, Any]:
         return {"target": targets, "losses": losses} if self.is_last_stage else {}
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scale the gradients so their total norm, over the whole model, is at most `max_norm`."""
+        # Gradients on different meshes (tensor-parallel layers, sharded embeddings, plain tensors) are kept
+        # apart: foreach kernels refuse to mix them, and each kind's norm is reduced over its own mesh.
+        groups: dict[Any, list[nn.Parameter]] = {}
+        for param in self.module.parameters():
+            if param.grad is not None:
+                mesh = param.grad.device_mesh if isinstance(param.grad, DTensor) else None
+                groups.setdefault(mesh, []).append(param)
+        squared = torch.zeros((), device=self.device)
+        with _quiet_redistribution():
+            for params in groups.values():
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+                squared = squared + (norm.full_tensor() if isinstance(norm, DTensor) else norm).float().pow(2)
+        if self.dims.pp > 1:  # each stage holds different parameters: add up the stages' squares
+            dist.all_reduce(squared, group=self.mesh["pp"].get_group())  # type: ignore[index]
+        total = squared.sqrt()
+        for params in groups.values():
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return total
+
+    # -------------------------------------------------------------------------------------------- evaluation
+
+    def begin_eval(self) -> None:
+        """Prepare for an evaluation: replicas agree on running statistics; batch sizes are measured afresh."""
+        self.average_buffers()
+        self._eval_rows = None
 
     @torch.no_grad()
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
@@ -126,35 +195,31 @@ class ParallelModel:
         outputs = self.schedule.eval(*self._stage_args(inputs), **self._stage_target(targets, []))
         return outputs[:rows] if outputs is not None else None
 
-    def begin_eval(self) -> None:
-        """Evaluation batches may differ in size from the last evaluation's: measure them afresh."""
-        self._eval_rows = None
+    def eval_shard(self) -> tuple[int, int]:
+        """(index, count) of this process's share of the validation split: one share per data-parallel replica."""
+        return self.dp_rank, self.dims.dp
 
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
-        """Scale the gradients so their total norm, over the whole model, is at most `max_norm`."""
-        # Gradients on different meshes (tensor-parallel layers, sharded embeddings, plain tensors) are kept
-        # apart: foreach kernels refuse to mix them, and each kind's norm is reduced over its own mesh.
-        groups: dict[Any, list[nn.Parameter]] = {}
-        for param in self.module.parameters():
-            if param.grad is not None:
-                mesh = param.grad.device_mesh if isinstance(param.grad, DTensor) else None
-                groups.setdefault(mesh, []).append(param)
-        squared = torch.zeros((), device=self._device)
-        for params in groups.values():
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-            squared = squared + (norm.full_tensor() if isinstance(norm, DTensor) else norm).float().pow(2)
-        if self.dims.pp > 1:  # each stage holds different parameters: add up the stages' squares
-            dist.all_reduce(squared, group=self.mesh["pp"].get_group())  # type: ignore[index]
-        total = squared.sqrt()
-        for params in groups.values():
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-        return total
+    def average_buffers(self) -> None:
+        """Average floating-point buffers over the data-parallel replicas.
+
+        Each replica normalises over its own slice of the batch, so BatchNorm's running statistics drift apart
+        (SyncBatchNorm does not run on CPU); averaging makes every process evaluate and save the same model.
+        """
+        if self.mesh is None or self.dims.dp == 1:
+            return
+        group = self.mesh["dp"].get_group()
+        for buffer in self.module.buffers():
+            if buffer.is_floating_point():
+                dist.all_reduce(buffer, group=group)
+                buffer.div_(self.dims.dp)
+
+    # ---------------------------------------------------------------------------------- across processes
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` summed over every process, on this process's device (`tensor` itself for one process)."""
         if self.mesh is None:
             return tensor
-        summed = tensor.to(self._device)  # nccl reduces GPU tensors only
+        summed = tensor.to(self.device)  # nccl reduces GPU tensors only
         dist.all_reduce(summed)
         return summed
 
@@ -162,11 +227,7 @@ class ParallelModel:
         """True on every process when `flag` is true on any (rank 0's callbacks asking to stop, say)."""
         if self.mesh is None:
             return flag
-        return bool(self.all_reduce_sum(torch.tensor(float(flag), device=self._device)) > 0)
-
-    @property
-    def _device(self) -> torch.device:
-        return next(self.module.parameters()).device
+        return bool(self.all_reduce_sum(torch.tensor(float(flag))) > 0)
 
     def gather(self, value: Any) -> list[Any] | None:
         """Every process's `value` (small, plain data), in rank order, on rank 0; None on the others."""
@@ -179,93 +240,47 @@ class ParallelModel:
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole model's unsharded state dict on CPU, under the names of the plain model, on rank 0 (None on
         the others). Every process must call this: sharded tensors are gathered collectively."""
-        local = {}
-        with _quiet_redistribution():
-            for name, tensor in self.module.state_dict().items():
-                if isinstance(tensor, DTensor):
-                    tensor = tensor.full_tensor()
-                local[name] = tensor.detach().cpu()
+        self.average_buffers()
         if self.mesh is None:
-            return local
+            return {name: tensor.detach().cpu() for name, tensor in self.module.state_dict().items()}
         is_main = dist.get_rank() == 0
-        if self.dims.pp == 1:
-            return local if is_main else None
+        with _quiet_redistribution():
+            if self.dims.pp == 1:  # gathered tensor by tensor straight into rank 0's CPU memory
+                options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+                state = get_model_state_dict(self.module, options=options)
+                return state if is_main else None
+            stage = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True))
         # Each stage's first process sends its stage's tensors to rank 0 (peers of one run, not untrusted files).
         lead = self.coordinate("dp") == 0 and self.coordinate("tp") == 0
-        parts: list[dict[str, torch.Tensor]] | None = [{} for _ in range(dist.get_world_size())] if is_main else None
-        dist.gather_object(local if lead else {}, parts, dst=0)
+        local = {name: tensor.detach().cpu() for name, tensor in stage.items()} if lead else {}
+        del stage
+        parts = self.gather(local)
         if parts is None:
             return None
-        merged: dict[str, torch.Tensor] = {}
-        for part in parts:
-            merged.update(part)
-        return merged
-
-    @classmethod
-    def single(cls, model: nn.Module) -> ParallelModel:
-        """A model on one process, as it is."""
-        return cls(module=model, train_module=model, dims=ParallelDims("single", 1, 1, 1))
-
-    def eval_shard(self) -> tuple[int, int]:
-        """(index, count) of this process's share of the validation split: one share per data-parallel replica."""
-        return self.dp_rank, self.dims.dp
+        return {name: tensor for part in parts for name, tensor in part.items()}
 
 
-def parallelize(
+@dataclass(frozen=True)
+class ParallelPlan:
+    """How `parallelize` will cut a model, worked out (and checked) before any process talks to another."""
+
+    stage_bounds: list[range] | None  # the blocks of each pipeline stage, when pp > 1
+    tensor_parallel: bool  # whether the model's tensor-parallel plan splits its layers
+    microbatches: int  # pipeline micro-batches per replica micro-batch
+
+
+def plan_parallelism(
     model: nn.Module,
     *,
     dims: ParallelDims,
     device: torch.device,
     architecture: str,
-    training: TrainingSection,
     parallel: ParallelSection,
     precision: str,
-    loss_fn: nn.Module,
     micro_batch_size: int,
-) -> ParallelModel:
-    """Apply `dims.strategy` to `model` (already on `device`) in the fixed order; see the module docstring."""
-    check_strategy_options(dims, parallel, precision, device)
-    mesh = dims.build_mesh(device.type) if dims.world_size > 1 else None
-    bounds = None
-    if dims.pp > 1:
-        check_pipelinable(model, architecture)
-        bounds = stage_bounds(model, dims.pp, parallel.stages)
-        keep_stage(model, bounds, mesh["pp"].get_local_rank())  # type: ignore[index]
-    if dims.tp > 1:
-        apply_tp(model, mesh["tp"], architecture)  # type: ignore[index]
-    if training.activation_checkpointing:
-        apply_ac(model)
-    if training.compile:
-        apply_compile(model, per_block=dims.strategy not in ("single", "ddp"))
-    train_module = model
-    if dims.strategy == "ddp":
-        train_module = apply_ddp(model, mesh["dp"], device)  # type: ignore[index]
-    elif dims.shards_data and dims.dp > 1:
-        apply_fsdp(model, mesh["dp"], param_dtype=LOW_PRECISION.get(precision), cpu_offload=parallel.cpu_offload)  # type: ignore[index]
-    result = ParallelModel(module=model, train_module=train_module, dims=dims, mesh=mesh)
-    if dims.pp > 1:
-        microbatches = parallel.microbatches or dims.pp
-        if micro_batch_size % microbatches:
-            raise ConfigError(
-                f"parallel.microbatches: each process's batch of {micro_batch_size} samples does not split into "
-                f"{microbatches} pipeline micro-batches"
-            )
-        result.microbatches = microbatches
-        result.schedule = build_schedule(
-            model,
-            stage_index=result.coordinate("pp"),
-            num_stages=dims.pp,
-            device=device,
-            group=mesh["pp"].get_group(),  # type: ignore[index]
-            schedule=parallel.schedule,
-            microbatches=microbatches,
-            loss_fn=ScaledLoss(loss_fn, 1 / training.grad_accum_steps),
-        )
-    return result
-
-
-def check_strategy_options(dims: ParallelDims, parallel: ParallelSection, precision: str, device: torch.device) -> None:
-    """Combinations that cannot work, refused before any work starts."""
+) -> ParallelPlan:
+    """Check that `dims.strategy` applies to `model` and say how: every refusal is a config error, raised here,
+    on every process alike, with no collective involved."""
     if precision == "fp16-mixed" and dims.strategy not in ("single", "ddp"):
         raise ConfigError(
             f"training.precision: fp16-mixed needs a gradient scaler, which parallel.strategy={dims.strategy} does "
@@ -275,6 +290,87 @@ def check_strategy_options(dims: ParallelDims, parallel: ParallelSection, precis
         raise ConfigError(f"parallel.cpu_offload: only fsdp and hybrid shard parameters, not {dims.strategy}")
     if parallel.cpu_offload and device.type != "cuda":
         raise ConfigError("parallel.cpu_offload: the parameters already live in CPU memory; it needs a GPU")
+    bounds = None
+    microbatches = parallel.microbatches or dims.pp
+    if dims.pp > 1:
+        check_pipelinable(model, architecture)
+        bounds = stage_bounds(model, dims.pp, parallel.stages)
+        check_stage_ties(model, bounds)
+        if micro_batch_size % microbatches:
+            raise ConfigError(
+                f"parallel.microbatches: each replica's micro-batch of {micro_batch_size} samples "
+                "(training.batch_size / (dp x training.grad_accum_steps)) does not split into "
+                f"{microbatches} pipeline micro-batches"
+            )
+        if parallel.schedule == "1f1b" and microbatches < dims.pp:
+            raise ConfigError(
+                f"parallel.microbatches: the 1f1b schedule needs at least one micro-batch per stage ({dims.pp}), "
+                f"got {microbatches}"
+            )
+    tensor_parallel = dims.tp > 1 or dims.strategy == "tp"
+    if tensor_parallel:  # a plan covers the blocks a process holds: under pp, each stage's
+        stages = [model] if bounds is None else [stage_view(model, bounds, i) for i in range(dims.pp)]
+        for stage in stages:
+            check_tp(stage, dims.tp, architecture)
+    return ParallelPlan(stage_bounds=bounds, tensor_parallel=tensor_parallel, microbatches=microbatches)
+
+
+def parallelize(
+    model: nn.Module,
+    plan: ParallelPlan,
+    *,
+    dims: ParallelDims,
+    device: torch.device,
+    training: TrainingSection,
+    parallel: ParallelSection,
+    precision: str,
+    loss_fn: nn.Module,
+) -> ParallelModel:
+    """Apply `dims.strategy` to `model` (already on `device`) as `plan` (from `plan_parallelism`) says, in the
+    fixed order of the module docstring. Every process of the run calls it: it builds the device mesh.
+
+    Every technique the strategy names is applied, even over one process (ddp on one GPU, say), so a strategy
+    behaves the same at every scale.
+    """
+    mesh = dims.build_mesh(device.type) if dims.strategy != "single" else None
+    if plan.stage_bounds is not None:
+        keep_stage(model, plan.stage_bounds, mesh["pp"].get_local_rank())  # type: ignore[index]
+    if plan.tensor_parallel:
+        apply_tp(model, mesh["tp"], tp_plan(model))  # type: ignore[index,arg-type] # the blocks this stage holds
+    if training.activation_checkpointing:
+        apply_ac(model)
+    if training.compile:
+        apply_compile(model, per_block=dims.strategy not in ("single", "ddp"))
+    train_module = model
+    if dims.strategy == "ddp":
+        train_module = apply_ddp(model, mesh["dp"], device)  # type: ignore[index]
+    elif dims.strategy == "fsdp" or (dims.strategy == "hybrid" and dims.dp > 1):
+        param_dtype = PRECISIONS[precision]
+        apply_fsdp(model, mesh["dp"], param_dtype=param_dtype, cpu_offload=parallel.cpu_offload)  # type: ignore[index]
+    if plan.stage_bounds is None:
+        return ParallelModel(module=model, train_module=train_module, dims=dims, device=device, mesh=mesh)
+
+    pipeline_loss = ScaledLoss(loss_fn)
+    schedule = build_schedule(
+        model,
+        stage_index=mesh["pp"].get_local_rank(),  # type: ignore[index]
+        num_stages=dims.pp,
+        device=device,
+        group=mesh["pp"].get_group(),  # type: ignore[index]
+        schedule=parallel.schedule,
+        microbatches=plan.microbatches,
+        loss_fn=pipeline_loss,
+    )
+    return ParallelModel(
+        module=model,
+        train_module=model,
+        dims=dims,
+        device=device,
+        mesh=mesh,
+        schedule=schedule,
+        pipeline_loss=pipeline_loss,
+        microbatches=plan.microbatches,
+    )
 
 
 def apply_compile(model: nn.Module, *, per_block: bool) -> None:
@@ -287,15 +383,14 @@ def apply_compile(model: nn.Module, *, per_block: bool) -> None:
     if not per_block:
         model.compile()
         return
-    for block in model.blocks:  # type: ignore[union-attr]
-        if not isinstance(block, nn.Identity):
-            getattr(block, "_checkpoint_wrapped_module", block).compile()
+    for _, block in present_blocks(model):
+        getattr(block, "_checkpoint_wrapped_module", block).compile()
 
 
 @contextlib.contextmanager
 def _quiet_redistribution() -> Iterator[None]:
-    """Gathering a 2-D (dp x tp) sharded tensor takes two all-gathers, which DTensor warns about on every tensor;
-    for a one-off gather at the end of training that is expected."""
+    """Reducing or gathering a 2-D (dp x tp) sharded tensor takes two collectives, which DTensor warns about on
+    every tensor; for gradient norms and the final gather that is expected."""
     logger = logging.getLogger("torch.distributed.tensor._redistribute")
     level = logger.level
     logger.setLevel(logging.ERROR)
@@ -308,16 +403,3 @@ def _quiet_redistribution() -> Iterator[None]:
 def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     """`tensor` with its last row repeated up to `rows` rows."""
     return torch.cat([tensor, tensor[-1:].expand(rows - tensor.shape[0], *tensor.shape[1:])])
-
-
-class ScaledLoss(nn.Module):
-    """`loss_fn(outputs, targets) * scale`: the pipeline's per-micro-batch loss under gradient accumulation."""
-
-    def __init__(self, loss_fn: nn.Module, scale: float) -> None:
-        super().__init__()
-        self.loss_fn = loss_fn
-        self.scale = scale
-
-    def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        loss = self.loss_fn(outputs, targets)
-        return loss * self.scale if self.scale != 1 else loss

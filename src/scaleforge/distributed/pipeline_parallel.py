@@ -3,12 +3,13 @@ one per pipeline process, and each batch flows through them in micro-batches (GP
 
 A model can be pipelined when it is `embed -> blocks -> head`: submodules named `embed` and `head` around a
 `blocks` list, with a forward that runs exactly those in that order. A stage is the same model with the other
-stages' parts replaced by `nn.Identity`, so the model's own forward runs any stage and every parameter keeps the
-name it has in the whole model.
+stages' parts replaced by `StagePlaceholder`s (identities), so the model's own forward runs any stage and every
+parameter keeps the name it has in the whole model.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -20,6 +21,15 @@ from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 from scaleforge.errors import ConfigError
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+
+
+class StagePlaceholder(nn.Identity):
+    """Stands in for a part of the model that another pipeline stage holds: passes its input through."""
+
+
+def present_blocks(model: nn.Module) -> list[tuple[int, nn.Module]]:
+    """(index, block) for each block this process holds: all of them, or its pipeline stage's."""
+    return [(i, block) for i, block in enumerate(model.blocks) if not isinstance(block, StagePlaceholder)]  # type: ignore[arg-type]
 
 
 def check_pipelinable(model: nn.Module, architecture: str) -> None:
@@ -83,11 +93,8 @@ def _parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def keep_stage(model: nn.Module, bounds: list[range], stage_index: int) -> None:
-    """Turn `model` in place into stage `stage_index`: the other stages' parts become `nn.Identity`.
-
-    Weights shared between parts that land on different stages (tied embeddings) cannot be split apart.
-    """
+def check_stage_ties(model: nn.Module, bounds: list[range]) -> None:
+    """Weights shared between parts that land on different stages (tied embeddings) cannot be split apart."""
     owners: dict[int, tuple[int, str]] = {}
     for index, parts in enumerate(_stage_parts(model, bounds)):
         for part_name, part in parts:
@@ -99,14 +106,28 @@ def keep_stage(model: nn.Module, bounds: list[range], stage_index: int) -> None:
                         "one tied weight, which cannot be split between pipeline stages; untie it "
                         "(gpt: model.tie_embeddings=false) or use fewer stages"
                     )
+
+
+def keep_stage(model: nn.Module, bounds: list[range], stage_index: int) -> None:
+    """Turn `model` in place into stage `stage_index`: the other stages' parts become placeholders."""
     blocks: nn.ModuleList = model.blocks  # type: ignore[assignment]
     for index in range(len(blocks)):
         if index not in bounds[stage_index]:
-            blocks[index] = nn.Identity()
+            blocks[index] = StagePlaceholder()
     if stage_index > 0:
-        model.embed = nn.Identity()
+        model.embed = StagePlaceholder()
     if stage_index < len(bounds) - 1:
-        model.head = nn.Identity()
+        model.head = StagePlaceholder()
+
+
+def stage_view(model: nn.Module, bounds: list[range], stage_index: int) -> nn.Module:
+    """What `keep_stage` would leave of `model` for stage `stage_index`, as a new module sharing the weights, so
+    per-stage checks run before any process splits its model."""
+    view = copy.copy(model)
+    view._modules = dict(model._modules)  # noqa: SLF001 - a shallow copy would share (and keep_stage edit) these
+    view.blocks = nn.ModuleList(list(model.blocks))  # type: ignore[arg-type]
+    keep_stage(view, bounds, stage_index)
+    return view
 
 
 def _stage_parts(model: nn.Module, bounds: list[range]) -> list[list[tuple[str, nn.Module]]]:
@@ -132,12 +153,11 @@ def build_schedule(
     microbatches: int,
     loss_fn: nn.Module,
 ) -> PipelineScheduleSingle:
-    """The schedule that runs this process's stage; `loss_fn` is applied per micro-batch on the last stage and
-    the gradients are averaged over micro-batches, as for the loss of the whole batch."""
-    if schedule == "1f1b" and microbatches < num_stages:
-        raise ConfigError(
-            f"parallel.microbatches: the 1f1b schedule needs at least one micro-batch per stage ({num_stages}), "
-            f"got {microbatches}"
-        )
+    """The schedule that runs this process's stage; `loss_fn` is applied per micro-batch on the last stage.
+
+    The schedule adds up the micro-batches' gradients without rescaling them (`scale_grads=False`): its own
+    rescaling divides everything accumulated in `.grad`, which is wrong under gradient accumulation, so the
+    loss function carries the 1 / micro-batches factor instead.
+    """
     stage = PipelineStage(stage_module, stage_index, num_stages, device, group=group)
-    return SCHEDULES[schedule](stage, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=True)
+    return SCHEDULES[schedule](stage, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)

@@ -9,18 +9,18 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 from scaleforge.errors import ConfigError
 from scaleforge.models.attention import MultiHeadSelfAttention
-from scaleforge.models.tp_plans import tp_plan
+from scaleforge.models.tp_plans import TPPlan, planned_architectures, tp_plan
 
 
-def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, architecture: str) -> None:
-    """Split `model` in place by its family's plan; a model without a plan, or with widths or heads that do not
-    divide by the number of processes, is a config error."""
-    size = tp_mesh.size()
+def check_tp(model: nn.Module, size: int, architecture: str) -> None:
+    """A model without a tensor-parallel plan, or with widths or heads that do not divide by `size` processes, is
+    a config error."""
     plan = tp_plan(model)
     if plan is None:
         raise ConfigError(
-            f"parallel: model '{architecture}' declares no tensor-parallel plan (models with one: gpt, vit, mlp); "
-            "use ddp, fsdp or pp, or register a plan with scaleforge.models.tp_plans.register_tp_plan"
+            f"parallel: model '{architecture}' declares no tensor-parallel plan (models with one: "
+            f"{', '.join(sorted(planned_architectures()))}); use ddp, fsdp or pp, or register a plan with "
+            "scaleforge.models.tp_plans.register_tp_plan"
         )
     for name, style in plan.items():
         layer = model.get_submodule(name)
@@ -33,4 +33,8 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, architecture: str) -> None:
             raise ConfigError(
                 f"parallel.tp: {name} has {module.heads} attention heads, which do not split across {size} processes"
             )
+
+
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, plan: TPPlan) -> None:
+    """Split `model` in place by its (checked) plan across the processes of `tp_mesh`."""
     parallelize_module(model, tp_mesh, plan)

@@ -17,6 +17,7 @@ from torch import nn
 from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
+from scaleforge.distributed.pipeline_parallel import present_blocks
 from scaleforge.models.gpt import GPT
 from scaleforge.models.mlp import MLP
 from scaleforge.models.vit import ViT
@@ -29,6 +30,8 @@ def register_tp_plan(model_class: type[nn.Module]) -> Callable[[Callable[[nn.Mod
     """Declare the tensor-parallel plan of `model_class` (and its subclasses)."""
 
     def decorate(plan: Callable[[nn.Module], TPPlan]) -> Callable[[nn.Module], TPPlan]:
+        if TP_PLANS.get(model_class, plan) is not plan:
+            raise ValueError(f"{model_class.__name__} already has a tensor-parallel plan: {TP_PLANS[model_class]}")
         TP_PLANS[model_class] = plan
         return plan
 
@@ -41,6 +44,17 @@ def tp_plan(model: nn.Module) -> TPPlan | None:
         if cls in TP_PLANS:
             return TP_PLANS[cls](model)
     return None
+
+
+def planned_architectures() -> list[str]:
+    """The registered model names whose class has a plan (or inherits one)."""
+    from scaleforge.registry import MODELS
+
+    return [
+        name
+        for name in MODELS.names()
+        if isinstance(factory := MODELS.get(name), type) and any(cls in TP_PLANS for cls in factory.__mro__)
+    ]
 
 
 def transformer_block_plan(prefix: str) -> TPPlan:
@@ -58,8 +72,9 @@ def transformer_block_plan(prefix: str) -> TPPlan:
 @register_tp_plan(GPT)
 @register_tp_plan(ViT)
 def transformer_plan(model: nn.Module) -> TPPlan:
+    """Every block this process holds is a `TransformerBlock`."""
     plan: TPPlan = {}
-    for index in _present_blocks(model):
+    for index, _ in present_blocks(model):
         plan.update(transformer_block_plan(f"blocks.{index}"))
     return plan
 
@@ -68,15 +83,10 @@ def transformer_plan(model: nn.Module) -> TPPlan:
 def mlp_plan(model: nn.Module) -> TPPlan:
     """Hidden layers in column/row pairs; an unpaired last layer is split column-wise and gathered for the head."""
     plan: TPPlan = {}
-    present = _present_blocks(model)
+    present = [index for index, _ in present_blocks(model)]
     for first, second in zip(present[::2], present[1::2], strict=False):
         plan[f"blocks.{first}.linear"] = ColwiseParallel()
         plan[f"blocks.{second}.linear"] = RowwiseParallel()
     if len(present) % 2:
         plan[f"blocks.{present[-1]}.linear"] = ColwiseParallel(output_layouts=Replicate())
     return plan
-
-
-def _present_blocks(model: nn.Module) -> list[int]:
-    """Indices of the blocks this process holds (a pipeline stage holds placeholders for the others)."""
-    return [i for i, block in enumerate(model.blocks) if not isinstance(block, nn.Identity)]  # type: ignore[arg-type]

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
 PREFIX = "step-"
 
@@ -55,7 +55,10 @@ def save_checkpoint(
         staging.mkdir(parents=True)
     if distributed:
         dist.barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
+    # flat optimizer keys (`state.<param name>.<field>`): pipeline stages hold different parameters, and nested
+    # param_groups would collide between them
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    model_state, optim_state = get_state_dict(model, optimizer, options=options)
     with warnings.catch_warnings():  # DCP warns on every single-process save, which is a supported case here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=staging, no_dist=not distributed)

@@ -20,7 +20,6 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,19 +42,24 @@ from scaleforge.config import (
 )
 from scaleforge.data.base import DataInfo, DatasetSplits
 from scaleforge.data.loading import BatchPlan, DataWaitClock, TrainBatches, eval_batches
-from scaleforge.distributed.env import DistEnv, init_distributed, select_device, teardown_distributed
+from scaleforge.distributed.env import (
+    DistEnv,
+    check_device_per_process,
+    errors_agreed,
+    init_distributed,
+    select_device,
+    teardown_distributed,
+)
 from scaleforge.distributed.parallel_dims import ParallelDims
-from scaleforge.distributed.parallelize import ParallelModel, parallelize
+from scaleforge.distributed.parallelize import ParallelModel, parallelize, plan_parallelism
 from scaleforge.errors import ConfigError, UsageError
 from scaleforge.train.callbacks import Callback, CallbackList, RunState
 from scaleforge.train.checkpoint import save_checkpoint
 from scaleforge.train.metrics import JsonlLogger, LossPlot, TensorBoardLogger, build_progress
 from scaleforge.train.objectives import Objective, default_objective
+from scaleforge.train.precision import Autocast, make_autocast, resolve_precision
 
-Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
 MicroBatches = list[tuple[torch.Tensor, torch.Tensor]]
-
-PRECISIONS = {"32": None, "bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
 
 
 # ------------------------------------------------------------------------------------------ build helpers
@@ -192,25 +196,10 @@ def setup_runtime(config: RunConfig, env: DistEnv | None = None) -> tuple[torch.
     """Apply `hardware.threads`, pick this process's device and resolve the precision for it."""
     if config.hardware.threads is not None:
         torch.set_num_threads(config.hardware.threads)
-    device = select_device(config.hardware.device, env.local_rank if env is not None else 0)
+    env = env or DistEnv()
+    check_device_per_process(config.hardware.device, env)
+    device = select_device(config.hardware.device, env.local_rank)
     return device, resolve_precision(config.training.precision, device)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto`: bf16-mixed on a GPU that supports it, fp32 elsewhere."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16-mixed"
-    return "32"
-
-
-def make_autocast(precision: str, device: torch.device) -> Autocast:
-    """A factory of autocast contexts for the precision (a no-op context for fp32)."""
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return contextlib.nullcontext
-    return partial(torch.autocast, device_type=device.type, dtype=dtype)
 
 
 def eval_batch_size(training: TrainingSection) -> int:
@@ -300,7 +289,7 @@ def evaluate(
         for metric in objective.metrics:
             metric.update(outputs, targets, batch_loss)
     module.train(was_training)
-    if parallel.mesh is not None:
+    if parallel.dims.world_size > 1:  # as check_metrics_combine requires
         totals = parallel.all_reduce_sum(totals)
         for metric in objective.metrics:
             metric.sync(parallel.all_reduce_sum)  # type: ignore[attr-defined]
@@ -317,10 +306,13 @@ def train(config: RunConfig, run_dir: Path | None = None, *, callbacks: Sequence
     env = DistEnv.from_environ()
     dims = ParallelDims.resolve(config.parallel, env.world_size)
     device, precision = setup_runtime(config, env)
-    init_distributed(env, device)
+    init_distributed(env, device, required=dims.strategy != "single")
     try:
         run_dir = agree_on_run_dir(run_dir, config, env)
-        check_run_dir(run_dir)
+        if env.restart_count == 0:
+            check_run_dir(run_dir)
+        elif env.is_main:  # until runs resume from their checkpoints, a restarted run starts over in place
+            print(f"restart {env.restart_count}: the workers failed and were started again; training starts over")
         if env.distributed:
             dist.barrier()  # every process has checked before rank 0 starts writing
         summary = _train(config, run_dir, env, dims, device, precision, callbacks)
@@ -351,27 +343,37 @@ def _train(
     training = config.training
     seed_everything(config.seed)  # the same on every process: every replica starts from the same weights
 
-    data = build_data(config.data)
-    model = build_model(config.model, data.info).to(device)
-    num_parameters = count_parameters(model)
-    objective = build_objective(training, data.info)
-    objective.loss.to(device)
-    check_metrics_combine(objective, dims)
-    plan = BatchPlan(training.batch_size, training.grad_accum_steps, world_size=dims.dp)
+    with errors_agreed(env):  # a user error here, on any process, stops them all with one message
+        data = build_data(config.data)
+        model = build_model(config.model, data.info).to(device)
+        num_parameters = count_parameters(model)
+        objective = build_objective(training, data.info)
+        objective.loss.to(device)
+        check_metrics_combine(objective, dims)
+        plan = BatchPlan(training.batch_size, training.grad_accum_steps, world_size=dims.dp)
+        layout = plan_parallelism(
+            model,
+            dims=dims,
+            device=device,
+            architecture=config.model.architecture,
+            parallel=config.parallel,
+            precision=precision,
+            micro_batch_size=plan.micro_batch_size,
+        )
+        if len(data.val) < dims.dp:  # type: ignore[arg-type]
+            raise ConfigError(f"data: {len(data.val)} validation samples cannot be shared by {dims.dp} processes")  # type: ignore[arg-type]
+        hooks = build_callbacks(config, run_dir, callbacks) if env.is_main else CallbackList([])
     parallel = parallelize(
         model,
+        layout,
         dims=dims,
         device=device,
-        architecture=config.model.architecture,
         training=training,
         parallel=config.parallel,
         precision=precision,
         loss_fn=objective.loss,
-        micro_batch_size=plan.micro_batch_size,
     )
     plan = dataclasses.replace(plan, rank=parallel.dp_rank)
-    if len(data.val) < dims.dp:  # type: ignore[arg-type]
-        raise ConfigError(f"data: {len(data.val)} validation samples cannot be shared by {dims.dp} processes")  # type: ignore[arg-type]
     batches = TrainBatches(data.train, plan, seed=config.seed, device=device, num_workers=config.data.num_workers)
     total_steps = training.max_steps or training.epochs * batches.steps_per_epoch
     epochs = math.ceil(total_steps / batches.steps_per_epoch)
@@ -380,7 +382,6 @@ def _train(
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16-mixed" else None
     autocast = make_autocast(precision, device)
 
-    hooks = build_callbacks(config, run_dir, callbacks) if env.is_main else CallbackList([])
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(config))
@@ -392,6 +393,7 @@ def _train(
     state = RunState(run_dir, total_steps, batches.steps_per_epoch, training.batch_size)
     with contextlib.closing(hooks):  # files closed and the progress bar stopped, even on failure
         hooks.on_train_start(state)
+        state.should_stop = parallel.any_process(state.should_stop)  # callbacks run on rank 0 alone
 
         def run_eval() -> dict[str, Any]:
             share = parallel.eval_shard()
@@ -464,6 +466,7 @@ def _train(
                         keep=config.checkpoint.keep,
                     )
                     hooks.on_checkpoint(state, path)
+                    state.should_stop = parallel.any_process(state.should_stop)
                 if state.should_stop or state.step >= total_steps:
                     break
             if not training.eval_every_steps and last_eval.get("step") != state.step:
@@ -476,7 +479,7 @@ def _train(
         if last_eval.get("step") != state.step:
             last_eval = run_eval()
 
-        memory = parallel.gather(process_memory(parallel.module, optimizer, device))
+        memory = parallel.gather(process_memory(optimizer, device))
         full_state = parallel.full_state_dict()  # every process takes part in gathering the shards
         summary = {
             "num_parameters": num_parameters,
@@ -503,15 +506,18 @@ def _train(
     return summary  # the model and optimizer go with this frame, before `train` leaves the process group
 
 
-def process_memory(module: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, Any]:
+def process_memory(optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, Any]:
     """This process's memory in MiB: its share of the parameters, gradients and optimizer state, and its peak
-    (allocated GPU memory on CUDA, else the process's peak resident set, which includes the runtime)."""
+    (allocated GPU memory on CUDA, else the process's peak resident set, which includes the runtime).
+
+    Parameters are counted from the optimizer, which holds the sharded ones (an FSDP module may still hold its
+    root's gathered copies after the last forward)."""
 
     def mib(tensors: Iterable[torch.Tensor]) -> float:
         local = (t.to_local() if isinstance(t, DTensor) else t for t in tensors)
         return sum(t.numel() * t.element_size() for t in local) / 2**20
 
-    parameters = list(module.parameters())
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
     optimizer_state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda_allocated"
@@ -528,10 +534,11 @@ def process_memory(module: nn.Module, optimizer: torch.optim.Optimizer, device: 
 
 
 def describe(dims: ParallelDims) -> str:
-    """`strategy ddp on 2 processes (dp=2 x tp=1 x pp=1)`."""
-    if dims.world_size == 1:
+    """`ddp on 2 processes (dp=2 x tp=1 x pp=1)`."""
+    if dims.strategy == "single":
         return "1 process"
-    return f"{dims.strategy} on {dims.world_size} processes (dp={dims.dp} x tp={dims.tp} x pp={dims.pp})"
+    processes = f"{dims.world_size} process{'es' if dims.world_size > 1 else ''}"
+    return f"{dims.strategy} on {processes} (dp={dims.dp} x tp={dims.tp} x pp={dims.pp})"
 
 
 def check_metrics_combine(objective: Objective, dims: ParallelDims) -> None:

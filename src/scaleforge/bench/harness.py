@@ -1,0 +1,153 @@
+"""What the benchmarks that train share: `scaleforge train` started in a child process, as a user's shell
+would, its run directory read back, and the report (a table or JSON on stdout, a JSON file beside the runs).
+
+A child run is quiet (plain progress lines, no TensorBoard, plot or checkpoints: work outside the loop being
+measured); its console output goes to `<run dir>/output.log`. A run that refuses its config exits 2 after one
+line on stderr; that line is kept, so a benchmark can show the refusal instead of stopping.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scaleforge.config import ParallelSection
+from scaleforge.errors import UsageError, did_you_mean, one_of
+
+QUIET_RUN = ("logging.progress=plain", "logging.tensorboard=false", "logging.plot=false", "checkpoint.every_steps=0")
+# The values of `parallel.strategy` that split a run over processes (`single` is one process; `auto`, a choice).
+MULTI_PROCESS_STRATEGIES = tuple(
+    name
+    for name in typing.get_args(typing.get_type_hints(ParallelSection)["strategy"])
+    if name not in ("auto", "single")
+)
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """A finished `scaleforge train` child process and its run directory."""
+
+    run_dir: Path
+    exit_code: int
+    last_error_line: str  # the last line the child wrote on stderr: its one-line message when it refused
+
+    @property
+    def refused(self) -> bool:
+        """Whether the run stopped at a user error (exit 2), such as a strategy the model cannot take."""
+        return self.exit_code == 2
+
+    def check(self) -> None:
+        """Raise unless the run finished; the message names the log with the child's whole output."""
+        if self.exit_code != 0:
+            raise RuntimeError(
+                f"training run {self.run_dir} failed with exit code {self.exit_code}: {self.last_error_line} "
+                f"(its output is in {self.run_dir / 'output.log'})"
+            )
+
+    @cached_property
+    def summary(self) -> dict[str, Any]:
+        """The run's `summary.json`."""
+        return json.loads((self.run_dir / "summary.json").read_text())
+
+    @cached_property
+    def metrics(self) -> list[dict[str, Any]]:
+        """The run's `metrics.jsonl`: log-interval and evaluation records, in order."""
+        return [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    def peak_memory(self) -> tuple[float, str]:
+        """The highest peak over the run's processes (MiB) and what it counts (`rss` or `cuda_allocated`)."""
+        worst = max(self.summary["memory_per_process"], key=lambda process: process["peak_mib"])
+        return worst["peak_mib"], worst["peak_kind"]
+
+
+def config_arguments(config_path: str | None, overrides: Sequence[str]) -> list[str]:
+    """The `[CONFIG] [KEY=VALUE ...]` part of a `scaleforge train` command line."""
+    return [*([config_path] if config_path else []), *overrides]
+
+
+def train_in_child(config_args: Sequence[str], *, nproc: int, threads: int, run_dir: Path) -> TrainingRun:
+    """Run `python -m scaleforge train CONFIG_ARGS --nproc NPROC --run-dir RUN_DIR`, `threads` threads per process.
+
+    `run_dir` belongs to the benchmark: an earlier run there is replaced. Later overrides win, so the quiet
+    settings here override the config's.
+    """
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    # The launcher passes OMP_NUM_THREADS on to its workers when it is set; hardware.threads sets torch's own
+    # pool, which a single process (started without the launcher) uses too.
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "scaleforge", "train", *config_args, *QUIET_RUN, f"hardware.threads={threads}"]
+    command += ["--nproc", str(nproc), "--run-dir", str(run_dir)]
+    with (run_dir / "output.log").open("w") as log:
+        process = subprocess.run(command, stdout=log, stderr=subprocess.PIPE, text=True, env=env, check=False)
+        log.write(process.stderr)
+    lines = [line for line in process.stderr.splitlines() if line.strip()]
+    return TrainingRun(run_dir, process.returncode, lines[-1] if lines else "")
+
+
+def check_strategy(name: str, option: str) -> None:
+    """Refuse a strategy name that does not split a run over processes, with a did-you-mean."""
+    if name not in MULTI_PROCESS_STRATEGIES:
+        raise UsageError(
+            f"{option}: unknown strategy '{name}'{did_you_mean(name, MULTI_PROCESS_STRATEGIES)}; "
+            f"{one_of(MULTI_PROCESS_STRATEGIES)}"
+        )
+
+
+def counted(number: int, noun: str) -> str:
+    """`1 thread`, `2 threads`."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def machine() -> dict[str, Any]:
+    """What a result was measured on."""
+    return {
+        "machine": f"{platform.machine()} {platform.processor() or platform.system()}",
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def report(
+    result: dict[str, Any],
+    path: Path,
+    *,
+    as_json: bool,
+    title: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    notes: Sequence[str] = (),
+) -> None:
+    """Write `result` to `path` as JSON, and print it: as JSON, or as a table of `rows` under `columns` followed
+    by `notes`, one line each."""
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for index, column in enumerate(columns):
+        table.add_column(column, justify="left" if index == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
+    console = Console()
+    if not console.is_terminal:  # a pipe or a file has no width to fit: keep every row on one line
+        console.width = 240
+    console.print(table)
+    for note in notes:
+        print(note)

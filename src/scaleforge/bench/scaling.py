@@ -1,0 +1,271 @@
+"""`scaleforge bench scaling`: the training throughput of one config at several process counts.
+
+Strong scaling keeps the global batch (`training.batch_size`), so each process gets a smaller share as processes
+are added; weak scaling keeps each process's share (`training.batch_size` x processes is the global batch).
+Every process of every size gets the same threads, `cores // largest size`: one process of a 1-process run then
+has the resources of one process of a 2-process run, so the comparison measures the strategy, not extra cores
+(with all cores, a 1-process run would already use the whole machine and leave nothing to scale into). A size
+of 1 runs as `single`: one process has nothing to split, and against it the efficiency includes everything the
+strategy costs.
+
+Throughput is the steady state: the median samples/s over log intervals of LOG_INTERVAL steps, leaving out the
+first (warm-up: allocator, first communication) and any interval that contains an evaluation (an epoch end).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from scaleforge.bench.harness import (
+    TrainingRun,
+    check_strategy,
+    config_arguments,
+    counted,
+    machine,
+    report,
+    train_in_child,
+)
+from scaleforge.config import load_config
+from scaleforge.data.loading import BatchPlan
+from scaleforge.distributed.launch import threads_per_process
+from scaleforge.distributed.parallel_dims import ParallelDims
+from scaleforge.errors import ConfigError, UsageError
+
+Mode = Literal["strong", "weak"]
+LOG_INTERVAL = 10  # steps per throughput sample: several samples in a short run, one loss read-back each
+MIN_STEPS = 3 * LOG_INTERVAL  # a warm-up interval and at least two measured ones
+
+
+@dataclass(frozen=True)
+class SizePlan:
+    """One run of the benchmark: the config at one process count, already checked."""
+
+    processes: int
+    strategy: str
+    global_batch_size: int
+    per_process_batch_size: int  # samples in each process's forward and backward per step: global / dp
+    config_args: list[str]
+
+
+def global_batch_size(mode: Mode, base_batch_size: int, processes: int) -> int:
+    """Strong scaling keeps the config's global batch; weak scaling gives each process the config's batch."""
+    return base_batch_size * processes if mode == "weak" else base_batch_size
+
+
+def scaling_efficiency(throughput: float, base_throughput: float, processes: int, base_processes: int) -> float:
+    """Throughput against linear scaling from the smallest size (1.0 is ideal).
+
+    Strong: speed-up / (n / n0); weak: throughput_n / (throughput_n0 x n / n0). In samples/s the two are one
+    formula; the modes differ in what stays fixed, the global batch or each process's share of it.
+    """
+    return throughput / (base_throughput * processes / base_processes)
+
+
+def steady_intervals(records: Iterable[dict[str, Any]]) -> list[float]:
+    """The samples/s of each log interval in `records` (metrics.jsonl, in order), except the first and those
+    that contain an evaluation (the interval after an evaluation record)."""
+    measured: list[float] = []
+    seen_warmup = after_evaluation = False
+    for record in records:
+        if "val_loss" in record:
+            after_evaluation = True
+        elif "samples_per_s" in record:
+            if seen_warmup and not after_evaluation:
+                measured.append(record["samples_per_s"])
+            seen_warmup, after_evaluation = True, False
+    return measured
+
+
+def plan_sizes(
+    config_path: str | None,
+    overrides: Sequence[str],
+    *,
+    base_batch_size: int,
+    sizes: Sequence[int],
+    mode: Mode,
+    strategy: str,
+    steps: int,
+) -> list[SizePlan]:
+    """Check the config at every size (the strategy's arithmetic, the batch split) before any run starts."""
+    plans = []
+    for processes in sizes:
+        size_strategy = strategy if processes > 1 else "single"
+        batch = global_batch_size(mode, base_batch_size, processes)
+        run_overrides = [
+            f"parallel.strategy={size_strategy}",
+            f"training.batch_size={batch}",
+            f"training.max_steps={steps}",
+            f"logging.every_steps={LOG_INTERVAL}",
+        ]
+        config = load_config(config_path, [*overrides, *run_overrides])
+        dims = ParallelDims.resolve(config.parallel, processes)
+        BatchPlan(batch, config.training.grad_accum_steps, world_size=dims.dp)
+        config_args = [*config_arguments(config_path, overrides), *run_overrides]
+        plans.append(SizePlan(processes, size_strategy, batch, batch // dims.dp, config_args))
+    return plans
+
+
+def run_scaling_benchmark(
+    config_path: str | None,
+    overrides: Sequence[str],
+    *,
+    process_counts: Sequence[int],
+    mode: Mode,
+    strategy: str,
+    steps: int,
+    out: Path,
+    as_json: bool = False,
+) -> dict[str, Any]:
+    """Train the config at each process count, then print (table or JSON) and write `OUT/scaling-MODE.json`
+    and `OUT/scaling-MODE.png`; returns the result. Runs go to `OUT/MODE-N`."""
+    check_strategy(strategy, "--strategy")
+    if steps < MIN_STEPS:
+        raise UsageError(
+            f"--steps: {steps} steps give fewer than 3 log intervals of {LOG_INTERVAL} (one warm-up and two "
+            f"measured); use at least {MIN_STEPS}"
+        )
+    sizes = sorted(set(process_counts))
+    config = load_config(config_path, overrides)
+    plans = plan_sizes(
+        config_path,
+        overrides,
+        base_batch_size=config.training.batch_size,
+        sizes=sizes,
+        mode=mode,
+        strategy=strategy,
+        steps=steps,
+    )
+    threads = threads_per_process(sizes[-1])
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    num_parameters = 0
+    for plan in plans:
+        run_dir = out / f"{mode}-{plan.processes}"
+        if not as_json:
+            print(
+                f"{run_dir.name}: {plan.strategy} on {plan.processes} x {counted(threads, 'thread')}, global batch "
+                f"{plan.global_batch_size}, {steps} steps",
+                flush=True,
+            )
+        run = train_in_child(plan.config_args, nproc=plan.processes, threads=threads, run_dir=run_dir)
+        run.check()
+        rows.append(size_row(plan, run, threads))
+        num_parameters = run.summary["num_parameters"]
+    base = rows[0]
+    for row in rows:
+        row["speedup"] = row["samples_per_s"] / base["samples_per_s"]
+        row["efficiency"] = scaling_efficiency(
+            row["samples_per_s"], base["samples_per_s"], row["processes"], base["processes"]
+        )
+    result = {
+        "benchmark": "scaling",
+        "mode": mode,
+        "strategy": strategy,
+        "config": config_path,
+        "overrides": list(overrides),
+        "model": config.model.architecture,
+        "num_parameters": num_parameters,
+        "dataset": config.data.dataset,
+        "steps": steps,
+        "log_every_steps": LOG_INTERVAL,
+        "throughput": "median samples/s of the log intervals after the first, leaving out those with an evaluation",
+        "threads_per_process": threads,
+        **machine(),
+        "results": rows,
+    }
+    plot_scaling(result, out / f"scaling-{mode}.png")
+    _report(result, out, as_json=as_json)
+    return result
+
+
+def size_row(plan: SizePlan, run: TrainingRun, threads: int) -> dict[str, Any]:
+    """What one finished run measured: steady-state throughput and the highest peak memory of its processes."""
+    intervals = steady_intervals(run.metrics)
+    if not intervals:
+        raise ConfigError(
+            f"{run.run_dir}: every log interval after the first contains an evaluation; use more training data "
+            f"or a larger training.eval_every_steps, so that evaluations are more than {LOG_INTERVAL} steps apart"
+        )
+    peak_mib, peak_kind = run.peak_memory()
+    return {
+        "processes": plan.processes,
+        "strategy": plan.strategy,
+        "threads_per_process": threads,
+        "global_batch_size": plan.global_batch_size,
+        "per_process_batch_size": plan.per_process_batch_size,
+        "samples_per_s": statistics.median(intervals),
+        "interval_samples_per_s": intervals,
+        "peak_mib": peak_mib,
+        "peak_kind": peak_kind,
+        "run_dir": str(run.run_dir),
+    }
+
+
+def _report(result: dict[str, Any], out: Path, *, as_json: bool) -> None:
+    """Print the table (or JSON) and write `OUT/scaling-MODE.json`."""
+    threads = counted(result["threads_per_process"], "thread")
+    title = (
+        f"{result['mode'].capitalize()} scaling of {result['model']} ({result['num_parameters']:,} parameters) on "
+        f"{result['dataset']} with {result['strategy']}: {result['steps']} steps, {threads} per process of "
+        f"{result['cores']} cores"
+    )
+    note = (
+        f"samples/s: median over the {LOG_INTERVAL}-step log intervals after the first (warm-up), leaving out any "
+        f"with an evaluation; torch {result['torch']}; runs and logs in {out}/"
+    )
+    columns = ["processes", "strategy", "threads/process", "global batch", "batch/process", "samples/s"]
+    columns += ["speed-up", "efficiency", "peak MiB/process"]
+    table = [
+        [
+            str(row["processes"]),
+            row["strategy"],
+            str(row["threads_per_process"]),
+            str(row["global_batch_size"]),
+            str(row["per_process_batch_size"]),
+            f"{row['samples_per_s']:,.1f}",
+            f"{row['speedup']:.2f}",
+            f"{row['efficiency']:.2f}",
+            f"{row['peak_mib']:,.0f} {row['peak_kind']}",
+        ]
+        for row in result["results"]
+    ]
+    path = out / f"scaling-{result['mode']}.json"
+    report(result, path, as_json=as_json, title=title, columns=columns, rows=table, notes=[note])
+
+
+def plot_scaling(result: dict[str, Any], path: Path) -> None:
+    """Throughput and efficiency against processes, each beside its ideal (linear scaling)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    rows = result["results"]
+    processes = [row["processes"] for row in rows]
+    base = rows[0]
+    ideal = [base["samples_per_s"] * n / base["processes"] for n in processes]
+    efficiency = [row["efficiency"] for row in rows]
+    figure, (throughput_axis, efficiency_axis) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    throughput_axis.plot(processes, [row["samples_per_s"] for row in rows], "o-", label="measured")
+    throughput_axis.plot(processes, ideal, "--", color="grey", label="ideal (linear)")
+    throughput_axis.set_ylabel("samples/s")
+    throughput_axis.set_ylim(bottom=0)
+    efficiency_axis.plot(processes, efficiency, "o-", label="measured")
+    efficiency_axis.axhline(1.0, linestyle="--", color="grey", label="ideal")
+    efficiency_axis.set_ylabel("scaling efficiency")
+    efficiency_axis.set_ylim(0, max(1.1, *efficiency))
+    for axis in (throughput_axis, efficiency_axis):
+        axis.set_xlabel("processes")
+        axis.set_xticks(processes)
+        axis.legend(loc="lower right")
+    figure.suptitle(
+        f"{result['mode']} scaling, {result['strategy']}: {result['model']} on {result['dataset']}, "
+        f"{counted(result['threads_per_process'], 'thread')} per process"
+    )
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

@@ -1,0 +1,134 @@
+"""`scaleforge bench scaling` and `scaleforge bench memory` from the CLI: real training runs in child processes
+(gloo on CPU, up to 2 processes), read back from the files each benchmark writes. Speed is never asserted (the
+figures depend on the machine); what is checked is that the runs were set up as described and the report adds up.
+Usage errors exit 2 with one line and start no process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from scaleforge.bench.memory import add_reference_ratios, memory_row
+from scaleforge.config import load_config
+
+# A tiny model, so that start-up dominates and each run takes seconds.
+TINY = ["model.architecture=mlp", "model.hidden_layers=[64]", "data.dataset=synthetic", "data.num_samples=2048"]
+TINY += ["training.batch_size=16"]
+PNG_MAGIC = b"\x89PNG"
+PLAN_KEYS = ("processes", "strategy", "threads_per_process", "global_batch_size", "per_process_batch_size")
+
+
+def table_rows(printed: str) -> list[list[str]]:
+    """The body cells of the table in a benchmark's output."""
+    return [[cell.strip() for cell in line.split("│")[1:-1]] for line in printed.splitlines() if line.startswith("│")]
+
+
+@pytest.mark.timeout(120)
+def test_weak_scaling_over_one_and_two_processes(cli, tmp_path: Path) -> None:
+    out = tmp_path / "scaling"
+    result = cli("bench", "scaling", *TINY, "--nproc", "2,1", "--mode", "weak", "--steps", "30", "--out", str(out))
+    assert result.code == 0, result.err
+    threads = max(1, (os.cpu_count() or 1) // 2)  # the largest size's share of the cores, at every size
+    assert f"Weak scaling of mlp (4,810 parameters) on synthetic with ddp: 30 steps, {threads} thread" in result.out
+
+    saved = json.loads((out / "scaling-weak.json").read_text())
+    rows = saved["results"]
+    assert [(r["processes"], r["strategy"]) for r in rows] == [(1, "single"), (2, "ddp")]
+    assert [(r["global_batch_size"], r["per_process_batch_size"]) for r in rows] == [(16, 16), (32, 16)]
+    for row, cells in zip(rows, table_rows(result.out), strict=True):
+        assert row["threads_per_process"] == threads
+        assert load_config(Path(row["run_dir"]) / "config.yaml").hardware.threads == threads
+        assert len(row["interval_samples_per_s"]) == 2  # 3 intervals of 10 steps, the first one warm-up
+        assert row["samples_per_s"] > 0 and row["peak_mib"] > 0 and row["peak_kind"] in ("rss", "cuda_allocated")
+        assert cells[:5] == [str(row[key]) for key in PLAN_KEYS]
+        assert cells[5:8] == [f"{row['samples_per_s']:,.1f}", f"{row['speedup']:.2f}", f"{row['efficiency']:.2f}"]
+    assert rows[0]["speedup"] == rows[0]["efficiency"] == 1.0
+    assert rows[1]["efficiency"] == pytest.approx(rows[1]["speedup"] / 2)
+    assert (out / "scaling-weak.png").read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.timeout(120)
+def test_fsdp_keeps_about_half_the_state_of_ddp_and_a_strategy_the_model_refuses_is_shown(cli, tmp_path: Path) -> None:
+    out = tmp_path / "memory"
+    strategies = "ddp,fsdp,pp"  # pp needs 2 blocks, the MLP has 1: its run exits 2 after one line
+    result = cli(
+        "bench", "memory", *TINY, "--nproc", "2", "--strategies", strategies, "--steps", "3", "--out", str(out)
+    )
+    assert result.code == 0, result.err
+
+    saved = json.loads((out / "memory.json").read_text())
+    rows = {row["strategy"]: row for row in saved["results"]}
+    assert list(rows) == ["ddp", "fsdp", "pp"]
+    refusal = "config error: parallel.pp: 2 pipeline stages need at least 2 blocks"
+    assert rows["pp"]["refused"].startswith(refusal) and rows["pp"]["states_vs_ddp"] is None
+    assert f"pp refused: {refusal}" in result.out
+    assert table_rows(result.out)[2][:2] == ["pp", "refused (below)"]
+    full_mib = saved["num_parameters"] * 4 / 2**20  # fp32: DDP's parameters, gradients and each Adam moment
+    assert rows["ddp"]["parameters_mib"] == pytest.approx(full_mib)
+    assert rows["ddp"]["states_mib"] == pytest.approx(4 * full_mib, rel=0.01)  # + Adam's step counters
+    assert rows["ddp"]["states_vs_ddp"] == 1.0
+    assert rows["fsdp"]["states_mib"] < rows["ddp"]["states_mib"]
+    assert rows["fsdp"]["states_vs_ddp"] == pytest.approx(0.5, abs=0.05)
+    assert all(row["peak_mib"] > row["states_mib"] for row in (rows["ddp"], rows["fsdp"]))
+    assert "n/a (RSS)" in result.out and f"{rows['fsdp']['states_vs_ddp']:.2f}" in result.out
+    assert (out / "memory.png").read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["scaling", "--nproc", "1,x", "--mode", "weak"], "usage error: argument --nproc: expected a positive integer"),
+        (["scaling", "--nproc", "0,2", "--mode", "weak"], "expected a positive integer, got 0"),
+        (["scaling", "--nproc", "1,2", "--mode", "sideways"], "argument --mode: invalid choice: 'sideways'"),
+        (["scaling", "--nproc", "1,2"], "the following arguments are required: --mode"),
+        (["scaling", "--nproc", "1,2", "--mode", "weak", "--strategy", "fdsp"], "did you mean 'fsdp'?"),
+        (["scaling", "--nproc", "1,2", "--mode", "weak", "--steps", "20"], "--steps: 20 steps give fewer than 3"),
+        (["scaling", "--nproc", "1,3", "--mode", "strong"], "training.batch_size: 16 does not split into 3 processes"),
+        (["scaling", "--nproc", "1,2", "--mode", "weak", "training.batchsize=8"], "did you mean 'batch_size'?"),
+        (["memory", "--nproc", "1"], "--nproc: strategies differ only across processes; use at least 2, got 1"),
+        (["memory", "--nproc", "2", "--strategies", "ddp,single"], "--strategies: unknown strategy 'single'"),
+        (["memory", "--nproc", "2", "model.architecture=mlpp"], "unknown model 'mlpp' (did you mean 'mlp'?)"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2_before_any_run(
+    cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], message: str
+) -> None:
+    def no_process(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a process was started")
+
+    monkeypatch.setattr(subprocess, "run", no_process)
+    out = tmp_path / "out"
+    command, *options = args
+    result = cli("bench", command, *TINY, *options, "--out", str(out))  # the test's overrides before the case's
+    assert result.code == 2
+    assert message in result.err
+    assert len(result.err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+# The report's arithmetic, without processes.
+
+CPU_PROCESS = {"parameters_mib": 4.0, "gradients_mib": 4.0, "optimizer_mib": 8.0, "peak_mib": 700.0, "peak_kind": "rss"}
+
+
+def test_a_strategy_row_shows_the_fullest_process_and_the_highest_peak() -> None:
+    busy = {"parameters_mib": 5.0, "gradients_mib": 5.0, "optimizer_mib": 10.0, "peak_mib": 60.0}
+    quiet = {"parameters_mib": 3.0, "gradients_mib": 3.0, "optimizer_mib": 6.0, "peak_mib": 80.0}
+    row = memory_row("pp", [{**busy, "peak_kind": "cuda_allocated"}, {**quiet, "peak_kind": "cuda_allocated"}])
+    assert (row["parameters_mib"], row["states_mib"], row["peak_mib"]) == (5.0, 20.0, 80.0)
+    assert row["activations_mib"] == 68.0  # the most any process needed beyond its own states
+    assert memory_row("ddp", [CPU_PROCESS])["activations_mib"] is None  # an RSS peak includes the runtime
+
+
+def test_states_are_compared_with_ddp_when_ddp_was_measured() -> None:
+    rows = [memory_row("ddp", [CPU_PROCESS]), memory_row("fsdp", [{**CPU_PROCESS, "optimizer_mib": 0.0}])]
+    rows.append({"strategy": "tp", "refused": "config error: no plan"})
+    add_reference_ratios(rows)
+    assert [row["states_vs_ddp"] for row in rows] == [1.0, 0.5, None]
+    without_ddp = rows[1:]
+    add_reference_ratios(without_ddp)
+    assert [row["states_vs_ddp"] for row in without_ddp] == [None, None]
