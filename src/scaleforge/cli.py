@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TypeVar
@@ -323,10 +324,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             record_user_error(error.one_line() if shared else f"rank {rank}: {error.one_line()}")
         return error.exit_code
     except Exception as error:
-        from scaleforge.distributed.env import PEER_FAILED_EXIT, lost_peer
+        from scaleforge.distributed.env import PEER_FAILED_EXIT, PEER_FAILED_GRACE_S, lost_peer
         from scaleforge.distributed.launch import is_launched_worker
 
         if is_launched_worker() and lost_peer(error):  # the launcher reports the peer's failure instead
+            time.sleep(PEER_FAILED_GRACE_S)
             return PEER_FAILED_EXIT
         raise
     except KeyboardInterrupt:  # under the launcher, the launcher says it

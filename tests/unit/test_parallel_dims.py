@@ -46,6 +46,7 @@ def test_bad_arithmetic_is_explained(section: ParallelSection, world: int, messa
 def test_shards_data_only_for_fsdp_and_hybrid() -> None:
     assert ParallelDims("fsdp", 2, 1, 1).shards_data and ParallelDims("hybrid", 2, 2, 1).shards_data
     assert not ParallelDims("ddp", 2, 1, 1).shards_data and not ParallelDims("tp", 1, 2, 1).shards_data
+    assert not ParallelDims("hybrid", 1, 2, 2).shards_data  # no dp dimension to shard over
 
 
 @pytest.mark.parametrize(

@@ -111,8 +111,11 @@ class PeerFailed(Exception):
     """Another process of the run failed, so this one cannot go on; the launcher reports the other's failure."""
 
 
-# Set by a worker that stopped only because a peer failed (PeerFailed, or a collective that lost its peer).
+# Set by a worker that stopped only because a peer failed (PeerFailed, or a collective that lost its peer),
+# after waiting PEER_FAILED_GRACE_S: the launcher stops every worker when it sees the first one end, and the
+# failed peer should be that one, so that its failure is what gets reported.
 PEER_FAILED_EXIT = 3
+PEER_FAILED_GRACE_S = 3.0
 # How gloo words a collective whose peer has gone.
 _LOST_PEER_MESSAGES = ("closed by peer", "reset by peer", "Broken pipe")
 

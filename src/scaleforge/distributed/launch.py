@@ -147,6 +147,8 @@ def report_failure(error: object) -> int:
     failure = causes[rank]
     if failure.exitcode < 0:
         how = f"was killed by {signal.Signals(-failure.exitcode).name}"
+    elif failure.exitcode == PEER_FAILED_EXIT:  # the process that failed first did not end in time to be seen
+        how = "lost contact with another process, which stopped without a report"
     else:
         how = f"exited with code {failure.exitcode} (its traceback is above)"
     print(f"training failed: rank {rank} {how}", file=sys.stderr)

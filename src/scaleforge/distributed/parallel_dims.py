@@ -68,8 +68,8 @@ class ParallelDims:
 
     @property
     def shards_data(self) -> bool:
-        """Whether the dp dimension shards parameters (FSDP2) rather than replicating them (DDP)."""
-        return self.strategy in ("fsdp", "hybrid")
+        """Whether parameters are sharded over the dp dimension (FSDP2) rather than replicated (DDP)."""
+        return self.strategy == "fsdp" or (self.strategy == "hybrid" and self.dp > 1)
 
     def build_mesh(self, device_type: str) -> DeviceMesh:
         """The (pp, dp, tp) device mesh over every process; size-1 dimensions are kept so code can always slice."""

@@ -287,7 +287,10 @@ def plan_parallelism(
             "not support here; use bf16-mixed"
         )
     if parallel.cpu_offload and not dims.shards_data:
-        raise ConfigError(f"parallel.cpu_offload: only fsdp and hybrid shard parameters, not {dims.strategy}")
+        raise ConfigError(
+            f"parallel.cpu_offload: only fsdp, and hybrid with parallel.dp above 1, shard parameters; not "
+            f"{dims.strategy} with dp={dims.dp}"
+        )
     if parallel.cpu_offload and device.type != "cuda":
         raise ConfigError("parallel.cpu_offload: the parameters already live in CPU memory; it needs a GPU")
     bounds = None
@@ -344,7 +347,7 @@ def parallelize(
     train_module = model
     if dims.strategy == "ddp":
         train_module = apply_ddp(model, mesh["dp"], device)  # type: ignore[index]
-    elif dims.strategy == "fsdp" or (dims.strategy == "hybrid" and dims.dp > 1):
+    elif dims.shards_data:
         param_dtype = PRECISIONS[precision]
         apply_fsdp(model, mesh["dp"], param_dtype=param_dtype, cpu_offload=parallel.cpu_offload)  # type: ignore[index]
     if plan.stage_bounds is None:
