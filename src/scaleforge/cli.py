@@ -58,7 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from scaleforge.train.trainer import train
 
     config = _load(args.config)
-    summary = train(config, Path(args.run_dir) if args.run_dir else None)
+    summary = train(config, Path(args.run_dir) if args.run_dir else None, resume=args.resume)
     if DistEnv.from_environ().is_main:
         run_dir = Path(summary["run_dir"])
         metrics = " | ".join(f"{k} {v:.4f}" for k, v in summary.items() if k.startswith("val_"))
@@ -72,7 +72,7 @@ def _launch_train(args: argparse.Namespace, options: LaunchOptions) -> int:
     from scaleforge.distributed.env import DistEnv, check_device_per_process, select_device
     from scaleforge.distributed.launch import launch
     from scaleforge.distributed.parallel_dims import ParallelDims
-    from scaleforge.train.trainer import check_run_dir, default_run_dir
+    from scaleforge.train.trainer import default_run_dir, resume_point
 
     options.check()
     config = _load(args.config)  # a bad config fails here, once, before any process starts
@@ -87,8 +87,8 @@ def _launch_train(args: argparse.Namespace, options: LaunchOptions) -> int:
     else:
         run_dir = default_run_dir(config)
     if options.node_rank == 0:
-        check_run_dir(run_dir)
-    return launch(["train", *args.config, "--run-dir", str(run_dir)], options)
+        resume_point(run_dir, args.resume)
+    return launch(["train", *args.config, "--run-dir", str(run_dir), "--resume", args.resume], options)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -202,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a model", description="Train the model a config describes.")
     train.add_argument("config", nargs="*", metavar="CONFIG_OR_OVERRIDE", help=config_help)
     train.add_argument("--run-dir", help="where results go (default: runs/<name>-<time>)")
+    train.add_argument(
+        "--resume",
+        default="auto",
+        metavar="auto|never|PATH",
+        help="auto (default): continue from the newest good checkpoint in --run-dir, if any; never: start afresh; "
+        "PATH: start from that checkpoint folder",
+    )
     launch = train.add_argument_group("processes (as torchrun's flags)")
     launch.add_argument("--nproc", type=_positive_int, default=1, help="processes on this node (default 1)")
     launch.add_argument("--nnodes", type=_positive_int, default=1, help="nodes taking part (default 1)")

@@ -96,7 +96,7 @@ def test_a_finished_run_is_never_overwritten(cli, tmp_path: Path) -> None:
     before = (run_dir / "final" / "model.safetensors").read_bytes()
     second = cli("train", "training.max_steps=5", "--run-dir", str(run_dir))
     assert second.code == 2
-    assert second.err.startswith(f"usage error: {run_dir} already holds a run (final, metrics.jsonl)")
+    assert second.err.startswith(f"usage error: {run_dir} already holds a finished run; choose another --run-dir")
     assert (run_dir / "final" / "model.safetensors").read_bytes() == before
 
 

@@ -125,6 +125,9 @@ class TrainBatches:
                 pin_memory=device.type == "cuda",
                 persistent_workers=num_workers > 0,
                 prefetch_factor=4 if num_workers > 0 else None,
+                # its own generator for the workers' seeds: iterating never draws from the global stream that
+                # dropout uses, so a resumed run draws the same numbers as an uninterrupted one
+                generator=torch.Generator().manual_seed(seed),
             )
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[list[Batch]]:

@@ -1,24 +1,50 @@
-"""Periodic checkpoints: a named map of state saved with `torch.distributed.checkpoint` (DCP).
+"""Checkpoints: sharded, atomic and verified, holding everything a run needs to continue as if nothing happened.
 
-Each checkpoint is a folder `checkpoints/step-NNNNNNNN/` holding DCP's shard files for the model and
-optimizer, and `progress.json` for the small non-tensor state (step, epoch, data position, scheduler).
-It is written under a temporary name and renamed into place, so a folder with the final name is complete.
+A checkpoint is a folder `checkpoints/step-NNNNNNNN/`:
+
+    __R_0.distcp, .metadata   model and optimizer, written by `torch.distributed.checkpoint` (DCP): each process
+                              writes its own shards, nothing is gathered to rank 0
+    progress.json             step, epoch, the data cursor (a global sample position), scheduler, grad scaler
+    rng-R.json                the random states of process R (Python, NumPy, torch, CUDA)
+    manifest.json             the size and SHA-256 of every other file, written last
+
+It is written as `step-NNNNNNNN.tmp`, every file is fsynced, the manifest is written, and only then is the folder
+renamed into place. A folder without a complete manifest is never loaded, and one whose files do not match
+their manifest is reported and passed over for the previous good one. Nothing is pickled: tensors go through
+DCP, everything else is JSON.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import os
+import random
 import shutil
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from scaleforge.errors import UsageError
 
 PREFIX = "step-"
+MANIFEST = "manifest.json"
+PROGRESS = "progress.json"
+# flat optimizer keys (`state.<param name>.<field>`): pipeline stages hold different parameters, and nested
+# param_groups would collide between them
+STATE_DICT_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+class DamagedCheckpoint(Exception):
+    """A checkpoint folder whose files do not match its manifest (or that has none)."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -27,10 +53,13 @@ def checkpoint_name(step: int) -> str:
 
 
 def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
-    """Complete checkpoints in `checkpoint_dir`, oldest first."""
+    """Checkpoint folders committed into place (renamed from their temporary name), oldest first."""
     if not checkpoint_dir.is_dir():
         return []
     return sorted(p for p in checkpoint_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and "." not in p.name)
+
+
+# ------------------------------------------------------------------------------------------------ saving
 
 
 def save_checkpoint(
@@ -41,33 +70,179 @@ def save_checkpoint(
     progress: dict[str, Any],
     keep: int,
 ) -> Path:
-    """Write a checkpoint for `progress["step"]`, then delete all but the newest `keep`.
+    """Write the checkpoint for `progress["step"]`, commit it, then delete all but the newest `keep` good ones.
 
-    Every process calls this: each writes its own shards; rank 0 prepares the folder, adds `progress.json` and
-    renames it into place once all shards are written.
+    Every process calls this: each writes its own shards and random states; rank 0 prepares the folder, adds
+    `progress.json`, writes the manifest once every process has written, and renames the folder into place.
     """
-    distributed = dist.is_initialized()
-    is_main = not distributed or dist.get_rank() == 0
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    rank = dist.get_rank() if distributed else 0
     final = checkpoint_dir / checkpoint_name(progress["step"])
     staging = final.with_name(final.name + ".tmp")
-    if is_main:
+    if rank == 0:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     if distributed:
         dist.barrier()
-    # flat optimizer keys (`state.<param name>.<field>`): pipeline stages hold different parameters, and nested
-    # param_groups would collide between them
-    options = StateDictOptions(flatten_optimizer_state_dict=True)
-    model_state, optim_state = get_state_dict(model, optimizer, options=options)
+    model_state, optim_state = get_state_dict(model, optimizer, options=STATE_DICT_OPTIONS)
     with warnings.catch_warnings():  # DCP warns on every single-process save, which is a supported case here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=staging, no_dist=not distributed)
-    if is_main:
-        (staging / "progress.json").write_text(json.dumps(progress, indent=2))
+    _write_json(staging / f"rng-{rank}.json", capture_rng())
+    if distributed:
+        dist.barrier()  # every shard is on disk (DCP fsyncs its files)
+    if rank == 0:
+        _write_json(staging / PROGRESS, progress)
+        _write_json(staging / MANIFEST, build_manifest(staging))
+        _fsync_dir(staging)
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
+        _fsync_dir(checkpoint_dir)
+        # the new checkpoint is committed: only now may older ones go, and never the newest good one
         for old in list_checkpoints(checkpoint_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     if distributed:
         dist.barrier()  # the checkpoint is in place when any process returns
     return final
+
+
+def build_manifest(folder: Path) -> dict[str, Any]:
+    """Size and SHA-256 of every file in `folder` but the manifest."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
+    return {"files": {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Write `path` durably: to a temporary name, fsynced, then renamed."""
+    temporary = path.with_name(path.name + ".part")
+    with temporary.open("w") as file:
+        json.dump(data, file, indent=1)
+        file.flush()
+        os.fsync(file.fileno())
+    temporary.rename(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def verify(folder: Path) -> None:
+    """Check every file of `folder` against its manifest; raise `DamagedCheckpoint` saying what is wrong."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise DamagedCheckpoint("it has no manifest (its write did not finish)")
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise DamagedCheckpoint(f"its manifest cannot be read ({error})") from error
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise DamagedCheckpoint(f"{name} is missing")
+        if path.stat().st_size != expected["bytes"]:
+            raise DamagedCheckpoint(f"{name} has {path.stat().st_size} bytes, not {expected['bytes']}")
+        if _sha256(path) != expected["sha256"]:
+            raise DamagedCheckpoint(f"{name} does not match its SHA-256")
+    if PROGRESS not in files:
+        raise DamagedCheckpoint(f"{PROGRESS} is missing")
+
+
+def newest_good_checkpoint(checkpoint_dir: Path, warn: bool = True) -> Path | None:
+    """The newest checkpoint that verifies; each damaged newer one is reported (when `warn`) and passed over."""
+    for folder in reversed(list_checkpoints(checkpoint_dir)):
+        try:
+            verify(folder)
+        except DamagedCheckpoint as error:
+            if warn:
+                warnings.warn(f"checkpoint {folder} is damaged and is skipped: {error}", stacklevel=2)
+            continue
+        return folder
+    return None
+
+
+def checked_checkpoint(path: Path) -> Path:
+    """`path` (a checkpoint folder given by the user), verified; a usage error says what is wrong."""
+    if not path.is_dir():
+        raise UsageError(f"--resume: {path} is not a checkpoint folder")
+    try:
+        verify(path)
+    except DamagedCheckpoint as error:
+        raise UsageError(f"--resume: checkpoint {path} cannot be used: {error}") from error
+    return path
+
+
+def load_checkpoint(folder: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load `folder` (already verified) into `model` and `optimizer` and this process's random states, whatever
+    the number of processes that wrote it; returns its progress."""
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    model_state, optim_state = get_state_dict(model, optimizer, options=STATE_DICT_OPTIONS)
+    state = {"model": model_state, "optim": optim_state}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=folder, no_dist=not distributed)
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optim"],
+        options=STATE_DICT_OPTIONS,
+    )
+    rank = dist.get_rank() if distributed else 0
+    rng_file = folder / f"rng-{rank}.json"
+    # a run resumed on more processes than wrote the checkpoint: the new ones take rank 0's streams
+    restore_rng(json.loads((rng_file if rng_file.is_file() else folder / "rng-0.json").read_text()))
+    return json.loads((folder / PROGRESS).read_text())
+
+
+# ------------------------------------------------------------------------------------------------ random states
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's random states (Python, NumPy, torch CPU and every CUDA device) as JSON-able data."""
+    version, internal, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    return {
+        "python": {"version": version, "state": list(internal), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": keys.tolist(), "pos": position, "has_gauss": has_gauss, "cached": cached},
+        "torch": _encode(torch.get_rng_state()),
+        "cuda": [_encode(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(states: dict[str, Any]) -> None:
+    """Set this process's random states from `capture_rng`'s data."""
+    python = states["python"]
+    random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
+    numpy = states["numpy"]
+    keys = np.array(numpy["keys"], dtype=np.uint32)
+    np.random.set_state((numpy["kind"], keys, numpy["pos"], numpy["has_gauss"], numpy["cached"]))
+    torch.set_rng_state(_decode(states["torch"]))
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(_decode_all(states["cuda"][: torch.cuda.device_count()]))
+
+
+def _encode(state: torch.Tensor) -> str:
+    return base64.b64encode(state.numpy().tobytes()).decode("ascii")
+
+
+def _decode(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def _decode_all(texts: Iterable[str]) -> list[torch.Tensor]:
+    return [_decode(text) for text in texts]

@@ -23,7 +23,7 @@ class JsonlLogger(Callback):
         self.file: TextIO | None = None
 
     def on_train_start(self, state: RunState) -> None:
-        # a run that starts at step 0 (a restarted one included) starts the file afresh
+        # a run that starts at step 0 (a restarted one included) starts the file afresh; a resumed one goes on
         self.file = self.path.open("w" if state.step == 0 else "a", buffering=1)
 
     def _write(self, record: dict[str, Any]) -> None:

@@ -52,9 +52,14 @@ from scaleforge.distributed.env import (
 )
 from scaleforge.distributed.parallel_dims import ParallelDims
 from scaleforge.distributed.parallelize import ParallelModel, parallelize, plan_parallelism
-from scaleforge.errors import ConfigError, UsageError
+from scaleforge.errors import AgreedError, ConfigError, UsageError
 from scaleforge.train.callbacks import Callback, CallbackList, RunState
-from scaleforge.train.checkpoint import save_checkpoint
+from scaleforge.train.checkpoint import (
+    checked_checkpoint,
+    load_checkpoint,
+    newest_good_checkpoint,
+    save_checkpoint,
+)
 from scaleforge.train.metrics import JsonlLogger, LossPlot, TensorBoardLogger, build_progress
 from scaleforge.train.objectives import Objective, default_objective
 from scaleforge.train.precision import Autocast, make_autocast, resolve_precision
@@ -300,25 +305,59 @@ def evaluate(
     return result
 
 
-def train(config: RunConfig, run_dir: Path | None = None, *, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+def train(
+    config: RunConfig, run_dir: Path | None = None, *, callbacks: Sequence[Callback] = (), resume: str = "auto"
+) -> dict[str, Any]:
     """Train the model the config describes on this process's share, write the run directory (rank 0) and
-    return the summary (with `run_dir`, which rank 0 chose when none was given)."""
+    return the summary (with `run_dir`, which rank 0 chose when none was given).
+
+    `resume`: `auto` continues from the newest good checkpoint in the run directory (if there is one), `never`
+    starts afresh, a path starts from that checkpoint. Workers restarted by the launcher always resume `auto`.
+    """
     env = DistEnv.from_environ()
     dims = ParallelDims.resolve(config.parallel, env.world_size)
     device, precision = setup_runtime(config, env)
     init_distributed(env, device, required=dims.strategy != "single")
     try:
         run_dir = agree_on_run_dir(run_dir, config, env)
-        if env.restart_count == 0:
-            check_run_dir(run_dir)
-        elif env.is_main:  # until runs resume from their checkpoints, a restarted run starts over in place
-            print(f"restart {env.restart_count}: the workers failed and were started again; training starts over")
+        checkpoint = agree_on_checkpoint(run_dir, "auto" if env.restart_count else resume, env)
+        if env.is_main and env.restart_count:
+            where = f"resuming from {checkpoint}" if checkpoint else "no checkpoint yet: training starts over"
+            print(f"restart {env.restart_count}: the workers failed and were started again; {where}")
         if env.distributed:
             dist.barrier()  # every process has checked before rank 0 starts writing
-        summary = _train(config, run_dir, env, dims, device, precision, callbacks)
+        summary = _train(config, run_dir, env, dims, device, precision, callbacks, checkpoint)
     finally:
         teardown_distributed()
     return {**summary, "run_dir": str(run_dir)}
+
+
+def agree_on_checkpoint(run_dir: Path, resume: str, env: DistEnv) -> Path | None:
+    """The checkpoint to start from (rank 0 finds and verifies it; every process gets its answer), after
+    checking that `run_dir` may be used: a finished run is never trained again, and a run is never overwritten."""
+    found: list[Any] = [None]
+    if env.is_main:
+        try:
+            found = [resume_point(run_dir, resume)]
+        except UsageError as error:
+            found = [error]
+    if env.distributed:
+        dist.broadcast_object_list(found, src=0)
+    if isinstance(found[0], UsageError):
+        raise found[0] if env.is_main else AgreedError(found[0].one_line())
+    return found[0]
+
+
+def resume_point(run_dir: Path, resume: str) -> Path | None:
+    """See `agree_on_checkpoint`; damaged checkpoints are reported as warnings and passed over."""
+    if (run_dir / "final").exists():
+        raise UsageError(f"{run_dir} already holds a finished run; choose another --run-dir or remove it")
+    if resume not in ("auto", "never"):
+        return checked_checkpoint(Path(resume))
+    checkpoint = newest_good_checkpoint(run_dir / "checkpoints") if resume == "auto" else None
+    if checkpoint is None:
+        check_run_dir(run_dir)
+    return checkpoint
 
 
 def agree_on_run_dir(run_dir: Path | None, config: RunConfig, env: DistEnv) -> Path:
@@ -338,6 +377,7 @@ def _train(
     device: torch.device,
     precision: str,
     callbacks: Sequence[Callback],
+    checkpoint: Path | None = None,
 ) -> dict[str, Any]:
     started = time.perf_counter()
     training = config.training
@@ -382,15 +422,26 @@ def _train(
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16-mixed" else None
     autocast = make_autocast(precision, device)
 
+    state = RunState(run_dir, total_steps, batches.steps_per_epoch, training.batch_size)
+    start_step = 0  # within the first epoch the loop runs
+    if checkpoint is not None:
+        progress = load_checkpoint(checkpoint, model=parallel.module, optimizer=optimizer)
+        state.step, state.epoch, start_step = resume_position(progress, config, batches.steps_per_epoch, checkpoint)
+        if scheduler is not None and progress.get("scheduler") is not None:
+            scheduler.load_state_dict(progress["scheduler"])
+        if scaler is not None and progress.get("scaler") is not None:
+            scaler.load_state_dict(progress["scaler"])
+        if env.is_main:
+            state.history.extend(keep_metrics_until(run_dir / "metrics.jsonl", state.step))
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(config))
+        resumed = f" | resumed at step {state.step} from {checkpoint.name}" if checkpoint is not None else ""
         print(
             f"run {run_dir} | {config.model.architecture} ({num_parameters:,} parameters) on "
             f"{config.data.dataset} | device {device} | precision {precision} | {total_steps} steps | "
-            f"{describe(dims)}"
+            f"{describe(dims)}{resumed}"
         )
-    state = RunState(run_dir, total_steps, batches.steps_per_epoch, training.batch_size)
     with contextlib.closing(hooks):  # files closed and the progress bar stopped, even on failure
         hooks.on_train_start(state)
         state.should_stop = parallel.any_process(state.should_stop)  # callbacks run on rank 0 alone
@@ -407,7 +458,7 @@ def _train(
 
         step_losses: list[torch.Tensor] = []
         data_wait = DataWaitClock()
-        last_log = {"step": 0, "time": time.perf_counter(), "data_wait": 0.0}
+        last_log = {"step": state.step, "time": time.perf_counter(), "data_wait": 0.0}
         loop_started = last_log["time"]
         # The mean over data-parallel replicas: the processes that hold a loss (the last pipeline stage, once
         # per tensor-parallel group) each add their share.
@@ -436,9 +487,12 @@ def _train(
 
         last_eval: dict[str, Any] = {}
         parallel.module.train()
-        for epoch in range(epochs):
+        for epoch in range(state.epoch, epochs):
+            if state.step >= total_steps:  # resumed from the checkpoint of the last step
+                break
             state.epoch = epoch
-            for micro_batches in data_wait.wrap(batches.epoch(epoch)):
+            first_step, start_step = start_step, 0
+            for micro_batches in data_wait.wrap(batches.epoch(epoch, first_step)):
                 loss = train_step(
                     parallel,
                     micro_batches,
@@ -462,7 +516,7 @@ def _train(
                         run_dir / "checkpoints",
                         model=parallel.module,
                         optimizer=optimizer,
-                        progress=_progress(state, config, scheduler),
+                        progress=_progress(state, config, scheduler, scaler),
                         keep=config.checkpoint.keep,
                     )
                     hooks.on_checkpoint(state, path)
@@ -553,14 +607,43 @@ def check_metrics_combine(objective: Objective, dims: ParallelDims) -> None:
             )
 
 
-def _progress(state: RunState, config: RunConfig, scheduler: Any) -> dict[str, Any]:
+def _progress(state: RunState, config: RunConfig, scheduler: Any, scaler: Any) -> dict[str, Any]:
+    """What a checkpoint stores besides tensors. The data cursor is the global sample position, which does not
+    depend on the number of processes: a run resumed on any number sees the global batches it would have seen."""
     return {
         "step": state.step,
         "epoch": state.epoch,
         "seed": config.seed,
+        "global_batch_size": config.training.batch_size,
         "global_sample_position": state.step * config.training.batch_size,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
     }
+
+
+def resume_position(
+    progress: dict[str, Any], config: RunConfig, steps_per_epoch: int, checkpoint: Path
+) -> tuple[int, int, int]:
+    """(steps done, epoch, step within the epoch) where a resumed run continues; a config whose data order
+    differs from the checkpoint's cannot continue it."""
+    for key, value in (("seed", config.seed), ("global_batch_size", config.training.batch_size)):
+        if progress.get(key, value) != value:
+            raise ConfigError(
+                f"{'seed' if key == 'seed' else 'training.batch_size'}: {value} differs from the "
+                f"{progress[key]} of checkpoint {checkpoint}, which fixes the order of the data it continues"
+            )
+    step = progress["global_sample_position"] // config.training.batch_size
+    return step, step // steps_per_epoch, step % steps_per_epoch
+
+
+def keep_metrics_until(path: Path, step: int) -> list[dict[str, Any]]:
+    """Drop the records of `path` logged after `step` (a resumed run logs them again) and return the rest."""
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    kept = [record for record in records if record.get("step", 0) <= step]
+    path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+    return kept
 
 
 def count_parameters(model: nn.Module) -> int:
