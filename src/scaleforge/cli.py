@@ -9,11 +9,13 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TypeVar
 
-from scaleforge.errors import AgreedError, ScaleforgeError, UsageError
+from scaleforge.errors import AgreedError, ScaleforgeError, ScaleforgeWarning, UsageError
+from scaleforge.train.signals import Interrupted
 
 if TYPE_CHECKING:
     from scaleforge.distributed.launch import LaunchOptions
@@ -313,8 +315,18 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
     return args
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001 - warnings' hook
+    if issubclass(category, ScaleforgeWarning):
+        return f"warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
+_python_format_warning = warnings.formatwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
+    warnings.formatwarning = _format_warning
     try:
         args = parse_args(build_parser(), argv)
         return args.handler(args)
@@ -330,6 +342,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             shared = rank == 0 or isinstance(error, AgreedError)
             record_user_error(error.one_line() if shared else f"rank {rank}: {error.one_line()}")
         return error.exit_code
+    except Interrupted as stop:
+        if _is_main_process():
+            print(stop, file=sys.stderr)
+        return stop.exit_code
     except Exception as error:
         from scaleforge.distributed.env import PEER_FAILED_EXIT, PEER_FAILED_GRACE_S, lost_peer
         from scaleforge.distributed.launch import is_launched_worker

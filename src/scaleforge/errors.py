@@ -48,6 +48,11 @@ class AgreedError(ScaleforgeError):
         return self.line
 
 
+class ScaleforgeWarning(UserWarning):
+    """Something the user should know that does not stop the work (a damaged checkpoint passed over); the CLI
+    prints it as one line, `warning: ...`."""
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """A ` (did you mean 'x'?)` suffix for the closest choice, or '' when nothing is close."""
     matches = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)

@@ -4,6 +4,8 @@ were never interrupted: one process, two with ddp, and two restarted by the laun
 from __future__ import annotations
 
 import json
+import os
+import pickle
 import random
 import shutil
 import signal
@@ -15,7 +17,7 @@ import pytest
 import torch
 
 from scaleforge import load_config
-from scaleforge.train.checkpoint import list_checkpoints, newest_good_checkpoint
+from scaleforge.train.checkpoint import build_manifest, list_checkpoints, newest_good_checkpoint
 from scaleforge.train.trainer import train
 from tests.conftest import REPO, run_subprocess
 from tests.integration.multiprocess import MODEL, read_weights
@@ -160,3 +162,51 @@ def test_resume_from_a_path_starts_a_new_run_from_that_checkpoint(uninterrupted:
     assert result.code == 0, result.err
     assert f"resumed at step {int(checkpoint.name[5:])}" in result.out
     assert_bitwise_equal(uninterrupted, tmp_path / "run")
+
+
+class _Exploit:
+    """Unpickling this runs a shell command: what a crafted checkpoint would try."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("nproc", ["1", "2"])
+def test_a_crafted_pickle_in_a_checkpoint_is_refused(uninterrupted: Path, tmp_path: Path, nproc: str) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    shutil.rmtree(run_dir / "final")
+    for checkpoint in list_checkpoints(run_dir / "checkpoints"):
+        # an attacker rewrites the metadata and, knowing the format, the manifest that lists it
+        (checkpoint / ".metadata").write_bytes(pickle.dumps(_Exploit(tmp_path / "pwned")))
+        (checkpoint / "manifest.json").write_text(json.dumps(build_manifest(checkpoint)))
+    result = run_subprocess("train", *RUN, "--run-dir", str(run_dir), "--nproc", nproc, timeout=300)
+    assert not (tmp_path / "pwned").exists()
+    assert result.code == 2, result.err  # every checkpoint is refused: the run is not resumed, nor overwritten
+    refusal = "is damaged and is skipped: its metadata is refused: posix.system is not part of a checkpoint's metadata"
+    assert refusal in result.err
+    assert "already holds a run" in result.err
+
+
+@pytest.mark.parametrize("nproc", ["1", "2"])
+def test_sigterm_checkpoints_at_the_next_step_and_the_run_resumes(
+    uninterrupted: Path, uninterrupted_ddp: Path, tmp_path: Path, nproc: str
+) -> None:
+    run_dir = tmp_path / "run"
+    process = start(run_dir, "--nproc", nproc)
+    wait_for_step(process, 8)  # between checkpoints (every 3 steps)
+    process.send_signal(signal.SIGTERM)  # to the launcher, which passes it on to its workers
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, out
+    assert "Traceback" not in out
+    assert not (run_dir / "final").exists()
+    stopped_at = max(step for step, _ in logged(run_dir))
+    assert newest_good_checkpoint(run_dir / "checkpoints").name == f"step-{stopped_at:08d}"
+    if nproc == "1":
+        assert f"stopped by SIGTERM after step {stopped_at}; checkpoint" in out
+    resumed = run_subprocess("train", *RUN, "--nproc", nproc, "--run-dir", str(run_dir), timeout=300)
+    assert resumed.code == 0, resumed.err
+    assert_bitwise_equal(uninterrupted if nproc == "1" else uninterrupted_ddp, run_dir)

@@ -147,6 +147,9 @@ def report_failure(error: object) -> int:
     failure = causes[rank]
     if failure.exitcode < 0:
         how = f"was killed by {signal.Signals(-failure.exitcode).name}"
+    elif failure.exitcode - 128 in (signal.SIGTERM, signal.SIGINT):  # stopped at a step boundary, checkpointed
+        print(f"stopped: rank {rank} received {signal.Signals(failure.exitcode - 128).name}", file=sys.stderr)
+        return failure.exitcode
     elif failure.exitcode == PEER_FAILED_EXIT:  # the process that failed first did not end in time to be seen
         how = "lost contact with another process, which stopped without a report"
     else:

@@ -20,6 +20,7 @@ import base64
 import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 import warnings
@@ -31,9 +32,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from scaleforge.errors import UsageError
+from scaleforge.errors import ScaleforgeWarning, UsageError
 
 PREFIX = "step-"
 MANIFEST = "manifest.json"
@@ -160,6 +162,19 @@ def verify(folder: Path) -> None:
             raise DamagedCheckpoint(f"{name} does not match its SHA-256")
     if PROGRESS not in files:
         raise DamagedCheckpoint(f"{PROGRESS} is missing")
+    read_metadata(folder)  # read safely here, so that a crafted one is refused before DCP opens it
+
+
+def read_metadata(folder: Path) -> Metadata:
+    """DCP's `.metadata` of `folder`, unpickled by `_MetadataUnpickler`; `DamagedCheckpoint` if it is refused."""
+    try:
+        with (folder / ".metadata").open("rb") as file:
+            metadata = _MetadataUnpickler(file).load()
+    except (OSError, pickle.UnpicklingError, AttributeError, EOFError, ImportError, TypeError) as error:
+        raise DamagedCheckpoint(f"its metadata is refused: {error}") from error
+    if not isinstance(metadata, Metadata):
+        raise DamagedCheckpoint(f"its metadata is a {type(metadata).__name__}, not DCP metadata")
+    return metadata
 
 
 def newest_good_checkpoint(checkpoint_dir: Path, warn: bool = True) -> Path | None:
@@ -169,7 +184,9 @@ def newest_good_checkpoint(checkpoint_dir: Path, warn: bool = True) -> Path | No
             verify(folder)
         except DamagedCheckpoint as error:
             if warn:
-                warnings.warn(f"checkpoint {folder} is damaged and is skipped: {error}", stacklevel=2)
+                warnings.warn(
+                    f"checkpoint {folder} is damaged and is skipped: {error}", ScaleforgeWarning, stacklevel=2
+                )
             continue
         return folder
     return None
@@ -194,7 +211,7 @@ def load_checkpoint(folder: Path, *, model: torch.nn.Module, optimizer: torch.op
     state = {"model": model_state, "optim": optim_state}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=folder, no_dist=not distributed)
+        dcp.load(state, storage_reader=SafeFileSystemReader(folder), no_dist=not distributed)
     set_state_dict(
         model,
         optimizer,
@@ -207,6 +224,41 @@ def load_checkpoint(folder: Path, *, model: torch.nn.Module, optimizer: torch.op
     # a run resumed on more processes than wrote the checkpoint: the new ones take rank 0's streams
     restore_rng(json.loads((rng_file if rng_file.is_file() else folder / "rng-0.json").read_text()))
     return json.loads((folder / PROGRESS).read_text())
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's `.metadata` and nothing else: only the classes that describe a checkpoint's layout may
+    be named, so a crafted file cannot run code (the pattern of Python's `pickle` docs, "Restricting Globals")."""
+
+    ALLOWED = {
+        "torch.distributed.checkpoint.metadata": None,  # any of its dataclasses and enums
+        "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+        "torch.serialization": {"_get_layout"},
+        "torch": {"Size"},
+        "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+        "collections": {"OrderedDict"},
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = self.ALLOWED.get(module, set())
+        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if module in self.ALLOWED and (allowed is None or name in allowed) or is_dtype:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    """DCP's file reader, except that the metadata is read by `_MetadataUnpickler` rather than `pickle.load`
+    (DCP itself reads tensors and other values with `torch.load(weights_only=True)`)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if kwargs.get("rank") is not None:  # scaleforge writes one global metadata file
+            raise FileNotFoundError(self._get_metadata_path(kwargs["rank"]))
+        metadata = read_metadata(Path(self.path))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
 # ------------------------------------------------------------------------------------------------ random states

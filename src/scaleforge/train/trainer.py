@@ -16,12 +16,13 @@ import json
 import math
 import random
 import resource
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -50,12 +51,14 @@ from scaleforge.distributed.env import (
     select_device,
     teardown_distributed,
 )
+from scaleforge.distributed.launch import is_launched_worker
 from scaleforge.distributed.parallel_dims import ParallelDims
 from scaleforge.distributed.parallelize import ParallelModel, parallelize, plan_parallelism
 from scaleforge.errors import AgreedError, ConfigError, UsageError
 from scaleforge.train.callbacks import Callback, CallbackList, RunState
 from scaleforge.train.checkpoint import (
     checked_checkpoint,
+    checkpoint_name,
     load_checkpoint,
     newest_good_checkpoint,
     save_checkpoint,
@@ -63,6 +66,7 @@ from scaleforge.train.checkpoint import (
 from scaleforge.train.metrics import JsonlLogger, LossPlot, TensorBoardLogger, build_progress
 from scaleforge.train.objectives import Objective, default_objective
 from scaleforge.train.precision import Autocast, make_autocast, resolve_precision
+from scaleforge.train.signals import Interrupted, StopRequest
 
 MicroBatches = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -442,7 +446,8 @@ def _train(
             f"{config.data.dataset} | device {device} | precision {precision} | {total_steps} steps | "
             f"{describe(dims)}{resumed}"
         )
-    with contextlib.closing(hooks):  # files closed and the progress bar stopped, even on failure
+    # files closed and the progress bar stopped, even on failure; SIGTERM and SIGINT stop at a step boundary
+    with contextlib.closing(hooks), StopRequest(patient=is_launched_worker()).installed() as stop_signal:
         hooks.on_train_start(state)
         state.should_stop = parallel.any_process(state.should_stop)  # callbacks run on rank 0 alone
 
@@ -485,8 +490,26 @@ def _train(
             hooks.on_log(state, record)
             state.should_stop = parallel.any_process(state.should_stop)
 
+        def save(reason: str = "") -> Path:
+            path = save_checkpoint(
+                run_dir / "checkpoints",
+                model=parallel.module,
+                optimizer=optimizer,
+                progress=_progress(state, config, scheduler, scaler),
+                keep=config.checkpoint.keep,
+            )
+            hooks.on_checkpoint(state, path)
+            state.should_stop = parallel.any_process(state.should_stop)
+            return path
+
         last_eval: dict[str, Any] = {}
         parallel.module.train()
+
+        def stopped(path: Path) -> NoReturn:
+            signum = stop_signal.signum or signal.SIGTERM  # the processes that did not receive it heard of it
+            message = f"stopped by {signal.Signals(signum).name} after step {state.step}; checkpoint {path} holds "
+            raise Interrupted(signum, message + "the run: the same command resumes it")
+
         for epoch in range(state.epoch, epochs):
             if state.step >= total_steps:  # resumed from the checkpoint of the last step
                 break
@@ -511,16 +534,12 @@ def _train(
                     log_line(lr)
                 if training.eval_every_steps and state.step % training.eval_every_steps == 0:
                     last_eval = run_eval()
-                if config.checkpoint.every_steps and state.step % config.checkpoint.every_steps == 0:
-                    path = save_checkpoint(
-                        run_dir / "checkpoints",
-                        model=parallel.module,
-                        optimizer=optimizer,
-                        progress=_progress(state, config, scheduler, scaler),
-                        keep=config.checkpoint.keep,
-                    )
-                    hooks.on_checkpoint(state, path)
-                    state.should_stop = parallel.any_process(state.should_stop)
+                saved = config.checkpoint.every_steps and state.step % config.checkpoint.every_steps == 0
+                if saved:
+                    save()
+                # a signal reaches the processes at different moments: they agree on the step they stop after
+                if parallel.any_process(stop_signal.signum is not None) and state.step < total_steps:
+                    stopped(save() if not saved else run_dir / "checkpoints" / checkpoint_name(state.step))
                 if state.should_stop or state.step >= total_steps:
                     break
             if not training.eval_every_steps and last_eval.get("step") != state.step:
