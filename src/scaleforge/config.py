@@ -94,6 +94,8 @@ class CheckpointSection:
 
     every_steps: int = field(default=200, metadata=NON_NEGATIVE)
     keep: int = field(default=3, metadata=POSITIVE)
+    # `async` in files and overrides (a Python keyword): training goes on while the checkpoint is written
+    async_: bool = field(default=False, metadata={"key": "async"})
 
 
 @dataclass(frozen=True)
@@ -354,7 +356,7 @@ def _build(cls: type, raw: Any, origins: dict[str, str], prefix: str) -> Any:
         raise _fail(origins, section_key, f"expected a mapping, got {_type_name(raw)} {raw!r}")
     raw = dict(raw)
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in _NOT_FROM_FILE}
+    fields = {_key_of(f): f for f in dataclasses.fields(cls) if f.name not in _NOT_FROM_FILE}
     values: dict[str, Any] = {}
 
     if cls is RunConfig:  # imports come first: they register the components the other sections name
@@ -371,7 +373,7 @@ def _build(cls: type, raw: Any, origins: dict[str, str], prefix: str) -> Any:
 
     for name, spec in fields.items():
         key = f"{prefix}{name}"
-        hint = hints[name]
+        hint = hints[spec.name]
         # Sections and components are built even when absent, so their defaults are bound and shown.
         if dataclasses.is_dataclass(hint) and hint is not ComponentSpec:
             values[name] = _build(hint, raw.pop(name, {}), origins, f"{key}.")
@@ -380,8 +382,8 @@ def _build(cls: type, raw: Any, origins: dict[str, str], prefix: str) -> Any:
             values[name] = _component_field(name, raw.pop(name, default), origins, key)
         elif name in raw:
             value = raw.pop(name)
-            values[name] = _convert(value, hint, origins, key)
-            _check_range(values[name], spec.metadata, origins, key)
+            values[spec.name] = _convert(value, hints[spec.name], origins, key)
+            _check_range(values[spec.name], spec.metadata, origins, key)
 
     if open_section is not None:
         name_field, component_registry = open_section
@@ -668,22 +670,27 @@ def _type_name(value: Any) -> str:
 # ------------------------------------------------------------------------------------------------- output
 
 
+def _key_of(spec: dataclasses.Field) -> str:
+    """A field's key in files and overrides: its name, unless that is a Python keyword (`async`)."""
+    return spec.metadata.get("key", spec.name)
+
+
 def _section_to_dict(section: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in dataclasses.fields(section):
         if f.name in ("origins", "factory"):
             continue
-        value = getattr(section, f.name)
+        value, key = getattr(section, f.name), _key_of(f)
         if f.name == "params":
             out.update(_plain(value))
         elif isinstance(value, ComponentSpec):
-            out[f.name] = _spec_to_data(value)
+            out[key] = _spec_to_data(value)
         elif isinstance(value, list) and value and isinstance(value[0], ComponentSpec):
-            out[f.name] = [_spec_to_data(v) for v in value]
+            out[key] = [_spec_to_data(v) for v in value]
         elif dataclasses.is_dataclass(value):
-            out[f.name] = _section_to_dict(value)
+            out[key] = _section_to_dict(value)
         else:
-            out[f.name] = _plain(value)
+            out[key] = _plain(value)
     return out
 
 

@@ -20,7 +20,7 @@ from scaleforge import load_config
 from scaleforge.train.checkpoint import build_manifest, list_checkpoints, newest_good_checkpoint
 from scaleforge.train.trainer import train
 from tests.conftest import REPO, run_subprocess
-from tests.integration.multiprocess import MODEL, read_weights
+from tests.integration.multiprocess import GPT, MODEL, TOLERANCE, max_difference, read_weights, single_process_run
 from tests.integration.multiprocess import RUN as SHARED_RUN
 
 pytestmark = pytest.mark.timeout(600)
@@ -78,11 +78,13 @@ def uninterrupted_ddp(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_a_run_killed_at_a_random_step_resumes_bitwise(uninterrupted: Path, tmp_path: Path, seed: int) -> None:
+@pytest.mark.parametrize(("seed", "saves"), [(1, "sync"), (2, "sync"), (3, "async"), (4, "async")])
+def test_a_run_killed_at_a_random_step_resumes_bitwise(
+    uninterrupted: Path, tmp_path: Path, seed: int, saves: str
+) -> None:
     kill_at = random.Random(seed).randint(2, 38)  # before, on and between checkpoints, in either epoch
     run_dir = tmp_path / "run"
-    process = start(run_dir)
+    process = start(run_dir, f"checkpoint.async={saves == 'async'}")
     wait_for_step(process, kill_at)
     process.send_signal(signal.SIGKILL)  # whatever it was doing: a step, a log line, a checkpoint write
     process.wait()
@@ -94,7 +96,7 @@ def test_a_run_killed_at_a_random_step_resumes_bitwise(uninterrupted: Path, tmp_
 
 def test_a_killed_ddp_worker_resumes_bitwise_on_the_next_launch(uninterrupted_ddp: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    launcher = start(run_dir, "--nproc", "2")
+    launcher = start(run_dir, "--nproc", "2", "checkpoint.async=true")
     wait_for_step(launcher, 17)
     worker = workers_of(launcher)[-1]
     subprocess.run(["kill", "-KILL", str(worker)], check=True)
@@ -210,3 +212,30 @@ def test_sigterm_checkpoints_at_the_next_step_and_the_run_resumes(
     resumed = run_subprocess("train", *RUN, "--nproc", nproc, "--run-dir", str(run_dir), timeout=300)
     assert resumed.code == 0, resumed.err
     assert_bitwise_equal(uninterrupted if nproc == "1" else uninterrupted_ddp, run_dir)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "written_by", "resumed_on"),
+    [("ddp", 1, 2), ("ddp", 2, 1), ("fsdp", 1, 2), ("fsdp", 2, 1)],
+    ids=["ddp-1-to-2", "ddp-2-to-1", "fsdp-1-to-2", "fsdp-2-to-1"],
+)
+def test_a_checkpoint_resumes_on_another_number_of_processes(
+    tmp_path: Path, strategy: str, written_by: int, resumed_on: int
+) -> None:
+    # without dropout, so that one process and two compute the same thing (to float rounding)
+    reshard = [*GPT, "checkpoint.every_steps=10"]
+    reference = single_process_run(tmp_path / "reference", "checkpoint.every_steps=10")
+
+    def launch_on(nproc: int, run_dir: Path, *flags: str) -> None:
+        strategy_flags = [f"parallel.strategy={strategy}", "--nproc", str(nproc)] if nproc > 1 else []
+        result = run_subprocess("train", *reshard, *strategy_flags, "--run-dir", str(run_dir), *flags, timeout=300)
+        assert result.code == 0, result.err
+
+    writer = tmp_path / "writer"
+    if written_by == 1:
+        writer = reference
+    else:
+        launch_on(written_by, writer)
+    checkpoint = writer / "checkpoints" / "step-00000010"
+    launch_on(resumed_on, tmp_path / "resumed", "--resume", str(checkpoint))
+    assert max_difference(read_weights(reference), read_weights(tmp_path / "resumed")) <= TOLERANCE

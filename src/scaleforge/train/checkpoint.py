@@ -25,6 +25,7 @@ import random
 import shutil
 import warnings
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -64,48 +65,88 @@ def list_checkpoints(checkpoint_dir: Path) -> list[Path]:
 # ------------------------------------------------------------------------------------------------ saving
 
 
-def save_checkpoint(
-    checkpoint_dir: Path,
-    *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    progress: dict[str, Any],
-    keep: int,
-) -> Path:
-    """Write the checkpoint for `progress["step"]`, commit it, then delete all but the newest `keep` good ones.
+class Checkpointer:
+    """Writes a run's checkpoints into `checkpoint_dir`, keeping the newest `keep` good ones.
 
-    Every process calls this: each writes its own shards and random states; rank 0 prepares the folder, adds
-    `progress.json`, writes the manifest once every process has written, and renames the folder into place.
+    Every process calls `save`: each writes its own shards and random states; rank 0 prepares the folder, adds
+    `progress.json`, and commits the checkpoint (manifest, rename, retention) once every process has written.
+    With `use_async`, `save` returns as soon as the state is copied to CPU memory: DCP writes it from a thread
+    (over a gloo process group of its own), and the commit follows in another; at most one checkpoint is in
+    flight, and `wait` (called by the next `save` and at the end) returns once it is committed.
     """
-    distributed = dist.is_initialized() and dist.get_world_size() > 1
-    rank = dist.get_rank() if distributed else 0
-    final = checkpoint_dir / checkpoint_name(progress["step"])
-    staging = final.with_name(final.name + ".tmp")
-    if rank == 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-    if distributed:
-        dist.barrier()
-    model_state, optim_state = get_state_dict(model, optimizer, options=STATE_DICT_OPTIONS)
-    with warnings.catch_warnings():  # DCP warns on every single-process save, which is a supported case here
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=staging, no_dist=not distributed)
-    _write_json(staging / f"rng-{rank}.json", capture_rng())
-    if distributed:
-        dist.barrier()  # every shard is on disk (DCP fsyncs its files)
-    if rank == 0:
-        _write_json(staging / PROGRESS, progress)
+
+    def __init__(self, checkpoint_dir: Path, *, keep: int, use_async: bool = False) -> None:
+        self.checkpoint_dir = checkpoint_dir
+        self.keep = keep
+        self.use_async = use_async
+        self.distributed = dist.is_initialized() and dist.get_world_size() > 1
+        self.rank = dist.get_rank() if self.distributed else 0
+        self._group = dist.new_group(backend="gloo") if use_async and self.distributed else None
+        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") if use_async else None
+        self._pending: Future[Any] | None = None
+
+    def save(self, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, progress: dict[str, Any]) -> Path:
+        """Checkpoint the state after `progress["step"]` steps; returns the folder it is (or will be) committed to."""
+        self.wait()
+        final = self.checkpoint_dir / checkpoint_name(progress["step"])
+        staging = final.with_name(final.name + ".tmp")
+        if self.rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            _write_json(staging / PROGRESS, progress)
+        if self.distributed:
+            dist.barrier()
+        model_state, optim_state = get_state_dict(model, optimizer, options=STATE_DICT_OPTIONS)
+        _write_json(staging / f"rng-{self.rank}.json", capture_rng())
+        state = {"model": model_state, "optim": optim_state}
+        with warnings.catch_warnings():  # DCP warns on every single-process save, which is a supported case here
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            if self._committer is None:
+                dcp.save(state, checkpoint_id=staging, no_dist=not self.distributed)
+            else:
+                # returns once the state is copied to CPU memory; rank 0's future is done when every process
+                # has written its shards and rank 0 the metadata
+                written = dcp.async_save(
+                    state, checkpoint_id=staging, process_group=self._group, no_dist=not self.distributed
+                )
+                self._pending = self._committer.submit(self._commit_when_written, written, staging, final)
+                return final
+        if self.distributed:
+            dist.barrier()  # every shard is on disk (DCP fsyncs its files)
+        if self.rank == 0:
+            self._commit(staging, final)
+        if self.distributed:
+            dist.barrier()  # the checkpoint is in place when any process returns
+        return final
+
+    def wait(self) -> None:
+        """Return once the checkpoint in flight (if any) is written and committed; its failure is raised here."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self) -> None:
+        """Wait for the checkpoint in flight and stop the writer threads."""
+        try:
+            self.wait()
+        finally:
+            if self._committer is not None:
+                self._committer.shutdown()
+
+    def _commit_when_written(self, written: Any, staging: Path, final: Path) -> None:
+        written.result()
+        if self.rank == 0:
+            self._commit(staging, final)
+
+    def _commit(self, staging: Path, final: Path) -> None:
+        """Rank 0: manifest last, then the rename that makes the checkpoint count; only then older ones go."""
         _write_json(staging / MANIFEST, build_manifest(staging))
         _fsync_dir(staging)
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
-        _fsync_dir(checkpoint_dir)
-        # the new checkpoint is committed: only now may older ones go, and never the newest good one
-        for old in list_checkpoints(checkpoint_dir)[:-keep]:
+        _fsync_dir(self.checkpoint_dir)
+        for old in list_checkpoints(self.checkpoint_dir)[: -self.keep]:  # never the newest good one
             shutil.rmtree(old, ignore_errors=True)
-    if distributed:
-        dist.barrier()  # the checkpoint is in place when any process returns
-    return final
 
 
 def build_manifest(folder: Path) -> dict[str, Any]:

@@ -57,11 +57,11 @@ from scaleforge.distributed.parallelize import ParallelModel, parallelize, plan_
 from scaleforge.errors import AgreedError, ConfigError, UsageError
 from scaleforge.train.callbacks import Callback, CallbackList, RunState
 from scaleforge.train.checkpoint import (
+    Checkpointer,
     checked_checkpoint,
     checkpoint_name,
     load_checkpoint,
     newest_good_checkpoint,
-    save_checkpoint,
 )
 from scaleforge.train.metrics import JsonlLogger, LossPlot, TensorBoardLogger, build_progress
 from scaleforge.train.objectives import Objective, default_objective
@@ -447,7 +447,14 @@ def _train(
             f"{describe(dims)}{resumed}"
         )
     # files closed and the progress bar stopped, even on failure; SIGTERM and SIGINT stop at a step boundary
-    with contextlib.closing(hooks), StopRequest(patient=is_launched_worker()).installed() as stop_signal:
+    checkpointer = Checkpointer(
+        run_dir / "checkpoints", keep=config.checkpoint.keep, use_async=config.checkpoint.async_
+    )
+    with (
+        contextlib.closing(hooks),
+        contextlib.closing(checkpointer),
+        StopRequest(patient=is_launched_worker()).installed() as stop_signal,
+    ):
         hooks.on_train_start(state)
         state.should_stop = parallel.any_process(state.should_stop)  # callbacks run on rank 0 alone
 
@@ -490,14 +497,9 @@ def _train(
             hooks.on_log(state, record)
             state.should_stop = parallel.any_process(state.should_stop)
 
-        def save(reason: str = "") -> Path:
-            path = save_checkpoint(
-                run_dir / "checkpoints",
-                model=parallel.module,
-                optimizer=optimizer,
-                progress=_progress(state, config, scheduler, scaler),
-                keep=config.checkpoint.keep,
-            )
+        def save() -> Path:
+            progress = _progress(state, config, scheduler, scaler)
+            path = checkpointer.save(model=parallel.module, optimizer=optimizer, progress=progress)
             hooks.on_checkpoint(state, path)
             state.should_stop = parallel.any_process(state.should_stop)
             return path
@@ -506,6 +508,7 @@ def _train(
         parallel.module.train()
 
         def stopped(path: Path) -> NoReturn:
+            checkpointer.wait()  # committed before the process leaves
             signum = stop_signal.signum or signal.SIGTERM  # the processes that did not receive it heard of it
             message = f"stopped by {signal.Signals(signum).name} after step {state.step}; checkpoint {path} holds "
             raise Interrupted(signum, message + "the run: the same command resumes it")
