@@ -161,6 +161,14 @@ def cmd_bench_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_checkpoint(args: argparse.Namespace) -> int:
+    from scaleforge.bench.checkpoint import run_checkpoint_benchmark
+
+    config_path, overrides = _split_config_args(args.config)
+    run_checkpoint_benchmark(config_path, overrides, repeats=args.repeats, out=Path(args.out), as_json=args.json)
+    return 0
+
+
 def _int_at_least(minimum: int, kind: str) -> Callable[[str], int]:
     """An argparse type: an integer of at least `minimum`, described as `kind` in errors."""
 
@@ -300,6 +308,18 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--out", default="runs/bench-memory", help="where runs and results go (default %(default)s)")
     memory.add_argument("--json", action="store_true", help="print JSON instead of a table")
     memory.set_defaults(handler=cmd_bench_memory)
+    checkpoint = bench_commands.add_parser(
+        "checkpoint",
+        help="checkpoint save (sync, async) and load time against torch.save",
+        description="Save and load one config's model and optimizer state as checkpoints and with torch.save.",
+    )
+    checkpoint.add_argument("config", nargs="*", metavar="CONFIG_OR_OVERRIDE", help=config_help)
+    checkpoint.add_argument(
+        "--repeats", type=_positive_int, default=7, help="measurements per figure; medians are reported (default 7)"
+    )
+    checkpoint.add_argument("--out", default="runs/bench-checkpoint", help="where checkpoints and results go")
+    checkpoint.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    checkpoint.set_defaults(handler=cmd_bench_checkpoint)
     return parser
 
 
@@ -333,23 +353,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ScaleforgeError as error:
         # Workers leave their errors for the launcher, which prints one. Under torchrun, which reports failed
         # workers its own way, rank 0 also says its error.
-        from scaleforge.distributed.launch import is_launched_worker, record_user_error
+        from scaleforge.distributed.launch import is_launched_worker, record_error
 
         if _is_main_process() and not is_launched_worker():
             print(error.one_line(), file=sys.stderr)
         rank = int(os.environ.get("RANK", 0))
         if "RANK" in os.environ:  # an error other processes did not share names its rank
             shared = rank == 0 or isinstance(error, AgreedError)
-            record_user_error(error.one_line() if shared else f"rank {rank}: {error.one_line()}")
+            record_error(error.one_line() if shared else f"rank {rank}: {error.one_line()}")
         return error.exit_code
     except Interrupted as stop:
         if _is_main_process():
             print(stop, file=sys.stderr)
         return stop.exit_code
     except Exception as error:
-        from scaleforge.distributed.env import PEER_FAILED_EXIT, PEER_FAILED_GRACE_S, lost_peer
-        from scaleforge.distributed.launch import is_launched_worker
+        from scaleforge.distributed.env import PEER_FAILED_EXIT, PEER_FAILED_GRACE_S, PeerHung, lost_peer
+        from scaleforge.distributed.launch import is_launched_worker, record_error, restarts_left
 
+        if isinstance(error, PeerHung):
+            # the launcher says it when the job fails; a worker about to be restarted says why itself
+            if not is_launched_worker() or restarts_left():
+                print(error, file=sys.stderr)
+            record_error(str(error))
+            return error.exit_code
         if is_launched_worker() and lost_peer(error):  # the launcher reports the peer's failure instead
             time.sleep(PEER_FAILED_GRACE_S)
             return PEER_FAILED_EXIT

@@ -123,7 +123,8 @@ class ParallelSection:
     `dp`, `tp` and `pp` size the device mesh of `hybrid` (their product is the number of processes; `dp` left
     out takes what remains). `stages` lists the block indices where pipeline stages 2, 3, ... begin (left out:
     balanced by parameter count); `microbatches` is how many pieces the pipeline cuts each batch into (left out:
-    one per stage).
+    one per stage). `timeout_s` is how long a collective waits for the other processes before the run fails,
+    naming the process that stopped responding (a hang), so that a restart can take over.
     """
 
     strategy: Literal["auto", "single", "ddp", "fsdp", "tp", "pp", "hybrid"] = "auto"
@@ -134,6 +135,7 @@ class ParallelSection:
     schedule: Literal["gpipe", "1f1b"] = "1f1b"
     microbatches: int | None = field(default=None, metadata=POSITIVE)
     cpu_offload: bool = False
+    timeout_s: float = field(default=600.0, metadata=POSITIVE)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
-"""The launcher around the workers: failures on one rank, restarts, several nodes, strategies on one process.
+"""The launcher around the workers: failures and hangs on one rank, restarts, several nodes, strategies on one
+process.
 
-Each test starts `scaleforge train` in a subprocess as a user would; a user's own dataset file (`imports:`)
-makes one rank fail on purpose.
+Each test starts `scaleforge train` in a subprocess as a user would; a user's own dataset or model file
+(`imports:`) makes one rank fail or hang on purpose.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -46,6 +48,28 @@ def flaky_tokens(how="kill", kind="tokens", seq_len=16, vocab_size=64, num_sampl
 """
 
 
+# One rank's forward pass never returns, on the first attempt only: a process stuck beyond the reach of Python's
+# signal handlers (so the launcher's SIGTERM ends it at once rather than after its grace period).
+STALLING_MODEL = """
+import os, signal, time
+from scaleforge.models.gpt import GPT
+from scaleforge.registry import register_model
+
+@register_model("stalling_gpt")
+class StallingGPT(GPT):
+    calls = 0
+
+    def forward(self, tokens):
+        StallingGPT.calls += 1
+        first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        stalls = os.environ["RANK"] == os.environ["STALL_RANK"] and self.calls == int(os.environ["STALL_AT"])
+        if first_attempt and stalls:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            time.sleep(600)
+        return super().forward(tokens)
+"""
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return single_process_run(tmp_path_factory.mktemp("reference") / "run")
@@ -57,6 +81,20 @@ def flaky(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     (tmp_path / "flaky_data.py").write_text(FLAKY_DATA)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
     return ["imports=[flaky_data]", "data.dataset=flaky_tokens"]
+
+
+@pytest.fixture
+def stalling(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[int], list[str]]:
+    """Overrides that train the stalling model, whose rank `rank` hangs in the forward pass of step 8."""
+    (tmp_path / "stalling_model.py").write_text(STALLING_MODEL)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("STALL_AT", "8")
+
+    def overrides(rank: int) -> list[str]:
+        monkeypatch.setenv("STALL_RANK", str(rank))
+        return ["imports=[stalling_model]", "model.architecture=stalling_gpt", "parallel.timeout_s=3"]
+
+    return overrides
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "tp"])
@@ -92,6 +130,25 @@ def test_workers_are_restarted_after_a_crash_and_finish(reference: Path, tmp_pat
     assert result.out.count("done:") == 1
     # the restarted run starts over in the same directory and ends where an uninterrupted run ends
     assert max_difference(read_weights(reference), read_weights(tmp_path / "run")) <= TOLERANCE
+
+
+def test_a_hung_rank_fails_the_job_naming_it_and_the_step(tmp_path: Path, stalling: Callable[[int], list[str]]) -> None:
+    result = launch(tmp_path / "run", *stalling(1), expect=1)
+    last = result.err.strip().splitlines()[-1]
+    assert last == "training hung after step 7: rank 1 stopped responding; rank 0 waited 3 s in a collective " + (
+        "(parallel.timeout_s) for it"
+    ), result.err
+    assert "Traceback" not in result.err
+
+
+def test_a_restart_takes_over_from_a_hung_rank(
+    reference: Path, tmp_path: Path, stalling: Callable[[int], list[str]]
+) -> None:
+    run_dir = tmp_path / "run"
+    result = launch(run_dir, *stalling(0), "checkpoint.every_steps=3", "--max-restarts", "1")
+    assert "training hung after step 7: rank 0 stopped responding; rank 1 waited" in result.err
+    assert "restart 1: the workers failed and were started again; resuming from" in result.out
+    assert max_difference(read_weights(reference), read_weights(run_dir)) <= TOLERANCE
 
 
 def test_two_nodes_meet_at_a_rendezvous_endpoint(reference: Path, tmp_path: Path) -> None:

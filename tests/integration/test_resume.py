@@ -3,6 +3,7 @@ were never interrupted: one process, two with ddp, and two restarted by the laun
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from scaleforge import load_config
-from scaleforge.train.checkpoint import build_manifest, list_checkpoints, newest_good_checkpoint
+from scaleforge.train.checkpoint import list_checkpoints, newest_good_checkpoint
 from scaleforge.train.trainer import train
 from tests.conftest import REPO, run_subprocess
 from tests.integration.multiprocess import GPT, MODEL, TOLERANCE, max_difference, read_weights, single_process_run
@@ -31,6 +32,67 @@ RUN = [*MODEL, *SHARED_RUN, "model.dropout=0.1", "training.max_steps=40", "train
 RUN += ["logging.every_steps=1", "checkpoint.every_steps=3", "checkpoint.keep=2"]
 
 
+# A user's dataset read one sample at a time (the data-loader path, with worker processes) that augments each
+# sample with Python's, NumPy's and torch's random numbers.
+AUGMENTED_TOKENS = """
+import random
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from scaleforge.data.base import DatasetSplits
+from scaleforge.data.synthetic import synthetic
+from scaleforge.registry import register_dataset
+
+class RandomlyReplaced(Dataset):
+    def __init__(self, source, vocab_size):
+        self.source, self.vocab_size = source, vocab_size
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        inputs, targets = self.source[index]
+        inputs = inputs.clone()
+        if torch.rand(()) < 0.5:
+            inputs[random.randrange(len(inputs))] = int(np.random.randint(self.vocab_size))
+        return inputs, targets
+
+@register_dataset("augmented_tokens")
+def augmented_tokens(kind="tokens", seq_len=16, vocab_size=64, num_samples=512):
+    splits = synthetic(kind=kind, seq_len=seq_len, vocab_size=vocab_size, num_samples=num_samples)
+    return DatasetSplits(RandomlyReplaced(splits.train, vocab_size), splits.val, splits.info)
+"""
+WORKERS = ["imports=[augmented_tokens]", "data.dataset=augmented_tokens", "data.num_workers=2"]
+
+# Imported by a run that is to die while it writes a checkpoint: SIGKILL once the shards of the checkpoint of
+# step KILL_IN_CHECKPOINT are on disk, before its manifest is written and it is renamed into place.
+KILL_IN_CHECKPOINT = """
+import os, signal
+from scaleforge.train.checkpoint import Checkpointer
+
+commit = Checkpointer._commit
+
+def dying_commit(self, staging, final, files):
+    if staging.name == f"step-{int(os.environ['KILL_IN_CHECKPOINT']):08d}.tmp":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return commit(self, staging, final, files)
+
+Checkpointer._commit = dying_commit
+"""
+
+
+@pytest.fixture(scope="module")
+def user_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with the user files above, on the PYTHONPATH of every run started from here on."""
+    folder = tmp_path_factory.mktemp("user-files")
+    (folder / "augmented_tokens.py").write_text(AUGMENTED_TOKENS)
+    (folder / "kill_in_checkpoint.py").write_text(KILL_IN_CHECKPOINT)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYTHONPATH", os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")]))
+        patch.syspath_prepend(str(folder))
+        yield folder
+
+
 def assert_bitwise_equal(a: Path, b: Path) -> None:
     first, second = read_weights(a), read_weights(b)
     assert first.keys() == second.keys()
@@ -42,9 +104,9 @@ def logged(run_dir: Path) -> list[tuple[int, float]]:
     return [(record["step"], record["loss"]) for record in map(json.loads, lines) if "loss" in record]
 
 
-def start(run_dir: Path, *flags: str) -> subprocess.Popen[str]:
+def start(run_dir: Path, *flags: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     command = [sys.executable, "-m", "scaleforge", "train", *RUN, "--run-dir", str(run_dir), *flags]
-    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
 def wait_for_step(process: subprocess.Popen[str], step: int) -> str:
@@ -92,6 +154,49 @@ def test_a_run_killed_at_a_random_step_resumes_bitwise(
     assert resumed.code == 0, resumed.err
     assert_bitwise_equal(uninterrupted, run_dir)
     assert logged(run_dir) == logged(uninterrupted)  # each step logged once, with the same loss
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_workers(tmp_path_factory: pytest.TempPathFactory, user_files: Path) -> Path:
+    run_dir = tmp_path_factory.mktemp("uninterrupted-workers") / "run"
+    train(load_config(None, [*RUN, *WORKERS]), run_dir)
+    return run_dir
+
+
+@pytest.mark.parametrize("seed", [5, 6])
+def test_a_run_with_data_loader_workers_killed_at_a_random_step_resumes_bitwise(
+    uninterrupted_workers: Path, tmp_path: Path, seed: int
+) -> None:
+    kill_at = random.Random(seed).randint(2, 38)
+    run_dir = tmp_path / "run"
+    process = start(run_dir, *WORKERS)
+    wait_for_step(process, kill_at)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed = run_subprocess("train", *RUN, *WORKERS, "--run-dir", str(run_dir))
+    assert resumed.code == 0, resumed.err
+    assert_bitwise_equal(uninterrupted_workers, run_dir)
+    assert logged(run_dir) == logged(uninterrupted_workers)
+
+
+@pytest.mark.parametrize(("nproc", "saves"), [("1", "sync"), ("1", "async"), ("2", "async")])
+def test_a_run_killed_while_it_writes_a_checkpoint_resumes_bitwise(
+    uninterrupted: Path, uninterrupted_ddp: Path, tmp_path: Path, user_files: Path, nproc: str, saves: str
+) -> None:
+    run_dir = tmp_path / "run"
+    dying = {**os.environ, "KILL_IN_CHECKPOINT": "12"}  # rank 0, which commits, dies
+    flags = ["imports=[kill_in_checkpoint]", f"checkpoint.async={saves == 'async'}", "--nproc", nproc]
+    process = start(run_dir, *flags, env=dying)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == (-signal.SIGKILL if nproc == "1" else 1), out
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "step-00000012.tmp").is_dir()  # its shards written, never committed
+    assert [p.name for p in list_checkpoints(checkpoints)] == ["step-00000006", "step-00000009"]  # kept: keep=2
+    resumed = run_subprocess("train", *RUN, "--nproc", nproc, "--run-dir", str(run_dir), timeout=300)
+    assert resumed.code == 0, resumed.err
+    assert "resumed at step 9" in resumed.out
+    assert_bitwise_equal(uninterrupted if nproc == "1" else uninterrupted_ddp, run_dir)
+    assert logged(run_dir) == logged(uninterrupted if nproc == "1" else uninterrupted_ddp)
 
 
 def test_a_killed_ddp_worker_resumes_bitwise_on_the_next_launch(uninterrupted_ddp: Path, tmp_path: Path) -> None:
@@ -184,7 +289,11 @@ def test_a_crafted_pickle_in_a_checkpoint_is_refused(uninterrupted: Path, tmp_pa
     for checkpoint in list_checkpoints(run_dir / "checkpoints"):
         # an attacker rewrites the metadata and, knowing the format, the manifest that lists it
         (checkpoint / ".metadata").write_bytes(pickle.dumps(_Exploit(tmp_path / "pwned")))
-        (checkpoint / "manifest.json").write_text(json.dumps(build_manifest(checkpoint)))
+        files = [path for path in checkpoint.iterdir() if path.name != "manifest.json"]
+        manifest = {
+            p.name: {"bytes": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()} for p in files
+        }
+        (checkpoint / "manifest.json").write_text(json.dumps({"files": manifest}))
     result = run_subprocess("train", *RUN, "--run-dir", str(run_dir), "--nproc", nproc, timeout=300)
     assert not (tmp_path / "pwned").exists()
     assert result.code == 2, result.err  # every checkpoint is refused: the run is not resumed, nor overwritten
@@ -214,28 +323,64 @@ def test_sigterm_checkpoints_at_the_next_step_and_the_run_resumes(
     assert_bitwise_equal(uninterrupted if nproc == "1" else uninterrupted_ddp, run_dir)
 
 
+ONE = []  # one process, strategy single
+DDP, FSDP = ["parallel.strategy=ddp", "--nproc", "2"], ["parallel.strategy=fsdp", "--nproc", "2"]
+TP, PP = ["parallel.strategy=tp", "--nproc", "2"], ["parallel.strategy=pp", "--nproc", "2"]
+HYBRID = ["parallel.strategy=hybrid", "parallel.dp=2", "parallel.tp=2", "--nproc", "4"]
+
+
+@pytest.fixture(scope="module")
+def reshard_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # without dropout, so that one process and several compute the same thing (to float rounding)
+    return single_process_run(tmp_path_factory.mktemp("reshard") / "reference", "checkpoint.every_steps=10")
+
+
 @pytest.mark.parametrize(
-    ("strategy", "written_by", "resumed_on"),
-    [("ddp", 1, 2), ("ddp", 2, 1), ("fsdp", 1, 2), ("fsdp", 2, 1)],
-    ids=["ddp-1-to-2", "ddp-2-to-1", "fsdp-1-to-2", "fsdp-2-to-1"],
+    ("written_by", "resumed_on"),
+    [(ONE, DDP), (DDP, ONE), (ONE, FSDP), (FSDP, ONE), (TP, ONE), (PP, ONE), (HYBRID, FSDP)],
+    ids=["ddp-1-to-2", "ddp-2-to-1", "fsdp-1-to-2", "fsdp-2-to-1", "tp-2-to-1", "pp-2-to-1", "hybrid-4-to-fsdp-2"],
 )
 def test_a_checkpoint_resumes_on_another_number_of_processes(
-    tmp_path: Path, strategy: str, written_by: int, resumed_on: int
+    reshard_reference: Path, tmp_path: Path, written_by: list[str], resumed_on: list[str]
 ) -> None:
-    # without dropout, so that one process and two compute the same thing (to float rounding)
-    reshard = [*GPT, "checkpoint.every_steps=10"]
-    reference = single_process_run(tmp_path / "reference", "checkpoint.every_steps=10")
-
-    def launch_on(nproc: int, run_dir: Path, *flags: str) -> None:
-        strategy_flags = [f"parallel.strategy={strategy}", "--nproc", str(nproc)] if nproc > 1 else []
-        result = run_subprocess("train", *reshard, *strategy_flags, "--run-dir", str(run_dir), *flags, timeout=300)
+    def launch_on(flags: list[str], run_dir: Path, *resume: str) -> None:
+        command = ["train", *GPT, "checkpoint.every_steps=10", *flags, "--run-dir", str(run_dir), *resume]
+        result = run_subprocess(*command, timeout=300)
         assert result.code == 0, result.err
 
-    writer = tmp_path / "writer"
-    if written_by == 1:
-        writer = reference
-    else:
+    writer = reshard_reference if written_by == ONE else tmp_path / "writer"
+    if written_by != ONE:
         launch_on(written_by, writer)
     checkpoint = writer / "checkpoints" / "step-00000010"
     launch_on(resumed_on, tmp_path / "resumed", "--resume", str(checkpoint))
-    assert max_difference(read_weights(reference), read_weights(tmp_path / "resumed")) <= TOLERANCE
+    assert max_difference(read_weights(reshard_reference), read_weights(tmp_path / "resumed")) <= TOLERANCE
+
+
+def test_bench_checkpoint_measures_against_torch_save(cli, tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    result = cli("bench", "checkpoint", *GPT, "--repeats", "1", "--out", str(out), "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    seconds = report["seconds"]
+    assert set(seconds) >= {"torch.save + fsync (reference)", "checkpoint, async: training blocked"}
+    assert all(value > 0 for value in seconds.values())
+    sync = seconds["checkpoint, sync (write + SHA-256 + fsync + manifest + rename)"]
+    assert report["save_throughput_vs_torch_save"] == pytest.approx(seconds["torch.save + fsync (reference)"] / sync)
+    assert json.loads((out / "checkpoint.json").read_text()) == report
+
+
+def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    process = start(run_dir, "logging.tensorboard=true")
+    wait_for_step(process, 14)  # after the checkpoint of step 12: steps 13 and 14 are logged again
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed = run_subprocess("train", *RUN, "logging.tensorboard=true", "--run-dir", str(run_dir))
+    assert resumed.code == 0, resumed.err
+    assert len(list((run_dir / "tensorboard").iterdir())) == 2  # the killed run's events, the resumed run's
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    shown = [(event.step, pytest.approx(event.value)) for event in events.Scalars("train/loss")]
+    assert shown == logged(run_dir)  # steps 1 to 40, each once, with the values of metrics.jsonl

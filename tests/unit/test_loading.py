@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import Dataset
@@ -177,3 +180,35 @@ def test_persistent_workers_follow_the_plan_across_epochs() -> None:
     for epoch in (0, 1, 2):  # one loader, its worker processes reused, a new order every epoch
         _assert_same_steps(list(fast.epoch(epoch)), list(workers.epoch(epoch)))
     assert not torch.equal(next(fast.epoch(0))[0][1], next(fast.epoch(1))[0][1])
+
+
+class NoisyDataset(PlainDataset):
+    """Each sample with random noise from Python's, NumPy's and torch's global streams: an augmentation."""
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = super().__getitem__(index)
+        noise = torch.rand(2) + float(np.random.rand()) + random.random()
+        return inputs + noise, targets
+
+
+def _noise_by_sample(steps: list) -> dict[int, torch.Tensor]:
+    noise = {}
+    for step in steps:
+        for inputs, targets in step:
+            clean = torch.stack([targets, -targets], dim=1).float()
+            noise.update({int(t): n for t, n in zip(targets, inputs - clean, strict=True)})
+    return noise
+
+
+def test_worker_draws_depend_on_the_sample_not_on_the_worker_or_the_resume_point() -> None:
+    dataset = NoisyDataset(_indexed_dataset())
+    plan = BatchPlan(GLOBAL_BATCH, grad_accum_steps=2)
+    one = list(TrainBatches(dataset, plan, seed=3, device=CPU, num_workers=1).epoch(1))
+    two = TrainBatches(dataset, plan, seed=3, device=CPU, num_workers=2)
+    _assert_same_steps(one, list(two.epoch(1)))
+    _assert_same_steps(one[2:], list(two.epoch(1, start_step=2)))  # a resumed loader draws what the first did
+    first, second = _noise_by_sample(one), _noise_by_sample(list(two.epoch(2)))
+    shared = first.keys() & second.keys()
+    assert len(shared) > 50 and all(first[i].abs().sum() > 0 for i in shared)  # there is noise,
+    assert all(not torch.equal(first[i], second[i]) for i in shared)  # drawn anew in each epoch
+    assert len({tuple(n.tolist()) for n in first.values()}) == len(first)  # and for each sample

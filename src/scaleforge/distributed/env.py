@@ -6,7 +6,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -14,9 +15,6 @@ import torch
 import torch.distributed as dist
 
 from scaleforge.errors import AgreedError, ConfigError, ScaleforgeError
-
-# Collectives wait this long for a peer before failing, so a dead or hung peer ends the run instead of stalling it.
-PROCESS_GROUP_TIMEOUT = timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
@@ -83,8 +81,9 @@ def check_device_per_process(name: str, env: DistEnv) -> None:
         )
 
 
-def init_distributed(env: DistEnv, device: torch.device, *, required: bool = False) -> None:
-    """Join the process group: nccl on CUDA, gloo otherwise; each process pins its own GPU first.
+def init_distributed(env: DistEnv, device: torch.device, *, timeout_s: float, required: bool = False) -> None:
+    """Join the process group: nccl on CUDA, gloo otherwise; each process pins its own GPU first. Collectives
+    wait `timeout_s` for a peer before failing, so a dead or hung peer ends the run instead of stalling it.
 
     A single process started without a launcher joins a group of its own when `required` (a parallel strategy
     on one process), through an in-memory store instead of the launcher's rendezvous.
@@ -94,7 +93,7 @@ def init_distributed(env: DistEnv, device: torch.device, *, required: bool = Fal
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    options: dict = {"timeout": PROCESS_GROUP_TIMEOUT, "device_id": device if backend == "nccl" else None}
+    options: dict = {"timeout": timedelta(seconds=timeout_s), "device_id": device if backend == "nccl" else None}
     if "MASTER_ADDR" not in os.environ:
         options.update(store=dist.HashStore(), rank=0, world_size=1)
     dist.init_process_group(backend, **options)
@@ -118,6 +117,10 @@ PEER_FAILED_EXIT = 3
 PEER_FAILED_GRACE_S = 3.0
 # How gloo words a collective whose peer has gone.
 _LOST_PEER_MESSAGES = ("closed by peer", "reset by peer", "Broken pipe")
+# How gloo and nccl word a collective that waited past the process group's timeout.
+_TIMEOUT_MESSAGES = ("Timed out waiting", "collective operation timeout")
+# Set by a worker whose collective timed out: a peer hung. Its message names the peer (see `PeerHung`).
+PEER_HUNG_EXIT = 4
 
 
 def lost_peer(error: BaseException) -> bool:
@@ -125,6 +128,62 @@ def lost_peer(error: BaseException) -> bool:
     if isinstance(error, PeerFailed | dist.DistNetworkError):
         return True
     return isinstance(error, RuntimeError) and any(text in str(error) for text in _LOST_PEER_MESSAGES)
+
+
+def timed_out(error: BaseException) -> bool:
+    """Whether `error` says that a collective waited for a peer past the process group's timeout."""
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in _TIMEOUT_MESSAGES)
+
+
+class PeerHung(Exception):
+    """A collective of this process waited `parallel.timeout_s` for another that never came: the run fails
+    (exit code `PEER_HUNG_EXIT`) with a message that names the process that stopped responding and the step."""
+
+    exit_code = PEER_HUNG_EXIT
+
+
+@contextlib.contextmanager
+def hangs_named(env: DistEnv, timeout_s: float, steps_done: Callable[[], int]) -> Iterator[None]:
+    """Turn a collective's timeout into `PeerHung`, naming the processes that did not time out too.
+
+    Every process whose collective timed out says so in the job's store (the rendezvous store, served apart
+    from the collectives, so it still answers) and waits a moment for the others to say the same: a process
+    that stays silent is the one the others waited for, stuck in its own work or in a different collective.
+    When every process timed out, they were waiting in different collectives (a deadlock).
+    """
+    try:
+        yield
+    except RuntimeError as error:
+        if not (env.distributed and timed_out(error)):
+            raise
+        step = steps_done()
+        silent = _silent_ranks(env, grace_s=min(10.0, max(2.0, timeout_s / 2)))
+        waited = f"{timeout_s:g} s in a collective (parallel.timeout_s)"
+        if silent is None:
+            message = f"rank {env.rank} waited {waited}; the job's store cannot be reached to tell which process hung"
+        elif silent:
+            ranks = ", ".join(map(str, silent))
+            message = f"rank {ranks} stopped responding; rank {env.rank} waited {waited} for it"
+        else:
+            message = f"every process waited {waited}, each for another (a deadlock)"
+        message = f"training hung after step {step}: {message}"
+        raise PeerHung(message) from error
+
+
+def _silent_ranks(env: DistEnv, grace_s: float) -> list[int] | None:
+    """The ranks that have not said, within `grace_s`, that their collective timed out (None: no store)."""
+    prefix = f"scaleforge/timed-out/{env.restart_count}/"
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"{prefix}{env.rank}", "1")
+        deadline = time.monotonic() + grace_s
+        while True:
+            silent = [r for r in range(env.world_size) if r != env.rank and not store.check([f"{prefix}{r}"])]
+            if not silent or time.monotonic() > deadline:
+                return silent
+            time.sleep(0.1)
+    except (RuntimeError, ValueError):  # the store went with its host, or there is no process group
+        return None
 
 
 @contextlib.contextmanager

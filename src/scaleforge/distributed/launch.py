@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from scaleforge.distributed.env import PEER_FAILED_EXIT
+from scaleforge.distributed.env import PEER_FAILED_EXIT, PEER_HUNG_EXIT
 from scaleforge.errors import UsageError
 
 # torch's elastic modules name their loggers under these; the launcher reports failures itself.
@@ -129,14 +129,19 @@ def report_failure(error: object) -> int:
     """Say why the workers failed; returns the launcher's exit code (2 for a user error, else 1).
 
     A user error is the cause whenever there is one (the other processes may have failed only because a peer
-    left): its one line, as the worker left it in the launcher's error file (see `record_user_error`), already
-    naming its rank unless every process met it. Otherwise the first worker that crashed is named.
+    left): its one line, as the worker left it in the launcher's error file (see `record_error`), already
+    naming its rank unless every process met it. Then a hang, as a worker whose collective timed out named it.
+    Otherwise the first worker that crashed is named.
     """
     failures = error.failures  # type: ignore[attr-defined]
     user_errors = {rank: failure for rank, failure in failures.items() if failure.exitcode == 2}
     if user_errors:
         print(user_errors[min(user_errors)].message, file=sys.stderr)
         return 2
+    hangs = {rank: failure for rank, failure in failures.items() if failure.exitcode == PEER_HUNG_EXIT}
+    if hangs:  # a worker whose collective timed out names the process it waited for
+        print(hangs[min(hangs)].message, file=sys.stderr)
+        return 1
     # The cause: not a worker that stopped because a peer had gone, nor one the launcher stopped (SIGTERM).
     causes = {
         rank: failure
@@ -163,8 +168,14 @@ def is_launched_worker() -> bool:
     return os.environ.get(LAUNCHED) == "1"
 
 
-def record_user_error(message: str) -> None:
-    """A worker's one-line user error, left where the elastic launcher collects a failed worker's message."""
+def restarts_left() -> bool:
+    """Whether the launcher will start this worker again after it fails."""
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    return restarts < int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0))
+
+
+def record_error(message: str) -> None:
+    """A worker's one-line error, left where the elastic launcher collects a failed worker's message."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if path:
         with open(path, "w") as file:

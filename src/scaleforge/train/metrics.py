@@ -56,9 +56,11 @@ class TensorBoardLogger(Callback):
 
     def on_train_start(self, state: RunState) -> None:
         from tensorboard.compat.proto.summary_pb2 import Summary  # TensorBoard is imported only when used
-        from torch.utils.tensorboard.writer import FileWriter
+        from torch.utils.tensorboard.writer import SummaryWriter
 
-        self.writer = FileWriter(str(self.log_dir))
+        # A resumed run logs again what came after its checkpoint: TensorBoard hides the earlier run's events
+        # from the step after the checkpoint on, so that no step shows twice (a fresh run has none to hide).
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=state.step + 1).file_writer
         self.summary_type = Summary
 
     def _scalars(self, prefix: str, record: dict[str, Any]) -> None:
@@ -74,6 +76,9 @@ class TensorBoardLogger(Callback):
 
     def on_eval(self, state: RunState, record: dict[str, Any]) -> None:
         self._scalars("val", record)
+
+    def on_checkpoint(self, state: RunState, path: Path) -> None:
+        self.writer.flush()  # what a resume from this checkpoint does not log again is on disk
 
     def close(self) -> None:
         if self.writer is not None:

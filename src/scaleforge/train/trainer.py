@@ -47,6 +47,7 @@ from scaleforge.distributed.env import (
     DistEnv,
     check_device_per_process,
     errors_agreed,
+    hangs_named,
     init_distributed,
     select_device,
     teardown_distributed,
@@ -321,7 +322,7 @@ def train(
     env = DistEnv.from_environ()
     dims = ParallelDims.resolve(config.parallel, env.world_size)
     device, precision = setup_runtime(config, env)
-    init_distributed(env, device, required=dims.strategy != "single")
+    init_distributed(env, device, timeout_s=config.parallel.timeout_s, required=dims.strategy != "single")
     try:
         run_dir = agree_on_run_dir(run_dir, config, env)
         checkpoint = agree_on_checkpoint(run_dir, "auto" if env.restart_count else resume, env)
@@ -446,11 +447,13 @@ def _train(
             f"{config.data.dataset} | device {device} | precision {precision} | {total_steps} steps | "
             f"{describe(dims)}{resumed}"
         )
-    # files closed and the progress bar stopped, even on failure; SIGTERM and SIGINT stop at a step boundary
+    # files closed and the progress bar stopped, even on failure; SIGTERM and SIGINT stop at a step boundary; a
+    # collective that times out names the process that hung
     checkpointer = Checkpointer(
         run_dir / "checkpoints", keep=config.checkpoint.keep, use_async=config.checkpoint.async_
     )
     with (
+        hangs_named(env, config.parallel.timeout_s, lambda: state.step),
         contextlib.closing(hooks),
         contextlib.closing(checkpointer),
         StopRequest(patient=is_launched_worker()).installed() as stop_signal,
