@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from scaleforge.data.base import InMemoryDataset
-from scaleforge.data.loading import BatchPlan, TrainBatches, epoch_permutation, eval_batches
+from scaleforge.data.loading import BatchPlan, TrainBatches, epoch_permutation, eval_batches, sample_seeds
 from scaleforge.errors import ConfigError
 
 NUM_SAMPLES = 100
@@ -212,3 +212,10 @@ def test_worker_draws_depend_on_the_sample_not_on_the_worker_or_the_resume_point
     assert len(shared) > 50 and all(first[i].abs().sum() > 0 for i in shared)  # there is noise,
     assert all(not torch.equal(first[i], second[i]) for i in shared)  # drawn anew in each epoch
     assert len({tuple(n.tolist()) for n in first.values()}) == len(first)  # and for each sample
+
+
+def test_sample_seeds_of_neighbouring_epochs_share_no_stream() -> None:
+    indices = np.arange(10_000)
+    # bases one apart: `base + index` would give every sample but one the seed of its neighbour in the other
+    first, second = sample_seeds(1_000, indices), sample_seeds(1_001, indices)
+    assert len(set(first.tolist()) | set(second.tolist())) == 2 * len(indices)

@@ -69,11 +69,24 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_samples, generator=torch.Generator().manual_seed(stream_seed(seed, epoch)))
 
 
+def sample_seeds(base: int, indices: np.ndarray) -> np.ndarray:
+    """32-bit seeds, one per sample index, from an epoch's `base`: splitmix64's finaliser over (base, index), a
+    bijection of 64-bit values, so that no two (epoch, sample) pairs share a stream by construction (as
+    `base + index` would whenever two epochs' bases lie closer than the dataset's size)."""
+    with np.errstate(over="ignore"):  # arithmetic modulo 2**64, as intended
+        value = (np.uint64(base) << np.uint64(32)) | indices.astype(np.uint64)
+        value = (value ^ (value >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        value = (value ^ (value >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        value ^= value >> np.uint64(31)
+    return (value >> np.uint64(32)).astype(np.uint32)
+
+
 class SeededSamples(Dataset):
     """`dataset` indexed by `(index, draw_seed)`: in a data-loader worker, Python's, NumPy's and torch's random
     states are set from `draw_seed` before the sample is read, so its random augmentations are a function of
     the seed alone. In the main process (no workers) samples draw from the run's own streams, which
-    checkpoints hold."""
+    checkpoints hold. Each sample is read on its own (a dataset's `__getitems__`, batched reading, is not used
+    here), since each has its own seed."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -125,7 +138,8 @@ class EpochIndexPlan:
         draw_base = stream_seed(self.seed, self.epoch, 1)  # apart from the order's stream, (seed, epoch)
         for micro_indices in self.steps():
             for indices in micro_indices:
-                yield [(index, (draw_base + index) % 2**32) for index in indices.tolist()]
+                draw_seeds = sample_seeds(draw_base, indices.numpy())
+                yield list(zip(indices.tolist(), draw_seeds.tolist(), strict=True))
 
     def __len__(self) -> int:
         return (self.steps_per_epoch - self.start_step) * self.plan.grad_accum_steps

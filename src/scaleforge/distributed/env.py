@@ -161,9 +161,11 @@ def hangs_named(env: DistEnv, timeout_s: float, steps_done: Callable[[], int]) -
         waited = f"{timeout_s:g} s in a collective (parallel.timeout_s)"
         if silent is None:
             message = f"rank {env.rank} waited {waited}; the job's store cannot be reached to tell which process hung"
+        elif len(silent) == 1:
+            message = f"rank {silent[0]} stopped responding; rank {env.rank} waited {waited} for it"
         elif silent:
             ranks = ", ".join(map(str, silent))
-            message = f"rank {ranks} stopped responding; rank {env.rank} waited {waited} for it"
+            message = f"ranks {ranks} stopped responding; rank {env.rank} waited {waited} for them"
         else:
             message = f"every process waited {waited}, each for another (a deadlock)"
         message = f"training hung after step {step}: {message}"

@@ -4,7 +4,10 @@ device mesh they span."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
+import torch.distributed as dist
+from torch._C._distributed_c10d import Backend
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from scaleforge.config import MESH_DIMENSIONS, ParallelSection
@@ -71,6 +74,24 @@ class ParallelDims:
         """Whether parameters are sharded over the dp dimension (FSDP2) rather than replicated (DDP)."""
         return self.strategy == "fsdp" or (self.strategy == "hybrid" and self.dp > 1)
 
-    def build_mesh(self, device_type: str) -> DeviceMesh:
-        """The (pp, dp, tp) device mesh over every process; size-1 dimensions are kept so code can always slice."""
-        return init_device_mesh(device_type, (self.pp, self.dp, self.tp), mesh_dim_names=("pp", "dp", "tp"))
+    def build_mesh(self, device_type: str, timeout_s: float) -> DeviceMesh:
+        """The (pp, dp, tp) device mesh over every process; size-1 dimensions are kept so code can always slice.
+        Its process groups wait `timeout_s` for a peer, as the default group does (left alone, the groups of a
+        dimension smaller than the world would wait torch's default of 30 minutes)."""
+        names = ("pp", "dp", "tp")
+        options = group_options(device_type, timedelta(seconds=timeout_s))
+        return init_device_mesh(
+            device_type,
+            (self.pp, self.dp, self.tp),
+            mesh_dim_names=names,
+            backend_override=dict.fromkeys(names, options),
+        )
+
+
+def group_options(device_type: str, timeout: timedelta) -> Backend.Options:
+    """Options for a new process group on `device_type` (nccl on CUDA, else gloo) that waits `timeout`."""
+    if device_type == "cuda":
+        options = dist.ProcessGroupNCCL.Options()  # nccl accepts no other kind
+        options._timeout = timeout
+        return options
+    return Backend.Options("gloo", timeout)

@@ -335,7 +335,7 @@ def parallelize(
     Every technique the strategy names is applied, even over one process (ddp on one GPU, say), so a strategy
     behaves the same at every scale.
     """
-    mesh = dims.build_mesh(device.type) if dims.strategy != "single" else None
+    mesh = dims.build_mesh(device.type, parallel.timeout_s) if dims.strategy != "single" else None
     if plan.stage_bounds is not None:
         keep_stage(model, plan.stage_bounds, mesh["pp"].get_local_rank())  # type: ignore[index]
     if plan.tensor_parallel:

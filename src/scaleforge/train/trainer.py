@@ -450,12 +450,15 @@ def _train(
     # files closed and the progress bar stopped, even on failure; SIGTERM and SIGINT stop at a step boundary; a
     # collective that times out names the process that hung
     checkpointer = Checkpointer(
-        run_dir / "checkpoints", keep=config.checkpoint.keep, use_async=config.checkpoint.async_
+        run_dir / "checkpoints",
+        keep=config.checkpoint.keep,
+        use_async=config.checkpoint.async_,
+        timeout_s=config.parallel.timeout_s,
     )
     with (
         hangs_named(env, config.parallel.timeout_s, lambda: state.step),
         contextlib.closing(hooks),
-        contextlib.closing(checkpointer),
+        checkpointer.open(),
         StopRequest(patient=is_launched_worker()).installed() as stop_signal,
     ):
         hooks.on_train_start(state)
