@@ -169,6 +169,40 @@ def cmd_bench_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from scaleforge.serve.app import ServeSettings
+    from scaleforge.serve.server import serve
+
+    api_key = None
+    if args.api_key_env is not None:
+        api_key = os.environ.get(args.api_key_env, "")
+        if not api_key:
+            raise UsageError(f"--api-key-env {args.api_key_env}: that environment variable is unset or empty")
+    settings = ServeSettings(
+        host=args.host,
+        port=args.port,
+        max_batch_size=args.max_batch_size,
+        max_delay_ms=args.max_delay_ms,
+        max_queue=args.max_queue,
+        timeout_ms=args.timeout_ms,
+        cache_size=args.cache_size,
+        max_body_mb=args.max_body_mb,
+        api_key=api_key,
+    )
+    serve(args.run_dir, settings)
+    return 0
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got '{text}'") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
 def _int_at_least(minimum: int, kind: str) -> Callable[[str], int]:
     """An argparse type: an integer of at least `minimum`, described as `kind` in errors."""
 
@@ -247,6 +281,27 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list", help="list registered components")
     listing.add_argument("kind", nargs="?", choices=kinds)
     listing.set_defaults(handler=cmd_list)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve a trained run over HTTP",
+        description="Serve a trained run's model over HTTP (FastAPI on uvicorn) with dynamic batching, a bounded "
+        "queue, deadlines, health checks and Prometheus metrics. The model is loaded before the server listens.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    serve.add_argument("run_dir", metavar="RUN_DIR_OR_MODEL", help="a run directory, or its final/ folder")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=_non_negative_int, default=8000, help="port (0: any free one, printed)")
+    serve.add_argument("--max-batch-size", type=_positive_int, default=32, help="instances per batch, at most")
+    serve.add_argument("--max-delay-ms", type=float, default=5.0, help="longest wait for a batch to fill")
+    serve.add_argument("--max-queue", type=_positive_int, default=256, help="queued requests before 503")
+    serve.add_argument("--timeout-ms", type=_positive_float, default=2000.0, help="queued longer: 504, never run")
+    serve.add_argument("--cache-size", type=_non_negative_int, default=0, help="LRU of results (0: none)")
+    serve.add_argument("--max-body-mb", type=_positive_float, default=8.0, help="larger bodies get 413")
+    serve.add_argument(
+        "--api-key-env", metavar="VAR", help="require the key held by this environment variable (not /health/*)"
+    )
+    serve.set_defaults(handler=cmd_serve)
 
     bench = commands.add_parser("bench", help="benchmarks")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, parser_class=_Parser)

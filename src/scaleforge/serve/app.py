@@ -1,0 +1,347 @@
+"""The HTTP layer (FastAPI): it translates requests for the batcher and the model's contract, and nothing more.
+
+One pure ASGI middleware in front of every route counts requests by endpoint and status, times them, asks for
+the API key, and refuses a body larger than the limit (413) before reading it whole. Every answer to a bad
+request is a 4xx with a one-line `detail`; the model only ever sees checked input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import hmac
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from scaleforge.serve.batching import Batcher, Closed, DeadlineExceeded, QueueFull
+from scaleforge.serve.model import InvalidInput, ServedModel
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+ENDPOINTS = ("/v1/predict", "/v1/models", "/health/live", "/health/ready", "/metrics", "/openapi.json", "/docs")
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """`scaleforge serve`'s options (see its `--help`)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch_size: int = 32
+    max_delay_ms: float = 5.0
+    max_queue: int = 256
+    timeout_ms: float = 2000.0
+    cache_size: int = 0
+    max_body_mb: float = 8.0
+    api_key: str | None = None
+
+
+class PredictRequest(BaseModel):
+    """`POST /v1/predict`: instances shaped like the model's input (see `GET /v1/models`)."""
+
+    inputs: list[Any] = Field(min_length=1, description="instances: nested numbers, or lists of token ids")
+
+
+class ServerMetrics:
+    """The server's Prometheus metrics, in a registry of its own."""
+
+    def __init__(self, max_batch_size: int) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # process CPU seconds and resident memory
+        r = self.registry
+        self.requests = Counter(
+            "scaleforge_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "scaleforge_request_seconds", "request latency", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.queue_wait = Histogram(
+            "scaleforge_queue_wait_seconds", "time a request waited for its batch", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.inference = Histogram(
+            "scaleforge_inference_seconds", "time a batch ran on the model", buckets=LATENCY_BUCKETS, registry=r
+        )
+        sizes = sorted({1, *(2**i for i in range(1, max_batch_size.bit_length() + 1) if 2**i < max_batch_size)})
+        self.batch_size = Histogram(
+            "scaleforge_batch_size", "instances per batch", buckets=[*sizes, max_batch_size], registry=r
+        )
+        self.queue_depth = Gauge("scaleforge_queue_depth", "requests waiting for a batch", registry=r)
+        self.in_flight = Gauge("scaleforge_in_flight", "requests being answered", registry=r)
+        self.cache = Counter("scaleforge_cache", "result cache lookups by outcome", ["outcome"], registry=r)
+        self.rejections = Counter("scaleforge_rejections", "requests refused, by reason", ["reason"], registry=r)
+        self.model_load = Gauge("scaleforge_model_load_seconds", "time the model took to load", registry=r)
+        for reason in ("queue_full", "deadline", "too_large", "invalid", "unauthorized", "shutting_down"):
+            self.rejections.labels(reason)  # present from the start, at 0
+
+
+class _ResultCache:
+    """An LRU of outputs keyed by model version and an instance's bytes."""
+
+    def __init__(self, size: int, version: str) -> None:
+        self.size = size
+        self.version = version
+        self._entries: collections.OrderedDict[bytes, Any] = collections.OrderedDict()
+
+    def key(self, instance: torch.Tensor) -> bytes:
+        digest = hashlib.sha256(self.version.encode())
+        digest.update(str(tuple(instance.shape)).encode())
+        digest.update(instance.numpy().tobytes())
+        return digest.digest()
+
+    def get(self, key: bytes) -> Any | None:
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key]
+        return None
+
+    def put(self, key: bytes, value: Any) -> None:
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+
+def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def create_app(model: ServedModel, settings: ServeSettings) -> Gate:
+    """The application serving `model` (already loaded) with `settings`: FastAPI behind the `Gate`."""
+    metrics = ServerMetrics(settings.max_batch_size)
+    metrics.model_load.set(model.load_seconds)
+    batcher = Batcher(
+        model.predict,
+        max_batch_size=settings.max_batch_size,
+        max_delay_s=settings.max_delay_ms / 1000,
+        max_queue=settings.max_queue,
+        timeout_s=settings.timeout_ms / 1000,
+        on_batch=lambda size, seconds: (metrics.batch_size.observe(size), metrics.inference.observe(seconds)),
+    )
+    metrics.queue_depth.set_function(lambda: batcher.queued)
+    cache = _ResultCache(settings.cache_size, model.card.version) if settings.cache_size > 0 else None
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):  # noqa: ANN202 - FastAPI's lifespan protocol
+        batcher.start()
+        app.state.ready = True
+        yield
+        app.state.ready = False
+        await batcher.close()  # what was admitted is answered before the process ends
+
+    app = FastAPI(
+        title="scaleforge",
+        summary=f"{model.card.name} ({model.card.task}), version {model.card.version}",
+        lifespan=lifespan,
+    )
+    app.state.ready = False
+    app.state.draining = False
+    app.state.batcher = batcher
+    app.state.metrics = metrics
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        if error.status_code == 400:  # a body FastAPI could not parse (JSON nested too deep, say): malformed
+            metrics.rejections.labels("invalid").inc()
+            return _error(422, f"the body cannot be read as JSON: {error.detail}")
+        return _error(error.status_code, str(error.detail), getattr(error, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        metrics.rejections.labels("invalid").inc()
+        problems = [f"{'.'.join(str(part) for part in e['loc'])}: {e['msg']}" for e in error.errors()]
+        return _error(422, "; ".join(problems))
+
+    @app.post(
+        "/v1/predict",
+        responses={
+            413: {"description": "body too large"},
+            422: {"description": "inputs the model cannot take"},
+            503: {"description": "queue full or shutting down"},
+            504: {"description": "deadline passed"},
+        },
+    )
+    async def predict(body: PredictRequest, request: Request) -> JSONResponse:
+        """Outputs for a list of instances, batched with other requests'."""
+        try:
+            instances = model.decode(body.inputs)
+        except InvalidInput as error:
+            metrics.rejections.labels("invalid").inc()
+            return _error(422, str(error))
+        if len(instances) > settings.max_batch_size:
+            metrics.rejections.labels("invalid").inc()
+            return _error(
+                422, f"inputs: {len(instances)} instances, more than --max-batch-size {settings.max_batch_size}"
+            )
+        outputs: list[Any] = [None] * len(instances)
+        missing = list(range(len(instances)))
+        keys: list[bytes] = []
+        if cache is not None:
+            keys = [cache.key(instance) for instance in instances]
+            for i, key in enumerate(keys):
+                outputs[i] = cache.get(key)
+            missing = [i for i, output in enumerate(outputs) if output is None]
+            metrics.cache.labels("hit").inc(len(instances) - len(missing))
+            metrics.cache.labels("miss").inc(len(missing))
+        if missing:
+            try:
+                result = await _unless_disconnected(request, batcher.submit([instances[i] for i in missing]))
+            except QueueFull as error:
+                metrics.rejections.labels("queue_full").inc()
+                return _error(503, str(error), {"Retry-After": "1"})
+            except Closed as error:
+                metrics.rejections.labels("shutting_down").inc()
+                return _error(503, str(error), {"Retry-After": "1"})
+            except DeadlineExceeded as error:
+                metrics.rejections.labels("deadline").inc()
+                return _error(504, str(error))
+            metrics.queue_wait.observe(result.queue_wait_s)
+            for i, output in zip(missing, result.outputs, strict=True):
+                outputs[i] = model.encode(output)
+                if cache is not None:
+                    cache.put(keys[i], outputs[i])
+        return JSONResponse({"outputs": outputs, "model": model.card.name, "version": model.card.version})
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        """The model's name, version, task and input schema."""
+        card = model.card
+        return {"name": card.name, "version": card.version, "task": card.task, "input_schema": card.input_schema}
+
+    @app.get("/health/live")
+    async def live() -> dict[str, str]:
+        """The process answers."""
+        return {"status": "live"}
+
+    @app.get("/health/ready", responses={503: {"description": "loading or draining"}})
+    async def ready() -> JSONResponse:
+        """200 once the model is loaded and serving; 503 before, and while draining for shutdown."""
+        if app.state.ready and not app.state.draining:
+            return JSONResponse({"status": "ready"})
+        return _error(503, "draining" if app.state.draining else "loading")
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        """Prometheus text exposition."""
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return Gate(app, metrics, max_body_bytes=int(settings.max_body_mb * 2**20), api_key=settings.api_key)
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """Await `work`, cancelling it (its queued request is then dropped) if the client goes away first."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if not task.done():
+        task.cancel()
+        raise asyncio.CancelledError("the client disconnected")
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class Gate:
+    """ASGI middleware: metrics per request, the API key, and the body-size limit, before the application."""
+
+    def __init__(self, app: FastAPI, metrics: ServerMetrics, *, max_body_bytes: int, api_key: str | None) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+        self.api_key = api_key
+        self.state = app.state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        endpoint = path if path in ENDPOINTS else "other"
+        status = 499  # no answer started: the client went away (a crash would have sent a 500)
+        started = time.perf_counter()
+
+        async def counting_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self._admit(scope, receive, counting_send, path)
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+    async def _admit(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+        if self.api_key is not None and not path.startswith("/health/") and not self._authorized(headers):
+            self.metrics.rejections.labels("unauthorized").inc()
+            await _error(401, "a valid API key is required", {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+            return
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            await self._too_large(scope, receive, send)
+            return
+        body = bytearray()
+        more = scope["method"] in ("POST", "PUT", "PATCH")
+        while more:  # read here, up to the limit, then replayed to the application
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_body_bytes:
+                await self._too_large(scope, receive, send)
+                return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()  # after the body: only a disconnect comes
+
+        await self.app(scope, replay, send)
+
+    def _authorized(self, headers: dict[str, str]) -> bool:
+        given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
+        return hmac.compare_digest(given.encode(), self.api_key.encode())  # type: ignore[union-attr]
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.metrics.rejections.labels("too_large").inc()
+        limit = f"{self.max_body_bytes / 2**20:g} MiB"
+        await _error(413, f"the body is larger than --max-body-mb ({limit})", {"Connection": "close"})(
+            scope, receive, send
+        )

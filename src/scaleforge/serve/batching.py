@@ -1,0 +1,197 @@
+"""Dynamic batching: concurrent requests merged into batches of at most `max_batch_size` instances.
+
+A pure asyncio object, tested without HTTP. Requests wait in a bounded queue; one loop takes them in arrival
+order into a batch until the batch is full or the oldest has waited `max_delay_s`, and runs it on the model's
+own thread, off the event loop. While a batch runs the next one gathers, so under load batches fill at once,
+and when idle a lone request waits `max_delay_s` at most. A request is refused at once when the queue is full
+(`QueueFull`), answered `DeadlineExceeded` when it is still queued `timeout_s` after it arrived (it is then
+never run), and dropped from the queue when its caller goes away (cancellation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class QueueFull(Exception):
+    """The queue holds `max_queue` requests already: come back later."""
+
+
+class DeadlineExceeded(Exception):
+    """The request was still queued `timeout_s` after it arrived; it was not run."""
+
+
+class Closed(Exception):
+    """The batcher is draining or stopped and admits no new request."""
+
+
+@dataclass(frozen=True)
+class Result:
+    """A request's outputs, with how long it queued and how long its batch ran."""
+
+    outputs: list[Any]
+    queue_wait_s: float
+    inference_s: float
+    batch_size: int
+
+
+@dataclass(eq=False)
+class _Request:
+    instances: Sequence[Any]
+    future: asyncio.Future[Result]
+    arrived: float
+    state: str = "queued"  # queued -> running -> done, or queued -> expired | cancelled
+    started: float = field(default=0.0)
+
+
+class Batcher:
+    """Batches `submit`ted instances for `run_batch` (a list of instances in, one output per instance out).
+
+    `on_batch(size, seconds)` is told of every batch that ran (for metrics). Call `start` inside the event loop
+    before the first `submit`, and `close` to finish what was admitted.
+    """
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[Any]], list[Any]],
+        *,
+        max_batch_size: int,
+        max_delay_s: float,
+        max_queue: int,
+        timeout_s: float,
+        on_batch: Callable[[int, float], None] | None = None,
+    ) -> None:
+        if min(max_batch_size, max_queue) < 1 or max_delay_s < 0 or timeout_s <= 0:
+            raise ValueError("max_batch_size and max_queue must be at least 1, max_delay_s >= 0, timeout_s > 0")
+        self.run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.max_queue = max_queue
+        self.timeout_s = timeout_s
+        self.on_batch = on_batch
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._arrival = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")  # the model's own thread
+        self._loop_task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.running = 0  # instances in the batch being run
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a batch."""
+        return sum(1 for request in self._queue if request.state == "queued")
+
+    def start(self) -> None:
+        """Start the batching loop on the running event loop."""
+        self._loop_task = asyncio.get_running_loop().create_task(self._batch_loop())
+
+    async def close(self) -> None:
+        """Admit nothing more, finish every admitted request, then stop the model's thread."""
+        self._closing = True
+        self._arrival.set()
+        if self._loop_task is not None:
+            await self._loop_task
+        self._executor.shutdown(wait=True)
+
+    async def submit(self, instances: Sequence[Any]) -> Result:
+        """Queue `instances` (at most `max_batch_size`) and return their outputs once their batch has run."""
+        if self._closing:
+            raise Closed("the server is shutting down")
+        if not 1 <= len(instances) <= self.max_batch_size:
+            raise ValueError(f"a request holds 1 to {self.max_batch_size} instances, not {len(instances)}")
+        if self.queued >= self.max_queue:
+            raise QueueFull(f"{self.max_queue} requests are queued already")
+        loop = asyncio.get_running_loop()
+        request = _Request(instances, loop.create_future(), time.perf_counter())
+        self._queue.append(request)
+        self._arrival.set()
+        try:
+            # shielded: a timeout or a cancellation here must not cancel a batch's result under it
+            return await asyncio.wait_for(asyncio.shield(request.future), self.timeout_s)
+        except TimeoutError:
+            if request.state == "queued":
+                request.state = "expired"
+                raise DeadlineExceeded(f"queued for more than {self.timeout_s * 1000:g} ms") from None
+            return await request.future  # already running: it finishes
+        except asyncio.CancelledError:
+            if request.state == "queued":
+                request.state = "cancelled"  # the caller went away: never run
+            raise
+
+    async def _batch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            if not batch:
+                return  # closing, and nothing left
+            instances = [instance for request in batch for instance in request.instances]
+            started = time.perf_counter()
+            for request in batch:
+                request.state, request.started = "running", started
+            self.running = len(instances)
+            try:
+                outputs = await loop.run_in_executor(self._executor, self.run_batch, instances)
+            except Exception as error:  # noqa: BLE001 - the batch's requests fail with it, the loop goes on
+                for request in batch:
+                    request.state = "done"
+                    if not request.future.done():
+                        request.future.set_exception(error)
+                continue
+            finally:
+                self.running = 0
+            seconds = time.perf_counter() - started
+            if self.on_batch is not None:
+                self.on_batch(len(instances), seconds)
+            offset = 0
+            for request in batch:
+                count = len(request.instances)
+                result = Result(outputs[offset : offset + count], started - request.arrived, seconds, len(instances))
+                offset += count
+                request.state = "done"
+                if not request.future.done():
+                    request.future.set_result(result)
+
+    async def _next_batch(self) -> list[_Request]:
+        """Wait for a live request, then for the batch to fill or the oldest to have waited `max_delay_s`."""
+        while True:
+            self._drop_dead()
+            if self._queue:
+                break
+            if self._closing:
+                return []
+            self._arrival.clear()
+            await self._arrival.wait()
+        fill_by = self._queue[0].arrived + self.max_delay_s
+        while self._rows_ready() < self.max_batch_size and not self._closing:
+            remaining = fill_by - time.perf_counter()
+            if remaining <= 0:
+                break
+            self._arrival.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrival.wait(), remaining)
+            self._drop_dead()
+            if not self._queue:  # everyone waiting left: start over
+                return await self._next_batch()
+        batch: list[_Request] = []
+        rows = 0
+        while self._queue and rows + len(self._queue[0].instances) <= self.max_batch_size:
+            request = self._queue.popleft()
+            if request.state == "queued":
+                batch.append(request)
+                rows += len(request.instances)
+        return batch
+
+    def _rows_ready(self) -> int:
+        return sum(len(request.instances) for request in self._queue if request.state == "queued")
+
+    def _drop_dead(self) -> None:
+        """Forget requests that expired or whose caller went away, at the head of the queue and everywhere."""
+        if any(request.state != "queued" for request in self._queue):
+            self._queue = collections.deque(request for request in self._queue if request.state == "queued")

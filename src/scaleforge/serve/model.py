@@ -1,0 +1,138 @@
+"""The served model's contract: `setup` (load once), `decode` (one request's JSON to instances, checked),
+`predict` (a batch of instances to one output each, on the model's thread) and `encode` (an output to JSON).
+
+The HTTP layer only translates; the batcher only batches. A request is checked whole in `decode`, before it
+joins a batch, so a bad one gets its own 422 and never touches its batch-mates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scaleforge.runs import find_final, load_run
+
+
+class InvalidInput(ValueError):
+    """A request whose inputs the model cannot take; the message says what is wrong (answered 422)."""
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What `GET /v1/models` says about the model."""
+
+    name: str
+    version: str
+    task: str
+    input_schema: dict[str, Any]
+
+
+class ServedModel:
+    """A trained run's model, loaded once from `final/` and answering batches of instances."""
+
+    def __init__(self, path: str | Path, device: str = "cpu") -> None:
+        started = time.perf_counter()
+        final = find_final(path)
+        run = load_run(final)
+        self.device = torch.device(device)
+        self.model = run.model.to(self.device).eval()
+        self.info = run.info
+        # the weights' digest names this exact model: responses and cache keys carry it
+        weights = (final / "model.safetensors").read_bytes()
+        self.card = ModelCard(
+            name=run.config.name if run.config.name != "default" else run.config.model.architecture,
+            version=hashlib.sha256(weights).hexdigest()[:12],
+            task=self.info.task,
+            input_schema=self._input_schema(),
+        )
+        self.load_seconds = time.perf_counter() - started
+
+    # ------------------------------------------------------------------------------------------- decode
+
+    def _input_schema(self) -> dict[str, Any]:
+        if self.info.task == "language_modeling":
+            return {
+                "instance": "a list of token ids",
+                "min_length": 1,
+                "max_length": self.info.seq_len,
+                "vocab_size": self.info.vocab_size,
+            }
+        return {"instance": "numbers nested as the shape", "shape": list(self.info.input_shape), "dtype": "float32"}
+
+    def decode(self, inputs: Any) -> list[torch.Tensor]:
+        """`{"inputs": [...]}`'s list as one tensor per instance (shaped `input_schema["shape"]`, or token ids);
+        `InvalidInput` says what is wrong."""
+        if not isinstance(inputs, list) or not inputs:
+            raise InvalidInput("inputs must be a non-empty list of instances")
+        if self.info.task == "language_modeling":
+            return [self._tokens(instance, i) for i, instance in enumerate(inputs)]
+        return [self._numbers(instance, i) for i, instance in enumerate(inputs)]
+
+    def _tokens(self, instance: Any, index: int) -> torch.Tensor:
+        vocab, max_length = self.info.vocab_size or 0, self.info.seq_len or 0
+        if not isinstance(instance, list) or not 1 <= len(instance) <= max_length:
+            raise InvalidInput(f"inputs[{index}]: expected a list of 1 to {max_length} token ids")
+        for position, token in enumerate(instance):
+            if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab:
+                raise InvalidInput(f"inputs[{index}][{position}]: {token!r} is not a token id in [0, {vocab})")
+        return torch.tensor(instance, dtype=torch.long)
+
+    def _numbers(self, instance: Any, index: int) -> torch.Tensor:
+        shape = tuple(self.info.input_shape)
+        flat: list[float] = []
+        _flatten(instance, shape, f"inputs[{index}]", flat)
+        return torch.tensor(flat, dtype=torch.float32).view(shape)
+
+    # ------------------------------------------------------------------------------------------- predict
+
+    @torch.inference_mode()
+    def predict(self, instances: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One output per instance: class probabilities, or the next token's probabilities."""
+        if self.info.task == "language_modeling":
+            lengths = torch.tensor([len(tokens) for tokens in instances])
+            # padded on the right: causal attention keeps each instance's last position blind to its padding
+            tokens = torch.nn.utils.rnn.pad_sequence(instances, batch_first=True).to(self.device)
+            logits = self.model(tokens)  # (B, T, V)
+            last = logits[torch.arange(len(instances)), lengths.to(self.device) - 1]  # (B, V)
+            return list(last.float().softmax(-1).cpu())
+        outputs = self.model(torch.stack(instances).to(self.device))  # (B, classes)
+        if self.info.task == "classification":
+            outputs = outputs.float().softmax(-1)
+        return list(outputs.float().cpu())
+
+    # ------------------------------------------------------------------------------------------- encode
+
+    def encode(self, output: torch.Tensor) -> dict[str, Any]:
+        """One instance's answer as JSON: the probabilities and the most probable class (or next token)."""
+        values = output.tolist()
+        if self.info.task == "regression":
+            return {"values": values}
+        top = int(output.argmax())
+        key = "next_token" if self.info.task == "language_modeling" else "top_class"
+        return {key: top, "probability": values[top], "probabilities": values}
+
+
+def _flatten(value: Any, shape: tuple[int, ...], where: str, out: list[float]) -> None:
+    """Append `value`'s numbers to `out`, checking that it nests as `shape` and holds finite numbers only."""
+    if not shape:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidInput(f"{where}: expected a number, got {type(value).__name__}")
+        try:
+            number = float(value)
+        except OverflowError:
+            raise InvalidInput(f"{where}: {value} is too large for a float") from None
+        if not math.isfinite(number):
+            raise InvalidInput(f"{where}: {value} is not a finite number")
+        out.append(number)
+        return
+    if not isinstance(value, list) or len(value) != shape[0]:
+        got = f"a list of {len(value)}" if isinstance(value, list) else type(value).__name__
+        raise InvalidInput(f"{where}: expected a list of {shape[0]}, got {got}")
+    for i, item in enumerate(value):
+        _flatten(item, shape[1:], f"{where}[{i}]", out)

@@ -1,0 +1,61 @@
+"""`scaleforge serve`: load the model, then serve it with uvicorn until SIGTERM or Ctrl-C, draining first."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+
+from scaleforge.serve.app import Gate, ServeSettings, create_app
+from scaleforge.serve.model import ServedModel
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, except that a stop signal first turns `/health/ready` to 503; uvicorn then stops accepting
+    connections and waits for the requests it admitted, and the batcher answers every queued one before the
+    process ends."""
+
+    def __init__(self, config: uvicorn.Config, gate: Gate, banner: str) -> None:
+        super().__init__(config)
+        self.gate = gate
+        self.banner = banner
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.gate.state.draining = True
+        super().handle_exit(sig, frame)
+        # uvicorn raises the signal again once it has shut down, so the process dies of it; a server that
+        # drained as asked exits 0 instead
+        self._captured_signals.clear()
+
+    async def startup(self, sockets: list | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            print(f"{self.banner} | http://{host}:{port} (docs: /docs)", flush=True)
+
+
+def serve(path: str | Path, settings: ServeSettings) -> None:
+    """Load the run at `path` and serve it with `settings` until stopped."""
+    model = ServedModel(path)  # loaded before the server listens, never per request
+    gate = create_app(model, settings)
+    config = uvicorn.Config(
+        gate,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=max(30.0, 2 * settings.timeout_ms / 1000),
+    )
+    card = model.card
+    banner = (
+        f"serving {card.name} ({card.task}, version {card.version}, loaded in {model.load_seconds:.2f}s) | "
+        f"batches of <= {settings.max_batch_size}, delay <= {settings.max_delay_ms:g} ms, queue {settings.max_queue},"
+        f" timeout {settings.timeout_ms:g} ms"
+    )
+    server = DrainingServer(config, gate, banner)
+    server.run()
+    if not server.started:  # uvicorn said why (the port is taken, say)
+        sys.exit(1)

@@ -1,0 +1,240 @@
+"""`scaleforge serve` as a user runs it: a real server process on 127.0.0.1, driven over HTTP.
+
+Two trained runs serve here: the MLP on digits, and a user's model (`imports:`) that sleeps in every forward
+pass, so that queues fill and deadlines pass when a test wants them to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from scaleforge import load_config
+from scaleforge.train.trainer import train
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.timeout(300)
+
+DIGITS_RUN = ["training.epochs=1", "logging.progress=none", "logging.tensorboard=false", "logging.plot=false"]
+SLOW_MODEL = """
+import time
+from torch import nn
+from scaleforge import register_model
+
+@register_model("slow_net")
+class SlowNet(nn.Module):
+    def __init__(self, input_shape, num_classes: int, delay_s: float = 0.3):
+        super().__init__()
+        self.delay_s = delay_s
+        self.blocks = nn.ModuleList([nn.Flatten()])
+        self.head = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        if not self.training:
+            time.sleep(self.delay_s)
+        return self.head(self.blocks[0](x))
+"""
+IMAGE = [[[0.5] * 8 for _ in range(8)]]  # one digits instance, (1, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("digits") / "run"
+    train(load_config(None, DIGITS_RUN), run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def slow_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("slow")
+    (folder / "slow_model.py").write_text(SLOW_MODEL)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(folder))
+        overrides = [*DIGITS_RUN, "imports=[slow_model]", "model.architecture=slow_net", "model.delay_s=0.0"]
+        overrides += ["training.max_steps=2", "checkpoint.every_steps=0"]
+        train(load_config(None, overrides), folder / "run")
+    config = folder / "run" / "final" / "config.yaml"
+    config.write_text(config.read_text().replace("delay_s: 0.0", "delay_s: 0.3"))  # slow when served
+    return folder / "run"
+
+
+@contextlib.contextmanager
+def server(run_dir: Path, *flags: str, env: dict[str, str] | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`scaleforge serve RUN_DIR --port 0 FLAGS`; yields its base URL and the process."""
+    environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    environment["PYTHONPATH"] = os.pathsep.join([str(run_dir.parent), environment.get("PYTHONPATH", "")])
+    command = [sys.executable, "-m", "scaleforge", "serve", str(run_dir), "--port", "0", *flags]
+    process = subprocess.Popen(
+        command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        assert process.stdout is not None
+        banner = process.stdout.readline()
+        found = re.search(r"http://127\.0\.0\.1:(\d+)", banner)
+        assert found, banner + process.stdout.read()
+        yield f"http://127.0.0.1:{found.group(1)}", process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """One sample's value from Prometheus text."""
+    wanted = ",".join(f'{key}="{value}"' for key, value in labels.items())
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{wanted}}} ") or (not labels and line.startswith(f"{name} ")):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def post_all(url: str, bodies: list[dict]) -> list[httpx.Response]:
+    """Send every body at once, on its own connection."""
+    limits = httpx.Limits(max_connections=len(bodies))
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+        return await asyncio.gather(*(client.post("/v1/predict", json=body) for body in bodies))
+
+
+def test_batched_answers_equal_single_ones_and_batches_keep_their_bound(digits_run: Path) -> None:
+    generator = torch.Generator().manual_seed(0)
+    bodies = [{"inputs": torch.rand(1 + i % 3, 1, 8, 8, generator=generator).tolist()} for i in range(40)]
+    with server(digits_run, "--max-batch-size", "8", "--max-delay-ms", "50") as (url, _):
+        together = asyncio.run(post_all(url, bodies))
+        with httpx.Client(base_url=url) as client:
+            alone = [client.post("/v1/predict", json=body) for body in bodies]
+            text = client.get("/metrics").text
+    assert {r.status_code for r in together + alone} == {200}
+    for batched, single in zip(together, alone, strict=True):
+        for a, b in zip(batched.json()["outputs"], single.json()["outputs"], strict=True):
+            assert a["top_class"] == b["top_class"]
+            assert torch.allclose(torch.tensor(a["probabilities"]), torch.tensor(b["probabilities"]), atol=1e-5)
+    batches = metric(text, "scaleforge_batch_size_count")
+    assert metric(text, "scaleforge_batch_size_bucket", le="8.0") == batches  # none above the bound
+    assert metric(text, "scaleforge_batch_size_sum") == 2 * sum(len(body["inputs"]) for body in bodies)
+    assert batches - len(bodies) <= len(bodies) / 2  # sent alone: a batch each; sent together: merged
+
+
+def test_a_full_queue_is_refused_at_once_and_a_late_request_is_never_run(slow_run: Path) -> None:
+    flags = ["--max-batch-size", "1", "--max-queue", "2", "--timeout-ms", "450"]
+    with server(slow_run, *flags) as (url, _):
+        responses = asyncio.run(post_all(url, [{"inputs": [IMAGE]}] * 6))
+        text = httpx.get(f"{url}/metrics").text
+    codes = sorted(r.status_code for r in responses)
+    # one runs (0.3 s), two queue: the first of them runs next (starts at 0.3 s), the second is still
+    # queued at 0.45 s and gets 504; the other three find the queue full
+    assert codes == [200, 200, 503, 503, 503, 504], codes
+    full = [r for r in responses if r.status_code == 503]
+    assert all(r.headers["retry-after"] == "1" and "queued already" in r.json()["detail"] for r in full)
+    assert metric(text, "scaleforge_batch_size_count") == 2  # the late one never ran
+    assert metric(text, "scaleforge_rejections_total", reason="queue_full") == 3
+    assert metric(text, "scaleforge_rejections_total", reason="deadline") == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('{"inputs": [[[1, 2, 3, 4, 5, 6, 7, 8]]]}', "inputs[0][0][0]: expected a list of 8, got int"),
+        ('{"inputs": []}', "body.inputs: List should have at least 1 item"),
+        ('{"input": [1]}', "body.inputs: Field required"),
+        (json.dumps({"inputs": [[[[float("nan")] * 8] * 8]]}), "inputs[0][0][0][0]: nan is not a finite number"),
+        (json.dumps({"inputs": [[[[True] * 8] * 8]]}), "inputs[0][0][0][0]: expected a number, got bool"),
+        (json.dumps({"inputs": [[[["1"] * 8] * 8]]}), "inputs[0][0][0][0]: expected a number, got str"),
+        ("{not json", "JSON decode error"),
+        ('{"inputs": ' + "[" * 100_000 + "]" * 100_000 + "}", "cannot be read as JSON"),
+        ('[{"inputs": [1]}]', "valid dictionary"),
+    ],
+    ids=["shape", "empty", "no-inputs", "nan", "bool", "string", "not-json", "too-deep", "not-an-object"],
+)
+def test_malformed_bodies_get_422_saying_what_is_wrong(digits_run: Path, body: str, message: str) -> None:
+    with server(digits_run) as (url, _):
+        response = httpx.post(f"{url}/v1/predict", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert message in response.json()["detail"]
+
+
+def test_too_many_instances_and_too_large_bodies_are_refused(digits_run: Path) -> None:
+    with server(digits_run, "--max-batch-size", "4", "--max-body-mb", "0.01") as (url, _):
+        many = httpx.post(f"{url}/v1/predict", json={"inputs": [IMAGE] * 5})
+        large = httpx.post(f"{url}/v1/predict", json={"inputs": [IMAGE] * 40})  # about 15 KB
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: the limit holds as the body streams in
+            yield b'{"inputs": ['
+            for _ in range(40):
+                yield json.dumps(IMAGE).encode() + b","
+            yield json.dumps(IMAGE).encode() + b"]}"
+
+        streamed = httpx.post(f"{url}/v1/predict", content=chunks(), headers={"content-type": "application/json"})
+        fine = httpx.post(f"{url}/v1/predict", json={"inputs": [IMAGE] * 4})
+    assert many.status_code == 422 and "more than --max-batch-size 4" in many.json()["detail"]
+    assert large.status_code == 413 and streamed.status_code == 413
+    assert fine.status_code == 200 and len(fine.json()["outputs"]) == 4
+
+
+def test_an_api_key_guards_everything_but_health(digits_run: Path) -> None:
+    with server(digits_run, "--api-key-env", "SERVE_KEY", env={"SERVE_KEY": "s3cret"}) as (url, _):
+        body = {"inputs": [IMAGE]}
+        missing = httpx.post(f"{url}/v1/predict", json=body)
+        wrong = httpx.post(f"{url}/v1/predict", json=body, headers={"authorization": "Bearer nope"})
+        bearer = httpx.post(f"{url}/v1/predict", json=body, headers={"authorization": "Bearer s3cret"})
+        header = httpx.get(f"{url}/v1/models", headers={"x-api-key": "s3cret"})
+        metrics = httpx.get(f"{url}/metrics")
+        health = httpx.get(f"{url}/health/ready")
+    assert [missing.status_code, wrong.status_code, metrics.status_code] == [401, 401, 401]
+    assert [bearer.status_code, header.status_code, health.status_code] == [200, 200, 200]
+
+
+def test_sigterm_answers_every_admitted_request_before_exiting(slow_run: Path) -> None:
+    async def scenario(url: str, process: subprocess.Popen) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=10)) as client:
+            sent = [asyncio.create_task(client.post("/v1/predict", json={"inputs": [IMAGE]})) for _ in range(8)]
+            await asyncio.sleep(0.5)  # admitted: one batch of 4 runs, 4 wait
+            process.send_signal(signal.SIGTERM)
+            return await asyncio.gather(*sent)
+
+    with server(slow_run, "--max-batch-size", "4", "--max-delay-ms", "100") as (url, process):
+        responses = asyncio.run(scenario(url, process))
+        assert process.wait(timeout=30) == 0
+    assert [r.status_code for r in responses] == [200] * 8
+
+
+def test_metrics_count_what_the_client_saw(digits_run: Path) -> None:
+    seen: dict[int, int] = {}
+    with server(digits_run, "--cache-size", "16") as (url, _), httpx.Client(base_url=url) as client:
+        for body in [{"inputs": [IMAGE]}] * 5 + [{"inputs": []}] * 3 + [{"inputs": [[1]]}] * 2:
+            status = client.post("/v1/predict", json=body).status_code
+            seen[status] = seen.get(status, 0) + 1
+        models = client.get("/v1/models")
+        text = client.get("/metrics").text
+    assert seen == {200: 5, 422: 5}
+    for status, count in seen.items():
+        assert metric(text, "scaleforge_requests_total", endpoint="/v1/predict", status=str(status)) == count
+    assert metric(text, "scaleforge_requests_total", endpoint="/v1/models", status="200") == 1
+    assert metric(text, "scaleforge_request_seconds_count", endpoint="/v1/predict") == 10
+    assert metric(text, "scaleforge_cache_total", outcome="hit") == 4  # the same instance five times
+    assert metric(text, "scaleforge_cache_total", outcome="miss") == 1
+    assert metric(text, "scaleforge_rejections_total", reason="invalid") == 5
+    assert metric(text, "process_resident_memory_bytes") > 0 and metric(text, "scaleforge_model_load_seconds") > 0
+    card = models.json()
+    assert card["task"] == "classification" and card["input_schema"]["shape"] == [1, 8, 8]
+
+
+def test_schemathesis_finds_no_server_error(digits_run: Path) -> None:
+    schemathesis = Path(sys.executable).parent / "schemathesis"
+    with server(digits_run) as (url, _):
+        command = [str(schemathesis), "run", f"{url}/openapi.json", "--checks", "not_a_server_error"]
+        command += ["--max-examples", "50", "--seed", "1", "--no-color"]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=240, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "passed" in result.stdout and "failed" not in result.stdout.split("SUMMARY")[-1]

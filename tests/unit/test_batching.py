@@ -1,0 +1,171 @@
+"""Tests for scaleforge.serve.batching: the batcher alone, on an event loop, with a model that records its calls."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from scaleforge.serve.batching import Batcher, Closed, DeadlineExceeded, QueueFull
+
+
+class RecordingModel:
+    """Doubles each instance; remembers every batch it ran, and can be held back until released."""
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        self.batches: list[list[int]] = []
+        self.seconds = seconds
+        self.release = threading.Event()
+        self.release.set()
+
+    def __call__(self, instances: list[int]) -> list[int]:
+        self.release.wait()
+        time.sleep(self.seconds)
+        self.batches.append(list(instances))
+        return [2 * instance for instance in instances]
+
+
+def batcher(model: RecordingModel, **options: float) -> Batcher:
+    settings = {"max_batch_size": 4, "max_delay_s": 0.05, "max_queue": 100, "timeout_s": 5.0, **options}
+    return Batcher(model, **settings)  # type: ignore[arg-type]
+
+
+def run(coroutine):  # noqa: ANN001, ANN201 - a test helper
+    return asyncio.run(asyncio.wait_for(coroutine, 30))
+
+
+def test_concurrent_requests_share_batches_of_at_most_the_bound_in_arrival_order() -> None:
+    model = RecordingModel()
+
+    async def scenario() -> list:
+        b = batcher(model)
+        b.start()
+        sizes = [1, 3, 2, 2, 1, 4, 1]
+        results = await asyncio.gather(*(b.submit(list(range(10 * i, 10 * i + n))) for i, n in enumerate(sizes)))
+        await b.close()
+        return results
+
+    results = run(scenario())
+    assert [r.outputs for r in results] == [
+        [2 * x for x in range(10 * i, 10 * i + n)] for i, n in enumerate([1, 3, 2, 2, 1, 4, 1])
+    ]
+    assert all(len(batch) <= 4 for batch in model.batches)
+    flat = [x for batch in model.batches for x in batch]
+    assert flat == sorted(flat)  # first come, first served; a request is never split
+    assert len(model.batches) < 7 and all(r.batch_size == len(model.batches[0]) for r in results[:2])
+
+
+def test_a_lone_request_waits_at_most_the_delay() -> None:
+    model = RecordingModel()
+
+    async def scenario() -> float:
+        b = batcher(model, max_delay_s=0.1)
+        b.start()
+        started = time.perf_counter()
+        await b.submit([1])
+        waited = time.perf_counter() - started
+        await b.close()
+        return waited
+
+    assert 0.09 <= run(scenario()) < 0.5
+
+
+def test_a_full_queue_refuses_at_once() -> None:
+    model = RecordingModel()
+    model.release.clear()  # the first batch holds the model
+
+    async def scenario() -> list:
+        b = batcher(model, max_batch_size=1, max_queue=2, max_delay_s=0.0)
+        b.start()
+        first = asyncio.ensure_future(b.submit([1]))
+        await asyncio.sleep(0.05)  # running
+        queued = [asyncio.ensure_future(b.submit([i])) for i in (2, 3)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull):
+            await b.submit([4])
+        model.release.set()
+        results = await asyncio.gather(first, *queued)
+        await b.close()
+        return results
+
+    assert [r.outputs for r in run(scenario())] == [[2], [4], [6]]
+
+
+def test_a_request_queued_past_its_deadline_is_refused_and_never_run() -> None:
+    model = RecordingModel(seconds=0.3)
+
+    async def scenario() -> None:
+        b = batcher(model, max_batch_size=1, max_delay_s=0.0, timeout_s=0.1)
+        b.start()
+        running = asyncio.ensure_future(b.submit([1]))
+        await asyncio.sleep(0.01)
+        with pytest.raises(DeadlineExceeded):
+            await b.submit([2])  # waits behind the 0.3 s batch
+        assert (await running).outputs == [2]  # a running request outlives the deadline
+        await b.close()
+
+    run(scenario())
+    assert model.batches == [[1]]
+
+
+def test_a_request_whose_caller_left_is_dropped_from_the_queue() -> None:
+    model = RecordingModel()
+    model.release.clear()
+
+    async def scenario() -> None:
+        b = batcher(model, max_batch_size=1, max_delay_s=0.0)
+        b.start()
+        first = asyncio.ensure_future(b.submit([1]))
+        await asyncio.sleep(0.05)
+        gone = asyncio.ensure_future(b.submit([2]))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        kept = asyncio.ensure_future(b.submit([3]))
+        await asyncio.sleep(0.01)
+        model.release.set()
+        await asyncio.gather(first, kept)
+        await b.close()
+
+    run(scenario())
+    assert model.batches == [[1], [3]]
+
+
+def test_close_answers_what_was_admitted_and_refuses_the_rest() -> None:
+    model = RecordingModel(seconds=0.05)
+
+    async def scenario() -> list:
+        b = batcher(model, max_batch_size=2)
+        b.start()
+        admitted = [asyncio.ensure_future(b.submit([i])) for i in range(6)]
+        await asyncio.sleep(0)
+        closing = asyncio.ensure_future(b.close())
+        await asyncio.sleep(0)
+        with pytest.raises(Closed):
+            await b.submit([99])
+        results = await asyncio.gather(*admitted)
+        await closing
+        return results
+
+    assert [r.outputs for r in run(scenario())] == [[2 * i] for i in range(6)]
+
+
+def test_a_model_error_fails_its_batch_only() -> None:
+    calls = []
+
+    def flaky(instances: list[int]) -> list[int]:
+        calls.append(instances)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return instances
+
+    async def scenario() -> None:
+        b = Batcher(flaky, max_batch_size=1, max_delay_s=0.0, max_queue=10, timeout_s=5.0)
+        b.start()
+        with pytest.raises(RuntimeError, match="boom"):
+            await b.submit([1])
+        assert (await b.submit([2])).outputs == [2]
+        await b.close()
+
+    run(scenario())
