@@ -203,6 +203,26 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    from scaleforge.bench.serve import run_serve_benchmark
+
+    if args.concurrency != sorted(set(args.concurrency)):
+        raise UsageError("--concurrency: give increasing levels without repeats, such as 1,8,32")
+    run_serve_benchmark(
+        args.run_dir,
+        concurrency=args.concurrency,
+        requests=args.requests,
+        seconds=args.seconds,
+        max_batch_size=args.max_batch_size,
+        max_delay_ms=args.max_delay_ms,
+        overload=args.overload,
+        litserve=not args.no_litserve,
+        out=Path(args.out),
+        as_json=args.json,
+    )
+    return 0
+
+
 def _int_at_least(minimum: int, kind: str) -> Callable[[str], int]:
     """An argparse type: an integer of at least `minimum`, described as `kind` in errors."""
 
@@ -375,6 +395,32 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint.add_argument("--out", default="runs/bench-checkpoint", help="where checkpoints and results go")
     checkpoint.add_argument("--json", action="store_true", help="print JSON instead of a table")
     checkpoint.set_defaults(handler=cmd_bench_checkpoint)
+    bench_serve = bench_commands.add_parser(
+        "serve",
+        help="serving throughput and latency, batching on and off, beside a bare endpoint and LitServe",
+        description="Start each server on 127.0.0.1 and drive it with a bounded aiohttp load generator: closed-loop "
+        "levels (requests in flight) and an open-loop overload for scaleforge with batching.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    bench_serve.add_argument("run_dir", metavar="RUN_DIR", help="a trained run directory")
+    bench_serve.add_argument(
+        "--concurrency",
+        type=_comma_separated(_positive_int),
+        default=[1, 8, 32],
+        metavar="N,N,...",
+        help="closed-loop levels: requests in flight",
+    )
+    bench_serve.add_argument("--requests", type=_positive_int, default=2000, help="requests per level, at most")
+    bench_serve.add_argument("--seconds", type=_positive_float, default=10.0, help="seconds per level, at most")
+    bench_serve.add_argument("--max-batch-size", type=_positive_int, default=32, help="for the batching servers")
+    bench_serve.add_argument("--max-delay-ms", type=float, default=5.0, help="for the batching servers")
+    bench_serve.add_argument(
+        "--overload", type=float, default=3.0, help="open-loop rate as a multiple of the measured capacity (0: none)"
+    )
+    bench_serve.add_argument("--no-litserve", action="store_true", help="skip LitServe even if installed")
+    bench_serve.add_argument("--out", default="runs/bench-serve", help="where logs, JSON and the plot go")
+    bench_serve.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bench_serve.set_defaults(handler=cmd_bench_serve)
     return parser
 
 

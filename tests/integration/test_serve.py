@@ -238,3 +238,23 @@ def test_schemathesis_finds_no_server_error(digits_run: Path) -> None:
         result = subprocess.run(command, capture_output=True, text=True, timeout=240, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "passed" in result.stdout and "failed" not in result.stdout.split("SUMMARY")[-1]
+
+
+def test_bench_serve_prints_its_table_and_plot(digits_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    command = [sys.executable, "-m", "scaleforge", "bench", "serve", str(digits_run), "--concurrency", "1,4"]
+    command += ["--requests", "40", "--seconds", "5", "--overload", "2", "--no-litserve", "--out", str(out)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads((out / "serve.json").read_text())
+    loads = [(level["target"], level["load"]) for level in report["levels"]]
+    assert loads[:3] == [
+        ("scaleforge, batching", "1 in flight"),
+        ("scaleforge, batching", "4 in flight"),
+        ("scaleforge, batching", loads[2][1]),
+    ] and loads[2][1].startswith("2x capacity")
+    assert {target for target, _ in loads} == {"scaleforge, batching", "scaleforge, batch 1", "bare FastAPI, constant"}
+    closed = [level for level in report["levels"] if level["load"].endswith("in flight")]
+    assert all(level["statuses"] == {"200": 40} and level["p99_ms"] > 0 for level in closed)
+    assert (out / "serve.png").stat().st_size > 10_000
+    assert "answered/s" in result.stdout and "bare FastAPI, constant" in result.stdout

@@ -1,0 +1,324 @@
+"""`scaleforge bench serve RUN_DIR`: serving throughput and latency under bounded load.
+
+Each server runs in a child process on 127.0.0.1: scaleforge with dynamic batching, scaleforge with batches
+of one, a bare FastAPI endpoint that answers a constant (the ceiling of this load generator and HTTP stack
+here), and LitServe serving the same model through the same contract when it is installed. An aiohttp client
+drives each with closed-loop levels (a fixed number of requests in flight) and, for scaleforge with batching,
+an open-loop overload (arrivals at a multiple of its measured capacity, whatever the answers). Every level is
+bounded by a request count and a time limit. One instance per request, the same for every server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from scaleforge.bench.harness import machine, report
+
+
+@dataclass(frozen=True)
+class Target:
+    """A server to measure: how to start it, where it answers, and whether it is ready."""
+
+    name: str
+    command: list[str]
+    predict_path: str
+    ready_path: str
+
+
+@dataclass
+class Level:
+    """One load level's outcome."""
+
+    target: str
+    load: str
+    seconds: float
+    latencies: list[float]  # of the answered (200) requests
+    statuses: dict[int, int]
+
+    def summary(self) -> dict[str, Any]:
+        ok = sorted(self.latencies)
+
+        def percentile(q: float) -> float | None:
+            return 1000 * ok[min(len(ok) - 1, int(q * len(ok)))] if ok else None
+
+        return {
+            "target": self.target,
+            "load": self.load,
+            "requests": sum(self.statuses.values()),
+            "statuses": {str(code): count for code, count in sorted(self.statuses.items())},
+            "throughput": len(ok) / self.seconds,
+            "p50_ms": percentile(0.50),
+            "p95_ms": percentile(0.95),
+            "p99_ms": percentile(0.99),
+        }
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def targets(run_dir: str, *, max_batch_size: int, max_delay_ms: float, litserve: bool) -> list[Target]:
+    """The servers to compare, each on a port of its own."""
+    serve = [sys.executable, "-m", "scaleforge", "serve", run_dir, "--port", "{port}"]
+    serve += ["--max-queue", "100000", "--timeout-ms", "60000"]  # closed loops never queue that many
+    found = [
+        Target(
+            "scaleforge, batching",
+            [*serve, "--max-batch-size", str(max_batch_size), "--max-delay-ms", str(max_delay_ms)],
+            "/v1/predict",
+            "/health/ready",
+        ),
+        Target(
+            "scaleforge, batch 1",
+            [*serve, "--max-batch-size", "1", "--max-delay-ms", "0"],
+            "/v1/predict",
+            "/health/ready",
+        ),
+        Target(
+            "bare FastAPI, constant",
+            [sys.executable, "-m", "scaleforge.bench.serve_targets", "bare", "{port}"],
+            "/v1/predict",
+            "/health/ready",
+        ),
+    ]
+    if litserve:
+        found.append(
+            Target(
+                "LitServe, batching",
+                [
+                    sys.executable,
+                    "-m",
+                    "scaleforge.bench.serve_targets",
+                    "litserve",
+                    "{port}",
+                    run_dir,
+                    str(max_batch_size),
+                    str(max_delay_ms),
+                ],
+                "/predict",
+                "/health",
+            )
+        )
+    return found
+
+
+@contextlib.contextmanager
+def started(target: Target, log: Path) -> Iterator[str]:
+    """Start `target` on a free port; yields its base URL once it answers ready, and stops it after."""
+    port = free_port()
+    command = [part.replace("{port}", str(port)) for part in target.command]
+    with log.open("w") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env={**os.environ})
+        try:
+            url = f"http://127.0.0.1:{port}"
+            asyncio.run(_wait_ready(url + target.ready_path, process, log))
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+async def _wait_ready(url: str, process: subprocess.Popen, log: Path) -> None:
+    import aiohttp
+
+    deadline = time.monotonic() + 120
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"the server exited with code {process.returncode}; see {log}")
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                async with session.get(url) as response:
+                    if response.status == 200:
+                        return
+            await asyncio.sleep(0.2)
+    raise RuntimeError(f"the server did not get ready in 120 s; see {log}")
+
+
+async def closed_loop(url: str, body: bytes, concurrency: int, requests: int, seconds: float) -> tuple:
+    """`concurrency` clients, each sending its next request when its last is answered."""
+    import aiohttp
+
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    sent = 0
+    headers = {"content-type": "application/json"}
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        deadline = time.perf_counter() + seconds
+
+        async def client() -> None:
+            nonlocal sent
+            while sent < requests and time.perf_counter() < deadline:
+                sent += 1
+                began = time.perf_counter()
+                async with session.post(url, data=body, headers=headers) as response:
+                    await response.read()
+                    statuses[response.status] = statuses.get(response.status, 0) + 1
+                    if response.status == 200:
+                        latencies.append(time.perf_counter() - began)
+
+        began = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        return latencies, statuses, time.perf_counter() - began
+
+
+async def open_loop(url: str, body: bytes, rate: float, requests: int, seconds: float) -> tuple:
+    """Requests sent at `rate` per second whatever the answers (at most 4096 in flight)."""
+    import aiohttp
+
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    headers = {"content-type": "application/json"}
+    connector = aiohttp.TCPConnector(limit=4096)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one() -> None:
+            began = time.perf_counter()
+            try:
+                async with session.post(url, data=body, headers=headers) as response:
+                    await response.read()
+                    statuses[response.status] = statuses.get(response.status, 0) + 1
+                    if response.status == 200:
+                        latencies.append(time.perf_counter() - began)
+            except aiohttp.ClientError:
+                statuses[0] = statuses.get(0, 0) + 1  # the connection failed
+
+        count = min(requests, int(rate * seconds))
+        began = time.perf_counter()
+        tasks = []
+        for i in range(count):
+            delay = began + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(one()))
+        await asyncio.gather(*tasks)
+        return latencies, statuses, time.perf_counter() - began
+
+
+def run_serve_benchmark(
+    run_dir: str,
+    *,
+    concurrency: Sequence[int],
+    requests: int,
+    seconds: float,
+    max_batch_size: int,
+    max_delay_ms: float,
+    overload: float,
+    litserve: bool,
+    out: Path,
+    as_json: bool,
+) -> dict[str, Any]:
+    """Measure every target at every level; print and return the results (JSON and a PNG plot in `out`)."""
+    from scaleforge.serve.model import ServedModel
+
+    model = ServedModel(run_dir)  # checks the run and gives an instance of the right shape
+    instance = _instance(model.card.input_schema)
+    body = json.dumps({"inputs": [instance]}).encode()
+    if litserve:
+        try:
+            import litserve as _  # noqa: F401
+        except ImportError:
+            litserve = False  # optional: `make setup EXTRAS=dev,bench`
+    out.mkdir(parents=True, exist_ok=True)
+    levels: list[Level] = []
+    capacity: dict[str, float] = {}
+    for target in targets(run_dir, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms, litserve=litserve):
+        with started(target, out / f"{target.name.split(',')[0].replace(' ', '-')}-{len(levels)}.log") as url:
+            endpoint = url + target.predict_path
+            asyncio.run(closed_loop(endpoint, body, 4, 50, 10))  # warm-up
+            for clients in concurrency:
+                latencies, statuses, elapsed = asyncio.run(closed_loop(endpoint, body, clients, requests, seconds))
+                levels.append(Level(target.name, f"{clients} in flight", elapsed, latencies, statuses))
+                capacity[target.name] = max(capacity.get(target.name, 0.0), len(latencies) / elapsed)
+            if overload > 0 and target.name == "scaleforge, batching":
+                rate = overload * capacity[target.name]
+                latencies, statuses, elapsed = asyncio.run(open_loop(endpoint, body, rate, requests, seconds))
+                levels.append(
+                    Level(target.name, f"{overload:g}x capacity ({rate:,.0f}/s)", elapsed, latencies, statuses)
+                )
+    summaries = [level.summary() for level in levels]
+    result = {
+        "benchmark": "serve",
+        "run_dir": run_dir,
+        "model": model.card.name,
+        "max_batch_size": max_batch_size,
+        "max_delay_ms": max_delay_ms,
+        "requests_per_level": requests,
+        "seconds_per_level": seconds,
+        **machine(),
+        "levels": summaries,
+    }
+    _plot(summaries, concurrency, out / "serve.png")
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    rows = [
+        [
+            s["target"],
+            s["load"],
+            str(s["requests"]),
+            ", ".join(f"{k}: {v}" for k, v in s["statuses"].items()),
+            f"{s['throughput']:,.0f}",
+            ms(s["p50_ms"]),
+            ms(s["p95_ms"]),
+            ms(s["p99_ms"]),
+        ]
+        for s in summaries
+    ]
+    report(
+        result,
+        out / "serve.json",
+        as_json=as_json,
+        title=f"Serving {model.card.name}: one instance per request, batches of <= {max_batch_size}, "
+        f"delay <= {max_delay_ms:g} ms",
+        columns=["server", "load", "requests", "statuses", "answered/s", "p50 ms", "p95 ms", "p99 ms"],
+        rows=rows,
+        notes=[f"plot: {out / 'serve.png'}; results: {out / 'serve.json'}"],
+    )
+    return result
+
+
+def _instance(schema: dict[str, Any]) -> Any:
+    """A valid instance for the model: mid-grey numbers of its shape, or a few token ids."""
+    if "shape" not in schema:
+        return [1] * min(8, schema["max_length"])
+    value: Any = 0.5
+    for size in reversed(schema["shape"]):
+        value = [value] * size
+    return value
+
+
+def _plot(summaries: list[dict[str, Any]], concurrency: Sequence[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for target in dict.fromkeys(s["target"] for s in summaries):
+        closed = [s for s in summaries if s["target"] == target and s["load"].endswith("in flight")]
+        left.plot(concurrency, [s["throughput"] for s in closed], marker="o", label=target)
+        right.plot(concurrency, [s["p99_ms"] or float("nan") for s in closed], marker="o", label=target)
+    left.set(xlabel="requests in flight", ylabel="answered requests/s", xscale="log", title="throughput")
+    right.set(xlabel="requests in flight", ylabel="p99 latency (ms)", xscale="log", yscale="log", title="p99")
+    left.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
