@@ -91,6 +91,13 @@ def server(run_dir: Path, *flags: str, env: dict[str, str] | None = None) -> Ite
             process.wait(timeout=60)
 
 
+@pytest.fixture(scope="module")
+def digits_url(digits_run: Path) -> Iterator[str]:
+    """One server of the digits run with the default options, for the tests that only send requests."""
+    with server(digits_run) as (url, _):
+        yield url
+
+
 def metric(text: str, name: str, **labels: str) -> float:
     """One sample's value from Prometheus text."""
     wanted = ",".join(f'{key}="{value}"' for key, value in labels.items())
@@ -157,9 +164,8 @@ def test_a_full_queue_is_refused_at_once_and_a_late_request_is_never_run(slow_ru
     ],
     ids=["shape", "empty", "no-inputs", "nan", "bool", "string", "not-json", "too-deep", "not-an-object"],
 )
-def test_malformed_bodies_get_422_saying_what_is_wrong(digits_run: Path, body: str, message: str) -> None:
-    with server(digits_run) as (url, _):
-        response = httpx.post(f"{url}/v1/predict", content=body, headers={"content-type": "application/json"})
+def test_malformed_bodies_get_422_saying_what_is_wrong(digits_url: str, body: str, message: str) -> None:
+    response = httpx.post(f"{digits_url}/v1/predict", content=body, headers={"content-type": "application/json"})
     assert response.status_code == 422, response.text
     assert message in response.json()["detail"]
 
@@ -230,12 +236,11 @@ def test_metrics_count_what_the_client_saw(digits_run: Path) -> None:
     assert card["task"] == "classification" and card["input_schema"]["shape"] == [1, 8, 8]
 
 
-def test_schemathesis_finds_no_server_error(digits_run: Path) -> None:
+def test_schemathesis_finds_no_server_error(digits_url: str) -> None:
     schemathesis = Path(sys.executable).parent / "schemathesis"
-    with server(digits_run) as (url, _):
-        command = [str(schemathesis), "run", f"{url}/openapi.json", "--checks", "not_a_server_error"]
-        command += ["--max-examples", "50", "--seed", "1", "--no-color"]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=240, check=False)
+    command = [str(schemathesis), "run", f"{digits_url}/openapi.json", "--checks", "not_a_server_error"]
+    command += ["--max-examples", "50", "--seed", "1", "--no-color"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "passed" in result.stdout and "failed" not in result.stdout.split("SUMMARY")[-1]
 
