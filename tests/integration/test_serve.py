@@ -35,7 +35,7 @@ from scaleforge import register_model
 
 @register_model("slow_net")
 class SlowNet(nn.Module):
-    def __init__(self, input_shape, num_classes: int, delay_s: float = 0.3):
+    def __init__(self, input_shape, num_classes: int, delay_s: float = 0.5):
         super().__init__()
         self.delay_s = delay_s
         self.blocks = nn.ModuleList([nn.Flatten()])
@@ -66,7 +66,7 @@ def slow_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         overrides += ["training.max_steps=2", "checkpoint.every_steps=0"]
         train(load_config(None, overrides), folder / "run")
     config = folder / "run" / "final" / "config.yaml"
-    config.write_text(config.read_text().replace("delay_s: 0.0", "delay_s: 0.3"))  # slow when served
+    config.write_text(config.read_text().replace("delay_s: 0.0", "delay_s: 0.5"))  # slow when served
     return folder / "run"
 
 
@@ -133,19 +133,55 @@ def test_batched_answers_equal_single_ones_and_batches_keep_their_bound(digits_r
     assert batches - len(bodies) <= len(bodies) / 2  # sent alone: a batch each; sent together: merged
 
 
-def test_a_full_queue_is_refused_at_once_and_a_late_request_is_never_run(slow_run: Path) -> None:
-    flags = ["--max-batch-size", "1", "--max-queue", "2", "--timeout-ms", "450"]
-    with server(slow_run, *flags) as (url, _):
-        responses = asyncio.run(post_all(url, [{"inputs": [IMAGE]}] * 6))
+def test_a_language_model_answers_sequences_of_any_length_batched_as_alone(tmp_path: Path) -> None:
+    overrides = ["model.architecture=gpt", "model.n_layers=1", "model.d_model=32", "model.n_heads=2"]
+    overrides += ["data.dataset=synthetic", "data.kind=tokens", "data.seq_len=16", "data.vocab_size=50"]
+    overrides += [*DIGITS_RUN, "training.max_steps=3", "checkpoint.every_steps=0"]
+    train(load_config(None, overrides), tmp_path / "gpt")
+    generator = torch.Generator().manual_seed(1)
+    bodies = [{"inputs": [torch.randint(0, 50, (1 + (5 * i) % 16,), generator=generator).tolist()]} for i in range(24)]
+    with server(tmp_path / "gpt", "--max-delay-ms", "50") as (url, _):
+        together = asyncio.run(post_all(url, bodies))
+        alone = [httpx.post(f"{url}/v1/predict", json=body) for body in bodies]
+        too_long = httpx.post(f"{url}/v1/predict", json={"inputs": [[1] * 17]})
+        not_a_token = httpx.post(f"{url}/v1/predict", json={"inputs": [[1, 50]]})
+    for batched, single in zip(together, alone, strict=True):
+        a, b = batched.json()["outputs"][0], single.json()["outputs"][0]
+        assert a["next_token"] == b["next_token"]  # padded beside longer sequences, answered as alone
+        assert torch.allclose(torch.tensor(a["probabilities"]), torch.tensor(b["probabilities"]), atol=1e-5)
+    assert too_long.status_code == 422 and "1 to 16 token ids" in too_long.json()["detail"]
+    assert not_a_token.status_code == 422 and "inputs[0][1]: 50 is not a token id in [0, 50)" in not_a_token.text
+
+
+async def post_in_turn(url: str, pause_s: float, count: int) -> list[httpx.Response]:
+    """`count` requests, the first alone, the others `pause_s` later (while the first runs), in that order."""
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=count)) as client:
+        first = asyncio.ensure_future(client.post("/v1/predict", json={"inputs": [IMAGE]}))
+        await asyncio.sleep(pause_s)
+        rest = []
+        for _ in range(count - 1):
+            rest.append(asyncio.ensure_future(client.post("/v1/predict", json={"inputs": [IMAGE]})))
+            await asyncio.sleep(0.01)
+        return await asyncio.gather(first, *rest)
+
+
+def test_a_full_queue_is_refused_at_once(slow_run: Path) -> None:
+    with server(slow_run, "--max-batch-size", "1", "--max-queue", "2", "--timeout-ms", "20000") as (url, _):
+        responses = asyncio.run(post_in_turn(url, 0.15, 6))  # one runs (0.5 s), two queue, three find it full
         text = httpx.get(f"{url}/metrics").text
-    codes = sorted(r.status_code for r in responses)
-    # one runs (0.3 s), two queue: the first of them runs next (starts at 0.3 s), the second is still
-    # queued at 0.45 s and gets 504; the other three find the queue full
-    assert codes == [200, 200, 503, 503, 503, 504], codes
-    full = [r for r in responses if r.status_code == 503]
+    assert [r.status_code for r in responses] == [200, 200, 200, 503, 503, 503]
+    full = responses[3:]
     assert all(r.headers["retry-after"] == "1" and "queued already" in r.json()["detail"] for r in full)
-    assert metric(text, "scaleforge_batch_size_count") == 2  # the late one never ran
     assert metric(text, "scaleforge_rejections_total", reason="queue_full") == 3
+
+
+def test_a_request_queued_past_its_deadline_gets_504_and_is_never_run(slow_run: Path) -> None:
+    with server(slow_run, "--max-batch-size", "1", "--timeout-ms", "150") as (url, _):
+        responses = asyncio.run(post_in_turn(url, 0.15, 2))  # the second waits behind the first's 0.5 s
+        text = httpx.get(f"{url}/metrics").text
+    assert [r.status_code for r in responses] == [200, 504]
+    assert "queued for more than 150 ms" in responses[1].json()["detail"]
+    assert metric(text, "scaleforge_batch_size_count") == 1  # the late one never ran
     assert metric(text, "scaleforge_rejections_total", reason="deadline") == 1
 
 
@@ -205,7 +241,7 @@ def test_sigterm_answers_every_admitted_request_before_exiting(slow_run: Path) -
     async def scenario(url: str, process: subprocess.Popen) -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=10)) as client:
             sent = [asyncio.create_task(client.post("/v1/predict", json={"inputs": [IMAGE]})) for _ in range(8)]
-            await asyncio.sleep(0.5)  # admitted: one batch of 4 runs, 4 wait
+            await asyncio.sleep(0.3)  # admitted: one batch of 4 runs (0.5 s), 4 wait
             process.send_signal(signal.SIGTERM)
             return await asyncio.gather(*sent)
 

@@ -169,3 +169,32 @@ def test_a_model_error_fails_its_batch_only() -> None:
         await b.close()
 
     run(scenario())
+
+
+def test_a_request_that_would_only_wait_to_be_refused_is_refused_at_once() -> None:
+    model = RecordingModel(seconds=0.1)
+
+    async def scenario() -> list:
+        b = batcher(model, max_batch_size=1, max_delay_s=0.0, timeout_s=0.25)
+        b.start()
+        await b.submit([0])  # the pace: 0.1 s a batch
+        outcomes = []
+
+        async def one(value: int) -> None:
+            try:
+                outcomes.append((await b.submit([value])).outputs)
+            except (QueueFull, DeadlineExceeded) as error:
+                outcomes.append(type(error).__name__)
+
+        tasks = []
+        for value in range(1, 6):
+            tasks.append(asyncio.ensure_future(one(value)))
+            await asyncio.sleep(0.005)  # in this order
+        await asyncio.gather(*tasks)
+        await b.close()
+        return outcomes
+
+    outcomes = run(scenario())
+    # 1 runs at once; 2 waits one batch; 3 would wait two batches (0.2 s) plus the running one: refused
+    assert outcomes.count("QueueFull") == 3 and "DeadlineExceeded" not in outcomes, outcomes
+    assert [2] in outcomes and [4] in outcomes

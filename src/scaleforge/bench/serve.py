@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -121,17 +122,21 @@ def started(target: Target, log: Path) -> Iterator[str]:
     port = free_port()
     command = [part.replace("{port}", str(port)) for part in target.command]
     with log.open("w") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env={**os.environ})
+        # a session of its own: the server and every process it starts (LitServe's workers outlive a SIGTERM to
+        # its main process) are stopped together
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             url = f"http://127.0.0.1:{port}"
             asyncio.run(_wait_ready(url + target.ready_path, process, log))
             yield url
         finally:
-            process.terminate()
-            try:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)  # whatever is left of the group
+            process.wait()
 
 
 async def _wait_ready(url: str, process: subprocess.Popen, log: Path) -> None:

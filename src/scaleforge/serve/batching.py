@@ -5,7 +5,9 @@ order into a batch until the batch is full or the oldest has waited `max_delay_s
 own thread, off the event loop. While a batch runs the next one gathers, so under load batches fill at once,
 and when idle a lone request waits `max_delay_s` at most. A request is refused at once when the queue is full
 (`QueueFull`), answered `DeadlineExceeded` when it is still queued `timeout_s` after it arrived (it is then
-never run), and dropped from the queue when its caller goes away (cancellation).
+never run), and dropped from the queue when its caller goes away (cancellation). A request is also refused at
+once when the work queued before it would take longer than `timeout_s` (estimated from recent batches): it
+would only wait to be refused, and the requests that are admitted keep their latency under overload.
 """
 
 from __future__ import annotations
@@ -82,6 +84,9 @@ class Batcher:
         self._loop_task: asyncio.Task[None] | None = None
         self._closing = False
         self.running = 0  # instances in the batch being run
+        # moving averages over recent batches, for the wait a new request would face (None: none has run yet)
+        self._batch_seconds: float | None = None
+        self._batch_size = 1.0
 
     @property
     def queued(self) -> int:
@@ -108,6 +113,12 @@ class Batcher:
             raise ValueError(f"a request holds 1 to {self.max_batch_size} instances, not {len(instances)}")
         if self.queued >= self.max_queue:
             raise QueueFull(f"{self.max_queue} requests are queued already")
+        wait = self.expected_wait_s(len(instances))
+        if wait > self.timeout_s:
+            raise QueueFull(
+                f"the queued work would take about {wait * 1000:.0f} ms, more than the {self.timeout_s * 1000:g} ms "
+                "a request may wait"
+            )
         loop = asyncio.get_running_loop()
         request = _Request(instances, loop.create_future(), time.perf_counter())
         self._queue.append(request)
@@ -124,6 +135,14 @@ class Batcher:
             if request.state == "queued":
                 request.state = "cancelled"  # the caller went away: never run
             raise
+
+    def expected_wait_s(self, instances: int) -> float:
+        """How long `instances` more would take to be answered, at the pace of recent batches (0 before any)."""
+        if self._batch_seconds is None:
+            return 0.0
+        queued = self._rows_ready() + instances
+        batches = queued / max(1.0, self._batch_size) + (1 if self.running else 0)
+        return batches * self._batch_seconds
 
     async def _batch_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -147,6 +166,11 @@ class Batcher:
             finally:
                 self.running = 0
             seconds = time.perf_counter() - started
+            if self._batch_seconds is None:
+                self._batch_seconds, self._batch_size = seconds, float(len(instances))
+            else:  # the last 10 batches or so
+                self._batch_seconds += 0.1 * (seconds - self._batch_seconds)
+                self._batch_size += 0.1 * (len(instances) - self._batch_size)
             if self.on_batch is not None:
                 self.on_batch(len(instances), seconds)
             offset = 0
