@@ -167,7 +167,7 @@ async def post_in_turn(url: str, pause_s: float, count: int) -> list[httpx.Respo
 
 def test_a_full_queue_is_refused_at_once(slow_run: Path) -> None:
     with server(slow_run, "--max-batch-size", "1", "--max-queue", "2", "--timeout-ms", "20000") as (url, _):
-        responses = asyncio.run(post_in_turn(url, 0.15, 6))  # one runs (0.5 s), two queue, three find it full
+        responses = asyncio.run(post_in_turn(url, 0.25, 6))  # one runs (0.5 s), two queue, three find it full
         text = httpx.get(f"{url}/metrics").text
     assert [r.status_code for r in responses] == [200, 200, 200, 503, 503, 503]
     full = responses[3:]
@@ -241,11 +241,15 @@ def test_sigterm_answers_every_admitted_request_before_exiting(slow_run: Path) -
     async def scenario(url: str, process: subprocess.Popen) -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=url, timeout=30, limits=httpx.Limits(max_connections=10)) as client:
             sent = [asyncio.create_task(client.post("/v1/predict", json={"inputs": [IMAGE]})) for _ in range(8)]
-            await asyncio.sleep(0.3)  # admitted: one batch of 4 runs (0.5 s), 4 wait
+            for _ in range(100):  # until all 8 are admitted: one batch of 2 runs (0.5 s), 6 wait
+                text = (await client.get("/metrics")).text
+                if metric(text, "scaleforge_in_flight") == 9:  # the 8, and this request
+                    break
+                await asyncio.sleep(0.02)
             process.send_signal(signal.SIGTERM)
             return await asyncio.gather(*sent)
 
-    with server(slow_run, "--max-batch-size", "4", "--max-delay-ms", "100") as (url, process):
+    with server(slow_run, "--max-batch-size", "2") as (url, process):
         responses = asyncio.run(scenario(url, process))
         assert process.wait(timeout=30) == 0
     assert [r.status_code for r in responses] == [200] * 8

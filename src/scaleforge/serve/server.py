@@ -48,6 +48,9 @@ def serve(path: str | Path, settings: ServeSettings) -> None:
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=max(30.0, 2 * settings.timeout_ms / 1000),
+        # requests being read or answered, beyond the queue and a batch: more get 503 from uvicorn, so memory
+        # stays bounded (each holds at most --max-body-mb) whatever the load
+        limit_concurrency=settings.max_queue + 2 * settings.max_batch_size + 64,
     )
     card = model.card
     banner = (
