@@ -193,14 +193,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got '{text}'") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
+def _float_above(minimum: float, inclusive: bool, kind: str) -> Callable[[str], float]:
+    """An argparse type: a finite number above `minimum` (or equal to it when `inclusive`)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind} number, got '{text}'") from None
+        if not (value >= minimum if inclusive else value > minimum) or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"expected a {kind} number, got {text}")
+        return value
+
+    return parse
+
+
+_positive_float = _float_above(0.0, False, "positive")
+_non_negative_float = _float_above(0.0, True, "non-negative")
 
 
 def cmd_bench_serve(args: argparse.Namespace) -> int:
@@ -313,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
     serve.add_argument("--port", type=_non_negative_int, default=8000, help="port (0: any free one, printed)")
     serve.add_argument("--max-batch-size", type=_positive_int, default=32, help="instances per batch, at most")
-    serve.add_argument("--max-delay-ms", type=float, default=5.0, help="longest wait for a batch to fill")
+    serve.add_argument("--max-delay-ms", type=_non_negative_float, default=5.0, help="longest wait for a batch to fill")
     serve.add_argument("--max-queue", type=_positive_int, default=256, help="queued requests before 503")
     serve.add_argument("--timeout-ms", type=_positive_float, default=2000.0, help="queued longer: 504, never run")
     serve.add_argument("--cache-size", type=_non_negative_int, default=0, help="LRU of results (0: none)")
@@ -413,9 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench_serve.add_argument("--requests", type=_positive_int, default=2000, help="requests per level, at most")
     bench_serve.add_argument("--seconds", type=_positive_float, default=10.0, help="seconds per level, at most")
     bench_serve.add_argument("--max-batch-size", type=_positive_int, default=32, help="for the batching servers")
-    bench_serve.add_argument("--max-delay-ms", type=float, default=5.0, help="for the batching servers")
+    bench_serve.add_argument("--max-delay-ms", type=_non_negative_float, default=5.0, help="for the batching servers")
     bench_serve.add_argument(
-        "--overload", type=float, default=3.0, help="open-loop rate as a multiple of the measured capacity (0: none)"
+        "--overload",
+        type=_non_negative_float,
+        default=3.0,
+        help="open-loop rate as a multiple of the measured capacity (0: none)",
     )
     bench_serve.add_argument("--no-litserve", action="store_true", help="skip LitServe even if installed")
     bench_serve.add_argument("--out", default="runs/bench-serve", help="where logs, JSON and the plot go")

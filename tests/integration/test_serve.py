@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -303,3 +304,19 @@ def test_bench_serve_prints_its_table_and_plot(digits_run: Path, tmp_path: Path)
     assert all(level["statuses"] == {"200": 40} and level["p99_ms"] > 0 for level in closed)
     assert (out / "serve.png").stat().st_size > 10_000
     assert "answered/s" in result.stdout and "bare FastAPI, constant" in result.stdout
+
+
+def test_bad_serve_arguments_are_one_line_and_exit_2(digits_run: Path, tmp_path: Path, cli) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = str(taken.getsockname()[1])
+        cases = [
+            ((str(tmp_path),), "is not a finished run"),
+            ((str(digits_run), "--port", port), f"--port {port}: cannot listen there (Address already in use"),
+            ((str(digits_run), "--max-delay-ms", "-1"), "--max-delay-ms: expected a non-negative number, got -1"),
+            ((str(digits_run), "--timeout-ms", "0"), "--timeout-ms: expected a positive number, got 0"),
+            ((str(digits_run), "--api-key-env", "SCALEFORGE_NO_SUCH_KEY"), "that environment variable is unset"),
+        ]
+        for args, message in cases:
+            result = cli("serve", *args)
+            assert result.code == 2 and message in result.err, (args, result.err)
+            assert result.err.count("\n") == 1 and result.err.startswith("usage error: ")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
 from types import FrameType
 
 import uvicorn
 
+from scaleforge.errors import UsageError
 from scaleforge.serve.app import Gate, ServeSettings, create_app
 from scaleforge.serve.model import ServedModel
 
@@ -38,6 +40,7 @@ class DrainingServer(uvicorn.Server):
 
 def serve(path: str | Path, settings: ServeSettings) -> None:
     """Load the run at `path` and serve it with `settings` until stopped."""
+    check_address(settings.host, settings.port)  # before the model loads: a taken port fails at once
     model = ServedModel(path)  # loaded before the server listens, never per request
     gate = create_app(model, settings)
     config = uvicorn.Config(
@@ -60,5 +63,14 @@ def serve(path: str | Path, settings: ServeSettings) -> None:
     )
     server = DrainingServer(config, gate, banner)
     server.run()
-    if not server.started:  # uvicorn said why (the port is taken, say)
+    if not server.started:  # uvicorn said why
         sys.exit(1)
+
+
+def check_address(host: str, port: int) -> None:
+    """A usage error unless this process may listen on `host:port`."""
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as error:
+        raise UsageError(f"--host {host} --port {port}: cannot listen there ({error.strerror or error})") from None
