@@ -277,11 +277,12 @@ def test_metrics_count_what_the_client_saw(digits_run: Path) -> None:
     assert card["task"] == "classification" and card["input_schema"]["shape"] == [1, 8, 8]
 
 
-def test_schemathesis_finds_no_server_error(digits_url: str) -> None:
+def test_schemathesis_finds_no_server_error(digits_url: str, tmp_path: Path) -> None:
     schemathesis = Path(sys.executable).parent / "schemathesis"
     command = [str(schemathesis), "run", f"{digits_url}/openapi.json", "--checks", "not_a_server_error"]
     command += ["--max-examples", "50", "--seed", "1", "--no-color"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=240, check=False)
+    # run where its cache folder (.schemathesis/) does no harm
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=240, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "passed" in result.stdout and "failed" not in result.stdout.split("SUMMARY")[-1]
 
