@@ -155,55 +155,57 @@ async def _wait_ready(url: str, process: subprocess.Popen, log: Path) -> None:
     raise RuntimeError(f"the server did not get ready in 120 s; see {log}")
 
 
+class _Tally:
+    """What a load level's requests got: latencies of the answered (200) ones, and a count per status (0: the
+    connection failed)."""
+
+    headers = {"content-type": "application/json"}
+
+    def __init__(self) -> None:
+        self.latencies: list[float] = []
+        self.statuses: dict[int, int] = {}
+
+    async def post(self, session: Any, url: str, body: bytes) -> None:
+        import aiohttp
+
+        began = time.perf_counter()
+        try:
+            async with session.post(url, data=body, headers=self.headers) as response:
+                await response.read()
+                status = response.status
+        except aiohttp.ClientError:
+            status = 0
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+        if status == 200:
+            self.latencies.append(time.perf_counter() - began)
+
+
 async def closed_loop(url: str, body: bytes, concurrency: int, requests: int, seconds: float) -> tuple:
     """`concurrency` clients, each sending its next request when its last is answered."""
     import aiohttp
 
-    latencies: list[float] = []
-    statuses: dict[int, int] = {}
+    tally = _Tally()
     sent = 0
-    headers = {"content-type": "application/json"}
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
         deadline = time.perf_counter() + seconds
 
         async def client() -> None:
             nonlocal sent
             while sent < requests and time.perf_counter() < deadline:
                 sent += 1
-                began = time.perf_counter()
-                async with session.post(url, data=body, headers=headers) as response:
-                    await response.read()
-                    statuses[response.status] = statuses.get(response.status, 0) + 1
-                    if response.status == 200:
-                        latencies.append(time.perf_counter() - began)
+                await tally.post(session, url, body)
 
         began = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))
-        return latencies, statuses, time.perf_counter() - began
+        return tally.latencies, tally.statuses, time.perf_counter() - began
 
 
 async def open_loop(url: str, body: bytes, rate: float, requests: int, seconds: float) -> tuple:
     """Requests sent at `rate` per second whatever the answers (at most 4096 in flight)."""
     import aiohttp
 
-    latencies: list[float] = []
-    statuses: dict[int, int] = {}
-    headers = {"content-type": "application/json"}
-    connector = aiohttp.TCPConnector(limit=4096)
-    async with aiohttp.ClientSession(connector=connector) as session:
-
-        async def one() -> None:
-            began = time.perf_counter()
-            try:
-                async with session.post(url, data=body, headers=headers) as response:
-                    await response.read()
-                    statuses[response.status] = statuses.get(response.status, 0) + 1
-                    if response.status == 200:
-                        latencies.append(time.perf_counter() - began)
-            except aiohttp.ClientError:
-                statuses[0] = statuses.get(0, 0) + 1  # the connection failed
-
+    tally = _Tally()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=4096)) as session:
         count = min(requests, int(rate * seconds))
         began = time.perf_counter()
         tasks = []
@@ -211,9 +213,9 @@ async def open_loop(url: str, body: bytes, rate: float, requests: int, seconds: 
             delay = began + i / rate - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.ensure_future(one()))
+            tasks.append(asyncio.ensure_future(tally.post(session, url, body)))
         await asyncio.gather(*tasks)
-        return latencies, statuses, time.perf_counter() - began
+        return tally.latencies, tally.statuses, time.perf_counter() - began
 
 
 def run_serve_benchmark(

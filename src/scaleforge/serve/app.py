@@ -97,6 +97,11 @@ class ServerMetrics:
         for reason in ("queue_full", "deadline", "too_large", "invalid", "unauthorized", "shutting_down"):
             self.rejections.labels(reason)  # present from the start, at 0
 
+    def refuse(self, reason: str, status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+        """The answer to a request refused for `reason`, counted."""
+        self.rejections.labels(reason).inc()
+        return _error(status, detail, headers)
+
 
 class _ResultCache:
     """An LRU of outputs keyed by model version and an instance's bytes."""
@@ -159,21 +164,17 @@ def create_app(model: ServedModel, settings: ServeSettings) -> Gate:
     )
     app.state.ready = False
     app.state.draining = False
-    app.state.batcher = batcher
-    app.state.metrics = metrics
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         if error.status_code == 400:  # a body FastAPI could not parse (JSON nested too deep, say): malformed
-            metrics.rejections.labels("invalid").inc()
-            return _error(422, f"the body cannot be read as JSON: {error.detail}")
+            return metrics.refuse("invalid", 422, f"the body cannot be read as JSON: {error.detail}")
         return _error(error.status_code, str(error.detail), getattr(error, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
-        metrics.rejections.labels("invalid").inc()
         problems = [f"{'.'.join(str(part) for part in e['loc'])}: {e['msg']}" for e in error.errors()]
-        return _error(422, "; ".join(problems))
+        return metrics.refuse("invalid", 422, "; ".join(problems))
 
     @app.post(
         "/v1/predict",
@@ -189,13 +190,10 @@ def create_app(model: ServedModel, settings: ServeSettings) -> Gate:
         try:
             instances = model.decode(body.inputs)
         except InvalidInput as error:
-            metrics.rejections.labels("invalid").inc()
-            return _error(422, str(error))
+            return metrics.refuse("invalid", 422, str(error))
         if len(instances) > settings.max_batch_size:
-            metrics.rejections.labels("invalid").inc()
-            return _error(
-                422, f"inputs: {len(instances)} instances, more than --max-batch-size {settings.max_batch_size}"
-            )
+            too_many = f"inputs: {len(instances)} instances, more than --max-batch-size {settings.max_batch_size}"
+            return metrics.refuse("invalid", 422, too_many)
         outputs: list[Any] = [None] * len(instances)
         missing = list(range(len(instances)))
         keys: list[bytes] = []
@@ -210,14 +208,11 @@ def create_app(model: ServedModel, settings: ServeSettings) -> Gate:
             try:
                 result = await _unless_disconnected(request, batcher.submit([instances[i] for i in missing]))
             except QueueFull as error:
-                metrics.rejections.labels("queue_full").inc()
-                return _error(503, str(error), {"Retry-After": "1"})
+                return metrics.refuse("queue_full", 503, str(error), {"Retry-After": "1"})
             except Closed as error:
-                metrics.rejections.labels("shutting_down").inc()
-                return _error(503, str(error), {"Retry-After": "1"})
+                return metrics.refuse("shutting_down", 503, str(error), {"Retry-After": "1"})
             except DeadlineExceeded as error:
-                metrics.rejections.labels("deadline").inc()
-                return _error(504, str(error))
+                return metrics.refuse("deadline", 504, str(error))
             metrics.queue_wait.observe(result.queue_wait_s)
             for i, output in zip(missing, result.outputs, strict=True):
                 outputs[i] = model.encode(output)
@@ -306,8 +301,10 @@ class Gate:
     async def _admit(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
         headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
         if self.api_key is not None and not path.startswith("/health/") and not self._authorized(headers):
-            self.metrics.rejections.labels("unauthorized").inc()
-            await _error(401, "a valid API key is required", {"WWW-Authenticate": "Bearer"})(scope, receive, send)
+            challenge = {"WWW-Authenticate": "Bearer"}
+            await self.metrics.refuse("unauthorized", 401, "a valid API key is required", challenge)(
+                scope, receive, send
+            )
             return
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body_bytes:
@@ -340,8 +337,6 @@ class Gate:
         return hmac.compare_digest(given.encode(), self.api_key.encode())  # type: ignore[union-attr]
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self.metrics.rejections.labels("too_large").inc()
         limit = f"{self.max_body_bytes / 2**20:g} MiB"
-        await _error(413, f"the body is larger than --max-body-mb ({limit})", {"Connection": "close"})(
-            scope, receive, send
-        )
+        detail = f"the body is larger than --max-body-mb ({limit})"
+        await self.metrics.refuse("too_large", 413, detail, {"Connection": "close"})(scope, receive, send)

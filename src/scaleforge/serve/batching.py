@@ -18,7 +18,7 @@ import contextlib
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -50,7 +50,6 @@ class _Request:
     future: asyncio.Future[Result]
     arrived: float
     state: str = "queued"  # queued -> running -> done, or queued -> expired | cancelled
-    started: float = field(default=0.0)
 
 
 class Batcher:
@@ -153,7 +152,7 @@ class Batcher:
             instances = [instance for request in batch for instance in request.instances]
             started = time.perf_counter()
             for request in batch:
-                request.state, request.started = "running", started
+                request.state = "running"
             self.running = len(instances)
             try:
                 outputs = await loop.run_in_executor(self._executor, self.run_batch, instances)

@@ -94,7 +94,6 @@ class Checkpointer:
     def __init__(self, checkpoint_dir: Path, *, keep: int, use_async: bool = False, timeout_s: float = 600.0) -> None:
         self.checkpoint_dir = checkpoint_dir
         self.keep = keep
-        self.use_async = use_async
         self.distributed = dist.is_initialized() and dist.get_world_size() > 1
         self.rank = dist.get_rank() if self.distributed else 0
         # async saves need a CPU group of their own (also on one process in a group, which DCP checks), waiting
@@ -180,11 +179,11 @@ class Checkpointer:
         if written is not None:
             written.result()
         files.update(digests.files)
-        every: list[Any] = [files]
+        every: list[Any] | None = [files]
         if self.distributed:
-            every = [None] * dist.get_world_size() if self.rank == 0 else []
-            dist.gather_object(files, every if self.rank == 0 else None, dst=0, group=self._group)
-        if self.rank == 0:
+            every = [None] * dist.get_world_size() if self.rank == 0 else None
+            dist.gather_object(files, every, dst=0, group=self._group)
+        if every is not None:  # rank 0
             self._commit(staging, final, {name: d for process in every for name, d in process.items()})
 
     def _commit(self, staging: Path, final: Path, files: dict[str, Any]) -> None:
