@@ -44,8 +44,7 @@ def load_run(path: str | Path) -> LoadedRun:
     final = find_final(path)
     config = load_config(final / "config.yaml")
     try:
-        info_data = json.loads((final / "data_info.json").read_text())
-        info = DataInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in info_data.items()})
+        info = DataInfo.from_json(json.loads((final / "data_info.json").read_text()))
     except (ValueError, TypeError) as error:
         raise UsageError(f"{final / 'data_info.json'} is damaged: {error}") from error
     model = build_model(config.model, info)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import re
@@ -146,12 +147,14 @@ def test_a_language_model_answers_sequences_of_any_length_batched_as_alone(tmp_p
         alone = [httpx.post(f"{url}/v1/predict", json=body) for body in bodies]
         too_long = httpx.post(f"{url}/v1/predict", json={"inputs": [[1] * 17]})
         not_a_token = httpx.post(f"{url}/v1/predict", json={"inputs": [[1, 50]]})
+        image = httpx.post(f"{url}/v1/predict/image", files={"file": ("x.png", b"", "image/png")})
     for batched, single in zip(together, alone, strict=True):
         a, b = batched.json()["outputs"][0], single.json()["outputs"][0]
         assert a["next_token"] == b["next_token"]  # padded beside longer sequences, answered as alone
         assert torch.allclose(torch.tensor(a["probabilities"]), torch.tensor(b["probabilities"]), atol=1e-5)
     assert too_long.status_code == 422 and "1 to 16 token ids" in too_long.json()["detail"]
     assert not_a_token.status_code == 422 and "inputs[0][1]: 50 is not a token id in [0, 50)" in not_a_token.text
+    assert image.status_code == 404  # served for image models only
 
 
 async def post_in_turn(url: str, pause_s: float, count: int) -> list[httpx.Response]:
@@ -203,6 +206,62 @@ def test_a_request_queued_past_its_deadline_gets_504_and_is_never_run(slow_run: 
 )
 def test_malformed_bodies_get_422_saying_what_is_wrong(digits_url: str, body: str, message: str) -> None:
     response = httpx.post(f"{digits_url}/v1/predict", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert message in response.json()["detail"]
+
+
+def png(pixels: list[list[int]] | list[list[list[int]]], mode: str) -> bytes:
+    """An image file of `pixels` (rows of grey values, or of RGB triples)."""
+    from PIL import Image
+
+    flat = bytes(value for row in pixels for pixel in row for value in ([pixel] if mode == "L" else pixel))
+    buffer = io.BytesIO()
+    Image.frombytes(mode, (len(pixels[0]), len(pixels)), flat).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_an_uploaded_image_is_answered_as_its_pixels_sent_as_numbers(digits_url: str) -> None:
+    from sklearn.datasets import load_digits
+
+    ink = load_digits().images[:3]  # 0..16, white on black
+    grey = [[[round(v * 255 / 16) for v in row] for row in image] for image in ink]
+    numbers = {"inputs": [[[[v / 255 for v in row] for row in image]] for image in grey]}
+    by_numbers = httpx.post(f"{digits_url}/v1/predict", json=numbers).json()["outputs"]
+    for image, expected in zip(grey, by_numbers, strict=True):
+        # the same digit as an 8x8 grey PNG, and 4x larger in RGB (resized and converted by the server)
+        large = [[(v, v, v) for v in row for _ in range(4)] for row in image for _ in range(4)]
+        for file in (png(image, "L"), png(large, "RGB")):
+            response = httpx.post(f"{digits_url}/v1/predict/image", files={"file": ("digit.png", file, "image/png")})
+            assert response.status_code == 200, response.text
+            output = response.json()["outputs"][0]
+            assert output["label"] == str(output["top_class"])
+            if len(file) == len(png(image, "L")):  # exactly the same pixels
+                assert output["top_class"] == expected["top_class"]
+                assert torch.allclose(torch.tensor(output["probabilities"]), torch.tensor(expected["probabilities"]))
+    card = httpx.get(f"{digits_url}/v1/models").json()["input_schema"]
+    assert card["image"] == {"endpoint": "/v1/predict/image", "mode": "grey", "size": 8}
+    assert card["classes"] == [str(digit) for digit in range(10)]
+
+
+NOISE = png([[(i * 7919 + j * 104729) % 251 for j in range(64)] for i in range(64)], "L")
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"file": ("x.png", b"not an image", "image/png")}, "file: not a readable image (UnidentifiedImageError"),
+        ({"file": ("x.png", b"", "image/png")}, "file: the upload is empty"),
+        ({"file": ("x.png", NOISE[: len(NOISE) // 2], "image/png")}, "file: not a readable image"),
+        ({"image": ("x.png", png([[0] * 8] * 8, "L"), "image/png")}, "body.file: Field required"),
+        (None, "body.file: Field required"),
+    ],
+    ids=["not-an-image", "empty", "truncated", "wrong-field", "no-file"],
+)
+def test_an_unreadable_upload_gets_422_saying_what_is_wrong(digits_url: str, files: dict | None, message: str) -> None:
+    if files is None:
+        response = httpx.post(f"{digits_url}/v1/predict/image", json={"inputs": [IMAGE]})
+    else:
+        response = httpx.post(f"{digits_url}/v1/predict/image", files=files)
     assert response.status_code == 422, response.text
     assert message in response.json()["detail"]
 
@@ -316,6 +375,7 @@ def test_bad_serve_arguments_are_one_line_and_exit_2(digits_run: Path, tmp_path:
             ((str(digits_run), "--max-delay-ms", "-1"), "--max-delay-ms: expected a non-negative number, got -1"),
             ((str(digits_run), "--timeout-ms", "0"), "--timeout-ms: expected a positive number, got 0"),
             ((str(digits_run), "--api-key-env", "SCALEFORGE_NO_SUCH_KEY"), "that environment variable is unset"),
+            ((str(digits_run), "--device", "tpu"), "--device: 'tpu' is not a device"),
         ]
         for args, message in cases:
             result = cli("serve", *args)

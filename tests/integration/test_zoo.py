@@ -141,11 +141,23 @@ def test_resnet18_trains_on_an_image_folder(cli, tmp_path: Path) -> None:
 
 def test_image_folder_normalises_with_training_statistics_and_augments(tmp_path: Path) -> None:
     import torch
+    from PIL import Image
 
+    from scaleforge.data.base import DataInfo
     from scaleforge.data.image_folder import AugmentedImages, image_folder
 
-    splits = image_folder(str(_write_image_folder(tmp_path / "images")), image_size=8)
+    root = _write_image_folder(tmp_path / "images")
+    splits = image_folder(str(root), image_size=8)
     assert splits.info.num_classes == 2 and splits.info.input_shape == (3, 8, 8)
+    assert splits.info.class_names == ("blue", "red")
+    assert DataInfo.from_json(json.loads(json.dumps(splits.info.to_json()))) == splits.info  # as in final/
+    # an image file preprocessed for serving is exactly its training-time input
+    spec = splits.info.image
+    served = []
+    for file in sorted(root.rglob("*.png")):
+        with Image.open(file) as image:
+            served.append(spec.normalise(spec.pixels(image)))
+    assert all(any(torch.equal(inputs, other) for other in served) for inputs in splits.val.inputs)
     assert isinstance(splits.train, AugmentedImages) and len(splits.val) == 5
     assert splits.train.inputs.mean(dim=(0, 2, 3)).abs().max() < 1e-4
     torch.manual_seed(0)

@@ -32,3 +32,20 @@ def test_a_stop_signal_turns_readiness_off_and_the_server_exits_cleanly(tmp_path
     response = asyncio.run(ready())
     assert response.status_code == 503 and response.json() == {"detail": "draining"}
     assert server.should_exit and not server._captured_signals  # uvicorn drains; nothing raised again after
+
+
+def test_gpu_figures_that_cannot_be_read_are_left_out_and_cpu_serving_has_none() -> None:
+    import torch
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from scaleforge.serve.app import GpuCollector, ServerMetrics
+
+    def no_nvml() -> float:
+        raise ModuleNotFoundError("pynvml module not found, please install nvidia-ml-py")
+
+    registry = CollectorRegistry()
+    registry.register(GpuCollector({"gpu_a_bytes": ("read", lambda: 2.0**30), "gpu_b_ratio": ("fails", no_nvml)}))
+    text = generate_latest(registry).decode()
+    assert "gpu_a_bytes 1.073741824e+09" in text and "gpu_b_ratio" not in text
+    cpu = generate_latest(ServerMetrics(8, torch.device("cpu")).registry).decode()
+    assert "scaleforge_gpu" not in cpu and "process_resident_memory_bytes" in cpu

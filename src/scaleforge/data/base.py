@@ -2,24 +2,77 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 
 Task = Literal["classification", "language_modeling", "regression"]
 
 
 @dataclass(frozen=True)
+class ImageInput:
+    """How an image file becomes one model input, the same way for training and for serving: converted to grey
+    (`channels` 1) or RGB (3), resized to a `size` square (bilinear), scaled to [0, 1], then normalised per
+    channel with `mean` and `std` (the training split's)."""
+
+    size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def pixels(self, image: Image) -> torch.Tensor:
+        """`image` converted and resized, as (C, S, S) floats in [0, 1] (before normalisation)."""
+        from PIL import Image as PILImage
+
+        mode = "L" if self.channels == 1 else "RGB"
+        resized = image.convert(mode).resize((self.size, self.size), PILImage.Resampling.BILINEAR)
+        data = torch.frombuffer(bytearray(resized.tobytes()), dtype=torch.uint8)
+        return data.view(self.size, self.size, self.channels).permute(2, 0, 1).float() / 255
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(..., C, S, S) pixels in [0, 1] as the model's inputs."""
+        mean = torch.tensor(self.mean).view(-1, 1, 1)
+        std = torch.tensor(self.std).view(-1, 1, 1)
+        return (pixels - mean) / std
+
+
+@dataclass(frozen=True)
 class DataInfo:
-    """What a dataset says about itself. Models receive the fields their signatures name."""
+    """What a dataset says about itself. Models receive the fields their signatures name; `class_names` names
+    the classes in outputs, and `image` says how an image file becomes an input (for serving images)."""
 
     task: Task
     input_shape: tuple[int, ...]
     num_classes: int | None = None
     vocab_size: int | None = None
     seq_len: int | None = None
+    class_names: tuple[str, ...] | None = None
+    image: ImageInput | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """As written to `final/data_info.json`."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> DataInfo:
+        """Read back from `to_json`'s output (lists as tuples); `TypeError`/`ValueError` when it does not fit."""
+        if not isinstance(data, dict):
+            raise TypeError(f"expected an object, got {type(data).__name__}")
+        fields = {key: tuple(value) if isinstance(value, list) else value for key, value in data.items()}
+        if fields.get("image") is not None:
+            image = fields["image"]
+            if not isinstance(image, dict):
+                raise TypeError(f"image: expected an object, got {type(image).__name__}")
+            fields["image"] = ImageInput(
+                **{key: tuple(value) if isinstance(value, list) else value for key, value in image.items()}
+            )
+        return cls(**fields)
 
 
 class InMemoryDataset(Dataset):

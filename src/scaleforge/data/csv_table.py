@@ -74,7 +74,12 @@ def csv_table(path: str, target: str = "target", val_fraction: float = 0.2, spli
     mean = features[train_idx].mean(dim=0)
     std = features[train_idx].std(dim=0, unbiased=False).clamp_min(1e-8)
     features = (features - mean) / std
-    info = DataInfo(task="classification", input_shape=(features.shape[1],), num_classes=len(classes))
+    info = DataInfo(
+        task="classification",
+        input_shape=(features.shape[1],),
+        num_classes=len(classes),
+        class_names=tuple(str(label) for label in classes),
+    )
     return DatasetSplits(
         train=InMemoryDataset(features[train_idx], targets[train_idx]),
         val=InMemoryDataset(features[val_idx], targets[val_idx]),

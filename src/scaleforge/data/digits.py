@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from scaleforge.data.base import DataInfo, DatasetSplits, InMemoryDataset
+from scaleforge.data.base import DataInfo, DatasetSplits, ImageInput, InMemoryDataset
 from scaleforge.registry import register_dataset
 
 
 @register_dataset("digits")
 def digits(val_fraction: float = 0.2, split_seed: int = 0) -> DatasetSplits:
-    """Images as (1, 8, 8) tensors scaled to [0, 1]; a stratification-free random split fixed by `split_seed`."""
+    """Images as (1, 8, 8) tensors scaled to [0, 1]; a stratification-free random split fixed by `split_seed`.
+
+    As image files (for serving), a digit is an 8x8 grey image whose brightness is the ink: white on black.
+    """
     from sklearn.datasets import load_digits
 
     if not 0 < val_fraction < 1:
@@ -21,7 +24,13 @@ def digits(val_fraction: float = 0.2, split_seed: int = 0) -> DatasetSplits:
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(split_seed))
     num_val = round(len(labels) * val_fraction)
     val_idx, train_idx = order[:num_val], order[num_val:]
-    info = DataInfo(task="classification", input_shape=(1, 8, 8), num_classes=10)
+    info = DataInfo(
+        task="classification",
+        input_shape=(1, 8, 8),
+        num_classes=10,
+        class_names=tuple(str(digit) for digit in range(10)),
+        image=ImageInput(size=8, channels=1, mean=(0.0,), std=(1.0,)),  # ink 0..16 is brightness 0..255
+    )
     return DatasetSplits(
         train=InMemoryDataset(images[train_idx], labels[train_idx]),
         val=InMemoryDataset(images[val_idx], labels[val_idx]),

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch.nn import functional as F
 
-from scaleforge.data.base import DataInfo, DatasetSplits, InMemoryDataset
+from scaleforge.data.base import DataInfo, DatasetSplits, ImageInput, InMemoryDataset
 from scaleforge.errors import DataError
 from scaleforge.registry import register_dataset
 
@@ -35,16 +35,14 @@ def load_images(samples: list[tuple[Path, int]], image_size: int, channels: int)
     """Decode, convert and resize every image: (N, C, S, S) floats in [0, 1] and (N,) labels."""
     from PIL import Image, UnidentifiedImageError
 
-    mode = "L" if channels == 1 else "RGB"
+    spec = ImageInput(size=image_size, channels=channels, mean=(0.0,) * channels, std=(1.0,) * channels)
     images = torch.empty(len(samples), channels, image_size, image_size)
     for i, (path, _) in enumerate(samples):
         try:
             with Image.open(path) as image:
-                pixels = image.convert(mode).resize((image_size, image_size), Image.Resampling.BILINEAR)
+                images[i] = spec.pixels(image)
         except (UnidentifiedImageError, OSError) as error:
             raise DataError(f"{path}: not a readable image ({error})") from error
-        data = torch.frombuffer(bytearray(pixels.tobytes()), dtype=torch.uint8)
-        images[i] = data.view(image_size, image_size, channels).permute(2, 0, 1).float() / 255  # (C, S, S)
     return images, torch.tensor([label for _, label in samples], dtype=torch.long)
 
 
@@ -105,12 +103,19 @@ def image_folder(
         train_samples = [samples[i] for i in order[num_val:]]
     train_images, train_labels = load_images(train_samples, image_size, channels)
     val_images, val_labels = load_images(val_samples, image_size, channels)
-    mean = train_images.mean(dim=(0, 2, 3), keepdim=True)
-    std = train_images.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    mean = train_images.mean(dim=(0, 2, 3))
+    std = train_images.std(dim=(0, 2, 3)).clamp_min(1e-6)
+    spec = ImageInput(size=image_size, channels=channels, mean=tuple(mean.tolist()), std=tuple(std.tolist()))
     train_type = AugmentedImages if augment else InMemoryDataset
-    info = DataInfo(task="classification", input_shape=(channels, image_size, image_size), num_classes=len(classes))
+    info = DataInfo(
+        task="classification",
+        input_shape=(channels, image_size, image_size),
+        num_classes=len(classes),
+        class_names=tuple(classes),
+        image=spec,
+    )
     return DatasetSplits(
-        train=train_type((train_images - mean) / std, train_labels),
-        val=InMemoryDataset((val_images - mean) / std, val_labels),
+        train=train_type(spec.normalise(train_images), train_labels),
+        val=InMemoryDataset(spec.normalise(val_images), val_labels),
         info=info,
     )

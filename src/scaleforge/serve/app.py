@@ -12,13 +12,13 @@ import collections
 import hashlib
 import hmac
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, File, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import (
@@ -30,7 +30,9 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scaleforge.serve.batching import Batcher, Closed, DeadlineExceeded, QueueFull
@@ -41,7 +43,18 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-ENDPOINTS = ("/v1/predict", "/v1/models", "/health/live", "/health/ready", "/metrics", "/openapi.json", "/docs")
+ENDPOINTS = frozenset(  # counted by name in metrics; any other path counts as "other"
+    {
+        "/v1/predict",
+        "/v1/predict/image",
+        "/v1/models",
+        "/health/live",
+        "/health/ready",
+        "/metrics",
+        "/openapi.json",
+        "/docs",
+    }
+)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 
@@ -58,6 +71,7 @@ class ServeSettings:
     cache_size: int = 0
     max_body_mb: float = 8.0
     api_key: str | None = None
+    device: str = "auto"
 
 
 class PredictRequest(BaseModel):
@@ -69,9 +83,11 @@ class PredictRequest(BaseModel):
 class ServerMetrics:
     """The server's Prometheus metrics, in a registry of its own."""
 
-    def __init__(self, max_batch_size: int) -> None:
+    def __init__(self, max_batch_size: int, device: torch.device | None = None) -> None:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)  # process CPU seconds and resident memory
+        if device is not None and device.type == "cuda":
+            self.registry.register(GpuCollector.of(device))
         r = self.registry
         self.requests = Counter(
             "scaleforge_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
@@ -101,6 +117,45 @@ class ServerMetrics:
         """The answer to a request refused for `reason`, counted."""
         self.rejections.labels(reason).inc()
         return _error(status, detail, headers)
+
+
+class GpuCollector:
+    """A GPU's figures, read when Prometheus scrapes: utilisation, memory used and power from NVML (through
+    `torch.cuda`, which needs the `nvidia-ml-py` package: the `gpu` extra), and the memory torch's allocator holds.
+    A figure that cannot be read (no NVML, a driver that does not report it) is left out, never an error."""
+
+    def __init__(self, readings: dict[str, tuple[str, Callable[[], float]]]) -> None:
+        self.readings = readings  # metric name -> (help, read)
+
+    @classmethod
+    def of(cls, device: torch.device) -> GpuCollector:
+        cuda = torch.cuda
+        return cls(
+            {
+                "scaleforge_gpu_utilization_ratio": ("GPU busy share (NVML)", lambda: cuda.utilization(device) / 100),
+                "scaleforge_gpu_memory_used_bytes": (
+                    "device memory in use (NVML)",
+                    lambda: cuda.device_memory_used(device),
+                ),
+                "scaleforge_gpu_power_watts": ("power draw (NVML)", lambda: cuda.power_draw(device) / 1000),
+                "scaleforge_gpu_memory_allocated_bytes": (
+                    "memory torch holds in tensors",
+                    lambda: cuda.memory_allocated(device),
+                ),
+                "scaleforge_gpu_memory_reserved_bytes": (
+                    "memory torch's allocator reserved",
+                    lambda: cuda.memory_reserved(device),
+                ),
+            }
+        )
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        for name, (description, read) in self.readings.items():
+            try:
+                value = float(read())
+            except Exception:  # noqa: BLE001, S112 - NVML missing or failing: that figure is left out
+                continue
+            yield GaugeMetricFamily(name, description, value=value)
 
 
 class _ResultCache:
@@ -136,7 +191,7 @@ def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> J
 
 def create_app(model: ServedModel, settings: ServeSettings) -> Gate:
     """The application serving `model` (already loaded) with `settings`: FastAPI behind the `Gate`."""
-    metrics = ServerMetrics(settings.max_batch_size)
+    metrics = ServerMetrics(settings.max_batch_size, model.device)
     metrics.model_load.set(model.load_seconds)
     batcher = Batcher(
         model.predict,
@@ -176,15 +231,14 @@ def create_app(model: ServedModel, settings: ServeSettings) -> Gate:
         problems = [f"{'.'.join(str(part) for part in e['loc'])}: {e['msg']}" for e in error.errors()]
         return metrics.refuse("invalid", 422, "; ".join(problems))
 
-    @app.post(
-        "/v1/predict",
-        responses={
-            413: {"description": "body too large"},
-            422: {"description": "inputs the model cannot take"},
-            503: {"description": "queue full or shutting down"},
-            504: {"description": "deadline passed"},
-        },
-    )
+    refusals: dict[int | str, dict[str, Any]] = {
+        413: {"description": "body too large"},
+        422: {"description": "inputs the model cannot take"},
+        503: {"description": "queue full or shutting down"},
+        504: {"description": "deadline passed"},
+    }
+
+    @app.post("/v1/predict", responses=refusals)
     async def predict(body: PredictRequest, request: Request) -> JSONResponse:
         """Outputs for a list of instances, batched with other requests'."""
         try:
@@ -194,6 +248,24 @@ def create_app(model: ServedModel, settings: ServeSettings) -> Gate:
         if len(instances) > settings.max_batch_size:
             too_many = f"inputs: {len(instances)} instances, more than --max-batch-size {settings.max_batch_size}"
             return metrics.refuse("invalid", 422, too_many)
+        return await answer(instances, request)
+
+    if model.info.image is not None:
+
+        @app.post("/v1/predict/image", responses=refusals)
+        async def predict_image(
+            request: Request, file: Annotated[UploadFile, File(description="an image file (PNG, JPEG, ...)")]
+        ) -> JSONResponse:
+            """The output for one uploaded image, preprocessed as the training images were."""
+            data = await file.read()
+            try:  # decoding takes a while for large images: off the event loop
+                instance = await run_in_threadpool(model.decode_image, data)
+            except InvalidInput as error:
+                return metrics.refuse("invalid", 422, str(error))
+            return await answer([instance], request)
+
+    async def answer(instances: list[torch.Tensor], request: Request) -> JSONResponse:
+        """The response for checked instances: from the cache where it has them, else through the batcher."""
         outputs: list[Any] = [None] * len(instances)
         missing = list(range(len(instances)))
         keys: list[bytes] = []

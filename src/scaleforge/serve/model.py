@@ -8,6 +8,7 @@ joins a batch, so a bad one gets its own 422 and never touches its batch-mates.
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import time
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from typing import Any
 import torch
 
 from scaleforge.runs import find_final, load_run
+
+MAX_IMAGE_PIXELS = 4096 * 4096  # larger uploads are refused before they are decoded
 
 
 class InvalidInput(ValueError):
@@ -36,7 +39,7 @@ class ModelCard:
 class ServedModel:
     """A trained run's model, loaded once from `final/` and answering batches of instances."""
 
-    def __init__(self, path: str | Path, device: str = "cpu") -> None:
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu") -> None:
         started = time.perf_counter()
         final = find_final(path)
         run = load_run(final)
@@ -63,7 +66,18 @@ class ServedModel:
                 "max_length": self.info.seq_len,
                 "vocab_size": self.info.vocab_size,
             }
-        return {"instance": "numbers nested as the shape", "shape": list(self.info.input_shape), "dtype": "float32"}
+        schema: dict[str, Any] = {
+            "instance": "numbers nested as the shape",
+            "shape": list(self.info.input_shape),
+            "dtype": "float32",
+        }
+        if self.info.class_names is not None:
+            schema["classes"] = list(self.info.class_names)
+        if self.info.image is not None:
+            image = self.info.image
+            mode = "grey" if image.channels == 1 else "RGB"
+            schema["image"] = {"endpoint": "/v1/predict/image", "mode": mode, "size": image.size}
+        return schema
 
     def decode(self, inputs: Any) -> list[torch.Tensor]:
         """`{"inputs": [...]}`'s list as one tensor per instance (shaped `input_schema["shape"]`, or token ids);
@@ -73,6 +87,27 @@ class ServedModel:
         if self.info.task == "language_modeling":
             return [self._tokens(instance, i) for i, instance in enumerate(inputs)]
         return [self._numbers(instance, i) for i, instance in enumerate(inputs)]
+
+    def decode_image(self, data: bytes) -> torch.Tensor:
+        """An uploaded image file as one instance, preprocessed as the training images were (`DataInfo.image`)."""
+        from PIL import Image
+
+        spec = self.info.image
+        if spec is None:
+            raise InvalidInput("this model does not take images")
+        if not data:
+            raise InvalidInput("file: the upload is empty")
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise InvalidInput(f"file: the image is {width}x{height} pixels, more than 4096x4096")
+                pixels = spec.pixels(image)
+        except InvalidInput:
+            raise
+        except Exception as error:  # noqa: BLE001 - Pillow raises many kinds for damaged files; each is the upload's fault
+            raise InvalidInput(f"file: not a readable image ({type(error).__name__}: {error})") from None
+        return spec.normalise(pixels).view(tuple(self.info.input_shape))
 
     def _tokens(self, instance: Any, index: int) -> torch.Tensor:
         vocab, max_length = self.info.vocab_size or 0, self.info.seq_len or 0
@@ -114,8 +149,12 @@ class ServedModel:
         if self.info.task == "regression":
             return {"values": values}
         top = int(output.argmax())
-        key = "next_token" if self.info.task == "language_modeling" else "top_class"
-        return {key: top, "probability": values[top], "probabilities": values}
+        if self.info.task == "language_modeling":
+            return {"next_token": top, "probability": values[top], "probabilities": values}
+        answer: dict[str, Any] = {"top_class": top}
+        if self.info.class_names is not None:
+            answer["label"] = self.info.class_names[top]
+        return {**answer, "probability": values[top], "probabilities": values}
 
 
 def _flatten(value: Any, shape: tuple[int, ...], where: str, out: list[float]) -> None:

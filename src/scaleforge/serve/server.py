@@ -9,7 +9,8 @@ from types import FrameType
 
 import uvicorn
 
-from scaleforge.errors import UsageError
+from scaleforge.distributed.env import select_device
+from scaleforge.errors import ConfigError, UsageError
 from scaleforge.serve.app import Gate, ServeSettings, create_app
 from scaleforge.serve.model import ServedModel
 
@@ -41,7 +42,11 @@ class DrainingServer(uvicorn.Server):
 def serve(path: str | Path, settings: ServeSettings) -> None:
     """Load the run at `path` and serve it with `settings` until stopped."""
     check_address(settings.host, settings.port)  # before the model loads: a taken port fails at once
-    model = ServedModel(path)  # loaded before the server listens, never per request
+    try:
+        device = select_device(settings.device)
+    except ConfigError as error:
+        raise UsageError(str(error).replace("hardware.device", "--device")) from None
+    model = ServedModel(path, device)  # loaded before the server listens, never per request
     gate = create_app(model, settings)
     config = uvicorn.Config(
         gate,
@@ -57,9 +62,9 @@ def serve(path: str | Path, settings: ServeSettings) -> None:
     )
     card = model.card
     banner = (
-        f"serving {card.name} ({card.task}, version {card.version}, loaded in {model.load_seconds:.2f}s) | "
-        f"batches of <= {settings.max_batch_size}, delay <= {settings.max_delay_ms:g} ms, queue {settings.max_queue},"
-        f" timeout {settings.timeout_ms:g} ms"
+        f"serving {card.name} ({card.task}, version {card.version}) on {device}, loaded in {model.load_seconds:.2f}s"
+        f" | batches of <= {settings.max_batch_size}, delay <= {settings.max_delay_ms:g} ms,"
+        f" queue {settings.max_queue}, timeout {settings.timeout_ms:g} ms"
     )
     server = DrainingServer(config, gate, banner)
     server.run()

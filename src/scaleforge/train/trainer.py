@@ -694,5 +694,4 @@ def save_final(final_dir: Path, state_dict: dict[str, torch.Tensor], config: Run
         seen.add(pointer)
     save_file(tensors, str(final_dir / "model.safetensors"))
     (final_dir / "config.yaml").write_text(dump_yaml(config))
-    info_data = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(info).items()}
-    (final_dir / "data_info.json").write_text(json.dumps(info_data, indent=2) + "\n")
+    (final_dir / "data_info.json").write_text(json.dumps(info.to_json(), indent=2) + "\n")
