@@ -189,6 +189,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_body_mb=args.max_body_mb,
         api_key=api_key,
         device=args.device,
+        threads=args.threads,
     )
     serve(args.run_dir, settings)
     return 0
@@ -329,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cache-size", type=_non_negative_int, default=0, help="LRU of results (0: none)")
     serve.add_argument("--max-body-mb", type=_positive_float, default=8.0, help="larger bodies get 413")
     serve.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    serve.add_argument(
+        "--threads", type=_non_negative_int, default=0, help="torch threads for the model (0: one per core but one)"
+    )
     serve.add_argument(
         "--api-key-env", metavar="VAR", help="require the key held by this environment variable (not /health/*)"
     )

@@ -198,11 +198,24 @@ def test_a_request_queued_past_its_deadline_gets_504_and_is_never_run(slow_run: 
         (json.dumps({"inputs": [[[[float("nan")] * 8] * 8]]}), "inputs[0][0][0][0]: nan is not a finite number"),
         (json.dumps({"inputs": [[[[True] * 8] * 8]]}), "inputs[0][0][0][0]: expected a number, got bool"),
         (json.dumps({"inputs": [[[["1"] * 8] * 8]]}), "inputs[0][0][0][0]: expected a number, got str"),
+        (
+            json.dumps({"inputs": [[[[0.5] * 7 + [True]] + [[0.5] * 8] * 7]]}),
+            "[0][0][0][7]: expected a number, got bool",
+        ),
+        (
+            json.dumps({"inputs": [[[[0.5] * 8] * 7 + [[0.5] * 7]]]}),
+            "inputs[0][0][7]: expected a list of 8, got a list of 7",
+        ),
+        (json.dumps({"inputs": [IMAGE, [[[1e39] * 8] * 8]]}), "inputs[1][0][0][0]: 1e+39 is too large for a float32"),
+        (json.dumps({"inputs": [[[[None] * 8] * 8]]}), "inputs[0][0][0][0]: expected a number, got NoneType"),
         ("{not json", "JSON decode error"),
         ('{"inputs": ' + "[" * 100_000 + "]" * 100_000 + "}", "cannot be read as JSON"),
         ('[{"inputs": [1]}]', "valid dictionary"),
     ],
-    ids=["shape", "empty", "no-inputs", "nan", "bool", "string", "not-json", "too-deep", "not-an-object"],
+    ids=[
+        *("shape", "empty", "no-inputs", "nan", "bool", "string", "bool-among-numbers", "ragged", "float32-overflow"),
+        *("null", "not-json", "too-deep", "not-an-object"),
+    ],
 )
 def test_malformed_bodies_get_422_saying_what_is_wrong(digits_url: str, body: str, message: str) -> None:
     response = httpx.post(f"{digits_url}/v1/predict", content=body, headers={"content-type": "application/json"})

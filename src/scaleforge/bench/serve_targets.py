@@ -53,8 +53,12 @@ if ls is not None:
             self.run_dir = run_dir
 
         def setup(self, device: str) -> None:
-            from scaleforge.serve.model import ServedModel
+            import torch
 
+            from scaleforge.serve.model import ServedModel
+            from scaleforge.serve.server import model_threads
+
+            torch.set_num_threads(model_threads())  # as `scaleforge serve` does
             self.model = ServedModel(self.run_dir)
 
         def decode_request(self, request):  # noqa: ANN001, ANN201 - LitServe reads the annotation as the body type
@@ -64,13 +68,13 @@ if ls is not None:
             return inputs
 
         def predict(self, instances: Any) -> Any:
-            return self.model.predict(instances if isinstance(instances, list) else [instances])
+            return self.model.answer(instances if isinstance(instances, list) else [instances])
 
         def unbatch(self, outputs: list[Any]) -> list[Any]:
             return outputs
 
         def encode_response(self, output: Any) -> dict[str, Any]:
-            return {"outputs": [self.model.encode(output)], "model": self.model.card.name}
+            return {"outputs": [output], "model": self.model.card.name}
 
 
 if __name__ == "__main__":

@@ -45,11 +45,14 @@ class Result:
 
 
 @dataclass(eq=False)
-class _Request:
+class Ticket:
+    """A queued request: `Batcher.wait` gives its `Result`; cancelling its `future` drops it if still queued."""
+
     instances: Sequence[Any]
     future: asyncio.Future[Result]
     arrived: float
     state: str = "queued"  # queued -> running -> done, or queued -> expired | cancelled
+    deadline: asyncio.TimerHandle | None = None
 
 
 class Batcher:
@@ -77,20 +80,18 @@ class Batcher:
         self.max_queue = max_queue
         self.timeout_s = timeout_s
         self.on_batch = on_batch
-        self._queue: collections.deque[_Request] = collections.deque()
+        self._queue: collections.deque[Ticket] = collections.deque()  # may hold tickets no longer queued
+        self.queued = 0  # requests waiting for a batch
+        self._queued_rows = 0  # their instances
         self._arrival = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")  # the model's own thread
         self._loop_task: asyncio.Task[None] | None = None
         self._closing = False
         self.running = 0  # instances in the batch being run
+        self._running_since = 0.0
         # moving averages over recent batches, for the wait a new request would face (None: none has run yet)
         self._batch_seconds: float | None = None
         self._batch_size = 1.0
-
-    @property
-    def queued(self) -> int:
-        """Requests waiting for a batch."""
-        return sum(1 for request in self._queue if request.state == "queued")
 
     def start(self) -> None:
         """Start the batching loop on the running event loop."""
@@ -106,6 +107,10 @@ class Batcher:
 
     async def submit(self, instances: Sequence[Any]) -> Result:
         """Queue `instances` (at most `max_batch_size`) and return their outputs once their batch has run."""
+        return await self.wait(self.enqueue(instances))
+
+    def enqueue(self, instances: Sequence[Any]) -> Ticket:
+        """Queue `instances`, or refuse them at once (`Closed`, `QueueFull`); `wait` gives the result."""
         if self._closing:
             raise Closed("the server is shutting down")
         if not 1 <= len(instances) <= self.max_batch_size:
@@ -119,29 +124,47 @@ class Batcher:
                 "a request may wait"
             )
         loop = asyncio.get_running_loop()
-        request = _Request(instances, loop.create_future(), time.perf_counter())
-        self._queue.append(request)
+        ticket = Ticket(instances, loop.create_future(), time.perf_counter())
+        ticket.deadline = loop.call_at(loop.time() + self.timeout_s, self._expire, ticket)
+        self._queue.append(ticket)
+        self.queued += 1
+        self._queued_rows += len(instances)
         self._arrival.set()
+        return ticket
+
+    async def wait(self, ticket: Ticket) -> Result:
+        """`ticket`'s outputs once its batch has run; `DeadlineExceeded` if it was still queued `timeout_s`
+        after it arrived. Cancelled (the caller went away, or `ticket.future` was cancelled) while queued, it is
+        never run."""
         try:
-            # shielded: a timeout or a cancellation here must not cancel a batch's result under it
-            return await asyncio.wait_for(asyncio.shield(request.future), self.timeout_s)
-        except TimeoutError:
-            if request.state == "queued":
-                request.state = "expired"
-                raise DeadlineExceeded(f"queued for more than {self.timeout_s * 1000:g} ms") from None
-            return await request.future  # already running: it finishes
+            return await ticket.future
         except asyncio.CancelledError:
-            if request.state == "queued":
-                request.state = "cancelled"  # the caller went away: never run
+            self._leave_queue(ticket, "cancelled")
             raise
+        finally:
+            if ticket.deadline is not None:
+                ticket.deadline.cancel()
 
     def expected_wait_s(self, instances: int) -> float:
         """How long `instances` more would take to be answered, at the pace of recent batches (0 before any)."""
         if self._batch_seconds is None:
             return 0.0
-        queued = self._rows_ready() + instances
+        queued = self._queued_rows + instances
         batches = queued / max(1.0, self._batch_size) + (1 if self.running else 0)
         return batches * self._batch_seconds
+
+    def _leave_queue(self, ticket: Ticket, state: str) -> bool:
+        """Take `ticket` out of the queue's counts, as `state`; False if it was not queued."""
+        if ticket.state != "queued":
+            return False
+        ticket.state = state
+        self.queued -= 1
+        self._queued_rows -= len(ticket.instances)
+        return True
+
+    def _expire(self, ticket: Ticket) -> None:
+        if self._leave_queue(ticket, "expired") and not ticket.future.done():
+            ticket.future.set_exception(DeadlineExceeded(f"queued for more than {self.timeout_s * 1000:g} ms"))
 
     async def _batch_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -149,18 +172,16 @@ class Batcher:
             batch = await self._next_batch()
             if not batch:
                 return  # closing, and nothing left
-            instances = [instance for request in batch for instance in request.instances]
+            instances = [instance for ticket in batch for instance in ticket.instances]
             started = time.perf_counter()
-            for request in batch:
-                request.state = "running"
-            self.running = len(instances)
+            self.running, self._running_since = len(instances), started
             try:
                 outputs = await loop.run_in_executor(self._executor, self.run_batch, instances)
             except Exception as error:  # noqa: BLE001 - the batch's requests fail with it, the loop goes on
-                for request in batch:
-                    request.state = "done"
-                    if not request.future.done():
-                        request.future.set_exception(error)
+                for ticket in batch:
+                    ticket.state = "done"
+                    if not ticket.future.done():
+                        ticket.future.set_exception(error)
                 continue
             finally:
                 self.running = 0
@@ -173,15 +194,15 @@ class Batcher:
             if self.on_batch is not None:
                 self.on_batch(len(instances), seconds)
             offset = 0
-            for request in batch:
-                count = len(request.instances)
-                result = Result(outputs[offset : offset + count], started - request.arrived, seconds, len(instances))
+            for ticket in batch:
+                count = len(ticket.instances)
+                result = Result(outputs[offset : offset + count], started - ticket.arrived, seconds, len(instances))
                 offset += count
-                request.state = "done"
-                if not request.future.done():
-                    request.future.set_result(result)
+                ticket.state = "done"
+                if not ticket.future.done():
+                    ticket.future.set_result(result)
 
-    async def _next_batch(self) -> list[_Request]:
+    async def _next_batch(self) -> list[Ticket]:
         """Wait for a live request, then for the batch to fill or the oldest to have waited `max_delay_s`."""
         while True:
             self._drop_dead()
@@ -192,7 +213,7 @@ class Batcher:
             self._arrival.clear()
             await self._arrival.wait()
         fill_by = self._queue[0].arrived + self.max_delay_s
-        while self._rows_ready() < self.max_batch_size and not self._closing:
+        while self._queued_rows < self.max_batch_size and not self._closing:
             remaining = fill_by - time.perf_counter()
             if remaining <= 0:
                 break
@@ -202,19 +223,18 @@ class Batcher:
             self._drop_dead()
             if not self._queue:  # everyone waiting left: start over
                 return await self._next_batch()
-        batch: list[_Request] = []
+        batch: list[Ticket] = []
         rows = 0
         while self._queue and rows + len(self._queue[0].instances) <= self.max_batch_size:
-            request = self._queue.popleft()
-            if request.state == "queued":
-                batch.append(request)
-                rows += len(request.instances)
+            ticket = self._queue.popleft()
+            if self._leave_queue(ticket, "running"):
+                batch.append(ticket)
+                rows += len(ticket.instances)
         return batch
-
-    def _rows_ready(self) -> int:
-        return sum(len(request.instances) for request in self._queue if request.state == "queued")
 
     def _drop_dead(self) -> None:
         """Forget requests that expired or whose caller went away, at the head of the queue and everywhere."""
-        if any(request.state != "queued" for request in self._queue):
-            self._queue = collections.deque(request for request in self._queue if request.state == "queued")
+        while self._queue and self._queue[0].state != "queued":
+            self._queue.popleft()
+        if len(self._queue) != self.queued:
+            self._queue = collections.deque(ticket for ticket in self._queue if ticket.state == "queued")

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from scaleforge.runs import find_final, load_run
 
 MAX_IMAGE_PIXELS = 4096 * 4096  # larger uploads are refused before they are decoded
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class InvalidInput(ValueError):
@@ -86,7 +89,15 @@ class ServedModel:
             raise InvalidInput("inputs must be a non-empty list of instances")
         if self.info.task == "language_modeling":
             return [self._tokens(instance, i) for i, instance in enumerate(inputs)]
-        return [self._numbers(instance, i) for i, instance in enumerate(inputs)]
+        shape = tuple(self.info.input_shape)
+        if _numbers_only(inputs, len(shape) + 1):  # the usual case, checked at speed
+            try:
+                array = np.array(inputs, dtype=np.float32)
+            except (ValueError, OverflowError):  # ragged, or an integer beyond float32
+                array = None
+            if array is not None and array.shape[1:] == shape and np.isfinite(array).all():
+                return list(torch.from_numpy(array).unbind(0))
+        return [self._numbers(instance, i) for i, instance in enumerate(inputs)]  # finds what is wrong, and where
 
     def decode_image(self, data: bytes) -> torch.Tensor:
         """An uploaded image file as one instance, preprocessed as the training images were (`DataInfo.image`)."""
@@ -127,34 +138,59 @@ class ServedModel:
     # ------------------------------------------------------------------------------------------- predict
 
     @torch.inference_mode()
-    def predict(self, instances: list[torch.Tensor]) -> list[torch.Tensor]:
-        """One output per instance: class probabilities, or the next token's probabilities."""
+    def predict(self, instances: list[torch.Tensor]) -> torch.Tensor:
+        """The batch's outputs, one row per instance: class probabilities, or the next token's probabilities."""
         if self.info.task == "language_modeling":
             lengths = torch.tensor([len(tokens) for tokens in instances])
             # padded on the right: causal attention keeps each instance's last position blind to its padding
             tokens = torch.nn.utils.rnn.pad_sequence(instances, batch_first=True).to(self.device)
             logits = self.model(tokens)  # (B, T, V)
             last = logits[torch.arange(len(instances)), lengths.to(self.device) - 1]  # (B, V)
-            return list(last.float().softmax(-1).cpu())
+            return last.float().softmax(-1).cpu()
         outputs = self.model(torch.stack(instances).to(self.device))  # (B, classes)
         if self.info.task == "classification":
             outputs = outputs.float().softmax(-1)
-        return list(outputs.float().cpu())
+        return outputs.float().cpu()
+
+    def answer(self, instances: list[torch.Tensor]) -> list[dict[str, Any]]:
+        """`predict` and `encode` together: what the model's thread runs for a batch."""
+        return self.encode(self.predict(instances))
 
     # ------------------------------------------------------------------------------------------- encode
 
-    def encode(self, output: torch.Tensor) -> dict[str, Any]:
-        """One instance's answer as JSON: the probabilities and the most probable class (or next token)."""
-        values = output.tolist()
+    def encode(self, outputs: torch.Tensor) -> list[dict[str, Any]]:
+        """Each row's answer as JSON: the probabilities and the most probable class (or next token)."""
+        rows = outputs.tolist()
         if self.info.task == "regression":
-            return {"values": values}
-        top = int(output.argmax())
+            return [{"values": values} for values in rows]
+        tops = outputs.argmax(-1).tolist()
         if self.info.task == "language_modeling":
-            return {"next_token": top, "probability": values[top], "probabilities": values}
-        answer: dict[str, Any] = {"top_class": top}
-        if self.info.class_names is not None:
-            answer["label"] = self.info.class_names[top]
-        return {**answer, "probability": values[top], "probabilities": values}
+            return [
+                {"next_token": top, "probability": values[top], "probabilities": values}
+                for top, values in zip(tops, rows, strict=True)
+            ]
+        names = self.info.class_names
+        return [
+            {"top_class": top, "label": names[top], "probability": values[top], "probabilities": values}
+            if names is not None
+            else {"top_class": top, "probability": values[top], "probabilities": values}
+            for top, values in zip(tops, rows, strict=True)
+        ]
+
+
+def _numbers_only(inputs: list[Any], depth: int) -> bool:
+    """Whether `inputs` is lists nested `depth` deep around numbers only (no bools, strings or nulls), checked a
+    level at a time (the shape is checked after)."""
+    level = inputs
+    for _ in range(depth - 1):
+        if not set(map(type, level)) <= _LIST:
+            return False
+        level = list(itertools.chain.from_iterable(level))
+    return set(map(type, level)) <= _NUMBER
+
+
+_LIST = {list}
+_NUMBER = {float, int}  # type(True) is bool: not a number here
 
 
 def _flatten(value: Any, shape: tuple[int, ...], where: str, out: list[float]) -> None:
@@ -168,6 +204,8 @@ def _flatten(value: Any, shape: tuple[int, ...], where: str, out: list[float]) -
             raise InvalidInput(f"{where}: {value} is too large for a float") from None
         if not math.isfinite(number):
             raise InvalidInput(f"{where}: {value} is not a finite number")
+        if abs(number) > FLOAT32_MAX:
+            raise InvalidInput(f"{where}: {value} is too large for a float32")
         out.append(number)
         return
     if not isinstance(value, list) or len(value) != shape[0]:
