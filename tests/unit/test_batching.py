@@ -198,3 +198,26 @@ def test_a_request_that_would_only_wait_to_be_refused_is_refused_at_once() -> No
     # 1 runs at once; 2 waits one batch; 3 would wait two batches (0.2 s) plus the running one: refused
     assert outcomes.count("QueueFull") == 3 and "DeadlineExceeded" not in outcomes, outcomes
     assert [2] in outcomes and [4] in outcomes
+
+
+def test_a_batch_starts_once_its_arrivals_pause_without_waiting_out_the_delay() -> None:
+    model = RecordingModel()
+
+    async def scenario() -> list[float]:
+        b = batcher(model, max_batch_size=8, max_delay_s=2.0)
+        b.start()
+        waits = []
+        for _ in range(2):  # a group of 3 clients sending 10 ms apart, then waiting for their answers
+            started = time.perf_counter()
+            pending = []
+            for value in range(3):
+                pending.append(asyncio.ensure_future(b.submit([value])))
+                await asyncio.sleep(0.01)
+            await asyncio.gather(*pending)
+            waits.append(time.perf_counter() - started)
+        await b.close()
+        return waits
+
+    waits = run(scenario())
+    # each group is one batch, started by the pause after its third request rather than the 2 s delay
+    assert model.batches == [[0, 1, 2], [0, 1, 2]] and max(waits) < 0.5, waits

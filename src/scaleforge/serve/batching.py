@@ -1,13 +1,13 @@
 """Dynamic batching: concurrent requests merged into batches of at most `max_batch_size` instances.
 
 A pure asyncio object, tested without HTTP. Requests wait in a bounded queue; one loop takes them in arrival
-order into a batch until the batch is full or the oldest has waited `max_delay_s`, and runs it on the model's
-own thread, off the event loop. While a batch runs the next one gathers, so under load batches fill at once,
-and when idle a lone request waits `max_delay_s` at most. A request is refused at once when the queue is full
-(`QueueFull`), answered `DeadlineExceeded` when it is still queued `timeout_s` after it arrived (it is then
-never run), and dropped from the queue when its caller goes away (cancellation). A request is also refused at
-once when the work queued before it would take longer than `timeout_s` (estimated from recent batches): it
-would only wait to be refused, and the requests that are admitted keep their latency under overload.
+order into a batch until the batch is full, the oldest has waited `max_delay_s`, or the arrivals pause, and
+runs it on the model's own thread, off the event loop. While a batch runs the next one gathers, so under load
+batches fill at once, and when idle a lone request waits `max_delay_s` at most. A request is refused at once
+when the queue is full (`QueueFull`), answered `DeadlineExceeded` when it is still queued `timeout_s` after it
+arrived (it is then never run), and dropped from the queue when its caller goes away (cancellation). A request
+is also refused at once when the work queued before it would take longer than `timeout_s` (estimated from
+recent batches): it would only wait to be refused, and the requests that are admitted keep their latency.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+
+PAUSE = 4.0  # arrivals have paused after this many mean gaps without one (Poisson arrivals: 2% of gaps are longer)
 
 
 class QueueFull(Exception):
@@ -92,6 +94,9 @@ class Batcher:
         # moving averages over recent batches, for the wait a new request would face (None: none has run yet)
         self._batch_seconds: float | None = None
         self._batch_size = 1.0
+        # and over recent gaps between arrivals, to tell when the requests that would fill a batch stopped coming
+        self._last_arrival: float | None = None
+        self._arrival_gap: float | None = None
 
     def start(self) -> None:
         """Start the batching loop on the running event loop."""
@@ -124,7 +129,14 @@ class Batcher:
                 "a request may wait"
             )
         loop = asyncio.get_running_loop()
-        ticket = Ticket(instances, loop.create_future(), time.perf_counter())
+        now = time.perf_counter()
+        if self._last_arrival is not None:
+            gap = now - self._last_arrival
+            self._arrival_gap = (
+                gap if self._arrival_gap is None else self._arrival_gap + 0.1 * (gap - self._arrival_gap)
+            )
+        self._last_arrival = now
+        ticket = Ticket(instances, loop.create_future(), now)
         ticket.deadline = loop.call_at(loop.time() + self.timeout_s, self._expire, ticket)
         self._queue.append(ticket)
         self.queued += 1
@@ -203,7 +215,9 @@ class Batcher:
                     ticket.future.set_result(result)
 
     async def _next_batch(self) -> list[Ticket]:
-        """Wait for a live request, then for the batch to fill or the oldest to have waited `max_delay_s`."""
+        """Wait for a live request, then for the batch to fill, for the oldest to have waited `max_delay_s`, or for
+        the arrivals to pause (none for `PAUSE` times their recent mean gap: a closed group of clients has all
+        sent, and waiting longer only adds latency)."""
         while True:
             self._drop_dead()
             if self._queue:
@@ -214,7 +228,10 @@ class Batcher:
             await self._arrival.wait()
         fill_by = self._queue[0].arrived + self.max_delay_s
         while self._queued_rows < self.max_batch_size and not self._closing:
-            remaining = fill_by - time.perf_counter()
+            now = time.perf_counter()
+            remaining = fill_by - now
+            if self._arrival_gap is not None and self._last_arrival is not None:
+                remaining = min(remaining, self._last_arrival + PAUSE * self._arrival_gap - now)
             if remaining <= 0:
                 break
             self._arrival.clear()
