@@ -53,13 +53,9 @@ if ls is not None:
             self.run_dir = run_dir
 
         def setup(self, device: str) -> None:
-            import torch
-
             from scaleforge.serve.model import ServedModel
-            from scaleforge.serve.server import model_threads
 
-            torch.set_num_threads(model_threads())  # as `scaleforge serve` does
-            self.model = ServedModel(self.run_dir)
+            self.model = ServedModel(self.run_dir)  # torch's own thread count, as a LitServe user gets it
 
         def decode_request(self, request):  # noqa: ANN001, ANN201 - LitServe reads the annotation as the body type
             return self.model.decode(request["inputs"])[0]  # one instance per request, as the benchmark sends
