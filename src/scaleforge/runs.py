@@ -34,19 +34,26 @@ def find_final(path: str | Path) -> Path:
     return final
 
 
-def load_run(path: str | Path) -> LoadedRun:
-    """Rebuild a run's model from `final/config.yaml` and load `final/model.safetensors` into it (no pickle)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from scaleforge.train.trainer import build_model
-
+def load_description(path: str | Path) -> tuple[RunConfig, DataInfo]:
+    """A finished run's config and its dataset's description, without its weights."""
     final = find_final(path)
     config = load_config(final / "config.yaml")
     try:
         info = DataInfo.from_json(json.loads((final / "data_info.json").read_text()))
     except (ValueError, TypeError) as error:
         raise UsageError(f"{final / 'data_info.json'} is damaged: {error}") from error
+    return config, info
+
+
+def load_run(path: str | Path) -> LoadedRun:
+    """Rebuild a run's model from `final/config.yaml` and load `final/model.safetensors` into it (no pickle)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from scaleforge.components import build_model
+
+    final = find_final(path)
+    config, info = load_description(final)
     model = build_model(config.model, info)
     try:
         state = load_file(str(final / "model.safetensors"))

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,6 +50,7 @@ class SlowNet(nn.Module):
         return self.head(self.blocks[0](x))
 """
 IMAGE = [[[0.5] * 8 for _ in range(8)]]  # one digits instance, (1, 8, 8)
+SLOW = ("--threads", "1")  # no start-up timing of the slow model's batches
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +172,7 @@ async def post_in_turn(url: str, pause_s: float, count: int) -> list[httpx.Respo
 
 
 def test_a_full_queue_is_refused_at_once(slow_run: Path) -> None:
-    with server(slow_run, "--max-batch-size", "1", "--max-queue", "2", "--timeout-ms", "20000") as (url, _):
+    with server(slow_run, *SLOW, "--max-batch-size", "1", "--max-queue", "2", "--timeout-ms", "20000") as (url, _):
         responses = asyncio.run(post_in_turn(url, 0.25, 6))  # one runs (0.5 s), two queue, three find it full
         text = httpx.get(f"{url}/metrics").text
     assert [r.status_code for r in responses] == [200, 200, 200, 503, 503, 503]
@@ -180,7 +182,7 @@ def test_a_full_queue_is_refused_at_once(slow_run: Path) -> None:
 
 
 def test_a_request_queued_past_its_deadline_gets_504_and_is_never_run(slow_run: Path) -> None:
-    with server(slow_run, "--max-batch-size", "1", "--timeout-ms", "150") as (url, _):
+    with server(slow_run, *SLOW, "--max-batch-size", "1", "--timeout-ms", "150") as (url, _):
         responses = asyncio.run(post_in_turn(url, 0.15, 2))  # the second waits behind the first's 0.5 s
         text = httpx.get(f"{url}/metrics").text
     assert [r.status_code for r in responses] == [200, 504]
@@ -322,10 +324,66 @@ def test_sigterm_answers_every_admitted_request_before_exiting(slow_run: Path) -
             process.send_signal(signal.SIGTERM)
             return await asyncio.gather(*sent)
 
-    with server(slow_run, "--max-batch-size", "2") as (url, process):
+    with server(slow_run, *SLOW, "--max-batch-size", "2") as (url, process):
         responses = asyncio.run(scenario(url, process))
         assert process.wait(timeout=30) == 0
     assert [r.status_code for r in responses] == [200] * 8
+
+
+def children(pid: int) -> set[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.add(int(stat.parent.name))
+    return found
+
+
+def gone(pid: int, within_s: float = 20.0) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists() or "(Z)" in _state(pid):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _state(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return "(" + Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] + ")"
+    return "(X)"
+
+
+def model_process(server_pid: int) -> int:
+    (worker,) = [pid for pid in children(server_pid) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+    return worker
+
+
+def test_the_model_process_is_restarted_when_it_dies_and_ends_with_the_server(digits_run: Path) -> None:
+    body = {"inputs": [IMAGE]}
+    with server(digits_run) as (url, process):
+        first = model_process(process.pid)
+        os.kill(first, signal.SIGKILL)
+        assert gone(first)
+        died = httpx.post(f"{url}/v1/predict", json=body)  # its batch finds the process dead
+        after = httpx.post(f"{url}/v1/predict", json=body)
+        second = model_process(process.pid)
+        started = children(process.pid)  # the model's process, and multiprocessing's resource tracker
+        process.send_signal(signal.SIGTERM)  # to the server alone
+        assert process.wait(timeout=60) == 0
+    assert died.status_code == 503 and "model's process exited" in died.json()["detail"], died.text
+    assert after.status_code == 200 and second != first
+    assert second in started and all(gone(pid) for pid in started)  # SIGTERM to the server ended them all
+
+
+def test_a_killed_server_leaves_no_model_process_behind(digits_run: Path) -> None:
+    with server(digits_run) as (url, process):
+        worker = model_process(process.pid)
+        assert httpx.post(f"{url}/v1/predict", json={"inputs": [IMAGE]}).status_code == 200
+        process.kill()
+        process.wait(timeout=30)
+        assert gone(worker)  # its pipe closed: it exits on its own
 
 
 def test_metrics_count_what_the_client_saw(digits_run: Path) -> None:

@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scaleforge.serve.batching import Batcher, Closed, DeadlineExceeded, QueueFull, Result, Ticket
 from scaleforge.serve.model import InvalidInput, ServedModel
+from scaleforge.serve.worker import ModelFailed, WorkerDied
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -73,7 +74,8 @@ class ServeSettings:
     max_body_mb: float = 8.0
     api_key: str | None = None
     device: str = "auto"
-    threads: int = 0  # torch's threads for the model; 0: one per core but one
+    threads: int = 0  # torch's threads for the model; 0: chosen by timing a batch (ServedModel.choose_threads)
+    model_process: bool = True  # the model in a process of its own (serve.worker)
 
 
 class PredictRequest(BaseModel):
@@ -85,11 +87,11 @@ class PredictRequest(BaseModel):
 class ServerMetrics:
     """The server's Prometheus metrics, in a registry of its own."""
 
-    def __init__(self, max_batch_size: int, device: torch.device | None = None) -> None:
+    def __init__(self, max_batch_size: int, device: torch.device | None = None, *, allocator: bool = True) -> None:
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)  # process CPU seconds and resident memory
         if device is not None and device.type == "cuda":
-            self.registry.register(GpuCollector.of(device))
+            self.registry.register(GpuCollector.of(device, allocator=allocator))
         r = self.registry
         self.requests = Counter(
             "scaleforge_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
@@ -112,7 +114,15 @@ class ServerMetrics:
         self.cache = Counter("scaleforge_cache", "result cache lookups by outcome", ["outcome"], registry=r)
         self.rejections = Counter("scaleforge_rejections", "requests refused, by reason", ["reason"], registry=r)
         self.model_load = Gauge("scaleforge_model_load_seconds", "time the model took to load", registry=r)
-        for reason in ("queue_full", "deadline", "too_large", "invalid", "unauthorized", "shutting_down"):
+        for reason in (
+            "queue_full",
+            "deadline",
+            "too_large",
+            "invalid",
+            "unauthorized",
+            "shutting_down",
+            "model_error",
+        ):
             self.rejections.labels(reason)  # present from the start, at 0
 
     def refuse(self, reason: str, status: int, detail: str, headers: dict[str, str] | None = None) -> Response:
@@ -130,26 +140,32 @@ class GpuCollector:
         self.readings = readings  # metric name -> (help, read)
 
     @classmethod
-    def of(cls, device: torch.device) -> GpuCollector:
+    def of(cls, device: torch.device, *, allocator: bool = True) -> GpuCollector:
+        """`device`'s figures; the allocator's only when the model is in this process (`allocator`)."""
         cuda = torch.cuda
-        return cls(
-            {
-                "scaleforge_gpu_utilization_ratio": ("GPU busy share (NVML)", lambda: cuda.utilization(device) / 100),
-                "scaleforge_gpu_memory_used_bytes": (
-                    "device memory in use (NVML)",
-                    lambda: cuda.device_memory_used(device),
-                ),
-                "scaleforge_gpu_power_watts": ("power draw (NVML)", lambda: cuda.power_draw(device) / 1000),
-                "scaleforge_gpu_memory_allocated_bytes": (
-                    "memory torch holds in tensors",
-                    lambda: cuda.memory_allocated(device),
-                ),
-                "scaleforge_gpu_memory_reserved_bytes": (
-                    "memory torch's allocator reserved",
-                    lambda: cuda.memory_reserved(device),
-                ),
+        readings: dict[str, tuple[str, Callable[[], float]]] = {
+            "scaleforge_gpu_utilization_ratio": ("GPU busy share (NVML)", lambda: cuda.utilization(device) / 100),
+            "scaleforge_gpu_memory_used_bytes": (
+                "device memory in use (NVML)",
+                lambda: cuda.device_memory_used(device),
+            ),
+            "scaleforge_gpu_power_watts": ("power draw (NVML)", lambda: cuda.power_draw(device) / 1000),
+            "scaleforge_gpu_memory_allocated_bytes": (
+                "memory torch holds in tensors",
+                lambda: cuda.memory_allocated(device),
+            ),
+            "scaleforge_gpu_memory_reserved_bytes": (
+                "memory torch's allocator reserved",
+                lambda: cuda.memory_reserved(device),
+            ),
+        }
+        if not allocator:
+            readings = {
+                name: reading
+                for name, reading in readings.items()
+                if "_allocated_" not in name and "_reserved_" not in name
             }
-        )
+        return cls(readings)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         for name, (description, read) in self.readings.items():
@@ -198,12 +214,18 @@ def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> R
     return _Json({"detail": detail}, status_code=status, headers=headers)
 
 
-def create_app(model: ServedModel, settings: ServeSettings) -> Gate:
-    """The application serving `model` (already loaded) with `settings`: FastAPI behind the `Gate`."""
-    metrics = ServerMetrics(settings.max_batch_size, model.device)
-    metrics.model_load.set(model.load_seconds)
+def create_app(
+    model: ServedModel,
+    settings: ServeSettings,
+    run_batch: Callable[[list[torch.Tensor]], list[dict[str, Any]]] | None = None,
+    load_seconds: float | None = None,
+) -> Gate:
+    """The application serving `model` (already loaded) with `settings`: FastAPI behind the `Gate`. Batches run
+    in `run_batch` (a `ModelProcess`, say; `model.answer` on the model's thread by default)."""
+    metrics = ServerMetrics(settings.max_batch_size, model.device, allocator=run_batch is None)
+    metrics.model_load.set(model.load_seconds if load_seconds is None else load_seconds)
     batcher = Batcher(
-        model.answer,
+        run_batch or model.answer,
         max_batch_size=settings.max_batch_size,
         max_delay_s=settings.max_delay_ms / 1000,
         max_queue=settings.max_queue,
@@ -311,6 +333,11 @@ def create_app(model: ServedModel, settings: ServeSettings) -> Gate:
                 result = await _unless_disconnected(receive, ticket, batcher)
             except DeadlineExceeded as error:
                 return metrics.refuse("deadline", 504, str(error))
+            except WorkerDied as error:
+                return metrics.refuse("model_error", 503, str(error), {"Retry-After": "1"})
+            except Exception as error:  # noqa: BLE001 - the model failed on the batch: said, never a crash
+                failure = str(error) if isinstance(error, ModelFailed) else f"{type(error).__name__}: {error}"
+                return metrics.refuse("model_error", 500, f"the model failed on this batch: {failure}")
             if result is None:
                 return _error(499, "the client went away")  # never sent: counted as 499
             metrics.queue_wait.observe(result.queue_wait_s)
@@ -355,15 +382,19 @@ def create_app(model: ServedModel, settings: ServeSettings) -> Gate:
 async def _unless_disconnected(receive: Receive, ticket: Ticket, batcher: Batcher) -> Result | None:
     """`ticket`'s result, or None if the client went away first (its request is then dropped if still queued)."""
     watch = asyncio.get_running_loop().create_task(_disconnected(receive))
-    watch.add_done_callback(lambda done: None if done.cancelled() else ticket.future.cancel())
+    watch.add_done_callback(lambda done: ticket.future.cancel() if _disconnect_seen(done) else None)
     try:
         return await batcher.wait(ticket)
     except asyncio.CancelledError:
-        if watch.done() and not watch.cancelled():
+        if _disconnect_seen(watch):
             return None  # the client's disconnect cancelled the ticket
         raise
     finally:
         watch.cancel()
+
+
+def _disconnect_seen(watch: asyncio.Task[None]) -> bool:
+    return watch.done() and not watch.cancelled() and watch.exception() is None
 
 
 async def _disconnected(receive: Receive) -> None:

@@ -21,7 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-PAUSE = 4.0  # arrivals have paused after this many mean gaps without one (Poisson arrivals: 2% of gaps are longer)
+# arrivals have paused after this many times the median recent gap between them without one: a closed group of
+# clients sends in a burst (tiny gaps, then one long one while it waits); of Poisson arrivals, 1.6% of gaps are longer
+PAUSE = 6.0
 
 
 class QueueFull(Exception):
@@ -94,9 +96,9 @@ class Batcher:
         # moving averages over recent batches, for the wait a new request would face (None: none has run yet)
         self._batch_seconds: float | None = None
         self._batch_size = 1.0
-        # and over recent gaps between arrivals, to tell when the requests that would fill a batch stopped coming
+        # and the recent gaps between arrivals, to tell when the requests that would fill a batch stopped coming
         self._last_arrival: float | None = None
-        self._arrival_gap: float | None = None
+        self._gaps: collections.deque[float] = collections.deque(maxlen=32)
 
     def start(self) -> None:
         """Start the batching loop on the running event loop."""
@@ -131,10 +133,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         now = time.perf_counter()
         if self._last_arrival is not None:
-            gap = now - self._last_arrival
-            self._arrival_gap = (
-                gap if self._arrival_gap is None else self._arrival_gap + 0.1 * (gap - self._arrival_gap)
-            )
+            self._gaps.append(now - self._last_arrival)
         self._last_arrival = now
         ticket = Ticket(instances, loop.create_future(), now)
         ticket.deadline = loop.call_at(loop.time() + self.timeout_s, self._expire, ticket)
@@ -216,7 +215,7 @@ class Batcher:
 
     async def _next_batch(self) -> list[Ticket]:
         """Wait for a live request, then for the batch to fill, for the oldest to have waited `max_delay_s`, or for
-        the arrivals to pause (none for `PAUSE` times their recent mean gap: a closed group of clients has all
+        the arrivals to pause (none for `PAUSE` times their median recent gap: a closed group of clients has all
         sent, and waiting longer only adds latency)."""
         while True:
             self._drop_dead()
@@ -230,8 +229,9 @@ class Batcher:
         while self._queued_rows < self.max_batch_size and not self._closing:
             now = time.perf_counter()
             remaining = fill_by - now
-            if self._arrival_gap is not None and self._last_arrival is not None:
-                remaining = min(remaining, self._last_arrival + PAUSE * self._arrival_gap - now)
+            if len(self._gaps) >= 4 and self._last_arrival is not None:
+                median_gap = sorted(self._gaps)[len(self._gaps) // 2]
+                remaining = min(remaining, self._last_arrival + PAUSE * median_gap - now)
             if remaining <= 0:
                 break
             self._arrival.clear()

@@ -11,6 +11,7 @@ import hashlib
 import io
 import itertools
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from scaleforge.runs import find_final, load_run
+from scaleforge.runs import find_final, load_description, load_run
 
 MAX_IMAGE_PIXELS = 4096 * 4096  # larger uploads are refused before they are decoded
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class InvalidInput(ValueError):
@@ -40,20 +46,27 @@ class ModelCard:
 
 
 class ServedModel:
-    """A trained run's model, loaded once from `final/` and answering batches of instances."""
+    """A trained run's model, loaded once from `final/` and answering batches of instances. With `weights=False`
+    it only decodes requests (the model then runs in another process: `serve.worker`)."""
 
-    def __init__(self, path: str | Path, device: str | torch.device = "cpu") -> None:
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu", *, weights: bool = True) -> None:
         started = time.perf_counter()
         final = find_final(path)
-        run = load_run(final)
         self.device = torch.device(device)
-        self.model = run.model.to(self.device).eval()
-        self.info = run.info
+        if weights:
+            run = load_run(final)
+            config, self.info = run.config, run.info
+            self.model: torch.nn.Module | None = run.model.to(self.device).eval()
+        else:
+            (config, self.info), self.model = load_description(final), None
         # the weights' digest names this exact model: responses and cache keys carry it
-        weights = (final / "model.safetensors").read_bytes()
+        digest = hashlib.sha256()
+        with (final / "model.safetensors").open("rb") as file:
+            while chunk := file.read(2**24):
+                digest.update(chunk)
         self.card = ModelCard(
-            name=run.config.name if run.config.name != "default" else run.config.model.architecture,
-            version=hashlib.sha256(weights).hexdigest()[:12],
+            name=config.name if config.name != "default" else config.model.architecture,
+            version=digest.hexdigest()[:12],
             task=self.info.task,
             input_schema=self._input_schema(),
         )
@@ -140,6 +153,8 @@ class ServedModel:
     @torch.inference_mode()
     def predict(self, instances: list[torch.Tensor]) -> torch.Tensor:
         """The batch's outputs, one row per instance: class probabilities, or the next token's probabilities."""
+        if self.model is None:
+            raise RuntimeError("this ServedModel was loaded without its weights")
         if self.info.task == "language_modeling":
             lengths = torch.tensor([len(tokens) for tokens in instances])
             # padded on the right: causal attention keeps each instance's last position blind to its padding
@@ -151,6 +166,34 @@ class ServedModel:
         if self.info.task == "classification":
             outputs = outputs.float().softmax(-1)
         return outputs.float().cpu()
+
+    def choose_threads(self, batch_size: int, cores: int) -> int:
+        """torch threads for serving on `cores` CPU cores: all of them when that runs a full batch at least 1.3x
+        faster than one core fewer (the model's compute dominates, as for a ResNet), else one core fewer, left
+        to the event loop (a small model, whose requests cost more than its compute, and whose spare threads
+        would only spin). Timed here after a warm-up (best of three, or one run for a batch over 50 ms); on a
+        GPU, one core fewer."""
+        fewer = max(1, cores - 1)
+        if cores <= 1 or self.device.type != "cpu":
+            return fewer
+        if self.info.task == "language_modeling":
+            batch = [torch.zeros(self.info.seq_len or 1, dtype=torch.long)] * batch_size
+        else:
+            batch = [torch.zeros(tuple(self.info.input_shape))] * batch_size
+        seconds = {}
+        for threads in (fewer, cores):
+            torch.set_num_threads(threads)
+            started = time.perf_counter()
+            self.predict(batch)  # kernels made for this shape
+            runs = []
+            for _ in range(3 if time.perf_counter() - started < 0.05 else 1):  # one for a slow model
+                started = time.perf_counter()
+                self.predict(batch)
+                runs.append(time.perf_counter() - started)
+            seconds[threads] = min(runs)
+        chosen = cores if seconds[fewer] > 1.3 * seconds[cores] else fewer
+        torch.set_num_threads(chosen)
+        return chosen
 
     def answer(self, instances: list[torch.Tensor]) -> list[dict[str, Any]]:
         """`predict` and `encode` together: what the model's thread runs for a batch."""

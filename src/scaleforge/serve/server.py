@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import sys
 from pathlib import Path
@@ -14,7 +13,8 @@ import uvicorn
 from scaleforge.distributed.env import select_device
 from scaleforge.errors import ConfigError, UsageError
 from scaleforge.serve.app import Gate, ServeSettings, create_app
-from scaleforge.serve.model import ServedModel
+from scaleforge.serve.model import ServedModel, cpu_cores
+from scaleforge.serve.worker import ModelProcess
 
 
 class DrainingServer(uvicorn.Server):
@@ -48,9 +48,19 @@ def serve(path: str | Path, settings: ServeSettings) -> None:
         device = select_device(settings.device)
     except ConfigError as error:
         raise UsageError(str(error).replace("hardware.device", "--device")) from None
-    torch.set_num_threads(settings.threads or model_threads())
-    model = ServedModel(path, device)  # loaded before the server listens, never per request
-    gate = create_app(model, settings)
+    worker = None
+    if settings.model_process:  # the model loads in its own process; this one only decodes requests
+        model = ServedModel(path, device, weights=False)  # checks the run before a process starts
+        worker = ModelProcess(str(path), str(device), settings.threads, settings.max_batch_size)
+        load_seconds, threads = worker.load_seconds, worker.threads
+    else:
+        model = ServedModel(path, device)  # loaded before the server listens, never per request
+        load_seconds = model.load_seconds
+        if settings.threads:
+            torch.set_num_threads(threads := settings.threads)
+        else:
+            threads = model.choose_threads(settings.max_batch_size, cpu_cores())
+    gate = create_app(model, settings, run_batch=worker, load_seconds=load_seconds)
     config = uvicorn.Config(
         gate,
         host=settings.host,
@@ -65,26 +75,19 @@ def serve(path: str | Path, settings: ServeSettings) -> None:
     )
     card = model.card
     banner = (
-        f"serving {card.name} ({card.task}, version {card.version}) on {device} ({torch.get_num_threads()} threads),"
-        f" loaded in {model.load_seconds:.2f}s"
+        f"serving {card.name} ({card.task}, version {card.version}) on {device}, {threads} torch thread"
+        f"{'s' * (threads != 1)}{' in a model process' if worker else ''}, loaded in {load_seconds:.2f}s"
         f" | batches of <= {settings.max_batch_size}, delay <= {settings.max_delay_ms:g} ms,"
         f" queue {settings.max_queue}, timeout {settings.timeout_ms:g} ms"
     )
     server = DrainingServer(config, gate, banner)
-    server.run()
+    try:
+        server.run()
+    finally:
+        if worker is not None:
+            worker.close()  # after the drain: every admitted request has its answer
     if not server.started:  # uvicorn said why
         sys.exit(1)
-
-
-def model_threads() -> int:
-    """Threads for the model by default: one per core but one, which the event loop needs for HTTP and JSON.
-    Measured on 2 cores with the digits MLP at 32 requests in flight: torch's default (2 threads, each spinning
-    for work) took 410 us of CPU per request, 1 thread 173 us (bench serve in benchmarks/RESULTS.md)."""
-    return (
-        max(1, len(os.sched_getaffinity(0)) - 1)
-        if hasattr(os, "sched_getaffinity")
-        else max(1, (os.cpu_count() or 1) - 1)
-    )
 
 
 def check_address(host: str, port: int) -> None:

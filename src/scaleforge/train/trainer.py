@@ -19,7 +19,7 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -31,15 +31,13 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from scaleforge import registry
+from scaleforge.components import build_model, construct, factory_of
 from scaleforge.config import (
-    DATA_PROVIDED,
     ComponentSpec,
     DataSection,
-    ModelSection,
     RunConfig,
     TrainingSection,
     dump_yaml,
-    signature_of,
 )
 from scaleforge.data.base import DataInfo, DatasetSplits
 from scaleforge.data.loading import BatchPlan, DataWaitClock, TrainBatches, eval_batches
@@ -75,58 +73,14 @@ MicroBatches = list[tuple[torch.Tensor, torch.Tensor]]
 # ------------------------------------------------------------------------------------------ build helpers
 
 
-def construct(factory: Callable[..., Any], key: str, **kwargs: Any) -> Any:
-    """Call a component factory; a ValueError (its way of rejecting a parameter) becomes a config error naming `key`.
-
-    Other exceptions are bugs, in scaleforge or in the component, and propagate with their traceback.
-    """
-    try:
-        return factory(**kwargs)
-    except ConfigError:
-        raise
-    except ValueError as error:
-        name = getattr(factory, "__name__", repr(factory))
-        raise ConfigError(f"{key}: {name} rejected its parameters: {error}") from error
-
-
 def build_data(section: DataSection) -> DatasetSplits:
     """The dataset the config names, split into training and validation."""
-    splits = construct(_factory(section.factory, registry.DATASETS, section.dataset), "data", **section.params)
+    splits = construct(factory_of(section.factory, registry.DATASETS, section.dataset), "data", **section.params)
     if not isinstance(splits, DatasetSplits):
         raise ConfigError(f"data.dataset: '{section.dataset}' returned {type(splits).__name__}, not DatasetSplits")
     if len(splits.val) == 0:  # type: ignore[arg-type]
         raise ConfigError(f"data: the validation split of '{section.dataset}' is empty; raise data.val_fraction")
     return splits
-
-
-def _factory(
-    factory: Callable[..., Any] | None, component_registry: registry.Registry, name: str
-) -> Callable[..., Any]:
-    """The factory the config loader resolved; configs built by hand are resolved here."""
-    return factory if factory is not None else component_registry.get(name)
-
-
-def build_model(section: ModelSection, info: DataInfo) -> nn.Module:
-    """The model the config names; it receives the dataset's fields (`num_classes`, ...) its signature names."""
-    factory = _factory(section.factory, registry.MODELS, section.architecture)
-    kwargs = dict(section.params)
-    signature = signature_of(factory).parameters
-    for name in DATA_PROVIDED:
-        provided = getattr(info, name)
-        if name not in signature or provided is None:
-            continue
-        given = kwargs.get(name)
-        if given is not None and _normalise(given) != _normalise(provided):
-            raise ConfigError(f"model.{name}: {given} does not match the dataset, which has {name}={provided}")
-        kwargs[name] = provided
-    model = construct(factory, "model", **kwargs)
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model.architecture: '{section.architecture}' built {type(model).__name__}, not nn.Module")
-    return model
-
-
-def _normalise(value: Any) -> Any:
-    return list(value) if isinstance(value, list | tuple) else value
 
 
 def build_objective(section: TrainingSection, info: DataInfo) -> Objective:
@@ -146,7 +100,7 @@ def build_objective(section: TrainingSection, info: DataInfo) -> Objective:
 
 def _build_for_task(spec: ComponentSpec, component_registry: registry.Registry, key: str, info: DataInfo) -> Any:
     """A loss or metric, checked against the dataset: its `tasks` (if it declares them) and `num_classes`."""
-    component = construct(_factory(spec.factory, component_registry, spec.name), key, **spec.params)
+    component = construct(factory_of(spec.factory, component_registry, spec.name), key, **spec.params)
     tasks = getattr(component, "tasks", None)
     if tasks is not None and info.task not in tasks:
         raise ConfigError(f"{key}: {spec.name} is for {' or '.join(tasks)} data, but the dataset is {info.task}")
@@ -158,7 +112,7 @@ def _build_for_task(spec: ComponentSpec, component_registry: registry.Registry, 
 
 def build_optimizer(section: TrainingSection, model: nn.Module) -> torch.optim.Optimizer:
     """The optimizer over the model's trainable parameters."""
-    factory = _factory(section.optimizer.factory, registry.OPTIMIZERS, section.optimizer.name)
+    factory = factory_of(section.optimizer.factory, registry.OPTIMIZERS, section.optimizer.name)
     params = [p for p in model.parameters() if p.requires_grad]
     return construct(
         factory,
@@ -174,7 +128,7 @@ def build_scheduler(
     spec: ComponentSpec, optimizer: torch.optim.Optimizer, total_steps: int, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
     """The learning-rate schedule, stepped once per optimizer step (None: constant)."""
-    factory = _factory(spec.factory, registry.SCHEDULERS, spec.name)
+    factory = factory_of(spec.factory, registry.SCHEDULERS, spec.name)
     return construct(
         factory,
         "training.scheduler",
@@ -196,7 +150,7 @@ def build_callbacks(config: RunConfig, run_dir: Path, extra: Sequence[Callback] 
     if config.logging.plot:
         callbacks.append(LossPlot(run_dir / "loss.png"))
     for i, spec in enumerate(config.training.callbacks):
-        factory = _factory(spec.factory, registry.CALLBACKS, spec.name)
+        factory = factory_of(spec.factory, registry.CALLBACKS, spec.name)
         callbacks.append(construct(factory, f"training.callbacks.{i}", **spec.params))
     callbacks.extend(extra)
     return CallbackList(callbacks)

@@ -1,0 +1,123 @@
+"""The model in a process of its own, so that HTTP and inference run in parallel instead of sharing one
+interpreter lock: the server's event loop parses and answers requests while the model computes a batch.
+
+The server's model thread hands each batch to the process through a pipe (the instances as NumPy arrays) and
+waits for its answers (JSON-ready dicts); the batcher does not change. The process ignores SIGINT and SIGTERM:
+the server drains on either and then closes the pipe, which ends the process; if the server dies, the pipe
+closes too, so the process never outlives it. A process that dies mid-batch fails that batch (503) and is
+started again for the next one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import signal
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+
+from scaleforge.errors import UsageError
+
+
+class WorkerDied(Exception):
+    """The model's process exited while running a batch (it has been started again)."""
+
+
+class ModelFailed(Exception):
+    """The model raised on a batch; the message is its error, in one line."""
+
+
+class ModelProcess:
+    """The run at `path` served by a child process on `device` with `threads` torch threads. Calling it with a
+    batch of instances returns their answers (`ServedModel.answer`), from the model thread."""
+
+    def __init__(self, path: str, device: str, threads: int, batch_size: int) -> None:
+        """`threads` 0: chosen by timing a batch of `batch_size` (`ServedModel.choose_threads`)."""
+        self.path, self.device, self.threads, self.batch_size = path, device, threads, batch_size
+        self.load_seconds = 0.0
+        self.restarts = 0
+        self._start()
+
+    def _start(self) -> None:
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked locks or threads
+        self._conn, child = context.Pipe()
+        self.process = context.Process(
+            target=_work,
+            args=(child, self.path, self.device, self.threads, self.batch_size),
+            name="scaleforge-model",
+            daemon=True,
+        )
+        self.process.start()
+        child.close()
+        try:
+            status, value = self._conn.recv()
+        except EOFError:
+            self.process.join(timeout=10)
+            code = self.process.exitcode
+            raise UsageError(f"the model's process exited while loading {self.path} (code {code})") from None
+        if status == "error":
+            self.process.join(timeout=10)
+            raise UsageError(value)
+        self.load_seconds, self.threads = value
+
+    def __call__(self, instances: list[torch.Tensor]) -> list[dict[str, Any]]:
+        try:
+            self._conn.send([instance.numpy() for instance in instances])
+            status, value = self._conn.recv()
+        except (EOFError, OSError):
+            self.process.join(timeout=10)
+            code = self.process.exitcode
+            self.restarts += 1
+            self._start()
+            raise WorkerDied(f"the model's process exited (code {code}) running this batch; it was restarted") from None
+        if status == "error":
+            raise ModelFailed(value)
+        return value
+
+    def close(self) -> None:
+        """End the process once it has answered its batch (the server has drained)."""
+        with contextlib.suppress(OSError):
+            self._conn.send(None)
+        self.process.join(timeout=30)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self._conn.close()
+
+
+def _work(conn: Connection, path: str, device: str, threads: int, batch_size: int) -> None:
+    """The child process: load the model, then answer batches until the pipe says stop or closes."""
+    with contextlib.suppress(EOFError, BrokenPipeError, ConnectionResetError):  # the server is gone: so is this
+        _answer_batches(conn, path, device, threads, batch_size)
+
+
+def _answer_batches(conn: Connection, path: str, device: str, threads: int, batch_size: int) -> None:
+    # the server drains on these and then closes the pipe; dying first would drop the batch in flight
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from scaleforge.serve.model import ServedModel, cpu_cores
+
+    try:
+        model = ServedModel(path, device)
+        if threads:
+            torch.set_num_threads(threads)
+        else:
+            threads = model.choose_threads(batch_size, cpu_cores())
+    except Exception as error:  # noqa: BLE001 - told to the server, which reports it and exits
+        conn.send(("error", _one_line(error)))
+        return
+    conn.send(("ready", (model.load_seconds, threads)))
+    while (batch := conn.recv()) is not None:
+        try:
+            answers = model.answer([torch.from_numpy(array) for array in batch])
+        except Exception as error:  # noqa: BLE001 - the batch fails, the process goes on
+            conn.send(("error", f"{type(error).__name__}: {_one_line(error)}"))
+            continue
+        conn.send(("ok", answers))
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
