@@ -192,8 +192,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         threads=args.threads,
         model_process=args.model_process,
     )
-    serve(args.run_dir, settings)
-    return 0
+    return 0 if serve(args.run_dir, settings) else 1
 
 
 def _float_above(minimum: float, inclusive: bool, kind: str) -> Callable[[str], float]:

@@ -360,21 +360,31 @@ def model_process(server_pid: int) -> int:
     return worker
 
 
-def test_the_model_process_is_restarted_when_it_dies_and_ends_with_the_server(digits_run: Path) -> None:
+def test_the_model_process_is_restarted_when_it_dies_and_ends_with_the_server(slow_run: Path) -> None:
     body = {"inputs": [IMAGE]}
-    with server(digits_run) as (url, process):
+
+    async def killed_mid_batch(url: str, worker: int) -> httpx.Response:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            pending = asyncio.ensure_future(client.post("/v1/predict", json=body))
+            await asyncio.sleep(0.25)  # its batch runs for 0.5 s
+            os.kill(worker, signal.SIGKILL)
+            return await pending
+
+    with server(slow_run, *SLOW) as (url, process):
         first = model_process(process.pid)
-        os.kill(first, signal.SIGKILL)
-        assert gone(first)
-        died = httpx.post(f"{url}/v1/predict", json=body)  # its batch finds the process dead
-        after = httpx.post(f"{url}/v1/predict", json=body)
+        died = asyncio.run(killed_mid_batch(url, first))
+        after = httpx.post(f"{url}/v1/predict", json=body, timeout=30)  # a new process answers
         second = model_process(process.pid)
+        os.kill(second, signal.SIGKILL)  # between batches: the next one starts a process before it runs
+        assert gone(second)
+        between = httpx.post(f"{url}/v1/predict", json=body, timeout=30)
+        third = model_process(process.pid)
         started = children(process.pid)  # the model's process, and multiprocessing's resource tracker
         process.send_signal(signal.SIGTERM)  # to the server alone
         assert process.wait(timeout=60) == 0
-    assert died.status_code == 503 and "model's process exited" in died.json()["detail"], died.text
-    assert after.status_code == 200 and second != first
-    assert second in started and all(gone(pid) for pid in started)  # SIGTERM to the server ended them all
+    assert died.status_code == 503 and "exited (code -9) running this batch" in died.json()["detail"], died.text
+    assert after.status_code == 200 and between.status_code == 200 and len({first, second, third}) == 3
+    assert third in started and all(gone(pid) for pid in started)  # SIGTERM to the server ended them all
 
 
 def test_a_killed_server_leaves_no_model_process_behind(digits_run: Path) -> None:

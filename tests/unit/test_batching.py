@@ -222,3 +222,40 @@ def test_a_batch_starts_once_its_arrivals_pause_without_waiting_out_the_delay() 
     assert first >= 2.0  # too few arrivals yet to know their pace: the delay is waited out
     # then each group is one batch, started by the pause after its third request rather than the 2 s delay
     assert model.batches == [[0, 1, 2]] * 3 and max(later) < 0.5, later
+
+
+def test_callers_that_keep_leaving_before_their_batch_never_stop_the_loop() -> None:
+    model = RecordingModel()
+
+    async def scenario() -> list:
+        b = batcher(model, max_delay_s=0.002, timeout_s=2.0)
+        b.start()
+        for value in range(1200):  # each leaves while its batch is still filling, before the delay is out
+            gone = asyncio.ensure_future(b.submit([value]))
+            await asyncio.sleep(0)
+            gone.cancel()
+            await asyncio.sleep(0.003)
+        result = await b.submit([7])
+        await b.close()
+        return result.outputs
+
+    assert run(scenario()) == [14] and model.batches == [[7]]
+
+
+def test_an_error_after_the_model_ran_fails_that_batch_only() -> None:
+    seen = []
+
+    def on_batch(size: int, seconds: float) -> None:
+        seen.append(size)
+        if len(seen) == 1:
+            raise RuntimeError("metrics broke")
+
+    async def scenario() -> None:
+        b = Batcher(RecordingModel(), max_batch_size=1, max_delay_s=0.0, max_queue=10, timeout_s=5.0, on_batch=on_batch)
+        b.start()
+        with pytest.raises(RuntimeError, match="metrics broke"):
+            await b.submit([1])
+        assert (await b.submit([2])).outputs == [4]
+        await b.close()
+
+    run(scenario())

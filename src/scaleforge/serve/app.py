@@ -475,7 +475,7 @@ class Gate:
             self.predict_fast is not None
             and path == "/v1/predict"
             and scope["method"] == "POST"
-            and headers.get("content-type", "").startswith("application/json")
+            and headers.get("content-type", "").split(";")[0].strip().lower() == "application/json"
         ):
             response = await self.predict_fast(bytes(body), receive)
             if response is not None:

@@ -178,51 +178,72 @@ class Batcher:
             ticket.future.set_exception(DeadlineExceeded(f"queued for more than {self.timeout_s * 1000:g} ms"))
 
     async def _batch_loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = await self._next_batch()
             if not batch:
                 return  # closing, and nothing left
-            instances = [instance for ticket in batch for instance in ticket.instances]
-            started = time.perf_counter()
-            self.running, self._running_since = len(instances), started
             try:
-                outputs = await loop.run_in_executor(self._executor, self.run_batch, instances)
+                await self._run(batch)
             except Exception as error:  # noqa: BLE001 - the batch's requests fail with it, the loop goes on
                 for ticket in batch:
                     ticket.state = "done"
                     if not ticket.future.done():
                         ticket.future.set_exception(error)
-                continue
-            finally:
-                self.running = 0
-            seconds = time.perf_counter() - started
-            if self._batch_seconds is None:
-                self._batch_seconds, self._batch_size = seconds, float(len(instances))
-            else:  # the last 10 batches or so
-                self._batch_seconds += 0.1 * (seconds - self._batch_seconds)
-                self._batch_size += 0.1 * (len(instances) - self._batch_size)
-            if self.on_batch is not None:
-                self.on_batch(len(instances), seconds)
-            offset = 0
-            for ticket in batch:
-                count = len(ticket.instances)
-                result = Result(outputs[offset : offset + count], started - ticket.arrived, seconds, len(instances))
-                offset += count
-                ticket.state = "done"
-                if not ticket.future.done():
-                    ticket.future.set_result(result)
+
+    async def _run(self, batch: list[Ticket]) -> None:
+        instances = [instance for ticket in batch for instance in ticket.instances]
+        started = time.perf_counter()
+        self.running, self._running_since = len(instances), started
+        try:
+            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self.run_batch, instances)
+        finally:
+            self.running = 0
+        seconds = time.perf_counter() - started
+        if self._batch_seconds is None:
+            self._batch_seconds, self._batch_size = seconds, float(len(instances))
+        else:  # the last 10 batches or so
+            self._batch_seconds += 0.1 * (seconds - self._batch_seconds)
+            self._batch_size += 0.1 * (len(instances) - self._batch_size)
+        if self.on_batch is not None:
+            self.on_batch(len(instances), seconds)
+        offset = 0
+        for ticket in batch:
+            count = len(ticket.instances)
+            result = Result(outputs[offset : offset + count], started - ticket.arrived, seconds, len(instances))
+            offset += count
+            ticket.state = "done"
+            if not ticket.future.done():
+                ticket.future.set_result(result)
 
     async def _next_batch(self) -> list[Ticket]:
         """Wait for a live request, then for the batch to fill, for the oldest to have waited `max_delay_s`, or for
         the arrivals to pause (none for `PAUSE` times their median recent gap: a closed group of clients has all
         sent, and waiting longer only adds latency)."""
+        while not await self._filled():
+            pass  # everyone waiting left: start over
+        batch: list[Ticket] = []
+        rows = 0
+        while self._queue:
+            head = self._queue[0]
+            if head.state != "queued":
+                self._queue.popleft()
+            elif rows + len(head.instances) > self.max_batch_size:
+                break
+            else:
+                self._queue.popleft()
+                self._leave_queue(head, "running")
+                batch.append(head)
+                rows += len(head.instances)
+        return batch
+
+    async def _filled(self) -> bool:
+        """Wait until a batch is due (False: every request waiting left meanwhile; True also when closing)."""
         while True:
             self._drop_dead()
             if self._queue:
                 break
             if self._closing:
-                return []
+                return True
             self._arrival.clear()
             await self._arrival.wait()
         fill_by = self._queue[0].arrived + self.max_delay_s
@@ -238,16 +259,9 @@ class Batcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrival.wait(), remaining)
             self._drop_dead()
-            if not self._queue:  # everyone waiting left: start over
-                return await self._next_batch()
-        batch: list[Ticket] = []
-        rows = 0
-        while self._queue and rows + len(self._queue[0].instances) <= self.max_batch_size:
-            ticket = self._queue.popleft()
-            if self._leave_queue(ticket, "running"):
-                batch.append(ticket)
-                rows += len(ticket.instances)
-        return batch
+            if not self._queue:
+                return False
+        return True
 
     def _drop_dead(self) -> None:
         """Forget requests that expired or whose caller went away, at the head of the queue and everywhere."""

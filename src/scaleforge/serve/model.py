@@ -23,7 +23,6 @@ import torch
 from scaleforge.runs import find_final, load_description, load_run
 
 MAX_IMAGE_PIXELS = 4096 * 4096  # larger uploads are refused before they are decoded
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def cpu_cores() -> int:
@@ -105,7 +104,8 @@ class ServedModel:
         shape = tuple(self.info.input_shape)
         if _numbers_only(inputs, len(shape) + 1):  # the usual case, checked at speed
             try:
-                array = np.array(inputs, dtype=np.float32)
+                with np.errstate(over="ignore"):  # a number beyond float32 becomes inf: refused below
+                    array = np.array(inputs, dtype=np.float32)
             except (ValueError, OverflowError):  # ragged, or an integer beyond float32
                 array = None
             if array is not None and array.shape[1:] == shape and np.isfinite(array).all():
@@ -247,8 +247,9 @@ def _flatten(value: Any, shape: tuple[int, ...], where: str, out: list[float]) -
             raise InvalidInput(f"{where}: {value} is too large for a float") from None
         if not math.isfinite(number):
             raise InvalidInput(f"{where}: {value} is not a finite number")
-        if abs(number) > FLOAT32_MAX:
-            raise InvalidInput(f"{where}: {value} is too large for a float32")
+        with np.errstate(over="ignore"):
+            if not math.isfinite(np.float32(number)):  # the same rounding as the fast path's cast
+                raise InvalidInput(f"{where}: {value} is too large for a float32")
         out.append(number)
         return
     if not isinstance(value, list) or len(value) != shape[0]:

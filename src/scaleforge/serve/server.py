@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import sys
 from pathlib import Path
 from types import FrameType
 
@@ -41,25 +40,35 @@ class DrainingServer(uvicorn.Server):
             print(f"{self.banner} | http://{host}:{port} (docs: /docs)", flush=True)
 
 
-def serve(path: str | Path, settings: ServeSettings) -> None:
-    """Load the run at `path` and serve it with `settings` until stopped."""
+def serve(path: str | Path, settings: ServeSettings) -> bool:
+    """Load the run at `path` and serve it with `settings` until stopped; False if it never started (uvicorn
+    said why)."""
     check_address(settings.host, settings.port)  # before the model loads: a taken port fails at once
     try:
         device = select_device(settings.device)
     except ConfigError as error:
         raise UsageError(str(error).replace("hardware.device", "--device")) from None
-    worker = None
-    if settings.model_process:  # the model loads in its own process; this one only decodes requests
-        model = ServedModel(path, device, weights=False)  # checks the run before a process starts
-        worker = ModelProcess(str(path), str(device), settings.threads, settings.max_batch_size)
-        load_seconds, threads = worker.load_seconds, worker.threads
-    else:
+    if not settings.model_process:
         model = ServedModel(path, device)  # loaded before the server listens, never per request
-        load_seconds = model.load_seconds
         if settings.threads:
-            torch.set_num_threads(threads := settings.threads)
-        else:
-            threads = model.choose_threads(settings.max_batch_size, cpu_cores())
+            torch.set_num_threads(settings.threads)
+        threads = settings.threads or model.choose_threads(settings.max_batch_size, cpu_cores())
+        server = _server(model, settings, None, model.load_seconds, threads)
+        server.run()
+        return server.started
+    model = ServedModel(path, device, weights=False)  # checks the run before a process starts
+    worker = ModelProcess(str(path), str(device), settings.threads, settings.max_batch_size)
+    try:
+        server = _server(model, settings, worker, worker.load_seconds, worker.threads)
+        server.run()
+        return server.started
+    finally:
+        worker.close()  # after the drain: every admitted request has its answer
+
+
+def _server(
+    model: ServedModel, settings: ServeSettings, worker: ModelProcess | None, load_seconds: float, threads: int
+) -> DrainingServer:
     gate = create_app(model, settings, run_batch=worker, load_seconds=load_seconds)
     config = uvicorn.Config(
         gate,
@@ -75,19 +84,12 @@ def serve(path: str | Path, settings: ServeSettings) -> None:
     )
     card = model.card
     banner = (
-        f"serving {card.name} ({card.task}, version {card.version}) on {device}, {threads} torch thread"
+        f"serving {card.name} ({card.task}, version {card.version}) on {model.device}, {threads} torch thread"
         f"{'s' * (threads != 1)}{' in a model process' if worker else ''}, loaded in {load_seconds:.2f}s"
         f" | batches of <= {settings.max_batch_size}, delay <= {settings.max_delay_ms:g} ms,"
         f" queue {settings.max_queue}, timeout {settings.timeout_ms:g} ms"
     )
-    server = DrainingServer(config, gate, banner)
-    try:
-        server.run()
-    finally:
-        if worker is not None:
-            worker.close()  # after the drain: every admitted request has its answer
-    if not server.started:  # uvicorn said why
-        sys.exit(1)
+    return DrainingServer(config, gate, banner)
 
 
 def check_address(host: str, port: int) -> None:

@@ -63,18 +63,32 @@ class ModelProcess:
         self.load_seconds, self.threads = value
 
     def __call__(self, instances: list[torch.Tensor]) -> list[dict[str, Any]]:
+        if not self.process.is_alive():  # it died between batches: this one has not reached it
+            self._restart()
         try:
             self._conn.send([instance.numpy() for instance in instances])
             status, value = self._conn.recv()
         except (EOFError, OSError):
-            self.process.join(timeout=10)
-            code = self.process.exitcode
-            self.restarts += 1
-            self._start()
+            code = self._restart()
             raise WorkerDied(f"the model's process exited (code {code}) running this batch; it was restarted") from None
         if status == "error":
             raise ModelFailed(value)
         return value
+
+    def _restart(self) -> int | None:
+        """End what is left of the process and start a new one; the old one's exit code."""
+        self.process.join(timeout=10)
+        if self.process.is_alive():  # it ignores SIGTERM
+            self.process.kill()
+            self.process.join()
+        code = self.process.exitcode
+        self._conn.close()
+        self.restarts += 1
+        try:
+            self._start()
+        except UsageError as error:  # the next batch tries again
+            raise WorkerDied(f"the model's process exited (code {code}) and could not be restarted: {error}") from None
+        return code
 
     def close(self) -> None:
         """End the process once it has answered its batch (the server has drained)."""
