@@ -191,6 +191,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         device=args.device,
         threads=args.threads,
         model_process=args.model_process,
+        drain_grace_s=args.drain_grace_s,
     )
     return 0 if serve(args.run_dir, settings) else 1
 
@@ -341,6 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="run the model in a process of its own, in parallel with HTTP (--no-model-process: a thread)",
+    )
+    serve.add_argument(
+        "--drain-grace-s",
+        type=_non_negative_float,
+        default=0.0,
+        help="after SIGTERM, keep serving this long with /health/ready at 503 (for load balancers), then drain",
     )
     serve.add_argument(
         "--api-key-env", metavar="VAR", help="require the key held by this environment variable (not /health/*)"

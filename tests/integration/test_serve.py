@@ -462,3 +462,15 @@ def test_bad_serve_arguments_are_one_line_and_exit_2(digits_run: Path, tmp_path:
             result = cli("serve", *args)
             assert result.code == 2 and message in result.err, (args, result.err)
             assert result.err.count("\n") == 1 and result.err.startswith("usage error: ")
+
+
+def test_a_drain_grace_keeps_serving_with_readiness_at_503(digits_run: Path) -> None:
+    with server(digits_run, "--drain-grace-s", "2") as (url, process):
+        assert httpx.get(f"{url}/health/ready").status_code == 200
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        ready = httpx.get(f"{url}/health/ready")  # a new connection: still accepted
+        served = httpx.post(f"{url}/v1/predict", json={"inputs": [IMAGE]})
+        assert process.wait(timeout=30) == 0
+    assert ready.status_code == 503 and ready.json() == {"detail": "draining"}
+    assert served.status_code == 200

@@ -76,6 +76,7 @@ class ServeSettings:
     device: str = "auto"
     threads: int = 0  # torch's threads for the model; 0: chosen by timing a batch (ServedModel.choose_threads)
     model_process: bool = True  # the model in a process of its own (serve.worker)
+    drain_grace_s: float = 0.0  # after a stop signal, serve this long with readiness at 503 before draining
 
 
 class PredictRequest(BaseModel):

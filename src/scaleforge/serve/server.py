@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import socket
+import time
 from pathlib import Path
 from types import FrameType
 
@@ -17,21 +19,36 @@ from scaleforge.serve.worker import ModelProcess
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn, except that a stop signal first turns `/health/ready` to 503; uvicorn then stops accepting
-    connections and waits for the requests it admitted, and the batcher answers every queued one before the
-    process ends."""
+    """uvicorn, except that a stop signal first turns `/health/ready` to 503 and, for `drain_grace_s`, keeps
+    serving (so that load balancers polling readiness stop sending); uvicorn then stops accepting connections
+    and waits for the requests it admitted, and the batcher answers every queued one before the process ends.
+    A second signal during the grace period stops at once."""
 
-    def __init__(self, config: uvicorn.Config, gate: Gate, banner: str) -> None:
+    def __init__(self, config: uvicorn.Config, gate: Gate, banner: str, drain_grace_s: float = 0.0) -> None:
         super().__init__(config)
         self.gate = gate
         self.banner = banner
+        self.drain_grace_s = drain_grace_s
+        self._stop_at: float | None = None
+        self._stop_signal = signal.SIGTERM
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.gate.state.draining = True
+        if self._stop_at is None and self.drain_grace_s > 0:
+            self._stop_at, self._stop_signal = time.monotonic() + self.drain_grace_s, sig
+            return
+        self._stop(sig, frame)
+
+    def _stop(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
         # uvicorn raises the signal again once it has shut down, so the process dies of it; a server that
         # drained as asked exits 0 instead
         self._captured_signals.clear()
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._stop_at is not None and not self.should_exit and time.monotonic() >= self._stop_at:
+            self._stop(self._stop_signal, None)
+        return await super().on_tick(counter)
 
     async def startup(self, sockets: list | None = None) -> None:
         await super().startup(sockets)
@@ -89,7 +106,7 @@ def _server(
         f" | batches of <= {settings.max_batch_size}, delay <= {settings.max_delay_ms:g} ms,"
         f" queue {settings.max_queue}, timeout {settings.timeout_ms:g} ms"
     )
-    return DrainingServer(config, gate, banner)
+    return DrainingServer(config, gate, banner, settings.drain_grace_s)
 
 
 def check_address(host: str, port: int) -> None:
