@@ -192,6 +192,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         threads=args.threads,
         model_process=args.model_process,
         drain_grace_s=args.drain_grace_s,
+        latency_target_ms=args.latency_target_ms,
     )
     return 0 if serve(args.run_dir, settings) else 1
 
@@ -342,6 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="run the model in a process of its own, in parallel with HTTP (--no-model-process: a thread)",
+    )
+    serve.add_argument(
+        "--latency-target-ms",
+        type=_non_negative_float,
+        default=0.0,
+        help="keep batches small enough, and refuse at once what could not be answered, to answer within this (0: off)",
     )
     serve.add_argument(
         "--drain-grace-s",

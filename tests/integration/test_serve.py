@@ -191,6 +191,14 @@ def test_a_request_queued_past_its_deadline_gets_504_and_is_never_run(slow_run: 
     assert metric(text, "scaleforge_rejections_total", reason="deadline") == 1
 
 
+def test_a_latency_target_refuses_at_once_what_it_could_not_answer_in_time(slow_run: Path) -> None:
+    # every batch takes 0.5 s (timed at start-up): behind a running one, a request would take about 1 s
+    with server(slow_run, *SLOW, "--latency-target-ms", "800", "--max-delay-ms", "0") as (url, _):
+        responses = asyncio.run(post_in_turn(url, 0.1, 3))
+    assert [r.status_code for r in responses] == [200, 503, 503]
+    assert "more than --latency-target-ms 800" in responses[1].json()["detail"]
+
+
 @pytest.mark.parametrize(
     ("body", "message"),
     [

@@ -259,3 +259,46 @@ def test_an_error_after_the_model_ran_fails_that_batch_only() -> None:
         await b.close()
 
     run(scenario())
+
+
+def test_batch_cost_fits_a_fixed_and_a_per_row_part() -> None:
+    from scaleforge.serve.batching import BatchCost
+
+    cost = BatchCost()
+    for rows in [1, 4, 8, 16, 32] * 8:
+        cost.add(rows, 0.002 + 0.001 * rows)
+    assert abs(cost.seconds(10) - 0.012) < 1e-6 and cost.rows_within(0.022) == 20
+
+
+def test_a_latency_target_keeps_batches_small_and_refuses_what_would_miss_it() -> None:
+    model = RecordingModel(seconds=0.0)
+
+    def per_row(instances: list[int]) -> list[int]:
+        time.sleep(0.01 * len(instances))  # 10 ms a row: a compute-bound model
+        return model(instances)
+
+    async def scenario() -> tuple[list, list[float]]:
+        b = Batcher(per_row, max_batch_size=32, max_delay_s=0.0, max_queue=500, timeout_s=5.0, latency_target_s=0.2)
+        b.start()
+        for rows in (1, 2, 4, 1, 3):  # learn the cost
+            await b.submit(list(range(rows)))
+        outcomes: list = []
+        latencies: list[float] = []
+
+        async def one(value: int) -> None:
+            started = time.perf_counter()
+            try:
+                await b.submit([value])
+                latencies.append(time.perf_counter() - started)
+            except QueueFull as error:
+                outcomes.append(str(error))
+
+        await asyncio.gather(*(one(value) for value in range(100)))  # 1 s of work at once
+        await b.close()
+        return outcomes, latencies
+
+    refused, latencies = run(scenario())
+    sizes = [len(batch) for batch in model.batches[5:]]
+    assert max(sizes) <= 10 and len(refused) >= 60, (sizes, len(refused))  # 10 rows: 100 ms, half the target
+    assert "more than --latency-target-ms 200" in refused[0]
+    assert max(latencies) < 0.3, max(latencies)  # the target, with the timer's slack

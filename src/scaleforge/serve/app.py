@@ -12,7 +12,7 @@ import collections
 import hashlib
 import hmac
 import time
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -77,6 +77,7 @@ class ServeSettings:
     threads: int = 0  # torch's threads for the model; 0: chosen by timing a batch (ServedModel.choose_threads)
     model_process: bool = True  # the model in a process of its own (serve.worker)
     drain_grace_s: float = 0.0  # after a stop signal, serve this long with readiness at 503 before draining
+    latency_target_ms: float = 0.0  # batches and admission kept to answer within this (0: off)
 
 
 class PredictRequest(BaseModel):
@@ -220,6 +221,7 @@ def create_app(
     settings: ServeSettings,
     run_batch: Callable[[list[torch.Tensor]], list[dict[str, Any]]] | None = None,
     load_seconds: float | None = None,
+    timed_batches: Sequence[tuple[int, float]] = (),
 ) -> Gate:
     """The application serving `model` (already loaded) with `settings`: FastAPI behind the `Gate`. Batches run
     in `run_batch` (a `ModelProcess`, say; `model.answer` on the model's thread by default)."""
@@ -232,6 +234,8 @@ def create_app(
         max_queue=settings.max_queue,
         timeout_s=settings.timeout_ms / 1000,
         on_batch=lambda size, seconds: (metrics.batch_size.observe(size), metrics.inference.observe(seconds)),
+        latency_target_s=settings.latency_target_ms / 1000,
+        timed_batches=timed_batches,
     )
     metrics.queue_depth.set_function(lambda: batcher.queued)
     cache = _ResultCache(settings.cache_size, model.card.version) if settings.cache_size > 0 else None

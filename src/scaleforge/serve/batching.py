@@ -59,11 +59,52 @@ class Ticket:
     deadline: asyncio.TimerHandle | None = None
 
 
+class BatchCost:
+    """How long a batch of `rows` takes: `fixed + per_row * rows`, fitted to recent batches by least squares
+    over moving averages (the last 20 batches or so). While every batch had the same size, the cost is taken
+    as proportional to the rows, which errs long for larger batches."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self._r = self._t = self._rr = self._rt = 0.0
+
+    def add(self, rows: int, seconds: float) -> None:
+        self.batches += 1
+        weight = max(0.05, 1 / self.batches)
+        self._r += weight * (rows - self._r)
+        self._t += weight * (seconds - self._t)
+        self._rr += weight * (rows * rows - self._rr)
+        self._rt += weight * (rows * seconds - self._rt)
+
+    def _line(self) -> tuple[float, float]:
+        variance = self._rr - self._r**2
+        if variance > 0.25:
+            per_row = max(0.0, (self._rt - self._r * self._t) / variance)
+            return max(0.0, self._t - per_row * self._r), per_row
+        return 0.0, self._t / max(1.0, self._r)
+
+    def seconds(self, rows: int) -> float:
+        fixed, per_row = self._line()
+        return fixed + per_row * rows
+
+    def rows_within(self, seconds: float) -> int:
+        """The most rows a batch can hold and still take at most `seconds` (at least 1)."""
+        fixed, per_row = self._line()
+        if per_row <= 0:
+            return 2**31
+        return max(1, int((seconds - fixed) / per_row))
+
+
 class Batcher:
     """Batches `submit`ted instances for `run_batch` (a list of instances in, one output per instance out).
 
-    `on_batch(size, seconds)` is told of every batch that ran (for metrics). Call `start` inside the event loop
-    before the first `submit`, and `close` to finish what was admitted.
+    `on_batch(size, seconds)` is told of every batch that ran (for metrics); `timed_batches` are (rows,
+    seconds) of batches timed before serving, to start the cost model from. Call `start` inside the event loop
+    before the first `submit`, and `close` to finish what was admitted. With `latency_target_s`, batches hold
+    no more rows than run in half the target (less the delay), so that a request waiting behind a running
+    batch still has its answer within the target, and a request that could not be answered within it is
+    refused at once: under overload the excess is refused and the admitted keep their latency, at the cost of
+    smaller batches.
     """
 
     def __init__(
@@ -75,9 +116,18 @@ class Batcher:
         max_queue: int,
         timeout_s: float,
         on_batch: Callable[[int, float], None] | None = None,
+        latency_target_s: float = 0.0,
+        timed_batches: Sequence[tuple[int, float]] = (),
     ) -> None:
-        if min(max_batch_size, max_queue) < 1 or max_delay_s < 0 or timeout_s <= 0:
-            raise ValueError("max_batch_size and max_queue must be at least 1, max_delay_s >= 0, timeout_s > 0")
+        if min(max_batch_size, max_queue) < 1 or max_delay_s < 0 or timeout_s <= 0 or latency_target_s < 0:
+            raise ValueError(
+                "max_batch_size and max_queue must be at least 1, max_delay_s >= 0, timeout_s > 0, "
+                "latency_target_s >= 0"
+            )
+        self.latency_target_s = latency_target_s
+        self.cost = BatchCost()
+        for rows, seconds in timed_batches:  # measured before serving: the cost is known from the first request
+            self.cost.add(rows, seconds)
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
@@ -124,6 +174,13 @@ class Batcher:
             raise ValueError(f"a request holds 1 to {self.max_batch_size} instances, not {len(instances)}")
         if self.queued >= self.max_queue:
             raise QueueFull(f"{self.max_queue} requests are queued already")
+        if self.latency_target_s and self.cost.batches:
+            answered_in = self.expected_answer_s(len(instances))
+            if answered_in > self.latency_target_s:
+                raise QueueFull(
+                    f"the queued work would have this request answered in about {answered_in * 1000:.0f} ms, "
+                    f"more than --latency-target-ms {self.latency_target_s * 1000:g}"
+                )
         wait = self.expected_wait_s(len(instances))
         if wait > self.timeout_s:
             raise QueueFull(
@@ -163,6 +220,23 @@ class Batcher:
         queued = self._queued_rows + instances
         batches = queued / max(1.0, self._batch_size) + (1 if self.running else 0)
         return batches * self._batch_seconds
+
+    def batch_rows(self) -> int:
+        """The most rows the next batch may hold: `max_batch_size`, or fewer to keep `latency_target_s`."""
+        if not self.latency_target_s or not self.cost.batches:
+            return self.max_batch_size
+        budget = (self.latency_target_s - self.max_delay_s) / 2  # its own batch, and the one before it
+        return min(self.max_batch_size, self.cost.rows_within(budget))
+
+    def expected_answer_s(self, instances: int) -> float:
+        """When `instances` more would be answered, from now: the running batch's rest, then full batches of
+        the queue and them (by the fitted `cost`)."""
+        rows = self.batch_rows()
+        running = 0.0
+        if self.running:
+            running = max(0.0, self._running_since + self.cost.seconds(self.running) - time.perf_counter())
+        batches = -(-(self._queued_rows + instances) // rows)  # ceiling
+        return running + batches * self.cost.seconds(rows)
 
     def _leave_queue(self, ticket: Ticket, state: str) -> bool:
         """Take `ticket` out of the queue's counts, as `state`; False if it was not queued."""
@@ -204,6 +278,7 @@ class Batcher:
         else:  # the last 10 batches or so
             self._batch_seconds += 0.1 * (seconds - self._batch_seconds)
             self._batch_size += 0.1 * (len(instances) - self._batch_size)
+        self.cost.add(len(instances), seconds)
         if self.on_batch is not None:
             self.on_batch(len(instances), seconds)
         offset = 0
@@ -222,12 +297,12 @@ class Batcher:
         while not await self._filled():
             pass  # everyone waiting left: start over
         batch: list[Ticket] = []
-        rows = 0
+        rows, most = 0, self.batch_rows()
         while self._queue:
             head = self._queue[0]
             if head.state != "queued":
                 self._queue.popleft()
-            elif rows + len(head.instances) > self.max_batch_size:
+            elif rows + len(head.instances) > most and batch:  # a request larger than `most` runs alone
                 break
             else:
                 self._queue.popleft()
@@ -247,7 +322,7 @@ class Batcher:
             self._arrival.clear()
             await self._arrival.wait()
         fill_by = self._queue[0].arrived + self.max_delay_s
-        while self._queued_rows < self.max_batch_size and not self._closing:
+        while self._queued_rows < self.batch_rows() and not self._closing:
             now = time.perf_counter()
             remaining = fill_by - now
             if len(self._gaps) >= 4 and self._last_arrival is not None:

@@ -171,29 +171,33 @@ class ServedModel:
         """torch threads for serving on `cores` CPU cores: all of them when that runs a full batch at least 1.3x
         faster than one core fewer (the model's compute dominates, as for a ResNet), else one core fewer, left
         to the event loop (a small model, whose requests cost more than its compute, and whose spare threads
-        would only spin). Timed here after a warm-up (best of three, or one run for a batch over 50 ms); on a
-        GPU, one core fewer."""
+        would only spin). On a GPU, one core fewer."""
         fewer = max(1, cores - 1)
         if cores <= 1 or self.device.type != "cpu":
             return fewer
-        if self.info.task == "language_modeling":
-            batch = [torch.zeros(self.info.seq_len or 1, dtype=torch.long)] * batch_size
-        else:
-            batch = [torch.zeros(tuple(self.info.input_shape))] * batch_size
         seconds = {}
         for threads in (fewer, cores):
             torch.set_num_threads(threads)
-            started = time.perf_counter()
-            self.predict(batch)  # kernels made for this shape
-            runs = []
-            for _ in range(3 if time.perf_counter() - started < 0.05 else 1):  # one for a slow model
-                started = time.perf_counter()
-                self.predict(batch)
-                runs.append(time.perf_counter() - started)
-            seconds[threads] = min(runs)
+            seconds[threads] = self.time_batch(batch_size)
         chosen = cores if seconds[fewer] > 1.3 * seconds[cores] else fewer
         torch.set_num_threads(chosen)
         return chosen
+
+    def time_batch(self, rows: int) -> float:
+        """Seconds a batch of `rows` instances takes, after a warm-up run (kernels are made for each shape): the
+        best of three, or one run for a batch over 50 ms."""
+        if self.info.task == "language_modeling":
+            batch = [torch.zeros(self.info.seq_len or 1, dtype=torch.long)] * rows
+        else:
+            batch = [torch.zeros(tuple(self.info.input_shape))] * rows
+        started = time.perf_counter()
+        self.predict(batch)
+        runs = []
+        for _ in range(3 if time.perf_counter() - started < 0.05 else 1):
+            started = time.perf_counter()
+            self.predict(batch)
+            runs.append(time.perf_counter() - started)
+        return min(runs)
 
     def answer(self, instances: list[torch.Tensor]) -> list[dict[str, Any]]:
         """`predict` and `encode` together: what the model's thread runs for a batch."""

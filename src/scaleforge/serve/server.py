@@ -65,18 +65,20 @@ def serve(path: str | Path, settings: ServeSettings) -> bool:
         device = select_device(settings.device)
     except ConfigError as error:
         raise UsageError(str(error).replace("hardware.device", "--device")) from None
+    timing = settings.latency_target_ms > 0  # the batcher's cost model starts from timed batches
     if not settings.model_process:
         model = ServedModel(path, device)  # loaded before the server listens, never per request
         if settings.threads:
             torch.set_num_threads(settings.threads)
         threads = settings.threads or model.choose_threads(settings.max_batch_size, cpu_cores())
-        server = _server(model, settings, None, model.load_seconds, threads)
+        timed = [(rows, model.time_batch(rows)) for rows in {1, settings.max_batch_size}] if timing else []
+        server = _server(model, settings, None, model.load_seconds, threads, timed)
         server.run()
         return server.started
     model = ServedModel(path, device, weights=False)  # checks the run before a process starts
-    worker = ModelProcess(str(path), str(device), settings.threads, settings.max_batch_size)
+    worker = ModelProcess(str(path), str(device), settings.threads, settings.max_batch_size, time_batches=timing)
     try:
-        server = _server(model, settings, worker, worker.load_seconds, worker.threads)
+        server = _server(model, settings, worker, worker.load_seconds, worker.threads, worker.timed_batches)
         server.run()
         return server.started
     finally:
@@ -84,9 +86,14 @@ def serve(path: str | Path, settings: ServeSettings) -> bool:
 
 
 def _server(
-    model: ServedModel, settings: ServeSettings, worker: ModelProcess | None, load_seconds: float, threads: int
+    model: ServedModel,
+    settings: ServeSettings,
+    worker: ModelProcess | None,
+    load_seconds: float,
+    threads: int,
+    timed_batches: list[tuple[int, float]],
 ) -> DrainingServer:
-    gate = create_app(model, settings, run_batch=worker, load_seconds=load_seconds)
+    gate = create_app(model, settings, run_batch=worker, load_seconds=load_seconds, timed_batches=timed_batches)
     config = uvicorn.Config(
         gate,
         host=settings.host,

@@ -33,9 +33,12 @@ class ModelProcess:
     """The run at `path` served by a child process on `device` with `threads` torch threads. Calling it with a
     batch of instances returns their answers (`ServedModel.answer`), from the model thread."""
 
-    def __init__(self, path: str, device: str, threads: int, batch_size: int) -> None:
-        """`threads` 0: chosen by timing a batch of `batch_size` (`ServedModel.choose_threads`)."""
+    def __init__(self, path: str, device: str, threads: int, batch_size: int, *, time_batches: bool = False) -> None:
+        """`threads` 0: chosen by timing a batch of `batch_size` (`ServedModel.choose_threads`); with
+        `time_batches`, batches of 1 and `batch_size` are timed too (`timed_batches`)."""
         self.path, self.device, self.threads, self.batch_size = path, device, threads, batch_size
+        self.time_batches = time_batches
+        self.timed_batches: list[tuple[int, float]] = []
         self.load_seconds = 0.0
         self.restarts = 0
         self._start()
@@ -45,7 +48,7 @@ class ModelProcess:
         self._conn, child = context.Pipe()
         self.process = context.Process(
             target=_work,
-            args=(child, self.path, self.device, self.threads, self.batch_size),
+            args=(child, self.path, self.device, self.threads, self.batch_size, self.time_batches),
             name="scaleforge-model",
             daemon=True,
         )
@@ -60,7 +63,7 @@ class ModelProcess:
         if status == "error":
             self.process.join(timeout=10)
             raise UsageError(value)
-        self.load_seconds, self.threads = value
+        self.load_seconds, self.threads, self.timed_batches = value
 
     def __call__(self, instances: list[torch.Tensor]) -> list[dict[str, Any]]:
         if not self.process.is_alive():  # it died between batches: this one has not reached it
@@ -101,13 +104,15 @@ class ModelProcess:
         self._conn.close()
 
 
-def _work(conn: Connection, path: str, device: str, threads: int, batch_size: int) -> None:
+def _work(conn: Connection, path: str, device: str, threads: int, batch_size: int, time_batches: bool) -> None:
     """The child process: load the model, then answer batches until the pipe says stop or closes."""
     with contextlib.suppress(EOFError, BrokenPipeError, ConnectionResetError):  # the server is gone: so is this
-        _answer_batches(conn, path, device, threads, batch_size)
+        _answer_batches(conn, path, device, threads, batch_size, time_batches)
 
 
-def _answer_batches(conn: Connection, path: str, device: str, threads: int, batch_size: int) -> None:
+def _answer_batches(
+    conn: Connection, path: str, device: str, threads: int, batch_size: int, time_batches: bool
+) -> None:
     # the server drains on these and then closes the pipe; dying first would drop the batch in flight
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -119,10 +124,11 @@ def _answer_batches(conn: Connection, path: str, device: str, threads: int, batc
             torch.set_num_threads(threads)
         else:
             threads = model.choose_threads(batch_size, cpu_cores())
+        timed = [(rows, model.time_batch(rows)) for rows in {1, batch_size}] if time_batches else []
     except Exception as error:  # noqa: BLE001 - told to the server, which reports it and exits
         conn.send(("error", _one_line(error)))
         return
-    conn.send(("ready", (model.load_seconds, threads)))
+    conn.send(("ready", (model.load_seconds, threads, timed)))
     while (batch := conn.recv()) is not None:
         try:
             answers = model.answer([torch.from_numpy(array) for array in batch])
