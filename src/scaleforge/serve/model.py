@@ -168,10 +168,11 @@ class ServedModel:
         return outputs.float().cpu()
 
     def choose_threads(self, batch_size: int, cores: int) -> int:
-        """torch threads for serving on `cores` CPU cores: all of them when that runs a full batch at least 1.3x
-        faster than one core fewer (the model's compute dominates, as for a ResNet), else one core fewer, left
-        to the event loop (a small model, whose requests cost more than its compute, and whose spare threads
-        would only spin). On a GPU, one core fewer."""
+        """torch threads for serving on `cores` CPU cores: all of them when the model's compute dominates (a
+        full batch takes at least 0.5 ms an instance, several times what a request costs the event loop, as for
+        a ResNet) and every core runs it at least 1.3x faster than one core fewer; else one core fewer, left to
+        the event loop (a small model, whose requests cost more than its compute, and whose spare threads only
+        spin: timed alone they can look faster, served they are not). On a GPU, one core fewer."""
         fewer = max(1, cores - 1)
         if cores <= 1 or self.device.type != "cpu":
             return fewer
@@ -179,7 +180,8 @@ class ServedModel:
         for threads in (fewer, cores):
             torch.set_num_threads(threads)
             seconds[threads] = self.time_batch(batch_size)
-        chosen = cores if seconds[fewer] > 1.3 * seconds[cores] else fewer
+        compute_bound = seconds[fewer] >= 0.0005 * batch_size
+        chosen = cores if compute_bound and seconds[fewer] > 1.3 * seconds[cores] else fewer
         torch.set_num_threads(chosen)
         return chosen
 
