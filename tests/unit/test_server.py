@@ -49,3 +49,12 @@ def test_gpu_figures_that_cannot_be_read_are_left_out_and_cpu_serving_has_none()
     assert "gpu_a_bytes 1.073741824e+09" in text and "gpu_b_ratio" not in text
     cpu = generate_latest(ServerMetrics(8, torch.device("cpu")).registry).decode()
     assert "scaleforge_gpu" not in cpu and "process_resident_memory_bytes" in cpu
+
+
+def test_every_core_goes_to_the_model_only_when_its_compute_dominates_and_they_help() -> None:
+    from scaleforge.serve.model import pick_threads
+
+    assert pick_threads(0.30, 0.17, 32, 2) == 2  # a ResNet: 1.8x faster on both cores
+    assert pick_threads(0.30, 0.28, 32, 2) == 1  # no faster: one core left to the event loop
+    assert pick_threads(0.0004, 0.0002, 32, 2) == 1  # a small MLP: faster alone, but its requests cost more
+    assert pick_threads(0.30, 0.10, 32, 1) == 1 and pick_threads(0.30, 0.10, 32, 16) == 16

@@ -30,6 +30,12 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def pick_threads(fewer_s: float, every_s: float, batch_size: int, cores: int) -> int:
+    """`ServedModel.choose_threads`'s rule, from a full batch's seconds on one core fewer and on every core."""
+    compute_bound = fewer_s >= 0.0005 * batch_size
+    return cores if compute_bound and fewer_s > 1.3 * every_s else max(1, cores - 1)
+
+
 class InvalidInput(ValueError):
     """A request whose inputs the model cannot take; the message says what is wrong (answered 422)."""
 
@@ -180,8 +186,7 @@ class ServedModel:
         for threads in (fewer, cores):
             torch.set_num_threads(threads)
             seconds[threads] = self.time_batch(batch_size)
-        compute_bound = seconds[fewer] >= 0.0005 * batch_size
-        chosen = cores if compute_bound and seconds[fewer] > 1.3 * seconds[cores] else fewer
+        chosen = pick_threads(seconds[fewer], seconds[cores], batch_size, cores)
         torch.set_num_threads(chosen)
         return chosen
 
