@@ -6,6 +6,7 @@ User errors print one line on stderr and exit with code 2; unexpected failures e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -178,22 +179,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key = os.environ.get(args.api_key_env, "")
         if not api_key:
             raise UsageError(f"--api-key-env {args.api_key_env}: that environment variable is unset or empty")
-    settings = ServeSettings(
-        host=args.host,
-        port=args.port,
-        max_batch_size=args.max_batch_size,
-        max_delay_ms=args.max_delay_ms,
-        max_queue=args.max_queue,
-        timeout_ms=args.timeout_ms,
-        cache_size=args.cache_size,
-        max_body_mb=args.max_body_mb,
-        api_key=api_key,
-        device=args.device,
-        threads=args.threads,
-        model_process=args.model_process,
-        drain_grace_s=args.drain_grace_s,
-        latency_target_ms=args.latency_target_ms,
-    )
+    # every option but --api-key-env has its setting's name
+    options = {
+        field.name: getattr(args, field.name) for field in dataclasses.fields(ServeSettings) if field.name != "api_key"
+    }
+    settings = ServeSettings(**options, api_key=api_key)
     return 0 if serve(args.run_dir, settings) else 1
 
 

@@ -151,21 +151,37 @@ def test_close_answers_what_was_admitted_and_refuses_the_rest() -> None:
     assert [r.outputs for r in run(scenario())] == [[2 * i] for i in range(6)]
 
 
-def test_a_model_error_fails_its_batch_only() -> None:
+def fails_once(message: str):  # noqa: ANN201 - a test helper
+    """A callable that raises RuntimeError(`message`) on its first call only."""
     calls = []
 
-    def flaky(instances: list[int]) -> list[int]:
-        calls.append(instances)
+    def call(*args: object) -> None:
+        calls.append(args)
         if len(calls) == 1:
-            raise RuntimeError("boom")
-        return instances
+            raise RuntimeError(message)
+
+    return call
+
+
+@pytest.mark.parametrize("where", ["model", "after the model"])
+def test_an_error_fails_its_batch_only(where: str) -> None:
+    model = RecordingModel()
+    broken = fails_once("boom")
+
+    def flaky(instances: list[int]) -> list[int]:
+        broken()
+        return model(instances)
 
     async def scenario() -> None:
-        b = Batcher(flaky, max_batch_size=1, max_delay_s=0.0, max_queue=10, timeout_s=5.0)
+        options = {"max_batch_size": 1, "max_delay_s": 0.0, "max_queue": 10, "timeout_s": 5.0}
+        if where == "model":
+            b = Batcher(flaky, **options)  # type: ignore[arg-type]
+        else:  # the metrics callback, say
+            b = Batcher(model, on_batch=lambda size, seconds: broken(), **options)  # type: ignore[arg-type]
         b.start()
         with pytest.raises(RuntimeError, match="boom"):
             await b.submit([1])
-        assert (await b.submit([2])).outputs == [2]
+        assert (await b.submit([2])).outputs == [4]  # the loop goes on
         await b.close()
 
     run(scenario())
@@ -240,25 +256,6 @@ def test_callers_that_keep_leaving_before_their_batch_never_stop_the_loop() -> N
         return result.outputs
 
     assert run(scenario()) == [14] and model.batches == [[7]]
-
-
-def test_an_error_after_the_model_ran_fails_that_batch_only() -> None:
-    seen = []
-
-    def on_batch(size: int, seconds: float) -> None:
-        seen.append(size)
-        if len(seen) == 1:
-            raise RuntimeError("metrics broke")
-
-    async def scenario() -> None:
-        b = Batcher(RecordingModel(), max_batch_size=1, max_delay_s=0.0, max_queue=10, timeout_s=5.0, on_batch=on_batch)
-        b.start()
-        with pytest.raises(RuntimeError, match="metrics broke"):
-            await b.submit([1])
-        assert (await b.submit([2])).outputs == [4]
-        await b.close()
-
-    run(scenario())
 
 
 def test_batch_cost_fits_a_fixed_and_a_per_row_part() -> None:

@@ -57,6 +57,7 @@ ENDPOINTS = frozenset(  # counted by name in metrics; any other path counts as "
         "/docs",
     }
 )
+REJECTIONS = ("queue_full", "deadline", "too_large", "invalid", "unauthorized", "shutting_down", "model_error")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 
@@ -116,15 +117,7 @@ class ServerMetrics:
         self.cache = Counter("scaleforge_cache", "result cache lookups by outcome", ["outcome"], registry=r)
         self.rejections = Counter("scaleforge_rejections", "requests refused, by reason", ["reason"], registry=r)
         self.model_load = Gauge("scaleforge_model_load_seconds", "time the model took to load", registry=r)
-        for reason in (
-            "queue_full",
-            "deadline",
-            "too_large",
-            "invalid",
-            "unauthorized",
-            "shutting_down",
-            "model_error",
-        ):
+        for reason in REJECTIONS:
             self.rejections.labels(reason)  # present from the start, at 0
 
     def refuse(self, reason: str, status: int, detail: str, headers: dict[str, str] | None = None) -> Response:
@@ -152,21 +145,16 @@ class GpuCollector:
                 lambda: cuda.device_memory_used(device),
             ),
             "scaleforge_gpu_power_watts": ("power draw (NVML)", lambda: cuda.power_draw(device) / 1000),
-            "scaleforge_gpu_memory_allocated_bytes": (
+        }
+        if allocator:
+            readings["scaleforge_gpu_memory_allocated_bytes"] = (
                 "memory torch holds in tensors",
                 lambda: cuda.memory_allocated(device),
-            ),
-            "scaleforge_gpu_memory_reserved_bytes": (
+            )
+            readings["scaleforge_gpu_memory_reserved_bytes"] = (
                 "memory torch's allocator reserved",
                 lambda: cuda.memory_reserved(device),
-            ),
-        }
-        if not allocator:
-            readings = {
-                name: reading
-                for name, reading in readings.items()
-                if "_allocated_" not in name and "_reserved_" not in name
-            }
+            )
         return cls(readings)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -417,7 +405,7 @@ class Gate:
         *,
         max_body_bytes: int,
         api_key: str | None,
-        predict_fast: Callable[[bytes, Receive], Awaitable[Response | None]] | None = None,
+        predict_fast: Callable[[bytes, Receive], Awaitable[Response | None]],
     ) -> None:
         self.app = app
         self.metrics = metrics
@@ -477,8 +465,7 @@ class Gate:
                 await self._too_large(scope, receive, send)
                 return
         if (
-            self.predict_fast is not None
-            and path == "/v1/predict"
+            path == "/v1/predict"
             and scope["method"] == "POST"
             and headers.get("content-type", "").split(";")[0].strip().lower() == "application/json"
         ):

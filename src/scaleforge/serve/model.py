@@ -1,5 +1,6 @@
-"""The served model's contract: `setup` (load once), `decode` (one request's JSON to instances, checked),
-`predict` (a batch of instances to one output each, on the model's thread) and `encode` (an output to JSON).
+"""The served model's contract: loaded once from a run's `final/`, `decode` (one request's JSON to instances,
+checked), `predict` (a batch of instances to one output row each) and `encode` (those rows to JSON answers);
+`answer` is the last two, what the model's thread or process runs for a batch.
 
 The HTTP layer only translates; the batcher only batches. A request is checked whole in `decode`, before it
 joins a batch, so a bad one gets its own 422 and never touches its batch-mates.
@@ -7,6 +8,7 @@ joins a batch, so a bad one gets its own 422 and never touches its batch-mates.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import itertools
@@ -64,18 +66,21 @@ class ServedModel:
             self.model: torch.nn.Module | None = run.model.to(self.device).eval()
         else:
             (config, self.info), self.model = load_description(final), None
+        self._final = final
+        self._name = config.name if config.name != "default" else config.model.architecture
+        self.load_seconds = time.perf_counter() - started
+
+    @functools.cached_property
+    def card(self) -> ModelCard:
+        """Name, version, task and input schema; read when first asked for (a model process never asks)."""
         # the weights' digest names this exact model: responses and cache keys carry it
         digest = hashlib.sha256()
-        with (final / "model.safetensors").open("rb") as file:
+        with (self._final / "model.safetensors").open("rb") as file:
             while chunk := file.read(2**24):
                 digest.update(chunk)
-        self.card = ModelCard(
-            name=config.name if config.name != "default" else config.model.architecture,
-            version=digest.hexdigest()[:12],
-            task=self.info.task,
-            input_schema=self._input_schema(),
+        return ModelCard(
+            name=self._name, version=digest.hexdigest()[:12], task=self.info.task, input_schema=self._input_schema()
         )
-        self.load_seconds = time.perf_counter() - started
 
     # ------------------------------------------------------------------------------------------- decode
 
@@ -172,6 +177,16 @@ class ServedModel:
         if self.info.task == "classification":
             outputs = outputs.float().softmax(-1)
         return outputs.float().cpu()
+
+    def prepare(self, threads: int, batch_size: int, *, time_batches: bool) -> tuple[int, list[tuple[int, float]]]:
+        """Set torch's threads for serving (`threads`, or 0: `choose_threads`) and, with `time_batches`, time
+        batches of 1 and `batch_size` (rows, seconds) for the batcher's cost model."""
+        if threads:
+            torch.set_num_threads(threads)
+        else:
+            threads = self.choose_threads(batch_size, cpu_cores())
+        timed = [(rows, self.time_batch(rows)) for rows in {1, batch_size}] if time_batches else []
+        return threads, timed
 
     def choose_threads(self, batch_size: int, cores: int) -> int:
         """torch threads for serving on `cores` CPU cores: all of them when the model's compute dominates (a

@@ -8,13 +8,12 @@ import time
 from pathlib import Path
 from types import FrameType
 
-import torch
 import uvicorn
 
 from scaleforge.distributed.env import select_device
 from scaleforge.errors import ConfigError, UsageError
 from scaleforge.serve.app import Gate, ServeSettings, create_app
-from scaleforge.serve.model import ServedModel, cpu_cores
+from scaleforge.serve.model import ServedModel
 from scaleforge.serve.worker import ModelProcess
 
 
@@ -68,10 +67,7 @@ def serve(path: str | Path, settings: ServeSettings) -> bool:
     timing = settings.latency_target_ms > 0  # the batcher's cost model starts from timed batches
     if not settings.model_process:
         model = ServedModel(path, device)  # loaded before the server listens, never per request
-        if settings.threads:
-            torch.set_num_threads(settings.threads)
-        threads = settings.threads or model.choose_threads(settings.max_batch_size, cpu_cores())
-        timed = [(rows, model.time_batch(rows)) for rows in {1, settings.max_batch_size}] if timing else []
+        threads, timed = model.prepare(settings.threads, settings.max_batch_size, time_batches=timing)
         server = _server(model, settings, None, model.load_seconds, threads, timed)
         server.run()
         return server.started

@@ -40,15 +40,16 @@ class ModelProcess:
         self.time_batches = time_batches
         self.timed_batches: list[tuple[int, float]] = []
         self.load_seconds = 0.0
-        self.restarts = 0
         self._start()
 
     def _start(self) -> None:
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked locks or threads
         self._conn, child = context.Pipe()
+        # a restart keeps the threads chosen and the batches timed at the first start
+        time_batches = self.time_batches and not self.timed_batches
         self.process = context.Process(
             target=_work,
-            args=(child, self.path, self.device, self.threads, self.batch_size, self.time_batches),
+            args=(child, self.path, self.device, self.threads, self.batch_size, time_batches),
             name="scaleforge-model",
             daemon=True,
         )
@@ -63,7 +64,8 @@ class ModelProcess:
         if status == "error":
             self.process.join(timeout=10)
             raise UsageError(value)
-        self.load_seconds, self.threads, self.timed_batches = value
+        self.load_seconds, self.threads, timed = value
+        self.timed_batches = self.timed_batches or timed
 
     def __call__(self, instances: list[torch.Tensor]) -> list[dict[str, Any]]:
         if not self.process.is_alive():  # it died between batches: this one has not reached it
@@ -80,13 +82,8 @@ class ModelProcess:
 
     def _restart(self) -> int | None:
         """End what is left of the process and start a new one; the old one's exit code."""
-        self.process.join(timeout=10)
-        if self.process.is_alive():  # it ignores SIGTERM
-            self.process.kill()
-            self.process.join()
+        self._end(timeout_s=10)
         code = self.process.exitcode
-        self._conn.close()
-        self.restarts += 1
         try:
             self._start()
         except UsageError as error:  # the next batch tries again
@@ -97,7 +94,12 @@ class ModelProcess:
         """End the process once it has answered its batch (the server has drained)."""
         with contextlib.suppress(OSError):
             self._conn.send(None)
-        self.process.join(timeout=30)
+        self._end(timeout_s=30)
+
+    def _end(self, timeout_s: float) -> None:
+        """Wait up to `timeout_s` for the process to exit, kill it if it has not (it ignores SIGTERM), and
+        close the pipe."""
+        self.process.join(timeout=timeout_s)
         if self.process.is_alive():
             self.process.kill()
             self.process.join()
@@ -116,15 +118,11 @@ def _answer_batches(
     # the server drains on these and then closes the pipe; dying first would drop the batch in flight
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from scaleforge.serve.model import ServedModel, cpu_cores
+    from scaleforge.serve.model import ServedModel
 
     try:
         model = ServedModel(path, device)
-        if threads:
-            torch.set_num_threads(threads)
-        else:
-            threads = model.choose_threads(batch_size, cpu_cores())
-        timed = [(rows, model.time_batch(rows)) for rows in {1, batch_size}] if time_batches else []
+        threads, timed = model.prepare(threads, batch_size, time_batches=time_batches)
     except Exception as error:  # noqa: BLE001 - told to the server, which reports it and exits
         conn.send(("error", _one_line(error)))
         return
