@@ -183,6 +183,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = {
         field.name: getattr(args, field.name) for field in dataclasses.fields(ServeSettings) if field.name != "api_key"
     }
+    if options["model_process"] == "auto":
+        options["model_process"] = None
     settings = ServeSettings(**options, api_key=api_key)
     return 0 if serve(args.run_dir, settings) else 1
 
@@ -331,8 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--model-process",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="run the model in a process of its own, in parallel with HTTP (--no-model-process: a thread)",
+        default="auto",
+        help="run the model in a process of its own, in parallel with HTTP (--no-model-process: a thread; auto: a "
+        "process on a CPU when the model's compute dominates, a full batch taking >= 0.5 ms an instance)",
     )
     serve.add_argument(
         "--latency-target-ms",

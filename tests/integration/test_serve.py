@@ -50,7 +50,7 @@ class SlowNet(nn.Module):
         return self.head(self.blocks[0](x))
 """
 IMAGE = [[[0.5] * 8 for _ in range(8)]]  # one digits instance, (1, 8, 8)
-SLOW = ("--threads", "1")  # no start-up timing of the slow model's batches
+SLOW = ("--threads", "1", "--model-process")  # as chosen for a compute-bound model, without timing its batches
 
 
 @pytest.fixture(scope="module")
@@ -181,14 +181,35 @@ def test_a_full_queue_is_refused_at_once(slow_run: Path) -> None:
     assert metric(text, "scaleforge_rejections_total", reason="queue_full") == 3
 
 
-def test_a_request_queued_past_its_deadline_gets_504_and_is_never_run(slow_run: Path) -> None:
-    with server(slow_run, *SLOW, "--max-batch-size", "1", "--timeout-ms", "150") as (url, _):
-        responses = asyncio.run(post_in_turn(url, 0.15, 2))  # the second waits behind the first's 0.5 s
+async def sent_then_gone(url: str, after_s: float, stay_s: float) -> None:
+    """A request sent after `after_s` whose client closes the connection `stay_s` later, before an answer."""
+    await asyncio.sleep(after_s)
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    body = json.dumps({"inputs": [IMAGE]}).encode()
+    head = f"POST /v1/predict HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+    writer.write(f"{head}content-length: {len(body)}\r\n\r\n".encode() + body)
+    await writer.drain()
+    await asyncio.sleep(stay_s)
+    writer.close()
+    await writer.wait_closed()
+
+
+def test_a_request_queued_past_its_deadline_gets_504_and_one_whose_client_left_is_dropped(slow_run: Path) -> None:
+    async def scenario(url: str) -> list[httpx.Response]:
+        # the second waits behind the first's 0.5 s batch until its deadline; the third's client leaves first
+        responses, _ = await asyncio.gather(post_in_turn(url, 0.15, 2), sent_then_gone(url, 0.2, 0.1))
+        await asyncio.sleep(0.6)  # the first batch is over: a dropped request would have run by now
+        return responses
+
+    with server(slow_run, *SLOW, "--max-batch-size", "1", "--timeout-ms", "200") as (url, _):
+        responses = asyncio.run(scenario(url))
         text = httpx.get(f"{url}/metrics").text
     assert [r.status_code for r in responses] == [200, 504]
-    assert "queued for more than 150 ms" in responses[1].json()["detail"]
-    assert metric(text, "scaleforge_batch_size_count") == 1  # the late one never ran
+    assert "queued for more than 200 ms" in responses[1].json()["detail"]
+    assert metric(text, "scaleforge_batch_size_count") == 1  # neither the late one nor the abandoned one ran
     assert metric(text, "scaleforge_rejections_total", reason="deadline") == 1
+    assert metric(text, "scaleforge_requests_total", endpoint="/v1/predict", status="499") == 1
 
 
 def test_a_latency_target_refuses_at_once_what_it_could_not_answer_in_time(slow_run: Path) -> None:
@@ -395,8 +416,11 @@ def test_the_model_process_is_restarted_when_it_dies_and_ends_with_the_server(sl
     assert third in started and all(gone(pid) for pid in started)  # SIGTERM to the server ended them all
 
 
-def test_a_killed_server_leaves_no_model_process_behind(digits_run: Path) -> None:
-    with server(digits_run) as (url, process):
+def test_a_small_model_runs_on_a_thread_and_a_killed_server_leaves_no_model_process_behind(digits_run: Path) -> None:
+    with server(digits_run) as (url, process):  # the MLP's requests cost more than its compute: no process
+        assert httpx.post(f"{url}/v1/predict", json={"inputs": [IMAGE]}).status_code == 200
+        assert not [pid for pid in children(process.pid) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+    with server(digits_run, "--model-process") as (url, process):
         worker = model_process(process.pid)
         assert httpx.post(f"{url}/v1/predict", json={"inputs": [IMAGE]}).status_code == 200
         process.kill()
@@ -448,7 +472,10 @@ def test_bench_serve_prints_its_table_and_plot(digits_run: Path, tmp_path: Path)
         ("scaleforge, batching", "4 in flight"),
         ("scaleforge, batching", loads[2][1]),
     ] and loads[2][1].startswith("2x capacity")
-    assert {target for target, _ in loads} == {"scaleforge, batching", "scaleforge, batch 1", "bare FastAPI, constant"}
+    bounded, load = loads[-1]  # the same overload, on a server told to keep twice the unloaded p99
+    assert bounded.startswith("scaleforge, batching, --latency-target-ms ") and load.startswith("2x capacity")
+    servers = {"scaleforge, batching", "scaleforge, batch 1", "bare FastAPI, constant", bounded}
+    assert {target for target, _ in loads} == servers
     closed = [level for level in report["levels"] if level["load"].endswith("in flight")]
     assert all(level["statuses"] == {"200": 40} and level["p99_ms"] > 0 for level in closed)
     assert (out / "serve.png").stat().st_size > 10_000

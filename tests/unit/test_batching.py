@@ -57,11 +57,11 @@ def test_concurrent_requests_share_batches_of_at_most_the_bound_in_arrival_order
     assert len(model.batches) < 7 and all(r.batch_size == len(model.batches[0]) for r in results[:2])
 
 
-def test_a_lone_request_waits_at_most_the_delay() -> None:
+def test_a_lone_request_starts_at_once() -> None:
     model = RecordingModel()
 
     async def scenario() -> float:
-        b = batcher(model, max_delay_s=0.1)
+        b = batcher(model, max_delay_s=2.0)
         b.start()
         started = time.perf_counter()
         await b.submit([1])
@@ -69,7 +69,33 @@ def test_a_lone_request_waits_at_most_the_delay() -> None:
         await b.close()
         return waited
 
-    assert 0.09 <= run(scenario()) < 0.5
+    assert run(scenario()) < 0.5  # nothing else is arriving: the 2 s delay is not waited out
+
+
+def test_requests_that_keep_arriving_share_a_batch_until_they_stop_or_the_delay_passes() -> None:
+    model = RecordingModel()
+
+    async def scenario() -> int:
+        b = batcher(model, max_batch_size=100_000, max_queue=100_000, max_delay_s=0.05)
+        b.start()
+        burst = []
+        for value in range(6):  # a request each pass through the event loop, then none
+            burst.append(asyncio.ensure_future(b.submit([value])))
+            await asyncio.sleep(0)
+        await asyncio.gather(*burst)
+        stream = []
+        began = time.perf_counter()
+        while time.perf_counter() - began < 0.3:  # a request each pass for 0.3 s
+            stream.append(asyncio.ensure_future(b.submit([7])))
+            await asyncio.sleep(0)
+        await asyncio.gather(*stream)
+        await b.close()
+        return len(stream)
+
+    sent = run(scenario())
+    assert model.batches[0] == list(range(6))  # the burst: one batch, started once it stopped
+    streamed = model.batches[1:]
+    assert sum(map(len, streamed)) == sent and 3 <= len(streamed) < sent / 10, len(streamed)  # cut by the delay
 
 
 def test_a_full_queue_refuses_at_once() -> None:
@@ -214,30 +240,6 @@ def test_a_request_that_would_only_wait_to_be_refused_is_refused_at_once() -> No
     # 1 runs at once; 2 waits one batch; 3 would wait two batches (0.2 s) plus the running one: refused
     assert outcomes.count("QueueFull") == 3 and "DeadlineExceeded" not in outcomes, outcomes
     assert [2] in outcomes and [4] in outcomes
-
-
-def test_a_batch_starts_once_its_arrivals_pause_without_waiting_out_the_delay() -> None:
-    model = RecordingModel()
-
-    async def scenario() -> list[float]:
-        b = batcher(model, max_batch_size=8, max_delay_s=2.0)
-        b.start()
-        waits = []
-        for _ in range(3):  # a group of 3 clients sending 10 ms apart, then waiting for their answers
-            started = time.perf_counter()
-            pending = []
-            for value in range(3):
-                pending.append(asyncio.ensure_future(b.submit([value])))
-                await asyncio.sleep(0.01)
-            await asyncio.gather(*pending)
-            waits.append(time.perf_counter() - started)
-        await b.close()
-        return waits
-
-    first, *later = run(scenario())
-    assert first >= 2.0  # too few arrivals yet to know their pace: the delay is waited out
-    # then each group is one batch, started by the pause after its third request rather than the 2 s delay
-    assert model.batches == [[0, 1, 2]] * 3 and max(later) < 0.5, later
 
 
 def test_callers_that_keep_leaving_before_their_batch_never_stop_the_loop() -> None:

@@ -52,7 +52,9 @@ def test_gpu_figures_that_cannot_be_read_are_left_out_and_cpu_serving_has_none()
 
 
 def test_every_core_goes_to_the_model_only_when_its_compute_dominates_and_they_help() -> None:
-    from scaleforge.serve.model import pick_threads
+    from scaleforge.serve.model import compute_bound, pick_threads
+
+    assert compute_bound(0.30, 32) and not compute_bound(0.0004, 32)  # a ResNet's batch, an MLP's
 
     assert pick_threads(0.30, 0.17, 32, 2) == 2  # a ResNet: 1.8x faster on both cores
     assert pick_threads(0.30, 0.28, 32, 2) == 1  # no faster: one core left to the event loop

@@ -245,7 +245,8 @@ def run_serve_benchmark(
     out.mkdir(parents=True, exist_ok=True)
     levels: list[Level] = []
     capacity: dict[str, float] = {}
-    for target in targets(run_dir, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms, litserve=litserve):
+    found = targets(run_dir, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms, litserve=litserve)
+    for target in found:
         with started(target, out / f"{target.name.split(',')[0].replace(' ', '-')}-{len(levels)}.log") as url:
             endpoint = url + target.predict_path
             asyncio.run(closed_loop(endpoint, body, 4, 50, 10))  # warm-up
@@ -253,12 +254,22 @@ def run_serve_benchmark(
                 latencies, statuses, elapsed = asyncio.run(closed_loop(endpoint, body, clients, requests, seconds))
                 levels.append(Level(target.name, f"{clients} in flight", elapsed, latencies, statuses))
                 capacity[target.name] = max(capacity.get(target.name, 0.0), len(latencies) / elapsed)
-            if overload > 0 and target.name == "scaleforge, batching":
-                rate = overload * capacity[target.name]
-                latencies, statuses, elapsed = asyncio.run(open_loop(endpoint, body, rate, requests, seconds))
+            if overload > 0 and target is found[0]:
                 levels.append(
-                    Level(target.name, f"{overload:g}x capacity ({rate:,.0f}/s)", elapsed, latencies, statuses)
+                    _overload(endpoint, body, target.name, overload, capacity[target.name], requests, seconds)
                 )
+    if overload > 0:
+        # the same overload on a server told to keep its latency: --latency-target-ms twice the unloaded p99
+        unloaded = levels[0].summary()["p99_ms"] or 1.0
+        target_ms = 2 * unloaded
+        name = f"scaleforge, batching, --latency-target-ms {target_ms:.0f}"
+        bounded = Target(
+            name, [*found[0].command, "--latency-target-ms", f"{target_ms:.1f}"], "/v1/predict", "/health/ready"
+        )
+        with started(bounded, out / f"scaleforge-target-{len(levels)}.log") as url:
+            endpoint = url + bounded.predict_path
+            asyncio.run(closed_loop(endpoint, body, 4, 50, 10))  # warm-up
+            levels.append(_overload(endpoint, body, name, overload, capacity[found[0].name], requests, seconds))
     summaries = [level.summary() for level in levels]
     result = {
         "benchmark": "serve",
@@ -302,6 +313,15 @@ def run_serve_benchmark(
     return result
 
 
+def _overload(
+    endpoint: str, body: bytes, name: str, multiple: float, capacity: float, requests: int, seconds: float
+) -> Level:
+    """The open-loop level: arrivals at `multiple` times `capacity` per second, whatever the answers."""
+    rate = multiple * capacity
+    latencies, statuses, elapsed = asyncio.run(open_loop(endpoint, body, rate, requests, seconds))
+    return Level(name, f"{multiple:g}x capacity ({rate:,.0f}/s, open loop)", elapsed, latencies, statuses)
+
+
 def _instance(schema: dict[str, Any]) -> Any:
     """A valid instance for the model: mid-grey numbers of its shape, or a few token ids."""
     if "shape" not in schema:
@@ -321,6 +341,8 @@ def _plot(summaries: list[dict[str, Any]], concurrency: Sequence[int], path: Pat
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for target in dict.fromkeys(s["target"] for s in summaries):
         closed = [s for s in summaries if s["target"] == target and s["load"].endswith("in flight")]
+        if not closed:
+            continue  # an overload level only
         left.plot(concurrency, [s["throughput"] for s in closed], marker="o", label=target)
         right.plot(concurrency, [s["p99_ms"] or float("nan") for s in closed], marker="o", label=target)
     left.set(xlabel="requests in flight", ylabel="answered requests/s", xscale="log", title="throughput")

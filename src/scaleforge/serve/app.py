@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import numpy as np
 import orjson
 import torch
 from fastapi import FastAPI, File, Request, UploadFile
@@ -58,6 +59,7 @@ ENDPOINTS = frozenset(  # counted by name in metrics; any other path counts as "
     }
 )
 REJECTIONS = ("queue_full", "deadline", "too_large", "invalid", "unauthorized", "shutting_down", "model_error")
+WATCH_AFTER_S = 0.02  # a request waiting longer has its connection watched, to drop it if the client goes away
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 
@@ -76,7 +78,7 @@ class ServeSettings:
     api_key: str | None = None
     device: str = "auto"
     threads: int = 0  # torch's threads for the model; 0: chosen by timing a batch (ServedModel.choose_threads)
-    model_process: bool = True  # the model in a process of its own (serve.worker)
+    model_process: bool | None = None  # the model in a process of its own (serve.worker); None: when it pays
     drain_grace_s: float = 0.0  # after a stop signal, serve this long with readiness at 503 before draining
     latency_target_ms: float = 0.0  # batches and admission kept to answer within this (0: off)
 
@@ -174,10 +176,10 @@ class _ResultCache:
         self.version = version
         self._entries: collections.OrderedDict[bytes, Any] = collections.OrderedDict()
 
-    def key(self, instance: torch.Tensor) -> bytes:
+    def key(self, instance: np.ndarray) -> bytes:
         digest = hashlib.sha256(self.version.encode())
-        digest.update(str(tuple(instance.shape)).encode())
-        digest.update(instance.numpy().tobytes())
+        digest.update(f"{instance.dtype}{instance.shape}".encode())
+        digest.update(instance.tobytes())
         return digest.digest()
 
     def get(self, key: bytes) -> Any | None:
@@ -207,7 +209,7 @@ def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> R
 def create_app(
     model: ServedModel,
     settings: ServeSettings,
-    run_batch: Callable[[list[torch.Tensor]], list[dict[str, Any]]] | None = None,
+    run_batch: Callable[[list[np.ndarray]], list[dict[str, Any]]] | None = None,
     load_seconds: float | None = None,
     timed_batches: Sequence[tuple[int, float]] = (),
 ) -> Gate:
@@ -303,42 +305,49 @@ def create_app(
                 return metrics.refuse("invalid", 422, str(error))
             return await answer([instance], request.receive)
 
-    async def answer(instances: list[torch.Tensor], receive: Receive) -> Response:
+    async def answer(instances: list[np.ndarray], receive: Receive) -> Response:
         """The response for checked instances: from the cache where it has them, else through the batcher."""
-        outputs: list[Any] = [None] * len(instances)
-        missing = list(range(len(instances)))
-        keys: list[bytes] = []
-        if cache is not None:
-            keys = [cache.key(instance) for instance in instances]
-            for i, key in enumerate(keys):
-                outputs[i] = cache.get(key)
-            missing = [i for i, output in enumerate(outputs) if output is None]
-            metrics.cache.labels("hit").inc(len(instances) - len(missing))
-            metrics.cache.labels("miss").inc(len(missing))
+        name, version = model.card.name, model.card.version
+        if cache is None:
+            outputs = await batched(instances, receive)
+            if isinstance(outputs, Response):
+                return outputs
+            return _Json({"outputs": outputs, "model": name, "version": version})
+        keys = [cache.key(instance) for instance in instances]
+        found = [cache.get(key) for key in keys]
+        missing = [i for i, output in enumerate(found) if output is None]
+        metrics.cache.labels("hit").inc(len(instances) - len(missing))
+        metrics.cache.labels("miss").inc(len(missing))
         if missing:
-            try:
-                ticket = batcher.enqueue([instances[i] for i in missing])
-            except QueueFull as error:
-                return metrics.refuse("queue_full", 503, str(error), {"Retry-After": "1"})
-            except Closed as error:
-                return metrics.refuse("shutting_down", 503, str(error), {"Retry-After": "1"})
-            try:
-                result = await _unless_disconnected(receive, ticket, batcher)
-            except DeadlineExceeded as error:
-                return metrics.refuse("deadline", 504, str(error))
-            except WorkerDied as error:
-                return metrics.refuse("model_error", 503, str(error), {"Retry-After": "1"})
-            except Exception as error:  # noqa: BLE001 - the model failed on the batch: said, never a crash
-                failure = str(error) if isinstance(error, ModelFailed) else f"{type(error).__name__}: {error}"
-                return metrics.refuse("model_error", 500, f"the model failed on this batch: {failure}")
-            if result is None:
-                return _error(499, "the client went away")  # never sent: counted as 499
-            metrics.queue_wait.observe(result.queue_wait_s)
-            for i, output in zip(missing, result.outputs, strict=True):
-                outputs[i] = output
-                if cache is not None:
-                    cache.put(keys[i], outputs[i])
-        return _Json({"outputs": outputs, "model": model.card.name, "version": model.card.version})
+            computed = await batched([instances[i] for i in missing], receive)
+            if isinstance(computed, Response):
+                return computed
+            for i, output in zip(missing, computed, strict=True):
+                found[i] = output
+                cache.put(keys[i], output)
+        return _Json({"outputs": found, "model": name, "version": version})
+
+    async def batched(instances: list[np.ndarray], receive: Receive) -> list[Any] | Response:
+        """The outputs for `instances` from the batcher, or the response that says why there are none."""
+        try:
+            ticket = batcher.enqueue(instances)
+        except QueueFull as error:
+            return metrics.refuse("queue_full", 503, str(error), {"Retry-After": "1"})
+        except Closed as error:
+            return metrics.refuse("shutting_down", 503, str(error), {"Retry-After": "1"})
+        try:
+            result = await _unless_disconnected(receive, ticket, batcher)
+        except DeadlineExceeded as error:
+            return metrics.refuse("deadline", 504, str(error))
+        except WorkerDied as error:
+            return metrics.refuse("model_error", 503, str(error), {"Retry-After": "1"})
+        except Exception as error:  # noqa: BLE001 - the model failed on the batch: said, never a crash
+            failure = str(error) if isinstance(error, ModelFailed) else f"{type(error).__name__}: {error}"
+            return metrics.refuse("model_error", 500, f"the model failed on this batch: {failure}")
+        if result is None:
+            return _error(499, "the client went away")  # never sent: counted as 499
+        metrics.queue_wait.observe(result.queue_wait_s)
+        return result.outputs
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -373,17 +382,28 @@ def create_app(
 
 
 async def _unless_disconnected(receive: Receive, ticket: Ticket, batcher: Batcher) -> Result | None:
-    """`ticket`'s result, or None if the client went away first (its request is then dropped if still queued)."""
-    watch = asyncio.get_running_loop().create_task(_disconnected(receive))
-    watch.add_done_callback(lambda done: ticket.future.cancel() if _disconnect_seen(done) else None)
+    """`ticket`'s result, or None if the client went away first (its request is then dropped if still queued).
+    The disconnect is watched only once the request has waited `WATCH_AFTER_S`: most are answered sooner, and
+    a watch for each (a task reading the connection) costs more than the rest of a small model's request."""
+    loop = asyncio.get_running_loop()
+    watch: asyncio.Task[None] | None = None
+
+    def start_watching() -> None:
+        nonlocal watch
+        watch = loop.create_task(_disconnected(receive))
+        watch.add_done_callback(lambda done: ticket.future.cancel() if _disconnect_seen(done) else None)
+
+    timer = loop.call_later(WATCH_AFTER_S, start_watching)
     try:
         return await batcher.wait(ticket)
     except asyncio.CancelledError:
-        if _disconnect_seen(watch):
+        if watch is not None and _disconnect_seen(watch):
             return None  # the client's disconnect cancelled the ticket
         raise
     finally:
-        watch.cancel()
+        timer.cancel()
+        if watch is not None:
+            watch.cancel()
 
 
 def _disconnect_seen(watch: asyncio.Task[None]) -> bool:
@@ -393,6 +413,16 @@ def _disconnect_seen(watch: asyncio.Task[None]) -> bool:
 async def _disconnected(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+_READ = frozenset({b"content-type", b"content-length", b"x-api-key", b"authorization"})
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+async def _sent(response: Response, scope: Scope, receive: Receive, send: Send) -> int:
+    """Send `response`; its status."""
+    await response(scope, receive, send)
+    return response.status_code
 
 
 class Gate:
@@ -414,6 +444,9 @@ class Gate:
         self.predict_fast = predict_fast
         self.state = app.state
         self._counts: dict[tuple[str, int], Any] = {}  # (endpoint, status) -> its counter
+        self.in_flight = 0  # requests being answered (a plain count: they are all on the event loop)
+        metrics.in_flight.set_function(lambda: self.in_flight)
+        self._latencies = {endpoint: metrics.latency.labels(endpoint) for endpoint in (*ENDPOINTS, "other")}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -423,6 +456,57 @@ class Gate:
         endpoint = path if path in ENDPOINTS else "other"
         status = 499  # no answer started: the client went away (a crash would have sent a 500)
         started = time.perf_counter()
+        self.in_flight += 1
+        try:
+            status = await self._admit(scope, receive, send, path)
+        finally:
+            self.in_flight -= 1
+            counter = self._counts.get((endpoint, status))
+            if counter is None:
+                counter = self._counts[endpoint, status] = self.metrics.requests.labels(endpoint, str(status))
+            counter.inc()
+            self._latencies[endpoint].observe(time.perf_counter() - started)
+
+    async def _admit(self, scope: Scope, receive: Receive, send: Send, path: str) -> int:
+        """Answer the request; the status sent (499: none, the client went away)."""
+        headers = {  # the few it reads (ASGI gives names in lower case)
+            name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"] if name in _READ
+        }
+        if self.api_key is not None and not path.startswith("/health/") and not self._authorized(headers):
+            refused = self.metrics.refuse("unauthorized", 401, "a valid API key is required", _CHALLENGE)
+            return await _sent(refused, scope, receive, send)
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            return await _sent(self._too_large(), scope, receive, send)
+        chunks: list[bytes] = []
+        size, more = 0, scope["method"] in ("POST", "PUT", "PATCH")
+        while more:  # read here, up to the limit, then replayed to the application
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return 499
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_body_bytes:
+                return await _sent(self._too_large(), scope, receive, send)
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if (
+            path == "/v1/predict"
+            and scope["method"] == "POST"
+            and headers.get("content-type", "").partition(";")[0].strip().lower() == "application/json"
+        ):
+            response = await self.predict_fast(body, receive)
+            if response is not None:
+                return await _sent(response, scope, receive, send)
+        replayed = False
+        status = 499
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: only a disconnect comes
 
         async def counting_send(message: Message) -> None:
             nonlocal status
@@ -430,65 +514,14 @@ class Gate:
                 status = message["status"]
             await send(message)
 
-        self.metrics.in_flight.inc()
-        try:
-            await self._admit(scope, receive, counting_send, path)
-        finally:
-            self.metrics.in_flight.dec()
-            counter = self._counts.get((endpoint, status))
-            if counter is None:
-                counter = self._counts[endpoint, status] = self.metrics.requests.labels(endpoint, str(status))
-            counter.inc()
-            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
-
-    async def _admit(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
-        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
-        if self.api_key is not None and not path.startswith("/health/") and not self._authorized(headers):
-            challenge = {"WWW-Authenticate": "Bearer"}
-            await self.metrics.refuse("unauthorized", 401, "a valid API key is required", challenge)(
-                scope, receive, send
-            )
-            return
-        declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
-            await self._too_large(scope, receive, send)
-            return
-        body = bytearray()
-        more = scope["method"] in ("POST", "PUT", "PATCH")
-        while more:  # read here, up to the limit, then replayed to the application
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.max_body_bytes:
-                await self._too_large(scope, receive, send)
-                return
-        if (
-            path == "/v1/predict"
-            and scope["method"] == "POST"
-            and headers.get("content-type", "").split(";")[0].strip().lower() == "application/json"
-        ):
-            response = await self.predict_fast(bytes(body), receive)
-            if response is not None:
-                await response(scope, receive, send)
-                return
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()  # after the body: only a disconnect comes
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replay, counting_send)
+        return status
 
     def _authorized(self, headers: dict[str, str]) -> bool:
         given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
         return hmac.compare_digest(given.encode(), self.api_key.encode())  # type: ignore[union-attr]
 
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def _too_large(self) -> Response:
         limit = f"{self.max_body_bytes / 2**20:g} MiB"
         detail = f"the body is larger than --max-body-mb ({limit})"
-        await self.metrics.refuse("too_large", 413, detail, {"Connection": "close"})(scope, receive, send)
+        return self.metrics.refuse("too_large", 413, detail, {"Connection": "close"})

@@ -1,29 +1,30 @@
 """Dynamic batching: concurrent requests merged into batches of at most `max_batch_size` instances.
 
 A pure asyncio object, tested without HTTP. Requests wait in a bounded queue; one loop takes them in arrival
-order into a batch until the batch is full, the oldest has waited `max_delay_s`, or the arrivals pause, and
-runs it on the model's own thread, off the event loop. While a batch runs the next one gathers, so under load
-batches fill at once, and when idle a lone request waits `max_delay_s` at most. A request is refused at once
-when the queue is full (`QueueFull`), answered `DeadlineExceeded` when it is still queued `timeout_s` after it
-arrived (it is then never run), and dropped from the queue when its caller goes away (cancellation). A request
-is also refused at once when the work queued before it would take longer than `timeout_s` (estimated from
-recent batches): it would only wait to be refused, and the requests that are admitted keep their latency.
+order into a batch and runs it on the model's own thread, off the event loop. A batch starts as soon as the
+model is free and the queue has stopped growing: when a pass through the event loop brings no new request
+(so a lone request starts at once, and a burst of requests that arrived together is one batch), when it is
+full, or when its oldest request has waited `max_delay_s` while requests kept arriving. While a batch runs the
+next one gathers, so under load batches fill by themselves. A request is refused at once when the queue is
+full (`QueueFull`), answered `DeadlineExceeded` when it is still queued `timeout_s` after it arrived (it is
+then never run), and dropped from the queue when its caller goes away (cancellation). A request is also
+refused at once when the work queued before it would take longer than `timeout_s` (estimated from recent
+batches): it would only wait to be refused, and the requests that are admitted keep their latency.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-# arrivals have paused after this many times the median recent gap between them without one: a closed group of
-# clients sends in a burst (tiny gaps, then one long one while it waits); of Poisson arrivals, 1.6% of gaps are longer
-PAUSE = 6.0
+# passes through the event loop that must bring no new request before a batch that is not full starts: one for
+# the loop to read what the sockets hold, one for the requests it read to reach the queue
+QUIET_PASSES = 2
 
 
 class QueueFull(Exception):
@@ -146,9 +147,7 @@ class Batcher:
         # moving averages over recent batches, for the wait a new request would face (None: none has run yet)
         self._batch_seconds: float | None = None
         self._batch_size = 1.0
-        # and the recent gaps between arrivals, to tell when the requests that would fill a batch stopped coming
-        self._last_arrival: float | None = None
-        self._gaps: collections.deque[float] = collections.deque(maxlen=32)
+        self._arrivals = 0  # requests queued since the start: tells whether a pass through the loop brought more
 
     def start(self) -> None:
         """Start the batching loop on the running event loop."""
@@ -188,15 +187,12 @@ class Batcher:
                 "a request may wait"
             )
         loop = asyncio.get_running_loop()
-        now = time.perf_counter()
-        if self._last_arrival is not None:
-            self._gaps.append(now - self._last_arrival)
-        self._last_arrival = now
-        ticket = Ticket(instances, loop.create_future(), now)
+        ticket = Ticket(instances, loop.create_future(), time.perf_counter())
         ticket.deadline = loop.call_at(loop.time() + self.timeout_s, self._expire, ticket)
         self._queue.append(ticket)
         self.queued += 1
         self._queued_rows += len(instances)
+        self._arrivals += 1
         self._arrival.set()
         return ticket
 
@@ -291,9 +287,7 @@ class Batcher:
                 ticket.future.set_result(result)
 
     async def _next_batch(self) -> list[Ticket]:
-        """Wait for a live request, then for the batch to fill, for the oldest to have waited `max_delay_s`, or for
-        the arrivals to pause (none for `PAUSE` times their median recent gap: a closed group of clients has all
-        sent, and waiting longer only adds latency)."""
+        """Wait for a live request, then until the batch is due (see the module's docstring)."""
         while not await self._filled():
             pass  # everyone waiting left: start over
         batch: list[Ticket] = []
@@ -322,17 +316,13 @@ class Batcher:
             self._arrival.clear()
             await self._arrival.wait()
         fill_by = self._queue[0].arrived + self.max_delay_s
-        while self._queued_rows < self.batch_rows() and not self._closing:
-            now = time.perf_counter()
-            remaining = fill_by - now
-            if len(self._gaps) >= 4 and self._last_arrival is not None:
-                median_gap = sorted(self._gaps)[len(self._gaps) // 2]
-                remaining = min(remaining, self._last_arrival + PAUSE * median_gap - now)
-            if remaining <= 0:
+        quiet = 0
+        while quiet < QUIET_PASSES and self._queued_rows < self.batch_rows() and not self._closing:
+            if time.perf_counter() >= fill_by:
                 break
-            self._arrival.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrival.wait(), remaining)
+            arrivals = self._arrivals
+            await asyncio.sleep(0)  # one pass through the event loop: what has arrived is read and queued
+            quiet = quiet + 1 if self._arrivals == arrivals else 0
             self._drop_dead()
             if not self._queue:
                 return False

@@ -32,10 +32,15 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def compute_bound(batch_s: float, batch_size: int) -> bool:
+    """Whether a model whose full batch takes `batch_s` is dominated by its compute: at least 0.5 ms an instance,
+    several times what a request costs the server's event loop (a ResNet, not a small MLP)."""
+    return batch_s >= 0.0005 * batch_size
+
+
 def pick_threads(fewer_s: float, every_s: float, batch_size: int, cores: int) -> int:
     """`ServedModel.choose_threads`'s rule, from a full batch's seconds on one core fewer and on every core."""
-    compute_bound = fewer_s >= 0.0005 * batch_size
-    return cores if compute_bound and fewer_s > 1.3 * every_s else max(1, cores - 1)
+    return cores if compute_bound(fewer_s, batch_size) and fewer_s > 1.3 * every_s else max(1, cores - 1)
 
 
 class InvalidInput(ValueError):
@@ -67,6 +72,7 @@ class ServedModel:
         else:
             (config, self.info), self.model = load_description(final), None
         self._final = final
+        self._timed: dict[int, float] = {}  # rows -> seconds, of the batches `prepare` timed
         self._name = config.name if config.name != "default" else config.model.architecture
         self.load_seconds = time.perf_counter() - started
 
@@ -105,9 +111,9 @@ class ServedModel:
             schema["image"] = {"endpoint": "/v1/predict/image", "mode": mode, "size": image.size}
         return schema
 
-    def decode(self, inputs: Any) -> list[torch.Tensor]:
-        """`{"inputs": [...]}`'s list as one tensor per instance (shaped `input_schema["shape"]`, or token ids);
-        `InvalidInput` says what is wrong."""
+    def decode(self, inputs: Any) -> list[np.ndarray]:
+        """`{"inputs": [...]}`'s list as one array per instance (float32 shaped `input_schema["shape"]`, or int64
+        token ids); `InvalidInput` says what is wrong."""
         if not isinstance(inputs, list) or not inputs:
             raise InvalidInput("inputs must be a non-empty list of instances")
         if self.info.task == "language_modeling":
@@ -115,15 +121,19 @@ class ServedModel:
         shape = tuple(self.info.input_shape)
         if _numbers_only(inputs, len(shape) + 1):  # the usual case, checked at speed
             try:
-                with np.errstate(over="ignore"):  # a number beyond float32 becomes inf: refused below
-                    array = np.array(inputs, dtype=np.float32)
-            except (ValueError, OverflowError):  # ragged, or an integer beyond float32
+                array = np.array(inputs, dtype=np.float64)  # exact for JSON's numbers: checked before the cast
+            except (ValueError, OverflowError):  # ragged, or an integer beyond a float
                 array = None
-            if array is not None and array.shape[1:] == shape and np.isfinite(array).all():
-                return list(torch.from_numpy(array).unbind(0))
+            # NaN fails both comparisons; and within these bounds float32 rounds to a finite number
+            if (
+                array is not None
+                and array.shape[1:] == shape
+                and -_FLOAT32_LIMIT < array.min() <= array.max() < _FLOAT32_LIMIT
+            ):
+                return list(array.astype(np.float32))
         return [self._numbers(instance, i) for i, instance in enumerate(inputs)]  # finds what is wrong, and where
 
-    def decode_image(self, data: bytes) -> torch.Tensor:
+    def decode_image(self, data: bytes) -> np.ndarray:
         """An uploaded image file as one instance, preprocessed as the training images were (`DataInfo.image`)."""
         from PIL import Image
 
@@ -142,38 +152,40 @@ class ServedModel:
             raise
         except Exception as error:  # noqa: BLE001 - Pillow raises many kinds for damaged files; each is the upload's fault
             raise InvalidInput(f"file: not a readable image ({type(error).__name__}: {error})") from None
-        return spec.normalise(pixels).view(tuple(self.info.input_shape))
+        return spec.normalise(pixels).view(tuple(self.info.input_shape)).numpy()
 
-    def _tokens(self, instance: Any, index: int) -> torch.Tensor:
+    def _tokens(self, instance: Any, index: int) -> np.ndarray:
         vocab, max_length = self.info.vocab_size or 0, self.info.seq_len or 0
         if not isinstance(instance, list) or not 1 <= len(instance) <= max_length:
             raise InvalidInput(f"inputs[{index}]: expected a list of 1 to {max_length} token ids")
         for position, token in enumerate(instance):
             if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab:
                 raise InvalidInput(f"inputs[{index}][{position}]: {token!r} is not a token id in [0, {vocab})")
-        return torch.tensor(instance, dtype=torch.long)
+        return np.array(instance, dtype=np.int64)
 
-    def _numbers(self, instance: Any, index: int) -> torch.Tensor:
+    def _numbers(self, instance: Any, index: int) -> np.ndarray:
         shape = tuple(self.info.input_shape)
         flat: list[float] = []
         _flatten(instance, shape, f"inputs[{index}]", flat)
-        return torch.tensor(flat, dtype=torch.float32).view(shape)
+        return np.array(flat, dtype=np.float32).reshape(shape)
 
     # ------------------------------------------------------------------------------------------- predict
 
     @torch.inference_mode()
-    def predict(self, instances: list[torch.Tensor]) -> torch.Tensor:
-        """The batch's outputs, one row per instance: class probabilities, or the next token's probabilities."""
+    def predict(self, instances: list[np.ndarray]) -> torch.Tensor:
+        """The batch's outputs, one row per instance (`decode`'s arrays): class probabilities, or the next
+        token's probabilities."""
         if self.model is None:
             raise RuntimeError("this ServedModel was loaded without its weights")
         if self.info.task == "language_modeling":
             lengths = torch.tensor([len(tokens) for tokens in instances])
             # padded on the right: causal attention keeps each instance's last position blind to its padding
-            tokens = torch.nn.utils.rnn.pad_sequence(instances, batch_first=True).to(self.device)
+            sequences = [torch.from_numpy(tokens) for tokens in instances]
+            tokens = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True).to(self.device)
             logits = self.model(tokens)  # (B, T, V)
             last = logits[torch.arange(len(instances)), lengths.to(self.device) - 1]  # (B, V)
             return last.float().softmax(-1).cpu()
-        outputs = self.model(torch.stack(instances).to(self.device))  # (B, classes)
+        outputs = self.model(torch.from_numpy(np.stack(instances)).to(self.device))  # (B, classes)
         if self.info.task == "classification":
             outputs = outputs.float().softmax(-1)
         return outputs.float().cpu()
@@ -186,7 +198,14 @@ class ServedModel:
         else:
             threads = self.choose_threads(batch_size, cpu_cores())
         timed = [(rows, self.time_batch(rows)) for rows in {1, batch_size}] if time_batches else []
+        self._timed.update(timed)
         return threads, timed
+
+    def is_compute_bound(self, batch_size: int) -> bool:
+        """`compute_bound` for this model, from the full batch timed by `prepare` (or timed now)."""
+        if batch_size not in self._timed:
+            self._timed[batch_size] = self.time_batch(batch_size)
+        return compute_bound(self._timed[batch_size], batch_size)
 
     def choose_threads(self, batch_size: int, cores: int) -> int:
         """torch threads for serving on `cores` CPU cores: all of them when the model's compute dominates (a
@@ -197,21 +216,24 @@ class ServedModel:
         fewer = max(1, cores - 1)
         if cores <= 1 or self.device.type != "cpu":
             return fewer
-        seconds = {}
-        for threads in (fewer, cores):
-            torch.set_num_threads(threads)
-            seconds[threads] = self.time_batch(batch_size)
+        batch = self._zeros(batch_size)
+        seconds = {fewer: math.inf, cores: math.inf}
+        for round_ in range(4):  # interleaved, the best of three after a warm-up: a passing load skews neither
+            for threads in seconds:
+                torch.set_num_threads(threads)
+                started = time.perf_counter()
+                self.predict(batch)
+                if round_:
+                    seconds[threads] = min(seconds[threads], time.perf_counter() - started)
         chosen = pick_threads(seconds[fewer], seconds[cores], batch_size, cores)
         torch.set_num_threads(chosen)
+        self._timed[batch_size] = seconds[chosen]
         return chosen
 
     def time_batch(self, rows: int) -> float:
         """Seconds a batch of `rows` instances takes, after a warm-up run (kernels are made for each shape): the
         best of three, or one run for a batch over 50 ms."""
-        if self.info.task == "language_modeling":
-            batch = [torch.zeros(self.info.seq_len or 1, dtype=torch.long)] * rows
-        else:
-            batch = [torch.zeros(tuple(self.info.input_shape))] * rows
+        batch = self._zeros(rows)
         started = time.perf_counter()
         self.predict(batch)
         runs = []
@@ -221,7 +243,13 @@ class ServedModel:
             runs.append(time.perf_counter() - started)
         return min(runs)
 
-    def answer(self, instances: list[torch.Tensor]) -> list[dict[str, Any]]:
+    def _zeros(self, rows: int) -> list[np.ndarray]:
+        """A batch of `rows` instances of zeros (token 0s at full length for a language model)."""
+        if self.info.task == "language_modeling":
+            return [np.zeros(self.info.seq_len or 1, dtype=np.int64)] * rows
+        return [np.zeros(tuple(self.info.input_shape), dtype=np.float32)] * rows
+
+    def answer(self, instances: list[np.ndarray]) -> list[dict[str, Any]]:
         """`predict` and `encode` together: what the model's thread runs for a batch."""
         return self.encode(self.predict(instances))
 
@@ -260,6 +288,8 @@ def _numbers_only(inputs: list[Any], depth: int) -> bool:
 
 _LIST = {list}
 _NUMBER = {float, int}  # type(True) is bool: not a number here
+# the smallest magnitude that float32 rounds to infinity: halfway between its largest finite value and 2**128
+_FLOAT32_LIMIT = 2.0**128 - 2.0**103
 
 
 def _flatten(value: Any, shape: tuple[int, ...], where: str, out: list[float]) -> None:

@@ -16,7 +16,7 @@ import signal
 from multiprocessing.connection import Connection
 from typing import Any
 
-import torch
+import numpy as np
 
 from scaleforge.errors import UsageError
 
@@ -33,12 +33,21 @@ class ModelProcess:
     """The run at `path` served by a child process on `device` with `threads` torch threads. Calling it with a
     batch of instances returns their answers (`ServedModel.answer`), from the model thread."""
 
-    def __init__(self, path: str, device: str, threads: int, batch_size: int, *, time_batches: bool = False) -> None:
+    def __init__(
+        self,
+        path: str,
+        device: str,
+        threads: int,
+        batch_size: int,
+        *,
+        time_batches: bool = False,
+        timed_batches: list[tuple[int, float]] | None = None,
+    ) -> None:
         """`threads` 0: chosen by timing a batch of `batch_size` (`ServedModel.choose_threads`); with
-        `time_batches`, batches of 1 and `batch_size` are timed too (`timed_batches`)."""
+        `time_batches`, batches of 1 and `batch_size` are timed too (`timed_batches`, unless given)."""
         self.path, self.device, self.threads, self.batch_size = path, device, threads, batch_size
         self.time_batches = time_batches
-        self.timed_batches: list[tuple[int, float]] = []
+        self.timed_batches: list[tuple[int, float]] = list(timed_batches or [])
         self.load_seconds = 0.0
         self._start()
 
@@ -67,11 +76,11 @@ class ModelProcess:
         self.load_seconds, self.threads, timed = value
         self.timed_batches = self.timed_batches or timed
 
-    def __call__(self, instances: list[torch.Tensor]) -> list[dict[str, Any]]:
+    def __call__(self, instances: list[np.ndarray]) -> list[dict[str, Any]]:
         if not self.process.is_alive():  # it died between batches: this one has not reached it
             self._restart()
         try:
-            self._conn.send([instance.numpy() for instance in instances])
+            self._conn.send(instances)
             status, value = self._conn.recv()
         except (EOFError, OSError):
             code = self._restart()
@@ -129,7 +138,7 @@ def _answer_batches(
     conn.send(("ready", (model.load_seconds, threads, timed)))
     while (batch := conn.recv()) is not None:
         try:
-            answers = model.answer([torch.from_numpy(array) for array in batch])
+            answers = model.answer(batch)
         except Exception as error:  # noqa: BLE001 - the batch fails, the process goes on
             conn.send(("error", f"{type(error).__name__}: {_one_line(error)}"))
             continue
