@@ -221,6 +221,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         max_delay_ms=args.max_delay_ms,
         overload=args.overload,
+        repeats=args.repeats,
         litserve=not args.no_litserve,
         out=Path(args.out),
         as_json=args.json,
@@ -450,6 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative_float,
         default=3.0,
         help="open-loop rate as a multiple of the measured capacity (0: none)",
+    )
+    bench_serve.add_argument(
+        "--repeats",
+        type=_positive_int,
+        default=1,
+        help="runs of each closed-loop level, the servers in turn; the median is reported",
     )
     bench_serve.add_argument("--no-litserve", action="store_true", help="skip LitServe even if installed")
     bench_serve.add_argument("--out", default="runs/bench-serve", help="where logs, JSON and the plot go")

@@ -462,7 +462,8 @@ def test_schemathesis_finds_no_server_error(digits_url: str, tmp_path: Path) -> 
 def test_bench_serve_prints_its_table_and_plot(digits_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench"
     command = [sys.executable, "-m", "scaleforge", "bench", "serve", str(digits_run), "--concurrency", "1,4"]
-    command += ["--requests", "40", "--seconds", "5", "--overload", "2", "--no-litserve", "--out", str(out)]
+    command += ["--requests", "40", "--seconds", "5", "--overload", "2", "--repeats", "2", "--no-litserve"]
+    command += ["--out", str(out)]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((out / "serve.json").read_text())
@@ -478,6 +479,9 @@ def test_bench_serve_prints_its_table_and_plot(digits_run: Path, tmp_path: Path)
     assert {target for target, _ in loads} == servers
     closed = [level for level in report["levels"] if level["load"].endswith("in flight")]
     assert all(level["statuses"] == {"200": 40} and level["p99_ms"] > 0 for level in closed)
+    assert all(
+        len(level["throughput_runs"]) == 2 and level["throughput"] in level["throughput_runs"] for level in closed
+    )
     assert (out / "serve.png").stat().st_size > 10_000
     assert "answered/s" in result.stdout and "bare FastAPI, constant" in result.stdout
 

@@ -2,10 +2,14 @@
 
 Each server runs in a child process on 127.0.0.1: scaleforge with dynamic batching, scaleforge with batches
 of one, a bare FastAPI endpoint that answers a constant (the ceiling of this load generator and HTTP stack
-here), and LitServe serving the same model through the same contract when it is installed. An aiohttp client
-drives each with closed-loop levels (a fixed number of requests in flight) and, for scaleforge with batching,
-an open-loop overload (arrivals at a multiple of its measured capacity, whatever the answers). Every level is
-bounded by a request count and a time limit. One instance per request, the same for every server.
+here), and LitServe serving the same model through the same contract when it is installed. They are all
+started first, and each is paused (SIGSTOP to its process group) but while it is measured, so that none
+takes from another's CPU (LitServe polls its queues even when idle). An aiohttp client drives each in turn
+with closed-loop levels (a fixed number of requests in flight; `repeats` runs of each, the servers taking
+turns, so that a slow spell of the machine falls on all of them alike, and the median reported) and, for
+scaleforge with batching, an open-loop overload (arrivals at a multiple of its measured capacity, whatever
+the answers), on that server and on one told to keep a latency target. Every level is bounded by a request
+count and a time limit. One instance per request, the same for every server.
 """
 
 from __future__ import annotations
@@ -46,6 +50,11 @@ class Level:
     seconds: float
     latencies: list[float]  # of the answered (200) requests
     statuses: dict[int, int]
+    runs: list[float] | None = None  # with repeats: every run's throughput (this is the median one)
+
+    @property
+    def throughput(self) -> float:
+        return len(self.latencies) / self.seconds
 
     def summary(self) -> dict[str, Any]:
         ok = sorted(self.latencies)
@@ -58,7 +67,8 @@ class Level:
             "load": self.load,
             "requests": sum(self.statuses.values()),
             "statuses": {str(code): count for code, count in sorted(self.statuses.items())},
-            "throughput": len(ok) / self.seconds,
+            "throughput": self.throughput,
+            **({"throughput_runs": self.runs} if self.runs else {}),
             "p50_ms": percentile(0.50),
             "p95_ms": percentile(0.95),
             "p99_ms": percentile(0.99),
@@ -116,9 +126,25 @@ def targets(run_dir: str, *, max_batch_size: int, max_delay_ms: float, litserve:
     return found
 
 
+@dataclass
+class Server:
+    """A started target: its base URL, and its process group, which can be paused while others are measured."""
+
+    url: str
+    group: int
+
+    def pause(self) -> None:  # nothing of it runs, not even LitServe's polling of its queues
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.group, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.group, signal.SIGCONT)
+
+
 @contextlib.contextmanager
-def started(target: Target, log: Path) -> Iterator[str]:
-    """Start `target` on a free port; yields its base URL once it answers ready, and stops it after."""
+def started(target: Target, log: Path) -> Iterator[Server]:
+    """Start `target` on a free port; yields it once it answers ready, and stops it after."""
     port = free_port()
     command = [part.replace("{port}", str(port)) for part in target.command]
     with log.open("w") as output:
@@ -128,9 +154,10 @@ def started(target: Target, log: Path) -> Iterator[str]:
         try:
             url = f"http://127.0.0.1:{port}"
             asyncio.run(_wait_ready(url + target.ready_path, process, log))
-            yield url
+            yield Server(url, process.pid)
         finally:
             with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGCONT)  # were it paused, it could not stop
                 os.killpg(process.pid, signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=30)
@@ -230,8 +257,10 @@ def run_serve_benchmark(
     litserve: bool,
     out: Path,
     as_json: bool,
+    repeats: int = 1,
 ) -> dict[str, Any]:
-    """Measure every target at every level; print and return the results (JSON and a PNG plot in `out`)."""
+    """Measure every target at every level (`repeats` times, in turn, reporting the median run); print and
+    return the results (JSON and a PNG plot in `out`)."""
     from scaleforge.serve.model import ServedModel
 
     model = ServedModel(run_dir)  # checks the run and gives an instance of the right shape
@@ -243,21 +272,38 @@ def run_serve_benchmark(
         except ImportError:
             litserve = False  # optional: `make setup EXTRAS=dev,bench`
     out.mkdir(parents=True, exist_ok=True)
-    levels: list[Level] = []
-    capacity: dict[str, float] = {}
     found = targets(run_dir, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms, litserve=litserve)
-    for target in found:
-        with started(target, out / f"{target.name.split(',')[0].replace(' ', '-')}-{len(levels)}.log") as url:
-            endpoint = url + target.predict_path
-            asyncio.run(closed_loop(endpoint, body, 4, 50, 10))  # warm-up
-            for clients in concurrency:
-                latencies, statuses, elapsed = asyncio.run(closed_loop(endpoint, body, clients, requests, seconds))
-                levels.append(Level(target.name, f"{clients} in flight", elapsed, latencies, statuses))
-                capacity[target.name] = max(capacity.get(target.name, 0.0), len(latencies) / elapsed)
+    runs: dict[tuple[str, int], list[Level]] = {}
+    levels: list[Level] = []
+    capacity = 0.0  # the batching server's best throughput: what the overload is a multiple of
+    with contextlib.ExitStack() as stack:
+        servers: dict[str, Server] = {}
+        for index, target in enumerate(found):  # all up at once, each paused but while it is measured
+            log = out / f"{target.name.split(',')[0].replace(' ', '-')}-{index}.log"
+            server = servers[target.name] = stack.enter_context(started(target, log))
+            asyncio.run(closed_loop(server.url + target.predict_path, body, 4, 50, 10))  # warm-up
+            server.pause()
+        for clients in concurrency:
+            for _ in range(repeats):
+                for target in found:  # in turn: a slow spell of the machine falls on every server alike
+                    servers[target.name].resume()
+                    endpoint = servers[target.name].url + target.predict_path
+                    run = asyncio.run(closed_loop(endpoint, body, clients, requests, seconds))
+                    servers[target.name].pause()
+                    level = Level(target.name, f"{clients} in flight", run[2], run[0], run[1])
+                    runs.setdefault((target.name, clients), []).append(level)
+        for target in found:
+            for clients in concurrency:  # the run of median throughput, with every run's throughput beside it
+                measured = sorted(runs[target.name, clients], key=lambda level: level.throughput)
+                median = measured[len(measured) // 2]
+                median.runs = [level.throughput for level in runs[target.name, clients]]
+                levels.append(median)
             if overload > 0 and target is found[0]:
-                levels.append(
-                    _overload(endpoint, body, target.name, overload, capacity[target.name], requests, seconds)
-                )
+                capacity = max(level.throughput for level in levels)
+                servers[target.name].resume()
+                endpoint = servers[target.name].url + target.predict_path
+                levels.append(_overload(endpoint, body, target.name, overload, capacity, requests, seconds))
+                servers[target.name].pause()
     if overload > 0:
         # the same overload on a server told to keep its latency: --latency-target-ms twice the unloaded p99
         unloaded = levels[0].summary()["p99_ms"] or 1.0
@@ -266,10 +312,10 @@ def run_serve_benchmark(
         bounded = Target(
             name, [*found[0].command, "--latency-target-ms", f"{target_ms:.1f}"], "/v1/predict", "/health/ready"
         )
-        with started(bounded, out / f"scaleforge-target-{len(levels)}.log") as url:
-            endpoint = url + bounded.predict_path
+        with started(bounded, out / f"scaleforge-target-{len(levels)}.log") as server:
+            endpoint = server.url + bounded.predict_path
             asyncio.run(closed_loop(endpoint, body, 4, 50, 10))  # warm-up
-            levels.append(_overload(endpoint, body, name, overload, capacity[found[0].name], requests, seconds))
+            levels.append(_overload(endpoint, body, name, overload, capacity, requests, seconds))
     summaries = [level.summary() for level in levels]
     result = {
         "benchmark": "serve",
@@ -279,6 +325,7 @@ def run_serve_benchmark(
         "max_delay_ms": max_delay_ms,
         "requests_per_level": requests,
         "seconds_per_level": seconds,
+        "repeats": repeats,
         **machine(),
         "levels": summaries,
     }

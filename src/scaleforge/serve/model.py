@@ -185,10 +185,14 @@ class ServedModel:
             logits = self.model(tokens)  # (B, T, V)
             last = logits[torch.arange(len(instances)), lengths.to(self.device) - 1]  # (B, V)
             return last.float().softmax(-1).cpu()
-        outputs = self.model(torch.from_numpy(np.stack(instances)).to(self.device))  # (B, classes)
+        batch = torch.from_numpy(np.stack(instances))
+        on_cpu = self.device.type == "cpu"  # then no copy, and no call that would only return its input
+        outputs = self.model(batch if on_cpu else batch.to(self.device))  # (B, classes)
         if self.info.task == "classification":
-            outputs = outputs.float().softmax(-1)
-        return outputs.float().cpu()
+            outputs = outputs.softmax(-1, dtype=torch.float32)
+        elif outputs.dtype != torch.float32:
+            outputs = outputs.float()
+        return outputs if on_cpu else outputs.cpu()
 
     def prepare(self, threads: int, batch_size: int, *, time_batches: bool) -> tuple[int, list[tuple[int, float]]]:
         """Set torch's threads for serving (`threads`, or 0: `choose_threads`) and, with `time_batches`, time
@@ -257,10 +261,11 @@ class ServedModel:
 
     def encode(self, outputs: torch.Tensor) -> list[dict[str, Any]]:
         """Each row's answer as JSON: the probabilities and the most probable class (or next token)."""
-        rows = outputs.tolist()
+        array = outputs.numpy()
+        rows = array.tolist()
         if self.info.task == "regression":
             return [{"values": values} for values in rows]
-        tops = outputs.argmax(-1).tolist()
+        tops = array.argmax(-1).tolist()
         if self.info.task == "language_modeling":
             return [
                 {"next_token": top, "probability": values[top], "probabilities": values}
