@@ -270,14 +270,30 @@ def create_app(
         return await predict_inputs(body.inputs, request.receive)
 
     async def predict_inputs(inputs: list[Any], receive: Receive) -> Response:
+        if isinstance(inputs, list) and len(inputs) > settings.max_batch_size:
+            too_many = f"inputs: {len(inputs)} instances, more than --max-batch-size {settings.max_batch_size}"
+            return metrics.refuse("invalid", 422, too_many)
+        if cache is None and isinstance(inputs, list) and inputs:
+            refused = admitted(len(inputs))  # before the inputs are checked: under overload, most are refused
+            if refused is not None:
+                return refused
         try:
             instances = model.decode(inputs)
         except InvalidInput as error:
             return metrics.refuse("invalid", 422, str(error))
-        if len(instances) > settings.max_batch_size:
-            too_many = f"inputs: {len(instances)} instances, more than --max-batch-size {settings.max_batch_size}"
-            return metrics.refuse("invalid", 422, too_many)
         return await answer(instances, receive)
+
+    def admitted(rows: int) -> Response | None:
+        """None if the batcher would take `rows` more now, else the refusal."""
+        try:
+            batcher.admit(rows)
+        except (QueueFull, Closed) as error:
+            return refusal(error)
+        return None
+
+    def refusal(error: QueueFull | Closed) -> Response:
+        reason = "queue_full" if isinstance(error, QueueFull) else "shutting_down"
+        return metrics.refuse(reason, 503, str(error), {"Retry-After": "1"})
 
     async def predict_fast(body: bytes, receive: Receive) -> Response | None:
         """`POST /v1/predict` without FastAPI's routing and validation, which cost more than the rest of a small
@@ -331,10 +347,8 @@ def create_app(
         """The outputs for `instances` from the batcher, or the response that says why there are none."""
         try:
             ticket = batcher.enqueue(instances)
-        except QueueFull as error:
-            return metrics.refuse("queue_full", 503, str(error), {"Retry-After": "1"})
-        except Closed as error:
-            return metrics.refuse("shutting_down", 503, str(error), {"Retry-After": "1"})
+        except (QueueFull, Closed) as error:
+            return refusal(error)
         try:
             result = await _unless_disconnected(receive, ticket, batcher)
         except DeadlineExceeded as error:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import signal
 import socket
 import time
@@ -75,6 +76,7 @@ def serve(path: str | Path, settings: ServeSettings) -> bool:
         in_process = settings.model_process is False or device.type != "cpu"
         if in_process or not model.is_compute_bound(settings.max_batch_size):
             server = _server(model, settings, None, model.load_seconds, threads, timed)
+            _freeze_garbage()
             server.run()
             return server.started
         model.model = None  # the weights live in the model's process
@@ -84,6 +86,7 @@ def serve(path: str | Path, settings: ServeSettings) -> bool:
         worker = ModelProcess(str(path), str(device), settings.threads, settings.max_batch_size, time_batches=timing)
     try:
         server = _server(model, settings, worker, worker.load_seconds, worker.threads, worker.timed_batches)
+        _freeze_garbage()
         server.run()
         return server.started
     finally:
@@ -119,6 +122,14 @@ def _server(
         f" queue {settings.max_queue}, timeout {settings.timeout_ms:g} ms"
     )
     return DrainingServer(config, gate, banner, settings.drain_grace_s)
+
+
+def _freeze_garbage() -> None:
+    """Leave what loading made (torch, the model, FastAPI: some 200,000 objects) out of the cyclic garbage
+    collector's full passes: each would stop the event loop for about 100 ms, a latency spike for every
+    request in flight; with them frozen a full pass takes well under a millisecond."""
+    gc.collect()
+    gc.freeze()
 
 
 def check_address(host: str, port: int) -> None:

@@ -11,6 +11,7 @@ started again for the next one.
 from __future__ import annotations
 
 import contextlib
+import gc
 import multiprocessing
 import signal
 from multiprocessing.connection import Connection
@@ -135,6 +136,8 @@ def _answer_batches(
     except Exception as error:  # noqa: BLE001 - told to the server, which reports it and exits
         conn.send(("error", _one_line(error)))
         return
+    gc.collect()
+    gc.freeze()  # full collections skip what loading made (as in the server: serve.server._freeze_garbage)
     conn.send(("ready", (model.load_seconds, threads, timed)))
     while (batch := conn.recv()) is not None:
         try:
