@@ -305,16 +305,25 @@ def run_serve_benchmark(
                 levels.append(_overload(endpoint, body, target.name, overload, capacity, requests, seconds))
                 servers[target.name].pause()
     if overload > 0:
-        # the same overload on a server told to keep its latency: --latency-target-ms twice the unloaded p99
-        unloaded = levels[0].summary()["p99_ms"] or 1.0
-        target_ms = 2 * unloaded
-        name = f"scaleforge, batching, --latency-target-ms {target_ms:.0f}"
-        bounded = Target(
-            name, [*found[0].command, "--latency-target-ms", f"{target_ms:.1f}"], "/v1/predict", "/health/ready"
+        # the same overload on a server told to keep its latency: --latency-target-ms twice its own unloaded
+        # p99, which a latency target changes (a core is left to HTTP), so measured first on a server of its own
+        # (an idle model always takes a request: the target does not change the unloaded level)
+        command = [*found[0].command, "--latency-target-ms"]
+        probe = Target(
+            "probe", [*command, str(2 * (levels[0].summary()["p99_ms"] or 1.0))], "/v1/predict", "/health/ready"
         )
-        with started(bounded, out / f"scaleforge-target-{len(levels)}.log") as server:
+        with started(probe, out / "scaleforge-target-probe.log") as server:
+            endpoint = server.url + probe.predict_path
+            asyncio.run(closed_loop(endpoint, body, 4, 50, 10))  # warm-up
+            run = asyncio.run(closed_loop(endpoint, body, 1, requests, seconds))
+        target_ms = 2 * (Level("probe", "", run[2], run[0], run[1]).summary()["p99_ms"] or 1.0)
+        name = f"scaleforge, batching, --latency-target-ms {target_ms:.0f}"
+        bounded = Target(name, [*command, f"{target_ms:.1f}"], "/v1/predict", "/health/ready")
+        with started(bounded, out / "scaleforge-target.log") as server:
             endpoint = server.url + bounded.predict_path
             asyncio.run(closed_loop(endpoint, body, 4, 50, 10))  # warm-up
+            run = asyncio.run(closed_loop(endpoint, body, 1, requests, seconds))
+            levels.append(Level(name, "unloaded (1 in flight)", run[2], run[0], run[1]))
             levels.append(_overload(endpoint, body, name, overload, capacity, requests, seconds))
     summaries = [level.summary() for level in levels]
     result = {
@@ -392,7 +401,7 @@ def _plot(summaries: list[dict[str, Any]], concurrency: Sequence[int], path: Pat
             continue  # an overload level only
         left.plot(concurrency, [s["throughput"] for s in closed], marker="o", label=target)
         right.plot(concurrency, [s["p99_ms"] or float("nan") for s in closed], marker="o", label=target)
-    left.set(xlabel="requests in flight", ylabel="answered requests/s", xscale="log", title="throughput")
+    left.set(xlabel="requests in flight", ylabel="answered requests/s", xscale="log", yscale="log", title="throughput")
     right.set(xlabel="requests in flight", ylabel="p99 latency (ms)", xscale="log", yscale="log", title="p99")
     left.legend(fontsize=8)
     figure.tight_layout()
