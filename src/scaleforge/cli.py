@@ -345,6 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep batches small enough, and refuse at once what could not be answered, to answer within this (0: off)",
     )
     serve.add_argument(
+        "--batch-timeout-s",
+        type=_positive_float,
+        default=60.0,
+        help="a batch the model's process has not answered in this long is taken for hung: the process is restarted "
+        "and the batch's requests get 503",
+    )
+    serve.add_argument(
         "--drain-grace-s",
         type=_non_negative_float,
         default=0.0,

@@ -416,6 +416,17 @@ def test_the_model_process_is_restarted_when_it_dies_and_ends_with_the_server(sl
     assert third in started and all(gone(pid) for pid in started)  # SIGTERM to the server ended them all
 
 
+def test_a_model_process_that_hangs_is_restarted_and_its_batch_refused(slow_run: Path) -> None:
+    # every batch sleeps 0.5 s: past a 0.2 s batch timeout, it is taken for hung
+    with server(slow_run, *SLOW, "--batch-timeout-s", "0.2") as (url, process):
+        first = model_process(process.pid)
+        hung = httpx.post(f"{url}/v1/predict", json={"inputs": [IMAGE]}, timeout=30)
+        second = model_process(process.pid)
+        ready = httpx.get(f"{url}/health/ready").status_code
+    assert hung.status_code == 503 and "did not answer this batch within --batch-timeout-s 0.2" in hung.text
+    assert first != second and gone(first) and ready == 200  # a fresh process, and the server serves on
+
+
 def test_a_small_model_runs_on_a_thread_and_a_killed_server_leaves_no_model_process_behind(digits_run: Path) -> None:
     with server(digits_run) as (url, process):  # the MLP's requests cost more than its compute: no process
         assert httpx.post(f"{url}/v1/predict", json={"inputs": [IMAGE]}).status_code == 200

@@ -80,6 +80,7 @@ class ServeSettings:
     threads: int = 0  # torch's threads for the model; 0: chosen by timing a batch (ServedModel.choose_threads)
     model_process: bool | None = None  # the model in a process of its own (serve.worker); None: when it pays
     drain_grace_s: float = 0.0  # after a stop signal, serve this long with readiness at 503 before draining
+    batch_timeout_s: float = 60.0  # a batch the model's process has not answered in this long: it is restarted
     latency_target_ms: float = 0.0  # batches and admission kept to answer within this (0: off)
 
 

@@ -80,10 +80,24 @@ def serve(path: str | Path, settings: ServeSettings) -> bool:
             server.run()
             return server.started
         model.model = None  # the weights live in the model's process
-        worker = ModelProcess(str(path), str(device), threads, settings.max_batch_size, timed_batches=timed)
+        worker = ModelProcess(
+            str(path),
+            str(device),
+            threads,
+            settings.max_batch_size,
+            timed_batches=timed,
+            hung_s=settings.batch_timeout_s,
+        )
     else:
         model = ServedModel(path, device, weights=False)  # checks the run before a process starts
-        worker = ModelProcess(str(path), str(device), settings.threads, settings.max_batch_size, time_batches=timing)
+        worker = ModelProcess(
+            str(path),
+            str(device),
+            settings.threads,
+            settings.max_batch_size,
+            time_batches=timing,
+            hung_s=settings.batch_timeout_s,
+        )
     try:
         server = _server(model, settings, worker, worker.load_seconds, worker.threads, worker.timed_batches)
         _freeze_garbage()

@@ -43,9 +43,12 @@ class ModelProcess:
         *,
         time_batches: bool = False,
         timed_batches: list[tuple[int, float]] | None = None,
+        hung_s: float = 60.0,
     ) -> None:
         """`threads` 0: chosen by timing a batch of `batch_size` (`ServedModel.choose_threads`); with
-        `time_batches`, batches of 1 and `batch_size` are timed too (`timed_batches`, unless given)."""
+        `time_batches`, batches of 1 and `batch_size` are timed too (`timed_batches`, unless given). A batch
+        not answered within `hung_s` is taken for hung: the process is killed and started again."""
+        self.hung_s = hung_s
         self.path, self.device, self.threads, self.batch_size = path, device, threads, batch_size
         self.time_batches = time_batches
         self.timed_batches: list[tuple[int, float]] = list(timed_batches or [])
@@ -82,6 +85,13 @@ class ModelProcess:
             self._restart()
         try:
             self._conn.send(instances)
+            if not self._conn.poll(self.hung_s):
+                self.process.kill()
+                self._restart()
+                raise WorkerDied(
+                    f"the model's process did not answer this batch within --batch-timeout-s {self.hung_s:g}; "
+                    "it was restarted"
+                )
             status, value = self._conn.recv()
         except (EOFError, OSError):
             code = self._restart()
