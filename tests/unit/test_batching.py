@@ -359,3 +359,19 @@ def test_a_latency_target_learns_how_far_its_estimates_fall_short() -> None:
     assert b.shortfall > 1.2, b.shortfall  # answers came later than estimated, and it knows by how much
     later = sorted(seconds for value, seconds in latencies.items() if value >= 200)  # once it has learnt
     assert later and later[int(0.95 * len(later))] <= 0.15, later[-10:]  # so the admitted keep the target
+
+
+def test_an_idle_model_takes_a_request_whatever_the_last_batches_took() -> None:
+    model = RecordingModel()
+
+    async def scenario() -> list:
+        b = batcher(model, max_batch_size=1, max_delay_s=0.0, timeout_s=0.1)
+        b.start()
+        model.seconds = 0.3  # a batch far slower than the deadline (a model's process restarted within it, say)
+        first = (await b.submit([1])).outputs
+        model.seconds = 0.0
+        second = (await b.submit([2])).outputs  # the pace says 0.3 s, but nothing is queued or running
+        await b.close()
+        return [first, second]
+
+    assert run(scenario()) == [[2], [4]]

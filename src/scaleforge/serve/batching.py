@@ -207,9 +207,12 @@ class Batcher:
             raise Closed("the server is shutting down")
         if self.queued >= self.max_queue:
             raise QueueFull(f"{self.max_queue} requests are queued already")
+        if not self.queued and not self.running:
+            # an idle model always takes a request: it starts at once, it could not be answered sooner, and its
+            # batch corrects an estimate gone stale (a restart of the model's process timed as a batch, say)
+            return 0.0
         predicted = 0.0
-        # an idle model always takes a request: it could not be answered sooner, and a batch corrects the estimate
-        if self.latency_target_s and self.cost.batches and (self.queued or self.running):
+        if self.latency_target_s and self.cost.batches:
             predicted = self.expected_answer_s(instances)
             answered_in = predicted * self.shortfall
             if answered_in > self.latency_target_s:
