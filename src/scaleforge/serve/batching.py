@@ -229,12 +229,12 @@ class Batcher:
         return predicted
 
     def expected_wait_s(self, instances: int) -> float:
-        """How long `instances` more would take to be answered, at the pace of recent batches (0 before any)."""
+        """How long `instances` more would wait for their batch to start (what the deadline bounds), at the pace
+        of recent batches (0 before any): the running batch, and those of the queue ahead of theirs."""
         if self._batch_seconds is None:
             return 0.0
-        queued = self._queued_rows + instances
-        batches = queued / max(1.0, self._batch_size) + (1 if self.running else 0)
-        return batches * self._batch_seconds
+        ahead = max(0.0, (self._queued_rows + instances) / max(1.0, self._batch_size) - 1)
+        return (ahead + (1 if self.running else 0)) * self._batch_seconds
 
     def batch_rows(self) -> int:
         """The most rows the next batch may hold: `max_batch_size`, or fewer to keep `latency_target_s`."""
