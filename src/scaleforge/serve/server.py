@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import signal
 import socket
 import time
@@ -15,7 +14,7 @@ from scaleforge.distributed.env import select_device
 from scaleforge.errors import ConfigError, UsageError
 from scaleforge.serve.app import Gate, ServeSettings, create_app
 from scaleforge.serve.model import ServedModel
-from scaleforge.serve.worker import ModelProcess
+from scaleforge.serve.worker import ModelProcess, freeze_garbage
 
 
 class DrainingServer(uvicorn.Server):
@@ -75,36 +74,33 @@ def serve(path: str | Path, settings: ServeSettings) -> bool:
         # 3,309/s in a process); a GPU model's work runs on the GPU
         in_process = settings.model_process is False or device.type != "cpu"
         if in_process or not model.is_compute_bound(settings.max_batch_size):
-            server = _server(model, settings, None, model.load_seconds, threads, timed)
-            _freeze_garbage()
-            server.run()
-            return server.started
-        model.model = None  # the weights live in the model's process
-        worker = ModelProcess(
-            str(path),
-            str(device),
-            threads,
-            settings.max_batch_size,
-            timed_batches=timed,
-            hung_s=settings.batch_timeout_s,
-        )
-    else:
+            return _run(_server(model, settings, None, model.load_seconds, threads, timed))
+        model.model = None  # the weights live in the model's process, with the threads and timings found here
+        time_in_process = False
+    else:  # the process chooses the threads and times the batches itself
         model = ServedModel(path, device, weights=False)  # checks the run before a process starts
-        worker = ModelProcess(
-            str(path),
-            str(device),
-            settings.threads,
-            settings.max_batch_size,
-            time_batches=timing,
-            hung_s=settings.batch_timeout_s,
-        )
+        threads, timed, time_in_process = settings.threads, [], timing
+    worker = ModelProcess(
+        str(path),
+        str(device),
+        threads,
+        settings.max_batch_size,
+        time_batches=time_in_process,
+        timed_batches=timed,
+        hung_s=settings.batch_timeout_s,
+    )
     try:
-        server = _server(model, settings, worker, worker.load_seconds, worker.threads, worker.timed_batches)
-        _freeze_garbage()
-        server.run()
-        return server.started
+        return _run(_server(model, settings, worker, worker.load_seconds, worker.threads, worker.timed_batches))
     finally:
         worker.close()  # after the drain: every admitted request has its answer
+
+
+def _run(server: DrainingServer) -> bool:
+    """Serve until stopped, what loading made frozen out of the garbage collector (`freeze_garbage`); whether
+    the server started."""
+    freeze_garbage()
+    server.run()
+    return server.started
 
 
 def _server(
@@ -136,14 +132,6 @@ def _server(
         f" queue {settings.max_queue}, timeout {settings.timeout_ms:g} ms"
     )
     return DrainingServer(config, gate, banner, settings.drain_grace_s)
-
-
-def _freeze_garbage() -> None:
-    """Leave what loading made (torch, the model, FastAPI: some 200,000 objects) out of the cyclic garbage
-    collector's full passes: each would stop the event loop for about 100 ms, a latency spike for every
-    request in flight; with them frozen a full pass takes well under a millisecond."""
-    gc.collect()
-    gc.freeze()
 
 
 def check_address(host: str, port: int) -> None:
