@@ -146,6 +146,31 @@ def test_a_request_queued_past_its_deadline_is_refused_and_never_run() -> None:
     assert model.batches == [[1]]
 
 
+def test_each_queued_request_expires_at_its_own_deadline() -> None:
+    model = RecordingModel(seconds=0.5)
+
+    async def scenario() -> list[float]:
+        b = batcher(model, max_batch_size=1, max_delay_s=0.0, timeout_s=0.1)
+        b.start()
+        running = asyncio.ensure_future(b.submit([1]))  # runs at once: its deadline passes with nothing due
+
+        async def expires_after(delay: float) -> float:
+            await asyncio.sleep(delay)
+            arrived = time.perf_counter()
+            with pytest.raises(DeadlineExceeded):
+                await b.submit([2])
+            return time.perf_counter() - arrived
+
+        waits = await asyncio.gather(expires_after(0.01), expires_after(0.06), expires_after(0.13))
+        await running
+        await b.close()
+        return waits
+
+    waits = run(scenario())
+    assert all(0.1 - 1e-3 <= wait < 0.15 for wait in waits), waits
+    assert model.batches == [[1]]
+
+
 def test_a_request_whose_caller_left_is_dropped_from_the_queue() -> None:
     model = RecordingModel()
     model.release.clear()
