@@ -103,6 +103,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compress(args: argparse.Namespace) -> int:
+    from scaleforge.compress.convert import CompressOptions, compress_run, print_report
+
+    if args.method != "prune" and (args.sparsity is not None or args.structured or args.finetune_epochs):
+        raise UsageError("--sparsity, --structured and --finetune-epochs apply to --method prune only")
+    options = CompressOptions(
+        method=args.method,
+        sparsity=0.5 if args.sparsity is None else args.sparsity,
+        structured=args.structured,
+        finetune_epochs=args.finetune_epochs,
+    )
+    report = compress_run(args.run_dir, options, args.out)
+    print_report(report)
+    print(f"results: {report['run_dir']}/final/ (compression.json holds these figures)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from scaleforge.export.formats import export_run
+
+    result = export_run(args.run_dir, args.format, dynamic_batch=args.dynamic_batch, opset=args.opset, out=args.out)
+    for check in result["checks"]:
+        print(
+            f"checked on {check['rows']} validation rows: max |difference| {check['max_abs_diff']:.2e}, "
+            f"top-1 agreement {check['top1_agreement']:.1%}"
+        )
+    kind = "int8" if result["int8"] else "float"
+    print(f"exported ({kind}, {result['format']}): {result['file']} ({result['bytes'] / 1024:,.1f} KiB)")
+    return 0
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     from scaleforge.config import dump_yaml, explain_yaml
 
@@ -205,6 +236,16 @@ def _float_above(minimum: float, inclusive: bool, kind: str) -> Callable[[str], 
 
 
 _positive_float = _float_above(0.0, False, "positive")
+
+
+def _fraction(text: str) -> float:
+    """An argparse type: a number strictly between 0 and 1."""
+    value = _positive_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text}")
+    return value
+
+
 _non_negative_float = _float_above(0.0, True, "non-negative")
 
 
@@ -295,6 +336,48 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="evaluate a trained run on its validation split")
     evaluate.add_argument("run_dir", metavar="RUN_DIR")
     evaluate.set_defaults(handler=cmd_eval)
+
+    compress = commands.add_parser(
+        "compress",
+        help="compress a trained run into a new run directory",
+        description="Compress a finished run into a new run directory (eval, serve and export take it like any "
+        "other) and print size, validation metrics and CPU latency before and after.",
+    )
+    compress.add_argument("run_dir", metavar="RUN_DIR")
+    compress.add_argument(
+        "--method",
+        required=True,
+        choices=["dynamic-int8", "prune"],
+        help="dynamic-int8: Linear layers in int8 (weights per channel, inputs per row), no calibration; "
+        "prune: global magnitude pruning (zeros), or --structured (fewer units: a smaller dense model)",
+    )
+    compress.add_argument("--sparsity", type=_fraction, help="prune: the fraction removed (default 0.5)")
+    compress.add_argument(
+        "--structured", action="store_true", help="prune: remove whole hidden units or channels (mlp, cnn)"
+    )
+    compress.add_argument(
+        "--finetune-epochs", type=_non_negative_int, default=0, help="prune: then train this many epochs (default 0)"
+    )
+    compress.add_argument("--out", help="the new run directory (default: beside RUN_DIR, named by the method)")
+    compress.set_defaults(handler=cmd_compress)
+
+    export = commands.add_parser(
+        "export",
+        help="export a trained run's model (ONNX, torch.export)",
+        description="Export a finished run's model and check the file against the model on validation batches "
+        "before reporting it done.",
+    )
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument(
+        "--format",
+        required=True,
+        choices=["onnx", "torch-export"],
+        help="onnx: one .onnx file (dynamo exporter, checked with ONNX Runtime); torch-export: a .pt2 ExportedProgram",
+    )
+    export.add_argument("--dynamic-batch", action="store_true", help="any batch size (checked on two)")
+    export.add_argument("--opset", type=_positive_int, help="ONNX opset (default: the exporter's)")
+    export.add_argument("--out", help="the file to write (default: RUN_DIR/exported/model.onnx or .pt2)")
+    export.set_defaults(handler=cmd_export)
 
     config = commands.add_parser("config", help="inspect configs")
     config_commands = config.add_subparsers(dest="config_command", required=True, parser_class=_Parser)

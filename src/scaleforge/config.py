@@ -86,6 +86,12 @@ class TrainingSection:
     loss: ComponentSpec = ComponentSpec("auto")
     metrics: list[ComponentSpec] | None = None
     callbacks: list[ComponentSpec] = field(default_factory=list)
+    # weights to start from instead of a fresh initialisation: a run directory, its final/ folder or a .safetensors
+    # file (the optimizer starts afresh); fine-tuning, and compression's fine-tuning steps
+    init_from: str | None = None
+    # weights that are exactly zero at the start stay zero, whatever the optimizer does (a pruned model keeps its
+    # sparsity while it is fine-tuned)
+    keep_zeros: bool = False
 
 
 @dataclass(frozen=True)

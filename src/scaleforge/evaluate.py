@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+from torch import nn
+
+from scaleforge.config import RunConfig
 from scaleforge.data.loading import eval_batches
 from scaleforge.distributed.parallelize import ParallelModel
 from scaleforge.runs import load_run
@@ -20,12 +24,18 @@ from scaleforge.train.trainer import (
 def evaluate_run(run_dir: str | Path) -> dict[str, float]:
     """Load `final/` of a run and evaluate it on the validation split of the data it was trained on."""
     run = load_run(run_dir)
-    config = run.config
-    device, precision = setup_runtime(config)
-    model = run.model.to(device)
+    return evaluate_model(run.model, run.config)
+
+
+def evaluate_model(model: nn.Module, config: RunConfig, device: str | None = None) -> dict[str, float]:
+    """`model`'s metrics on the validation split of `config`'s data, on `device` (default: the config's)."""
+    if device is not None:
+        config = dataclasses.replace(config, hardware=dataclasses.replace(config.hardware, device=device))
+    device_, precision = setup_runtime(config)
+    model = model.to(device_)
     data = build_data(config.data)
     objective = build_objective(config.training, data.info)
-    objective.loss.to(device)
-    autocast = make_autocast(precision, device)
-    batches = eval_batches(data.val, eval_batch_size(config.training), device, config.data.num_workers)
+    objective.loss.to(device_)
+    autocast = make_autocast(precision, device_)
+    batches = eval_batches(data.val, eval_batch_size(config.training), device_, config.data.num_workers)
     return evaluate(ParallelModel.single(model), batches, objective, autocast)

@@ -137,6 +137,13 @@ def report(
     if as_json:
         print(json.dumps(result, indent=2))
         return
+    print_table(title, columns, rows)
+    for note in notes:
+        print(note)
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """`rows` under `columns` as a table (the first column left-aligned, the others right-aligned)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -149,5 +156,3 @@ def report(
     if not console.is_terminal:  # a pipe or a file has no width to fit: keep every row on one line
         console.width = 240
     console.print(table)
-    for note in notes:
-        print(note)

@@ -14,6 +14,7 @@ strategy.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -82,7 +83,8 @@ class ParallelModel:
     @classmethod
     def single(cls, model: nn.Module) -> ParallelModel:
         """A model on one process, as it is."""
-        device = next(model.parameters()).device
+        tensors = itertools.chain(model.parameters(), model.buffers())  # an int8 model holds buffers only
+        device = next(tensors, torch.empty(0)).device
         return cls(module=model, train_module=model, dims=ParallelDims("single", 1, 1, 1), device=device)
 
     def coordinate(self, dim: str) -> int:

@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from scaleforge.errors import ScaleforgeWarning, UsageError
+from scaleforge.runs import sha256_of
 
 PREFIX = "step-"
 MANIFEST = "manifest.json"
@@ -324,14 +325,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(descriptor)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # ------------------------------------------------------------------------------------------------ loading
 
 
@@ -351,7 +344,7 @@ def verify(folder: Path) -> None:
         if path.stat().st_size != expected["bytes"]:
             raise DamagedCheckpoint(f"{name} has {path.stat().st_size} bytes, not {expected['bytes']}")
     with ThreadPoolExecutor(max_workers=WRITER_THREADS) as pool:
-        digests = dict(zip(files, pool.map(_sha256, [folder / name for name in files]), strict=True))
+        digests = dict(zip(files, pool.map(sha256_of, [folder / name for name in files]), strict=True))
     for name, expected in files.items():
         if digests[name] != expected["sha256"]:
             raise DamagedCheckpoint(f"{name} does not match its SHA-256")

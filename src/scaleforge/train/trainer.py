@@ -54,6 +54,7 @@ from scaleforge.distributed.launch import is_launched_worker
 from scaleforge.distributed.parallel_dims import ParallelDims
 from scaleforge.distributed.parallelize import ParallelModel, parallelize, plan_parallelism
 from scaleforge.errors import AgreedError, ConfigError, UsageError
+from scaleforge.runs import find_final, load_weights, write_manifest
 from scaleforge.train.callbacks import Callback, CallbackList, RunState
 from scaleforge.train.checkpoint import (
     Checkpointer,
@@ -345,6 +346,8 @@ def _train(
     with errors_agreed(env):  # a user error here, on any process, stops them all with one message
         data = build_data(config.data)
         model = build_model(config.model, data.info).to(device)
+        if training.init_from is not None:
+            load_initial_weights(model, training.init_from)
         num_parameters = count_parameters(model)
         objective = build_objective(training, data.info)
         objective.loss.to(device)
@@ -377,6 +380,8 @@ def _train(
     total_steps = training.max_steps or training.epochs * batches.steps_per_epoch
     epochs = math.ceil(total_steps / batches.steps_per_epoch)
     optimizer = build_optimizer(training, parallel.module)
+    if training.keep_zeros:
+        keep_zeros(parallel.module, optimizer)
     scheduler = build_scheduler(training.scheduler, optimizer, total_steps, batches.steps_per_epoch)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16-mixed" else None
     autocast = make_autocast(precision, device)
@@ -542,6 +547,31 @@ def _train(
     return summary  # the model and optimizer go with this frame, before `train` leaves the process group
 
 
+def load_initial_weights(model: nn.Module, source: str) -> None:
+    """`training.init_from`: the weights of a run directory (or its final/ folder) or of a .safetensors file."""
+    path = Path(source)
+    if not path.exists():
+        raise ConfigError(f"training.init_from: {source} does not exist")
+    try:
+        load_weights(model, path if path.is_file() else find_final(path) / "model.safetensors")
+    except UsageError as error:
+        raise ConfigError(f"training.init_from: {error}") from error
+
+
+def keep_zeros(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """`training.keep_zeros`: after every optimizer step, the weights that were zero at the start are zero again.
+    Applied to the parallelized module (a sharded parameter gets a mask sharded as it is), after the step rather
+    than to gradients, which FSDP assigns without autograd's hooks."""
+    masks = [(p, p.detach() != 0) for p in model.parameters() if p.requires_grad and not bool((p != 0).all())]
+
+    @torch.no_grad()
+    def reapply(*_: Any) -> None:
+        for parameter, mask in masks:
+            parameter.mul_(mask)
+
+    optimizer.register_step_post_hook(reapply)
+
+
 def process_memory(optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, Any]:
     """This process's memory in MiB: its share of the parameters, gradients and optimizer state, and its peak
     (allocated GPU memory on CUDA, else the process's peak resident set, which includes the runtime).
@@ -634,7 +664,8 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def save_final(final_dir: Path, state_dict: dict[str, torch.Tensor], config: RunConfig, info: DataInfo) -> None:
-    """`final/`: the full state dict as safetensors, the resolved config and the dataset's description."""
+    """`final/`: the full state dict as safetensors, the resolved config, the dataset's description and the
+    manifest of the three."""
     from safetensors.torch import save_file
 
     final_dir.mkdir(parents=True, exist_ok=True)
@@ -649,3 +680,4 @@ def save_final(final_dir: Path, state_dict: dict[str, torch.Tensor], config: Run
     save_file(tensors, str(final_dir / "model.safetensors"))
     (final_dir / "config.yaml").write_text(dump_yaml(config))
     (final_dir / "data_info.json").write_text(json.dumps(info.to_json(), indent=2) + "\n")
+    write_manifest(final_dir)  # last: a final/ whose files match it was written whole

@@ -1,0 +1,251 @@
+"""`scaleforge compress`: a finished run directory in, a new run directory out, whose `final/` holds the
+compressed model, its config and `compression.json` (the method and its options, the source run and the SHA-256
+of its weights, and size, accuracy and latency before and after). `eval`, `serve` and `export` take the new run
+directory like any other.
+
+The source is verified against its manifest first; the new run is written under `<out>.partial` and renamed into
+place only once its model has loaded back and been measured, so a failure never leaves a half-converted run.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from scaleforge.config import RunConfig, dump_yaml
+from scaleforge.data.base import DataInfo
+from scaleforge.errors import UsageError
+from scaleforge.runs import COMPRESSION, compression_of, load_run, sha256_of, verify_final, write_manifest
+
+METHODS = ("dynamic-int8", "prune")
+LATENCY_BATCHES = (1, 32)
+
+
+@dataclass(frozen=True)
+class CompressOptions:
+    """What `scaleforge compress` was asked for."""
+
+    method: str
+    sparsity: float = 0.5  # prune: the fraction of weights (or, --structured, of units) removed
+    structured: bool = False
+    finetune_epochs: int = 0
+
+    def as_json(self) -> dict[str, Any]:
+        if self.method == "prune":
+            return dataclasses.asdict(self)
+        return {"method": self.method}
+
+
+def default_out(source: Path, options: CompressOptions) -> Path:
+    """`<source>-dynamic-int8`, `<source>-pruned50`, `<source>-narrowed50` beside the source run."""
+    run = source.parent if source.name == "final" else source
+    if options.method == "prune":
+        kind = "narrowed" if options.structured else "pruned"
+        return run.with_name(f"{run.name}-{kind}{round(options.sparsity * 100)}")
+    return run.with_name(f"{run.name}-{options.method}")
+
+
+def compress_run(source: str | Path, options: CompressOptions, out: str | Path | None = None) -> dict[str, Any]:
+    """Compress the run at `source` into `out` (default: `default_out`); returns `compression.json`'s content."""
+    if options.method not in METHODS:
+        raise UsageError(f"--method: '{options.method}' is not one of {', '.join(METHODS)}")
+    final = verify_final(source)
+    out = Path(out) if out is not None else default_out(Path(source), options)
+    if out.exists():
+        raise UsageError(f"{out} exists already; choose another --out or remove it")
+    earlier = compression_of(final)
+    if earlier is not None and earlier.get("format") == "dynamic-int8":
+        raise UsageError(f"{source} is int8 already (compressed by {earlier.get('method')}); compress its source run")
+    run = load_run(final)
+    before = measure(run.model, run.config, run.info, final / "model.safetensors")
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # what a failed earlier attempt left
+    try:
+        fmt, details = _convert(run.model, run.config, run.info, options, partial)
+        report: dict[str, Any] = {
+            "method": options.method,
+            "format": fmt,
+            "options": options.as_json(),
+            "source": {"run": str(final.parent), "sha256": sha256_of(final / "model.safetensors")},
+            **details,
+        }
+        record = partial / "final" / COMPRESSION
+        record.write_text(json.dumps(report, indent=2) + "\n")  # says how the weights load, for `load_run`
+        loaded = load_run(partial)  # proves the new run loads back through the ordinary path
+        report["before"] = before
+        report["after"] = measure(loaded.model, loaded.config, loaded.info, partial / "final" / "model.safetensors")
+        record.write_text(json.dumps(report, indent=2) + "\n")
+        write_manifest(partial / "final")
+        partial.rename(out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return {**report, "run_dir": str(out)}
+
+
+def _convert(
+    model: nn.Module, config: RunConfig, info: DataInfo, options: CompressOptions, partial: Path
+) -> tuple[str, dict[str, Any]]:
+    """Write the compressed run under `partial`; its `compression.json` format and the method's own figures."""
+    model = copy.deepcopy(model)
+    if options.method == "dynamic-int8":
+        from scaleforge.compress.quantize import dynamic_int8, quantized_layers
+
+        quantized = dynamic_int8(model)
+        layers = quantized_layers(quantized)
+        if not layers:
+            raise UsageError(f"dynamic-int8: {type(model).__name__} has no nn.Linear layer to quantize")
+        int8_config = _with_device(config, "cpu")  # int8 kernels run on the CPU
+        _write_run(partial, quantized.state_dict(), int8_config, info)
+        return "dynamic-int8", {"quantized_layers": layers}
+
+    from scaleforge.compress.prune import prune_structured, prune_unstructured
+
+    details: dict[str, Any]
+    if options.structured:
+        from scaleforge.components import build_model
+
+        narrowed = prune_structured(model, options.sparsity)
+        model_section = dataclasses.replace(config.model, params={**config.model.params, **narrowed.params})
+        config = dataclasses.replace(config, model=model_section)
+        model = build_model(config.model, info)
+        model.load_state_dict(narrowed.state)
+        details = {"new_widths": narrowed.params}
+    else:
+        details = {"zero_fraction": prune_unstructured(model, options.sparsity)}
+    if options.finetune_epochs:
+        _finetune(model, config, options, partial)
+    else:
+        _write_run(partial, model.state_dict(), config, info)
+    return "state_dict", details
+
+
+def _write_run(partial: Path, state: dict[str, torch.Tensor], config: RunConfig, info: DataInfo) -> None:
+    from scaleforge.train.trainer import save_final
+
+    partial.mkdir(parents=True)
+    (partial / "config.yaml").write_text(dump_yaml(config))
+    save_final(partial / "final", state, config, info)
+
+
+def _finetune(model: nn.Module, config: RunConfig, options: CompressOptions, partial: Path) -> None:
+    """Train the pruned `model` for `finetune_epochs` through the normal trainer into `partial`; unstructured
+    zeros stay zero (`training.keep_zeros`)."""
+    from safetensors.torch import save_file
+
+    from scaleforge.train.trainer import train
+
+    with tempfile.TemporaryDirectory() as scratch:
+        start = Path(scratch) / "pruned.safetensors"
+        save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, str(start))
+        training = dataclasses.replace(
+            config.training,
+            epochs=options.finetune_epochs,
+            max_steps=None,
+            init_from=str(start),
+            keep_zeros=not options.structured,
+        )
+        train(dataclasses.replace(config, training=training), partial, resume="never")
+    # the model's config says what it is, not the scratch file it started from (compression.json says that)
+    settled = dataclasses.replace(config, training=dataclasses.replace(training, init_from=None))
+    for path in (partial / "config.yaml", partial / "final" / "config.yaml"):
+        path.write_text(dump_yaml(settled))
+    write_manifest(partial / "final")
+
+
+def _with_device(config: RunConfig, device: str) -> RunConfig:
+    return dataclasses.replace(config, hardware=dataclasses.replace(config.hardware, device=device))
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+
+
+def example_inputs(info: DataInfo, rows: int, seed: int = 0) -> torch.Tensor:
+    """A batch of `rows` inputs shaped as the model takes them (token ids for a language model)."""
+    generator = torch.Generator().manual_seed(seed)
+    if info.task == "language_modeling":
+        return torch.randint(info.vocab_size or 2, (rows, info.seq_len or 1), generator=generator)
+    return torch.randn(rows, *info.input_shape, generator=generator)
+
+
+@torch.inference_mode()
+def latency_ms(model: nn.Module, inputs: torch.Tensor, repeats: int = 30) -> float:
+    """The median time of a forward pass over `inputs` on the CPU, in milliseconds."""
+    model = model.eval().cpu()
+    for _ in range(3):
+        model(inputs)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        model(inputs)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
+
+
+def weights_of(model: nn.Module) -> list[torch.Tensor]:
+    """The model's learned weights: its parameters, and the int8 layers' weights and biases (held as buffers)."""
+    from scaleforge.compress.quantize import Int8DynamicLinear
+
+    tensors = [p.detach() for p in model.parameters()]
+    for module in model.modules():
+        if isinstance(module, Int8DynamicLinear):
+            tensors += [module.weight_int8] + ([module.bias] if module.bias is not None else [])
+    return tensors
+
+
+def measure(model: nn.Module, config: RunConfig, info: DataInfo, weights: Path) -> dict[str, Any]:
+    """Size, parameters, validation metrics and CPU latency of `model` (whose weights are the file `weights`)."""
+    from scaleforge.evaluate import evaluate_model
+
+    tensors = weights_of(model)
+    latency = {str(rows): latency_ms(model, example_inputs(info, rows)) for rows in LATENCY_BATCHES}
+    return {
+        "size_bytes": weights.stat().st_size,
+        "parameters": sum(t.numel() for t in tensors if t.is_floating_point() or t.dtype == torch.int8),
+        "nonzero_parameters": sum(
+            int(t.count_nonzero()) for t in tensors if t.is_floating_point() or t.dtype == torch.int8
+        ),
+        **evaluate_model(model, config, device="cpu"),
+        "latency_ms": latency,
+        "throughput_per_s": LATENCY_BATCHES[-1] / latency[str(LATENCY_BATCHES[-1])] * 1000,
+    }
+
+
+def print_report(report: dict[str, Any]) -> None:
+    """The before/after comparison of a `compress_run` report, as a table."""
+    from scaleforge.bench.harness import print_table
+
+    before, after = report["before"], report["after"]
+    metrics = sorted(key for key in before if key.startswith("val_"))
+    rows = [
+        _row("file size (KiB)", before["size_bytes"] / 1024, after["size_bytes"] / 1024, "{:,.1f}"),
+        _row("parameters", before["parameters"], after["parameters"], "{:,.0f}"),
+        _row("nonzero parameters", before["nonzero_parameters"], after["nonzero_parameters"], "{:,.0f}"),
+        *(_row(name, before[name], after[name], "{:.4f}", ratio=False) for name in metrics),
+        *(
+            _row(f"latency batch {rows} (ms, p50)", before["latency_ms"][rows], after["latency_ms"][rows], "{:.3f}")
+            for rows in before["latency_ms"]
+        ),
+        _row("throughput (samples/s)", before["throughput_per_s"], after["throughput_per_s"], "{:,.0f}"),
+    ]
+    print_table(
+        f"{report['method']}: {report['source']['run']} -> {report['run_dir']}", ["", "before", "after", "change"], rows
+    )
+
+
+def _row(name: str, before: float, after: float, fmt: str, ratio: bool = True) -> list[str]:
+    if not ratio:
+        return [name, fmt.format(before), fmt.format(after), f"{after - before:+.4f}"]
+    change = f"{after / before:.2f}x" if before else "-"
+    return [name, fmt.format(before), fmt.format(after), change]

@@ -1,0 +1,184 @@
+"""`scaleforge export`: a finished run's model as a file other runtimes load, checked before it is reported done.
+
+- `onnx`: through torch's dynamo exporter (`torch.onnx.export(..., dynamo=True)`), one self-contained file, run
+  back with ONNX Runtime;
+- `torch-export`: a `.pt2` ExportedProgram (`torch.export.save`), loaded back with `torch.export.load`.
+
+Both take float models and `dynamic-int8` runs (whose int8 matmul, `aten._int_mm`, becomes ONNX's
+`MatMulInteger`). The check runs the exported model on a validation batch, and with `--dynamic-batch` on a batch
+of another size, against the eager model: float outputs must agree to 1e-4, int8 ones in top-1 class on at least
+99% of the rows (ONNX Runtime's int8 kernels round differently). A failed check removes the file.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from scaleforge.errors import UsageError
+from scaleforge.runs import compression_of, load_run, verify_final
+
+FORMATS = {"onnx": ".onnx", "torch-export": ".pt2"}
+FLOAT_TOLERANCE = 1e-4
+INT8_AGREEMENT = 0.99
+MAX_DYNAMIC_BATCH = 4096
+
+
+@dataclass(frozen=True)
+class ExportCheck:
+    """How the exported model's outputs compared with the eager model's on a batch of `rows`."""
+
+    rows: int
+    max_abs_diff: float
+    top1_agreement: float
+
+
+def export_run(
+    run_dir: str | Path,
+    fmt: str,
+    *,
+    dynamic_batch: bool = False,
+    opset: int | None = None,
+    out: str | Path | None = None,
+) -> dict[str, Any]:
+    """Export the model of the run at `run_dir` to `out` (default: `<run>/exported/model.<ext>`), check it, and
+    return what was checked."""
+    if fmt not in FORMATS:
+        raise UsageError(f"--format: '{fmt}' is not one of {', '.join(FORMATS)}")
+    if opset is not None and fmt != "onnx":
+        raise UsageError("--opset applies to --format onnx only")
+    final = verify_final(run_dir)
+    compression = compression_of(final) or {}
+    int8 = compression.get("format") == "dynamic-int8"
+    run = load_run(final)
+    model = run.model.eval().cpu()
+    out = Path(out) if out is not None else final.parent / "exported" / f"model{FORMATS[fmt]}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    inputs = validation_inputs(run)
+    dynamic = ({0: torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)},) if dynamic_batch else None
+    try:
+        if fmt == "onnx":
+            _export_onnx(model, inputs, out, dynamic, opset)
+            runner = _onnx_runner(out)
+        else:
+            program = _export_program(model, inputs, dynamic)
+            torch.export.save(program, str(out))
+            loaded = torch.export.load(str(out)).module()  # the file we wrote, which we trust
+            runner = _torch_runner(loaded)
+        batches = [inputs] + ([inputs[: max(1, len(inputs) // 2 - 1)]] if dynamic_batch else [])
+        checks = [_compare(model, runner, batch) for batch in batches]
+        for check in checks:
+            _require(check, int8, fmt)
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
+    return {
+        "format": fmt,
+        "file": str(out),
+        "bytes": out.stat().st_size,
+        "int8": int8,
+        "dynamic_batch": dynamic_batch,
+        "checks": [check.__dict__ for check in checks],
+    }
+
+
+def validation_inputs(run: Any, rows: int = 32) -> torch.Tensor:
+    """The first `rows` inputs of the run's validation split, as the model takes them."""
+    from scaleforge.data.loading import eval_batches
+    from scaleforge.train.trainer import build_data
+
+    data = build_data(run.config.data)
+    inputs, _ = next(eval_batches(data.val, rows, torch.device("cpu")))
+    return inputs[:rows]
+
+
+def _export_program(model: nn.Module, inputs: torch.Tensor, dynamic: Any) -> torch.export.ExportedProgram:
+    try:
+        return torch.export.export(model, (inputs,), dynamic_shapes=dynamic)
+    except Exception as error:  # noqa: BLE001 - torch.export raises many kinds; each is the model's to fix
+        raise UsageError(f"torch.export failed{_operator_in(error)}: {_first_line(error)}") from error
+
+
+def _export_onnx(model: nn.Module, inputs: torch.Tensor, out: Path, dynamic: Any, opset: int | None) -> None:
+    import onnxscript
+
+    opset18 = onnxscript.opset18
+
+    def int_mm(a: Any, b: Any) -> Any:  # int8 x int8 summed in int32, as `torch._int_mm`
+        return opset18.MatMulInteger(a, b)
+
+    try:
+        program = torch.onnx.export(
+            model,
+            (inputs,),
+            dynamo=True,
+            external_data=False,
+            dynamic_shapes=dynamic,
+            opset_version=opset,
+            custom_translation_table={torch.ops.aten._int_mm.default: int_mm},
+            verbose=False,
+        )
+        assert program is not None
+        program.save(str(out), external_data=False)
+    except Exception as error:  # noqa: BLE001 - the exporter raises many kinds; the message names the operator
+        raise UsageError(f"ONNX export failed{_operator_in(error)}: {_first_line(error)}") from error
+
+
+def _onnx_runner(path: Path) -> Any:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda batch: session.run(None, {name: batch.numpy()})[0]
+
+
+def _torch_runner(module: nn.Module) -> Any:
+    def run(batch: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            return module(batch).numpy()
+
+    return run
+
+
+def _compare(model: nn.Module, runner: Any, batch: torch.Tensor) -> ExportCheck:
+    with torch.inference_mode():
+        expected = model(batch).float().numpy()
+    got = np.asarray(runner(batch), dtype=np.float32)
+    if got.shape != expected.shape:
+        raise UsageError(f"the exported model answered shape {list(got.shape)}, the model {list(expected.shape)}")
+    agreement = float((got.argmax(-1) == expected.argmax(-1)).mean())
+    return ExportCheck(len(batch), float(np.abs(got - expected).max()), agreement)
+
+
+def _require(check: ExportCheck, int8: bool, fmt: str) -> None:
+    if int8 and check.top1_agreement < INT8_AGREEMENT:
+        raise UsageError(
+            f"the {fmt} export agrees with the model in top-1 class on {check.top1_agreement:.1%} of {check.rows} "
+            f"validation rows, less than {INT8_AGREEMENT:.0%}"
+        )
+    if not int8 and check.max_abs_diff > FLOAT_TOLERANCE:
+        raise UsageError(
+            f"the {fmt} export differs from the model by up to {check.max_abs_diff:.2e} on {check.rows} validation "
+            f"rows, more than {FLOAT_TOLERANCE:g}"
+        )
+
+
+def _operator_in(error: BaseException) -> str:
+    """` at <operator>` when the exporter's message names one."""
+    text = str(error)
+    found = re.search(r"(aten::?\.?[A-Za-z_0-9.]+|torch\.ops\.[A-Za-z_0-9.]+)", text)
+    if found is None and error.__cause__ is not None:
+        found = re.search(r"(aten::?\.?[A-Za-z_0-9.]+|torch\.ops\.[A-Za-z_0-9.]+)", str(error.__cause__))
+    return f" at {found.group(1)}" if found else ""
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)

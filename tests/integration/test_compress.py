@@ -1,0 +1,120 @@
+"""`scaleforge compress` and `scaleforge export` end to end from the CLI on small digits models: the new run
+directories load back through `eval` and serving, exports are checked, and bad input exits 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from scaleforge import load_config
+from scaleforge.serve.model import ServedModel
+from scaleforge.train.trainer import train
+
+QUICK = ["logging.progress=none", "logging.tensorboard=false", "logging.plot=false", "checkpoint.every_steps=0"]
+
+
+@pytest.fixture(scope="module")
+def mlp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("mlp") / "run"
+    train(load_config(None, [*QUICK, "training.epochs=3"]), run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def int8_run(mlp_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from scaleforge.cli import main
+
+    out = tmp_path_factory.mktemp("int8") / "run"
+    assert main(["compress", str(mlp_run), "--method", "dynamic-int8", "--out", str(out)]) == 0
+    return out
+
+
+def _val_accuracy(cli, run_dir: Path) -> float:  # noqa: ANN001 - the cli fixture
+    result = cli("eval", str(run_dir))
+    assert result.code == 0, result.err
+    return float(next(line for line in result.out.splitlines() if line.startswith("val_accuracy")).split()[-1])
+
+
+def test_dynamic_int8_is_a_quarter_of_the_size_keeps_accuracy_and_loads_back(cli, mlp_run: Path, int8_run: Path):
+    report = json.loads((int8_run / "final" / "compression.json").read_text())
+    assert report["format"] == "dynamic-int8" and report["source"]["run"] == str(mlp_run)
+    assert report["after"]["size_bytes"] <= 0.3 * report["before"]["size_bytes"]
+    assert report["after"]["val_accuracy"] >= report["before"]["val_accuracy"] - 0.02
+    state = load_file(str(int8_run / "final" / "model.safetensors"))
+    assert state["blocks.0.linear.weight_int8"].dtype == torch.int8  # data, no pickle
+    assert _val_accuracy(cli, int8_run) == pytest.approx(report["after"]["val_accuracy"], abs=1e-4)
+    served = ServedModel(int8_run)
+    answers = served.answer(served.decode([[[[0.5] * 8] * 8]]))  # one (1, 8, 8) image
+    assert len(answers) == 1 and 0 <= answers[0]["top_class"] < 10
+
+
+def test_pruning_with_fine_tuning_keeps_its_zeros(cli, mlp_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pruned"
+    result = cli("compress", str(mlp_run), "--method", "prune", "--sparsity", "0.7", "--finetune-epochs", "1",
+                 "--out", str(out))  # fmt: skip
+    assert result.code == 0, result.err
+    assert "nonzero parameters" in result.out
+    weights = [t for name, t in load_file(str(out / "final" / "model.safetensors")).items() if name.endswith("weight")]
+    zeros = sum(int((t == 0).sum()) for t in weights) / sum(t.numel() for t in weights)
+    assert zeros >= 0.7 - 1e-3  # fine-tuning moved the other weights, never these
+    assert (out / "metrics.jsonl").is_file()  # trained through the normal trainer
+    assert _val_accuracy(cli, out) > 0.8
+
+
+def test_structured_pruning_writes_a_smaller_dense_model_with_its_widths(cli, mlp_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "narrowed"
+    result = cli("compress", str(mlp_run), "--method", "prune", "--structured", "--out", str(out))
+    assert result.code == 0, result.err
+    config = load_config(out / "final" / "config.yaml")
+    assert list(config.model.params["hidden_layers"]) == [128, 64]  # half of the seed's [256, 128]
+    report = json.loads((out / "final" / "compression.json").read_text())
+    assert report["after"]["parameters"] < 0.4 * report["before"]["parameters"]
+    _val_accuracy(cli, out)  # loads through the ordinary path
+
+
+def test_exports_are_checked_against_the_model(cli, mlp_run: Path, int8_run: Path, tmp_path: Path) -> None:
+    result = cli("export", str(mlp_run), "--format", "onnx", "--dynamic-batch", "--out", str(tmp_path / "m.onnx"))
+    assert result.code == 0, result.err
+    differences = [
+        float(line.split("difference| ")[1].split(",")[0]) for line in result.out.splitlines() if "|" in line
+    ]
+    assert len(differences) == 2 and max(differences) <= 1e-4  # two batch sizes
+    result = cli("export", str(int8_run), "--format", "torch-export", "--out", str(tmp_path / "m.pt2"))
+    assert result.code == 0, result.err
+    assert "exported (int8, torch-export)" in result.out and "top-1 agreement 100.0%" in result.out
+    program = torch.export.load(str(tmp_path / "m.pt2"))
+    assert "_int_mm" in str(program.graph)  # the int8 matmul, not a float one
+
+
+def test_bad_compress_and_export_requests_exit_2_and_write_nothing(cli, mlp_run: Path, int8_run: Path, tmp_path):  # noqa: ANN001
+    out = tmp_path / "out"
+    damaged = tmp_path / "damaged"
+    shutil.copytree(mlp_run, damaged)
+    weights = damaged / "final" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    missing = tmp_path / "missing"
+    shutil.copytree(mlp_run, missing)
+    (missing / "final" / "data_info.json").unlink()
+    cases = {
+        ("compress", str(damaged), "--method", "dynamic-int8"): "model.safetensors does not match its SHA-256",
+        ("compress", str(missing), "--method", "prune"): "data_info.json missing",
+        ("compress", str(mlp_run), "--method", "prune", "--sparsity", "1.5"): "between 0 and 1",
+        ("compress", str(mlp_run), "--method", "dynamic-int8", "--structured"): "apply to --method prune only",
+        ("compress", str(int8_run), "--method", "dynamic-int8"): "int8 already",
+        ("compress", str(mlp_run), "--method", "prune", "--out", str(int8_run)): "exists already",
+        ("export", str(mlp_run), "--format", "torch-export", "--opset", "18"): "--opset applies to --format onnx",
+        ("export", str(damaged), "--format", "onnx"): "does not match its SHA-256",
+    }
+    for args, message in cases.items():
+        result = cli(*args, *([] if "--out" in args or args[0] == "export" else ["--out", str(out)]))
+        assert result.code == 2, (args, result.err)
+        assert message in result.err and "Traceback" not in result.err, (args, result.err)
+        assert not out.exists() and not out.with_name("out.partial").exists()
+    assert not (damaged / "exported").exists() or not any((damaged / "exported").iterdir())
