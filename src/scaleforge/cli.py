@@ -70,6 +70,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    """`scaleforge train` with the distillation loss and its teacher set: the student trains as any run does."""
+    from scaleforge.runs import find_final
+
+    teacher = str(find_final(args.teacher).parent.resolve())  # absolute: the launcher's workers read it too
+    path, overrides = _split_config_args(args.config)
+    chosen = _load([path] if path else [])
+    # the loss goes in before the user's overrides, so that `training.loss.temperature=2` and the like apply to it
+    if chosen.training.loss.name == "distillation":
+        loss = f"training.loss.teacher={teacher}"
+    else:
+        loss = f"training.loss={{name: distillation, teacher: '{teacher}'}}"
+    args.config = [*([path] if path else []), loss, *overrides]
+    return cmd_train(args)
+
+
 def _launch_train(args: argparse.Namespace, options: LaunchOptions) -> int:
     """Check what can be checked here, then start the workers; each runs `scaleforge train` without launch flags."""
     from scaleforge.distributed.env import DistEnv, check_device_per_process, select_device
@@ -301,26 +317,18 @@ def _comma_separated(item: Callable[[str], Item]) -> Callable[[str], list[Item]]
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The whole command line."""
-    from scaleforge import __version__
-
-    parser = _Parser(prog="scaleforge", description="Train, evaluate and benchmark models from one YAML config.")
-    parser.add_argument("--version", action="version", version=f"scaleforge {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    config_help = "[CONFIG.yaml] [KEY=VALUE ...]: a config file (default: the embedded default) and dotted overrides"
-    train = commands.add_parser("train", help="train a model", description="Train the model a config describes.")
-    train.add_argument("config", nargs="*", metavar="CONFIG_OR_OVERRIDE", help=config_help)
-    train.add_argument("--run-dir", help="where results go (default: runs/<name>-<time>)")
-    train.add_argument(
+def _train_arguments(parser: argparse.ArgumentParser, config_help: str) -> None:
+    """The config, run directory, resume and process options of `train` (and `distill`)."""
+    parser.add_argument("config", nargs="*", metavar="CONFIG_OR_OVERRIDE", help=config_help)
+    parser.add_argument("--run-dir", help="where results go (default: runs/<name>-<time>)")
+    parser.add_argument(
         "--resume",
         default="auto",
         metavar="auto|never|PATH",
         help="auto (default): continue from the newest good checkpoint in --run-dir, if any; never: start afresh; "
         "PATH: start from that checkpoint folder",
     )
-    launch = train.add_argument_group("processes (as torchrun's flags)")
+    launch = parser.add_argument_group("processes (as torchrun's flags)")
     launch.add_argument("--nproc", type=_positive_int, default=1, help="processes on this node (default 1)")
     launch.add_argument("--nnodes", type=_positive_int, default=1, help="nodes taking part (default 1)")
     launch.add_argument("--node-rank", type=_non_negative_int, default=0, help="this node's index (default 0)")
@@ -331,7 +339,31 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument(
         "--max-restarts", type=_non_negative_int, default=0, help="restart the workers up to K times after a failure"
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line."""
+    from scaleforge import __version__
+
+    parser = _Parser(prog="scaleforge", description="Train, evaluate and benchmark models from one YAML config.")
+    parser.add_argument("--version", action="version", version=f"scaleforge {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    config_help = "[CONFIG.yaml] [KEY=VALUE ...]: a config file (default: the embedded default) and dotted overrides"
+    train = commands.add_parser("train", help="train a model", description="Train the model a config describes.")
+    _train_arguments(train, config_help)
     train.set_defaults(handler=cmd_train)
+
+    distill = commands.add_parser(
+        "distill",
+        help="train a student on a trained teacher's softened outputs",
+        description="Train the student a config describes on TEACHER_RUN's softened outputs and the labels (the "
+        "distillation loss: training.loss.temperature and training.loss.soft_weight set the mix), with every "
+        "option of `train`.",
+    )
+    distill.add_argument("teacher", metavar="TEACHER_RUN")
+    _train_arguments(distill, config_help)
+    distill.set_defaults(handler=cmd_distill)
 
     evaluate = commands.add_parser("eval", help="evaluate a trained run on its validation split")
     evaluate.add_argument("run_dir", metavar="RUN_DIR")

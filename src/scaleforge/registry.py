@@ -26,6 +26,7 @@ _BUILTIN_MODULES = (
     "scaleforge.train.optim",
     "scaleforge.train.objectives",
     "scaleforge.train.callbacks",
+    "scaleforge.compress.distill",
 )
 _loaded = False
 

@@ -118,3 +118,34 @@ def test_bad_compress_and_export_requests_exit_2_and_write_nothing(cli, mlp_run:
         assert message in result.err and "Traceback" not in result.err, (args, result.err)
         assert not out.exists() and not out.with_name("out.partial").exists()
     assert not (damaged / "exported").exists() or not any((damaged / "exported").iterdir())
+
+
+def test_the_distillation_loss_mixes_the_teachers_softened_outputs_with_the_labels(mlp_run: Path) -> None:
+    from scaleforge.compress.distill import DistillationLoss
+    from scaleforge.runs import load_run
+
+    loss = DistillationLoss(str(mlp_run), num_classes=10, temperature=2.0, soft_weight=0.25).train()
+    assert not loss.teacher.training and not any(p.requires_grad for p in loss.teacher.parameters())
+    inputs, labels = torch.rand(16, 1, 8, 8) * 16, torch.randint(0, 10, (16,))
+    teacher_logits = load_run(mlp_run).model(inputs).detach()
+    hard = torch.nn.functional.cross_entropy(teacher_logits, labels)
+    torch.testing.assert_close(loss(teacher_logits, labels), hard)  # validation: no inputs, the hard loss
+    torch.testing.assert_close(loss(teacher_logits, labels, inputs), 0.75 * hard)  # agreeing with the teacher: KL 0
+    student = torch.zeros(16, 10, requires_grad=True)
+    DistillationLoss(str(mlp_run), num_classes=10, soft_weight=1.0)(student, labels, inputs).backward()
+    toward_teacher = -(student.grad * (teacher_logits - teacher_logits.mean(dim=1, keepdim=True))).sum()
+    assert toward_teacher > 0  # the soft term alone pulls the student's logits toward the teacher's
+
+
+def test_distill_trains_a_student_under_ddp_with_a_teacher_on_each_process(cli, mlp_run: Path, tmp_path: Path):  # noqa: ANN001
+    run_dir = tmp_path / "student"
+    result = cli("distill", str(mlp_run), *QUICK, "model.hidden_layers=[32]", "training.epochs=2",
+                 "training.loss.temperature=2", "--nproc", "2", "--run-dir", str(run_dir))  # fmt: skip
+    assert result.code == 0, result.err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["strategy"] == "ddp" and summary["processes"] == 2
+    loss = load_config(run_dir / "final" / "config.yaml").training.loss
+    assert loss.name == "distillation" and loss.params["teacher"] == str(mlp_run.resolve())
+    assert loss.params["temperature"] == 2.0
+    other = cli("distill", str(tmp_path / "no-teacher"), *QUICK, "--run-dir", str(tmp_path / "x"))
+    assert other.code == 2 and "is not a finished run" in other.err

@@ -145,7 +145,10 @@ class ParallelModel:
                 return torch.zeros((), device=self.device)
             return torch.stack([loss.detach().float() for loss in losses]).sum()
         with autocast():
-            loss = loss_fn(self.train_module(inputs), targets) * loss_scale
+            outputs = self.train_module(inputs)
+            # a loss that reads the inputs as well (distillation: its teacher's view of the same batch)
+            extra = (inputs,) if getattr(loss_fn, "takes_inputs", False) else ()
+            loss = loss_fn(outputs, targets, *extra) * loss_scale
         (scaler.scale(loss) if scaler is not None else loss).backward()
         return loss.detach()
 

@@ -33,11 +33,13 @@ from torch.distributed.tensor import DTensor
 from scaleforge import registry
 from scaleforge.components import build_model, construct, factory_of
 from scaleforge.config import (
+    DATA_PROVIDED,
     ComponentSpec,
     DataSection,
     RunConfig,
     TrainingSection,
     dump_yaml,
+    signature_of,
 )
 from scaleforge.data.base import DataInfo, DatasetSplits
 from scaleforge.data.loading import BatchPlan, DataWaitClock, TrainBatches, eval_batches
@@ -101,7 +103,13 @@ def build_objective(section: TrainingSection, info: DataInfo) -> Objective:
 
 def _build_for_task(spec: ComponentSpec, component_registry: registry.Registry, key: str, info: DataInfo) -> Any:
     """A loss or metric, checked against the dataset: its `tasks` (if it declares them) and `num_classes`."""
-    component = construct(factory_of(spec.factory, component_registry, spec.name), key, **spec.params)
+    factory = factory_of(spec.factory, component_registry, spec.name)
+    params = dict(spec.params)
+    signature = signature_of(factory).parameters
+    for name in DATA_PROVIDED:  # the dataset's fields the component's signature names, as models get them
+        if name in signature and name not in params and getattr(info, name) is not None:
+            params[name] = getattr(info, name)
+    component = construct(factory, key, **params)
     tasks = getattr(component, "tasks", None)
     if tasks is not None and info.task not in tasks:
         raise ConfigError(f"{key}: {spec.name} is for {' or '.join(tasks)} data, but the dataset is {info.task}")
@@ -352,6 +360,11 @@ def _train(
         objective = build_objective(training, data.info)
         objective.loss.to(device)
         check_metrics_combine(objective, dims)
+        if getattr(objective.loss, "takes_inputs", False) and dims.pp > 1:
+            raise ConfigError(
+                f"training.loss: {training.loss.name} reads the batch's inputs, which pipeline stages after the "
+                "first never see; use ddp or fsdp"
+            )
         plan = BatchPlan(training.batch_size, training.grad_accum_steps, world_size=dims.dp)
         layout = plan_parallelism(
             model,
