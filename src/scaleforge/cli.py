@@ -124,11 +124,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     if args.method != "prune" and (args.sparsity is not None or args.structured or args.finetune_epochs):
         raise UsageError("--sparsity, --structured and --finetune-epochs apply to --method prune only")
+    if args.method != "static-int8" and args.calibration_batches is not None:
+        raise UsageError("--calibration-batches applies to --method static-int8 only")
     options = CompressOptions(
         method=args.method,
         sparsity=0.5 if args.sparsity is None else args.sparsity,
         structured=args.structured,
         finetune_epochs=args.finetune_epochs,
+        calibration_batches=8 if args.calibration_batches is None else args.calibration_batches,
     )
     report = compress_run(args.run_dir, options, args.out)
     print_report(report)
@@ -379,9 +382,14 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument(
         "--method",
         required=True,
-        choices=["dynamic-int8", "prune"],
+        choices=["dynamic-int8", "static-int8", "prune"],
         help="dynamic-int8: Linear layers in int8 (weights per channel, inputs per row), no calibration; "
+        "static-int8: Linear and convolution layers in int8 by PT2E (torch.export, torchao's x86 quantizer), "
+        "activation ranges from calibration batches; "
         "prune: global magnitude pruning (zeros), or --structured (fewer units: a smaller dense model)",
+    )
+    compress.add_argument(
+        "--calibration-batches", type=_positive_int, help="static-int8: training batches to calibrate on (default 8)"
     )
     compress.add_argument("--sparsity", type=_fraction, help="prune: the fraction removed (default 0.5)")
     compress.add_argument(

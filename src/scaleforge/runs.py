@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from scaleforge.config import RunConfig, load_config
@@ -111,23 +112,49 @@ def load_run(path: str | Path) -> LoadedRun:
     final = find_final(path)
     config, info = load_description(final)
     model = build_model(config.model, info)
-    compression = compression_of(final)
-    if compression is not None and compression.get("format") == "dynamic-int8":
-        from scaleforge.compress.quantize import dynamic_int8
+    fmt = (compression_of(final) or {}).get("format")
+    file = final / "model.safetensors"
+    if fmt == "static-int8":
+        from scaleforge.compress.quantize import load_static_int8
 
-        model = dynamic_int8(model)  # the int8 structure, which the saved int8 tensors fill
-    load_weights(model, final / "model.safetensors")
+        model = load_static_int8(model, example_inputs(info, 2), read_weights(file))
+    else:
+        if fmt == "dynamic-int8":
+            from scaleforge.compress.quantize import dynamic_int8
+
+            model = dynamic_int8(model)  # the int8 structure, which the saved int8 tensors fill
+        load_weights(model, file)
     model.eval()
     return LoadedRun(config=config, model=model, info=info)
 
 
-def load_weights(model: nn.Module, file: Path) -> None:
-    """Load a safetensors file into `model` (every tensor, under the model's names); `UsageError` otherwise."""
+def example_inputs(info: DataInfo, rows: int, seed: int = 0) -> torch.Tensor:
+    """A batch of `rows` inputs shaped as the model takes them (token ids for a language model)."""
+    generator = torch.Generator().manual_seed(seed)
+    if info.task == "language_modeling":
+        return torch.randint(info.vocab_size or 2, (rows, info.seq_len or 1), generator=generator)
+    return torch.randn(rows, *info.input_shape, generator=generator)
+
+
+def read_weights(file: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; `UsageError` when it cannot be read."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
-        model.load_state_dict(load_file(str(file)))
-    except (SafetensorError, RuntimeError, OSError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageError(f"{file} does not hold this model's weights: {first_line}") from error
+        return load_file(str(file))
+    except (SafetensorError, OSError) as error:
+        raise UsageError(f"{file} cannot be read: {_first_line(error)}") from error
+
+
+def load_weights(model: nn.Module, file: Path) -> None:
+    """Load a safetensors file into `model` (every tensor, under the model's names); `UsageError` otherwise."""
+    state = read_weights(file)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise UsageError(f"{file} does not hold this model's weights: {_first_line(error)}") from error
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

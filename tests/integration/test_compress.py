@@ -149,3 +149,48 @@ def test_distill_trains_a_student_under_ddp_with_a_teacher_on_each_process(cli, 
     assert loss.params["temperature"] == 2.0
     other = cli("distill", str(tmp_path / "no-teacher"), *QUICK, "--run-dir", str(tmp_path / "x"))
     assert other.code == 2 and "is not a finished run" in other.err
+
+
+UNEXPORTABLE = """
+import torch
+from torch import nn
+from scaleforge import register_model
+
+@register_model("branchy")
+class Branchy(nn.Module):
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, num_classes), nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return self.a(x) if x.sum() > 0 else self.b(x)  # a branch on the data: torch.export cannot capture it
+"""
+
+
+def test_static_int8_quantizes_a_cnn_after_calibration_and_loads_back(cli, tmp_path: Path) -> None:
+    source = tmp_path / "cnn"
+    train(load_config(None, [*QUICK, "model.architecture=cnn", "model.channels=[8,16]", "training.epochs=2"]), source)
+    out = tmp_path / "cnn-int8"
+    result = cli("compress", str(source), "--method", "static-int8", "--calibration-batches", "4", "--out", str(out))
+    assert result.code == 0, result.err
+    report = json.loads((out / "final" / "compression.json").read_text())
+    assert report["format"] == "static-int8" and 3 * 64 < report["calibration_rows"] <= 4 * 64  # 4 batches
+    assert report["after"]["val_accuracy"] >= report["before"]["val_accuracy"] - 0.02
+    int8 = {name for name, t in load_file(str(out / "final" / "model.safetensors")).items() if t.dtype == torch.int8}
+    assert len(int8) == 3  # both convolutions and the head
+    assert _val_accuracy(cli, out) == pytest.approx(report["after"]["val_accuracy"], abs=1e-4)
+    exported = cli("export", str(out), "--format", "torch-export", "--out", str(tmp_path / "cnn.pt2"))
+    assert exported.code == 0 and "exported (int8, torch-export)" in exported.out, exported.err
+
+
+def test_static_int8_of_a_model_torch_export_cannot_capture_is_refused(cli, tmp_path: Path) -> None:
+    (tmp_path / "branchy.py").write_text(UNEXPORTABLE)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(tmp_path))
+        train(load_config(None, [*QUICK, "imports=[branchy]", "model.architecture=branchy", "training.max_steps=2"]),
+              tmp_path / "run")  # fmt: skip
+        result = cli("compress", str(tmp_path / "run"), "--method", "static-int8", "--out", str(tmp_path / "out"))
+    assert result.code == 2
+    assert "static-int8 needs a model torch.export can capture" in result.err and "use dynamic-int8" in result.err
+    assert "Traceback" not in result.err and not (tmp_path / "out").exists()

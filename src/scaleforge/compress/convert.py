@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 import shutil
 import statistics
@@ -26,9 +27,18 @@ from torch import nn
 from scaleforge.config import RunConfig, dump_yaml
 from scaleforge.data.base import DataInfo
 from scaleforge.errors import UsageError
-from scaleforge.runs import COMPRESSION, compression_of, load_run, sha256_of, verify_final, write_manifest
+from scaleforge.runs import (
+    COMPRESSION,
+    compression_of,
+    example_inputs,
+    load_run,
+    sha256_of,
+    verify_final,
+    write_manifest,
+)
 
-METHODS = ("dynamic-int8", "prune")
+METHODS = ("dynamic-int8", "static-int8", "prune")
+INT8_FORMATS = ("dynamic-int8", "static-int8")
 LATENCY_BATCHES = (1, 32)
 
 
@@ -40,10 +50,13 @@ class CompressOptions:
     sparsity: float = 0.5  # prune: the fraction of weights (or, --structured, of units) removed
     structured: bool = False
     finetune_epochs: int = 0
+    calibration_batches: int = 8  # static-int8: training batches whose activations fix the int8 ranges
 
     def as_json(self) -> dict[str, Any]:
         if self.method == "prune":
-            return dataclasses.asdict(self)
+            return {k: v for k, v in dataclasses.asdict(self).items() if k != "calibration_batches"}
+        if self.method == "static-int8":
+            return {"method": self.method, "calibration_batches": self.calibration_batches}
         return {"method": self.method}
 
 
@@ -65,7 +78,7 @@ def compress_run(source: str | Path, options: CompressOptions, out: str | Path |
     if out.exists():
         raise UsageError(f"{out} exists already; choose another --out or remove it")
     earlier = compression_of(final)
-    if earlier is not None and earlier.get("format") == "dynamic-int8":
+    if earlier is not None and earlier.get("format") in INT8_FORMATS:
         raise UsageError(f"{source} is int8 already (compressed by {earlier.get('method')}); compress its source run")
     run = load_run(final)
     before = measure(run.model, run.config, run.info, final / "model.safetensors")
@@ -109,6 +122,14 @@ def _convert(
         int8_config = _with_device(config, "cpu")  # int8 kernels run on the CPU
         _write_run(partial, quantized.state_dict(), int8_config, info)
         return "dynamic-int8", {"quantized_layers": layers}
+
+    if options.method == "static-int8":
+        from scaleforge.compress.quantize import static_int8
+
+        calibration = calibration_batches(config, options.calibration_batches)
+        _, state = static_int8(model, example_inputs(info, 2), calibration)
+        _write_run(partial, state, _with_device(config, "cpu"), info)
+        return "static-int8", {"calibration_rows": sum(len(batch) for batch in calibration)}
 
     from scaleforge.compress.prune import prune_structured, prune_unstructured
 
@@ -164,6 +185,16 @@ def _finetune(model: nn.Module, config: RunConfig, options: CompressOptions, par
     write_manifest(partial / "final")
 
 
+def calibration_batches(config: RunConfig, count: int) -> list[torch.Tensor]:
+    """The inputs of the first `count` batches (of `training.batch_size`) of the run's training split."""
+    from scaleforge.data.loading import eval_batches
+    from scaleforge.train.trainer import build_data
+
+    data = build_data(config.data)
+    batches = eval_batches(data.train, config.training.batch_size, torch.device("cpu"))
+    return [inputs for inputs, _ in itertools.islice(batches, count)]
+
+
 def _with_device(config: RunConfig, device: str) -> RunConfig:
     return dataclasses.replace(config, hardware=dataclasses.replace(config.hardware, device=device))
 
@@ -171,18 +202,11 @@ def _with_device(config: RunConfig, device: str) -> RunConfig:
 # ------------------------------------------------------------------------------------------------ measuring
 
 
-def example_inputs(info: DataInfo, rows: int, seed: int = 0) -> torch.Tensor:
-    """A batch of `rows` inputs shaped as the model takes them (token ids for a language model)."""
-    generator = torch.Generator().manual_seed(seed)
-    if info.task == "language_modeling":
-        return torch.randint(info.vocab_size or 2, (rows, info.seq_len or 1), generator=generator)
-    return torch.randn(rows, *info.input_shape, generator=generator)
-
-
 @torch.inference_mode()
 def latency_ms(model: nn.Module, inputs: torch.Tensor, repeats: int = 30) -> float:
     """The median time of a forward pass over `inputs` on the CPU, in milliseconds."""
-    model = model.eval().cpu()
+    model.eval()  # a static-int8 model's `eval` returns None
+    model = model.cpu()
     for _ in range(3):
         model(inputs)
     times = []
@@ -194,13 +218,13 @@ def latency_ms(model: nn.Module, inputs: torch.Tensor, repeats: int = 30) -> flo
 
 
 def weights_of(model: nn.Module) -> list[torch.Tensor]:
-    """The model's learned weights: its parameters, and the int8 layers' weights and biases (held as buffers)."""
+    """The model's learned weights: its parameters, int8 weights (held as buffers) and the biases of int8 layers."""
     from scaleforge.compress.quantize import Int8DynamicLinear
 
-    tensors = [p.detach() for p in model.parameters()]
+    tensors = [p.detach() for p in model.parameters()] + [b for b in model.buffers() if b.dtype == torch.int8]
     for module in model.modules():
         if isinstance(module, Int8DynamicLinear):
-            tensors += [module.weight_int8] + ([module.bias] if module.bias is not None else [])
+            tensors += [module.bias] if module.bias is not None else []
     return tensors
 
 

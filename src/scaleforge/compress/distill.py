@@ -68,6 +68,6 @@ def _load_teacher(path: str, num_classes: int) -> nn.Module:
         raise ConfigError(
             f"training.loss.teacher: {path} predicts {info.num_classes} classes, the student's data has {num_classes}"
         )
-    teacher = run.model.eval()
+    teacher = run.model  # in eval mode, as `load_run` leaves it
     teacher.requires_grad_(False)
     return teacher

@@ -1,5 +1,7 @@
 """Quantization to int8. `dynamic-int8`: every `nn.Linear` computes in int8, its weight quantized once per output
 channel and its input per row as it comes (no calibration), int8 x int8 summed in int32 by `torch._int_mm`.
+`static-int8`: the current PT2E flow (torch.export, then torchao's x86 quantizer, calibration, conversion) for
+convolutions as well as Linear layers, activations quantized with ranges fixed by calibration.
 
 The tensors are plain `torch.int8` and float: no quantized dtypes (`torch.qint8` and the eager `torch.ao`
 modules built on it are deprecated since torch 2.13, pytorch/pytorch#184982, which points to this pattern), so a
@@ -11,10 +13,18 @@ torch.ao's deprecated fbgemm modules 0.54 ms; `scaleforge bench compress` measur
 
 from __future__ import annotations
 
+import itertools
+import logging
+from collections.abc import Iterable
+from typing import Any
+
 import torch
 from torch import nn
 
+from scaleforge.errors import UsageError
+
 INT8_MAX = 127  # symmetric: [-127, 127], so that negating a value never overflows
+MAX_BATCH = 4096  # the largest batch a static-int8 model's exported graph takes
 
 
 class Int8DynamicLinear(nn.Module):
@@ -73,3 +83,97 @@ def dynamic_int8(model: nn.Module) -> nn.Module:
 def quantized_layers(model: nn.Module) -> list[str]:
     """The names of the int8 layers of `model`."""
     return [name for name, module in model.named_modules() if isinstance(module, Int8DynamicLinear)]
+
+
+# ------------------------------------------------------------------------------------------- static int8
+
+OBSERVERS = "observers."  # prefix of the calibration statistics in a static-int8 run's safetensors
+
+
+def _pt2e() -> tuple[Any, Any, Any, Any]:
+    """torchao's PT2E entry points (prepare, convert, the x86 quantizer and its default config), imported without
+    the warnings its import logs about GPU kernels this machine does not load."""
+    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.ERROR)
+    try:
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+    finally:
+        for logger, level in zip(quiet, levels, strict=True):
+            logger.setLevel(level)
+    return prepare_pt2e, convert_pt2e, x86.X86InductorQuantizer, x86.get_default_x86_inductor_quantization_config
+
+
+def _prepared(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """`model` exported (any batch size) with observers inserted by the x86 quantizer, not yet calibrated."""
+    prepare_pt2e, _, quantizer_class, default_config = _pt2e()
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    try:
+        exported = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: batch},)).module()
+    except Exception as error:  # noqa: BLE001 - torch.export raises many kinds; each is the model's to fix
+        from scaleforge.export.formats import describe_export_error
+
+        raise UsageError(
+            f"static-int8 needs a model torch.export can capture, and {type(model).__name__} fails"
+            f"{describe_export_error(error)}; use dynamic-int8, which needs no export"
+        ) from error
+    quantizer = quantizer_class()
+    quantizer.set_global(default_config())
+    return prepare_pt2e(exported, quantizer)
+
+
+def _converted(prepared: nn.Module) -> nn.Module:
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
+
+    _, convert_pt2e, _, _ = _pt2e()
+    converted = convert_pt2e(prepared)
+    _drop_unused_tensors(converted)
+    allow_exported_model_train_eval(converted)  # so that `.eval()` works on it as on any model (returning None)
+    converted.eval()
+    return converted
+
+
+def _drop_unused_tensors(graph_module: Any) -> None:
+    """Delete the tensors no node of the graph reads: conversion leaves the float weights it replaced with int8
+    ones behind, which would otherwise be saved (and make the int8 file larger than the float one)."""
+    read = {node.target for node in graph_module.graph.nodes if node.op == "get_attr"}
+    for name in [name for name, _ in itertools.chain(graph_module.named_parameters(), graph_module.named_buffers())]:
+        if name not in read:
+            owner, _, attribute = name.rpartition(".")
+            delattr(graph_module.get_submodule(owner), attribute)
+
+
+def static_int8(
+    model: nn.Module, example: torch.Tensor, calibration: Iterable[torch.Tensor]
+) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """`model` quantized to int8 by PT2E (torch.export, torchao's x86 quantizer: weights per channel, activations
+    per tensor with ranges observed on the `calibration` batches); with its state as plain tensors, the
+    calibration statistics under `OBSERVERS`, from which `load_static_int8` rebuilds it exactly."""
+    prepared = _prepared(model, example)
+    with torch.no_grad():
+        for batch in calibration:
+            prepared(batch)
+    observed = {
+        f"{OBSERVERS}{k}": v.clone() for k, v in prepared.state_dict().items() if "activation_post_process" in k
+    }
+    converted = _converted(prepared)
+    return converted, {**observed, **converted.state_dict()}
+
+
+def load_static_int8(model: nn.Module, example: torch.Tensor, state: dict[str, torch.Tensor]) -> nn.Module:
+    """The static-int8 model `static_int8` made from a model built like `model`, from its saved `state`: the same
+    export and observers, their saved statistics, then the saved int8 weights and scales."""
+    observed = {k.removeprefix(OBSERVERS): v for k, v in state.items() if k.startswith(OBSERVERS)}
+    prepared = _prepared(model, example)
+    try:
+        unknown = prepared.load_state_dict(observed, strict=False).unexpected_keys
+        if unknown:
+            raise RuntimeError(f"{OBSERVERS}{unknown[0]} is not an observer of this model")
+        converted = _converted(prepared)
+        converted.load_state_dict({k: v for k, v in state.items() if not k.startswith(OBSERVERS)})
+    except RuntimeError as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise UsageError(f"the static-int8 weights do not fit this model: {first_line}") from error
+    return converted

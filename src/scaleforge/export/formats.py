@@ -4,10 +4,11 @@
   back with ONNX Runtime;
 - `torch-export`: a `.pt2` ExportedProgram (`torch.export.save`), loaded back with `torch.export.load`.
 
-Both take float models and `dynamic-int8` runs (whose int8 matmul, `aten._int_mm`, becomes ONNX's
-`MatMulInteger`). The check runs the exported model on a validation batch, and with `--dynamic-batch` on a batch
-of another size, against the eager model: float outputs must agree to 1e-4, int8 ones in top-1 class on at least
-99% of the rows (ONNX Runtime's int8 kernels round differently). A failed check removes the file.
+Both take float models and int8 runs (`dynamic-int8`'s int8 matmul, `aten._int_mm`, becomes ONNX's
+`MatMulInteger`; `static-int8`'s quantize and dequantize steps ONNX's own). The check runs the exported model on
+a validation batch, and with `--dynamic-batch` on a batch of another size, against the eager model: float
+outputs must agree to 1e-4, int8 ones in top-1 class on at least 99% of the rows (ONNX Runtime's int8 kernels
+round differently). A failed check removes the file.
 """
 
 from __future__ import annotations
@@ -55,9 +56,9 @@ def export_run(
         raise UsageError("--opset applies to --format onnx only")
     final = verify_final(run_dir)
     compression = compression_of(final) or {}
-    int8 = compression.get("format") == "dynamic-int8"
+    int8 = compression.get("format") in ("dynamic-int8", "static-int8")
     run = load_run(final)
-    model = run.model.eval().cpu()
+    model = run.model.cpu()  # in eval mode, as `load_run` leaves it
     out = Path(out) if out is not None else final.parent / "exported" / f"model{FORMATS[fmt]}"
     out.parent.mkdir(parents=True, exist_ok=True)
     inputs = validation_inputs(run)
@@ -102,7 +103,7 @@ def _export_program(model: nn.Module, inputs: torch.Tensor, dynamic: Any) -> tor
     try:
         return torch.export.export(model, (inputs,), dynamic_shapes=dynamic)
     except Exception as error:  # noqa: BLE001 - torch.export raises many kinds; each is the model's to fix
-        raise UsageError(f"torch.export failed{_operator_in(error)}: {_first_line(error)}") from error
+        raise UsageError(f"torch.export failed{describe_export_error(error)}") from error
 
 
 def _export_onnx(model: nn.Module, inputs: torch.Tensor, out: Path, dynamic: Any, opset: int | None) -> None:
@@ -127,7 +128,7 @@ def _export_onnx(model: nn.Module, inputs: torch.Tensor, out: Path, dynamic: Any
         assert program is not None
         program.save(str(out), external_data=False)
     except Exception as error:  # noqa: BLE001 - the exporter raises many kinds; the message names the operator
-        raise UsageError(f"ONNX export failed{_operator_in(error)}: {_first_line(error)}") from error
+        raise UsageError(f"ONNX export failed{describe_export_error(error)}") from error
 
 
 def _onnx_runner(path: Path) -> Any:
@@ -167,6 +168,11 @@ def _require(check: ExportCheck, int8: bool, fmt: str) -> None:
             f"the {fmt} export differs from the model by up to {check.max_abs_diff:.2e} on {check.rows} validation "
             f"rows, more than {FLOAT_TOLERANCE:g}"
         )
+
+
+def describe_export_error(error: BaseException) -> str:
+    """` at <operator>: <first line>` for an exporter's error."""
+    return f"{_operator_in(error)}: {_first_line(error)}"
 
 
 def _operator_in(error: BaseException) -> str:

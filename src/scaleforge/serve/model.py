@@ -68,7 +68,7 @@ class ServedModel:
         if weights:
             run = load_run(final)
             config, self.info = run.config, run.info
-            self.model: torch.nn.Module | None = run.model.to(self.device).eval()
+            self.model: torch.nn.Module | None = run.model.to(self.device)  # in eval mode, as `load_run` leaves it
         else:
             (config, self.info), self.model = load_description(final), None
         self._final = final
