@@ -220,6 +220,13 @@ def cmd_bench_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_compress(args: argparse.Namespace) -> int:
+    from scaleforge.bench.compress import run_compress_benchmark
+
+    run_compress_benchmark(args.run_dir, out=Path(args.out), finetune_epochs=args.finetune_epochs, as_json=args.json)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from scaleforge.serve.app import ServeSettings
     from scaleforge.serve.server import serve
@@ -557,6 +564,19 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint.add_argument("--out", default="runs/bench-checkpoint", help="where checkpoints and results go")
     checkpoint.add_argument("--json", action="store_true", help="print JSON instead of a table")
     checkpoint.set_defaults(handler=cmd_bench_checkpoint)
+    bench_compress = bench_commands.add_parser(
+        "compress",
+        help="size, accuracy and speed of each compression of a run",
+        description="Make every compression of a trained run (dynamic and static int8, pruning, narrowing, a "
+        "distilled student) and compare size, validation accuracy, CPU latency and ONNX Runtime throughput.",
+    )
+    bench_compress.add_argument("run_dir", metavar="RUN_DIR", help="a trained run directory")
+    bench_compress.add_argument(
+        "--finetune-epochs", type=_non_negative_int, default=3, help="fine-tuning after pruning (default 3)"
+    )
+    bench_compress.add_argument("--out", default="runs/bench-compress", help="where the variants and results go")
+    bench_compress.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bench_compress.set_defaults(handler=cmd_bench_compress)
     bench_serve = bench_commands.add_parser(
         "serve",
         help="serving throughput and latency, batching on and off, beside a bare endpoint and LitServe",

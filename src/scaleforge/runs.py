@@ -137,14 +137,14 @@ def example_inputs(info: DataInfo, rows: int, seed: int = 0) -> torch.Tensor:
 
 
 def read_weights(file: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors; `UsageError` when it cannot be read."""
+    """A safetensors file's tensors; `UsageError` when it cannot be read as one."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
         return load_file(str(file))
     except (SafetensorError, OSError) as error:
-        raise UsageError(f"{file} cannot be read: {_first_line(error)}") from error
+        raise UsageError(f"{file} does not hold this model's weights: {_first_line(error)}") from error
 
 
 def load_weights(model: nn.Module, file: Path) -> None:

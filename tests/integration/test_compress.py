@@ -84,6 +84,10 @@ def test_exports_are_checked_against_the_model(cli, mlp_run: Path, int8_run: Pat
         float(line.split("difference| ")[1].split(",")[0]) for line in result.out.splitlines() if "|" in line
     ]
     assert len(differences) == 2 and max(differences) <= 1e-4  # two batch sizes
+    result = cli("export", str(int8_run), "--format", "onnx", "--out", str(tmp_path / "int8.onnx"))
+    assert result.code == 0, result.err
+    int8_difference = float(result.out.split("difference| ")[1].split(",")[0])
+    assert int8_difference <= 1e-3  # ONNX Runtime computes the int8 model as the model does, not just its classes
     result = cli("export", str(int8_run), "--format", "torch-export", "--out", str(tmp_path / "m.pt2"))
     assert result.code == 0, result.err
     assert "exported (int8, torch-export)" in result.out and "top-1 agreement 100.0%" in result.out
@@ -194,3 +198,19 @@ def test_static_int8_of_a_model_torch_export_cannot_capture_is_refused(cli, tmp_
     assert result.code == 2
     assert "static-int8 needs a model torch.export can capture" in result.err and "use dynamic-int8" in result.err
     assert "Traceback" not in result.err and not (tmp_path / "out").exists()
+
+
+def test_bench_compress_measures_every_variant_and_draws_them(cli, mlp_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    result = cli("bench", "compress", str(mlp_run), "--finetune-epochs", "1", "--out", str(out))
+    assert result.code == 0, result.err
+    data = json.loads((out / "compress.json").read_text())
+    variants = {row["variant"]: row for row in data["variants"]}
+    assert list(variants) == ["float", "dynamic-int8", "static-int8", "pruned 50%", "narrowed 50%", "distilled student"]
+    for row in variants.values():
+        assert row["onnx_per_s"], [line for line in result.out.splitlines() if "ONNX" in line]
+        assert row["latency_ms"]["32"] > 0 and 0 < row["val_accuracy"] <= 1
+    assert variants["narrowed 50%"]["parameters"] < 0.4 * variants["float"]["parameters"]
+    assert variants["distilled student"]["parameters"] == variants["narrowed 50%"]["parameters"]
+    assert any("file <= 0.3x float" in name for name in data["targets"])
+    assert (out / "compress.png").stat().st_size > 0 and "distilled student" in result.out
