@@ -13,6 +13,7 @@ torch.ao's deprecated fbgemm modules 0.54 ms; `scaleforge bench compress` measur
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 from collections.abc import Iterable
@@ -60,9 +61,7 @@ class Int8DynamicLinear(nn.Module):
         rows = x.reshape(-1, self.in_features).float()  # (N, in)
         scale = rows.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / INT8_MAX  # (N, 1)
         integers = torch.round(rows / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-        # the weight's scales first, then the rows': ONNX Runtime fuses the product of both into a kernel that is
-        # wrong for per-row scales (a 64 -> 16 layer exported that way: off by 6% of its outputs' range)
-        out = torch._int_mm(integers, self.weight_int8).float().mul_(self.weight_scale).mul_(scale)  # (N, out)
+        out = torch._int_mm(integers, self.weight_int8).float().mul_(scale * self.weight_scale)  # (N, out)
         if self.bias is not None:
             out.add_(self.bias)
         return out.reshape(*leading, self.out_features)
@@ -80,6 +79,21 @@ def dynamic_int8(model: nn.Module) -> nn.Module:
         else:
             dynamic_int8(child)
     return model.eval()
+
+
+def float_twin(model: nn.Module) -> nn.Module:
+    """A copy of a `dynamic_int8` model with `nn.Linear` layers holding the weights the int8 ones stand for."""
+    twin = copy.deepcopy(model)
+    for name, module in list(twin.named_modules()):
+        if isinstance(module, Int8DynamicLinear):
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            with torch.no_grad():
+                linear.weight.copy_(module.dequantized_weight())
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+            owner, _, attribute = name.rpartition(".")
+            setattr(twin.get_submodule(owner), attribute, linear)
+    return twin.eval()
 
 
 def quantized_layers(model: nn.Module) -> list[str]:

