@@ -19,7 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from scaleforge.bench.harness import machine, report
@@ -189,15 +188,17 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     measured = [row for row in rows if "skipped" not in row]
-    figure, axis = plt.subplots(figsize=(6, 4))
-    latency = np.array([row["latency_ms"]["32"] for row in measured])
-    accuracy = np.array([row["val_accuracy"] for row in measured])
-    axis.scatter(latency, accuracy)
-    for row, x, y in zip(measured, latency, accuracy, strict=True):
-        axis.annotate(row["variant"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    figure, axis = plt.subplots(figsize=(6.5, 4))
+    for row, marker in zip(measured, "osD^vP*X", strict=False):  # one marker each: the labels would overlap
+        axis.scatter(row["latency_ms"]["32"], row["val_accuracy"], marker=marker, s=50, label=row["variant"])
     axis.set(xlabel="CPU latency at batch 32 (ms, p50)", ylabel="validation accuracy", title="accuracy against latency")
+    axis.set_xscale("log")
+    axis.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
