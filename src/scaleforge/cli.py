@@ -462,6 +462,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch threads for the model (0: every core if that runs a full batch 1.3x faster, else one fewer)",
     )
     serve.add_argument(
+        "--backend",
+        choices=["torch", "onnxruntime"],
+        default="torch",
+        help="onnxruntime: serve the run's ONNX export (see --onnx) with ONNX Runtime, with the same API, "
+        "batching and metrics",
+    )
+    serve.add_argument(
+        "--onnx",
+        metavar="FILE",
+        help="the ONNX file for --backend onnxruntime (default: RUN_DIR/exported/model.onnx, written by "
+        "`scaleforge export RUN_DIR --format onnx --dynamic-batch`)",
+    )
+    serve.add_argument(
         "--model-process",
         action=argparse.BooleanOptionalAction,
         default="auto",

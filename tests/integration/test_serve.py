@@ -137,6 +137,29 @@ def test_batched_answers_equal_single_ones_and_batches_keep_their_bound(digits_r
     assert batches - len(bodies) <= len(bodies) / 2  # sent alone: a batch each; sent together: merged
 
 
+def test_onnx_runtime_serves_the_export_with_the_same_answers_batching_and_metrics(digits_run: Path, tmp_path):  # noqa: ANN001
+    from scaleforge.cli import main
+
+    exported = tmp_path / "digits.onnx"
+    assert main(["export", str(digits_run), "--format", "onnx", "--dynamic-batch", "--out", str(exported)]) == 0
+    generator = torch.Generator().manual_seed(1)
+    bodies = [{"inputs": torch.rand(1 + i % 3, 1, 8, 8, generator=generator).tolist()} for i in range(24)]
+    with server(digits_run) as (url, _):
+        expected = asyncio.run(post_all(url, bodies))
+    with server(digits_run, "--backend", "onnxruntime", "--onnx", str(exported), "--max-delay-ms", "50") as (url, _):
+        got = asyncio.run(post_all(url, bodies))
+        with httpx.Client(base_url=url) as client:
+            text = client.get("/metrics").text
+            invalid = client.post("/v1/predict", json={"inputs": [[1, 2]]})
+    assert {r.status_code for r in expected + got} == {200} and invalid.status_code == 422
+    for onnx_answer, torch_answer in zip(got, expected, strict=True):
+        for a, b in zip(onnx_answer.json()["outputs"], torch_answer.json()["outputs"], strict=True):
+            assert a["top_class"] == b["top_class"]
+            assert torch.allclose(torch.tensor(a["probabilities"]), torch.tensor(b["probabilities"]), atol=1e-5)
+    assert metric(text, "scaleforge_batch_size_count") < len(bodies)  # sent together: merged into batches
+    assert metric(text, "scaleforge_requests_total", endpoint="/v1/predict", status="200") == len(bodies)
+
+
 def test_a_language_model_answers_sequences_of_any_length_batched_as_alone(tmp_path: Path) -> None:
     overrides = ["model.architecture=gpt", "model.n_layers=1", "model.d_model=32", "model.n_heads=2"]
     overrides += ["data.dataset=synthetic", "data.kind=tokens", "data.seq_len=16", "data.vocab_size=50"]
@@ -507,6 +530,8 @@ def test_bad_serve_arguments_are_one_line_and_exit_2(digits_run: Path, tmp_path:
             ((str(digits_run), "--timeout-ms", "0"), "--timeout-ms: expected a positive number, got 0"),
             ((str(digits_run), "--api-key-env", "SCALEFORGE_NO_SUCH_KEY"), "that environment variable is unset"),
             ((str(digits_run), "--device", "tpu"), "--device: 'tpu' is not a device"),
+            ((str(digits_run), "--backend", "onnxruntime", "--onnx", str(tmp_path / "x.onnx")), "--format onnx"),
+            ((str(digits_run), "--onnx", str(tmp_path / "x.onnx")), "--onnx applies to --backend onnxruntime"),
         ]
         for args, message in cases:
             result = cli("serve", *args)

@@ -82,6 +82,8 @@ class ServeSettings:
     drain_grace_s: float = 0.0  # after a stop signal, serve this long with readiness at 503 before draining
     batch_timeout_s: float = 60.0  # a batch the model's process has not answered in this long: it is restarted
     latency_target_ms: float = 0.0  # batches and admission kept to answer within this (0: off)
+    backend: str = "torch"  # or "onnxruntime": the run's exported ONNX model (`onnx`) run by ONNX Runtime
+    onnx: str | None = None  # the ONNX file for the onnxruntime backend (None: RUN_DIR/exported/model.onnx)
 
 
 class PredictRequest(BaseModel):

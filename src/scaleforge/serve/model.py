@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from scaleforge.errors import UsageError
 from scaleforge.runs import find_final, load_description, load_run
 
 MAX_IMAGE_PIXELS = 4096 * 4096  # larger uploads are refused before they are decoded
@@ -57,18 +58,72 @@ class ModelCard:
     input_schema: dict[str, Any]
 
 
+class OnnxRuntimeModel(torch.nn.Module):
+    """An exported ONNX model run by ONNX Runtime on the CPU behind a module's call: a batch in, its outputs out.
+    ONNX Runtime's own threads run it (`set_threads`), and it releases the interpreter while it does."""
+
+    def __init__(self, path: Path, threads: int = 0) -> None:
+        super().__init__()
+        self.path = path
+        self.set_threads(threads)
+        batch = self.session.get_inputs()[0].shape[0]
+        if not isinstance(batch, str):  # a fixed number: the export took one batch size only
+            raise UsageError(
+                f"{path} takes batches of {batch} only; export it with --dynamic-batch to serve it with batching"
+            )
+
+    def set_threads(self, threads: int) -> None:
+        """Run on `threads` threads (0: ONNX Runtime's default)."""
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        try:
+            self.session = onnxruntime.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        except Exception as error:  # noqa: BLE001 - ONNX Runtime raises its own kinds for unreadable files
+            raise UsageError(f"{self.path} is not an ONNX model ONNX Runtime can run: {error}") from error
+        self._input = self.session.get_inputs()[0].name
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self._input: batch.numpy()})[0])
+
+
+def onnx_file(final: Path, given: str | Path | None) -> Path:
+    """The ONNX file to serve: `given`, or the run's `exported/model.onnx`; `UsageError` if it is not there."""
+    path = Path(given) if given is not None else final.parent / "exported" / "model.onnx"
+    if not path.is_file():
+        raise UsageError(
+            f"{path} does not exist; write it with `scaleforge export {final.parent} --format onnx --dynamic-batch`"
+        )
+    return path
+
+
 class ServedModel:
     """A trained run's model, loaded once from `final/` and answering batches of instances. With `weights=False`
-    it only decodes requests (the model then runs in another process: `serve.worker`)."""
+    it only decodes requests (the model then runs in another process: `serve.worker`). With `onnx` (an exported
+    ONNX file, or True for the run's `exported/model.onnx`) ONNX Runtime runs the model instead of torch."""
 
-    def __init__(self, path: str | Path, device: str | torch.device = "cpu", *, weights: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        *,
+        weights: bool = True,
+        onnx: str | Path | bool | None = None,
+    ) -> None:
         started = time.perf_counter()
         final = find_final(path)
         self.device = torch.device(device)
-        if weights:
+        self._weights_file = final / "model.safetensors"
+        if onnx:
+            (config, self.info) = load_description(final)
+            self._weights_file = onnx_file(final, None if onnx is True else onnx)
+            self.device = torch.device("cpu")  # ONNX Runtime's CPU provider
+            self.model: torch.nn.Module | None = OnnxRuntimeModel(self._weights_file)
+        elif weights:
             run = load_run(final)
             config, self.info = run.config, run.info
-            self.model: torch.nn.Module | None = run.model.to(self.device)  # in eval mode, as `load_run` leaves it
+            self.model = run.model.to(self.device)  # in eval mode, as `load_run` leaves it
         else:
             (config, self.info), self.model = load_description(final), None
         self._final = final
@@ -81,7 +136,7 @@ class ServedModel:
         """Name, version, task and input schema; read when first asked for (a model process never asks)."""
         # the weights' digest names this exact model: responses and cache keys carry it
         digest = hashlib.sha256()
-        with (self._final / "model.safetensors").open("rb") as file:
+        with self._weights_file.open("rb") as file:
             while chunk := file.read(2**24):
                 digest.update(chunk)
         return ModelCard(
@@ -199,10 +254,10 @@ class ServedModel:
         `time_batches`) and, with `time_batches` (a latency target), time batches of 1 and `batch_size` (rows,
         seconds) for the batcher's cost model."""
         if threads:
-            torch.set_num_threads(threads)
+            self._set_threads(threads)
         elif time_batches:  # for a latency target: a core left to HTTP, whose work would stall every core's
             threads = max(1, cpu_cores() - 1)  # share of each batch (resnet18 at 3x capacity: p99 60 ms on
-            torch.set_num_threads(threads)  # 2 threads, 45-50 ms on 1, on these 2 cores)
+            self._set_threads(threads)  # 2 threads, 45-50 ms on 1, on these 2 cores)
         else:
             threads = self.choose_threads(batch_size, cpu_cores())
         timed = [(rows, self.time_batch(rows)) for rows in {1, batch_size}] if time_batches else []
@@ -228,15 +283,20 @@ class ServedModel:
         seconds = {fewer: math.inf, cores: math.inf}
         for round_ in range(4):  # interleaved, the best of three after a warm-up: a passing load skews neither
             for threads in seconds:
-                torch.set_num_threads(threads)
+                self._set_threads(threads)
                 started = time.perf_counter()
                 self.predict(batch)
                 if round_:
                     seconds[threads] = min(seconds[threads], time.perf_counter() - started)
         chosen = pick_threads(seconds[fewer], seconds[cores], batch_size, cores)
-        torch.set_num_threads(chosen)
+        self._set_threads(chosen)
         self._timed[batch_size] = seconds[chosen]
         return chosen
+
+    def _set_threads(self, threads: int) -> None:
+        torch.set_num_threads(threads)
+        if isinstance(self.model, OnnxRuntimeModel):
+            self.model.set_threads(threads)
 
     def time_batch(self, rows: int) -> float:
         """Seconds a batch of `rows` instances takes, after a warm-up run (kernels are made for each shape): the

@@ -65,6 +65,14 @@ def serve(path: str | Path, settings: ServeSettings) -> bool:
     except ConfigError as error:
         raise UsageError(str(error).replace("hardware.device", "--device")) from None
     timing = settings.latency_target_ms > 0  # the batcher's cost model starts from timed batches
+    if settings.backend == "onnxruntime":
+        if settings.model_process:
+            raise UsageError("--model-process applies to --backend torch (ONNX Runtime runs beside HTTP on a thread)")
+        model = ServedModel(path, onnx=settings.onnx or True)
+        threads, timed = model.prepare(settings.threads, settings.max_batch_size, time_batches=timing)
+        return _run(_server(model, settings, None, model.load_seconds, threads, timed))
+    if settings.onnx is not None:
+        raise UsageError("--onnx applies to --backend onnxruntime")
     if settings.model_process is not True:
         model = ServedModel(path, device)  # loaded before the server listens, never per request
         threads, timed = model.prepare(settings.threads, settings.max_batch_size, time_batches=timing)
@@ -126,7 +134,8 @@ def _server(
     )
     card = model.card
     banner = (
-        f"serving {card.name} ({card.task}, version {card.version}) on {model.device}, {threads} torch thread"
+        f"serving {card.name} ({card.task}, version {card.version}) on {model.device}, {threads} {settings.backend} "
+        "thread"
         f"{'s' * (threads != 1)}{' in a model process' if worker else ''}, loaded in {load_seconds:.2f}s"
         f" | batches of <= {settings.max_batch_size}, delay <= {settings.max_delay_ms:g} ms,"
         f" queue {settings.max_queue}, timeout {settings.timeout_ms:g} ms"
