@@ -410,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser(
         "export",
-        help="export a trained run's model (ONNX, torch.export)",
+        help="export a trained run's model (ONNX, torch.export, AOTInductor)",
         description="Export a finished run's model and check the file against the model on validation batches "
         "before reporting it done.",
     )
@@ -418,12 +418,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--format",
         required=True,
-        choices=["onnx", "torch-export"],
-        help="onnx: one .onnx file (dynamo exporter, checked with ONNX Runtime); torch-export: a .pt2 ExportedProgram",
+        choices=["onnx", "torch-export", "aoti"],
+        help="onnx: one .onnx file (dynamo exporter, checked with ONNX Runtime); torch-export: a .pt2 ExportedProgram; "
+        "aoti: an AOTInductor package (.aoti.pt2, compiled: needs a C++ compiler; the successor of TorchScript)",
     )
     export.add_argument("--dynamic-batch", action="store_true", help="any batch size (checked on two)")
     export.add_argument("--opset", type=_positive_int, help="ONNX opset (default: the exporter's)")
-    export.add_argument("--out", help="the file to write (default: RUN_DIR/exported/model.onnx or .pt2)")
+    export.add_argument(
+        "--out", help="the file to write (default: RUN_DIR/exported/model.onnx, model.pt2 or model.aoti.pt2)"
+    )
     export.set_defaults(handler=cmd_export)
 
     config = commands.add_parser("config", help="inspect configs")

@@ -99,6 +99,15 @@ def test_exports_are_checked_against_the_model(cli, mlp_run: Path, int8_run: Pat
     assert "_int_mm" in str(program.graph)  # the int8 matmul, not a float one
 
 
+def test_an_aoti_package_of_the_int8_model_answers_as_the_model(cli, int8_run: Path, tmp_path: Path) -> None:
+    package = tmp_path / "int8.aoti.pt2"
+    result = cli("export", str(int8_run), "--format", "aoti", "--dynamic-batch", "--out", str(package))
+    assert result.code == 0, result.err
+    assert result.out.count("max |difference| 0.00e+00") == 2  # compiled, at two batch sizes, the same numbers
+    runner = torch._inductor.aoti_load_package(str(package))
+    assert runner(torch.zeros(5, 1, 8, 8)).shape == (5, 10)
+
+
 def test_bad_compress_and_export_requests_exit_2_and_write_nothing(cli, mlp_run: Path, int8_run: Path, tmp_path):  # noqa: ANN001
     out = tmp_path / "out"
     damaged = tmp_path / "damaged"

@@ -2,9 +2,12 @@
 
 - `onnx`: through torch's dynamo exporter (`torch.onnx.export(..., dynamo=True)`), one self-contained file, run
   back with ONNX Runtime;
-- `torch-export`: a `.pt2` ExportedProgram (`torch.export.save`), loaded back with `torch.export.load`.
+- `torch-export`: a `.pt2` ExportedProgram (`torch.export.save`), loaded back with `torch.export.load`;
+- `aoti`: an AOTInductor package (`.aoti.pt2`, compiled ahead of time by Inductor: a C++ compiler is needed),
+  loaded back with `torch._inductor.aoti_load_package`; the supported successor of TorchScript, which is
+  deprecated, for running without Python.
 
-Both take float models and int8 runs: a `dynamic-int8` run goes to ONNX as ONNX Runtime's own dynamic int8 graph
+All take float models and int8 runs: a `dynamic-int8` run goes to ONNX as ONNX Runtime's own dynamic int8 graph
 (its quantizer applied to the float model that holds the run's int8 weights), a `static-int8` one with its
 quantize and dequantize steps. The check runs the exported model on
 a validation batch, and with `--dynamic-batch` on a batch of another size, against the eager model: float
@@ -26,7 +29,7 @@ from torch import nn
 from scaleforge.errors import UsageError
 from scaleforge.runs import compression_of, load_run, verify_final
 
-FORMATS = {"onnx": ".onnx", "torch-export": ".pt2"}
+FORMATS = {"onnx": ".onnx", "torch-export": ".pt2", "aoti": ".aoti.pt2"}
 FLOAT_TOLERANCE = 1e-4
 INT8_AGREEMENT = 0.99
 MAX_DYNAMIC_BATCH = 4096
@@ -71,11 +74,14 @@ def export_run(
         elif fmt == "onnx":
             _export_onnx(model, inputs, out, dynamic, opset)
             runner = _onnx_runner(out)
-        else:
+        elif fmt == "torch-export":
             program = _export_program(model, inputs, dynamic)
             torch.export.save(program, str(out))
             loaded = torch.export.load(str(out)).module()  # the file we wrote, which we trust
             runner = _torch_runner(loaded)
+        else:
+            _compile_aoti(_export_program(model, inputs, dynamic), out)
+            runner = _torch_runner(torch._inductor.aoti_load_package(str(out)))
         batches = [inputs] + ([inputs[: max(1, len(inputs) // 2 - 1)]] if dynamic_batch else [])
         checks = [_compare(model, runner, batch) for batch in batches]
         for check in checks:
@@ -108,6 +114,15 @@ def _export_program(model: nn.Module, inputs: torch.Tensor, dynamic: Any) -> tor
         return torch.export.export(model, (inputs,), dynamic_shapes=dynamic)
     except Exception as error:  # noqa: BLE001 - torch.export raises many kinds; each is the model's to fix
         raise UsageError(f"torch.export failed{describe_export_error(error)}") from error
+
+
+def _compile_aoti(program: torch.export.ExportedProgram, out: Path) -> None:
+    """An AOTInductor package: the program compiled ahead of time to a shared library (C++ and Python load it with
+    `torch._inductor.aoti_load_package`), the supported successor of TorchScript for deployment without Python."""
+    try:
+        torch._inductor.aoti_compile_and_package(program, package_path=str(out))
+    except Exception as error:  # noqa: BLE001 - Inductor raises many kinds; the message names what failed
+        raise UsageError(f"AOTInductor compilation failed{describe_export_error(error)}") from error
 
 
 def _export_onnx(model: nn.Module, inputs: torch.Tensor, out: Path, dynamic: Any, opset: int | None) -> None:
