@@ -122,8 +122,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_compress(args: argparse.Namespace) -> int:
     from scaleforge.compress.convert import CompressOptions, compress_run, print_report
 
-    if args.method != "prune" and (args.sparsity is not None or args.structured or args.finetune_epochs):
-        raise UsageError("--sparsity, --structured and --finetune-epochs apply to --method prune only")
+    if args.method != "prune" and (args.sparsity is not None or args.structured):
+        raise UsageError("--sparsity and --structured apply to --method prune only")
+    if args.method not in ("prune", "qat") and args.finetune_epochs:
+        raise UsageError("--finetune-epochs applies to --method prune and qat only")
     if args.method != "static-int8" and args.calibration_batches is not None:
         raise UsageError("--calibration-batches applies to --method static-int8 only")
     options = CompressOptions(
@@ -389,10 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument(
         "--method",
         required=True,
-        choices=["dynamic-int8", "static-int8", "prune"],
+        choices=["dynamic-int8", "static-int8", "qat", "prune"],
         help="dynamic-int8: Linear layers in int8 (weights per channel, inputs per row), no calibration; "
         "static-int8: Linear and convolution layers in int8 by PT2E (torch.export, torchao's x86 quantizer), "
-        "activation ranges from calibration batches; "
+        "activation ranges from calibration batches; qat: trained fake-quantized for --finetune-epochs (default "
+        "1) through the trainer, then converted to int8; "
         "prune: global magnitude pruning (zeros), or --structured (fewer units: a smaller dense model)",
     )
     compress.add_argument(
@@ -403,7 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--structured", action="store_true", help="prune: remove whole hidden units or channels (mlp, cnn)"
     )
     compress.add_argument(
-        "--finetune-epochs", type=_non_negative_int, default=0, help="prune: then train this many epochs (default 0)"
+        "--finetune-epochs",
+        type=_non_negative_int,
+        default=0,
+        help="prune: then train this many epochs (default 0); qat: train this many (default 1)",
     )
     compress.add_argument("--out", help="the new run directory (default: beside RUN_DIR, named by the method)")
     compress.set_defaults(handler=cmd_compress)

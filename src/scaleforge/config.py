@@ -92,6 +92,9 @@ class TrainingSection:
     # weights that are exactly zero at the start stay zero, whatever the optimizer does (a pruned model keeps its
     # sparsity while it is fine-tuned)
     keep_zeros: bool = False
+    # fake-quantized training (PT2E QAT, torchao's x86 quantizer): the model is exported and trained as it will
+    # compute in int8; `scaleforge compress --method qat` converts the result. Single process or ddp
+    quantization_aware: bool = False
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from scaleforge.errors import UsageError
 FINAL_FILES = ("model.safetensors", "config.yaml", "data_info.json")
 MANIFEST = "manifest.json"
 COMPRESSION = "compression.json"
+INT8_FORMATS = ("dynamic-int8", "static-int8", "qat-int8")  # compression.json formats whose weights are int8
 
 
 @dataclass(frozen=True)
@@ -114,10 +115,10 @@ def load_run(path: str | Path) -> LoadedRun:
     model = build_model(config.model, info)
     fmt = (compression_of(final) or {}).get("format")
     file = final / "model.safetensors"
-    if fmt == "static-int8":
-        from scaleforge.compress.quantize import load_static_int8
+    if fmt in ("static-int8", "qat-int8"):
+        from scaleforge.compress.quantize import load_int8
 
-        model = load_static_int8(model, example_inputs(info, 2), read_weights(file))
+        model = load_int8(model, example_inputs(info, 2), read_weights(file), qat=fmt == "qat-int8")
     else:
         if fmt == "dynamic-int8":
             from scaleforge.compress.quantize import dynamic_int8

@@ -187,7 +187,7 @@ class Branchy(nn.Module):
 
 def test_static_int8_quantizes_a_cnn_after_calibration_and_loads_back(cli, tmp_path: Path) -> None:
     source = tmp_path / "cnn"
-    train(load_config(None, [*QUICK, "model.architecture=cnn", "model.channels=[8,16]", "training.epochs=2"]), source)
+    train(load_config(None, [*QUICK, "model.architecture=cnn", "model.channels=[4,8]", "training.epochs=2"]), source)
     out = tmp_path / "cnn-int8"
     result = cli("compress", str(source), "--method", "static-int8", "--calibration-batches", "4", "--out", str(out))
     assert result.code == 0, result.err
@@ -199,6 +199,34 @@ def test_static_int8_quantizes_a_cnn_after_calibration_and_loads_back(cli, tmp_p
     assert _val_accuracy(cli, out) == pytest.approx(report["after"]["val_accuracy"], abs=1e-4)
     exported = cli("export", str(out), "--format", "torch-export", "--out", str(tmp_path / "cnn.pt2"))
     assert exported.code == 0 and "exported (int8, torch-export)" in exported.out, exported.err
+
+
+def test_qat_trains_fake_quantized_through_the_trainer_then_converts_to_int8(cli, mlp_run: Path, tmp_path: Path):  # noqa: ANN001
+    trained = tmp_path / "qat"
+    result = cli("compress", str(mlp_run), "--method", "qat", "--finetune-epochs", "1", "--out", str(trained))
+    assert result.code == 0, result.err
+    report = json.loads((trained / "final" / "compression.json").read_text())
+    assert report["format"] == "qat-int8" and (trained / "metrics.jsonl").is_file()  # through the trainer
+    assert report["after"]["val_accuracy"] >= report["before"]["val_accuracy"] - 0.02
+    state = load_file(str(trained / "final" / "model.safetensors"))
+    assert sum(t.dtype == torch.int8 for t in state.values()) == 3  # the two hidden layers and the head
+    assert _val_accuracy(cli, trained) == pytest.approx(report["after"]["val_accuracy"], abs=1e-4)
+
+
+def test_quantization_aware_training_runs_under_ddp_and_is_refused_where_it_cannot(cli, tmp_path: Path) -> None:
+    from scaleforge.data.base import DataInfo
+    from scaleforge.distributed.parallel_dims import ParallelDims
+    from scaleforge.errors import ConfigError
+    from scaleforge.models.mlp import MLP
+    from scaleforge.train.trainer import quantization_aware
+
+    qat = [*QUICK, "model.hidden_layers=[16]", "training.max_steps=3", "training.quantization_aware=true"]
+    result = cli("train", *qat, "--nproc", "2", "--run-dir", str(tmp_path / "ddp"))
+    assert result.code == 0, result.err
+    assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["strategy"] == "ddp"
+    info = DataInfo(task="classification", input_shape=(1, 8, 8), num_classes=10)
+    with pytest.raises(ConfigError, match="training.quantization_aware: runs on one process or under ddp, not fsdp"):
+        quantization_aware(MLP((1, 8, 8), 10), info, ParallelDims("fsdp", 2, 1, 1))
 
 
 def test_static_int8_of_a_model_torch_export_cannot_capture_is_refused(cli, tmp_path: Path) -> None:
@@ -219,7 +247,8 @@ def test_bench_compress_measures_every_variant_and_draws_them(cli, mlp_run: Path
     assert result.code == 0, result.err
     data = json.loads((out / "compress.json").read_text())
     variants = {row["variant"]: row for row in data["variants"]}
-    assert list(variants) == ["float", "dynamic-int8", "static-int8", "pruned 50%", "narrowed 50%", "distilled student"]
+    expected = ["float", "dynamic-int8", "static-int8", "qat", "pruned 50%", "narrowed 50%", "distilled student"]
+    assert list(variants) == expected
     for row in variants.values():
         assert row["onnx_per_s"], [line for line in result.out.splitlines() if "ONNX" in line]
         assert row["latency_ms"]["32"] > 0 and 0 < row["val_accuracy"] <= 1

@@ -1,7 +1,8 @@
 """`scaleforge bench compress RUN_DIR`: the trained model against each compression of it.
 
 Each variant is made by the same converters users run (`compress_run`, the distillation loss through the
-trainer), under `--out`: dynamic-int8, static-int8, global magnitude pruning to half the weights and structured
+trainer), under `--out`: dynamic-int8, static-int8, qat (trained fake-quantized for `--finetune-epochs`), global
+magnitude pruning to half the weights and structured
 pruning to half the widths (both fine-tuned for `--finetune-epochs`), and a student with the narrowed widths
 trained from scratch on the model's softened outputs for as many epochs as the model itself. For each: file size,
 parameters, validation accuracy, CPU latency at batch 1 and 32 (p50 of 30 passes), throughput at batch 32, and
@@ -39,6 +40,7 @@ def run_compress_benchmark(run_dir: str | Path, *, out: Path, finetune_epochs: i
     makers: dict[str, Callable[[Path], Any]] = {
         "dynamic-int8": lambda path: compress_run(final, CompressOptions("dynamic-int8"), path),
         "static-int8": lambda path: compress_run(final, CompressOptions("static-int8"), path),
+        "qat": lambda path: compress_run(final, CompressOptions("qat", finetune_epochs=finetune_epochs), path),
         "pruned 50%": lambda path: compress_run(
             final, CompressOptions("prune", sparsity=0.5, finetune_epochs=finetune_epochs), path
         ),
@@ -150,7 +152,7 @@ def _targets(rows: list[dict[str, Any]]) -> dict[str, str]:
         targets["dynamic-int8 >= 1.8x at batch 32, <= 1 point lost"] = (
             f"{speedup(row):.2f}x, {points(row):+.1f} points lost"
         )
-    for label in ("dynamic-int8", "static-int8"):
+    for label in ("dynamic-int8", "static-int8", "qat"):
         if label in found:
             ratio = found[label]["size_bytes"] / base["size_bytes"]
             targets[f"{label} file <= 0.3x float"] = f"{ratio:.2f}x"

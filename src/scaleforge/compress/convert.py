@@ -29,6 +29,7 @@ from scaleforge.data.base import DataInfo
 from scaleforge.errors import UsageError
 from scaleforge.runs import (
     COMPRESSION,
+    INT8_FORMATS,
     compression_of,
     example_inputs,
     load_run,
@@ -37,8 +38,7 @@ from scaleforge.runs import (
     write_manifest,
 )
 
-METHODS = ("dynamic-int8", "static-int8", "prune")
-INT8_FORMATS = ("dynamic-int8", "static-int8")
+METHODS = ("dynamic-int8", "static-int8", "qat", "prune")
 LATENCY_BATCHES = (1, 32)
 
 
@@ -49,7 +49,7 @@ class CompressOptions:
     method: str
     sparsity: float = 0.5  # prune: the fraction of weights (or, --structured, of units) removed
     structured: bool = False
-    finetune_epochs: int = 0
+    finetune_epochs: int = 0  # prune: then trained this long; qat: trained fake-quantized this long (at least 1)
     calibration_batches: int = 8  # static-int8: training batches whose activations fix the int8 ranges
 
     def as_json(self) -> dict[str, Any]:
@@ -57,6 +57,8 @@ class CompressOptions:
             return {k: v for k, v in dataclasses.asdict(self).items() if k != "calibration_batches"}
         if self.method == "static-int8":
             return {"method": self.method, "calibration_batches": self.calibration_batches}
+        if self.method == "qat":
+            return {"method": self.method, "finetune_epochs": self.finetune_epochs}
         return {"method": self.method}
 
 
@@ -131,6 +133,9 @@ def _convert(
         _write_run(partial, state, _with_device(config, "cpu"), info)
         return "static-int8", {"calibration_rows": sum(len(batch) for batch in calibration)}
 
+    if options.method == "qat":
+        return "qat-int8", _quantization_aware(model, config, info, options, partial)
+
     from scaleforge.compress.prune import prune_structured, prune_unstructured
 
     details: dict[str, Any]
@@ -163,26 +168,50 @@ def _write_run(partial: Path, state: dict[str, torch.Tensor], config: RunConfig,
 def _finetune(model: nn.Module, config: RunConfig, options: CompressOptions, partial: Path) -> None:
     """Train the pruned `model` for `finetune_epochs` through the normal trainer into `partial`; unstructured
     zeros stay zero (`training.keep_zeros`)."""
+    trained = _train_from(model, config, partial, epochs=options.finetune_epochs, keep_zeros=not options.structured)
+    _write_configs(partial, trained)
+
+
+def _quantization_aware(
+    model: nn.Module, config: RunConfig, info: DataInfo, options: CompressOptions, partial: Path
+) -> dict[str, Any]:
+    """Train `model` fake-quantized (`training.quantization_aware`) for `finetune_epochs` (at least 1) through the
+    normal trainer into `partial`, then put what it learned, converted to int8, in place of its `final/` weights."""
+    from safetensors.torch import save_file
+
+    from scaleforge.components import build_model
+    from scaleforge.compress.quantize import int8_state, prepared_for_int8
+    from scaleforge.runs import read_weights
+
+    epochs = max(1, options.finetune_epochs)
+    trained = _train_from(model, config, partial, epochs=epochs, quantization_aware=True)
+    prepared = prepared_for_int8(build_model(config.model, info), example_inputs(info, 2), qat=True)
+    prepared.load_state_dict(read_weights(partial / "final" / "model.safetensors"))
+    _, state = int8_state(prepared)
+    save_file(state, str(partial / "final" / "model.safetensors"))
+    _write_configs(partial, _with_device(trained, "cpu"))
+    return {"trained_epochs": epochs}
+
+
+def _train_from(model: nn.Module, config: RunConfig, partial: Path, **changes: Any) -> RunConfig:
+    """Train from `model`'s weights, with `config.training` changed by `changes`, through the normal trainer into
+    `partial`; the config it trained with, but for the scratch file it started from (compression.json says
+    where the weights came from)."""
     from safetensors.torch import save_file
 
     from scaleforge.train.trainer import train
 
     with tempfile.TemporaryDirectory() as scratch:
-        start = Path(scratch) / "pruned.safetensors"
+        start = Path(scratch) / "start.safetensors"
         save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, str(start))
-        training = dataclasses.replace(
-            config.training,
-            epochs=options.finetune_epochs,
-            max_steps=None,
-            init_from=str(start),
-            keep_zeros=not options.structured,
-        )
+        training = dataclasses.replace(config.training, max_steps=None, init_from=str(start), **changes)
         train(dataclasses.replace(config, training=training), partial, resume="never")
-    # the model's config says what it is, not the scratch file it started from (compression.json says that)
-    settled = dataclasses.replace(config, training=dataclasses.replace(training, init_from=None))
+    return dataclasses.replace(config, training=dataclasses.replace(training, init_from=None))
+
+
+def _write_configs(partial: Path, config: RunConfig) -> None:
     for path in (partial / "config.yaml", partial / "final" / "config.yaml"):
-        path.write_text(dump_yaml(settled))
-    write_manifest(partial / "final")
+        path.write_text(dump_yaml(config))
 
 
 def calibration_batches(config: RunConfig, count: int) -> list[torch.Tensor]:

@@ -106,47 +106,54 @@ def quantized_layers(model: nn.Module) -> list[str]:
 OBSERVERS = "observers."  # prefix of the calibration statistics in a static-int8 run's safetensors
 
 
-def _pt2e() -> tuple[Any, Any, Any, Any]:
-    """torchao's PT2E entry points (prepare, convert, the x86 quantizer and its default config), imported without
-    the warnings its import logs about GPU kernels this machine does not load."""
+def _pt2e() -> Any:
+    """torchao's PT2E module and x86 quantizer, imported without the warnings its import logs about GPU kernels
+    this machine does not load."""
     quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
     levels = [logger.level for logger in quiet]
     for logger in quiet:
         logger.setLevel(logging.ERROR)
     try:
-        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+        import torchao.quantization.pt2e as pt2e
+        from torchao.quantization.pt2e import quantize_pt2e
+        from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer
     finally:
         for logger, level in zip(quiet, levels, strict=True):
             logger.setLevel(level)
-    return prepare_pt2e, convert_pt2e, x86.X86InductorQuantizer, x86.get_default_x86_inductor_quantization_config
+    return pt2e, quantize_pt2e, x86_inductor_quantizer
 
 
-def _prepared(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """`model` exported (any batch size) with observers inserted by the x86 quantizer, not yet calibrated."""
-    prepare_pt2e, _, quantizer_class, default_config = _pt2e()
+def prepared_for_int8(model: nn.Module, example: torch.Tensor, *, qat: bool = False) -> nn.Module:
+    """`model` exported (any batch size) with torchao's x86 quantizer's observers inserted: to calibrate
+    (`static-int8`), or with `qat` fake-quantized, to train (`qat`; its `.train()` and `.eval()` work)."""
+    pt2e, quantize_pt2e, x86 = _pt2e()
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    model.train(qat)  # QAT exports the training graph (BatchNorm as trained), calibration the inference one
     try:
-        exported = torch.export.export(model.eval(), (example,), dynamic_shapes=({0: batch},)).module()
+        exported = torch.export.export(model, (example,), dynamic_shapes=({0: batch},)).module()
     except Exception as error:  # noqa: BLE001 - torch.export raises many kinds; each is the model's to fix
         from scaleforge.export.formats import describe_export_error
 
+        method = "qat" if qat else "static-int8"
         raise UsageError(
-            f"static-int8 needs a model torch.export can capture, and {type(model).__name__} fails"
+            f"{method} needs a model torch.export can capture, and {type(model).__name__} fails"
             f"{describe_export_error(error)}; use dynamic-int8, which needs no export"
         ) from error
-    quantizer = quantizer_class()
-    quantizer.set_global(default_config())
-    return prepare_pt2e(exported, quantizer)
+    quantizer = x86.X86InductorQuantizer()
+    quantizer.set_global(x86.get_default_x86_inductor_quantization_config(is_qat=qat))
+    if not qat:
+        return quantize_pt2e.prepare_pt2e(exported, quantizer)
+    prepared = quantize_pt2e.prepare_qat_pt2e(exported, quantizer)
+    pt2e.allow_exported_model_train_eval(prepared)
+    return prepared
 
 
 def _converted(prepared: nn.Module) -> nn.Module:
-    from torchao.quantization.pt2e import allow_exported_model_train_eval
-
-    _, convert_pt2e, _, _ = _pt2e()
-    converted = convert_pt2e(prepared)
+    pt2e, quantize_pt2e, _ = _pt2e()
+    pt2e.move_exported_model_to_eval(prepared)  # QAT's graph: BatchNorm with its running statistics
+    converted = quantize_pt2e.convert_pt2e(prepared)
     _drop_unused_tensors(converted)
-    allow_exported_model_train_eval(converted)  # so that `.eval()` works on it as on any model (returning None)
+    pt2e.allow_exported_model_train_eval(converted)  # so that `.eval()` works on it as on any model (returning None)
     converted.eval()
     for module in converted.modules():  # that `eval` switches the graph's ops but leaves the flag others read
         module.training = False
@@ -167,24 +174,32 @@ def static_int8(
     model: nn.Module, example: torch.Tensor, calibration: Iterable[torch.Tensor]
 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
     """`model` quantized to int8 by PT2E (torch.export, torchao's x86 quantizer: weights per channel, activations
-    per tensor with ranges observed on the `calibration` batches); with its state as plain tensors, the
-    calibration statistics under `OBSERVERS`, from which `load_static_int8` rebuilds it exactly."""
-    prepared = _prepared(model, example)
+    per tensor with ranges observed on the `calibration` batches), and its `int8_state`."""
+    prepared = prepared_for_int8(model, example)
     with torch.no_grad():
         for batch in calibration:
             prepared(batch)
+    return int8_state(prepared)
+
+
+def int8_state(prepared: nn.Module) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A calibrated (or QAT-trained) prepared model converted to int8, with its state as plain tensors: the
+    observers' statistics under `OBSERVERS`, then the int8 weights and scales, from which `load_int8` rebuilds
+    it exactly."""
     observed = {
-        f"{OBSERVERS}{k}": v.clone() for k, v in prepared.state_dict().items() if "activation_post_process" in k
+        f"{OBSERVERS}{k}": v.detach().clone()
+        for k, v in prepared.state_dict().items()
+        if "activation_post_process" in k
     }
     converted = _converted(prepared)
     return converted, {**observed, **converted.state_dict()}
 
 
-def load_static_int8(model: nn.Module, example: torch.Tensor, state: dict[str, torch.Tensor]) -> nn.Module:
-    """The static-int8 model `static_int8` made from a model built like `model`, from its saved `state`: the same
-    export and observers, their saved statistics, then the saved int8 weights and scales."""
+def load_int8(model: nn.Module, example: torch.Tensor, state: dict[str, torch.Tensor], *, qat: bool) -> nn.Module:
+    """The int8 model `int8_state` described, for a model built like `model`: the same export and observers (QAT's
+    fake-quantized ones with `qat`), their saved statistics, then the saved int8 weights and scales."""
     observed = {k.removeprefix(OBSERVERS): v for k, v in state.items() if k.startswith(OBSERVERS)}
-    prepared = _prepared(model, example)
+    prepared = prepared_for_int8(model, example, qat=qat)
     try:
         unknown = prepared.load_state_dict(observed, strict=False).unexpected_keys
         if unknown:
@@ -193,5 +208,5 @@ def load_static_int8(model: nn.Module, example: torch.Tensor, state: dict[str, t
         converted.load_state_dict({k: v for k, v in state.items() if not k.startswith(OBSERVERS)})
     except RuntimeError as error:
         first_line = str(error).strip().splitlines()[0]
-        raise UsageError(f"the static-int8 weights do not fit this model: {first_line}") from error
+        raise UsageError(f"the int8 weights do not fit this model: {first_line}") from error
     return converted

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from scaleforge.errors import UsageError
-from scaleforge.runs import compression_of, load_run, verify_final
+from scaleforge.runs import INT8_FORMATS, compression_of, load_run, verify_final
 
 FORMATS = {"onnx": ".onnx", "torch-export": ".pt2", "aoti": ".aoti.pt2"}
 FLOAT_TOLERANCE = 1e-4
@@ -60,7 +60,7 @@ def export_run(
         raise UsageError("--opset applies to --format onnx only")
     final = verify_final(run_dir)
     compression = compression_of(final) or {}
-    int8 = compression.get("format") in ("dynamic-int8", "static-int8")
+    int8 = compression.get("format") in INT8_FORMATS
     run = load_run(final)
     model = run.model.cpu()  # in eval mode, as `load_run` leaves it
     out = Path(out) if out is not None else final.parent / "exported" / f"model{FORMATS[fmt]}"

@@ -356,6 +356,8 @@ def _train(
         model = build_model(config.model, data.info).to(device)
         if training.init_from is not None:
             load_initial_weights(model, training.init_from)
+        if training.quantization_aware:
+            model = quantization_aware(model, data.info, dims)
         num_parameters = count_parameters(model)
         objective = build_objective(training, data.info)
         objective.loss.to(device)
@@ -569,6 +571,20 @@ def load_initial_weights(model: nn.Module, source: str) -> None:
         load_weights(model, path if path.is_file() else find_final(path) / "model.safetensors")
     except UsageError as error:
         raise ConfigError(f"training.init_from: {error}") from error
+
+
+def quantization_aware(model: nn.Module, info: DataInfo, dims: ParallelDims) -> nn.Module:
+    """`training.quantization_aware`: the model exported and fake-quantized for int8 (PT2E QAT)."""
+    from scaleforge.compress.quantize import prepared_for_int8
+    from scaleforge.runs import example_inputs
+
+    if dims.strategy not in ("single", "ddp"):
+        raise ConfigError(
+            f"training.quantization_aware: runs on one process or under ddp, not {dims.strategy} (the exported, "
+            "fake-quantized graph cannot be sharded or split)"
+        )
+    device = next(model.parameters()).device
+    return prepared_for_int8(model, example_inputs(info, 2).to(device), qat=True)
 
 
 def keep_zeros(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
