@@ -185,6 +185,35 @@ class Branchy(nn.Module):
 """
 
 
+NO_ONNX = """
+import torch
+from torch import nn
+from scaleforge import register_model
+
+@register_model("bessel")
+class Bessel(nn.Module):
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.linear = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        y = self.linear(x.flatten(1))
+        return y + torch.special.i1e(y)  # no ONNX operator for it
+"""
+
+
+def test_an_export_failure_names_the_operator_and_leaves_no_file(cli, tmp_path: Path) -> None:
+    (tmp_path / "bessel.py").write_text(NO_ONNX)
+    out = tmp_path / "bessel.onnx"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(tmp_path))
+        train(load_config(None, [*QUICK, "imports=[bessel]", "model.architecture=bessel", "training.max_steps=2"]),
+              tmp_path / "run")  # fmt: skip
+        result = cli("export", str(tmp_path / "run"), "--format", "onnx", "--out", str(out))
+    assert result.code == 2 and "ONNX export failed at torch.ops.prims.bessel_i1e" in result.err, result.err
+    assert result.err.count("\n") == 1 and not out.exists()
+
+
 def test_static_int8_quantizes_a_cnn_after_calibration_and_loads_back(cli, tmp_path: Path) -> None:
     source = tmp_path / "cnn"
     train(load_config(None, [*QUICK, "model.architecture=cnn", "model.channels=[4,8]", "training.epochs=2"]), source)
@@ -199,6 +228,8 @@ def test_static_int8_quantizes_a_cnn_after_calibration_and_loads_back(cli, tmp_p
     assert _val_accuracy(cli, out) == pytest.approx(report["after"]["val_accuracy"], abs=1e-4)
     exported = cli("export", str(out), "--format", "torch-export", "--out", str(tmp_path / "cnn.pt2"))
     assert exported.code == 0 and "exported (int8, torch-export)" in exported.out, exported.err
+    served = ServedModel(out)  # serving loads it as it loads any run
+    assert len(served.answer(served.decode(torch.rand(3, 1, 8, 8).tolist()))) == 3
 
 
 def test_qat_trains_fake_quantized_through_the_trainer_then_converts_to_int8(cli, mlp_run: Path, tmp_path: Path):  # noqa: ANN001
