@@ -12,7 +12,8 @@ All take float models and int8 runs: a `dynamic-int8` run goes to ONNX as ONNX R
 quantize and dequantize steps. The check runs the exported model on
 a validation batch, and with `--dynamic-batch` on a batch of another size, against the eager model: float
 outputs must agree to 1e-4, int8 ones in top-1 class on at least 99% of the rows (ONNX Runtime's int8 kernels
-round differently). A failed check removes the file.
+round differently). The file is written under a `.partial` name and renamed into place once checked: a failed
+export or check leaves nothing (and an earlier file of that name as it was).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def export_run(
     model = run.model.cpu()  # in eval mode, as `load_run` leaves it
     out = Path(out) if out is not None else final.parent / "exported" / f"model{FORMATS[fmt]}"
     out.parent.mkdir(parents=True, exist_ok=True)
+    target, out = out, out.with_name(f"{out.name.removesuffix(out.suffix)}.partial{out.suffix}")  # renamed once checked
     inputs = validation_inputs(run)
     dynamic = ({0: torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)},) if dynamic_batch else None
     try:
@@ -86,13 +88,14 @@ def export_run(
         checks = [_compare(model, runner, batch) for batch in batches]
         for check in checks:
             _require(check, int8, fmt)
+        out.rename(target)
     except BaseException:
         out.unlink(missing_ok=True)
         raise
     return {
         "format": fmt,
-        "file": str(out),
-        "bytes": out.stat().st_size,
+        "file": str(target),
+        "bytes": target.stat().st_size,
         "int8": int8,
         "dynamic_batch": dynamic_batch,
         "checks": [check.__dict__ for check in checks],
