@@ -435,7 +435,9 @@ def test_the_model_process_is_restarted_when_it_dies_and_ends_with_the_server(sl
         process.send_signal(signal.SIGTERM)  # to the server alone
         assert process.wait(timeout=60) == 0
     assert died.status_code == 503 and "exited (code -9) running this batch" in died.json()["detail"], died.text
-    assert after.status_code == 200 and between.status_code == 200 and len({first, second, third}) == 3
+    assert after.status_code == 200, after.text
+    assert between.status_code == 200, between.text
+    assert len({first, second, third}) == 3
     assert third in started and all(gone(pid) for pid in started)  # SIGTERM to the server ended them all
 
 
