@@ -393,12 +393,22 @@ def children(pid: int) -> set[int]:
 
 
 def gone(pid: int, within_s: float = 20.0) -> bool:
+    """Whether `pid` has exited within `within_s`: reaped, or a zombie whose threads have all ended (a killed
+    process's main thread shows as a zombie while its other threads still wind down, and its parent cannot see
+    it exit, nor its pipes close, until they have)."""
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
-        if not Path(f"/proc/{pid}").exists() or "(Z)" in _state(pid):
+        if not Path(f"/proc/{pid}").exists() or ("(Z)" in _state(pid) and _threads(pid) <= 1):
             return True
         time.sleep(0.1)
     return False
+
+
+def _threads(pid: int) -> int:
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("Threads:")).split()[1])
+    return 0
 
 
 def _state(pid: int) -> str:
