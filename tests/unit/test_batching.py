@@ -282,7 +282,7 @@ def test_callers_that_keep_leaving_before_their_batch_never_stop_the_loop() -> N
     model = RecordingModel()
 
     async def scenario() -> list:
-        b = batcher(model, max_delay_s=0.002, timeout_s=2.0)
+        b = batcher(model, max_delay_s=0.05, timeout_s=2.0)  # a delay no stall of a loaded machine outlasts
         b.start()
         for value in range(1200):  # each leaves while its batch is still filling, before the delay is out
             gone = asyncio.ensure_future(b.submit([value]))
