@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -114,6 +112,7 @@ def _onnx_throughput(run_dir: Path, file: Path) -> float | None:
     """Samples/s of the run's ONNX export under ONNX Runtime at batch `ONNX_ROWS` (None if it cannot export)."""
     import onnxruntime
 
+    from scaleforge.compress.convert import median_ms
     from scaleforge.export.formats import export_run
     from scaleforge.runs import example_inputs, load_description
 
@@ -125,14 +124,7 @@ def _onnx_throughput(run_dir: Path, file: Path) -> float | None:
     _, info = load_description(run_dir)
     session = onnxruntime.InferenceSession(str(file), providers=["CPUExecutionProvider"])
     feed = {session.get_inputs()[0].name: example_inputs(info, ONNX_ROWS).numpy()}
-    for _ in range(3):
-        session.run(None, feed)
-    times = []
-    for _ in range(30):
-        started = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - started)
-    return ONNX_ROWS / statistics.median(times)
+    return ONNX_ROWS / median_ms(lambda: session.run(None, feed)) * 1000
 
 
 def _targets(rows: list[dict[str, Any]]) -> dict[str, str]:

@@ -17,6 +17,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -231,19 +232,24 @@ def _with_device(config: RunConfig, device: str) -> RunConfig:
 # ------------------------------------------------------------------------------------------------ measuring
 
 
-@torch.inference_mode()
-def latency_ms(model: nn.Module, inputs: torch.Tensor, repeats: int = 30) -> float:
-    """The median time of a forward pass over `inputs` on the CPU, in milliseconds."""
-    model.eval()  # a static-int8 model's `eval` returns None
-    model = model.cpu()
+def median_ms(call: Callable[[], Any], repeats: int = 30) -> float:
+    """The median time of `call()` over `repeats` runs after 3 to warm up, in milliseconds."""
     for _ in range(3):
-        model(inputs)
+        call()
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        model(inputs)
+        call()
         times.append(time.perf_counter() - started)
     return statistics.median(times) * 1000
+
+
+@torch.inference_mode()
+def latency_ms(model: nn.Module, inputs: torch.Tensor) -> float:
+    """The median time of a forward pass over `inputs` on the CPU, in milliseconds."""
+    model.eval()  # a static-int8 model's `eval` returns None
+    model = model.cpu()
+    return median_ms(lambda: model(inputs))
 
 
 def weights_of(model: nn.Module) -> list[torch.Tensor]:
@@ -265,10 +271,8 @@ def measure(model: nn.Module, config: RunConfig, info: DataInfo, weights: Path) 
     latency = {str(rows): latency_ms(model, example_inputs(info, rows)) for rows in LATENCY_BATCHES}
     return {
         "size_bytes": weights.stat().st_size,
-        "parameters": sum(t.numel() for t in tensors if t.is_floating_point() or t.dtype == torch.int8),
-        "nonzero_parameters": sum(
-            int(t.count_nonzero()) for t in tensors if t.is_floating_point() or t.dtype == torch.int8
-        ),
+        "parameters": sum(t.numel() for t in tensors),
+        "nonzero_parameters": sum(int(t.count_nonzero()) for t in tensors),
         **evaluate_model(model, config, device="cpu"),
         "latency_ms": latency,
         "throughput_per_s": LATENCY_BATCHES[-1] / latency[str(LATENCY_BATCHES[-1])] * 1000,
