@@ -30,11 +30,15 @@ lint: setup
 bench: setup
 	$(BIN)/scaleforge bench overhead
 
-# Every strategy x compile x checkpointing x precision cell (about 20 minutes on 2 cores), then the table.
+# Every strategy x compile x checkpointing x precision cell and the strategies compression's training runs under
+# (about 20 minutes on 2 cores), then the tables.
 support-matrix: setup
 	rm -rf .support-matrix
-	SCALEFORGE_MATRIX=all SCALEFORGE_MATRIX_DIR=.support-matrix $(BIN)/python -m pytest -n 2 -q \
-		tests/integration/test_support_matrix.py tests/integration/test_distributed.py; status=$$?; \
+	export SCALEFORGE_MATRIX=all SCALEFORGE_MATRIX_DIR=.support-matrix; status=0; \
+	$(BIN)/python -m pytest -n 2 -q tests/integration/test_support_matrix.py tests/integration/test_distributed.py \
+		|| status=1; \
+	$(BIN)/python -m pytest -n 2 -q tests/integration/test_compress.py -k "qat or quantization_aware or distill" \
+		|| status=1; \
 	$(BIN)/python -m tests.support_matrix .support-matrix docs/support-matrix.md; exit $$status
 
 clean:

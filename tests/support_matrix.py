@@ -1,6 +1,7 @@
 """The support matrix: which combinations of strategy, compile, activation checkpointing and precision the
-tests ran, and how they ended. Tests record cells with `record_cell`; `python -m tests.support_matrix DIR OUT`
-renders what they recorded as `docs/support-matrix.md` (`make support-matrix` does both)."""
+tests ran, and how they ended, and under which strategies compression's training (qat, distillation) ran.
+Tests record cells with `record_cell`; `python -m tests.support_matrix DIR OUT` renders what they recorded as
+`docs/support-matrix.md` (`make support-matrix` does both)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,12 @@ MODES = {
     "compiled + checkpointing": ["training.compile=true", "training.activation_checkpointing=true"],
 }
 PRECISIONS = ["32", "bf16-mixed", "fp16-mixed"]
+# Training that compression runs through the trainer, recorded as a mode at precision 32 (`record_cell(strategy,
+# "qat", "32")`), and drawn as a table of its own.
+TRAINING_FOR_COMPRESSION = {
+    "qat": "quantization-aware (`compress --method qat`)",
+    "distill": "distillation (`distill`)",
+}
 RESULTS_DIR = "SCALEFORGE_MATRIX_DIR"  # where tests record cells; unset: nothing is recorded
 
 
@@ -80,6 +87,20 @@ def render(results_dir: Path) -> str:
                 f"| `{strategy}` ({processes} process{'es' if processes > 1 else ''}) | " + " | ".join(cells) + " |"
             )
         lines.append("")
+    lines += [
+        "## Training for compression (precision `32`, eager)",
+        "",
+        "Each tested cell trains a small digits MLP through the trainer, as the command shown does.",
+        "",
+        "| strategy | " + " | ".join(TRAINING_FOR_COMPRESSION.values()) + " |",
+        "|---" * (len(TRAINING_FOR_COMPRESSION) + 1) + "|",
+    ]
+    for strategy, processes in STRATEGIES.items():
+        cells = [_shown(outcomes.get((strategy, kind, "32"), "untested")) for kind in TRAINING_FOR_COMPRESSION]
+        lines.append(
+            f"| `{strategy}` ({processes} process{'es' if processes > 1 else ''}) | " + " | ".join(cells) + " |"
+        )
+    lines.append("")
     return "\n".join(lines)
 
 

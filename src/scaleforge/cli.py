@@ -91,7 +91,7 @@ def _launch_train(args: argparse.Namespace, options: LaunchOptions) -> int:
     from scaleforge.distributed.env import DistEnv, check_device_per_process, select_device
     from scaleforge.distributed.launch import launch
     from scaleforge.distributed.parallel_dims import ParallelDims
-    from scaleforge.train.trainer import default_run_dir, resume_point
+    from scaleforge.train.run_dir import default_run_dir, resume_point
 
     options.check()
     config = _load(args.config)  # a bad config fails here, once, before any process starts
@@ -128,12 +128,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise UsageError("--finetune-epochs applies to --method prune and qat only")
     if args.method != "static-int8" and args.calibration_batches is not None:
         raise UsageError("--calibration-batches applies to --method static-int8 only")
+    if args.nproc > 1 and not (args.method == "qat" or args.finetune_epochs):
+        raise UsageError("--nproc applies to the training of --method qat, or of prune with --finetune-epochs")
     options = CompressOptions(
         method=args.method,
         sparsity=0.5 if args.sparsity is None else args.sparsity,
         structured=args.structured,
         finetune_epochs=args.finetune_epochs,
         calibration_batches=8 if args.calibration_batches is None else args.calibration_batches,
+        nproc=args.nproc,
     )
     report = compress_run(args.run_dir, options, args.out)
     print_report(report)
@@ -392,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         required=True,
         choices=["dynamic-int8", "static-int8", "qat", "prune"],
-        help="dynamic-int8: Linear layers in int8 (weights per channel, inputs per row), no calibration; "
+        help="dynamic-int8: Linear and LSTM layers in int8 (weights per channel, inputs per row), no calibration; "
         "static-int8: Linear and convolution layers in int8 by PT2E (torch.export, torchao's x86 quantizer), "
         "activation ranges from calibration batches; qat: trained fake-quantized for --finetune-epochs (default "
         "1) through the trainer, then converted to int8; "
@@ -410,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative_int,
         default=0,
         help="prune: then train this many epochs (default 0); qat: train this many (default 1)",
+    )
+    compress.add_argument(
+        "--nproc", type=_positive_int, default=1, help="qat, prune's fine-tuning: processes to train on (default 1)"
     )
     compress.add_argument("--out", help="the new run directory (default: beside RUN_DIR, named by the method)")
     compress.set_defaults(handler=cmd_compress)

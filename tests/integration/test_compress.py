@@ -12,10 +12,18 @@ import torch
 from safetensors.torch import load_file
 
 from scaleforge import load_config
+from scaleforge.distributed.parallel_dims import ParallelDims
 from scaleforge.serve.model import ServedModel
 from scaleforge.train.trainer import train
+from tests.support_matrix import record_cell
 
 QUICK = ["logging.progress=none", "logging.tensorboard=false", "logging.plot=false", "checkpoint.every_steps=0"]
+SHARDED_OR_SPLIT = {  # the support matrix's other strategies, on its process counts
+    "fsdp": ParallelDims("fsdp", 2, 1, 1),
+    "tp": ParallelDims("tp", 1, 2, 1),
+    "pp": ParallelDims("pp", 1, 1, 2),
+    "hybrid": ParallelDims("hybrid", 1, 2, 2),
+}
 
 
 @pytest.fixture(scope="module")
@@ -137,9 +145,12 @@ def test_bad_compress_and_export_requests_exit_2_and_write_nothing(cli, mlp_run:
     assert not (damaged / "exported").exists() or not any((damaged / "exported").iterdir())
 
 
-def test_the_distillation_loss_mixes_the_teachers_softened_outputs_with_the_labels(mlp_run: Path) -> None:
+def test_the_distillation_loss_mixes_the_teachers_softened_outputs_with_the_labels(mlp_run: Path, tmp_path):  # noqa: ANN001
     from scaleforge.compress.distill import DistillationLoss
+    from scaleforge.errors import ConfigError
     from scaleforge.runs import load_run
+    from scaleforge.train.objectives import Objective
+    from scaleforge.train.trainer import check_loss_sees_inputs
 
     loss = DistillationLoss(str(mlp_run), num_classes=10, temperature=2.0, soft_weight=0.25).train()
     assert not loss.teacher.training and not any(p.requires_grad for p in loss.teacher.parameters())
@@ -152,15 +163,25 @@ def test_the_distillation_loss_mixes_the_teachers_softened_outputs_with_the_labe
     DistillationLoss(str(mlp_run), num_classes=10, soft_weight=1.0)(student, labels, inputs).backward()
     toward_teacher = -(student.grad * (teacher_logits - teacher_logits.mean(dim=1, keepdim=True))).sum()
     assert toward_teacher > 0  # the soft term alone pulls the student's logits toward the teacher's
+    with record_cell("single", "distill", "32"):
+        student_config = [*QUICK, "model.hidden_layers=[16]", "training.max_steps=3"]
+        student_config.append(f"training.loss={{name: distillation, teacher: '{mlp_run}'}}")
+        assert train(load_config(None, student_config), tmp_path / "student")["steps"] == 3
+    for strategy in ("pp", "hybrid"):  # the last pipeline stage computes the loss without the inputs
+        with record_cell(strategy, "distill", "32") as cell:
+            with pytest.raises(ConfigError, match="reads the batch's inputs, which pipeline stages") as refusal:
+                check_loss_sees_inputs(Objective(loss, []), "distillation", SHARDED_OR_SPLIT[strategy])
+            cell.outcome = f"refused: {refusal.value}"
 
 
 def test_distill_trains_a_student_under_ddp_with_a_teacher_on_each_process(cli, mlp_run: Path, tmp_path: Path):  # noqa: ANN001
     run_dir = tmp_path / "student"
-    result = cli("distill", str(mlp_run), *QUICK, "model.hidden_layers=[32]", "training.epochs=2",
-                 "training.loss.temperature=2", "--nproc", "2", "--run-dir", str(run_dir))  # fmt: skip
-    assert result.code == 0, result.err
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["strategy"] == "ddp" and summary["processes"] == 2
+    with record_cell("ddp", "distill", "32"):
+        result = cli("distill", str(mlp_run), *QUICK, "model.hidden_layers=[32]", "training.epochs=2",
+                     "training.loss.temperature=2", "--nproc", "2", "--run-dir", str(run_dir))  # fmt: skip
+        assert result.code == 0, result.err
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["strategy"] == "ddp" and summary["processes"] == 2
     loss = load_config(run_dir / "final" / "config.yaml").training.loss
     assert loss.name == "distillation" and loss.params["teacher"] == str(mlp_run.resolve())
     assert loss.params["temperature"] == 2.0
@@ -232,32 +253,40 @@ def test_static_int8_quantizes_a_cnn_after_calibration_and_loads_back(cli, tmp_p
     assert len(served.answer(served.decode(torch.rand(3, 1, 8, 8).tolist()))) == 3
 
 
-def test_qat_trains_fake_quantized_through_the_trainer_then_converts_to_int8(cli, mlp_run: Path, tmp_path: Path):  # noqa: ANN001
+def test_qat_trains_fake_quantized_under_ddp_through_the_trainer_then_converts_to_int8(cli, mlp_run: Path, tmp_path):  # noqa: ANN001
     trained = tmp_path / "qat"
-    result = cli("compress", str(mlp_run), "--method", "qat", "--finetune-epochs", "1", "--out", str(trained))
-    assert result.code == 0, result.err
-    report = json.loads((trained / "final" / "compression.json").read_text())
-    assert report["format"] == "qat-int8" and (trained / "metrics.jsonl").is_file()  # through the trainer
+    with record_cell("ddp", "qat", "32"):
+        result = cli("compress", str(mlp_run), "--method", "qat", "--finetune-epochs", "1", "--nproc", "2",
+                     "--out", str(trained))  # fmt: skip
+        assert result.code == 0, result.err
+        report = json.loads((trained / "final" / "compression.json").read_text())
+        assert report["format"] == "qat-int8" and report["options"]["nproc"] == 2
+        summary = json.loads((trained / "summary.json").read_text())  # trained by the trainer, on two processes
+        assert summary["strategy"] == "ddp" and summary["processes"] == 2
     assert report["after"]["val_accuracy"] >= report["before"]["val_accuracy"] - 0.02
     state = load_file(str(trained / "final" / "model.safetensors"))
     assert sum(t.dtype == torch.int8 for t in state.values()) == 3  # the two hidden layers and the head
     assert _val_accuracy(cli, trained) == pytest.approx(report["after"]["val_accuracy"], abs=1e-4)
 
 
-def test_quantization_aware_training_runs_under_ddp_and_is_refused_where_it_cannot(cli, tmp_path: Path) -> None:
+def test_quantization_aware_training_runs_on_one_process_and_is_refused_where_it_cannot(tmp_path: Path) -> None:
     from scaleforge.data.base import DataInfo
-    from scaleforge.distributed.parallel_dims import ParallelDims
     from scaleforge.errors import ConfigError
     from scaleforge.models.mlp import MLP
     from scaleforge.train.trainer import quantization_aware
 
     qat = [*QUICK, "model.hidden_layers=[16]", "training.max_steps=3", "training.quantization_aware=true"]
-    result = cli("train", *qat, "--nproc", "2", "--run-dir", str(tmp_path / "ddp"))
-    assert result.code == 0, result.err
-    assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["strategy"] == "ddp"
+    with record_cell("single", "qat", "32"):
+        summary = train(load_config(None, qat), tmp_path / "single")
+        assert summary["steps"] == 3 and summary["strategy"] == "single"
+        state = load_file(str(tmp_path / "single" / "final" / "model.safetensors"))
+        assert any("activation_post_process" in name for name in state)  # trained with its fake quantizers
     info = DataInfo(task="classification", input_shape=(1, 8, 8), num_classes=10)
-    with pytest.raises(ConfigError, match="training.quantization_aware: runs on one process or under ddp, not fsdp"):
-        quantization_aware(MLP((1, 8, 8), 10), info, ParallelDims("fsdp", 2, 1, 1))
+    for strategy, dims in SHARDED_OR_SPLIT.items():
+        with record_cell(strategy, "qat", "32") as cell:
+            with pytest.raises(ConfigError, match=f"runs on one process or under ddp, not {strategy}") as refusal:
+                quantization_aware(MLP((1, 8, 8), 10), info, dims)
+            cell.outcome = f"refused: {refusal.value}"
 
 
 def test_static_int8_of_a_model_torch_export_cannot_capture_is_refused(cli, tmp_path: Path) -> None:
@@ -287,3 +316,22 @@ def test_bench_compress_measures_every_variant_and_draws_them(cli, mlp_run: Path
     assert variants["distilled student"]["parameters"] == variants["narrowed 50%"]["parameters"]
     assert any("file <= 0.3x float" in name for name in data["targets"])
     assert (out / "compress.png").stat().st_size > 0 and "distilled student" in result.out
+
+
+def test_dynamic_int8_quantizes_an_lstm_and_exports_it_as_onnx_runtimes_int8_lstm(cli, tmp_path: Path) -> None:
+    run, out = tmp_path / "lstm", tmp_path / "lstm-int8"
+    lstm = ["model.architecture=lstm", "model.hidden_size=64", "training.epochs=3", "training.learning_rate=0.01"]
+    train(load_config(None, [*QUICK, *lstm]), run)  # 84% accurate: few near-ties for int8 rounding to flip
+    result = cli("compress", str(run), "--method", "dynamic-int8", "--out", str(out))
+    assert result.code == 0, result.err
+    report = json.loads((out / "final" / "compression.json").read_text())
+    assert report["quantized_layers"] == ["blocks.0.lstm", "blocks.1.lstm", "head"]
+    assert report["after"]["size_bytes"] <= 0.3 * report["before"]["size_bytes"]
+    assert report["after"]["val_accuracy"] >= report["before"]["val_accuracy"] - 0.02
+    assert _val_accuracy(cli, out) == pytest.approx(report["after"]["val_accuracy"], abs=1e-4)
+    result = cli("export", str(out), "--format", "onnx", "--dynamic-batch", "--out", str(tmp_path / "lstm.onnx"))
+    assert result.code == 0, result.err
+    import onnx
+
+    operators = {node.op_type for node in onnx.load(str(tmp_path / "lstm.onnx")).graph.node}
+    assert "DynamicQuantizeLSTM" in operators and "LSTM" not in operators

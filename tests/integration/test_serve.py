@@ -376,7 +376,8 @@ def test_sigterm_answers_every_admitted_request_before_exiting(slow_run: Path) -
             process.send_signal(signal.SIGTERM)
             return await asyncio.gather(*sent)
 
-    with server(slow_run, *SLOW, "--max-batch-size", "2") as (url, process):
+    # a deadline far past the 2 s the four batches take: only the shutdown is under test, not a loaded machine
+    with server(slow_run, *SLOW, "--max-batch-size", "2", "--timeout-ms", "20000") as (url, process):
         responses = asyncio.run(scenario(url, process))
         assert process.wait(timeout=30) == 0
     assert [r.status_code for r in responses] == [200] * 8

@@ -27,7 +27,7 @@ from torch import nn
 
 from scaleforge.config import RunConfig, dump_yaml
 from scaleforge.data.base import DataInfo
-from scaleforge.errors import UsageError
+from scaleforge.errors import AgreedError, UsageError
 from scaleforge.runs import (
     COMPRESSION,
     INT8_FORMATS,
@@ -52,6 +52,7 @@ class CompressOptions:
     structured: bool = False
     finetune_epochs: int = 0  # prune: then trained this long; qat: trained fake-quantized this long (at least 1)
     calibration_batches: int = 8  # static-int8: training batches whose activations fix the int8 ranges
+    nproc: int = 1  # prune / qat: processes the fine-tuning trains on (the trainer's strategies, as `train --nproc`)
 
     def as_json(self) -> dict[str, Any]:
         if self.method == "prune":
@@ -59,7 +60,7 @@ class CompressOptions:
         if self.method == "static-int8":
             return {"method": self.method, "calibration_batches": self.calibration_batches}
         if self.method == "qat":
-            return {"method": self.method, "finetune_epochs": self.finetune_epochs}
+            return {"method": self.method, "finetune_epochs": self.finetune_epochs, "nproc": self.nproc}
         return {"method": self.method}
 
 
@@ -121,7 +122,7 @@ def _convert(
         quantized = dynamic_int8(model)
         layers = quantized_layers(quantized)
         if not layers:
-            raise UsageError(f"dynamic-int8: {type(model).__name__} has no nn.Linear layer to quantize")
+            raise UsageError(f"dynamic-int8: {type(model).__name__} has no nn.Linear or nn.LSTM layer to quantize")
         int8_config = _with_device(config, "cpu")  # int8 kernels run on the CPU
         _write_run(partial, quantized.state_dict(), int8_config, info)
         return "dynamic-int8", {"quantized_layers": layers}
@@ -169,7 +170,9 @@ def _write_run(partial: Path, state: dict[str, torch.Tensor], config: RunConfig,
 def _finetune(model: nn.Module, config: RunConfig, options: CompressOptions, partial: Path) -> None:
     """Train the pruned `model` for `finetune_epochs` through the normal trainer into `partial`; unstructured
     zeros stay zero (`training.keep_zeros`)."""
-    trained = _train_from(model, config, partial, epochs=options.finetune_epochs, keep_zeros=not options.structured)
+    trained = _train_from(
+        model, config, partial, options.nproc, epochs=options.finetune_epochs, keep_zeros=not options.structured
+    )
     _write_configs(partial, trained)
 
 
@@ -185,7 +188,7 @@ def _quantization_aware(
     from scaleforge.runs import read_weights
 
     epochs = max(1, options.finetune_epochs)
-    trained = _train_from(model, config, partial, epochs=epochs, quantization_aware=True)
+    trained = _train_from(model, config, partial, options.nproc, epochs=epochs, quantization_aware=True)
     prepared = prepared_for_int8(build_model(config.model, info), example_inputs(info, 2), qat=True)
     prepared.load_state_dict(read_weights(partial / "final" / "model.safetensors"))
     _, state = int8_state(prepared)
@@ -194,10 +197,10 @@ def _quantization_aware(
     return {"trained_epochs": epochs}
 
 
-def _train_from(model: nn.Module, config: RunConfig, partial: Path, **changes: Any) -> RunConfig:
+def _train_from(model: nn.Module, config: RunConfig, partial: Path, nproc: int, **changes: Any) -> RunConfig:
     """Train from `model`'s weights, with `config.training` changed by `changes`, through the normal trainer into
-    `partial`; the config it trained with, but for the scratch file it started from (compression.json says
-    where the weights came from)."""
+    `partial`, on `nproc` processes (started as `scaleforge train --nproc` starts them); the config it trained
+    with, but for the scratch file it started from (compression.json says where the weights came from)."""
     from safetensors.torch import save_file
 
     from scaleforge.train.trainer import train
@@ -206,8 +209,24 @@ def _train_from(model: nn.Module, config: RunConfig, partial: Path, **changes: A
         start = Path(scratch) / "start.safetensors"
         save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, str(start))
         training = dataclasses.replace(config.training, max_steps=None, init_from=str(start), **changes)
-        train(dataclasses.replace(config, training=training), partial, resume="never")
+        config = dataclasses.replace(config, training=training)
+        if nproc == 1:
+            train(config, partial, resume="never")
+        else:
+            _launch_training(config, partial, nproc, Path(scratch) / "config.yaml")
     return dataclasses.replace(config, training=dataclasses.replace(training, init_from=None))
+
+
+def _launch_training(config: RunConfig, partial: Path, nproc: int, config_file: Path) -> None:
+    """`scaleforge train CONFIG --nproc N` into `partial`; the launcher has said why when it fails."""
+    from scaleforge.distributed.launch import LaunchOptions, launch
+    from scaleforge.distributed.parallel_dims import ParallelDims
+
+    ParallelDims.resolve(config.parallel, nproc)  # bad arithmetic fails here, before any process starts
+    config_file.write_text(dump_yaml(config))
+    code = launch(["train", str(config_file), "--run-dir", str(partial), "--resume", "never"], LaunchOptions(nproc))
+    if code != 0:
+        raise AgreedError(f"compress: the fine-tuning on {nproc} processes failed, so nothing was written", code)
 
 
 def _write_configs(partial: Path, config: RunConfig) -> None:

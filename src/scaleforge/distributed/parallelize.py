@@ -18,14 +18,13 @@ import itertools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
@@ -47,6 +46,9 @@ from scaleforge.distributed.tensor_parallel import apply_tp, check_tp
 from scaleforge.errors import ConfigError
 from scaleforge.models.tp_plans import tp_plan
 from scaleforge.train.precision import PRECISIONS, Autocast
+
+if TYPE_CHECKING:
+    from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
 
 class ScaledLoss(nn.Module):

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.distributed import ProcessGroup
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
 from scaleforge.errors import ConfigError
 
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+if TYPE_CHECKING:
+    from torch.distributed.pipelining.schedules import PipelineScheduleSingle
 
 
 class StagePlaceholder(nn.Identity):
@@ -159,5 +159,9 @@ def build_schedule(
     rescaling divides everything accumulated in `.grad`, which is wrong under gradient accumulation, so the
     loss function carries the 1 / micro-batches factor instead.
     """
+    # imported here: torch.distributed.pipelining imports torch._dynamo, 0.4 s of every process's start otherwise
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
     stage = PipelineStage(stage_module, stage_index, num_stages, device, group=group)
-    return SCHEDULES[schedule](stage, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)
+    schedules = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
+    return schedules[schedule](stage, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)

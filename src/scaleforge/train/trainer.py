@@ -20,7 +20,6 @@ import signal
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -60,14 +59,13 @@ from scaleforge.runs import find_final, load_weights, write_manifest
 from scaleforge.train.callbacks import Callback, CallbackList, RunState
 from scaleforge.train.checkpoint import (
     Checkpointer,
-    checked_checkpoint,
     checkpoint_name,
     load_checkpoint,
-    newest_good_checkpoint,
 )
 from scaleforge.train.metrics import JsonlLogger, LossPlot, TensorBoardLogger, build_progress
 from scaleforge.train.objectives import Objective, default_objective
 from scaleforge.train.precision import Autocast, make_autocast, resolve_precision
+from scaleforge.train.run_dir import default_run_dir, resume_point
 from scaleforge.train.signals import Interrupted, StopRequest
 
 MicroBatches = list[tuple[torch.Tensor, torch.Tensor]]
@@ -187,18 +185,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_run_dir(run_dir: Path) -> None:
-    """A run directory that already holds a run's results is refused, never overwritten."""
-    earlier = [name for name in ("final", "checkpoints", "metrics.jsonl") if (run_dir / name).exists()]
-    if earlier:
-        raise UsageError(f"{run_dir} already holds a run ({', '.join(earlier)}); choose another --run-dir or remove it")
-
-
-def default_run_dir(config: RunConfig) -> Path:
-    """`runs/<name>-<time>`."""
-    return Path("runs") / f"{config.name}-{datetime.now():%Y%m%d-%H%M%S}"
-
-
 # ---------------------------------------------------------------------------------------------- the loop
 
 
@@ -316,18 +302,6 @@ def agree_on_checkpoint(run_dir: Path, resume: str, env: DistEnv) -> Path | None
     return found[0]
 
 
-def resume_point(run_dir: Path, resume: str) -> Path | None:
-    """See `agree_on_checkpoint`; damaged checkpoints are reported as warnings and passed over."""
-    if (run_dir / "final").exists():
-        raise UsageError(f"{run_dir} already holds a finished run; choose another --run-dir or remove it")
-    if resume not in ("auto", "never"):
-        return checked_checkpoint(Path(resume))
-    checkpoint = newest_good_checkpoint(run_dir / "checkpoints") if resume == "auto" else None
-    if checkpoint is None:
-        check_run_dir(run_dir)
-    return checkpoint
-
-
 def agree_on_run_dir(run_dir: Path | None, config: RunConfig, env: DistEnv) -> Path:
     """The run directory: the one given, else rank 0's default, shared with every process."""
     if not env.distributed:
@@ -362,11 +336,7 @@ def _train(
         objective = build_objective(training, data.info)
         objective.loss.to(device)
         check_metrics_combine(objective, dims)
-        if getattr(objective.loss, "takes_inputs", False) and dims.pp > 1:
-            raise ConfigError(
-                f"training.loss: {training.loss.name} reads the batch's inputs, which pipeline stages after the "
-                "first never see; use ddp or fsdp"
-            )
+        check_loss_sees_inputs(objective, training.loss.name, dims)
         plan = BatchPlan(training.batch_size, training.grad_accum_steps, world_size=dims.dp)
         layout = plan_parallelism(
             model,
@@ -646,6 +616,16 @@ def check_metrics_combine(objective: Objective, dims: ParallelDims) -> None:
                 f"training.metrics: {type(metric).__name__} has no sync(reduce_sum) method, which combines a "
                 f"metric over the {dims.world_size} processes"
             )
+
+
+def check_loss_sees_inputs(objective: Objective, name: str, dims: ParallelDims) -> None:
+    """A loss that reads the batch's inputs (`takes_inputs`: distillation) cannot run where the last pipeline
+    stage computes the loss without them."""
+    if getattr(objective.loss, "takes_inputs", False) and dims.pp > 1:
+        raise ConfigError(
+            f"training.loss: {name} reads the batch's inputs, which pipeline stages after the first never see; "
+            "use ddp or fsdp"
+        )
 
 
 def _progress(state: RunState, config: RunConfig, scheduler: Any, scaler: Any) -> dict[str, Any]:

@@ -1,0 +1,38 @@
+"""A training run's directory: its default name, the refusal to write over another run, and the checkpoint a run
+resumes from. Kept apart from the trainer so that the launcher, which checks these before it starts any worker,
+does not import what only the workers use (the parallelisms, the loop)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+from scaleforge.config import RunConfig
+from scaleforge.errors import UsageError
+from scaleforge.train.checkpoint import checked_checkpoint, newest_good_checkpoint
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """A run directory that already holds a run's results is refused, never overwritten."""
+    earlier = [name for name in ("final", "checkpoints", "metrics.jsonl") if (run_dir / name).exists()]
+    if earlier:
+        raise UsageError(f"{run_dir} already holds a run ({', '.join(earlier)}); choose another --run-dir or remove it")
+
+
+def default_run_dir(config: RunConfig) -> Path:
+    """`runs/<name>-<time>`."""
+    return Path("runs") / f"{config.name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def resume_point(run_dir: Path, resume: str) -> Path | None:
+    """The checkpoint to resume from: `resume` itself (a checkpoint's path, checked), the newest good one of
+    `run_dir` (`auto`), or none (`never`, or `auto` with none there, when `run_dir` must hold no other run).
+    Damaged checkpoints are reported as warnings and passed over."""
+    if (run_dir / "final").exists():
+        raise UsageError(f"{run_dir} already holds a finished run; choose another --run-dir or remove it")
+    if resume not in ("auto", "never"):
+        return checked_checkpoint(Path(resume))
+    checkpoint = newest_good_checkpoint(run_dir / "checkpoints") if resume == "auto" else None
+    if checkpoint is None:
+        check_run_dir(run_dir)
+    return checkpoint
