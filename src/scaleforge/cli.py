@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
+import re
 import sys
 import time
 import warnings
@@ -225,6 +227,26 @@ def cmd_bench_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_stream(args: argparse.Namespace) -> int:
+    from scaleforge.bench.stream import run_stream_benchmark
+
+    if args.batch_sizes != sorted(set(args.batch_sizes)):
+        raise UsageError("--batch-sizes: give increasing sizes without repeats, such as 1,4,16")
+    match = re.fullmatch(r"(\d+)x(\d+)", args.frame_size)
+    if match is None or min(int(match[1]), int(match[2])) < 1:
+        raise UsageError(f"--frame-size: expected WxH in pixels, such as 64x64, got '{args.frame_size}'")
+    run_stream_benchmark(
+        args.run_dir,
+        out=Path(args.out),
+        batch_sizes=args.batch_sizes,
+        seconds=args.seconds,
+        frame_size=(int(match[1]), int(match[2])),
+        threads=args.threads,
+        as_json=args.json,
+    )
+    return 0
+
+
 def cmd_bench_compress(args: argparse.Namespace) -> int:
     from scaleforge.bench.compress import run_compress_benchmark
 
@@ -249,6 +271,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
         options["model_process"] = None
     settings = ServeSettings(**options, api_key=api_key)
     return 0 if serve(args.run_dir, settings) else 1
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    from scaleforge.bench.harness import print_table
+    from scaleforge.stream.pipeline import StreamOptions, print_summary, run_stream
+
+    options = StreamOptions(
+        source=args.source,
+        fps=args.fps,
+        max_batch_size=args.max_batch_size,
+        max_delay_ms=args.max_delay_ms,
+        queue=args.queue,
+        policy=args.policy,
+        sink=args.sink,
+        cache_size=args.cache_size,
+        duration_s=args.duration,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+        device=args.device,
+        threads=args.threads,
+        progress=args.progress,
+    )
+    summary = run_stream(args.run_dir, options)
+    print_summary(summary, print_table)
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
 
 
 def _float_above(minimum: float, inclusive: bool, kind: str) -> Callable[[str], float]:
@@ -520,6 +569,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(handler=cmd_serve)
 
+    stream = commands.add_parser(
+        "stream",
+        help="classify a stream of frames (video, camera, images) in real time",
+        description="Run a trained image classifier on a stream of frames: capture, preprocessing (as in training), "
+        "batched inference and the sink run concurrently, joined by bounded queues. Live sources drop their oldest "
+        "waiting frames when the model cannot keep up (latency stays bounded); files are processed whole, in order. "
+        "Ctrl-C or SIGTERM finishes the frames in flight, flushes the sink and prints the summary.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    stream.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of an image classifier")
+    stream.add_argument(
+        "--source",
+        required=True,
+        help="a video file, a camera index (0), a folder of images, or synthetic:WxH (generated moving frames)",
+    )
+    stream.add_argument(
+        "--fps", type=_positive_float, help="the source's rate (synthetic: 30; a file: as fast as it is taken)"
+    )
+    stream.add_argument("--max-batch-size", type=_positive_int, default=8, help="frames per batch, at most")
+    stream.add_argument("--max-delay-ms", type=_non_negative_float, default=10.0, help="longest wait for a batch")
+    stream.add_argument("--queue", type=_positive_int, default=4, help="frames each queue between stages holds")
+    stream.add_argument(
+        "--policy",
+        choices=["drop-oldest", "block"],
+        help="a full queue drops its oldest frame, or makes the source wait (default: drop-oldest for live "
+        "sources, block for files and folders)",
+    )
+    stream.add_argument("--sink", default="none", help="jsonl:FILE (a line per frame), video:FILE.avi|.mp4, none")
+    stream.add_argument("--cache-size", type=_non_negative_int, default=0, help="results kept for repeated frames")
+    stream.add_argument("--duration", type=_positive_float, help="seconds to run (default: until the source ends)")
+    stream.add_argument("--metrics-port", type=_non_negative_int, help="serve Prometheus metrics on this port")
+    stream.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint")
+    stream.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    stream.add_argument("--threads", type=_non_negative_int, default=0, help="torch threads (0: chosen for the model)")
+    stream.add_argument("--progress", choices=["auto", "bar", "plain", "none"], default="auto", help="the live line")
+    stream.add_argument("--summary-json", metavar="FILE", help="also write the summary's figures here")
+    stream.set_defaults(handler=cmd_stream)
+
     bench = commands.add_parser("bench", help="benchmarks")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, parser_class=_Parser)
     overhead = bench_commands.add_parser(
@@ -605,6 +692,29 @@ def build_parser() -> argparse.ArgumentParser:
     bench_compress.add_argument("--out", default="runs/bench-compress", help="where the variants and results go")
     bench_compress.add_argument("--json", action="store_true", help="print JSON instead of a table")
     bench_compress.set_defaults(handler=cmd_bench_compress)
+    bench_stream = bench_commands.add_parser(
+        "stream",
+        help="streaming throughput against batch size, and latency when frames come faster than that",
+        description="The streaming pipeline on synthetic frames: the fps it sustains at each batch size against the "
+        "model alone, then p50/p99 latency, drops and memory with the source at 0.5x, 1x, 2x and 4x that rate "
+        "(drop-oldest).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    bench_stream.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of an image classifier")
+    bench_stream.add_argument(
+        "--batch-sizes",
+        type=_comma_separated(_positive_int),
+        default=[1, 2, 4, 8, 16],
+        metavar="N,N,...",
+        help="max batch sizes to measure",
+    )
+    bench_stream.add_argument("--seconds", type=_positive_float, default=4.0, help="seconds per measured point")
+    bench_stream.add_argument("--frame-size", default="64x64", metavar="WxH", help="the synthetic frames' size")
+    bench_stream.add_argument("--threads", type=_non_negative_int, default=0, help="torch threads (0: chosen)")
+    bench_stream.add_argument("--out", default="runs/bench-stream", help="where stream.json and stream.png go")
+    bench_stream.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    bench_stream.set_defaults(handler=cmd_bench_stream)
+
     bench_serve = bench_commands.add_parser(
         "serve",
         help="serving throughput and latency, batching on and off, beside a bare endpoint and LitServe",

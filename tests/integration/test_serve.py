@@ -60,9 +60,9 @@ def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
-@pytest.fixture(scope="module")
-def slow_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("slow")
+def make_slow_run(folder: Path, delay_s: float) -> Path:
+    """A run of `SLOW_MODEL` (its module in `folder`), trained without delay, that sleeps `delay_s` a batch
+    when it answers."""
     (folder / "slow_model.py").write_text(SLOW_MODEL)
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(str(folder))
@@ -70,8 +70,13 @@ def slow_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         overrides += ["training.max_steps=2", "checkpoint.every_steps=0"]
         train(load_config(None, overrides), folder / "run")
     config = folder / "run" / "final" / "config.yaml"
-    config.write_text(config.read_text().replace("delay_s: 0.0", "delay_s: 0.5"))  # slow when served
+    config.write_text(config.read_text().replace("delay_s: 0.0", f"delay_s: {delay_s}"))  # slow when served
     return folder / "run"
+
+
+@pytest.fixture(scope="module")
+def slow_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_slow_run(tmp_path_factory.mktemp("slow"), 0.5)
 
 
 @contextlib.contextmanager

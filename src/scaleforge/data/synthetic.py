@@ -6,7 +6,7 @@ from typing import Literal
 
 import torch
 
-from scaleforge.data.base import DataInfo, DatasetSplits, InMemoryDataset
+from scaleforge.data.base import DataInfo, DatasetSplits, ImageInput, InMemoryDataset
 from scaleforge.registry import register_dataset
 
 
@@ -24,8 +24,9 @@ def synthetic(
     seed: int = 0,
 ) -> DatasetSplits:
     """`rows` of `num_features` or `images` of `channels` x `image_size`^2, whose class is a fixed random linear
-    function of the input; or `tokens`: sequences of `seq_len` that mostly count up by one modulo `vocab_size`
-    (one token in ten is random), so that a language model has something to learn."""
+    function of the input (images are also taken from files and frames: `DataInfo.image`); or `tokens`:
+    sequences of `seq_len` that mostly count up by one modulo `vocab_size` (one token in ten is random), so that a
+    language model has something to learn."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if min(num_samples - 1, num_features, num_classes - 1, image_size, channels, seq_len, vocab_size - 1) < 1:
@@ -43,7 +44,9 @@ def synthetic(
         inputs = torch.randn(num_samples, *shape, generator=generator)
         weights = torch.randn(inputs[0].numel(), num_classes, generator=generator)
         targets = (inputs.flatten(1) @ weights).argmax(dim=1)
-        info = DataInfo(task="classification", input_shape=shape, num_classes=num_classes)
+        # an image file or video frame becomes an input of about the same range: pixels in [0, 1] -> [-2, 2]
+        image = None if kind == "rows" else ImageInput(image_size, channels, (0.5,) * channels, (0.25,) * channels)
+        info = DataInfo(task="classification", input_shape=shape, num_classes=num_classes, image=image)
     num_val = max(1, round(num_samples * val_fraction))
     return DatasetSplits(
         train=InMemoryDataset(inputs[num_val:], targets[num_val:]),

@@ -209,6 +209,17 @@ class ServedModel:
             raise InvalidInput(f"file: not a readable image ({type(error).__name__}: {error})") from None
         return spec.normalise(pixels).view(tuple(self.info.input_shape)).numpy()
 
+    def decode_frame(self, bgr: np.ndarray) -> np.ndarray:
+        """A video frame ((H, W, 3) uint8, OpenCV's BGR order) as one instance, preprocessed exactly as an uploaded
+        image is (`decode_image`), and so as the training images were."""
+        from PIL import Image
+
+        spec = self.info.image
+        if spec is None:
+            raise InvalidInput("this model does not take images")
+        pixels = spec.pixels(Image.fromarray(np.ascontiguousarray(bgr[..., ::-1])))  # RGB, as Pillow reads files
+        return spec.normalise(pixels).view(tuple(self.info.input_shape)).numpy()
+
     def _tokens(self, instance: Any, index: int) -> np.ndarray:
         vocab, max_length = self.info.vocab_size or 0, self.info.seq_len or 0
         if not isinstance(instance, list) or not 1 <= len(instance) <= max_length:
