@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PIP) install -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $@
 
+# Trains the embedded default into runs/demo-<time>, then draws its curves into that run's curves/ folder.
 demo: setup
-	$(BIN)/scaleforge train
+	run=runs/demo-$$(date +%Y%m%d-%H%M%S) && $(BIN)/scaleforge train --run-dir $$run && $(BIN)/scaleforge plot $$run
 
 test: setup
 	$(BIN)/python -m pytest -n 2 -q

@@ -160,6 +160,45 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from scaleforge.train.curves import plot_runs
+
+    run_dirs = [Path(path) for path in args.run_dirs]
+    out = Path(args.out) if args.out else run_dirs[0] / "curves" if len(run_dirs) == 1 else Path("runs") / "curves"
+    for path in plot_runs(run_dirs, out):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from scaleforge.bench.harness import print_table
+    from scaleforge.train.curves import describe_runs
+
+    rows = describe_runs(Path(args.folder))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no run directories in {args.folder}")
+        return 0
+    table = [
+        [
+            row["name"],
+            str(row["model"]),
+            str(row["strategy"] or "?"),
+            str(row["processes"] or "?"),
+            f"{row['steps']:,}",
+            f"{row['best'][0].removeprefix('val_')} {row['best'][1]:.4f}" if row["best"] else "",
+            f"{row['wall_time_s']:.1f}s" if row["wall_time_s"] is not None else "",
+            row["status"],
+        ]
+        for row in rows
+    ]
+    columns = ["run", "model", "strategy", "processes", "steps", "best val", "wall time", "status"]
+    print_table(f"runs in {args.folder}", columns, table)
+    return 0
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     from scaleforge.config import dump_yaml, explain_yaml
 
@@ -568,6 +607,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key-env", metavar="VAR", help="require the key held by this environment variable (not /health/*)"
     )
     serve.set_defaults(handler=cmd_serve)
+
+    plot = commands.add_parser(
+        "plot",
+        help="draw runs' loss, validation metrics, learning rate and throughput",
+        description="Draw loss, validation metrics, learning rate and throughput against step and against wall "
+        "time from each run's metrics.jsonl, several runs overlaid, into curves-step.png and curves-time.png.",
+    )
+    plot.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="run directories, overlaid")
+    plot.add_argument("--out", help="the folder for the PNGs (default: RUN_DIR/curves, or runs/curves for several)")
+    plot.set_defaults(handler=cmd_plot)
+
+    runs = commands.add_parser("runs", help="list run directories and where each stands")
+    runs.add_argument("folder", metavar="DIR", nargs="?", default="runs", help="the folder of run directories")
+    runs.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    runs.set_defaults(handler=cmd_runs)
 
     stream = commands.add_parser(
         "stream",

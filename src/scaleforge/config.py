@@ -155,6 +155,10 @@ class LoggingSection:
     progress: Literal["auto", "bar", "plain", "none"] = "auto"
     tensorboard: bool = True
     plot: bool = True
+    system_metrics: bool = True  # CPU, memory, tokens/s and GPU figures in every log line
+    prometheus_port: int | None = field(default=None, metadata={**NON_NEGATIVE, "maximum": 65535})  # 0: any free
+    prometheus_host: str = "127.0.0.1"
+    prometheus_ranks: Literal["main", "all"] = "main"  # all: rank r on prometheus_port + its local rank
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,19 @@ class TensorBoardLogger(Callback):
             self.writer.close()
 
 
+# how a log line shows the system figures (`train.monitoring`); '' leaves one to metrics.jsonl and TensorBoard
+SYSTEM_FIGURES = {
+    "cpu_percent": "cpu {:.0f}%",
+    "rss_mib": "rss {:,.0f} MiB",
+    "tokens_per_s": "{:,.0f} tokens/s",
+    "gpu_memory_allocated_mib": "gpu {:,.0f} MiB",
+    "gpu_memory_reserved_mib": "",
+    "gpu_memory_peak_mib": "",
+    "gpu_utilization_percent": "gpu busy {:.0f}%",
+    "gpu_power_w": "",
+}
+
+
 def _format_record(record: dict[str, Any]) -> str:
     parts = []
     for name, value in record.items():
@@ -96,6 +109,9 @@ def _format_record(record: dict[str, Any]) -> str:
             parts.append(f"{value:,.0f} samples/s")
         elif name == "data_wait_share":
             parts.append(f"data wait {value:.0%}")
+        elif name in SYSTEM_FIGURES:
+            if SYSTEM_FIGURES[name]:
+                parts.append(SYSTEM_FIGURES[name].format(value))
         elif isinstance(value, float):
             parts.append(f"{name} {value:.4f}")
     return " | ".join(parts)

@@ -35,6 +35,7 @@ from scaleforge.config import (
     DATA_PROVIDED,
     ComponentSpec,
     DataSection,
+    LoggingSection,
     RunConfig,
     TrainingSection,
     dump_yaml,
@@ -63,10 +64,12 @@ from scaleforge.train.checkpoint import (
     load_checkpoint,
 )
 from scaleforge.train.metrics import JsonlLogger, LossPlot, TensorBoardLogger, build_progress
+from scaleforge.train.monitoring import PrometheusExporter, SystemMonitor
 from scaleforge.train.objectives import Objective, default_objective
 from scaleforge.train.precision import Autocast, make_autocast, resolve_precision
 from scaleforge.train.run_dir import default_run_dir, resume_point
 from scaleforge.train.signals import Interrupted, StopRequest
+from scaleforge.train.status import STATUS, write_status
 
 MicroBatches = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -280,7 +283,15 @@ def train(
             print(f"restart {env.restart_count}: the workers failed and were started again; {where}")
         if env.distributed:
             dist.barrier()  # every process has checked before rank 0 starts writing
-        summary = _train(config, run_dir, env, dims, device, precision, callbacks, checkpoint)
+        try:
+            summary = _train(config, run_dir, env, dims, device, precision, callbacks, checkpoint)
+        except BaseException as error:
+            if env.is_main and (run_dir / STATUS).is_file():  # a run that had started, not one refused before
+                state = "stopped" if isinstance(error, Interrupted | KeyboardInterrupt) else "failed"
+                write_status(run_dir, state, error=" ".join(str(error).split())[:500] or type(error).__name__)
+            raise
+        if env.is_main:
+            write_status(run_dir, "finished", strategy=dims.strategy, processes=dims.world_size)
     finally:
         teardown_distributed()
     return {**summary, "run_dir": str(run_dir)}
@@ -350,6 +361,8 @@ def _train(
         if len(data.val) < dims.dp:  # type: ignore[arg-type]
             raise ConfigError(f"data: {len(data.val)} validation samples cannot be shared by {dims.dp} processes")  # type: ignore[arg-type]
         hooks = build_callbacks(config, run_dir, callbacks) if env.is_main else CallbackList([])
+        if config.logging.prometheus_port is not None and (env.is_main or config.logging.prometheus_ranks == "all"):
+            hooks.callbacks.append(prometheus_exporter(config.logging, env))
     parallel = parallelize(
         model,
         layout,
@@ -385,6 +398,7 @@ def _train(
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(config))
+        write_status(run_dir, "running", strategy=dims.strategy, processes=dims.world_size)
         resumed = f" | resumed at step {state.step} from {checkpoint.name}" if checkpoint is not None else ""
         print(
             f"run {run_dir} | {config.model.architecture} ({num_parameters:,} parameters) on "
@@ -419,6 +433,8 @@ def _train(
             return record
 
         step_losses: list[torch.Tensor] = []
+        tokens_per_sample = data.info.seq_len if data.info.vocab_size is not None else None
+        monitor = SystemMonitor(device, tokens_per_sample) if config.logging.system_metrics else None
         data_wait = DataWaitClock()
         last_log = {"step": state.step, "time": time.perf_counter(), "data_wait": 0.0}
         loop_started = last_log["time"]
@@ -441,6 +457,8 @@ def _train(
                 "samples_per_s": steps * training.batch_size / elapsed,
                 "data_wait_share": (data_wait.seconds - last_log["data_wait"]) / elapsed,
             }
+            if monitor is not None:
+                record.update(monitor.sample(record["samples_per_s"]))
             step_losses.clear()
             last_log.update(step=state.step, time=now, data_wait=data_wait.seconds)
             state.history.append(record)
@@ -616,6 +634,13 @@ def check_metrics_combine(objective: Objective, dims: ParallelDims) -> None:
                 f"training.metrics: {type(metric).__name__} has no sync(reduce_sum) method, which combines a "
                 f"metric over the {dims.world_size} processes"
             )
+
+
+def prometheus_exporter(section: LoggingSection, env: DistEnv) -> PrometheusExporter:
+    """`logging.prometheus_port`: this process's exporter; with `prometheus_ranks: all`, rank r listens on the
+    port + its local rank (the processes of one node cannot share a port)."""
+    port = section.prometheus_port or 0
+    return PrometheusExporter(port + env.local_rank if port else 0, section.prometheus_host, env.rank)
 
 
 def check_loss_sees_inputs(objective: Objective, name: str, dims: ParallelDims) -> None:

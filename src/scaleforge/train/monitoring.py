@@ -1,0 +1,134 @@
+"""System figures of a training process, logged with every log line, and the same live figures for Prometheus.
+
+`SystemMonitor.sample()` gives this process's CPU use since the last sample (percent of one core, as `top`), its
+resident memory, tokens/s for token data, and on a GPU the memory torch has allocated, reserved and at most
+allocated, and, where NVML works (`pip install scaleforge[gpu]`), the GPU's utilisation and power. NVML absent or
+failing is not an error: those figures are then left out.
+
+`PrometheusExporter` (`logging.prometheus_port`) serves the latest log line's figures and validation metrics at
+`http://HOST:PORT/metrics` while the run trains: from rank 0, or with `logging.prometheus_ranks: all` from every
+process (rank r on PORT + local rank r), each labelled with its rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from typing import Any
+
+import torch
+
+from scaleforge.train.callbacks import Callback, RunState
+
+log = logging.getLogger(__name__)
+
+
+class SystemMonitor:
+    """This process's CPU, memory and (on a GPU) device figures, for a log line."""
+
+    def __init__(self, device: torch.device, tokens_per_sample: int | None) -> None:
+        import psutil
+
+        self.process = psutil.Process()
+        self.process.cpu_percent(None)  # the first call starts the count
+        self.device = device
+        self.tokens_per_sample = tokens_per_sample
+        self.nvml: Any = None
+        self.handle: Any = None
+        if device.type == "cuda":
+            self._open_nvml()
+
+    def _open_nvml(self) -> None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            self.nvml = pynvml
+        except Exception as error:  # noqa: BLE001 - no NVML (not installed, no driver, a container): figures omitted
+            log.debug("NVML unavailable: %s", error)
+
+    def sample(self, samples_per_s: float) -> dict[str, float]:
+        """The figures since the last sample, under the names metrics.jsonl and TensorBoard use."""
+        figures = {
+            "cpu_percent": self.process.cpu_percent(None),
+            "rss_mib": self.process.memory_info().rss / 2**20,
+        }
+        if self.tokens_per_sample:
+            figures["tokens_per_s"] = samples_per_s * self.tokens_per_sample
+        if self.device.type == "cuda":
+            figures["gpu_memory_allocated_mib"] = torch.cuda.memory_allocated(self.device) / 2**20
+            figures["gpu_memory_reserved_mib"] = torch.cuda.memory_reserved(self.device) / 2**20
+            figures["gpu_memory_peak_mib"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+            figures.update(self._nvml_figures())
+        return figures
+
+    def _nvml_figures(self) -> dict[str, float]:
+        if self.nvml is None:
+            return {}
+        try:
+            figures = {"gpu_utilization_percent": float(self.nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu)}
+            figures["gpu_power_w"] = self.nvml.nvmlDeviceGetPowerUsage(self.handle) / 1000
+        except Exception as error:  # noqa: BLE001 - a GPU that stops answering NVML: figures omitted from now on
+            log.debug("NVML failed: %s", error)
+            self.nvml = None
+            return {}
+        return figures
+
+
+class PrometheusExporter(Callback):
+    """The run's live figures as Prometheus gauges, served from this process while it trains: one gauge per
+    figure of the log line (`scaleforge_train_loss`, `scaleforge_train_samples_per_s`, ...), the step, and the
+    latest validation metrics (`scaleforge_train_val{metric="accuracy"}`), each labelled with the rank."""
+
+    def __init__(self, port: int, host: str, rank: int) -> None:
+        from prometheus_client import CollectorRegistry, Gauge
+
+        self.port, self.host, self.rank = port, host, str(rank)
+        self.registry = CollectorRegistry()
+        self.figures: dict[str, Any] = {}
+        self.val = Gauge(
+            "scaleforge_train_val", "The latest validation metrics", ["rank", "metric"], registry=self.registry
+        )
+        self.step = Gauge("scaleforge_train_step", "Optimizer steps taken", ["rank"], registry=self.registry)
+        self.server: Any = None
+        self.thread: Any = None
+
+    def on_train_start(self, state: RunState) -> None:
+        from prometheus_client import start_http_server
+
+        from scaleforge.errors import ConfigError
+
+        try:
+            self.server, self.thread = start_http_server(self.port, addr=self.host, registry=self.registry)
+        except OSError as error:
+            raise ConfigError(
+                f"logging.prometheus_port: {self.port} cannot be listened on at {self.host} ({error.strerror})"
+            ) from None
+        self.step.labels(self.rank).set(state.step)
+        print(f"metrics: http://{self.host}:{self.server.server_port}/metrics", file=sys.stderr, flush=True)
+
+    def on_log(self, state: RunState, record: dict[str, Any]) -> None:
+        from prometheus_client import Gauge
+
+        self.step.labels(self.rank).set(record["step"])
+        for name, value in record.items():
+            if name in ("step", "time") or not isinstance(value, int | float):
+                continue
+            if name not in self.figures:
+                metric = "scaleforge_train_" + re.sub(r"[^a-zA-Z0-9_]", "_", name)
+                self.figures[name] = Gauge(metric, f"{name} of the latest log line", ["rank"], registry=self.registry)
+            self.figures[name].labels(self.rank).set(value)
+
+    def on_eval(self, state: RunState, record: dict[str, Any]) -> None:
+        for name, value in record.items():
+            if name.startswith("val_") and isinstance(value, int | float):
+                self.val.labels(self.rank, name.removeprefix("val_")).set(value)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.thread.join(timeout=5)
+            self.server = None
