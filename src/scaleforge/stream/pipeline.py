@@ -10,7 +10,8 @@ The two queues are where a slow model is felt. With `drop-oldest` (the default f
 is a recent one and latency stays bounded however fast frames come; `put_nowait` and a drop, not `await
 put()`, which would only make the source wait. With `block` (the default for files and folders) every frame is
 processed, in order, and the source waits. Frames in flight to the model are bounded too (two batches: one
-running, one gathering). A frame that cannot be decoded or preprocessed is counted and skipped.
+running, one gathering); with drop-oldest a new frame takes the place of the oldest one still gathering, so a
+batch that starts holds the newest frames. A frame that cannot be decoded or preprocessed is counted and skipped.
 
 A result cache (`cache_size`) answers a frame whose preprocessed pixels were seen before without the model
 (keyed by a hash of them). A stop (the source's end, `duration_s`, Ctrl-C or SIGTERM) stops the capture only:
@@ -85,7 +86,7 @@ class StreamStats:
     def __init__(self) -> None:
         self.started = time.perf_counter()
         self.captured = self.processed = self.corrupt = self.cache_hits = self.cache_misses = 0
-        self.dropped: dict[str, int] = {"captured": 0, "preprocessed": 0}
+        self.dropped: dict[str, int] = {"captured": 0, "preprocessed": 0, "batcher": 0}
         self.latencies: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)  # seconds
         self.stage_seconds: dict[str, collections.deque[float]] = {
             stage: collections.deque(maxlen=LATENCY_WINDOW) for stage in STAGES
@@ -241,6 +242,17 @@ class _Preprocessed:
     ready: float  # perf_counter when preprocessing ended
 
 
+@dataclass
+class _InFlight:
+    """A frame given to the model (`ticket`, awaited by `future`) or answered from the cache (`ticket` None)."""
+
+    item: _Preprocessed
+    key: bytes | None
+    future: asyncio.Future[Any]
+    ticket: Any = None
+    dropped: bool = False
+
+
 class Pipeline:
     """The stages of one stream, from `source` through `model` to `sink`. `model.decode_frame` preprocesses a
     frame; `model.predict` runs a batch of preprocessed frames and gives one row of class probabilities each."""
@@ -349,8 +361,10 @@ class Pipeline:
 
     async def _infer(self, results: asyncio.Queue[Any], slots: asyncio.Semaphore) -> None:
         """Each preprocessed frame to the batcher (or answered from the cache), its result awaited in order by
-        `_deliver`."""
+        `_deliver`. With drop-oldest, a frame that finds every slot taken takes the one of the oldest frame still
+        waiting in the batcher, which is dropped: the batch that gathers holds the newest frames."""
         loop = asyncio.get_running_loop()
+        waiting: collections.deque[_InFlight] = collections.deque()  # given to the batcher, oldest first
         while True:
             item = await self.preprocessed.get()
             if item is END:
@@ -364,11 +378,29 @@ class Pipeline:
                 if cached is not None:
                     answered: asyncio.Future[Any] = loop.create_future()
                     answered.set_result(cached)
-                    await results.put((item, key, answered, False))
+                    await results.put(_InFlight(item, key, answered))
                     continue
+            if self.policy == "drop-oldest" and slots.locked():
+                self._drop_oldest_waiting(waiting, slots)
             await slots.acquire()
             ticket = self.batcher.enqueue([item.instance])
-            await results.put((item, key, asyncio.ensure_future(self.batcher.wait(ticket)), True))
+            entry = _InFlight(item, key, asyncio.ensure_future(self.batcher.wait(ticket)), ticket)
+            if self.policy == "drop-oldest":
+                while waiting and waiting[0].ticket.state != "queued":  # in a batch, or done: past dropping
+                    waiting.popleft()
+                waiting.append(entry)
+            await results.put(entry)
+
+    def _drop_oldest_waiting(self, waiting: collections.deque[_InFlight], slots: asyncio.Semaphore) -> None:
+        """Cancel the oldest frame still queued in the batcher (not yet in a running batch), freeing its slot."""
+        while waiting:
+            entry = waiting.popleft()
+            if entry.ticket.state == "queued" and not entry.future.done():
+                entry.dropped = True
+                entry.ticket.future.cancel()  # the batcher's wait sees it and takes the frame out of the queue
+                slots.release()
+                self.stats.drop("batcher")
+                return
 
     def _count_cache(self, hit: bool) -> None:
         if hit:
@@ -385,20 +417,22 @@ class Pipeline:
             entry = await results.get()
             if entry is END:
                 return
-            item, key, future, from_model = entry
+            if entry.dropped:  # its slot was released when it was dropped
+                continue
             try:
-                outcome = await future
+                outcome = await entry.future
             finally:
-                if from_model:
+                if entry.ticket is not None:
                     slots.release()
-            if from_model:
+            if entry.ticket is not None:
                 self.stats.stage("batch_wait", outcome.queue_wait_s)
                 self.stats.stage("inference", outcome.inference_s)
                 probabilities = outcome.outputs[0]
                 if self.cache is not None:
-                    self.cache.put(key, probabilities)
+                    self.cache.put(entry.key, probabilities)
             else:
                 probabilities = outcome
+            item = entry.item
             result = self._postprocess(item.frame, probabilities)
             written = time.perf_counter()
             await loop.run_in_executor(thread, self.sink.write, item.frame, result)

@@ -9,6 +9,7 @@ that names it.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from scaleforge.errors import UsageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 SYNTHETIC_FPS = 30.0  # a synthetic source's rate when --fps is not given
+MAX_FAILED_READS = 25  # a video file's reads failing in a row before it is taken to have ended
 
 
 @dataclass
@@ -51,6 +53,8 @@ class Source(Protocol):
 
 
 def _cv2():  # noqa: ANN202 - the cv2 module, imported when a source needs it
+    # FFmpeg's own log lines for a damaged frame too (read when OpenCV opens its first video)
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     try:
         import cv2
         import cv2.utils.logging
@@ -133,6 +137,7 @@ class VideoSource:
         self.fps = fps or own_rate
         self.clock = _Clock(fps) if fps and not self.live else None
         self.seq = 0
+        self.failures = 0  # reads failed in a row
 
     def read(self) -> Frame | None:
         if self.clock is not None:
@@ -142,12 +147,25 @@ class VideoSource:
         else:
             ok, image = self.capture.read()
             if not ok:
-                return None
+                if self.live or not self._frames_left() or self.failures >= MAX_FAILED_READS:
+                    return None
+                # a frame the decoder cannot read before the file's end: counted as corrupt, and on to the next
+                self.failures += 1
+                frame = Frame(self.seq, time.perf_counter(), time.time(), None, f"frame {self.seq} cannot be decoded")
+                self.seq += 1
+                return frame
+        self.failures = 0
         frame = Frame(self.seq, time.perf_counter(), time.time(), image)
         if image is None or image.ndim != 3 or image.shape[2] != 3:
             frame.image, frame.error = None, "not a 3-channel frame"
         self.seq += 1
         return frame
+
+    def _frames_left(self) -> bool:
+        """Whether the file says it has frames after the one that failed (a stream without a count has not)."""
+        cv2 = _cv2()
+        count = self.capture.get(cv2.CAP_PROP_FRAME_COUNT)
+        return count > 0 and self.capture.get(cv2.CAP_PROP_POS_FRAMES) < count - 1
 
     def close(self) -> None:
         self.capture.release()
