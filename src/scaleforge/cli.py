@@ -332,6 +332,9 @@ def cmd_stream(args: argparse.Namespace) -> int:
         threads=args.threads,
         progress=args.progress,
     )
+    folder = Path(args.summary_json or ".").parent
+    if not folder.is_dir():
+        raise UsageError(f"--summary-json {args.summary_json}: the folder {folder} does not exist")
     summary = run_stream(args.run_dir, options)
     print_summary(summary, print_table)
     if args.summary_json:
@@ -355,6 +358,14 @@ def _float_above(minimum: float, inclusive: bool, kind: str) -> Callable[[str], 
 
 
 _positive_float = _float_above(0.0, False, "positive")
+
+
+def _port(text: str) -> int:
+    """An argparse type: a TCP port, 0 to 65535."""
+    value = _non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {text}")
+    return value
 
 
 def _fraction(text: str) -> float:
@@ -653,7 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--sink", default="none", help="jsonl:FILE (a line per frame), video:FILE.avi|.mp4, none")
     stream.add_argument("--cache-size", type=_non_negative_int, default=0, help="results kept for repeated frames")
     stream.add_argument("--duration", type=_positive_float, help="seconds to run (default: until the source ends)")
-    stream.add_argument("--metrics-port", type=_non_negative_int, help="serve Prometheus metrics on this port")
+    stream.add_argument("--metrics-port", type=_port, help="serve Prometheus metrics on this port (0: any free)")
     stream.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint")
     stream.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     stream.add_argument("--threads", type=_non_negative_int, default=0, help="torch threads (0: chosen for the model)")

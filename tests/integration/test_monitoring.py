@@ -59,7 +59,7 @@ def test_every_log_line_holds_the_processs_cpu_memory_and_token_rate(digits_run:
     assert "cpu_percent" not in records(quiet)[0]
 
 
-def test_the_prometheus_endpoint_answers_while_the_run_trains_and_runs_shows_where_it_stands(tmp_path: Path):
+def test_the_prometheus_endpoint_answers_while_the_run_trains_and_runs_shows_where_it_stands(cli, tmp_path: Path):  # noqa: ANN001
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "scaleforge", "train", "training.epochs=500", "logging.every_steps=5",
                "logging.prometheus_port=0", "logging.progress=none", "checkpoint.every_steps=0",
@@ -85,6 +85,8 @@ def test_the_prometheus_endpoint_answers_while_the_run_trains_and_runs_shows_whe
         result = subprocess.run([sys.executable, "-m", "scaleforge", "runs", str(tmp_path), "--json"], cwd=REPO,
                                 capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
         assert json.loads(result.stdout)[0]["status"] == "running"
+        second = cli("train", *QUICK, "--run-dir", str(run_dir))  # a second run into the same directory
+        assert second.code == 2 and f"{run_dir} is being trained now (process {process.pid}" in second.err
         process.send_signal(signal.SIGTERM)  # checkpoints at the next step and stops
         process.communicate(timeout=60)
     finally:
@@ -154,7 +156,8 @@ def test_the_shipped_grafana_dashboard_queries_metrics_that_exist() -> None:
     from scaleforge.train.callbacks import RunState
     from scaleforge.train.monitoring import PrometheusExporter
 
-    trainer = PrometheusExporter(0, "127.0.0.1", 0)
+    trainer = PrometheusExporter(0, "127.0.0.1", 0)  # listening on a free port from here
+    trainer.close()
     figures = {"loss": 1.0, "lr": 0.1, "samples_per_s": 1.0, "tokens_per_s": 1.0, "data_wait_share": 0.0}
     figures.update(cpu_percent=1.0, rss_mib=1.0, gpu_memory_allocated_mib=1.0)  # a GPU run's figures too
     trainer.on_log(RunState(Path("."), 1, 1, 1), {"step": 1, **figures})

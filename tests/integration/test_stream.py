@@ -154,6 +154,10 @@ def test_a_corrupt_frame_is_counted_and_skipped_in_a_folder_and_in_a_video(digit
     figures = json.loads(summary.read_text())
     assert figures["frames_corrupt"] == 1 and figures["frames_processed"] == 19
     assert [line["seq"] for line in read_jsonl(out)] == [*range(10), *range(11, 20)]
+    video.write_bytes(bytes(data[: starts[12]]))  # cut short after frame 11: its end, not 8 corrupt frames
+    assert main(["stream", str(digits_run), "--source", str(video), *flags]) == 0
+    figures = json.loads(summary.read_text())
+    assert figures["frames_corrupt"] == 1 and figures["frames_processed"] == 11
 
 
 def test_sigterm_finishes_the_frames_in_flight_flushes_the_sink_and_prints_the_summary(digits_run, tmp_path) -> None:  # noqa: ANN001

@@ -199,6 +199,14 @@ class Batcher:
             if ticket.deadline is not None:
                 ticket.deadline.cancel()
 
+    def cancel(self, ticket: Ticket) -> bool:
+        """Take `ticket` out of the queue now, if it is still queued (its `wait` raises `CancelledError`); False
+        if its batch has started, or it is done."""
+        if not self._leave_queue(ticket, "cancelled"):
+            return False
+        ticket.future.cancel()
+        return True
+
     def admit(self, instances: int) -> float:
         """Refuse `instances` more at once if they could not be answered in time (`Closed`, `QueueFull`), so
         that a caller can ask before preparing them; else when they are expected to be answered (0: no

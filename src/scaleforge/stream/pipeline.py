@@ -104,6 +104,11 @@ class StreamStats:
         if self.metrics is not None:
             self.metrics.frames.labels("dropped").inc()
 
+    def skip_corrupt(self) -> None:
+        self.corrupt += 1
+        if self.metrics is not None:
+            self.metrics.frames.labels("corrupt").inc()
+
     def stage(self, stage: str, seconds: float) -> None:
         self.stage_seconds[stage].append(seconds)
         if self.metrics is not None:
@@ -119,7 +124,7 @@ class StreamStats:
     def summary(self) -> dict[str, Any]:
         """The whole stream's figures, as `run_stream` returns them."""
         elapsed = max(time.perf_counter() - self.started, 1e-9)
-        latencies = np.array(self.latencies) * 1000 if self.latencies else np.zeros(1)
+        latencies = np.array(self.latencies) * 1000
         stages = {
             stage: float(np.median(seconds) * 1000) if seconds else None
             for stage, seconds in self.stage_seconds.items()
@@ -135,11 +140,11 @@ class StreamStats:
             "wall_time_s": elapsed,
             "input_fps": self.captured / elapsed,
             "processed_fps": self.processed / elapsed,
-            "latency_ms": {
-                "p50": float(np.percentile(latencies, 50)),
-                "p90": float(np.percentile(latencies, 90)),
-                "p99": float(np.percentile(latencies, 99)),
-                "max": float(latencies.max()),
+            "latency_ms": {  # None when no frame was processed
+                "p50": float(np.percentile(latencies, 50)) if len(latencies) else None,
+                "p90": float(np.percentile(latencies, 90)) if len(latencies) else None,
+                "p99": float(np.percentile(latencies, 99)) if len(latencies) else None,
+                "max": float(latencies.max()) if len(latencies) else None,
             },
             "stage_p50_ms": stages,
             "mean_batch_size": self.batched_frames / self.batches if self.batches else 0.0,
@@ -296,19 +301,22 @@ class Pipeline:
         capture_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="capture")
         preprocess_pool = ThreadPoolExecutor(max_workers=self.options.preprocess_workers, thread_name_prefix="pre")
         sink_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sink")
-        results: asyncio.Queue[Any] = asyncio.Queue()  # (frame, future) in frame order; bounded by `in_flight`
+        # the frames between inference and the sink, in frame order: bounded, so that answers from the cache
+        # cannot pile up ahead of a slow sink (the queues before it drop, or wait, instead)
+        results: asyncio.Queue[Any] = asyncio.Queue(maxsize=self.in_flight)
         slots = asyncio.Semaphore(self.in_flight)
         try:
-            await asyncio.gather(
-                self._capture(capture_thread),
-                self._preprocess(preprocess_pool),
-                self._infer(results, slots),
-                self._deliver(results, slots, sink_thread),
-            )
+            async with asyncio.TaskGroup() as stages:  # a stage that fails stops the others
+                stages.create_task(self._capture(capture_thread))
+                stages.create_task(self._preprocess(preprocess_pool))
+                stages.create_task(self._infer(results, slots))
+                stages.create_task(self._deliver(results, slots, sink_thread))
+        except ExceptionGroup as failed:
+            raise _cause(failed) from None
         finally:
             await self.batcher.close()
-            for pool in (capture_thread, preprocess_pool, sink_thread):
-                pool.shutdown(wait=True)
+            for pool in (capture_thread, preprocess_pool, sink_thread):  # off the loop: a read may still run
+                await asyncio.to_thread(pool.shutdown, wait=True)
 
     async def _capture(self, thread: ThreadPoolExecutor) -> None:
         loop = asyncio.get_running_loop()
@@ -337,7 +345,7 @@ class Pipeline:
                     await started.put(END)
                     break
                 if frame.image is None:
-                    self.stats.corrupt += 1
+                    self.stats.skip_corrupt()
                     continue
                 await started.put((frame, loop.run_in_executor(pool, self.model.decode_frame, frame.image)))
         finally:
@@ -353,7 +361,7 @@ class Pipeline:
             try:
                 instance = await future
             except Exception:  # noqa: BLE001 - a frame preprocessing fails on is counted and skipped, never a crash
-                self.stats.corrupt += 1
+                self.stats.skip_corrupt()
                 continue
             ready = time.perf_counter()
             self.stats.stage("preprocess", ready - frame.captured)
@@ -395,9 +403,8 @@ class Pipeline:
         """Cancel the oldest frame still queued in the batcher (not yet in a running batch), freeing its slot."""
         while waiting:
             entry = waiting.popleft()
-            if entry.ticket.state == "queued" and not entry.future.done():
+            if self.batcher.cancel(entry.ticket):  # out of the queue now: the batch that gathers never sees it
                 entry.dropped = True
-                entry.ticket.future.cancel()  # the batcher's wait sees it and takes the frame out of the queue
                 slots.release()
                 self.stats.drop("batcher")
                 return
@@ -453,6 +460,20 @@ class Pipeline:
         return result
 
 
+def _cause(failed: BaseExceptionGroup) -> BaseException:
+    """What stopped the stream: a user error (a sink that cannot be written) before anything else."""
+    errors = list(_leaves(failed))
+    return next((error for error in errors if isinstance(error, UsageError)), errors[0])
+
+
+def _leaves(group: BaseExceptionGroup) -> Iterator[BaseException]:
+    for error in group.exceptions:
+        if isinstance(error, BaseExceptionGroup):
+            yield from _leaves(error)
+        else:
+            yield error
+
+
 # ------------------------------------------------------------------------------------------------ running
 
 
@@ -502,7 +523,7 @@ async def _main(pipeline: Pipeline) -> None:
     loop = asyncio.get_running_loop()
 
     def stop(signum: int) -> None:
-        pipeline.stats.stopped_by = signal.Signals(signum).name
+        pipeline.stats.stopped_by = pipeline.stats.stopped_by or signal.Signals(signum).name
         pipeline.stop.set()
         for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal stops at once
             loop.remove_signal_handler(sig)
@@ -585,6 +606,7 @@ def _metrics_server(options: StreamOptions, stats: StreamStats) -> Iterator[None
         yield
     finally:
         server.shutdown()
+        server.server_close()
         thread.join(timeout=5)
 
 
@@ -598,7 +620,10 @@ def print_summary(summary: dict[str, Any], print_table: Callable[..., None]) -> 
         ["frames corrupt (skipped)", f"{summary['frames_corrupt']:,}"],
         ["input fps", f"{summary['input_fps']:.1f}"],
         ["processed fps", f"{summary['processed_fps']:.1f}"],
-        ["latency p50 / p90 / p99 (ms)", f"{latency['p50']:.1f} / {latency['p90']:.1f} / {latency['p99']:.1f}"],
+        [
+            "latency p50 / p90 / p99 (ms)",
+            " / ".join("-" if latency[p] is None else f"{latency[p]:.1f}" for p in ("p50", "p90", "p99")),
+        ],  # fmt: skip
         ["mean batch size", f"{summary['mean_batch_size']:.2f}"],
     ]
     if summary["cache_hits"] or summary["cache_misses"]:

@@ -49,11 +49,14 @@ class JsonlSink:
         self.unflushed = 0
 
     def write(self, frame: Frame, result: dict[str, Any]) -> None:
-        self.file.write(json.dumps(result) + "\n")
-        self.unflushed += 1
-        if self.unflushed >= self.flush_every:
-            self.file.flush()
-            self.unflushed = 0
+        try:
+            self.file.write(json.dumps(result) + "\n")
+            self.unflushed += 1
+            if self.unflushed >= self.flush_every:
+                self.file.flush()
+                self.unflushed = 0
+        except OSError as error:  # a full disk, say
+            raise UsageError(f"--sink jsonl:{self.file.name}: writing failed ({error.strerror})") from None
 
     def close(self) -> None:
         self.file.close()

@@ -9,6 +9,7 @@ that names it.
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import time
@@ -137,35 +138,38 @@ class VideoSource:
         self.fps = fps or own_rate
         self.clock = _Clock(fps) if fps and not self.live else None
         self.seq = 0
-        self.failures = 0  # reads failed in a row
+        self._ready: collections.deque[Frame] = collections.deque()  # read, not yet returned
 
     def read(self) -> Frame | None:
+        if self._ready:
+            return self._ready.popleft()
         if self.clock is not None:
             self.clock.wait()
         if self._first is not None:
             image, self._first = self._first, None
-        else:
+            return self._frame(image)
+        failed = 0
+        while True:
             ok, image = self.capture.read()
-            if not ok:
-                if self.live or not self._frames_left() or self.failures >= MAX_FAILED_READS:
-                    return None
-                # a frame the decoder cannot read before the file's end: counted as corrupt, and on to the next
-                self.failures += 1
-                frame = Frame(self.seq, time.perf_counter(), time.time(), None, f"frame {self.seq} cannot be decoded")
-                self.seq += 1
-                return frame
-        self.failures = 0
+            if ok and image is not None:
+                break
+            failed += 1
+            # reads failing to the end are the end (a file's frame count is often an estimate, or it was cut short)
+            if self.live or failed > MAX_FAILED_READS:
+                return None
+        for _ in range(failed):  # reads that failed before one succeeded: frames the decoder could not read
+            self._ready.append(self._frame(None))
+        self._ready.append(self._frame(image))
+        return self._ready.popleft()
+
+    def _frame(self, image: np.ndarray | None) -> Frame:
         frame = Frame(self.seq, time.perf_counter(), time.time(), image)
-        if image is None or image.ndim != 3 or image.shape[2] != 3:
-            frame.image, frame.error = None, "not a 3-channel frame"
+        if image is None:
+            frame.error = f"frame {self.seq} cannot be decoded"
+        elif image.ndim != 3 or image.shape[2] != 3:
+            frame.image, frame.error = None, f"frame {self.seq} is not a 3-channel image"
         self.seq += 1
         return frame
-
-    def _frames_left(self) -> bool:
-        """Whether the file says it has frames after the one that failed (a stream without a count has not)."""
-        cv2 = _cv2()
-        count = self.capture.get(cv2.CAP_PROP_FRAME_COUNT)
-        return count > 0 and self.capture.get(cv2.CAP_PROP_POS_FRAMES) < count - 1
 
     def close(self) -> None:
         self.capture.release()
@@ -207,7 +211,7 @@ def open_source(spec: str, fps: float | None) -> Source:
     """The source `spec` names: `synthetic:WxH`, a camera index, a folder of images or a video file."""
     if fps is not None and fps <= 0:
         raise UsageError(f"--fps: expected a positive rate, got {fps:g}")
-    if spec.startswith("synthetic"):
+    if spec.startswith("synthetic:") or spec == "synthetic":
         match = re.fullmatch(r"synthetic:(\d+)x(\d+)", spec)
         if match is None or min(int(match[1]), int(match[2])) < 1:
             raise UsageError(f"--source {spec}: expected synthetic:WxH with a width and height in pixels")

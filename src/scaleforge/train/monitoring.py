@@ -34,21 +34,7 @@ class SystemMonitor:
         self.process.cpu_percent(None)  # the first call starts the count
         self.device = device
         self.tokens_per_sample = tokens_per_sample
-        self.nvml: Any = None
-        self.handle: Any = None
-        if device.type == "cuda":
-            self._open_nvml()
-
-    def _open_nvml(self) -> None:
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            self.nvml = pynvml
-        except Exception as error:  # noqa: BLE001 - no NVML (not installed, no driver, a container): figures omitted
-            log.debug("NVML unavailable: %s", error)
+        self.nvml = device.type == "cuda"  # until NVML fails once
 
     def sample(self, samples_per_s: float) -> dict[str, float]:
         """The figures since the last sample, under the names metrics.jsonl and TensorBoard use."""
@@ -66,16 +52,19 @@ class SystemMonitor:
         return figures
 
     def _nvml_figures(self) -> dict[str, float]:
-        if self.nvml is None:
+        """Utilisation and power through torch's NVML calls, which map this process's device (after
+        CUDA_VISIBLE_DEVICES) to the physical GPU; nothing once NVML has failed (not installed, no driver)."""
+        if not self.nvml:
             return {}
         try:
-            figures = {"gpu_utilization_percent": float(self.nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu)}
-            figures["gpu_power_w"] = self.nvml.nvmlDeviceGetPowerUsage(self.handle) / 1000
-        except Exception as error:  # noqa: BLE001 - a GPU that stops answering NVML: figures omitted from now on
-            log.debug("NVML failed: %s", error)
-            self.nvml = None
+            return {
+                "gpu_utilization_percent": float(torch.cuda.utilization(self.device)),
+                "gpu_power_w": torch.cuda.power_draw(self.device) / 1000,
+            }
+        except Exception as error:  # noqa: BLE001 - NVML absent or failing is not an error: the figures are left out
+            log.debug("NVML unavailable: %s", error)
+            self.nvml = False
             return {}
-        return figures
 
 
 class PrometheusExporter(Callback):
@@ -95,20 +84,25 @@ class PrometheusExporter(Callback):
         self.step = Gauge("scaleforge_train_step", "Optimizer steps taken", ["rank"], registry=self.registry)
         self.server: Any = None
         self.thread: Any = None
+        self._listen()
 
-    def on_train_start(self, state: RunState) -> None:
+    def _listen(self) -> None:
+        """Serve from now on: built while the run is set up, a port that is taken fails every process alike."""
         from prometheus_client import start_http_server
 
         from scaleforge.errors import ConfigError
 
         try:
             self.server, self.thread = start_http_server(self.port, addr=self.host, registry=self.registry)
-        except OSError as error:
+        except (OSError, OverflowError) as error:
+            reason = getattr(error, "strerror", None) or str(error)
             raise ConfigError(
-                f"logging.prometheus_port: {self.port} cannot be listened on at {self.host} ({error.strerror})"
+                f"logging.prometheus_port: {self.port} cannot be listened on at {self.host} ({reason})"
             ) from None
-        self.step.labels(self.rank).set(state.step)
         print(f"metrics: http://{self.host}:{self.server.server_port}/metrics", file=sys.stderr, flush=True)
+
+    def on_train_start(self, state: RunState) -> None:
+        self.step.labels(self.rank).set(state.step)
 
     def on_log(self, state: RunState, record: dict[str, Any]) -> None:
         from prometheus_client import Gauge
@@ -130,5 +124,6 @@ class PrometheusExporter(Callback):
     def close(self) -> None:
         if self.server is not None:
             self.server.shutdown()
+            self.server.server_close()
             self.thread.join(timeout=5)
             self.server = None

@@ -10,6 +10,7 @@ from pathlib import Path
 from scaleforge.config import RunConfig
 from scaleforge.errors import UsageError
 from scaleforge.train.checkpoint import checked_checkpoint, newest_good_checkpoint
+from scaleforge.train.status import read_status, run_state
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -30,6 +31,12 @@ def resume_point(run_dir: Path, resume: str) -> Path | None:
     Damaged checkpoints are reported as warnings and passed over."""
     if (run_dir / "final").exists():
         raise UsageError(f"{run_dir} already holds a finished run; choose another --run-dir or remove it")
+    if run_state(run_dir) == "running":
+        status = read_status(run_dir)
+        raise UsageError(
+            f"{run_dir} is being trained now (process {status.get('pid')} on {status.get('host')}); choose another "
+            "--run-dir"
+        )
     if resume not in ("auto", "never"):
         return checked_checkpoint(Path(resume))
     checkpoint = newest_good_checkpoint(run_dir / "checkpoints") if resume == "auto" else None

@@ -13,12 +13,23 @@ import time
 from pathlib import Path
 from typing import Any
 
+from scaleforge.train.callbacks import Callback, RunState
+
 STATUS = "status.json"
+STALE_S = 900.0  # a run on another host whose status has not been rewritten for this long is taken to be gone
 
 
 def write_status(run_dir: Path, state: str, **details: Any) -> None:
-    """Record `state` (running, stopped, failed, finished) for `run_dir`, replacing the file whole."""
-    record = {"state": state, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time(), **details}
+    """Record `state` (running, stopped, failed, finished) for `run_dir`, replacing the file whole; `time` is
+    when, `process_started` tells this process from a later one that reuses its id."""
+    record = {
+        "state": state,
+        "pid": os.getpid(),
+        "process_started": _started(os.getpid()),
+        "host": socket.gethostname(),
+        "time": time.time(),
+        **details,
+    }
     partial = run_dir / f"{STATUS}.partial"
     partial.write_text(json.dumps(record) + "\n")
     partial.replace(run_dir / STATUS)
@@ -46,13 +57,39 @@ def run_state(run_dir: Path) -> str:
 
 
 def _alive(record: dict[str, Any]) -> bool:
-    """Whether the process that wrote `record` still runs (a process on another host is taken to)."""
+    """Whether the process that wrote `record` still runs: on this host, that process itself (not another that
+    reuses its id); on another, one whose last word (every log line: `StatusHeartbeat`) is recent."""
     if record.get("host") != socket.gethostname():
-        return True
+        return time.time() - float(record.get("time", 0)) < STALE_S
     try:
-        os.kill(int(record.get("pid", -1)), 0)
+        pid = int(record.get("pid", -1))
+        os.kill(pid, 0)
     except PermissionError:  # it exists, as another user's
         return True
-    except (OSError, ValueError):
+    except (OSError, ValueError, OverflowError):
         return False
-    return True
+    started = record.get("process_started")
+    return started is None or _started(pid) is None or abs(_started(pid) - float(started)) < 1.0
+
+
+def _started(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+class StatusHeartbeat(Callback):
+    """Rewrites `status.json` (running, now) at every log line, so that another host can tell a run that still
+    trains from one whose node went down."""
+
+    def on_log(self, state: RunState, record: dict[str, Any]) -> None:
+        status = read_status(state.run_dir)
+        write_status(
+            state.run_dir,
+            "running",
+            step=record["step"],
+            **{key: status[key] for key in ("strategy", "processes") if key in status},
+        )

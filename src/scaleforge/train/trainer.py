@@ -69,7 +69,7 @@ from scaleforge.train.objectives import Objective, default_objective
 from scaleforge.train.precision import Autocast, make_autocast, resolve_precision
 from scaleforge.train.run_dir import default_run_dir, resume_point
 from scaleforge.train.signals import Interrupted, StopRequest
-from scaleforge.train.status import STATUS, write_status
+from scaleforge.train.status import STATUS, StatusHeartbeat, write_status
 
 MicroBatches = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -151,7 +151,7 @@ def build_scheduler(
 
 def build_callbacks(config: RunConfig, run_dir: Path, extra: Sequence[Callback] = ()) -> CallbackList:
     """The standard reporters from `logging`, the config's `training.callbacks`, then `extra`."""
-    callbacks: list[Callback] = [JsonlLogger(run_dir / "metrics.jsonl")]
+    callbacks: list[Callback] = [JsonlLogger(run_dir / "metrics.jsonl"), StatusHeartbeat()]
     if config.logging.tensorboard:
         callbacks.append(TensorBoardLogger(run_dir / "tensorboard"))
     progress = build_progress(config.logging.progress)
@@ -640,6 +640,8 @@ def prometheus_exporter(section: LoggingSection, env: DistEnv) -> PrometheusExpo
     """`logging.prometheus_port`: this process's exporter; with `prometheus_ranks: all`, rank r listens on the
     port + its local rank (the processes of one node cannot share a port)."""
     port = section.prometheus_port or 0
+    if port and port + env.local_rank > 65535:
+        raise ConfigError(f"logging.prometheus_port: {port} + local rank {env.local_rank} is past port 65535")
     return PrometheusExporter(port + env.local_rank if port else 0, section.prometheus_host, env.rank)
 
 
