@@ -401,3 +401,30 @@ def test_an_idle_model_takes_a_request_whatever_the_last_batches_took() -> None:
         return [first, second]
 
     assert run(scenario()) == [[2], [4]]
+
+
+def test_a_cancelled_ticket_leaves_the_queue_at_once_and_never_runs() -> None:
+    ran: list[list[int]] = []
+
+    def record(instances: list[int]) -> list[int]:
+        ran.append(list(instances))
+        time.sleep(0.05)
+        return instances
+
+    async def scenario() -> tuple[list[object], int]:
+        b = Batcher(record, max_batch_size=2, max_delay_s=0.0, max_queue=2, timeout_s=5.0)
+        b.start()
+        first = asyncio.ensure_future(b.submit([1]))
+        await asyncio.sleep(0.01)  # running alone
+        waiting = [b.enqueue([2]), b.enqueue([3])]  # the queue is full
+        assert b.cancel(waiting[0]) and not b.cancel(waiting[0])
+        queued = b.queued  # room again at once, before any task has run
+        b.enqueue([4])
+        outcomes = await asyncio.gather(first, *(b.wait(t) for t in waiting), return_exceptions=True)
+        await b.close()
+        return outcomes, queued
+
+    outcomes, queued = run(scenario())
+    assert queued == 1
+    assert isinstance(outcomes[1], asyncio.CancelledError) and outcomes[2].outputs == [3]
+    assert [3, 4] in ran and all(2 not in batch for batch in ran)
