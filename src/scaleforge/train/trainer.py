@@ -650,8 +650,7 @@ def check_loss_sees_inputs(objective: Objective, name: str, dims: ParallelDims) 
     stage computes the loss without them."""
     if getattr(objective.loss, "takes_inputs", False) and dims.pp > 1:
         raise ConfigError(
-            f"training.loss: {name} reads the batch's inputs, which pipeline stages after the first never see; "
-            "use ddp"
+            f"training.loss: {name} reads the batch's inputs, which pipeline stages after the first never see; use ddp"
         )
 
 
