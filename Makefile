@@ -21,10 +21,8 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 demo: setup
 	run=runs/demo-$$(date +%Y%m%d-%H%M%S) && $(BIN)/scaleforge train --run-dir $$run && $(BIN)/scaleforge plot $$run
 
-# worksteal: a worker that runs out of tests takes some of the other's, so a long test near the end does not leave
-# one core idle.
 test: setup
-	$(BIN)/python -m pytest -n 2 --dist worksteal -q
+	$(BIN)/python -m pytest -n 2 -q
 
 lint: setup
 	$(BIN)/ruff check src tests

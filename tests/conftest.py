@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from scaleforge.cli import main
 
@@ -20,6 +22,16 @@ class CliResult:
     code: int
     out: str
     err: str
+
+
+@pytest.fixture(autouse=True)
+def torch_threads_as_they_were() -> Iterator[None]:
+    """Each test leaves torch's thread count as it found it. Serving and streaming in this process set it for
+    their model, and runs trained here are compared bit for bit with runs of other processes, which a different
+    count (another order of the sums in a matrix product) would break."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
