@@ -15,6 +15,8 @@ import torch
 from scaleforge.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test`: two workers share the two cores, one torch thread each
+    torch.set_num_threads(1)
 
 
 @dataclass

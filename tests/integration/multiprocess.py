@@ -33,6 +33,9 @@ RUN = [
     "logging.tensorboard=false",
     "logging.plot=false",
     "checkpoint.every_steps=0",
+    # one torch thread in every process, whoever runs it: a run trained in the test's own process (whose thread
+    # count the test session sets) and one in a subprocess then sum in the same order, bit for bit
+    "hardware.threads=1",
 ]
 GPT = MODEL + RUN
 TOLERANCE = 1e-4
