@@ -1,7 +1,5 @@
 """`python -m scaleforge` is the `scaleforge` command."""
 
-import sys
+from scaleforge.cli import run
 
-from scaleforge.cli import main
-
-sys.exit(main())
+run()

@@ -883,9 +883,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def run() -> NoReturn:
+    """The `scaleforge` command as a process: `main`, then exit without the final garbage collection of every
+    object torch has made, which takes about 1 s of each process's exit (`python -c "import torch._dynamo"`:
+    4.4 s, 3.5 s with `gc.freeze()` at its end). Open files and threads are closed by then; only the collection
+    of unreachable cycles is skipped, as the process ends anyway."""
+    import gc
+
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    gc.freeze()
+    sys.exit(code)
+
+
 def _is_main_process() -> bool:
     return int(os.environ.get("RANK", 0)) == 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
+from pathlib import Path
+
+import numpy as np
 import torch
 
 from scaleforge.data.base import DataInfo, DatasetSplits, ImageInput, InMemoryDataset
@@ -14,13 +19,11 @@ def digits(val_fraction: float = 0.2, split_seed: int = 0) -> DatasetSplits:
 
     As image files (for serving), a digit is an 8x8 grey image whose brightness is the ink: white on black.
     """
-    from sklearn.datasets import load_digits
-
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-    bunch = load_digits()
-    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
-    labels = torch.tensor(bunch.target, dtype=torch.long)
+    pixels, targets = _load_digits()
+    images = torch.tensor(pixels, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0  # (N, 1, 8, 8)
+    labels = torch.tensor(targets, dtype=torch.long)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(split_seed))
     num_val = round(len(labels) * val_fraction)
     val_idx, train_idx = order[:num_val], order[num_val:]
@@ -36,3 +39,20 @@ def digits(val_fraction: float = 0.2, split_seed: int = 0) -> DatasetSplits:
         val=InMemoryDataset(images[val_idx], labels[val_idx]),
         info=info,
     )
+
+
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The (1797, 64) ink values and (1797,) labels of the `digits.csv.gz` scikit-learn ships, read as its
+    `load_digits` reads them. Read here without importing scikit-learn, whose import (SciPy with it) takes 2.0 of
+    the 5 s a `scaleforge train` process spends before its first step (`python -X importtime`); its own loader
+    when the file is not where scikit-learn keeps it."""
+    spec = importlib.util.find_spec("sklearn")  # finds the package without running it
+    roots = spec.submodule_search_locations if spec is not None else None
+    file = Path(next(iter(roots))) / "datasets" / "data" / "digits.csv.gz" if roots else None
+    if file is None or not file.is_file():
+        from sklearn.datasets import load_digits
+
+        return load_digits(return_X_y=True)
+    with gzip.open(file, "rt") as text:
+        data = np.loadtxt(text, delimiter=",")
+    return data[:, :-1], data[:, -1].astype(int)
