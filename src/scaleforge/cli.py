@@ -342,6 +342,51 @@ def cmd_stream(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    from scaleforge.search.objectives import parse_objective
+    from scaleforge.search.runner import SearchOptions, run_search
+
+    path, overrides = _split_config_args(args.config)
+    objectives = [parse_objective(part) for item in args.objective or ["val_loss"] for part in item.split(",")]
+    options = SearchOptions(
+        config=path,
+        overrides=tuple(overrides),
+        space=Path(args.space),
+        objectives=tuple(objectives),
+        trials=args.trials,
+        jobs=args.jobs,
+        nproc=args.nproc,
+        study=args.study,
+        storage=args.storage,
+        folder=Path(args.dir) if args.dir else None,
+        timeout_s=args.timeout,
+        sampler=args.sampler,
+        pruner=args.pruner,
+        pruner_startup=args.pruner_startup,
+        seed=args.seed,
+    )
+    run_search(options)
+    return 0
+
+
+def cmd_search_show(args: argparse.Namespace) -> int:
+    from scaleforge.search.report import show
+    from scaleforge.search.study import load_existing, open_storage, read_study_file
+
+    folder = Path(args.study)
+    if not folder.is_dir() and (Path("runs") / "search" / args.study).is_dir():
+        folder = Path("runs") / "search" / args.study
+    if args.storage:
+        name, url = args.study_name, args.storage
+    elif folder.is_dir():
+        name, url = read_study_file(folder)
+    else:
+        raise UsageError(f"{args.study}: no such study folder (nor runs/search/{args.study}); or give --storage URL")
+    study = load_existing(name, open_storage(url), url)
+    show(study, folder if folder.is_dir() else Path("."), trial=args.trial, out=Path(args.out) if args.out else None)
+    return 0
+
+
 def _float_above(minimum: float, inclusive: bool, kind: str) -> Callable[[str], float]:
     """An argparse type: a finite number above `minimum` (or equal to it when `inclusive`)."""
 
@@ -672,6 +717,54 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--summary-json", metavar="FILE", help="also write the summary's figures here")
     stream.set_defaults(handler=cmd_stream)
 
+    search = commands.add_parser(
+        "search",
+        help="search architectures and hyperparameters with Optuna; 'search show STUDY' reports one",
+        description="Sample configs from a search space (dotted config keys mapped to distributions), train each as "
+        "a normal run under the study's folder, prune hopeless trials, and report the best trial or, for several "
+        "objectives, the Pareto front. Running the same command again continues the study. "
+        "'scaleforge search show STUDY' prints what a study found and writes its best config.",
+    )
+    search.add_argument("config", nargs="*", metavar="CONFIG_OR_OVERRIDE", help=config_help)
+    search.add_argument("--space", required=True, metavar="SPACE.yaml", help="the search space")
+    search.add_argument(
+        "--objective",
+        action="append",
+        metavar="NAME[,NAME...]",
+        help="what to optimise, repeatable: val_loss (default), val_accuracy, val_<metric>:max|min, or a cost: "
+        "params, latency_ms (batch 1), int8_size_kib (after dynamic-int8); several give a Pareto front",
+    )
+    search.add_argument("--trials", type=_positive_int, default=20, help="trials in the study in all (default 20)")
+    search.add_argument("--jobs", type=_positive_int, default=1, help="trials at once, each its own process")
+    search.add_argument("--nproc", type=_positive_int, default=1, help="processes per trial (the launcher's --nproc)")
+    search.add_argument("--study", help="the study's name (default: the config's name)")
+    search.add_argument(
+        "--storage",
+        metavar="URL",
+        help="Optuna storage URL shared by every machine of the search (default: sqlite:///DIR/study.db)",
+    )
+    search.add_argument("--dir", help="the study's folder, holding its trials (default: runs/search/<study>)")
+    search.add_argument(
+        "--timeout", type=_float_above(0, False, "seconds"), metavar="S", help="start no trial after S seconds"
+    )
+    search.add_argument("--sampler", choices=("tpe", "random", "nsga2", "gp"), default="tpe", help="(default tpe)")
+    search.add_argument(
+        "--pruner",
+        choices=("auto", "median", "hyperband", "none"),
+        default="auto",
+        help="stops hopeless trials from their validation values; auto (default): median for one validation "
+        "metric, none for several objectives",
+    )
+    search.add_argument(
+        "--pruner-startup",
+        type=_non_negative_int,
+        default=5,
+        metavar="K",
+        help="trials that finish before the median pruner stops any (default 5)",
+    )
+    search.add_argument("--seed", type=_non_negative_int, default=0, help="the sampler's seed (default 0)")
+    search.set_defaults(handler=cmd_search)
+
     bench = commands.add_parser("bench", help="benchmarks")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True, parser_class=_Parser)
     overhead = bench_commands.add_parser(
@@ -818,8 +911,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_search_show_parser() -> argparse.ArgumentParser:
+    """`scaleforge search show STUDY`: a command of its own beside `search CONFIG` (which takes free arguments)."""
+    parser = _Parser(
+        prog="scaleforge search show",
+        description="Print a study's trials, its best trial or Pareto front and parameter importances, draw its "
+        "plot, and write the best trial's config as a YAML file for 'scaleforge train'.",
+    )
+    parser.add_argument("study", metavar="STUDY", help="the study's folder, or its name under runs/search/")
+    parser.add_argument("--storage", metavar="URL", help="read the study from this storage instead of its folder")
+    parser.add_argument("--study-name", metavar="NAME", help="with --storage: which study (default: the only one)")
+    parser.add_argument(
+        "--trial",
+        type=_non_negative_int,
+        help="write this trial's config (default: the best, or the Pareto front's best on the first objective)",
+    )
+    parser.add_argument("--out", help="where the config goes (default: STUDY/best.yaml)")
+    parser.set_defaults(handler=cmd_search_show)
+    return parser
+
+
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
     """argparse, with `KEY=VALUE` overrides accepted anywhere on the line (`train cfg.yaml --nproc 2 seed=1`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["search", "show"]:
+        return build_search_show_parser().parse_args(argv[2:])
     args, extra = parser.parse_known_args(argv)
     overrides = [item for item in extra if "=" in item and not item.startswith("-")]
     unknown = [item for item in extra if item not in overrides]

@@ -25,7 +25,7 @@ def write_status(run_dir: Path, state: str, **details: Any) -> None:
     record = {
         "state": state,
         "pid": os.getpid(),
-        "process_started": _started(os.getpid()),
+        "process_started": process_start_time(os.getpid()),
         "host": socket.gethostname(),
         "time": time.time(),
         **details,
@@ -61,18 +61,27 @@ def _alive(record: dict[str, Any]) -> bool:
     reuses its id); on another, one whose last word (every log line: `StatusHeartbeat`) is recent."""
     if record.get("host") != socket.gethostname():
         return time.time() - float(record.get("time", 0)) < STALE_S
+    return process_alive(record.get("pid"), record.get("process_started"))
+
+
+def process_alive(pid: Any, started: Any) -> bool:
+    """Whether process `pid` of this host runs and is the one that started at `started` (not a later process
+    that reuses its id; None: not known)."""
     try:
-        pid = int(record.get("pid", -1))
+        pid = int(pid)
+        if pid <= 0:  # not a process: kill() would signal a whole group
+            return False
         os.kill(pid, 0)
     except PermissionError:  # it exists, as another user's
         return True
-    except (OSError, ValueError, OverflowError):
+    except (OSError, TypeError, ValueError, OverflowError):
         return False
-    started = record.get("process_started")
-    return started is None or _started(pid) is None or abs(_started(pid) - float(started)) < 1.0
+    now = process_start_time(pid)
+    return started is None or now is None or abs(now - float(started)) < 1.0
 
 
-def _started(pid: int) -> float | None:
+def process_start_time(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch), or None if it is gone."""
     import psutil
 
     try:

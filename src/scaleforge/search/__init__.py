@@ -1,0 +1,1 @@
+"""Architecture and hyperparameter search on Optuna: `scaleforge search` and `scaleforge search show`."""

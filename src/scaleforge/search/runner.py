@@ -1,0 +1,525 @@
+"""`scaleforge search`: trials sampled by Optuna, each trained by `scaleforge train` in a process of its own.
+
+One loop in this process asks the study for trials, starts up to `--jobs` of them (each `scaleforge train
+TRIAL.yaml --run-dir ...`, on `--nproc` processes through the launcher when asked), reads each one's validation
+metrics from its `metrics.jsonl` as they appear and reports them to the pruner, stops a pruned trial with
+SIGTERM (the trainer's own clean stop), and tells the study each trial's objectives, measured on its finished
+run directory. A trial is a normal run directory under the study's folder: it can be evaluated, compressed,
+exported or served like any other.
+
+Killing the search (Ctrl-C, SIGTERM) stops the running trials at their next step with a checkpoint and queues
+them again; the same command continues the study, and a requeued trial resumes its own run directory. A trial
+whose process fails is recorded as failed with its error, and the search goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+import optuna
+import yaml
+from optuna.trial import TrialState
+
+from scaleforge.bench.harness import counted
+from scaleforge.config import RunConfig, apply_override, config_from_dict, read_yaml
+from scaleforge.distributed.launch import threads_per_process
+from scaleforge.errors import ConfigError, UsageError
+from scaleforge.search import report
+from scaleforge.search.objectives import Objective, check_objectives, measure
+from scaleforge.search.space import SearchSpace, check_space, read_space, trial_config
+from scaleforge.search.study import (
+    HEARTBEAT_S,
+    StudyRecord,
+    default_storage,
+    open_storage,
+    open_study,
+    progress,
+    quiet_optuna,
+    requeue,
+    requeue_orphans,
+    requeue_stale,
+    trials_so_far,
+    worker_attrs,
+    write_study_file,
+)
+from scaleforge.train.signals import Interrupted
+from scaleforge.train.status import run_state
+
+POLL_S = 0.25
+STOP_GRACE_S = 120.0  # how long a stopped trial may take to write its checkpoint before it is killed
+SAMPLERS = ("tpe", "random", "nsga2", "gp")
+PRUNERS = ("auto", "median", "hyperband", "none")
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """What `scaleforge search` was asked to do."""
+
+    config: str | None
+    overrides: tuple[str, ...]
+    space: Path
+    objectives: tuple[Objective, ...]
+    trials: int
+    jobs: int = 1
+    nproc: int = 1
+    study: str | None = None
+    storage: str | None = None
+    folder: Path | None = None
+    timeout_s: float | None = None
+    sampler: str = "tpe"
+    pruner: str = "auto"
+    pruner_startup: int = 5
+    seed: int = 0
+
+    def pruner_name(self) -> str:
+        """`auto`: the median pruner for one validation metric; none for several objectives or a cost alone."""
+        if self.pruner != "auto":
+            return self.pruner
+        return "median" if len(self.objectives) == 1 and not self.objectives[0].is_cost else "none"
+
+
+@dataclass
+class Slot:
+    """A trial being trained."""
+
+    trial: optuna.Trial
+    values: dict[str, Any]
+    run_dir: Path
+    process: subprocess.Popen
+    log: IO[str]
+    started: float = field(default_factory=time.monotonic)
+    reported_step: int = -1
+    pruned_at: tuple[int, float] | None = None
+    stopping: bool = False
+
+
+def run_search(options: SearchOptions) -> Path:
+    """Run the search to its budget of trials; returns the study's folder (results, plots, best config)."""
+    return Search(options).run()
+
+
+class Search:
+    def __init__(self, options: SearchOptions) -> None:
+        check_objectives(options.objectives)
+        self.options = options
+        self.base, self.base_config = _base_config(options.config, options.overrides)
+        self.space = read_space(options.space)
+        check_space(self.space, self.base)
+        self.name = options.study or self.base_config.name
+        self.folder = options.folder or Path("runs") / "search" / self.name
+        pruner = options.pruner_name()
+        if pruner != "none" and (len(options.objectives) > 1 or options.objectives[0].is_cost):
+            raise UsageError(
+                f"--pruner {pruner}: pruning judges one validation metric as it is reported; this search has "
+                f"{', '.join(o.name for o in options.objectives)} (use --pruner none)"
+            )
+        self.pruning = pruner != "none"
+        self.url = options.storage or default_storage(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        storage = open_storage(self.url)
+        record = StudyRecord(
+            objectives=options.objectives,
+            config=Path(options.config).read_text(encoding="utf-8") if options.config else "",
+            overrides=options.overrides,
+            space=self.space.text(),
+        )
+        sampler = _sampler(options, trials_so_far(storage, self.name), shared=options.storage is not None)
+        self.study, created = open_study(self.name, storage, record, sampler, _pruner(options))
+        write_study_file(self.folder, self.name, self.url)
+        if created:
+            for values in self.space.enqueued:
+                self.study.enqueue_trial(_encoded(self.space, values), skip_if_exists=True)
+        self.threads = max(1, threads_per_process(options.jobs * options.nproc))
+        self.slots: list[Slot] = []
+        self.stop_signal: int | None = None
+        self.deadline = time.monotonic() + options.timeout_s if options.timeout_s else None
+        self.last_heartbeat = 0.0
+        self.bar: Any = None  # a progress bar on a terminal; plain lines in logs
+        self.bar_task: Any = None
+
+    def say(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.console.print(line, highlight=False, markup=False)
+        else:
+            print(line, flush=True)
+
+    def _update_bar(self) -> None:
+        if self.bar is not None:
+            state = progress(self.study)
+            self.bar.update(self.bar_task, completed=state.done, running=len(self.slots))
+
+    # ------------------------------------------------------------------------------------------- the loop
+
+    def run(self) -> Path:
+        options = self.options
+        orphans = requeue_orphans(self.study)
+        state = progress(self.study)
+        what = ", ".join(o.spec() for o in options.objectives)
+        threads = f"{counted(self.threads, 'thread')} {'per process' if options.nproc > 1 else 'each'}"
+        print(
+            f"search {self.name}: {state.done} of {options.trials} trials done, {options.jobs} at a time ({threads}) "
+            f"| objectives {what} | study {self.url}"
+        )
+        if orphans:
+            print(f"trials {', '.join(map(str, orphans))} were cut short by a search that is gone: they run again")
+        with _stop_on_signals(self), _progress_bar(self, state.done):
+            try:
+                self._loop()
+            except BaseException:
+                self._stop_all(reason="the search failed")
+                raise
+        if self.stop_signal is not None:
+            name = signal.Signals(self.stop_signal).name
+            raise Interrupted(
+                self.stop_signal,
+                f"interrupted ({name}): the running trials stopped with a checkpoint and are queued again; run the "
+                "same command to go on",
+            )
+        print()
+        report.show(self.study, self.folder)
+        return self.folder
+
+    def _loop(self) -> None:
+        while True:
+            for slot in list(self.slots):
+                self._watch(slot)
+            self._heartbeat()
+            self._update_bar()
+            if self.stop_signal is not None:
+                self._stop_all(reason="interrupted")
+                return
+            while len(self.slots) < self.options.jobs and self._may_start():
+                self._start()
+            if not self.slots:
+                return
+            time.sleep(POLL_S)
+
+    def _may_start(self) -> bool:
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return False
+        return progress(self.study).may_start(self.options.trials)
+
+    def _heartbeat(self) -> None:
+        if time.monotonic() - self.last_heartbeat < HEARTBEAT_S / 2:
+            return
+        self.last_heartbeat = time.monotonic()
+        for slot in self.slots:
+            self.study._storage.record_heartbeat(slot.trial._trial_id)
+
+    # ------------------------------------------------------------------------------------------ one trial
+
+    def _start(self) -> None:
+        requeue_stale(self.study)  # trials of other machines whose heartbeat stopped, as Study.optimize does
+        with quiet_optuna():
+            trial = self.study.ask()
+        self.study._storage.record_heartbeat(trial._trial_id)
+        values = self.space.sample(lambda dimension: dimension.suggest(trial))
+        # a requeued trial goes on in its own run directory, if that is on this machine
+        earlier = trial.user_attrs.get("run_dir") if trial.user_attrs.get("host") == socket.gethostname() else None
+        run_dir = Path(earlier) if earlier else (self.folder / f"trial-{trial.number:04d}").resolve()
+        trial.set_user_attr("run_dir", str(run_dir))
+        for key, value in worker_attrs().items():
+            trial.set_user_attr(key, value)
+        try:
+            sampled = trial_config(self.base, values)
+            data = {"name": f"{self.name}-{trial.number:04d}", **{k: v for k, v in sampled.items() if k != "name"}}
+            config_from_dict(data)
+        except ConfigError as error:
+            self._fail(trial, values, run_dir, error.one_line(), started=time.monotonic())
+            return
+        text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+        trial.set_user_attr("config", text)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _wait_until_stopped(run_dir)
+        (run_dir / "trial.yaml").write_text(text)
+        if (run_dir / "final" / "model.safetensors").is_file() and (run_dir / "summary.json").is_file():
+            self._complete(trial, values, run_dir, started=time.monotonic())  # trained before its search died
+            return
+        command = [sys.executable, "-m", "scaleforge", "train", str(run_dir / "trial.yaml"), "--run-dir", str(run_dir)]
+        if self.base_config.hardware.threads is None and "hardware.threads" not in values:
+            command.append(f"hardware.threads={self.threads}")
+        if self.options.nproc > 1:
+            command += ["--nproc", str(self.options.nproc)]
+        log = (run_dir / "train.log").open("a", encoding="utf-8")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(self.threads)}
+        env.update(self._devices(len(self.slots)))
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, preexec_fn=_die_with_us
+        )
+        self.slots.append(Slot(trial, values, run_dir, process, log))
+        self.say(f"trial {trial.number} started: {describe(values)}")
+
+    def _devices(self, index: int) -> dict[str, str]:
+        """Several GPUs: each trial running at once gets its own (CUDA_VISIBLE_DEVICES)."""
+        import torch
+
+        per_trial = self.options.nproc
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if "CUDA_VISIBLE_DEVICES" in os.environ or count < per_trial * self.options.jobs or self.options.jobs == 1:
+            return {}
+        first = index * per_trial
+        return {"CUDA_VISIBLE_DEVICES": ",".join(str(first + i) for i in range(per_trial))}
+
+    def _watch(self, slot: Slot) -> None:
+        if self.pruning and slot.pruned_at is None:
+            self._report(slot)
+        code = slot.process.poll()
+        if code is None:
+            return
+        slot.log.close()
+        self.slots.remove(slot)
+        if slot.stopping and slot.pruned_at is None:
+            return  # stopped by the search itself: `_stop_all` queues it again
+        if slot.pruned_at is not None:
+            self._pruned(slot)
+        elif code == 0:
+            self._complete(slot.trial, slot.values, slot.run_dir, slot.started)
+        else:
+            self._fail(slot.trial, slot.values, slot.run_dir, _error_of(slot.run_dir / "train.log", code), slot.started)
+
+    def _report(self, slot: Slot) -> None:
+        """Report each new validation value to the pruner; stop the trial (SIGTERM) when it says so."""
+        metric = self.options.objectives[0].name
+        for record in _records(slot.run_dir / "metrics.jsonl"):
+            step = int(record.get("step", -1))
+            if metric not in record or step <= slot.reported_step:
+                continue
+            slot.trial.report(float(record[metric]), step)
+            slot.reported_step = step
+            if slot.trial.should_prune():
+                slot.pruned_at = (step, float(record[metric]))
+                slot.process.send_signal(signal.SIGTERM)
+                return
+
+    def _complete(self, trial: optuna.Trial, values: dict[str, Any], run_dir: Path, started: float) -> None:
+        try:
+            measured = measure(run_dir, self.options.objectives, self.threads)
+        except ConfigError as error:
+            self.study.tell(trial, state=TrialState.FAIL)
+            raise error
+        results = [measured[o.name] for o in self.options.objectives]
+        self.study.tell(trial, results)
+        _write_trial(run_dir, trial.number, "complete", values, measured)
+        state = progress(self.study)
+        figures = " | ".join(f"{name} {_figure(value)}" for name, value in measured.items())
+        self.say(
+            f"trial {trial.number} finished in {time.monotonic() - started:.1f}s: {figures} [{self._count(state)}]"
+        )
+
+    def _pruned(self, slot: Slot) -> None:
+        assert slot.pruned_at is not None
+        step, value = slot.pruned_at
+        self.study.tell(slot.trial, state=TrialState.PRUNED)
+        metric = self.options.objectives[0].name
+        _write_trial(slot.run_dir, slot.trial.number, "pruned", slot.values, {metric: value})
+        state = progress(self.study)
+        self.say(f"trial {slot.trial.number} pruned at step {step}: {metric} {_figure(value)} [{self._count(state)}]")
+
+    def _fail(self, trial: optuna.Trial, values: dict[str, Any], run_dir: Path, error: str, started: float) -> None:
+        trial.set_user_attr("error", error)
+        self.study.tell(trial, state=TrialState.FAIL)
+        if run_dir.is_dir():
+            _write_trial(run_dir, trial.number, "failed", values, {}, error=error)
+        state = progress(self.study)
+        took = time.monotonic() - started
+        self.say(f"trial {trial.number} failed after {took:.1f}s: {error} [{self._count(state)}]")
+
+    def _count(self, state: Any) -> str:
+        return f"{state.done}/{self.options.trials} done"
+
+    def _stop_all(self, reason: str) -> None:
+        """Stop the running trials with a checkpoint (SIGTERM) and queue them again, to resume their run
+        directories when the search goes on; one that finished meanwhile is told as finished."""
+        for slot in self.slots:
+            if slot.process.poll() is None:
+                slot.stopping = True
+                slot.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for slot in self.slots:
+            try:
+                slot.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                slot.process.kill()
+                slot.process.wait()
+            slot.log.close()
+        slots, self.slots = self.slots, []
+        for slot in slots:
+            if slot.process.returncode == 0 and (slot.run_dir / "final").is_dir() and slot.pruned_at is None:
+                self._complete(slot.trial, slot.values, slot.run_dir, slot.started)
+                continue
+            slot.trial.set_user_attr("error", reason)
+            requeue(self.study, self.study.tell(slot.trial, state=TrialState.FAIL))
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+
+def _base_config(path: str | None, overrides: Sequence[str]) -> tuple[dict[str, Any], RunConfig]:
+    """The base config's data (the file with the overrides set) and the config it loads to."""
+    raw: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    if path is not None:
+        raw, origins = read_yaml(Path(path))
+        if "name" not in raw:
+            raw["name"] = Path(path).stem
+    for item in overrides:
+        apply_override(raw, origins, item)
+    from scaleforge.config import load_config
+
+    return raw, load_config(path, overrides)  # the loader's own messages for a bad base config
+
+
+def _sampler(options: SearchOptions, existing_trials: int, *, shared: bool) -> optuna.samplers.BaseSampler:
+    # A second command on the same study draws other numbers than the first did: the same seed would sample the
+    # first trials' parameters again. Searches sharing a storage (other machines) may start together: each draws
+    # its own numbers.
+    seed = options.seed + 7919 * existing_trials
+    if shared:
+        seed += zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode())
+    with quiet_optuna():
+        if options.sampler == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if options.sampler == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=seed)
+        if options.sampler == "gp":
+            return optuna.samplers.GPSampler(seed=seed)
+        # group: conditional keys (an architecture's own parameters) are modelled with the choice they hang on
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
+
+
+def _pruner(options: SearchOptions) -> optuna.pruners.BasePruner:
+    name = options.pruner_name()
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=options.pruner_startup)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource="auto")
+    return optuna.pruners.NopPruner()
+
+
+def _encoded(space: SearchSpace, values: dict[str, Any]) -> dict[str, Any]:
+    by_key = {d.key: d for d in space.dimensions}
+    return {key: by_key[key].encode(value) for key, value in values.items()}
+
+
+def describe(values: dict[str, Any]) -> str:
+    """`architecture=mlp hidden_layers=[64] learning_rate=0.0012`: each key by its last part."""
+    return " ".join(f"{key.rsplit('.', 1)[-1]}={_short(value)}" for key, value in values.items())
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+def _figure(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 1000 or float(value).is_integer() else f"{value:.4g}"
+
+
+def _records(path: Path) -> Iterator[dict[str, Any]]:
+    """The complete lines of a metrics file being written (a resumed run rewrites it, so it is read whole)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # the line being written
+        if isinstance(record, dict):
+            yield record
+
+
+def _error_of(log: Path, code: int) -> str:
+    """The trainer's one-line error from its log, else the last line of its traceback."""
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        lines = []
+    kinds = ("error:", "config error:", "data error:", "usage error:")
+    for line in reversed(lines):
+        if line.startswith(kinds):
+            return line
+    last = lines[-1] if lines else "no output"
+    return f"exited with code {code}: {last}"[:500]
+
+
+def _write_trial(
+    run_dir: Path, number: int, state: str, values: dict[str, Any], measured: dict[str, float], **extra: Any
+) -> None:
+    record = {"trial": number, "state": state, "params": values, "values": measured, **extra}
+    (run_dir / "trial.json").write_text(json.dumps(record, indent=1) + "\n")
+
+
+def _wait_until_stopped(run_dir: Path) -> None:
+    """A requeued trial's run directory may still be written by its earlier process, stopping on the SIGTERM its
+    killed search left it (`_die_with_us`): wait for it to finish its checkpoint."""
+    deadline = time.monotonic() + STOP_GRACE_S
+    while run_state(run_dir) == "running" and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+
+
+def _die_with_us() -> None:
+    """In the trial's process before it starts: SIGTERM when the search process dies, however it dies (Linux;
+    elsewhere a killed search leaves its trials to finish on their own)."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _progress_bar(search: Search, done: int) -> Iterator[None]:
+    """On a terminal, a bar of the study's finished trials below the lines of each trial."""
+    if not sys.stdout.isatty():
+        yield
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = [
+        TextColumn("search"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("trials | {task.fields[running]} running"),
+    ]
+    with Progress(*columns, TimeElapsedColumn(), transient=True) as bar:
+        search.bar = bar
+        search.bar_task = bar.add_task("search", total=search.options.trials, completed=done, running=0)
+        try:
+            yield
+        finally:
+            search.bar = None
+
+
+class _stop_on_signals:
+    """SIGINT and SIGTERM ask the loop to stop the trials and queue them again; a second one stops at once."""
+
+    def __init__(self, search: Search) -> None:
+        self.search = search
+        self.previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.search.stop_signal is not None:
+            raise KeyboardInterrupt
+        self.search.stop_signal = signum
+
+    def __enter__(self) -> None:
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
