@@ -382,6 +382,8 @@ def cmd_search_show(args: argparse.Namespace) -> int:
         name, url = read_study_file(folder)
     else:
         raise UsageError(f"{args.study}: no such study folder (nor runs/search/{args.study}); or give --storage URL")
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise UsageError(f"{url.removeprefix('sqlite:///')}: the study's database is not there")
     study = load_existing(name, open_storage(url), url)
     show(study, folder if folder.is_dir() else Path("."), trial=args.trial, out=Path(args.out) if args.out else None)
     return 0

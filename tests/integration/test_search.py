@@ -125,9 +125,9 @@ def test_a_killed_multi_objective_search_resumes_without_repeating_trials_and_en
         """
 model.hidden_layers: {choice: [[8], [16], [32], [64]]}
 training.learning_rate: {log_uniform: [1.0e-3, 1.0e-2]}
-training.epochs: {choice: [4, 80]}
+training.epochs: {choice: [4, 200]}
 enqueue:
-  - {model.hidden_layers: [16], training.learning_rate: 0.005, training.epochs: 80}
+  - {model.hidden_layers: [16], training.learning_rate: 0.005, training.epochs: 200}
   - {model.hidden_layers: [8], training.learning_rate: 0.005, training.epochs: 4}
 """
     )
@@ -216,3 +216,11 @@ def test_a_bad_space_or_objective_exits_2_before_any_trial(
     assert result.code == 2
     assert message in result.err and len(result.err.strip().splitlines()) == 1, result.err
     assert not folder.exists()
+
+
+def test_a_new_study_in_a_folder_holding_another_studys_trials_is_refused(tmp_path: Path, cli) -> None:
+    (tmp_path / "space.yaml").write_text("training.learning_rate: {uniform: [0.01, 0.1]}\n")
+    (tmp_path / "study" / "trial-0000" / "final").mkdir(parents=True)
+    result = cli("search", "--space", str(tmp_path / "space.yaml"), "--trials", "1", "--dir", str(tmp_path / "study"))
+    assert result.code == 2
+    assert "holds the trials of an earlier study (trial-0000) that this study does not know" in result.err

@@ -95,6 +95,7 @@ def test_a_trial_whose_search_process_died_is_queued_again_with_its_run_director
     retry = trials[-1]
     assert retry.state == optuna.trial.TrialState.WAITING
     assert retry.params == trials[0].params and retry.user_attrs["run_dir"] == "/runs/trial-0000"
+    assert "pid" not in retry.user_attrs and "host" not in retry.user_attrs  # no search holds it until one takes it
     state = progress(study)
     assert (state.done, state.running, state.retries) == (1, 1, 1)  # the failure queued again is not counted
     assert state.may_start(budget=2)  # a retry runs even when the budget is taken

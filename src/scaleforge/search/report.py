@@ -37,6 +37,9 @@ def show(study: optuna.Study, folder: Path, *, trial: int | None = None, out: Pa
         objectives,
         requeued,
     )
+    for t in trials:
+        if t.state == TrialState.FAIL and t.number not in requeued:
+            print(f"trial {t.number} failed: {t.user_attrs.get('error', 'no error recorded')}")
     if not complete:
         print("no trial has finished yet: nothing to choose from")
         return {"best": [], "importances": {}}
@@ -59,7 +62,12 @@ def show(study: optuna.Study, folder: Path, *, trial: int | None = None, out: Pa
     out = out or folder / BEST_FILE
     figures = ", ".join(f"{o.name} {_number(v)}" for o, v in zip(objectives, chosen.values, strict=True))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"# trial {chosen.number} of search {study.study_name}: {figures}\n{chosen.user_attrs['config']}")
+    header = f"# trial {chosen.number} of search {study.study_name}: {figures}\n"
+    if "threads" in chosen.user_attrs:  # another count sums in another order: the same figures, not the same bits
+        header += (
+            f"# it trained with hardware.threads={chosen.user_attrs['threads']}: give it to reproduce the run exactly\n"
+        )
+    out.write_text(header + chosen.user_attrs["config"])
     print(f"wrote {out} (trial {chosen.number}: {figures}); train it with: scaleforge train {out}")
     return {
         "best": [

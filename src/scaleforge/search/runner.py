@@ -17,11 +17,13 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import math
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Iterator, Sequence
@@ -61,8 +63,6 @@ from scaleforge.train.status import run_state
 
 POLL_S = 0.25
 STOP_GRACE_S = 120.0  # how long a stopped trial may take to write its checkpoint before it is killed
-SAMPLERS = ("tpe", "random", "nsga2", "gp")
-PRUNERS = ("auto", "median", "hyperband", "none")
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,8 @@ class Slot:
     started: float = field(default_factory=time.monotonic)
     reported_step: int = -1
     pruned_at: tuple[int, float] | None = None
-    stopping: bool = False
+    stopping: bool = False  # sent SIGTERM by the search itself, to requeue it
+    device: int | None = None  # which trial-sized group of GPUs it has, when each trial gets its own
 
 
 def run_search(options: SearchOptions) -> Path:
@@ -138,6 +139,8 @@ class Search:
             space=self.space.text(),
         )
         sampler = _sampler(options, trials_so_far(storage, self.name), shared=options.storage is not None)
+        if trials_so_far(storage, self.name) == 0:
+            _check_no_earlier_trials(self.folder)
         self.study, created = open_study(self.name, storage, record, sampler, _pruner(options))
         write_study_file(self.folder, self.name, self.url)
         if created:
@@ -147,7 +150,9 @@ class Search:
         self.slots: list[Slot] = []
         self.stop_signal: int | None = None
         self.deadline = time.monotonic() + options.timeout_s if options.timeout_s else None
-        self.last_heartbeat = 0.0
+        self.last_stale_check = time.monotonic()
+        self.heartbeats = _Heartbeats(self.study)
+        self.timed_out = False
         self.bar: Any = None  # a progress bar on a terminal; plain lines in logs
         self.bar_task: Any = None
 
@@ -176,11 +181,11 @@ class Search:
         )
         if orphans:
             print(f"trials {', '.join(map(str, orphans))} were cut short by a search that is gone: they run again")
-        with _stop_on_signals(self), _progress_bar(self, state.done):
+        with _stop_on_signals(self), _progress_bar(self, state.done), self.heartbeats:
             try:
                 self._loop()
             except BaseException:
-                self._stop_all(reason="the search failed")
+                self._stop_all()
                 raise
         if self.stop_signal is not None:
             name = signal.Signals(self.stop_signal).name
@@ -197,10 +202,10 @@ class Search:
         while True:
             for slot in list(self.slots):
                 self._watch(slot)
-            self._heartbeat()
+            self._requeue_stale()
             self._update_bar()
             if self.stop_signal is not None:
-                self._stop_all(reason="interrupted")
+                self._stop_all()
                 return
             while len(self.slots) < self.options.jobs and self._may_start():
                 self._start()
@@ -209,31 +214,43 @@ class Search:
             time.sleep(POLL_S)
 
     def _may_start(self) -> bool:
-        if self.deadline is not None and time.monotonic() >= self.deadline:
+        if not progress(self.study).may_start(self.options.trials):
             return False
-        return progress(self.study).may_start(self.options.trials)
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            if not self.timed_out:
+                self.timed_out = True
+                self.say(f"--timeout {self.options.timeout_s:g}s reached: no more trials start")
+            return False
+        return True
 
-    def _heartbeat(self) -> None:
-        if time.monotonic() - self.last_heartbeat < HEARTBEAT_S / 2:
-            return
-        self.last_heartbeat = time.monotonic()
-        for slot in self.slots:
-            self.study._storage.record_heartbeat(slot.trial._trial_id)
+    def _requeue_stale(self) -> None:
+        """Every heartbeat interval, as `Study.optimize` does before each trial: another machine's trials whose
+        heartbeat stopped are failed and queued again, so that a machine that went down does not hold its
+        trials (and its share of the budget) for ever."""
+        if time.monotonic() - self.last_stale_check >= HEARTBEAT_S:
+            self.last_stale_check = time.monotonic()
+            requeue_stale(self.study)
 
     # ------------------------------------------------------------------------------------------ one trial
 
     def _start(self) -> None:
-        requeue_stale(self.study)  # trials of other machines whose heartbeat stopped, as Study.optimize does
         with quiet_optuna():
             trial = self.study.ask()
-        self.study._storage.record_heartbeat(trial._trial_id)
-        values = self.space.sample(lambda dimension: dimension.suggest(trial))
-        # a requeued trial goes on in its own run directory, if that is on this machine
-        earlier = trial.user_attrs.get("run_dir") if trial.user_attrs.get("host") == socket.gethostname() else None
-        run_dir = Path(earlier) if earlier else (self.folder / f"trial-{trial.number:04d}").resolve()
-        trial.set_user_attr("run_dir", str(run_dir))
+        self.heartbeats.add(trial)
         for key, value in worker_attrs().items():
             trial.set_user_attr(key, value)
+        # a requeued trial goes on in its own run directory, if that is on this machine
+        requeued = "failed_trial" in self.study._storage.get_trial_system_attrs(trial._trial_id)
+        here = trial.user_attrs.get("run_host") == socket.gethostname()
+        earlier = trial.user_attrs.get("run_dir") if requeued and here else None
+        run_dir = Path(earlier) if earlier else (self.folder / f"trial-{trial.number:04d}").resolve()
+        trial.set_user_attr("run_dir", str(run_dir))
+        trial.set_user_attr("run_host", socket.gethostname())
+        try:
+            values = self.space.sample(lambda dimension: dimension.suggest(trial))
+        except ValueError as error:  # a requeued trial's values that the space (changed since) no longer holds
+            self._fail(trial, {}, run_dir, f"its parameters do not fit the space: {error}", time.monotonic())
+            return
         try:
             sampled = trial_config(self.base, values)
             data = {"name": f"{self.name}-{trial.number:04d}", **{k: v for k, v in sampled.items() if k != "name"}}
@@ -246,33 +263,43 @@ class Search:
         run_dir.mkdir(parents=True, exist_ok=True)
         _wait_until_stopped(run_dir)
         (run_dir / "trial.yaml").write_text(text)
-        if (run_dir / "final" / "model.safetensors").is_file() and (run_dir / "summary.json").is_file():
+        if earlier and (run_dir / "final" / "model.safetensors").is_file() and (run_dir / "summary.json").is_file():
             self._complete(trial, values, run_dir, started=time.monotonic())  # trained before its search died
             return
         command = [sys.executable, "-m", "scaleforge", "train", str(run_dir / "trial.yaml"), "--run-dir", str(run_dir)]
+        # a new trial never goes on from what a directory of the same name holds (the trainer refuses it)
+        command += ["--resume", "auto" if earlier else "never"]
         if self.base_config.hardware.threads is None and "hardware.threads" not in values:
             command.append(f"hardware.threads={self.threads}")
+            trial.set_user_attr("threads", self.threads)
         if self.options.nproc > 1:
             command += ["--nproc", str(self.options.nproc)]
         log = (run_dir / "train.log").open("a", encoding="utf-8")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(self.threads)}
-        env.update(self._devices(len(self.slots)))
+        device = self._free_device()
+        if device is not None:
+            first = device * self.options.nproc
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(first + i) for i in range(self.options.nproc))
         process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, preexec_fn=_die_with_us
         )
-        self.slots.append(Slot(trial, values, run_dir, process, log))
+        self.slots.append(Slot(trial, values, run_dir, process, log, device=device))
         self.say(f"trial {trial.number} started: {describe(values)}")
 
-    def _devices(self, index: int) -> dict[str, str]:
-        """Several GPUs: each trial running at once gets its own (CUDA_VISIBLE_DEVICES)."""
+    def _free_device(self) -> int | None:
+        """With GPUs enough for every trial running at once, the group of `--nproc` GPUs no running trial has
+        (CUDA_VISIBLE_DEVICES); None otherwise, when the trials share what they see."""
         import torch
 
-        per_trial = self.options.nproc
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if "CUDA_VISIBLE_DEVICES" in os.environ or count < per_trial * self.options.jobs or self.options.jobs == 1:
-            return {}
-        first = index * per_trial
-        return {"CUDA_VISIBLE_DEVICES": ",".join(str(first + i) for i in range(per_trial))}
+        if (
+            "CUDA_VISIBLE_DEVICES" in os.environ
+            or self.options.jobs == 1
+            or count < self.options.nproc * self.options.jobs
+        ):
+            return None
+        taken = {slot.device for slot in self.slots}
+        return min(set(range(self.options.jobs)) - taken)
 
     def _watch(self, slot: Slot) -> None:
         if self.pruning and slot.pruned_at is None:
@@ -282,12 +309,19 @@ class Search:
             return
         slot.log.close()
         self.slots.remove(slot)
-        if slot.stopping and slot.pruned_at is None:
-            return  # stopped by the search itself: `_stop_all` queues it again
+        self._finish(slot)
+
+    def _finish(self, slot: Slot) -> None:
+        """Tell the study how a trial whose process has ended went; one the search stopped itself is queued again."""
+        code = slot.process.returncode
+        self.heartbeats.discard(slot.trial)
         if slot.pruned_at is not None:
             self._pruned(slot)
-        elif code == 0:
+        elif code == 0 and (slot.run_dir / "final").is_dir():
             self._complete(slot.trial, slot.values, slot.run_dir, slot.started)
+        elif slot.stopping:
+            slot.trial.set_user_attr("error", "interrupted")
+            requeue(self.study, self.study.tell(slot.trial, state=TrialState.FAIL, skip_if_finished=True))
         else:
             self._fail(slot.trial, slot.values, slot.run_dir, _error_of(slot.run_dir / "train.log", code), slot.started)
 
@@ -298,7 +332,10 @@ class Search:
             step = int(record.get("step", -1))
             if metric not in record or step <= slot.reported_step:
                 continue
-            slot.trial.report(float(record[metric]), step)
+            try:
+                slot.trial.report(float(record[metric]), step)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                return  # failed by another machine that took it for gone: it is queued again there
             slot.reported_step = step
             if slot.trial.should_prune():
                 slot.pruned_at = (step, float(record[metric]))
@@ -308,11 +345,18 @@ class Search:
     def _complete(self, trial: optuna.Trial, values: dict[str, Any], run_dir: Path, started: float) -> None:
         try:
             measured = measure(run_dir, self.options.objectives, self.threads)
-        except ConfigError as error:
-            self.study.tell(trial, state=TrialState.FAIL)
-            raise error
+        except ConfigError:
+            self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            raise  # a metric the runs do not report: every trial would miss it
+        except Exception as error:  # a run directory the trial left damaged, a model that cannot be measured
+            self._fail(trial, values, run_dir, f"measuring it failed: {type(error).__name__}: {error}", started)
+            return
+        unusable = [name for name, value in measured.items() if not math.isfinite(value)]
+        if unusable:
+            self._fail(trial, values, run_dir, f"{unusable[0]} is {measured[unusable[0]]}", started)
+            return
         results = [measured[o.name] for o in self.options.objectives]
-        self.study.tell(trial, results)
+        self.study.tell(trial, results, skip_if_finished=True)
         _write_trial(run_dir, trial.number, "complete", values, measured)
         state = progress(self.study)
         figures = " | ".join(f"{name} {_figure(value)}" for name, value in measured.items())
@@ -323,7 +367,7 @@ class Search:
     def _pruned(self, slot: Slot) -> None:
         assert slot.pruned_at is not None
         step, value = slot.pruned_at
-        self.study.tell(slot.trial, state=TrialState.PRUNED)
+        self.study.tell(slot.trial, state=TrialState.PRUNED, skip_if_finished=True)
         metric = self.options.objectives[0].name
         _write_trial(slot.run_dir, slot.trial.number, "pruned", slot.values, {metric: value})
         state = progress(self.study)
@@ -331,7 +375,8 @@ class Search:
 
     def _fail(self, trial: optuna.Trial, values: dict[str, Any], run_dir: Path, error: str, started: float) -> None:
         trial.set_user_attr("error", error)
-        self.study.tell(trial, state=TrialState.FAIL)
+        self.heartbeats.discard(trial)
+        self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
         if run_dir.is_dir():
             _write_trial(run_dir, trial.number, "failed", values, {}, error=error)
         state = progress(self.study)
@@ -341,9 +386,9 @@ class Search:
     def _count(self, state: Any) -> str:
         return f"{state.done}/{self.options.trials} done"
 
-    def _stop_all(self, reason: str) -> None:
+    def _stop_all(self) -> None:
         """Stop the running trials with a checkpoint (SIGTERM) and queue them again, to resume their run
-        directories when the search goes on; one that finished meanwhile is told as finished."""
+        directories when the search goes on; one that ended meanwhile is told as it ended."""
         for slot in self.slots:
             if slot.process.poll() is None:
                 slot.stopping = True
@@ -358,11 +403,50 @@ class Search:
             slot.log.close()
         slots, self.slots = self.slots, []
         for slot in slots:
-            if slot.process.returncode == 0 and (slot.run_dir / "final").is_dir() and slot.pruned_at is None:
-                self._complete(slot.trial, slot.values, slot.run_dir, slot.started)
-                continue
-            slot.trial.set_user_attr("error", reason)
-            requeue(self.study, self.study.tell(slot.trial, state=TrialState.FAIL))
+            self._finish(slot)
+
+    def kill_all(self) -> None:
+        """A second Ctrl-C: the trials end now, without their checkpoint."""
+        for slot in self.slots:
+            if slot.process.poll() is None:
+                slot.stopping = True
+                slot.process.kill()
+
+
+class _Heartbeats:
+    """Records the heartbeat of each running trial in the storage from a thread of its own, so that a loop busy
+    measuring a trial or waiting for one to stop never lets another machine take its trials for gone."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self.study = study
+        self.trial_ids: set[int] = set()
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="search-heartbeats", daemon=True)
+
+    def add(self, trial: optuna.Trial) -> None:
+        self.study._storage.record_heartbeat(trial._trial_id)
+        with self.lock:
+            self.trial_ids.add(trial._trial_id)
+
+    def discard(self, trial: optuna.Trial) -> None:
+        with self.lock:
+            self.trial_ids.discard(trial._trial_id)
+
+    def _run(self) -> None:
+        while not self.stopped.wait(HEARTBEAT_S / 2):
+            with self.lock:
+                trial_ids = list(self.trial_ids)
+            for trial_id in trial_ids:
+                self.study._storage.record_heartbeat(trial_id)
+
+    def __enter__(self) -> _Heartbeats:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.thread.join()
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -466,6 +550,18 @@ def _write_trial(
     (run_dir / "trial.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
+def _check_no_earlier_trials(folder: Path) -> None:
+    """A study starting afresh in a folder that holds another study's trials (its database removed, say) would
+    give its new trials their run directories."""
+    earlier = sorted(p.name for p in folder.glob("trial-*") if any((p / n).exists() for n in ("final", "checkpoints")))
+    if earlier:
+        named = ", ".join(earlier[:3]) + (", ..." if len(earlier) > 3 else "")
+        raise UsageError(
+            f"{folder} holds the trials of an earlier study ({named}) that this study does not know; remove them or "
+            "choose another --dir"
+        )
+
+
 def _wait_until_stopped(run_dir: Path) -> None:
     """A requeued trial's run directory may still be written by its earlier process, stopping on the SIGTERM its
     killed search left it (`_die_with_us`): wait for it to finish its checkpoint."""
@@ -474,12 +570,16 @@ def _wait_until_stopped(run_dir: Path) -> None:
         time.sleep(POLL_S)
 
 
+# Looked up here, not in the child between fork and exec, where only async-signal-safe work belongs.
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+_PR_SET_PDEATHSIG = 1
+
+
 def _die_with_us() -> None:
     """In the trial's process before it starts: SIGTERM when the search process dies, however it dies (Linux;
     elsewhere a killed search leaves its trials to finish on their own)."""
-    if sys.platform.startswith("linux"):
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @contextlib.contextmanager
@@ -506,7 +606,8 @@ def _progress_bar(search: Search, done: int) -> Iterator[None]:
 
 
 class _stop_on_signals:
-    """SIGINT and SIGTERM ask the loop to stop the trials and queue them again; a second one stops at once."""
+    """SIGINT and SIGTERM ask the loop to stop the trials and queue them again; a second one kills them at once
+    (they are queued again all the same, to start over from their last checkpoint)."""
 
     def __init__(self, search: Search) -> None:
         self.search = search
@@ -514,7 +615,8 @@ class _stop_on_signals:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.search.stop_signal is not None:
-            raise KeyboardInterrupt
+            self.search.kill_all()
+            return
         self.search.stop_signal = signum
 
     def __enter__(self) -> None:

@@ -70,7 +70,7 @@ class Dimension:
         return any(not (value is None or isinstance(value, bool | int | float | str)) for value in self.choices)
 
     def encode(self, value: Any) -> Any:
-        return json.dumps(value) if self.encoded else value
+        return json.dumps(value, sort_keys=True) if self.encoded else value
 
     def decode(self, value: Any) -> Any:
         return json.loads(value) if self.encoded else value
@@ -169,11 +169,16 @@ def _dimension(key: str, spec: Any, where: str, earlier: Mapping[str, Dimension]
     step = spec.get("step")
     if step is not None and (kind not in ("uniform", "int") or not _number(step) or step <= 0):
         raise fail("'step' is a positive number, for uniform and int only")
+    if step is not None and kind == "int" and not isinstance(step, int):
+        raise fail(f"int takes a whole 'step', got {step}")
     if kind == "choice":
         if not isinstance(value, list) or not value:
             raise fail("choice needs a non-empty list of values")
-        if len({json.dumps(v, sort_keys=True) for v in value}) != len(value):
-            raise fail("choice lists a value twice")
+        try:
+            if len({json.dumps(v, sort_keys=True) for v in value}) != len(value):
+                raise fail("choice lists a value twice")
+        except TypeError as error:  # a YAML date or other value a config cannot hold
+            raise fail(f"choice holds a value that is not plain data: {error}") from error
         return Dimension(key, kind, where, choices=tuple(value), when=when)
     if not isinstance(value, list) or len(value) != 2 or not all(_number(v) for v in value):
         raise fail(f"{kind} needs [low, high], two numbers, got {value!r}")
@@ -247,12 +252,22 @@ def trial_config(base: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str
     raw = json.loads(json.dumps(base))  # a deep copy of plain YAML data
     origins: dict[str, str] = {}
     for key, value in values.items():
+        node = _node(raw, key)
+        if key in COMPONENT_KEYS and key.startswith("training.") and isinstance(node, dict) and isinstance(value, str):
+            key = f"{key}.name"  # another optimizer keeps the base's parameters it takes too (momentum for sgd)
         apply_override(raw, origins, f"{key}={json.dumps(value)}")
     for key, section_fields in COMPONENT_KEYS.items():
         name = values.get(key, values.get(f"{key}.name"))
         if isinstance(name, str):
             _drop_foreign_params(raw, key, name, section_fields, set(values))
     return raw
+
+
+def _node(raw: Mapping[str, Any], key: str) -> Any:
+    node: Any = raw
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, Mapping) else None
+    return node
 
 
 def _drop_foreign_params(raw: dict[str, Any], key: str, name: str, fields: Sequence[str], sampled: set[str]) -> None:
@@ -296,6 +311,14 @@ def check_space(space: SearchSpace, base: Mapping[str, Any]) -> None:
             _load_checked(space, base, values, dimension)
         if not others:
             _load_checked(space, base, space.sample(_given(fixed)), None)
+    for index, values in enumerate(space.enqueued):
+        applied = space.sample(lambda d, values=values: values.get(d.key, d.extremes()[0]))
+        ignored = [key for key in values if key not in applied]
+        if ignored:
+            raise ConfigError(
+                f"{space.path}: {ENQUEUE}.{index}: {ignored[0]} does not apply to that trial (its 'when' does not hold)"
+            )
+        _load_checked(space, base, applied, None)
 
 
 def _given(values: Mapping[str, Any]) -> Callable[[Dimension], Any]:

@@ -4,7 +4,7 @@ the study records about itself, how many trials it still owes, and trials whose 
 Several machines join one study by giving the same `--storage` URL: each asks the storage for its next trial,
 as Optuna's own distributed optimisation does. A trial's search process records a heartbeat in the storage; a
 trial whose heartbeat stops (its machine went down) is failed and queued again, with its run directory, by the
-first search that notices (Optuna's `RetryHeartbeatStaleTrialCallback`). On this machine, a trial whose search
+first search that notices (as Optuna's `RetryHeartbeatStaleTrialCallback` does). On this machine, a trial whose search
 process is gone is known at once and queued again without waiting for its heartbeat to go stale.
 """
 
@@ -15,13 +15,13 @@ import json
 import os
 import socket
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from scaleforge.errors import ConfigError, ScaleforgeWarning, UsageError
@@ -91,7 +91,7 @@ def open_storage(url: str) -> RDBStorage:
                 url,
                 heartbeat_interval=HEARTBEAT_S,
                 grace_period=GRACE_S,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
+                heartbeat_stale_trial_callback=requeue,
             )
     except ImportError as error:
         raise UsageError(f"--storage {url}: its database driver is not installed ({error})") from error
@@ -204,10 +204,25 @@ def worker_attrs() -> dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid(), "process_started": process_start_time(os.getpid())}
 
 
+WORKER_ATTRS = ("host", "pid", "process_started")
+
+
 def requeue(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Queue a failed trial again with its parameters and run directory (which it resumes from)."""
-    with quiet_optuna():
-        RetryHeartbeatStaleTrialCallback()(study, trial)
+    """Queue a failed trial again with its parameters and run directory (which it resumes from), as Optuna's
+    `RetryHeartbeatStaleTrialCallback` does (the same `failed_trial` and `retry_history` records), without the
+    search process that ran it: until another takes it, no search may take it for its own and judge it."""
+    system_attrs = {"failed_trial": trial.number, "retry_history": [], **trial.system_attrs}
+    system_attrs["retry_history"] = [*system_attrs["retry_history"], trial.number]
+    user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in (*WORKER_ATTRS, "error")}
+    study.add_trial(
+        optuna.create_trial(
+            state=TrialState.WAITING,
+            params=trial.params,
+            distributions=trial.distributions,
+            user_attrs=user_attrs,
+            system_attrs=system_attrs,
+        )
+    )
 
 
 def requeue_orphans(study: optuna.Study) -> list[int]:
@@ -217,9 +232,15 @@ def requeue_orphans(study: optuna.Study) -> list[int]:
     orphans = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         attrs = trial.user_attrs
-        if attrs.get("host") != host or process_alive(attrs.get("pid"), attrs.get("process_started")):
+        if attrs.get("host") != host or "pid" not in attrs:  # another machine's, or being taken right now
             continue
-        if study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+        if process_alive(attrs["pid"], attrs.get("process_started")):
+            continue
+        try:
+            failed = study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another search failed it first
+        if failed:
             requeue(study, study._storage.get_trial(trial._trial_id))
             orphans.append(trial.number)
     requeue_stale(study)
@@ -235,7 +256,3 @@ def requeue_stale(study: optuna.Study) -> None:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
-
-
-def objective_names(objectives: Sequence[Objective]) -> list[str]:
-    return [objective.name for objective in objectives]
