@@ -4,6 +4,7 @@ of what it optimises, its budget of trials, and trials whose search process is g
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import optuna
@@ -100,3 +101,27 @@ def test_a_trial_whose_search_process_died_is_queued_again_with_its_run_director
     assert (state.done, state.running, state.retries) == (1, 1, 1)  # the failure queued again is not counted
     assert state.may_start(budget=2)  # a retry runs even when the budget is taken
     assert requeue_orphans(study) == []
+
+
+def test_another_machines_trial_whose_heartbeat_stopped_is_queued_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from scaleforge.search import study as study_module
+
+    monkeypatch.setattr(study_module, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(study_module, "GRACE_S", 1)
+    study = _open(tmp_path, "val_loss")
+    with quiet_optuna():
+        trial = study.ask()
+    trial.suggest_float("training.learning_rate", 1e-4, 1e-2)
+    for key, value in {"host": "another-machine", "pid": 1, "run_dir": "/elsewhere/trial-0000"}.items():
+        trial.set_user_attr(key, value)
+    study._storage.record_heartbeat(trial._trial_id)
+    assert requeue_orphans(study) == []  # not this machine's to judge, and its heartbeat is fresh
+    assert study.get_trials()[0].state == optuna.trial.TrialState.RUNNING
+    time.sleep(2.5)  # its heartbeat stops
+    requeue_orphans(study)
+    first, retry = study.get_trials()
+    assert first.state == optuna.trial.TrialState.FAIL and retry.state == optuna.trial.TrialState.WAITING
+    assert retry.system_attrs["failed_trial"] == 0 and retry.params == first.params
+    assert retry.user_attrs == {"run_dir": "/elsewhere/trial-0000"}
