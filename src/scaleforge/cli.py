@@ -371,20 +371,20 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_search_show(args: argparse.Namespace) -> int:
     from scaleforge.search.report import show
-    from scaleforge.search.study import load_existing, open_storage, read_study_file
+    from scaleforge.search.study import default_folder, load_existing, open_storage, read_study_file
 
     folder = Path(args.study)
-    if not folder.is_dir() and (Path("runs") / "search" / args.study).is_dir():
-        folder = Path("runs") / "search" / args.study
+    if not folder.is_dir() and default_folder(args.study).is_dir():
+        folder = default_folder(args.study)
     if args.storage:
         name, url = args.study_name, args.storage
     elif folder.is_dir():
         name, url = read_study_file(folder)
     else:
-        raise UsageError(f"{args.study}: no such study folder (nor runs/search/{args.study}); or give --storage URL")
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
-        raise UsageError(f"{url.removeprefix('sqlite:///')}: the study's database is not there")
-    study = load_existing(name, open_storage(url), url)
+        raise UsageError(
+            f"{args.study}: no such study folder (nor {default_folder(args.study)}); or give --storage URL"
+        )
+    study = load_existing(name, open_storage(url, create=False), url)
     show(study, folder if folder.is_dir() else Path("."), trial=args.trial, out=Path(args.out) if args.out else None)
     return 0
 

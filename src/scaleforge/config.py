@@ -199,10 +199,28 @@ _COMPONENT_FIELDS: dict[str, tuple[registry.Registry, frozenset[str]]] = {
     "metrics": (registry.METRICS, frozenset()),
     "callbacks": (registry.CALLBACKS, frozenset()),
 }
+# Component fields that hold a list of components.
+_COMPONENT_LISTS = ("metrics", "callbacks")
 # Fields that are not keys of the config file.
 _NOT_FROM_FILE = ("params", "factory", "origins")
 # Names resolved by the task at build time rather than from a registry.
 _AUTO = "auto"
+
+
+def component_keys() -> dict[str, tuple[registry.Registry, tuple[str, ...], bool]]:
+    """Each dotted key that names one component (`model.architecture`, `training.optimizer`, ...): the registry
+    that resolves it, the keys that sit beside its parameters, and whether those parameters are the section's own
+    keys (`model`, `data`) or a mapping under the key (`training.optimizer: {name: sgd, momentum: 0.9}`)."""
+    keys: dict[str, tuple[registry.Registry, tuple[str, ...], bool]] = {}
+    for section, hint in typing.get_type_hints(RunConfig).items():
+        if hint in _OPEN_SECTIONS:
+            name_field, component_registry = _OPEN_SECTIONS[hint]
+            fields = tuple(_key_of(f) for f in dataclasses.fields(hint) if f.name not in _NOT_FROM_FILE)
+            keys[f"{section}.{name_field}"] = (component_registry, fields, True)
+    for name, (component_registry, _) in _COMPONENT_FIELDS.items():
+        if name not in _COMPONENT_LISTS:
+            keys[f"training.{name}"] = (component_registry, ("name",), False)
+    return keys
 
 
 # --------------------------------------------------------------------------------------------------- loading
@@ -210,6 +228,12 @@ _AUTO = "auto"
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
     """Read a YAML file (or the defaults when `path` is None), apply `KEY=VALUE` overrides and validate."""
+    return build_config(*config_data(path, overrides))
+
+
+def config_data(path: str | Path | None = None, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], dict[str, str]]:
+    """What `load_config` validates: the file's data with the overrides set (and its name), and where each dotted
+    key came from."""
     raw: dict[str, Any] = {}
     origins: dict[str, str] = {}
     if path is not None:
@@ -219,13 +243,18 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     if "name" not in raw and path is not None:
         raw["name"] = Path(path).stem
         origins["name"] = f"the name of {path}"
-    return _build(RunConfig, raw, origins, prefix="")
+    return raw, origins
 
 
 def config_from_dict(data: Mapping[str, Any], origin: str = DEFAULT) -> RunConfig:
     """Validate an already-parsed config mapping (such as a saved `config.yaml`)."""
     raw = _deep_copy(data)
     origins = {key: origin for key in _dotted_keys(raw)} if origin != DEFAULT else {}
+    return build_config(raw, origins)
+
+
+def build_config(raw: dict[str, Any], origins: dict[str, str]) -> RunConfig:
+    """Validate config data whose dotted keys `origins` says the origin of (as `config_data` gives them)."""
     return _build(RunConfig, raw, origins, prefix="")
 
 
@@ -433,7 +462,7 @@ def _plain_default(spec: dataclasses.Field) -> Any:
 
 def _component_field(name: str, value: Any, origins: dict[str, str], key: str) -> Any:
     component_registry, injected = _COMPONENT_FIELDS[name]
-    if name in ("metrics", "callbacks"):
+    if name in _COMPONENT_LISTS:
         if value is None and name == "metrics":
             return None
         if not isinstance(value, list):

@@ -15,20 +15,20 @@ from optuna.trial import FrozenTrial, TrialState
 from scaleforge.bench.harness import print_table
 from scaleforge.errors import UsageError
 from scaleforge.search.objectives import Objective
-from scaleforge.search.study import study_record
+from scaleforge.search.study import requeued_numbers, study_record
 
 BEST_FILE = "best.yaml"
 MAX_ROWS = 40  # trials listed in full; a larger study lists its best ones
 
 
-def show(study: optuna.Study, folder: Path, *, trial: int | None = None, out: Path | None = None) -> dict[str, Any]:
+def show(study: optuna.Study, folder: Path, *, trial: int | None = None, out: Path | None = None) -> None:
     """Print the study's trials, its best trial(s) and parameter importances; draw the plot and write the config
     of `trial` (default: the best, or the front's best on the first objective) into `out` (default
-    FOLDER/best.yaml). Returns the figures shown."""
+    FOLDER/best.yaml)."""
     objectives = study_record(study).objectives
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    requeued = {number for t in trials for number in t.system_attrs.get("retry_history", ())}
+    requeued = requeued_numbers(trials)
     states = [_state(t, requeued) for t in trials]
     summary = ", ".join(f"{states.count(state)} {state}" for state in dict.fromkeys(sorted(states)))
     _print_trials(
@@ -42,11 +42,11 @@ def show(study: optuna.Study, folder: Path, *, trial: int | None = None, out: Pa
             print(f"trial {t.number} failed: {t.user_attrs.get('error', 'no error recorded')}")
     if not complete:
         print("no trial has finished yet: nothing to choose from")
-        return {"best": [], "importances": {}}
+        return
     best = _best(study, objectives)
     title = "best trial" if len(objectives) == 1 else "Pareto front: no trial is better on every objective"
     _print_trials(title, best, objectives)
-    importances = _importances(study, objectives)
+    importances = _importances(study, objectives, complete)
     if importances:
         names = sorted({name for values in importances.values() for name in values})
         rows = [[name, *(f"{importances[o.name].get(name, 0.0):.2f}" for o in objectives)] for name in names]
@@ -60,7 +60,7 @@ def show(study: optuna.Study, folder: Path, *, trial: int | None = None, out: Pa
         print(f"wrote {plot}")
     chosen = _chosen(trials, best, trial)
     out = out or folder / BEST_FILE
-    figures = ", ".join(f"{o.name} {_number(v)}" for o, v in zip(objectives, chosen.values, strict=True))
+    figures = ", ".join(f"{o.name} {number_text(v)}" for o, v in zip(objectives, chosen.values, strict=True))
     out.parent.mkdir(parents=True, exist_ok=True)
     header = f"# trial {chosen.number} of search {study.study_name}: {figures}\n"
     if "threads" in chosen.user_attrs:  # another count sums in another order: the same figures, not the same bits
@@ -69,14 +69,6 @@ def show(study: optuna.Study, folder: Path, *, trial: int | None = None, out: Pa
         )
     out.write_text(header + chosen.user_attrs["config"])
     print(f"wrote {out} (trial {chosen.number}: {figures}); train it with: scaleforge train {out}")
-    return {
-        "best": [
-            {"trial": t.number, "values": dict(zip([o.name for o in objectives], t.values, strict=True))} for t in best
-        ],
-        "importances": importances,
-        "chosen": chosen.number,
-        "config": str(out),
-    }
 
 
 def _listed(
@@ -121,8 +113,8 @@ def _print_trials(
             [
                 str(t.number),
                 _state(t, requeued),
-                *(_param(t.params[key]) if key in t.params else "-" for key in keys),
-                *(_number(v) if v is not None else "-" for v in values),
+                *(param_text(t.params[key]) if key in t.params else "-" for key in keys),
+                *(number_text(v) if v is not None else "-" for v in values),
                 f"{took:.1f}s" if took is not None else "-",
             ]
         )
@@ -147,11 +139,13 @@ def _chosen(trials: list[FrozenTrial], best: list[FrozenTrial], number: int | No
     return found[0]
 
 
-def _importances(study: optuna.Study, objectives: tuple[Objective, ...]) -> dict[str, dict[str, float]]:
+def _importances(
+    study: optuna.Study, objectives: tuple[Objective, ...], complete: list[FrozenTrial]
+) -> dict[str, dict[str, float]]:
     """Each objective's parameter importances by fANOVA (over the keys every finished trial has: an
     architecture's own keys are left out); {} with too few trials."""
     result: dict[str, dict[str, float]] = {}
-    if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))[2:3] == []:
+    if len(complete) < 3:
         return result  # too few to tell anything
     for index, objective in enumerate(objectives):
         try:
@@ -247,13 +241,15 @@ def _axis_label(objective: Objective) -> str:
     return f"{objective.name} ({'higher' if objective.direction == 'maximize' else 'lower'} is better)"
 
 
-def _param(value: Any) -> str:
+def param_text(value: Any) -> str:
+    """A parameter's value as the tables and the search's lines show it."""
     if isinstance(value, float):
         return f"{value:.3g}"
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def _number(value: float) -> str:
-    if math.isfinite(value) and float(value).is_integer() and abs(value) >= 1:
+def number_text(value: float) -> str:
+    """An objective's value as shown: whole numbers and large ones with thousands separators, others to 4 digits."""
+    if math.isfinite(value) and (abs(value) >= 1000 or (float(value).is_integer() and abs(value) >= 1)):
         return f"{value:,.0f}"
     return f"{value:.4g}"

@@ -15,6 +15,7 @@ whose process fails is recorded as failed with its error, and the search goes on
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import json
 import math
@@ -37,15 +38,17 @@ import yaml
 from optuna.trial import TrialState
 
 from scaleforge.bench.harness import counted
-from scaleforge.config import RunConfig, apply_override, config_from_dict, read_yaml
+from scaleforge.config import RunConfig, build_config, config_data, config_from_dict
 from scaleforge.distributed.launch import threads_per_process
 from scaleforge.errors import ConfigError, UsageError
 from scaleforge.search import report
 from scaleforge.search.objectives import Objective, check_objectives, measure
-from scaleforge.search.space import SearchSpace, check_space, read_space, trial_config
+from scaleforge.search.report import number_text, param_text
+from scaleforge.search.space import check_space, read_space, trial_config
 from scaleforge.search.study import (
     HEARTBEAT_S,
     StudyRecord,
+    default_folder,
     default_storage,
     open_storage,
     open_study,
@@ -121,7 +124,7 @@ class Search:
         self.space = read_space(options.space)
         check_space(self.space, self.base)
         self.name = options.study or self.base_config.name
-        self.folder = options.folder or Path("runs") / "search" / self.name
+        self.folder = options.folder or default_folder(self.name)
         pruner = options.pruner_name()
         if pruner != "none" and (len(options.objectives) > 1 or options.objectives[0].is_cost):
             raise UsageError(
@@ -138,14 +141,15 @@ class Search:
             overrides=options.overrides,
             space=self.space.text(),
         )
-        sampler = _sampler(options, trials_so_far(storage, self.name), shared=options.storage is not None)
-        if trials_so_far(storage, self.name) == 0:
+        earlier_trials = trials_so_far(storage, self.name)
+        if earlier_trials == 0:
             _check_no_earlier_trials(self.folder)
+        sampler = _sampler(options, earlier_trials, shared=options.storage is not None)
         self.study, created = open_study(self.name, storage, record, sampler, _pruner(options))
         write_study_file(self.folder, self.name, self.url)
         if created:
             for values in self.space.enqueued:
-                self.study.enqueue_trial(_encoded(self.space, values), skip_if_exists=True)
+                self.study.enqueue_trial(self.space.encode(values), skip_if_exists=True)
         self.threads = max(1, threads_per_process(options.jobs * options.nproc))
         self.slots: list[Slot] = []
         self.stop_signal: int | None = None
@@ -162,10 +166,9 @@ class Search:
         else:
             print(line, flush=True)
 
-    def _update_bar(self) -> None:
+    def _update_bar(self, done: int | None = None) -> None:
         if self.bar is not None:
-            state = progress(self.study)
-            self.bar.update(self.bar_task, completed=state.done, running=len(self.slots))
+            self.bar.update(self.bar_task, running=len(self.slots), **({} if done is None else {"completed": done}))
 
     # ------------------------------------------------------------------------------------------- the loop
 
@@ -203,7 +206,6 @@ class Search:
             for slot in list(self.slots):
                 self._watch(slot)
             self._requeue_stale()
-            self._update_bar()
             if self.stop_signal is not None:
                 self._stop_all()
                 return
@@ -284,6 +286,7 @@ class Search:
             command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, preexec_fn=_die_with_us
         )
         self.slots.append(Slot(trial, values, run_dir, process, log, device=device))
+        self._update_bar()
         self.say(f"trial {trial.number} started: {describe(values)}")
 
     def _free_device(self) -> int | None:
@@ -314,14 +317,13 @@ class Search:
     def _finish(self, slot: Slot) -> None:
         """Tell the study how a trial whose process has ended went; one the search stopped itself is queued again."""
         code = slot.process.returncode
-        self.heartbeats.discard(slot.trial)
         if slot.pruned_at is not None:
             self._pruned(slot)
         elif code == 0 and (slot.run_dir / "final").is_dir():
             self._complete(slot.trial, slot.values, slot.run_dir, slot.started)
         elif slot.stopping:
             slot.trial.set_user_attr("error", "interrupted")
-            requeue(self.study, self.study.tell(slot.trial, state=TrialState.FAIL, skip_if_finished=True))
+            requeue(self.study, self._tell(slot.trial, state=TrialState.FAIL))
         else:
             self._fail(slot.trial, slot.values, slot.run_dir, _error_of(slot.run_dir / "train.log", code), slot.started)
 
@@ -346,7 +348,7 @@ class Search:
         try:
             measured = measure(run_dir, self.options.objectives, self.threads)
         except ConfigError:
-            self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            self._tell(trial, state=TrialState.FAIL)
             raise  # a metric the runs do not report: every trial would miss it
         except Exception as error:  # a run directory the trial left damaged, a model that cannot be measured
             self._fail(trial, values, run_dir, f"measuring it failed: {type(error).__name__}: {error}", started)
@@ -356,35 +358,38 @@ class Search:
             self._fail(trial, values, run_dir, f"{unusable[0]} is {measured[unusable[0]]}", started)
             return
         results = [measured[o.name] for o in self.options.objectives]
-        self.study.tell(trial, results, skip_if_finished=True)
+        self._tell(trial, results)
         _write_trial(run_dir, trial.number, "complete", values, measured)
-        state = progress(self.study)
-        figures = " | ".join(f"{name} {_figure(value)}" for name, value in measured.items())
-        self.say(
-            f"trial {trial.number} finished in {time.monotonic() - started:.1f}s: {figures} [{self._count(state)}]"
-        )
+        figures = " | ".join(f"{name} {number_text(value)}" for name, value in measured.items())
+        self.say(f"trial {trial.number} finished in {time.monotonic() - started:.1f}s: {figures} [{self._count()}]")
 
     def _pruned(self, slot: Slot) -> None:
         assert slot.pruned_at is not None
         step, value = slot.pruned_at
-        self.study.tell(slot.trial, state=TrialState.PRUNED, skip_if_finished=True)
+        self._tell(slot.trial, state=TrialState.PRUNED)
         metric = self.options.objectives[0].name
         _write_trial(slot.run_dir, slot.trial.number, "pruned", slot.values, {metric: value})
-        state = progress(self.study)
-        self.say(f"trial {slot.trial.number} pruned at step {step}: {metric} {_figure(value)} [{self._count(state)}]")
+        self.say(f"trial {slot.trial.number} pruned at step {step}: {metric} {number_text(value)} [{self._count()}]")
 
     def _fail(self, trial: optuna.Trial, values: dict[str, Any], run_dir: Path, error: str, started: float) -> None:
         trial.set_user_attr("error", error)
-        self.heartbeats.discard(trial)
-        self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        self._tell(trial, state=TrialState.FAIL)
         if run_dir.is_dir():
             _write_trial(run_dir, trial.number, "failed", values, {}, error=error)
-        state = progress(self.study)
         took = time.monotonic() - started
-        self.say(f"trial {trial.number} failed after {took:.1f}s: {error} [{self._count(state)}]")
+        self.say(f"trial {trial.number} failed after {took:.1f}s: {error} [{self._count()}]")
 
-    def _count(self, state: Any) -> str:
-        return f"{state.done}/{self.options.trials} done"
+    def _tell(self, trial: optuna.Trial, values: list[float] | None = None, state: TrialState | None = None) -> Any:
+        """Tell the study a trial's end (unless another machine, taking it for gone, failed it first); its
+        heartbeat stops."""
+        self.heartbeats.discard(trial)
+        return self.study.tell(trial, values, state=state, skip_if_finished=True)
+
+    def _count(self) -> str:
+        """`k/N done` after a trial ended, and the bar moved to it."""
+        done = progress(self.study).done
+        self._update_bar(done)
+        return f"{done}/{self.options.trials} done"
 
     def _stop_all(self) -> None:
         """Stop the running trials with a checkpoint (SIGTERM) and queue them again, to resume their run
@@ -453,18 +458,10 @@ class _Heartbeats:
 
 
 def _base_config(path: str | None, overrides: Sequence[str]) -> tuple[dict[str, Any], RunConfig]:
-    """The base config's data (the file with the overrides set) and the config it loads to."""
-    raw: dict[str, Any] = {}
-    origins: dict[str, str] = {}
-    if path is not None:
-        raw, origins = read_yaml(Path(path))
-        if "name" not in raw:
-            raw["name"] = Path(path).stem
-    for item in overrides:
-        apply_override(raw, origins, item)
-    from scaleforge.config import load_config
-
-    return raw, load_config(path, overrides)  # the loader's own messages for a bad base config
+    """The base config's data (the file with the overrides set) and the config it loads to (the loader's own
+    messages for a bad one)."""
+    raw, origins = config_data(path, overrides)
+    return raw, build_config(copy.deepcopy(raw), origins)
 
 
 def _sampler(options: SearchOptions, existing_trials: int, *, shared: bool) -> optuna.samplers.BaseSampler:
@@ -494,24 +491,9 @@ def _pruner(options: SearchOptions) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def _encoded(space: SearchSpace, values: dict[str, Any]) -> dict[str, Any]:
-    by_key = {d.key: d for d in space.dimensions}
-    return {key: by_key[key].encode(value) for key, value in values.items()}
-
-
 def describe(values: dict[str, Any]) -> str:
     """`architecture=mlp hidden_layers=[64] learning_rate=0.0012`: each key by its last part."""
-    return " ".join(f"{key.rsplit('.', 1)[-1]}={_short(value)}" for key, value in values.items())
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3g}"
-    return json.dumps(value) if not isinstance(value, str) else value
-
-
-def _figure(value: float) -> str:
-    return f"{value:,.0f}" if abs(value) >= 1000 or float(value).is_integer() else f"{value:.4g}"
+    return " ".join(f"{key.rsplit('.', 1)[-1]}={param_text(value)}" for key, value in values.items())
 
 
 def _records(path: Path) -> Iterator[dict[str, Any]]:

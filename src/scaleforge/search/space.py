@@ -21,33 +21,19 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scaleforge import registry
-from scaleforge.config import DataSection, ModelSection, apply_override, config_from_dict, read_yaml, signature_of
+from scaleforge.config import apply_override, component_keys, config_from_dict, read_yaml, signature_of
 from scaleforge.errors import ConfigError, did_you_mean, one_of
 
 KINDS = ("choice", "uniform", "log_uniform", "int", "log_int")
 OPTIONS = ("when", "step")
 ENQUEUE = "enqueue"
-# The keys that name a component, with the section fields that sit beside its parameters.
-COMPONENT_KEYS: dict[str, tuple[str, ...]] = {
-    "model.architecture": tuple(f.name for f in ModelSection.__dataclass_fields__.values()),
-    "data.dataset": tuple(f.name for f in DataSection.__dataclass_fields__.values()),
-    "training.optimizer": ("name",),
-    "training.scheduler": ("name",),
-    "training.loss": ("name",),
-}
-_REGISTRIES = {
-    "model.architecture": registry.MODELS,
-    "data.dataset": registry.DATASETS,
-    "training.optimizer": registry.OPTIMIZERS,
-    "training.scheduler": registry.SCHEDULERS,
-    "training.loss": registry.LOSSES,
-}
+# The keys that name a component: its registry, the keys beside its parameters, whether they sit in the section.
+COMPONENT_KEYS = component_keys()
 MAX_CHECKED_COMBINATIONS = 256
 
 
@@ -124,6 +110,11 @@ class SearchSpace:
                 values[dimension.key] = suggest(dimension)
         return values
 
+    def encode(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """A trial's values as Optuna stores them (for `enqueue_trial`)."""
+        by_key = {d.key: d for d in self.dimensions}
+        return {key: by_key[key].encode(value) for key, value in values.items()}
+
     def text(self) -> str:
         return self.path.read_text(encoding="utf-8")
 
@@ -144,8 +135,7 @@ def read_space(path: str | Path) -> SearchSpace:
         dimensions.append(_dimension(str(key), spec, where, {d.key: d for d in dimensions}))
     if not dimensions:
         raise ConfigError(f"{path}: the space has no keys to search, only '{ENQUEUE}'")
-    space = SearchSpace(path, tuple(dimensions))
-    enqueued = _enqueued(space, data.get(ENQUEUE), origins.get(ENQUEUE, str(path)))
+    enqueued = _enqueued({d.key: d for d in dimensions}, data.get(ENQUEUE), origins.get(ENQUEUE, str(path)))
     return SearchSpace(path, tuple(dimensions), enqueued)
 
 
@@ -213,12 +203,11 @@ def _condition(
     return condition
 
 
-def _enqueued(space: SearchSpace, spec: Any, where: str) -> tuple[dict[str, Any], ...]:
+def _enqueued(by_key: Mapping[str, Dimension], spec: Any, where: str) -> tuple[dict[str, Any], ...]:
     if spec is None:
         return ()
     if not isinstance(spec, list) or not all(isinstance(item, dict) for item in spec):
         raise ConfigError(f"{where}: {ENQUEUE}: expected a list of mappings from keys of the space to values")
-    by_key = {d.key: d for d in space.dimensions}
     trials = []
     for index, item in enumerate(spec):
         label = f"{where}: {ENQUEUE}.{index}"
@@ -253,13 +242,13 @@ def trial_config(base: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str
     origins: dict[str, str] = {}
     for key, value in values.items():
         node = _node(raw, key)
-        if key in COMPONENT_KEYS and key.startswith("training.") and isinstance(node, dict) and isinstance(value, str):
+        if key in COMPONENT_KEYS and not COMPONENT_KEYS[key][2] and isinstance(node, dict) and isinstance(value, str):
             key = f"{key}.name"  # another optimizer keeps the base's parameters it takes too (momentum for sgd)
         apply_override(raw, origins, f"{key}={json.dumps(value)}")
-    for key, section_fields in COMPONENT_KEYS.items():
+    for key in COMPONENT_KEYS:
         name = values.get(key, values.get(f"{key}.name"))
         if isinstance(name, str):
-            _drop_foreign_params(raw, key, name, section_fields, set(values))
+            _drop_foreign_params(raw, key, name, set(values))
     return raw
 
 
@@ -270,17 +259,18 @@ def _node(raw: Mapping[str, Any], key: str) -> Any:
     return node
 
 
-def _drop_foreign_params(raw: dict[str, Any], key: str, name: str, fields: Sequence[str], sampled: set[str]) -> None:
+def _drop_foreign_params(raw: dict[str, Any], key: str, name: str, sampled: set[str]) -> None:
+    component_registry, fields, in_section = COMPONENT_KEYS[key]
     section_name, _, leaf = key.partition(".")
     section = raw.get(section_name)
     if not isinstance(section, dict):
         return
-    holder = section if leaf in ("architecture", "dataset") else section.get(leaf)
+    holder = section if in_section else section.get(leaf)
     if not isinstance(holder, dict):
         return
-    prefix = f"{section_name}." if holder is section else f"{key}."
+    prefix = f"{section_name}." if in_section else f"{key}."
     try:
-        factory = _REGISTRIES[key].get(name)
+        factory = component_registry.get(name)
     except ConfigError:
         return  # the config loader says what is wrong with the name
     parameters = signature_of(factory).parameters

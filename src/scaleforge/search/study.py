@@ -67,24 +67,28 @@ class StudyRecord:
     @staticmethod
     def from_json(data: dict[str, Any]) -> StudyRecord:
         return StudyRecord(
-            objectives=tuple(_objective(spec) for spec in data["objectives"]),
+            objectives=tuple(parse_objective(spec) for spec in data["objectives"]),
             config=data.get("config", ""),
             overrides=tuple(data.get("overrides", ())),
             space=data.get("space", ""),
         )
 
 
-def _objective(spec: str) -> Objective:
-    name, _, direction = spec.partition(":")
-    return parse_objective(f"{name}:{direction}") if direction else parse_objective(name)
+def default_folder(name: str) -> Path:
+    """Where study `name` keeps its trials (and its SQLite database) by default."""
+    return Path("runs") / "search" / name
 
 
 def default_storage(folder: Path) -> str:
     return f"sqlite:///{(folder / 'study.db').resolve()}"
 
 
-def open_storage(url: str) -> RDBStorage:
-    """Optuna's database storage at `url`, with heartbeats; one that cannot be opened is a `UsageError`."""
+def open_storage(url: str, *, create: bool = True) -> RDBStorage:
+    """Optuna's database storage at `url`, with heartbeats; one that cannot be opened is a `UsageError`, and so is
+    an SQLite file that is not there unless `create`."""
+    database = url.removeprefix("sqlite:///")
+    if not create and url.startswith("sqlite:///") and not Path(database).is_file():
+        raise UsageError(f"{database}: the study's database is not there")
     try:
         with quiet_optuna():
             return RDBStorage(
@@ -189,11 +193,16 @@ class Progress:
 
 def progress(study: optuna.Study) -> Progress:
     trials = study.get_trials(deepcopy=False)
-    retried = {number for trial in trials for number in trial.system_attrs.get("retry_history", ())}
+    retried = requeued_numbers(trials)
     done = sum(1 for t in trials if t.state in FINISHED and t.number not in retried)
     running = sum(1 for t in trials if t.state == TrialState.RUNNING)
     retries = sum(1 for t in trials if t.state == TrialState.WAITING and "failed_trial" in t.system_attrs)
     return Progress(done, running, retries)
+
+
+def requeued_numbers(trials: list[FrozenTrial]) -> set[int]:
+    """The trials that failed by an interruption and were queued again as later trials (`requeue`)."""
+    return {number for trial in trials for number in trial.system_attrs.get("retry_history", ())}
 
 
 # ------------------------------------------------------------------------------------ who runs the trials

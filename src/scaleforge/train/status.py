@@ -94,11 +94,12 @@ class StatusHeartbeat(Callback):
     """Rewrites `status.json` (running, now) at every log line, so that another host can tell a run that still
     trains from one whose node went down."""
 
+    def __init__(self) -> None:
+        self.details: dict[str, Any] = {}
+
+    def on_train_start(self, state: RunState) -> None:
+        status = read_status(state.run_dir)  # as the trainer wrote it when the run started
+        self.details = {key: status[key] for key in ("strategy", "processes") if key in status}
+
     def on_log(self, state: RunState, record: dict[str, Any]) -> None:
-        status = read_status(state.run_dir)
-        write_status(
-            state.run_dir,
-            "running",
-            step=record["step"],
-            **{key: status[key] for key in ("strategy", "processes") if key in status},
-        )
+        write_status(state.run_dir, "running", step=record["step"], **self.details)
