@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import pickle
 import threading
 from pathlib import Path
 
@@ -12,7 +15,15 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
 from scaleforge.train import checkpoint
-from scaleforge.train.checkpoint import Checkpointer, DamagedCheckpoint, list_checkpoints, load_checkpoint, verify
+from scaleforge.train.checkpoint import (
+    Checkpointer,
+    DamagedCheckpoint,
+    list_checkpoints,
+    load_checkpoint,
+    newest_good_checkpoint,
+    read_metadata,
+    verify,
+)
 
 
 def _model_and_optimizer() -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -73,3 +84,89 @@ def test_a_manifest_that_leaves_out_a_shard_is_refused(tmp_path: Path) -> None:
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DamagedCheckpoint, match=f"does not list {shard}, which hold its tensors"):
         verify(folder)
+
+
+# ------------------------------------------------------------------------------------------------ crafted metadata
+
+
+def _text(value: str) -> bytes:
+    data = value.encode()
+    return b"\x8c" + bytes([len(data)]) + data  # SHORT_BINUNICODE
+
+
+def _call_by_global(module: str, name: str, argument: str) -> bytes:
+    """`module.name(argument)` through the GLOBAL opcode (protocol 0), whose name pickle resolves dot by dot."""
+    return f"c{module}\n{name}\n(V{argument}\ntR.".encode()
+
+
+def _call_by_stack_global(module: str, name: str, argument: str) -> bytes:
+    """The same call through STACK_GLOBAL (protocol 4 and later)."""
+    return b"\x80\x04" + _text(module) + _text(name) + b"\x93(" + _text(argument) + b"tR."
+
+
+class _Exploit:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _payloads(marker: Path) -> dict[str, bytes]:
+    """Every kind of crafted `.metadata`: each would create `marker` (or rewrite a class) if it ran."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    touch = f"touch {marker}"
+    payloads = {}
+    for module in sorted({module for module, _ in checkpoint._MetadataUnpickler.ALLOWED}):
+        payloads[f"GLOBAL {module}.os.system"] = _call_by_global(module, "os.system", touch)
+        payloads[f"STACK_GLOBAL {module}.os.system"] = _call_by_stack_global(module, "os.system", touch)
+    layout = "torch.serialization", "_get_layout.__globals__"  # an admitted function's attributes
+    payloads["attribute of an admitted name"] = _call_by_stack_global(*layout, "os")
+    payloads["REDUCE builtins.exec"] = _call_by_global("builtins", "exec", f"open('{marker}', 'w')")
+    payloads["REDUCE builtins.eval"] = _call_by_stack_global("builtins", "eval", f"open('{marker}', 'w')")
+    payloads["REDUCE posix.system"] = pickle.dumps(_Exploit(marker))
+    payloads["nested in real metadata"] = pickle.dumps(Metadata(state_dict_metadata={"model.w": _Exploit(marker)}))
+    # BUILD on an admitted class itself (not an instance): would set attributes of that class for the process
+    metadata_class = _text("torch.distributed.checkpoint.metadata") + _text("Metadata") + b"\x93"
+    payloads["BUILD on a class"] = b"\x80\x04" + metadata_class + b"N}" + _text("crafted") + b"K\x01s\x86b."
+    return payloads
+
+
+@pytest.mark.parametrize("kind", list(_payloads(Path("marker"))))
+def test_a_crafted_metadata_is_reported_damaged_and_never_runs(tmp_path: Path, kind: str) -> None:
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    model, optimizer = _model_and_optimizer()
+    saver = Checkpointer(tmp_path / "checkpoints", keep=2)
+    good = saver.save(model=model, optimizer=optimizer, progress={"step": 1})
+    crafted = saver.save(model=model, optimizer=optimizer, progress={"step": 2})
+    marker = tmp_path / "pwned"
+    (crafted / ".metadata").write_bytes(_payloads(marker)[kind])
+    # whoever can rewrite the metadata can rewrite the manifest that lists it
+    manifest = json.loads((crafted / "manifest.json").read_text())
+    manifest["files"][".metadata"] = {
+        "bytes": (crafted / ".metadata").stat().st_size,
+        "sha256": hashlib.sha256((crafted / ".metadata").read_bytes()).hexdigest(),
+    }
+    (crafted / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DamagedCheckpoint, match="its metadata is refused"):
+        verify(crafted)
+    with pytest.warns(UserWarning, match=f"{crafted.name} is damaged and is skipped: its metadata is refused"):
+        assert newest_good_checkpoint(tmp_path / "checkpoints") == good
+    assert not marker.exists()
+    assert not hasattr(Metadata, "crafted")
+
+
+def test_metadata_of_every_dtype_and_a_sharded_layout_is_read(tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    state = {name: torch.zeros(2, 3, dtype=dtype) for name, dtype in [("f", torch.float32), ("b", torch.bfloat16)]}
+    state |= {"i": torch.arange(4), "h": torch.zeros(1, dtype=torch.float16), "flag": torch.ones(1, dtype=torch.bool)}
+    state["extra"] = {"step": 3, "name": "x"}  # non-tensor values are kept as bytes entries
+    dcp.save(state, checkpoint_id=tmp_path, no_dist=True)
+    metadata = read_metadata(tmp_path)
+    assert (
+        metadata.state_dict_metadata.keys()
+        == pickle.load((tmp_path / ".metadata").open("rb")).state_dict_metadata.keys()
+    )

@@ -362,8 +362,8 @@ def read_metadata(folder: Path) -> Metadata:
     try:
         with (folder / ".metadata").open("rb") as file:
             metadata = _MetadataUnpickler(file).load()
-    except (OSError, pickle.UnpicklingError, AttributeError, EOFError, ImportError, TypeError) as error:
-        raise DamagedCheckpoint(f"its metadata is refused: {error}") from error
+    except Exception as error:  # whatever a crafted or cut-short file makes the unpickler raise: damaged
+        raise DamagedCheckpoint(f"its metadata is refused: {type(error).__name__}: {error}") from error
     if not isinstance(metadata, Metadata):
         raise DamagedCheckpoint(f"its metadata is a {type(metadata).__name__}, not DCP metadata")
     return metadata
@@ -416,25 +416,62 @@ def load_checkpoint(folder: Path, *, model: torch.nn.Module, optimizer: torch.op
     return json.loads((folder / PROGRESS).read_text())
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP's `.metadata` and nothing else: only the classes that describe a checkpoint's layout may
-    be named, so a crafted file cannot run code (the pattern of Python's `pickle` docs, "Restricting Globals")."""
+def _metadata_classes() -> dict[tuple[str, str], Any]:
+    """Every global a DCP `.metadata` may name, by exact (module, name): its dataclasses and enum, torch's `Size`,
+    dtypes and layout lookup, and the path of the checkpoint. Nothing else can be named, and no name is resolved
+    through a module's attributes (pickle would follow a dotted `os.system` through any module that imports os)."""
+    import collections
+    import pathlib
 
-    ALLOWED = {
-        "torch.distributed.checkpoint.metadata": None,  # any of its dataclasses and enums
-        "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-        "torch.serialization": {"_get_layout"},
-        "torch": {"Size"},
-        "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
-        "collections": {"OrderedDict"},
-    }
+    from torch.distributed.checkpoint import metadata
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    classes: list[Any] = [
+        metadata.Metadata,
+        metadata.MetadataIndex,
+        metadata.StorageMeta,
+        metadata.TensorProperties,
+        metadata.TensorStorageMetadata,
+        metadata.BytesStorageMetadata,
+        metadata.ChunkStorageMetadata,
+        metadata._MEM_FORMAT_ENCODING,
+        _StorageInfo,
+        torch.Size,
+        pathlib.PosixPath,
+        pathlib.PurePosixPath,
+        collections.OrderedDict,
+    ]
+    allowed = {(c.__module__, c.__qualname__): c for c in classes}
+    # `torch.strided` and the like are pickled as a call of this lookup with the layout's name
+    allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
+    allowed.update({("torch", name): value for name, value in vars(torch).items() if isinstance(value, torch.dtype)})
+    return allowed
+
+
+class _MetadataUnpickler(pickle._Unpickler):
+    """Unpickles DCP's `.metadata` and nothing else (the pattern of Python's `pickle` docs, "Restricting
+    Globals"): only the exact globals of `_metadata_classes` can be named, so that the only things a file can
+    call are those classes' constructors and the layout lookup. The pure-Python unpickler, so that BUILD (which
+    sets attributes) can be refused on anything but an instance of those classes: on a class itself it would
+    rewrite that class for the whole process. A `.metadata` is a few KiB to a few MiB, read once per load."""
+
+    ALLOWED = _metadata_classes()
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module: str, name: str) -> Any:
-        allowed = self.ALLOWED.get(module, set())
-        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        if module in self.ALLOWED and (allowed is None or name in allowed) or is_dtype:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+        allowed = self.ALLOWED.get((module, name))
+        if allowed is None:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+        return allowed
+
+    def load_build(self) -> None:
+        instance = self.stack[-2]  # below the state BUILD sets on it
+        if isinstance(instance, type) or type(instance) not in self._buildable:
+            raise pickle.UnpicklingError(f"a {type(instance).__name__} is not built by a checkpoint's metadata")
+        super().load_build()
+
+    dispatch[pickle.BUILD[0]] = load_build
+    _buildable = frozenset(c for c in ALLOWED.values() if isinstance(c, type))
 
 
 class SafeFileSystemReader(dcp.FileSystemReader):
