@@ -74,9 +74,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     """`scaleforge train` with the distillation loss and its teacher set: the student trains as any run does."""
-    from scaleforge.runs import find_final
+    from scaleforge.runs import verify_final
 
-    teacher = str(find_final(args.teacher).parent.resolve())  # absolute: the launcher's workers read it too
+    teacher = str(verify_final(args.teacher).parent.resolve())  # absolute: the launcher's workers read it too
     path, overrides = _split_config_args(args.config)
     chosen = _load([path] if path else [])
     # the loss goes in before the user's overrides, so that `training.loss.temperature=2` and the like apply to it
@@ -84,7 +84,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
         loss = f"training.loss.teacher={teacher}"
     else:
         loss = f"training.loss={{name: distillation, teacher: '{teacher}'}}"
-    args.config = [*([path] if path else []), loss, *overrides]
+    trusted = ["training.loss.trust_teacher_code=true"] if args.trust_code else []
+    args.config = [*([path] if path else []), loss, *trusted, *overrides]
     return cmd_train(args)
 
 
@@ -93,6 +94,7 @@ def _launch_train(args: argparse.Namespace, options: LaunchOptions) -> int:
     from scaleforge.distributed.env import DistEnv, check_device_per_process, select_device
     from scaleforge.distributed.launch import launch
     from scaleforge.distributed.parallel_dims import ParallelDims
+    from scaleforge.runs import signing_key
     from scaleforge.train.run_dir import default_run_dir, resume_point
 
     options.check()
@@ -108,14 +110,14 @@ def _launch_train(args: argparse.Namespace, options: LaunchOptions) -> int:
     else:
         run_dir = default_run_dir(config)
     if options.node_rank == 0:
-        resume_point(run_dir, args.resume)
+        resume_point(run_dir, args.resume, signing_key(config.checkpoint.signing_key_env, "checkpoint.signing_key_env"))
     return launch(["train", *args.config, "--run-dir", str(run_dir), "--resume", args.resume], options)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from scaleforge.evaluate import evaluate_run
 
-    results = evaluate_run(args.run_dir)
+    results = evaluate_run(args.run_dir, _trust(args))
     for name, value in results.items():
         print(f"{name}: {value:.4f}")
     return 0
@@ -140,7 +142,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         calibration_batches=8 if args.calibration_batches is None else args.calibration_batches,
         nproc=args.nproc,
     )
-    report = compress_run(args.run_dir, options, args.out)
+    report = compress_run(args.run_dir, options, args.out, _trust(args))
     print_report(report)
     print(f"results: {report['run_dir']}/final/ (compression.json holds these figures)")
     return 0
@@ -149,7 +151,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from scaleforge.export.formats import export_run
 
-    result = export_run(args.run_dir, args.format, dynamic_batch=args.dynamic_batch, opset=args.opset, out=args.out)
+    result = export_run(
+        args.run_dir, args.format, dynamic_batch=args.dynamic_batch, opset=args.opset, out=args.out, trust=_trust(args)
+    )
     for check in result["checks"]:
         print(
             f"checked on {check['rows']} validation rows: max |difference| {check['max_abs_diff']:.2e}, "
@@ -282,6 +286,7 @@ def cmd_bench_stream(args: argparse.Namespace) -> int:
         frame_size=(int(match[1]), int(match[2])),
         threads=args.threads,
         as_json=args.json,
+        trust=_trust(args),
     )
     return 0
 
@@ -289,7 +294,9 @@ def cmd_bench_stream(args: argparse.Namespace) -> int:
 def cmd_bench_compress(args: argparse.Namespace) -> int:
     from scaleforge.bench.compress import run_compress_benchmark
 
-    run_compress_benchmark(args.run_dir, out=Path(args.out), finetune_epochs=args.finetune_epochs, as_json=args.json)
+    run_compress_benchmark(
+        args.run_dir, out=Path(args.out), finetune_epochs=args.finetune_epochs, as_json=args.json, trust=_trust(args)
+    )
     return 0
 
 
@@ -335,7 +342,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
     folder = Path(args.summary_json or ".").parent
     if not folder.is_dir():
         raise UsageError(f"--summary-json {args.summary_json}: the folder {folder} does not exist")
-    summary = run_stream(args.run_dir, options)
+    summary = run_stream(args.run_dir, options, _trust(args))
     print_summary(summary, print_table)
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2) + "\n")
@@ -478,6 +485,28 @@ def _comma_separated(item: Callable[[str], Item]) -> Callable[[str], list[Item]]
     return parse
 
 
+def _trust_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a command that opens a run directory: whether its code may run, and the key its manifest
+    must be signed with."""
+    trust = parser.add_argument_group("trust (a run directory is data: its code never runs unless you say so)")
+    trust.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="import the modules the run's config names (imports:) and build its module:Attr components",
+    )
+    trust.add_argument(
+        "--signing-key-env",
+        metavar="VAR",
+        help="refuse the run unless its manifest is signed (HMAC-SHA256) with the key in this environment variable",
+    )
+
+
+def _trust(args: argparse.Namespace):  # noqa: ANN202 - runs.Trust, imported lazily to keep --help fast
+    from scaleforge.runs import Trust
+
+    return Trust(args.trust_code, args.signing_key_env)
+
+
 def _train_arguments(parser: argparse.ArgumentParser, config_help: str) -> None:
     """The config, run directory, resume and process options of `train` (and `distill`)."""
     parser.add_argument("config", nargs="*", metavar="CONFIG_OR_OVERRIDE", help=config_help)
@@ -524,10 +553,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     distill.add_argument("teacher", metavar="TEACHER_RUN")
     _train_arguments(distill, config_help)
+    distill.add_argument(
+        "--trust-code", action="store_true", help="build the teacher even if its run's config names code (imports:)"
+    )
     distill.set_defaults(handler=cmd_distill)
 
     evaluate = commands.add_parser("eval", help="evaluate a trained run on its validation split")
     evaluate.add_argument("run_dir", metavar="RUN_DIR")
+    _trust_arguments(evaluate)
     evaluate.set_defaults(handler=cmd_eval)
 
     compress = commands.add_parser(
@@ -537,6 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
         "other) and print size, validation metrics and CPU latency before and after.",
     )
     compress.add_argument("run_dir", metavar="RUN_DIR")
+    _trust_arguments(compress)
     compress.add_argument(
         "--method",
         required=True,
@@ -573,6 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
         "before reporting it done.",
     )
     export.add_argument("run_dir", metavar="RUN_DIR")
+    _trust_arguments(export)
     export.add_argument(
         "--format",
         required=True,
@@ -607,6 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     serve.add_argument("run_dir", metavar="RUN_DIR_OR_MODEL", help="a run directory, or its final/ folder")
+    _trust_arguments(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
     serve.add_argument("--port", type=_non_negative_int, default=8000, help="port (0: any free one, printed)")
     serve.add_argument("--max-batch-size", type=_positive_int, default=32, help="instances per batch, at most")
@@ -691,6 +727,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     stream.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of an image classifier")
+    _trust_arguments(stream)
     stream.add_argument(
         "--source",
         required=True,
@@ -846,6 +883,7 @@ def build_parser() -> argparse.ArgumentParser:
         "distilled student) and compare size, validation accuracy, CPU latency and ONNX Runtime throughput.",
     )
     bench_compress.add_argument("run_dir", metavar="RUN_DIR", help="a trained run directory")
+    _trust_arguments(bench_compress)
     bench_compress.add_argument(
         "--finetune-epochs", type=_non_negative_int, default=3, help="fine-tuning after pruning (default 3)"
     )
@@ -861,6 +899,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     bench_stream.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of an image classifier")
+    _trust_arguments(bench_stream)
     bench_stream.add_argument(
         "--batch-sizes",
         type=_comma_separated(_positive_int),

@@ -105,6 +105,9 @@ class CheckpointSection:
     keep: int = field(default=3, metadata=POSITIVE)
     # `async` in files and overrides (a Python keyword): training goes on while the checkpoint is written
     async_: bool = field(default=False, metadata={"key": "async"})
+    # an environment variable holding a key: each checkpoint's and final/'s manifest is signed with it (HMAC-SHA256),
+    # and checkpoints without the right signature are refused on resume
+    signing_key_env: str | None = None
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from torch import nn
 from scaleforge.config import RunConfig
 from scaleforge.data.loading import eval_batches
 from scaleforge.distributed.parallelize import ParallelModel
-from scaleforge.runs import load_run
+from scaleforge.runs import UNTRUSTED, Trust, open_run
 from scaleforge.train.precision import make_autocast
 from scaleforge.train.trainer import (
     build_data,
@@ -21,9 +21,10 @@ from scaleforge.train.trainer import (
 )
 
 
-def evaluate_run(run_dir: str | Path) -> dict[str, float]:
-    """Load `final/` of a run and evaluate it on the validation split of the data it was trained on."""
-    run = load_run(run_dir)
+def evaluate_run(run_dir: str | Path, trust: Trust = UNTRUSTED) -> dict[str, float]:
+    """Load `final/` of a run (opened with `trust`) and evaluate it on the validation split of the data it was
+    trained on."""
+    run = open_run(run_dir, trust)
     return evaluate_model(run.model, run.config)
 
 

@@ -7,10 +7,12 @@ packages may add components through the `scaleforge.plugins` entry-point group.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import sys
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 from scaleforge.errors import ConfigError, did_you_mean, one_of
@@ -29,6 +31,28 @@ _BUILTIN_MODULES = (
     "scaleforge.compress.distill",
 )
 _loaded = False
+# Set while a file that may not run code is read (a run directory from elsewhere): what it came from, and how the
+# user says they trust it.
+_untrusted: ContextVar[tuple[str, str] | None] = ContextVar("scaleforge_untrusted", default=None)
+
+
+@contextlib.contextmanager
+def untrusted(source: str, trust_flag: str) -> Iterator[None]:
+    """Within this block, names resolve only to registered components (scaleforge's and installed plugins'):
+    importing a module and a `module:Attr` path are refused as code from `source`, naming `trust_flag`."""
+    token = _untrusted.set((source, trust_flag))
+    try:
+        yield
+    finally:
+        _untrusted.reset(token)
+
+
+def _refuse_code(what: str, key: str) -> None:
+    refusal = _untrusted.get()
+    if refusal is not None:
+        source, trust_flag = refusal
+        where = f"{key}: " if key else ""
+        raise ConfigError(f"{where}{source} names code to run ({what}), which is not run unless trusted: {trust_flag}")
 
 
 class Registry:
@@ -92,6 +116,7 @@ def _qualname(obj: Any) -> str:
 def import_attr(path: str, *, key: str = "") -> Callable[..., Any]:
     """Import `module:Attr` (Attr may be dotted) and return the attribute."""
     where = f"{key}: " if key else ""
+    _refuse_code(f"'{path}'", key)
     module_name, _, attr_path = path.partition(":")
     if not module_name or not attr_path:
         raise ConfigError(f"{where}'{path}' is not a 'module:Attr' path")
@@ -109,6 +134,7 @@ def import_attr(path: str, *, key: str = "") -> Callable[..., Any]:
 def import_module(name: str, *, key: str = "") -> Any:
     """Import a user module (from the working directory too), turning any failure into a config error naming it."""
     where = f"{key}: " if key else ""
+    _refuse_code(f"import '{name}'", key)
     if "" not in sys.path:  # console scripts leave the working directory off the path; `python -m` puts it on
         sys.path.insert(0, "")
     try:

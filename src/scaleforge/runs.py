@@ -1,14 +1,26 @@
-"""Reading a finished run directory back: the contract between training and everything after it.
+"""The finished run directory: the contract between training and everything after it.
 
-`final/` holds `model.safetensors`, `config.yaml` and `data_info.json`, and `manifest.json` (the size and SHA-256
-of each, written last) in runs written since it was introduced. A compressed run also holds `compression.json`,
-whose `format` says how its tensors map onto the model the config builds (see `scaleforge.compress`).
+`final/` holds `model.safetensors`, `config.yaml`, `data_info.json` and `manifest.json` (the size and SHA-256 of
+each other file). A compressed run also holds `compression.json`, whose `format` says how its tensors map onto the
+model the config builds (see `scaleforge.compress`). It is written under a temporary name, fsynced, and renamed
+into place, so a run whose `final/` exists finished; it is checked against its manifest each time it is opened.
+
+A run directory opened here is data: its config names components, and only what scaleforge registers and what
+installed plugins add can be built from it. A config's `imports:` and `module:Attr` names run code, and are refused
+unless the opener trusts the run (`Trust.code`: `--trust-code`, `trust_code=True`). A manifest detects damage, not
+tampering: whoever can rewrite a file can rewrite its manifest. With a signing key (`Trust.signing_key_env`,
+`checkpoint.signing_key_env` for the runs training writes) each manifest carries an HMAC-SHA256 of its entries, and
+a run without the right one is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import os
+import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from scaleforge.config import RunConfig, load_config
+from scaleforge import registry
+from scaleforge.config import RunConfig, dump_yaml, load_config
 from scaleforge.data.base import DataInfo
 from scaleforge.errors import UsageError
 
@@ -24,6 +37,20 @@ FINAL_FILES = ("model.safetensors", "config.yaml", "data_info.json")
 MANIFEST = "manifest.json"
 COMPRESSION = "compression.json"
 INT8_FORMATS = ("dynamic-int8", "static-int8", "qat-int8")  # compression.json formats whose weights are int8
+SIGNATURE = "hmac_sha256"  # the manifest's key for its signature
+TRUST_FLAG = "--trust-code (trust_code=True in load_run)"
+
+
+@dataclass(frozen=True)
+class Trust:
+    """What opening a run directory may do beyond reading its files as data."""
+
+    code: bool = False  # import the modules its config names and build its `module:Attr` components
+    signing_key_env: str | None = None  # refuse it unless its manifest is signed with the key in this variable
+
+
+UNTRUSTED = Trust()  # a run directory named by the user
+TRUSTED = Trust(code=True)  # for the runs a command created itself (search trials, benchmark runs)
 
 
 @dataclass(frozen=True)
@@ -53,27 +80,116 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(final: Path) -> None:
-    """`final/manifest.json`: the size and SHA-256 of every other file of `final/`; written last."""
+def signing_key(variable: str | None, setting: str) -> bytes | None:
+    """The key held by environment variable `variable` (None: manifests are not signed); `setting` names where
+    the variable was given, for the error when it holds no key."""
+    if variable is None:
+        return None
+    key = os.environ.get(variable, "")
+    if not key:
+        raise UsageError(f"{setting} {variable}: that environment variable is unset or empty")
+    return key.encode()
+
+
+def sign(files: dict[str, Any], key: bytes) -> str:
+    """The HMAC-SHA256 of a manifest's entries (names, sizes and digests), in a canonical JSON form."""
+    return hmac.new(key, json.dumps(files, sort_keys=True, separators=(",", ":")).encode(), "sha256").hexdigest()
+
+
+def signature_problem(manifest: dict[str, Any], key: bytes | None) -> str | None:
+    """Why `manifest` is not signed with `key` (None when it is, or when no key is asked for)."""
+    if key is None:
+        return None
+    signature = manifest.get(SIGNATURE)
+    if not isinstance(signature, str):
+        return "its manifest is not signed"
+    if not hmac.compare_digest(signature, sign(manifest["files"], key)):
+        return "its manifest's signature does not match the signing key"
+    return None
+
+
+def write_durably(path: Path, data: bytes) -> dict[str, Any]:
+    """Write `path` under a temporary name, fsync it, rename it into place; returns its manifest entry."""
+    temporary = path.with_name(path.name + ".part")
+    with temporary.open("wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    temporary.rename(path)
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the names in folder `path` (files created or renamed there) durable."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def write_manifest(final: Path, key: bytes | None = None) -> None:
+    """`final/manifest.json`: the size and SHA-256 of every other file of `final/` (signed with `key` if given),
+    written durably and last."""
     files = {
         path.name: {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
         for path in sorted(final.iterdir())
         if path.is_file() and path.name != MANIFEST
     }
-    (final / MANIFEST).write_text(json.dumps({"files": files}, indent=1) + "\n")
+    manifest: dict[str, Any] = {"files": files}
+    if key is not None:
+        manifest[SIGNATURE] = sign(files, key)
+    write_durably(final / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
 
 
-def verify_final(path: str | Path) -> Path:
-    """`find_final`, and every file checked against `manifest.json` where the run has one (`UsageError` naming the
-    file that does not match)."""
+def save_final(final: Path, state_dict: dict[str, torch.Tensor], config: RunConfig, info: DataInfo) -> None:
+    """Write `final/` atomically: the full state dict as safetensors, the resolved config, the dataset's
+    description and their manifest (signed with `checkpoint.signing_key_env`'s key), each file fsynced, in a
+    folder renamed into place once complete. A process killed on the way leaves `final.partial/`, never a
+    `final/`; an earlier `final/` at the same place is replaced only by a complete one."""
+    from safetensors.torch import save
+
+    key = signing_key(config.checkpoint.signing_key_env, "checkpoint.signing_key_env")
+    staging = final.with_name(final.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)  # what a killed earlier attempt left
+    staging.mkdir(parents=True)
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in state_dict.items():
+        tensor = tensor.detach().cpu()
+        pointer = tensor.untyped_storage().data_ptr()
+        # safetensors refuses shared storage (tied weights): such names get their own copy.
+        tensors[name] = tensor.clone().contiguous() if pointer in seen else tensor.contiguous()
+        seen.add(pointer)
+    write_durably(staging / "model.safetensors", save(tensors))
+    write_durably(staging / "config.yaml", dump_yaml(config).encode())
+    write_durably(staging / "data_info.json", (json.dumps(info.to_json(), indent=2) + "\n").encode())
+    write_manifest(staging, key)
+    fsync_dir(staging)
+    shutil.rmtree(final, ignore_errors=True)
+    staging.rename(final)
+    fsync_dir(final.parent)
+
+
+def verify_final(path: str | Path, signing_key_env: str | None = None) -> Path:
+    """`find_final`, with every file checked against `manifest.json`, no file beside those it lists, and its
+    signature checked when `signing_key_env` names a key (`UsageError` naming what does not match)."""
     final = find_final(path)
-    manifest = final / MANIFEST
-    if not manifest.is_file():
-        return final  # written before manifests: nothing to check against
+    key = signing_key(signing_key_env, "--signing-key-env")
+    manifest_path = final / MANIFEST
+    if not manifest_path.is_file():
+        raise UsageError(f"{final} is not a finished run: it has no {MANIFEST}")
     try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError, TypeError) as error:
-        raise UsageError(f"{manifest} cannot be read: {error}") from error
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+        problem = signature_problem(manifest, key)
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise UsageError(f"{manifest_path} cannot be read: {error}") from error
+    if problem is not None:
+        raise UsageError(f"{final} is refused: {problem}")
+    unlisted = sorted(p.name for p in final.iterdir() if p.name != MANIFEST and p.name not in files)
+    if unlisted:
+        raise UsageError(f"{final} is damaged: {', '.join(unlisted)} is not in its {MANIFEST}")
     for name, expected in files.items():
         file = final / name
         if not file.is_file():
@@ -94,10 +210,22 @@ def compression_of(final: Path) -> dict[str, Any] | None:
         raise UsageError(f"{path} is damaged: {error}") from error
 
 
-def load_description(path: str | Path) -> tuple[RunConfig, DataInfo]:
-    """A finished run's config and its dataset's description, without its weights."""
-    final = find_final(path)
-    config = load_config(final / "config.yaml")
+def load_description(path: str | Path, trust: Trust = UNTRUSTED) -> tuple[RunConfig, DataInfo]:
+    """A finished run's config and its dataset's description, without its weights; `final/` checked first."""
+    return _describe(verify_final(path, trust.signing_key_env), trust)
+
+
+def run_config(final: Path, trust: Trust, overrides: Sequence[str] = ()) -> RunConfig:
+    """`final/config.yaml` of a checked `final/` folder, with `overrides`: without `trust.code`, its components
+    resolve only to registered ones, and `imports:` and `module:Attr` names are refused."""
+    if trust.code:
+        return load_config(final / "config.yaml", overrides)
+    with registry.untrusted(f"the run {final.parent}", TRUST_FLAG):
+        return load_config(final / "config.yaml", overrides)
+
+
+def _describe(final: Path, trust: Trust) -> tuple[RunConfig, DataInfo]:
+    config = run_config(final, trust)
     try:
         info = DataInfo.from_json(json.loads((final / "data_info.json").read_text()))
     except (ValueError, TypeError) as error:
@@ -105,13 +233,20 @@ def load_description(path: str | Path) -> tuple[RunConfig, DataInfo]:
     return config, info
 
 
-def load_run(path: str | Path) -> LoadedRun:
+def load_run(path: str | Path, *, trust_code: bool = False, signing_key_env: str | None = None) -> LoadedRun:
     """Rebuild a run's model from `final/config.yaml` and load `final/model.safetensors` into it (no pickle); a
-    compressed run's model is rebuilt in its compressed form (`compression.json`)."""
+    compressed run's model is rebuilt in its compressed form (`compression.json`). `final/` is checked against its
+    manifest (and its signature, with `signing_key_env`); the run's own code (`imports:`, `module:Attr`
+    components) runs only with `trust_code`."""
+    return open_run(path, Trust(trust_code, signing_key_env))
+
+
+def open_run(path: str | Path, trust: Trust) -> LoadedRun:
+    """`load_run` with its trust as one value."""
     from scaleforge.components import build_model
 
-    final = find_final(path)
-    config, info = load_description(final)
+    final = verify_final(path, trust.signing_key_env)
+    config, info = _describe(final, trust)
     model = build_model(config.model, info)
     fmt = (compression_of(final) or {}).get("format")
     file = final / "model.safetensors"

@@ -230,7 +230,7 @@ def test_an_export_failure_names_the_operator_and_leaves_no_file(cli, tmp_path: 
         patch.syspath_prepend(str(tmp_path))
         train(load_config(None, [*QUICK, "imports=[bessel]", "model.architecture=bessel", "training.max_steps=2"]),
               tmp_path / "run")  # fmt: skip
-        result = cli("export", str(tmp_path / "run"), "--format", "onnx", "--out", str(out))
+        result = cli("export", str(tmp_path / "run"), "--format", "onnx", "--out", str(out), "--trust-code")
     assert result.code == 2 and "ONNX export failed at torch.ops.prims.bessel_i1e" in result.err, result.err
     assert result.err.count("\n") == 1 and not out.exists() and not list(tmp_path.glob("*.partial*"))
 
@@ -295,7 +295,9 @@ def test_static_int8_of_a_model_torch_export_cannot_capture_is_refused(cli, tmp_
         patch.syspath_prepend(str(tmp_path))
         train(load_config(None, [*QUICK, "imports=[branchy]", "model.architecture=branchy", "training.max_steps=2"]),
               tmp_path / "run")  # fmt: skip
-        result = cli("compress", str(tmp_path / "run"), "--method", "static-int8", "--out", str(tmp_path / "out"))
+        result = cli(
+            "compress", str(tmp_path / "run"), "--method", "static-int8", "--out", str(tmp_path / "out"), "--trust-code"
+        )
     assert result.code == 2
     assert "static-int8 needs a model torch.export can capture" in result.err and "use dynamic-int8" in result.err
     assert "Traceback" not in result.err and not (tmp_path / "out").exists()

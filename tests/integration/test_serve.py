@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from scaleforge import load_config
+from scaleforge.runs import write_manifest
 from scaleforge.train.trainer import train
 from tests.conftest import REPO
 
@@ -50,7 +51,7 @@ class SlowNet(nn.Module):
         return self.head(self.blocks[0](x))
 """
 IMAGE = [[[0.5] * 8 for _ in range(8)]]  # one digits instance, (1, 8, 8)
-SLOW = ("--threads", "1", "--model-process")  # as chosen for a compute-bound model, without timing its batches
+SLOW = ("--threads", "1", "--model-process", "--trust-code")  # as for a compute-bound model, its batches untimed
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +72,7 @@ def make_slow_run(folder: Path, delay_s: float) -> Path:
         train(load_config(None, overrides), folder / "run")
     config = folder / "run" / "final" / "config.yaml"
     config.write_text(config.read_text().replace("delay_s: 0.0", f"delay_s: {delay_s}"))  # slow when served
+    write_manifest(config.parent)
     return folder / "run"
 
 

@@ -75,7 +75,7 @@ def test_drop_oldest_under_overload_drops_and_counts_frames_and_latency_stays_bo
         # 50 ms a batch of at most 2: 40 frames/s at most, and 200 come
         out = tmp_path / "frames.jsonl"
         summary = stream(cli, slow_run, tmp_path, "--source", "synthetic:32x32", "--fps", "200", "--duration", "3",
-                         "--max-batch-size", "2", "--sink", f"jsonl:{out}")  # fmt: skip
+                         "--max-batch-size", "2", "--sink", f"jsonl:{out}", "--trust-code")  # fmt: skip
     finally:
         sys.path.remove(str(slow_run.parent))
     assert summary["policy"] == "drop-oldest"  # a live source's default
@@ -219,7 +219,7 @@ def test_bench_stream_measures_throughput_against_batch_size_and_latency_under_l
     sys.path.insert(0, str(slow_run.parent))  # the model (50 ms a batch, so that it, not the source, limits the rate)
     try:
         result = cli("bench", "stream", str(slow_run), "--batch-sizes", "1,4", "--seconds", "0.6", "--frame-size",
-                     "32x32", "--out", str(out), "--json")  # fmt: skip
+                     "32x32", "--out", str(out), "--json", "--trust-code")  # fmt: skip
     finally:
         sys.path.remove(str(slow_run.parent))
     assert result.code == 0, result.err

@@ -22,36 +22,40 @@ import torch
 
 from scaleforge.bench.harness import machine, report
 from scaleforge.errors import UsageError
+from scaleforge.runs import UNTRUSTED, Trust
 
 ONNX_ROWS = 32
 
 
-def run_compress_benchmark(run_dir: str | Path, *, out: Path, finetune_epochs: int, as_json: bool) -> dict[str, Any]:
-    """Make, measure, print and return every variant of the run at `run_dir`; everything goes under `out`."""
+def run_compress_benchmark(
+    run_dir: str | Path, *, out: Path, finetune_epochs: int, as_json: bool, trust: Trust = UNTRUSTED
+) -> dict[str, Any]:
+    """Make, measure, print and return every variant of the run at `run_dir` (opened with `trust`, as are the
+    variants made from it); everything goes under `out`."""
     from scaleforge.compress.convert import CompressOptions, compress_run, measure
-    from scaleforge.runs import load_run, verify_final
+    from scaleforge.runs import open_run, verify_final
 
-    final = verify_final(run_dir)
+    final = verify_final(run_dir, trust.signing_key_env)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    source = load_run(final)
+    source = open_run(final, trust)
     makers: dict[str, Callable[[Path], Any]] = {
-        "dynamic-int8": lambda path: compress_run(final, CompressOptions("dynamic-int8"), path),
-        "static-int8": lambda path: compress_run(final, CompressOptions("static-int8"), path),
-        "qat": lambda path: compress_run(final, CompressOptions("qat", finetune_epochs=finetune_epochs), path),
+        "dynamic-int8": lambda path: compress_run(final, CompressOptions("dynamic-int8"), path, trust),
+        "static-int8": lambda path: compress_run(final, CompressOptions("static-int8"), path, trust),
+        "qat": lambda path: compress_run(final, CompressOptions("qat", finetune_epochs=finetune_epochs), path, trust),
         "pruned 50%": lambda path: compress_run(
-            final, CompressOptions("prune", sparsity=0.5, finetune_epochs=finetune_epochs), path
+            final, CompressOptions("prune", sparsity=0.5, finetune_epochs=finetune_epochs), path, trust
         ),
         "narrowed 50%": lambda path: compress_run(
-            final, CompressOptions("prune", sparsity=0.5, structured=True, finetune_epochs=finetune_epochs), path
+            final, CompressOptions("prune", sparsity=0.5, structured=True, finetune_epochs=finetune_epochs), path, trust
         ),
-        "distilled student": lambda path: _distil(final, path),
+        "distilled student": lambda path: _distil(final, path, trust),
     }
     rows: list[dict[str, Any]] = [
         {"variant": "float", "run_dir": str(final.parent), **measure(source.model, source.config, source.info,
                                                                       final / "model.safetensors")}
     ]  # fmt: skip
-    rows[0]["onnx_per_s"] = _onnx_throughput(final.parent, out / "float.onnx")
+    rows[0]["onnx_per_s"] = _onnx_throughput(final.parent, out / "float.onnx", trust)
     for label, make in makers.items():
         path = out / label.split()[0].replace("%", "")
         print(f"{label}: making {path}")
@@ -60,10 +64,10 @@ def run_compress_benchmark(run_dir: str | Path, *, out: Path, finetune_epochs: i
         except UsageError as error:
             rows.append({"variant": label, "skipped": str(error)})
             continue
-        run = load_run(path)
+        run = open_run(path, trust)
         row = {"variant": label, "run_dir": str(path)}
         row.update(measure(run.model, run.config, run.info, path / "final" / "model.safetensors"))
-        row["onnx_per_s"] = _onnx_throughput(path, out / f"{path.name}.onnx")
+        row["onnx_per_s"] = _onnx_throughput(path, out / f"{path.name}.onnx", trust)
         rows.append(row)
     result = {"benchmark": "compress", "run_dir": str(final.parent), **machine(), "variants": rows}
     result["targets"] = _targets(rows)
@@ -91,24 +95,20 @@ def run_compress_benchmark(run_dir: str | Path, *, out: Path, finetune_epochs: i
     return result
 
 
-def _distil(final: Path, path: Path) -> None:
+def _distil(final: Path, path: Path, trust: Trust) -> None:
     """A student with the narrowed widths, trained from scratch on the model's softened outputs and the labels."""
     from scaleforge.compress.prune import prune_structured
-    from scaleforge.config import load_config
-    from scaleforge.runs import load_run
+    from scaleforge.runs import open_run, run_config
     from scaleforge.train.trainer import train
 
-    widths = prune_structured(load_run(final).model, 0.5).params
+    widths = prune_structured(open_run(final, trust).model, 0.5).params
     overrides = [f"model.{key}={json.dumps(value)}" for key, value in widths.items()]
-    overrides += [
-        f"training.loss={{name: distillation, teacher: '{final.parent.resolve()}'}}",
-        "checkpoint.every_steps=0",
-        "logging.progress=none",
-    ]
-    train(load_config(final / "config.yaml", overrides), path, resume="never")
+    teacher = {"name": "distillation", "teacher": str(final.parent.resolve()), "trust_teacher_code": trust.code}
+    overrides += [f"training.loss={json.dumps(teacher)}", "checkpoint.every_steps=0", "logging.progress=none"]
+    train(run_config(final, trust, overrides), path, resume="never")
 
 
-def _onnx_throughput(run_dir: Path, file: Path) -> float | None:
+def _onnx_throughput(run_dir: Path, file: Path, trust: Trust) -> float | None:
     """Samples/s of the run's ONNX export under ONNX Runtime at batch `ONNX_ROWS` (None if it cannot export)."""
     import onnxruntime
 
@@ -117,11 +117,11 @@ def _onnx_throughput(run_dir: Path, file: Path) -> float | None:
     from scaleforge.runs import example_inputs, load_description
 
     try:
-        export_run(run_dir, "onnx", dynamic_batch=True, out=file)
+        export_run(run_dir, "onnx", dynamic_batch=True, out=file, trust=trust)
     except UsageError as error:
         print(f"  no ONNX export: {error}")
         return None
-    _, info = load_description(run_dir)
+    _, info = load_description(run_dir, trust)
     session = onnxruntime.InferenceSession(str(file), providers=["CPUExecutionProvider"])
     feed = {session.get_inputs()[0].name: example_inputs(info, ONNX_ROWS).numpy()}
     return ONNX_ROWS / median_ms(lambda: session.run(None, feed)) * 1000

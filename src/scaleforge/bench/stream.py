@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from scaleforge.bench.harness import machine, report
+from scaleforge.runs import UNTRUSTED, Trust
 
 LOADS = (0.5, 1.0, 2.0, 4.0)  # source rates, in multiples of the sustained one
 FLAT_MEMORY = (0.05, 16 * 2**20)  # memory is flat when it grew by at most 5%, or 16 MiB
@@ -40,14 +41,16 @@ def run_stream_benchmark(
     frame_size: tuple[int, int],
     threads: int,
     as_json: bool,
+    trust: Trust = UNTRUSTED,
 ) -> dict[str, Any]:
-    """Measure, print and return the benchmark for the run at `run_dir`; JSON and PNG go under `out`."""
+    """Measure, print and return the benchmark for the run at `run_dir` (opened with `trust`); JSON and PNG go
+    under `out`."""
     import torch
 
     from scaleforge.stream.pipeline import StreamOptions, load_stream_model, stream_through
 
     out.mkdir(parents=True, exist_ok=True)
-    model = load_stream_model(run_dir, "auto")
+    model = load_stream_model(run_dir, "auto", trust)
     model.prepare(threads, max(batch_sizes), time_batches=False)
     width, height = frame_size
     source = f"synthetic:{width}x{height}"

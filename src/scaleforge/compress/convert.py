@@ -31,10 +31,14 @@ from scaleforge.errors import AgreedError, UsageError
 from scaleforge.runs import (
     COMPRESSION,
     INT8_FORMATS,
+    UNTRUSTED,
+    Trust,
     compression_of,
     example_inputs,
-    load_run,
+    open_run,
+    save_final,
     sha256_of,
+    signing_key,
     verify_final,
     write_manifest,
 )
@@ -73,18 +77,22 @@ def default_out(source: Path, options: CompressOptions) -> Path:
     return run.with_name(f"{run.name}-{options.method}")
 
 
-def compress_run(source: str | Path, options: CompressOptions, out: str | Path | None = None) -> dict[str, Any]:
-    """Compress the run at `source` into `out` (default: `default_out`); returns `compression.json`'s content."""
+def compress_run(
+    source: str | Path, options: CompressOptions, out: str | Path | None = None, trust: Trust = UNTRUSTED
+) -> dict[str, Any]:
+    """Compress the run at `source` (opened with `trust`) into `out` (default: `default_out`); returns
+    `compression.json`'s content."""
     if options.method not in METHODS:
         raise UsageError(f"--method: '{options.method}' is not one of {', '.join(METHODS)}")
-    final = verify_final(source)
+    final = verify_final(source, trust.signing_key_env)
     out = Path(out) if out is not None else default_out(Path(source), options)
     if out.exists():
         raise UsageError(f"{out} exists already; choose another --out or remove it")
     earlier = compression_of(final)
     if earlier is not None and earlier.get("format") in INT8_FORMATS:
         raise UsageError(f"{source} is int8 already (compressed by {earlier.get('method')}); compress its source run")
-    run = load_run(final)
+    run = open_run(final, trust)
+    key = signing_key(run.config.checkpoint.signing_key_env, "checkpoint.signing_key_env")
     before = measure(run.model, run.config, run.info, final / "model.safetensors")
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)  # what a failed earlier attempt left
@@ -99,11 +107,12 @@ def compress_run(source: str | Path, options: CompressOptions, out: str | Path |
         }
         record = partial / "final" / COMPRESSION
         record.write_text(json.dumps(report, indent=2) + "\n")  # says how the weights load, for `load_run`
-        loaded = load_run(partial)  # proves the new run loads back through the ordinary path
+        write_manifest(partial / "final", key)
+        loaded = open_run(partial, trust)  # proves the new run loads back through the ordinary path
         report["before"] = before
         report["after"] = measure(loaded.model, loaded.config, loaded.info, partial / "final" / "model.safetensors")
         record.write_text(json.dumps(report, indent=2) + "\n")
-        write_manifest(partial / "final")
+        write_manifest(partial / "final", key)
         partial.rename(out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -160,8 +169,6 @@ def _convert(
 
 
 def _write_run(partial: Path, state: dict[str, torch.Tensor], config: RunConfig, info: DataInfo) -> None:
-    from scaleforge.train.trainer import save_final
-
     partial.mkdir(parents=True)
     (partial / "config.yaml").write_text(dump_yaml(config))
     save_final(partial / "final", state, config, info)

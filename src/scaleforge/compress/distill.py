@@ -26,14 +26,22 @@ class DistillationLoss(nn.Module):
     tasks = ("classification",)
     takes_inputs = True
 
-    def __init__(self, teacher: str, num_classes: int, temperature: float = 4.0, soft_weight: float = 0.5) -> None:
+    def __init__(
+        self,
+        teacher: str,
+        num_classes: int,
+        temperature: float = 4.0,
+        soft_weight: float = 0.5,
+        trust_teacher_code: bool = False,
+    ) -> None:
+        """`trust_teacher_code`: build the teacher even if its run names code (`imports:`, `module:Attr`)."""
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         if not 0 <= soft_weight <= 1:
             raise ValueError(f"soft_weight must be between 0 and 1, got {soft_weight}")
         self.temperature, self.soft_weight = temperature, soft_weight
-        self.teacher = _load_teacher(teacher, num_classes)
+        self.teacher = _load_teacher(teacher, num_classes, trust_teacher_code)
 
     def train(self, mode: bool = True) -> DistillationLoss:
         super().train(mode)
@@ -56,11 +64,11 @@ class DistillationLoss(nn.Module):
         return self.soft_weight * t * t * soft + (1 - self.soft_weight) * hard
 
 
-def _load_teacher(path: str, num_classes: int) -> nn.Module:
+def _load_teacher(path: str, num_classes: int, trust_code: bool) -> nn.Module:
     from scaleforge.runs import load_run
 
     try:
-        run = load_run(path)
+        run = load_run(path, trust_code=trust_code)
     except UsageError as error:
         raise ConfigError(f"training.loss.teacher: {error}") from error
     info: DataInfo = run.info

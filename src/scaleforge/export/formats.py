@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from scaleforge.errors import UsageError
-from scaleforge.runs import INT8_FORMATS, compression_of, load_run, verify_final
+from scaleforge.runs import INT8_FORMATS, UNTRUSTED, Trust, compression_of, open_run, verify_final
 
 FORMATS = {"onnx": ".onnx", "torch-export": ".pt2", "aoti": ".aoti.pt2"}
 FLOAT_TOLERANCE = 1e-4
@@ -57,6 +57,7 @@ def export_run(
     dynamic_batch: bool = False,
     opset: int | None = None,
     out: str | Path | None = None,
+    trust: Trust = UNTRUSTED,
 ) -> dict[str, Any]:
     """Export the model of the run at `run_dir` to `out` (default: `<run>/exported/model.<ext>`), check it, and
     return what was checked."""
@@ -64,10 +65,10 @@ def export_run(
         raise UsageError(f"--format: '{fmt}' is not one of {', '.join(FORMATS)}")
     if opset is not None and fmt != "onnx":
         raise UsageError("--opset applies to --format onnx only")
-    final = verify_final(run_dir)
+    final = verify_final(run_dir, trust.signing_key_env)
     compression = compression_of(final) or {}
     int8 = compression.get("format") in INT8_FORMATS
-    run = load_run(final)
+    run = open_run(final, trust)
     model = run.model.cpu()  # in eval mode, as `load_run` leaves it
     out = Path(out) if out is not None else final.parent / "exported" / f"model{FORMATS[fmt]}"
     out.parent.mkdir(parents=True, exist_ok=True)

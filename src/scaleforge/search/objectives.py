@@ -100,9 +100,9 @@ def _model_costs(run_dir: Path, costs: Sequence[str], device: str, threads: int)
     import torch
 
     from scaleforge.compress.convert import median_ms
-    from scaleforge.runs import example_inputs, load_run
+    from scaleforge.runs import TRUSTED, example_inputs, open_run
 
-    run = load_run(run_dir)
+    run = open_run(run_dir, TRUSTED)  # a trial this search trained
     values: dict[str, float] = {}
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)  # the share of the cores each trial trained with
@@ -129,7 +129,7 @@ def _model_costs(run_dir: Path, costs: Sequence[str], device: str, threads: int)
 def _int8_size(run: LoadedRun) -> int:
     """Bytes of the weights file `compress --method dynamic-int8` writes for the run's model."""
     from scaleforge.compress.quantize import dynamic_int8
-    from scaleforge.train.trainer import save_final
+    from scaleforge.runs import save_final
 
     quantized = dynamic_int8(copy.deepcopy(run.model))
     with tempfile.TemporaryDirectory() as scratch:

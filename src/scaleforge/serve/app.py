@@ -84,6 +84,8 @@ class ServeSettings:
     latency_target_ms: float = 0.0  # batches and admission kept to answer within this (0: off)
     backend: str = "torch"  # or "onnxruntime": the run's exported ONNX model (`onnx`) run by ONNX Runtime
     onnx: str | None = None  # the ONNX file for the onnxruntime backend (None: RUN_DIR/exported/model.onnx)
+    trust_code: bool = False  # build the run's model even if its config names code (`imports:`, `module:Attr`)
+    signing_key_env: str | None = None  # refuse the run unless its manifest is signed with this variable's key
 
 
 class PredictRequest(BaseModel):

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from scaleforge.errors import UsageError
-from scaleforge.runs import find_final, load_description, load_run
+from scaleforge.runs import UNTRUSTED, Trust, find_final, load_description, open_run
 
 MAX_IMAGE_PIXELS = 4096 * 4096  # larger uploads are refused before they are decoded
 
@@ -110,22 +110,24 @@ class ServedModel:
         *,
         weights: bool = True,
         onnx: str | Path | bool | None = None,
+        trust: Trust = UNTRUSTED,
     ) -> None:
+        """The run is opened with `trust`: checked against its manifest, its own code refused unless trusted."""
         started = time.perf_counter()
         final = find_final(path)
         self.device = torch.device(device)
         self._weights_file = final / "model.safetensors"
         if onnx:
-            (config, self.info) = load_description(final)
+            (config, self.info) = load_description(final, trust)
             self._weights_file = onnx_file(final, None if onnx is True else onnx)
             self.device = torch.device("cpu")  # ONNX Runtime's CPU provider
             self.model: torch.nn.Module | None = OnnxRuntimeModel(self._weights_file)
         elif weights:
-            run = load_run(final)
+            run = open_run(final, trust)
             config, self.info = run.config, run.info
             self.model = run.model.to(self.device)  # in eval mode, as `load_run` leaves it
         else:
-            (config, self.info), self.model = load_description(final), None
+            (config, self.info), self.model = load_description(final, trust), None
         self._final = final
         self._timed: dict[int, float] = {}  # rows -> seconds, of the batches `prepare` timed
         self._name = config.name if config.name != "default" else config.model.architecture

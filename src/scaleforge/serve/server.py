@@ -12,6 +12,7 @@ import uvicorn
 
 from scaleforge.distributed.env import select_device
 from scaleforge.errors import ConfigError, UsageError
+from scaleforge.runs import Trust
 from scaleforge.serve.app import Gate, ServeSettings, create_app
 from scaleforge.serve.model import ServedModel
 from scaleforge.serve.worker import ModelProcess, freeze_garbage
@@ -65,16 +66,17 @@ def serve(path: str | Path, settings: ServeSettings) -> bool:
     except ConfigError as error:
         raise UsageError(str(error).replace("hardware.device", "--device")) from None
     timing = settings.latency_target_ms > 0  # the batcher's cost model starts from timed batches
+    trust = Trust(settings.trust_code, settings.signing_key_env)
     if settings.backend == "onnxruntime":
         if settings.model_process:
             raise UsageError("--model-process applies to --backend torch (ONNX Runtime runs beside HTTP on a thread)")
-        model = ServedModel(path, onnx=settings.onnx or True)
+        model = ServedModel(path, onnx=settings.onnx or True, trust=trust)
         threads, timed = model.prepare(settings.threads, settings.max_batch_size, time_batches=timing)
         return _run(_server(model, settings, None, model.load_seconds, threads, timed))
     if settings.onnx is not None:
         raise UsageError("--onnx applies to --backend onnxruntime")
     if settings.model_process is not True:
-        model = ServedModel(path, device)  # loaded before the server listens, never per request
+        model = ServedModel(path, device, trust=trust)  # loaded before the server listens, never per request
         threads, timed = model.prepare(settings.threads, settings.max_batch_size, time_batches=timing)
         # auto: a process of its own for a CPU model whose compute dominates, so that it runs in parallel with
         # HTTP; a small model's requests cost the server more than its compute, and handing its batches to a
@@ -86,7 +88,7 @@ def serve(path: str | Path, settings: ServeSettings) -> bool:
         model.model = None  # the weights live in the model's process, with the threads and timings found here
         time_in_process = False
     else:  # the process chooses the threads and times the batches itself
-        model = ServedModel(path, device, weights=False)  # checks the run before a process starts
+        model = ServedModel(path, device, weights=False, trust=trust)  # checks the run before a process starts
         threads, timed, time_in_process = settings.threads, [], timing
     worker = ModelProcess(
         str(path),
@@ -96,6 +98,7 @@ def serve(path: str | Path, settings: ServeSettings) -> bool:
         time_batches=time_in_process,
         timed_batches=timed,
         hung_s=settings.batch_timeout_s,
+        trust=trust,
     )
     try:
         return _run(_server(model, settings, worker, worker.load_seconds, worker.threads, worker.timed_batches))

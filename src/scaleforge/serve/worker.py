@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from scaleforge.errors import UsageError
+from scaleforge.runs import UNTRUSTED, Trust
 
 
 class WorkerDied(Exception):
@@ -44,6 +45,7 @@ class ModelProcess:
         time_batches: bool = False,
         timed_batches: list[tuple[int, float]] | None = None,
         hung_s: float = 60.0,
+        trust: Trust = UNTRUSTED,
     ) -> None:
         """`threads` 0: chosen by timing a batch of `batch_size` (`ServedModel.choose_threads`); with
         `time_batches`, batches of 1 and `batch_size` are timed too (`timed_batches`, unless given). A batch
@@ -51,6 +53,7 @@ class ModelProcess:
         self.hung_s = hung_s
         self.path, self.device, self.threads, self.batch_size = path, device, threads, batch_size
         self.time_batches = time_batches
+        self.trust = trust  # how the child opens the run
         self.timed_batches: list[tuple[int, float]] = list(timed_batches or [])
         self.load_seconds = 0.0
         self._start()
@@ -62,7 +65,7 @@ class ModelProcess:
         time_batches = self.time_batches and not self.timed_batches
         self.process = context.Process(
             target=_work,
-            args=(child, self.path, self.device, self.threads, self.batch_size, time_batches),
+            args=(child, self.path, self.device, self.threads, self.batch_size, time_batches, self.trust),
             name="scaleforge-model",
             daemon=True,
         )
@@ -126,14 +129,16 @@ class ModelProcess:
         self._conn.close()
 
 
-def _work(conn: Connection, path: str, device: str, threads: int, batch_size: int, time_batches: bool) -> None:
+def _work(
+    conn: Connection, path: str, device: str, threads: int, batch_size: int, time_batches: bool, trust: Trust
+) -> None:
     """The child process: load the model, then answer batches until the pipe says stop or closes."""
     with contextlib.suppress(EOFError, BrokenPipeError, ConnectionResetError):  # the server is gone: so is this
-        _answer_batches(conn, path, device, threads, batch_size, time_batches)
+        _answer_batches(conn, path, device, threads, batch_size, time_batches, trust)
 
 
 def _answer_batches(
-    conn: Connection, path: str, device: str, threads: int, batch_size: int, time_batches: bool
+    conn: Connection, path: str, device: str, threads: int, batch_size: int, time_batches: bool, trust: Trust
 ) -> None:
     # the server drains on these and then closes the pipe; dying first would drop the batch in flight
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -141,7 +146,7 @@ def _answer_batches(
     from scaleforge.serve.model import ServedModel
 
     try:
-        model = ServedModel(path, device)
+        model = ServedModel(path, device, trust=trust)
         threads, timed = model.prepare(threads, batch_size, time_batches=time_batches)
     except Exception as error:  # noqa: BLE001 - told to the server, which reports it and exits
         conn.send(("error", _one_line(error)))

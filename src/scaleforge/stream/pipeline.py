@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from scaleforge.errors import UsageError
+from scaleforge.runs import UNTRUSTED, Trust
 from scaleforge.stream.sinks import Sink, open_sink
 from scaleforge.stream.sources import Frame, Source, open_source
 
@@ -477,20 +478,21 @@ def _leaves(group: BaseExceptionGroup) -> Iterator[BaseException]:
 # ------------------------------------------------------------------------------------------------ running
 
 
-def run_stream(run_dir: str, options: StreamOptions) -> dict[str, Any]:
-    """Stream `options.source` through the run's model into `options.sink`; the summary's figures."""
+def run_stream(run_dir: str, options: StreamOptions, trust: Trust = UNTRUSTED) -> dict[str, Any]:
+    """Stream `options.source` through the model of the run (opened with `trust`) into `options.sink`; the
+    summary's figures."""
     options.check()
-    model = load_stream_model(run_dir, options.device)
+    model = load_stream_model(run_dir, options.device, trust)
     model.prepare(options.threads, options.max_batch_size, time_batches=False)
     return stream_through(model, options)
 
 
-def load_stream_model(run_dir: str, device: str) -> Any:
+def load_stream_model(run_dir: str, device: str, trust: Trust = UNTRUSTED) -> Any:
     """The run's model as a `ServedModel`, if it classifies images (a stream's frames)."""
     from scaleforge.distributed.env import select_device
     from scaleforge.serve.model import ServedModel
 
-    model = ServedModel(run_dir, select_device(device))
+    model = ServedModel(run_dir, select_device(device), trust=trust)
     if model.info.image is None or model.info.task != "classification":
         raise UsageError(f"stream: {run_dir} holds a model that does not classify images; stream an image classifier")
     return model

@@ -43,11 +43,12 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from scaleforge.errors import ScaleforgeWarning, UsageError
-from scaleforge.runs import sha256_of
+from scaleforge.runs import SIGNATURE, fsync_dir, sha256_of, sign, signature_problem, write_durably
 
 PREFIX = "step-"
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
+
 # flat optimizer keys (`state.<param name>.<field>`): pipeline stages hold different parameters, and nested
 # param_groups would collide between them
 STATE_DICT_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
@@ -92,9 +93,18 @@ class Checkpointer:
     `wait` (called by the next `save` and at the end) returns once it is committed.
     """
 
-    def __init__(self, checkpoint_dir: Path, *, keep: int, use_async: bool = False, timeout_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        checkpoint_dir: Path,
+        *,
+        keep: int,
+        use_async: bool = False,
+        timeout_s: float = 600.0,
+        signing_key: bytes | None = None,
+    ) -> None:
         self.checkpoint_dir = checkpoint_dir
         self.keep = keep
+        self.signing_key = signing_key  # each manifest is signed with it (HMAC-SHA256)
         self.distributed = dist.is_initialized() and dist.get_world_size() > 1
         self.rank = dist.get_rank() if self.distributed else 0
         # async saves need a CPU group of their own (also on one process in a group, which DCP checks), waiting
@@ -189,11 +199,14 @@ class Checkpointer:
 
     def _commit(self, staging: Path, final: Path, files: dict[str, Any]) -> None:
         """Rank 0: manifest last, then the rename that makes the checkpoint count; only then older ones go."""
-        _write_json(staging / MANIFEST, {"files": dict(sorted(files.items()))})
-        _fsync_dir(staging)
+        manifest: dict[str, Any] = {"files": dict(sorted(files.items()))}
+        if self.signing_key is not None:
+            manifest[SIGNATURE] = sign(manifest["files"], self.signing_key)
+        _write_json(staging / MANIFEST, manifest)
+        fsync_dir(staging)
         shutil.rmtree(final, ignore_errors=True)
         staging.rename(final)
-        _fsync_dir(self.checkpoint_dir)
+        fsync_dir(self.checkpoint_dir)
         for old in list_checkpoints(self.checkpoint_dir)[: -self.keep]:  # never the newest good one
             shutil.rmtree(old, ignore_errors=True)
 
@@ -306,37 +319,27 @@ class _HashingStream(io.RawIOBase):
 
 
 def _write_json(path: Path, data: Any) -> dict[str, Any]:
-    """Write `path` durably (to a temporary name, fsynced, then renamed); returns its manifest entry."""
-    text = json.dumps(data, indent=1).encode()
-    temporary = path.with_name(path.name + ".part")
-    with temporary.open("wb") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    temporary.rename(path)
-    return {"bytes": len(text), "sha256": hashlib.sha256(text).hexdigest()}
-
-
-def _fsync_dir(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    """Write `path` durably; returns its manifest entry."""
+    return write_durably(path, json.dumps(data, indent=1).encode())
 
 
 # ------------------------------------------------------------------------------------------------ loading
 
 
-def verify(folder: Path) -> None:
-    """Check every file of `folder` against its manifest; raise `DamagedCheckpoint` saying what is wrong."""
+def verify(folder: Path, signing_key: bytes | None = None) -> None:
+    """Check every file of `folder` against its manifest, and the manifest's signature when a `signing_key` is
+    given; raise `DamagedCheckpoint` saying what is wrong."""
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         raise DamagedCheckpoint("it has no manifest (its write did not finish)")
     try:
-        files = json.loads(manifest_path.read_text())["files"]
-    except (ValueError, KeyError, TypeError) as error:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+        problem = signature_problem(manifest, signing_key)
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise DamagedCheckpoint(f"its manifest cannot be read ({error})") from error
+    if problem is not None:
+        raise DamagedCheckpoint(problem)
     for name, expected in files.items():
         path = folder / name
         if not path.is_file():
@@ -363,17 +366,19 @@ def read_metadata(folder: Path) -> Metadata:
         with (folder / ".metadata").open("rb") as file:
             metadata = _MetadataUnpickler(file).load()
     except Exception as error:  # whatever a crafted or cut-short file makes the unpickler raise: damaged
-        raise DamagedCheckpoint(f"its metadata is refused: {type(error).__name__}: {error}") from error
+        detail = str(error) if isinstance(error, pickle.UnpicklingError) else f"{type(error).__name__}: {error}"
+        raise DamagedCheckpoint(f"its metadata is refused: {detail}") from error
     if not isinstance(metadata, Metadata):
         raise DamagedCheckpoint(f"its metadata is a {type(metadata).__name__}, not DCP metadata")
     return metadata
 
 
-def newest_good_checkpoint(checkpoint_dir: Path, warn: bool = True) -> Path | None:
-    """The newest checkpoint that verifies; each damaged newer one is reported (when `warn`) and passed over."""
+def newest_good_checkpoint(checkpoint_dir: Path, warn: bool = True, signing_key: bytes | None = None) -> Path | None:
+    """The newest checkpoint that verifies; each damaged (or, with `signing_key`, unsigned or wrongly signed) newer
+    one is reported (when `warn`) and passed over."""
     for folder in reversed(list_checkpoints(checkpoint_dir)):
         try:
-            verify(folder)
+            verify(folder, signing_key)
         except DamagedCheckpoint as error:
             if warn:
                 warnings.warn(
@@ -384,12 +389,12 @@ def newest_good_checkpoint(checkpoint_dir: Path, warn: bool = True) -> Path | No
     return None
 
 
-def checked_checkpoint(path: Path) -> Path:
+def checked_checkpoint(path: Path, signing_key: bytes | None = None) -> Path:
     """`path` (a checkpoint folder given by the user), verified; a usage error says what is wrong."""
     if not path.is_dir():
         raise UsageError(f"--resume: {path} is not a checkpoint folder")
     try:
-        verify(path)
+        verify(path, signing_key)
     except DamagedCheckpoint as error:
         raise UsageError(f"--resume: checkpoint {path} cannot be used: {error}") from error
     return path

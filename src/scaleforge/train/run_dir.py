@@ -25,10 +25,11 @@ def default_run_dir(config: RunConfig) -> Path:
     return Path("runs") / f"{config.name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-def resume_point(run_dir: Path, resume: str) -> Path | None:
+def resume_point(run_dir: Path, resume: str, signing_key: bytes | None = None) -> Path | None:
     """The checkpoint to resume from: `resume` itself (a checkpoint's path, checked), the newest good one of
     `run_dir` (`auto`), or none (`never`, or `auto` with none there, when `run_dir` must hold no other run).
-    Damaged checkpoints are reported as warnings and passed over."""
+    Damaged checkpoints (and, with `signing_key`, unsigned or wrongly signed ones) are reported as warnings and
+    passed over. A run is finished when its `final/` exists: it is renamed into place once complete."""
     if (run_dir / "final").exists():
         raise UsageError(f"{run_dir} already holds a finished run; choose another --run-dir or remove it")
     if run_state(run_dir) == "running":
@@ -38,8 +39,8 @@ def resume_point(run_dir: Path, resume: str) -> Path | None:
             "--run-dir"
         )
     if resume not in ("auto", "never"):
-        return checked_checkpoint(Path(resume))
-    checkpoint = newest_good_checkpoint(run_dir / "checkpoints") if resume == "auto" else None
+        return checked_checkpoint(Path(resume), signing_key)
+    checkpoint = newest_good_checkpoint(run_dir / "checkpoints", signing_key=signing_key) if resume == "auto" else None
     if checkpoint is None:
         check_run_dir(run_dir)
     return checkpoint

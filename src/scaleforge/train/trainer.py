@@ -56,7 +56,7 @@ from scaleforge.distributed.launch import is_launched_worker
 from scaleforge.distributed.parallel_dims import ParallelDims
 from scaleforge.distributed.parallelize import ParallelModel, parallelize, plan_parallelism
 from scaleforge.errors import AgreedError, ConfigError, UsageError
-from scaleforge.runs import find_final, load_weights, write_manifest
+from scaleforge.runs import load_weights, save_final, signing_key, verify_final
 from scaleforge.train.callbacks import Callback, CallbackList, RunState
 from scaleforge.train.checkpoint import (
     Checkpointer,
@@ -277,7 +277,7 @@ def train(
     init_distributed(env, device, timeout_s=config.parallel.timeout_s, required=dims.strategy != "single")
     try:
         run_dir = agree_on_run_dir(run_dir, config, env)
-        checkpoint = agree_on_checkpoint(run_dir, "auto" if env.restart_count else resume, env)
+        checkpoint = agree_on_checkpoint(run_dir, "auto" if env.restart_count else resume, env, config)
         if env.is_main and env.restart_count:
             where = f"resuming from {checkpoint}" if checkpoint else "no checkpoint yet: training starts over"
             print(f"restart {env.restart_count}: the workers failed and were started again; {where}")
@@ -297,13 +297,17 @@ def train(
     return {**summary, "run_dir": str(run_dir)}
 
 
-def agree_on_checkpoint(run_dir: Path, resume: str, env: DistEnv) -> Path | None:
+def _signing_key(config: RunConfig) -> bytes | None:
+    return signing_key(config.checkpoint.signing_key_env, "checkpoint.signing_key_env")
+
+
+def agree_on_checkpoint(run_dir: Path, resume: str, env: DistEnv, config: RunConfig) -> Path | None:
     """The checkpoint to start from (rank 0 finds and verifies it; every process gets its answer), after
     checking that `run_dir` may be used: a finished run is never trained again, and a run is never overwritten."""
     found: list[Any] = [None]
     if env.is_main:
         try:
-            found = [resume_point(run_dir, resume)]
+            found = [resume_point(run_dir, resume, _signing_key(config))]
         except UsageError as error:
             found = [error]
     if env.distributed:
@@ -412,6 +416,7 @@ def _train(
         keep=config.checkpoint.keep,
         use_async=config.checkpoint.async_,
         timeout_s=config.parallel.timeout_s,
+        signing_key=_signing_key(config),
     )
     with (
         hangs_named(env, config.parallel.timeout_s, lambda: state.step),
@@ -556,7 +561,7 @@ def load_initial_weights(model: nn.Module, source: str) -> None:
     if not path.exists():
         raise ConfigError(f"training.init_from: {source} does not exist")
     try:
-        load_weights(model, path if path.is_file() else find_final(path) / "model.safetensors")
+        load_weights(model, path if path.is_file() else verify_final(path) / "model.safetensors")
     except UsageError as error:
         raise ConfigError(f"training.init_from: {error}") from error
 
@@ -696,23 +701,3 @@ def keep_metrics_until(path: Path, step: int) -> list[dict[str, Any]]:
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters (shared parameters counted once)."""
     return sum(p.numel() for p in model.parameters())
-
-
-def save_final(final_dir: Path, state_dict: dict[str, torch.Tensor], config: RunConfig, info: DataInfo) -> None:
-    """`final/`: the full state dict as safetensors, the resolved config, the dataset's description and the
-    manifest of the three."""
-    from safetensors.torch import save_file
-
-    final_dir.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for name, tensor in state_dict.items():
-        tensor = tensor.detach().cpu()
-        pointer = tensor.untyped_storage().data_ptr()
-        # safetensors refuses shared storage (tied weights): such names get their own copy.
-        tensors[name] = tensor.clone().contiguous() if pointer in seen else tensor.contiguous()
-        seen.add(pointer)
-    save_file(tensors, str(final_dir / "model.safetensors"))
-    (final_dir / "config.yaml").write_text(dump_yaml(config))
-    (final_dir / "data_info.json").write_text(json.dumps(info.to_json(), indent=2) + "\n")
-    write_manifest(final_dir)  # last: a final/ whose files match it was written whole
