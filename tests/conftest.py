@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,3 +63,28 @@ def run_subprocess(*args: str, cwd: Path | None = None, timeout: float = 240) ->
         check=False,
     )
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def gone(pid: int, within_s: float = 20.0) -> bool:
+    """Whether `pid` has exited within `within_s`: reaped, or a zombie whose threads have all ended (a killed
+    process's main thread shows as a zombie while its other threads still wind down, and its parent cannot see
+    it exit, nor its pipes close, until they have)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists() or ("(Z)" in _state(pid) and _threads(pid) <= 1):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _threads(pid: int) -> int:
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("Threads:")).split()[1])
+    return 0
+
+
+def _state(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return "(" + Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] + ")"
+    return "(X)"

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ import torch
 from scaleforge import load_config
 from scaleforge.train.checkpoint import list_checkpoints, newest_good_checkpoint
 from scaleforge.train.trainer import train
-from tests.conftest import REPO, run_subprocess
+from tests.conftest import REPO, gone, run_subprocess
 from tests.integration.multiprocess import GPT, MODEL, TOLERANCE, max_difference, read_weights, single_process_run
 from tests.integration.multiprocess import RUN as SHARED_RUN
 
@@ -104,9 +105,19 @@ def logged(run_dir: Path) -> list[tuple[int, float]]:
     return [(record["step"], record["loss"]) for record in map(json.loads, lines) if "loss" in record]
 
 
-def start(run_dir: Path, *flags: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+def start(
+    run_dir: Path, *flags: str, env: dict[str, str] | None = None, new_session: bool = False
+) -> subprocess.Popen[str]:
     command = [sys.executable, "-m", "scaleforge", "train", *RUN, "--run-dir", str(run_dir), *flags]
-    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    return subprocess.Popen(
+        command,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=new_session,
+    )
 
 
 def wait_for_step(process: subprocess.Popen[str], step: int) -> str:
@@ -223,6 +234,35 @@ def test_the_launcher_restarts_a_killed_worker_and_the_run_resumes_bitwise(
     out, _ = launcher.communicate(timeout=300)
     assert launcher.returncode == 0, out
     assert "restart 1: the workers failed and were started again; resuming from" in out
+    assert_bitwise_equal(uninterrupted_ddp, run_dir)
+    assert logged(run_dir) == logged(uninterrupted_ddp)
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `folder`, with its size and modification time."""
+    return {str(path.relative_to(folder)): (path.stat().st_size, path.stat().st_mtime_ns) for path in
+            sorted(folder.rglob("*")) if path.is_file()}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_killed_launcher_leaves_no_worker_and_the_same_command_resumes_at_once_bitwise(
+    uninterrupted_ddp: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    launcher = start(run_dir, "--nproc", "2", new_session=True)  # a group of its own, as a shell gives a job
+    wait_for_step(launcher, 20)
+    workers = workers_of(launcher)
+    assert len(workers) == 2
+    os.killpg(launcher.pid, signal.SIGKILL)  # the workers are not in its group: torch starts each in a session
+    launcher.wait(timeout=30)
+    assert [pid for pid in workers if not gone(pid, within_s=10)] == []  # within 10 s of the launcher
+    after_kill = snapshot(run_dir)
+    time.sleep(3)
+    assert snapshot(run_dir) == after_kill  # nothing written after the launcher died: no checkpoint, no final/
+    assert not (run_dir / "final").exists()
+    resumed = run_subprocess("train", *RUN, "--nproc", "2", "--run-dir", str(run_dir), timeout=300)
+    assert resumed.code == 0, resumed.err
+    assert "resumed at step" in resumed.out
     assert_bitwise_equal(uninterrupted_ddp, run_dir)
     assert logged(run_dir) == logged(uninterrupted_ddp)
 

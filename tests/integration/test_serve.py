@@ -27,7 +27,7 @@ import torch
 from scaleforge import load_config
 from scaleforge.runs import write_manifest
 from scaleforge.train.trainer import train
-from tests.conftest import REPO
+from tests.conftest import REPO, gone
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -400,31 +400,6 @@ def children(pid: int) -> set[int]:
     return found
 
 
-def gone(pid: int, within_s: float = 20.0) -> bool:
-    """Whether `pid` has exited within `within_s`: reaped, or a zombie whose threads have all ended (a killed
-    process's main thread shows as a zombie while its other threads still wind down, and its parent cannot see
-    it exit, nor its pipes close, until they have)."""
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline:
-        if not Path(f"/proc/{pid}").exists() or ("(Z)" in _state(pid) and _threads(pid) <= 1):
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def _threads(pid: int) -> int:
-    with contextlib.suppress(OSError, StopIteration, ValueError):
-        status = Path(f"/proc/{pid}/status").read_text().splitlines()
-        return int(next(line for line in status if line.startswith("Threads:")).split()[1])
-    return 0
-
-
-def _state(pid: int) -> str:
-    with contextlib.suppress(OSError):
-        return "(" + Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] + ")"
-    return "(X)"
-
-
 def model_process(server_pid: int) -> int:
     (worker,) = [pid for pid in children(server_pid) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
     return worker
@@ -480,6 +455,22 @@ def test_a_small_model_runs_on_a_thread_and_a_killed_server_leaves_no_model_proc
         process.kill()
         process.wait(timeout=30)
         assert gone(worker)  # its pipe closed: it exits on its own
+
+
+def test_a_killed_server_takes_its_model_process_with_it_even_mid_batch(tmp_path: Path) -> None:
+    run_dir = make_slow_run(tmp_path, 600.0)  # a batch outlasts the test: only the server's death can end it
+    with server(run_dir, *SLOW, "--batch-timeout-s", "900") as (url, process):
+        host, port = url.removeprefix("http://").split(":")
+        body = json.dumps({"inputs": [IMAGE]}).encode()
+        head = f"POST /v1/predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        with socket.create_connection((host, int(port))) as client:  # its answer is never read
+            client.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            time.sleep(2)  # the batch reaches the model's process
+            started = children(process.pid)  # the model's process, and multiprocessing's resource tracker
+            assert model_process(process.pid) in started
+            process.kill()
+            process.wait(timeout=30)
+            assert [pid for pid in started if not gone(pid, within_s=10)] == []
 
 
 def test_metrics_count_what_the_client_saw(digits_run: Path) -> None:

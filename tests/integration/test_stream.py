@@ -15,11 +15,12 @@ from pathlib import Path
 import cv2
 import httpx
 import numpy as np
+import psutil
 import pytest
 
 from scaleforge import load_config
 from scaleforge.train.trainer import train
-from tests.conftest import REPO, run_subprocess
+from tests.conftest import REPO, gone, run_subprocess
 from tests.integration.test_serve import make_slow_run
 
 pytestmark = pytest.mark.timeout(300)
@@ -188,6 +189,25 @@ def test_sigterm_finishes_the_frames_in_flight_flushes_the_sink_and_prints_the_s
     figures = json.loads(summary.read_text())
     assert figures["stopped_by"] == "SIGTERM"
     assert len(lines) == figures["frames_processed"] == figures["frames_captured"] > 32
+
+
+def test_a_killed_stream_leaves_nothing_it_started_behind(digits_run, tmp_path) -> None:  # noqa: ANN001
+    # Its stages are threads of its own process today; should one become a process, it must end with the stream.
+    out = tmp_path / "frames.jsonl"
+    command = [sys.executable, "-m", "scaleforge", "stream", str(digits_run), "--source", "synthetic:32x32",
+               "--fps", "100", "--sink", f"jsonl:{out}", "--progress", "none"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out.exists() and out.stat().st_size > 0) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert out.stat().st_size > 0, "no frame was processed"
+        started = [child.pid for child in psutil.Process(process.pid).children(recursive=True)]
+        process.kill()
+        process.wait(timeout=30)
+        assert [pid for pid in started if not gone(pid, within_s=10)] == []
+    finally:
+        process.kill()
 
 
 def test_bad_sources_and_sinks_exit_2_naming_them(cli, digits_run, tmp_path) -> None:  # noqa: ANN001

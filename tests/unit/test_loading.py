@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from torch.utils.data import Dataset
 from scaleforge.data.base import InMemoryDataset
 from scaleforge.data.loading import BatchPlan, TrainBatches, epoch_permutation, eval_batches, sample_seeds
 from scaleforge.errors import ConfigError
+from tests.conftest import gone
 
 NUM_SAMPLES = 100
 GLOBAL_BATCH = 16
@@ -219,3 +222,45 @@ def test_sample_seeds_of_neighbouring_epochs_share_no_stream() -> None:
     # bases one apart: `base + index` would give every sample but one the seed of its neighbour in the other
     first, second = sample_seeds(1_000, indices), sample_seeds(1_001, indices)
     assert len(set(first.tolist()) | set(second.tolist())) == 2 * len(indices)
+
+
+# A process reading a dataset whose every sample takes 10 minutes, through two workers: it prints their pids once
+# both are busy, and waits for a batch that never comes.
+STUCK_READER = """
+import threading, time
+import psutil, torch
+from torch.utils.data import Dataset
+from scaleforge.data.loading import BatchPlan, TrainBatches
+
+class Stuck(Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, index):
+        time.sleep(600)
+
+def report():
+    while len(workers := psutil.Process().children()) < 2:
+        time.sleep(0.05)
+    time.sleep(0.5)  # into their first sample
+    print(*[worker.pid for worker in workers], flush=True)
+
+threading.Thread(target=report, daemon=True).start()
+batches = TrainBatches(Stuck(), BatchPlan(8), seed=0, device=torch.device("cpu"), num_workers=2)
+next(batches.epoch(0))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+@pytest.mark.timeout(120)
+def test_workers_busy_with_a_sample_end_with_the_process_that_started_them() -> None:
+    reader = subprocess.Popen([sys.executable, "-c", STUCK_READER], stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout is not None
+        workers = [int(pid) for pid in reader.stdout.readline().split()]
+        assert len(workers) == 2
+        reader.kill()  # torch's workers would notice only after their sample, in 10 minutes
+        reader.wait(timeout=30)
+        assert [pid for pid in workers if not gone(pid, within_s=10)] == []
+    finally:
+        reader.kill()

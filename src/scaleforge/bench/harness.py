@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import typing
@@ -25,6 +26,7 @@ import torch
 
 from scaleforge.config import ParallelSection
 from scaleforge.errors import UsageError, did_you_mean, one_of
+from scaleforge.processes import ParentDeathGuard
 
 QUIET_RUN = ("logging.progress=plain", "logging.tensorboard=false", "logging.plot=false", "checkpoint.every_steps=0")
 # The values of `parallel.strategy` that split a run over processes (`single` is one process; `auto`, a choice).
@@ -91,7 +93,11 @@ def train_in_child(config_args: Sequence[str], *, nproc: int, threads: int, run_
     command = [sys.executable, "-m", "scaleforge", "train", *config_args, *QUIET_RUN, f"hardware.threads={threads}"]
     command += ["--nproc", str(nproc), "--run-dir", str(run_dir)]
     with (run_dir / "output.log").open("w") as log:
-        process = subprocess.run(command, stdout=log, stderr=subprocess.PIPE, text=True, env=env, check=False)
+        # killed with the benchmark, whose run directory it is: nothing of it is kept (a launcher's workers follow)
+        guard = ParentDeathGuard(signal.SIGKILL)
+        process = subprocess.run(
+            command, stdout=log, stderr=subprocess.PIPE, text=True, env=env, check=False, preexec_fn=guard
+        )
         log.write(process.stderr)
     lines = [line for line in process.stderr.splitlines() if line.strip()]
     return TrainingRun(run_dir, process.returncode, lines[-1] if lines else "")

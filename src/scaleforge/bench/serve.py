@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from scaleforge.bench.harness import machine, report
+from scaleforge.processes import ParentDeathGuard
 
 
 @dataclass(frozen=True)
@@ -149,8 +150,14 @@ def started(target: Target, log: Path) -> Iterator[Server]:
     command = [part.replace("{port}", str(port)) for part in target.command]
     with log.open("w") as output:
         # a session of its own: the server and every process it starts (LitServe's workers outlive a SIGTERM to
-        # its main process) are stopped together
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
+        # its main process) are stopped together; killed if the benchmark dies, when nobody sends it requests
+        process = subprocess.Popen(
+            command,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=ParentDeathGuard(signal.SIGKILL),
+        )
         try:
             url = f"http://127.0.0.1:{port}"
             asyncio.run(_wait_ready(url + target.ready_path, process, log))

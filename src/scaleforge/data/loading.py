@@ -14,6 +14,7 @@ cursor alone restores the workers' random state.
 from __future__ import annotations
 
 import random
+import signal
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from scaleforge.data.base import InMemoryDataset
 from scaleforge.errors import ConfigError
+from scaleforge.processes import ParentDeathGuard
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 T = TypeVar("T")
@@ -175,6 +177,7 @@ class TrainBatches:
                 # its own generator for the workers' seeds: iterating never draws from the global stream that
                 # dropout uses, so a resumed run draws the same numbers as an uninterrupted one
                 generator=torch.Generator().manual_seed(seed),
+                worker_init_fn=worker_guard(),
             )
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[list[Batch]]:
@@ -213,9 +216,22 @@ def eval_batches(
             inputs, targets = dataset[piece]  # type: ignore[index]
             yield inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         return
-    loader = DataLoader(dataset, batch_sampler=[piece.tolist() for piece in pieces], num_workers=num_workers)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=[piece.tolist() for piece in pieces],
+        num_workers=num_workers,
+        worker_init_fn=worker_guard(),
+    )
     for inputs, targets in loader:
         yield inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+
+
+def worker_guard() -> ParentDeathGuard:
+    """The `worker_init_fn` of every DataLoader here: a worker ends when the process that started it dies, however
+    it dies (torch's workers look for a dead parent only between samples, so one busy in a long read of a
+    dataset's sample runs on). SIGKILL: a worker only prepares samples for that process; nothing of it needs saving. The
+    loaders are iterated on the process's main thread, which lives as long as their workers."""
+    return ParentDeathGuard(signal.SIGKILL)
 
 
 class DataWaitClock:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import json
 import math
 import os
@@ -41,6 +40,7 @@ from scaleforge.bench.harness import counted
 from scaleforge.config import RunConfig, build_config, config_data, config_from_dict
 from scaleforge.distributed.launch import threads_per_process
 from scaleforge.errors import ConfigError, UsageError
+from scaleforge.processes import ParentDeathGuard
 from scaleforge.search import report
 from scaleforge.search.objectives import Objective, check_objectives, measure
 from scaleforge.search.report import number_text, param_text
@@ -282,8 +282,15 @@ class Search:
         if device is not None:
             first = device * self.options.nproc
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(first + i) for i in range(self.options.nproc))
+        # SIGTERM when the search dies, however it dies: the trial checkpoints and stops, and a later search
+        # requeues it into its run directory (started from the search's main thread, which lives as long as it)
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, preexec_fn=_die_with_us
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            preexec_fn=ParentDeathGuard(signal.SIGTERM),
         )
         self.slots.append(Slot(trial, values, run_dir, process, log, device=device))
         self._update_bar()
@@ -546,22 +553,10 @@ def _check_no_earlier_trials(folder: Path) -> None:
 
 def _wait_until_stopped(run_dir: Path) -> None:
     """A requeued trial's run directory may still be written by its earlier process, stopping on the SIGTERM its
-    killed search left it (`_die_with_us`): wait for it to finish its checkpoint."""
+    killed search left it (`ParentDeathGuard`): wait for it to finish its checkpoint."""
     deadline = time.monotonic() + STOP_GRACE_S
     while run_state(run_dir) == "running" and time.monotonic() < deadline:
         time.sleep(POLL_S)
-
-
-# Looked up here, not in the child between fork and exec, where only async-signal-safe work belongs.
-_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_us() -> None:
-    """In the trial's process before it starts: SIGTERM when the search process dies, however it dies (Linux;
-    elsewhere a killed search leaves its trials to finish on their own)."""
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 @contextlib.contextmanager

@@ -3,9 +3,9 @@ interpreter lock: the server's event loop parses and answers requests while the 
 
 The server's model thread hands each batch to the process through a pipe (the instances as NumPy arrays) and
 waits for its answers (JSON-ready dicts); the batcher does not change. The process ignores SIGINT and SIGTERM:
-the server drains on either and then closes the pipe, which ends the process; if the server dies, the pipe
-closes too, so the process never outlives it. A process that dies mid-batch fails that batch (503) and is
-started again for the next one.
+the server drains on either and then closes the pipe, which ends the process. If the server dies, however it
+dies, the process is killed (`ParentDeathGuard`), mid-batch or loading too, so it never outlives the server. A
+process that dies mid-batch fails that batch (503) and is started again for the next one.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from scaleforge.errors import UsageError
+from scaleforge.processes import ParentDeathGuard
 from scaleforge.runs import UNTRUSTED, Trust
 
 
@@ -63,9 +64,13 @@ class ModelProcess:
         self._conn, child = context.Pipe()
         # a restart keeps the threads chosen and the batches timed at the first start
         time_batches = self.time_batches and not self.timed_batches
+        # SIGKILL when the server dies: it ignores SIGTERM, and nobody is left to answer. Started from the main
+        # thread, and restarted from the model's thread, which lives until the server has drained (the process
+        # has nothing left to do after that).
+        guard = ParentDeathGuard(signal.SIGKILL)
         self.process = context.Process(
             target=_work,
-            args=(child, self.path, self.device, self.threads, self.batch_size, time_batches, self.trust),
+            args=(guard, child, self.path, self.device, self.threads, self.batch_size, time_batches, self.trust),
             name="scaleforge-model",
             daemon=True,
         )
@@ -130,9 +135,17 @@ class ModelProcess:
 
 
 def _work(
-    conn: Connection, path: str, device: str, threads: int, batch_size: int, time_batches: bool, trust: Trust
+    guard: ParentDeathGuard,
+    conn: Connection,
+    path: str,
+    device: str,
+    threads: int,
+    batch_size: int,
+    time_batches: bool,
+    trust: Trust,
 ) -> None:
     """The child process: load the model, then answer batches until the pipe says stop or closes."""
+    guard()
     with contextlib.suppress(EOFError, BrokenPipeError, ConnectionResetError):  # the server is gone: so is this
         _answer_batches(conn, path, device, threads, batch_size, time_batches, trust)
 

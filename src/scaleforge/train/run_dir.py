@@ -10,7 +10,7 @@ from pathlib import Path
 from scaleforge.config import RunConfig
 from scaleforge.errors import UsageError
 from scaleforge.train.checkpoint import checked_checkpoint, newest_good_checkpoint
-from scaleforge.train.status import read_status, run_state
+from scaleforge.train.status import read_status, run_state, wait_for_ending_run
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -32,6 +32,7 @@ def resume_point(run_dir: Path, resume: str, signing_key: bytes | None = None) -
     passed over. A run is finished when its `final/` exists: it is renamed into place once complete."""
     if (run_dir / "final").exists():
         raise UsageError(f"{run_dir} already holds a finished run; choose another --run-dir or remove it")
+    wait_for_ending_run(run_dir)  # the same command run again right after its launcher was killed
     if run_state(run_dir) == "running":
         status = read_status(run_dir)
         raise UsageError(

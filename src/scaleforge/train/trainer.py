@@ -69,7 +69,7 @@ from scaleforge.train.objectives import Objective, default_objective
 from scaleforge.train.precision import Autocast, make_autocast, resolve_precision
 from scaleforge.train.run_dir import default_run_dir, resume_point
 from scaleforge.train.signals import Interrupted, StopRequest
-from scaleforge.train.status import STATUS, StatusHeartbeat, write_status
+from scaleforge.train.status import STATUS, StatusHeartbeat, this_process, write_status
 
 MicroBatches = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -399,10 +399,14 @@ def _train(
             scaler.load_state_dict(progress["scaler"])
         if env.is_main:
             state.history.extend(keep_metrics_until(run_dir / "metrics.jsonl", state.step))
+    ranks: list[Any] = [this_process()]  # in status.json: a new run into this directory waits for or refuses them
+    if env.distributed:
+        ranks = [None] * env.world_size
+        dist.all_gather_object(ranks, this_process())
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(config))
-        write_status(run_dir, "running", strategy=dims.strategy, processes=dims.world_size)
+        write_status(run_dir, "running", strategy=dims.strategy, processes=dims.world_size, ranks=ranks)
         resumed = f" | resumed at step {state.step} from {checkpoint.name}" if checkpoint is not None else ""
         print(
             f"run {run_dir} | {config.model.architecture} ({num_parameters:,} parameters) on "

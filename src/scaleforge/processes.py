@@ -1,0 +1,60 @@
+"""No process outlives its parent: the one way every process scaleforge starts ends when whatever started it dies.
+
+Linux's `PR_SET_PDEATHSIG` has the kernel send a process a signal when its parent dies, however the parent dies,
+SIGKILL included. Two details make it safe to use:
+
+- The signal fires when the parent *thread* that started the child exits, not the parent process: start children
+  that use it from a thread that lives as long as they should (the main thread, or a long-lived worker thread),
+  never from a short-lived one.
+- A parent that died before the child set the signal is never signalled for: the child checks, after setting it,
+  that its parent is still the one it expects, and exits at once otherwise.
+
+A child either guards itself as it starts (`die_with_parent`, where code we do not control starts it: torch's
+elastic agent starts the training ranks, torch's DataLoader its workers), or is given a `ParentDeathGuard` to run
+before it starts (`preexec_fn` of `subprocess.Popen`, `worker_init_fn` of a DataLoader).
+
+Elsewhere than on Linux this is a no-op: a child whose parent is killed there runs on to its own end.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+
+# Looked up once, in the parent: a `preexec_fn` runs between fork and exec, where loading a library is unsafe.
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(expected_parent_pid: int | None = None, sig: int = signal.SIGTERM) -> None:
+    """Have this process receive `sig` when its parent dies (Linux; elsewhere nothing happens).
+
+    `expected_parent_pid` is the process that started this one, as that process knew itself: if it died before
+    the guard was set, this process has already been handed to another parent and exits at once, with
+    128 + `sig` (how a shell reports a death by `sig`). None takes the parent of the moment, which cannot tell
+    that its parent is already gone: pass the pid whenever the parent can give it.
+    """
+    if _PRCTL is None:
+        return
+    expected = os.getppid() if expected_parent_pid is None else expected_parent_pid
+    if _PRCTL(_PR_SET_PDEATHSIG, ctypes.c_ulong(int(sig))) != 0:  # arg2 is an unsigned long
+        error = ctypes.get_errno()
+        raise OSError(error, f"prctl(PR_SET_PDEATHSIG): {os.strerror(error)}")
+    if os.getppid() != expected:  # the parent died before the guard was set: nothing will signal its death
+        os._exit(128 + int(sig))
+
+
+@dataclass(frozen=True)
+class ParentDeathGuard:
+    """`die_with_parent` for a child that the process making this guard starts: called in the child as it starts,
+    as the `preexec_fn` of `subprocess.Popen` or the `worker_init_fn` of a DataLoader (any arguments are
+    ignored). Picklable, for children started by spawning a new interpreter."""
+
+    sig: int = signal.SIGTERM
+    parent_pid: int = field(default_factory=os.getpid)
+
+    def __call__(self, *_: object) -> None:
+        die_with_parent(self.parent_pid, self.sig)
