@@ -448,6 +448,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         max_delay_ms=args.max_delay_ms,
         overload=args.overload,
         repeats=args.repeats,
+        beside_large=args.beside_large,
         litserve=not args.no_litserve,
         out=Path(args.out),
         as_json=args.json,
@@ -651,7 +652,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=_positive_int, default=256, help="queued requests before 503")
     serve.add_argument("--timeout-ms", type=_positive_float, default=2000.0, help="queued longer: 504, never run")
     serve.add_argument("--cache-size", type=_non_negative_int, default=0, help="LRU of results (0: none)")
-    serve.add_argument("--max-body-mb", type=_positive_float, default=8.0, help="larger bodies get 413")
+    serve.add_argument(
+        "--max-body-mb",
+        type=_positive_float,
+        help="larger bodies get 413 (unset: from the model's input, twice --max-batch-size instances at their "
+        "largest JSON size plus 64 KiB; for image uploads, a 4096x4096 RGB image uncompressed plus 64 KiB)",
+    )
     serve.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     serve.add_argument(
         "--threads",
@@ -689,8 +695,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-timeout-s",
         type=_positive_float,
         default=60.0,
-        help="a batch the model's process has not answered in this long is taken for hung: the process is restarted "
-        "and the batch's requests get 503",
+        help="a batch the model has not answered in this long is taken for hung and its requests get 503: a model "
+        "process is restarted; while a model on a thread is hung, /health/live and new requests get 503",
     )
     serve.add_argument(
         "--drain-grace-s",
@@ -701,6 +707,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--api-key-env", metavar="VAR", help="require the key held by this environment variable (not /health/*)"
     )
+    serve.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this PEM certificate (with --tls-key)")
+    serve.add_argument("--tls-key", metavar="FILE", help="the certificate's PEM private key (with --tls-cert)")
     serve.set_defaults(handler=cmd_serve)
 
     plot = commands.add_parser(
@@ -945,6 +953,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=1,
         help="runs of each closed-loop level, the servers in turn; the median is reported",
+    )
+    bench_serve.add_argument(
+        "--beside-large",
+        type=_non_negative_int,
+        default=8,
+        metavar="N",
+        help="N small requests in flight alone, then beside a client sending full batches (large bodies), on "
+        "scaleforge with batching: their p99 with and without (0: skip)",
     )
     bench_serve.add_argument("--no-litserve", action="store_true", help="skip LitServe even if installed")
     bench_serve.add_argument("--out", default="runs/bench-serve", help="where logs, JSON and the plot go")

@@ -50,6 +50,25 @@ class SlowNet(nn.Module):
             time.sleep(self.delay_s)
         return self.head(self.blocks[0](x))
 """
+HELD_MODEL = """
+import os
+import time
+from torch import nn
+from scaleforge import register_model
+
+@register_model("held_net")
+class HeldNet(nn.Module):
+    def __init__(self, input_shape, num_classes: int, hold_file: str = "none"):
+        super().__init__()
+        self.hold_file = hold_file
+        self.blocks = nn.ModuleList([nn.Flatten()])
+        self.head = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        while not self.training and os.path.exists(self.hold_file):
+            time.sleep(0.01)
+        return self.head(self.blocks[0](x))
+"""
 IMAGE = [[[0.5] * 8 for _ in range(8)]]  # one digits instance, (1, 8, 8)
 SLOW = ("--threads", "1", "--model-process", "--trust-code")  # as for a compute-bound model, its batches untimed
 
@@ -76,6 +95,20 @@ def make_slow_run(folder: Path, delay_s: float) -> Path:
     return folder / "run"
 
 
+def make_held_run(folder: Path, hold_file: Path) -> Path:
+    """A run of `HELD_MODEL` (its module in `folder`) whose forward pass, when it answers, waits while `hold_file`
+    exists."""
+    (folder / "held_model.py").write_text(HELD_MODEL)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(folder))
+        overrides = [*DIGITS_RUN, "imports=[held_model]", "model.architecture=held_net"]
+        overrides += ["training.max_steps=2", "checkpoint.every_steps=0"]
+        train(load_config(None, overrides), folder / "run")
+    config = folder / "run" / "final" / "config.yaml"
+    config.write_text(config.read_text().replace("hold_file: none", f"hold_file: {hold_file}"))
+    return folder / "run"
+
+
 @pytest.fixture(scope="module")
 def slow_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_slow_run(tmp_path_factory.mktemp("slow"), 0.5)
@@ -93,9 +126,9 @@ def server(run_dir: Path, *flags: str, env: dict[str, str] | None = None) -> Ite
     try:
         assert process.stdout is not None
         banner = process.stdout.readline()
-        found = re.search(r"http://127\.0\.0\.1:(\d+)", banner)
+        found = re.search(r"(https?)://127\.0\.0\.1:(\d+)", banner)
         assert found, banner + process.stdout.read()
-        yield f"http://127.0.0.1:{found.group(1)}", process
+        yield f"{found.group(1)}://127.0.0.1:{found.group(2)}", process
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -270,7 +303,7 @@ def test_a_latency_target_refuses_at_once_what_it_could_not_answer_in_time(slow_
         (json.dumps({"inputs": [IMAGE, [[[1e39] * 8] * 8]]}), "inputs[1][0][0][0]: 1e+39 is too large for a float32"),
         (json.dumps({"inputs": [[[[None] * 8] * 8]]}), "inputs[0][0][0][0]: expected a number, got NoneType"),
         ("{not json", "JSON decode error"),
-        ('{"inputs": ' + "[" * 100_000 + "]" * 100_000 + "}", "cannot be read as JSON"),
+        ('{"inputs": ' + "[" * 50_000 + "]" * 50_000 + "}", "cannot be read as JSON"),  # decoded on a thread
         ('[{"inputs": [1]}]', "valid dictionary"),
     ],
     ids=[
@@ -508,7 +541,7 @@ def test_bench_serve_prints_its_table_and_plot(digits_run: Path, tmp_path: Path)
     out = tmp_path / "bench"
     command = [sys.executable, "-m", "scaleforge", "bench", "serve", str(digits_run), "--concurrency", "1,4"]
     command += ["--requests", "40", "--seconds", "5", "--overload", "2", "--repeats", "2", "--no-litserve"]
-    command += ["--out", str(out)]
+    command += ["--beside-large", "2", "--out", str(out)]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((out / "serve.json").read_text())
@@ -529,6 +562,12 @@ def test_bench_serve_prints_its_table_and_plot(digits_run: Path, tmp_path: Path)
     )
     assert (out / "serve.png").stat().st_size > 10_000
     assert "answered/s" in result.stdout and "bare FastAPI, constant" in result.stdout
+    beside = report["beside_large"]  # the small requests alone, then beside large bodies sent one after another
+    assert beside["alone"]["statuses"] == beside["beside"]["statuses"] == {"200": 40}
+    assert beside["beside"]["load"] == f"2 in flight + large bodies ({beside['large_body_bytes']:,} bytes)"
+    assert beside["large_body_bytes"] > 32 * 64 * 15 and list(beside["large_statuses"]) == ["200"]
+    assert beside["p99_ratio"] == beside["beside"]["p99_ms"] / beside["alone"]["p99_ms"]
+    assert "small requests' p99 beside large bodies" in result.stdout
 
 
 def test_bad_serve_arguments_are_one_line_and_exit_2(digits_run: Path, tmp_path: Path, cli) -> None:
@@ -543,6 +582,12 @@ def test_bad_serve_arguments_are_one_line_and_exit_2(digits_run: Path, tmp_path:
             ((str(digits_run), "--device", "tpu"), "--device: 'tpu' is not a device"),
             ((str(digits_run), "--backend", "onnxruntime", "--onnx", str(tmp_path / "x.onnx")), "--format onnx"),
             ((str(digits_run), "--onnx", str(tmp_path / "x.onnx")), "--onnx applies to --backend onnxruntime"),
+            ((str(digits_run), "--tls-cert", str(tmp_path / "c.pem")), "--tls-cert needs --tls-key: HTTPS takes"),
+            ((str(digits_run), "--tls-key", str(tmp_path / "k.pem")), "--tls-key needs --tls-cert"),
+            (
+                (str(digits_run), "--tls-cert", str(tmp_path / "c.pem"), "--tls-key", str(tmp_path / "k.pem")),
+                f"--tls-cert {tmp_path / 'c.pem'}: cannot read it (No such file or directory)",
+            ),
         ]
         for args, message in cases:
             result = cli("serve", *args)
@@ -560,3 +605,66 @@ def test_a_drain_grace_keeps_serving_with_readiness_at_503(digits_run: Path) -> 
         assert process.wait(timeout=30) == 0
     assert ready.status_code == 503 and ready.json() == {"detail": "draining"}
     assert served.status_code == 200
+
+
+@pytest.mark.slow
+def test_a_hung_batch_on_the_models_thread_turns_liveness_to_503_until_the_model_answers(tmp_path: Path) -> None:
+    hold = tmp_path / "hold"
+    run_dir = make_held_run(tmp_path, hold)
+    flags = ("--threads", "1", "--no-model-process", "--batch-timeout-s", "0.5")
+
+    async def scenario(url: str) -> dict[str, httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            seen = {"live before": await client.get("/health/live")}
+            hold.touch()  # the next batch waits for as long as the file is there
+            stuck = asyncio.ensure_future(client.post("/v1/predict", json={"inputs": [IMAGE]}))
+            seen["live while hung"] = await until_status(client, "/health/live", 503)
+            seen["new request"] = await client.post("/v1/predict", json={"inputs": [IMAGE]})
+            seen["hung request"] = await stuck
+            hold.unlink()
+            seen["live after"] = await until_status(client, "/health/live", 200)
+            seen["served after"] = await client.post("/v1/predict", json={"inputs": [IMAGE]})
+            return seen
+
+    with server(run_dir, *flags) as (url, process):
+        seen = asyncio.run(scenario(url))
+        assert not [pid for pid in children(process.pid) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+    assert seen["live before"].status_code == 200
+    assert "not answered its batch within 0.5 s (--batch-timeout-s)" in seen["live while hung"].json()["detail"]
+    assert seen["new request"].status_code == 503 and "refused until it does" in seen["new request"].text
+    assert seen["hung request"].status_code == 503
+    assert seen["served after"].status_code == 200
+
+
+async def until_status(client: httpx.AsyncClient, path: str, status: int, within_s: float = 20) -> httpx.Response:
+    """`GET path`'s first answer with `status`, asked every 20 ms; fails after `within_s`."""
+    deadline = time.monotonic() + within_s
+    while (response := await client.get(path)).status_code != status:
+        assert time.monotonic() < deadline, f"no {status} within {within_s} s: {response.status_code} {response.text}"
+        await asyncio.sleep(0.02)
+    return response
+
+
+@pytest.mark.slow
+def test_https_with_a_self_signed_certificate(digits_run: Path, tmp_path: Path) -> None:
+    import ssl
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    trusted = ssl.create_default_context(cafile=str(cert))  # this certificate, and nothing else
+    with server(digits_run, "--tls-cert", str(cert), "--tls-key", str(key)) as (url, _):
+        assert url.startswith("https://")
+        with httpx.Client(base_url=url, verify=trusted) as client:
+            answered = client.post("/v1/predict", json={"inputs": [IMAGE]})
+            live = client.get("/health/live")
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            httpx.get(f"{url}/health/live", verify=ssl.create_default_context())  # the system's authorities only
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url.replace("https://", "http://") + "/health/live")  # plain HTTP is not served
+    assert answered.status_code == 200 and live.status_code == 200

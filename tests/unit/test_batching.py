@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from scaleforge.serve.batching import Batcher, Closed, DeadlineExceeded, QueueFull
+from scaleforge.serve.batching import Batcher, Closed, DeadlineExceeded, ModelHung, QueueFull
 
 
 class RecordingModel:
@@ -428,3 +428,32 @@ def test_a_cancelled_ticket_leaves_the_queue_at_once_and_never_runs() -> None:
     assert queued == 1
     assert isinstance(outcomes[1], asyncio.CancelledError) and outcomes[2].outputs == [3]
     assert [3, 4] in ran and all(2 not in batch for batch in ran)
+
+
+def test_a_batch_past_hung_after_s_fails_with_the_queue_and_refuses_new_requests_until_the_model_answers() -> None:
+    model = RecordingModel()
+    model.release.clear()  # the model's thread blocks on its first batch
+
+    async def scenario() -> None:
+        b = batcher(model, max_batch_size=1, hung_after_s=0.2, timeout_s=30.0)
+        b.start()
+        stuck = asyncio.ensure_future(b.submit([1]))
+        while not model.started:
+            await asyncio.sleep(0.01)
+        queued = asyncio.ensure_future(b.submit([2]))
+        assert not b.hung
+        with pytest.raises(ModelHung, match="within 0.2 s"):
+            await stuck  # failed at the timeout, its thread still blocked
+        with pytest.raises(ModelHung):
+            await queued  # it would only have waited for its deadline
+        assert b.hung and b.queued == 0
+        with pytest.raises(ModelHung, match="refused until it does"):
+            await b.submit([3])
+        model.release.set()
+        while b.hung:
+            await asyncio.sleep(0.01)
+        assert (await b.submit([4])).outputs == [8]  # served again once the model answered
+        await b.close()
+        assert model.batches == [[1], [4]]  # the refused ones never ran
+
+    run(scenario())

@@ -1,25 +1,60 @@
-"""Tests for scaleforge.serve.server: a stop signal turns readiness off before uvicorn shuts down."""
+"""Tests for scaleforge.serve.server and the application it serves, in this process: a stop signal turns
+readiness off before uvicorn shuts down; liveness answers while a large body decodes, and turns 503 while the
+model's thread is hung; the default body limit follows the model's input."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
+import pytest
+import torch
 import uvicorn
 
 from scaleforge import load_config
-from scaleforge.serve.app import ServeSettings, create_app
+from scaleforge.serve.app import INLINE_BODY_BYTES, Gate, ServeSettings, create_app
 from scaleforge.serve.model import ServedModel
 from scaleforge.serve.server import DrainingServer
 from scaleforge.train.trainer import train
 
+IMAGE = [[[0.5] * 8 for _ in range(8)]]  # one digits instance, (1, 8, 8)
 
-def test_a_stop_signal_turns_readiness_off_and_the_server_exits_cleanly(tmp_path: Path) -> None:
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     quick = ["training.max_steps=2", "logging.progress=none", "logging.tensorboard=false", "logging.plot=false"]
-    train(load_config(None, quick), tmp_path / "run")
-    gate = create_app(ServedModel(tmp_path / "run"), ServeSettings())
+    run_dir = tmp_path_factory.mktemp("digits") / "run"
+    train(load_config(None, quick), run_dir)
+    return run_dir
+
+
+@asynccontextmanager
+async def serving(gate: Gate) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of `gate`, started as uvicorn starts it (the batcher running), in this event loop."""
+    async with gate.app.router.lifespan_context(gate.app):
+        transport = httpx.ASGITransport(app=gate)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+            yield client
+
+
+async def until(ask: Callable[[], Awaitable[httpx.Response]], status: int, within_s: float = 20) -> httpx.Response:
+    """`ask`'s first answer with `status`, asked every 20 ms; fails after `within_s`."""
+    deadline = time.monotonic() + within_s
+    while (response := await ask()).status_code != status:
+        assert time.monotonic() < deadline, f"no {status} within {within_s} s: {response.status_code} {response.text}"
+        await asyncio.sleep(0.02)
+    return response
+
+
+def test_a_stop_signal_turns_readiness_off_and_the_server_exits_cleanly(digits_run: Path) -> None:
+    gate = create_app(ServedModel(digits_run), ServeSettings())
     server = DrainingServer(uvicorn.Config(gate), gate, banner="")
     gate.state.ready = True  # as after start-up
 
@@ -60,3 +95,108 @@ def test_every_core_goes_to_the_model_only_when_its_compute_dominates_and_they_h
     assert pick_threads(0.30, 0.28, 32, 2) == 1  # no faster: one core left to the event loop
     assert pick_threads(0.0004, 0.0002, 32, 2) == 1  # a small MLP: faster alone, but its requests cost more
     assert pick_threads(0.30, 0.10, 32, 1) == 1 and pick_threads(0.30, 0.10, 32, 16) == 16
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "text/plain"], ids=["fast-path", "route"])
+def test_liveness_answers_while_a_large_body_decodes(digits_run: Path, content_type: str) -> None:
+    model = ServedModel(digits_run)
+    decoding, release, finished = threading.Event(), threading.Event(), threading.Event()
+    decode = model.decode
+
+    def held_decode(inputs: list) -> list:  # as a body of a large model's instances takes long to decode
+        decoding.set()
+        release.wait(timeout=10)  # on the event loop, it would hold every other request up for these 10 s
+        finished.set()
+        return decode(inputs)
+
+    model.decode = held_decode  # type: ignore[method-assign]
+    gate = create_app(model, ServeSettings())
+    batch = json.dumps({"inputs": [IMAGE] * 32})
+    body = (batch[:-1] + " " * 2 * INLINE_BODY_BYTES + "}").encode()  # above the size decoded on the event loop
+
+    async def scenario() -> tuple[httpx.Response, bool, httpx.Response]:
+        async with serving(gate) as client:
+            headers = {"content-type": content_type}
+            predicted = asyncio.ensure_future(client.post("/v1/predict", content=body, headers=headers))
+            assert await asyncio.to_thread(decoding.wait, 20)
+            live = await client.get("/health/live")
+            answered_while_decoding = not finished.is_set()
+            release.set()
+            return live, answered_while_decoding, await predicted
+
+    live, answered_while_decoding, predicted = asyncio.run(scenario())
+    assert live.status_code == 200 and answered_while_decoding
+    assert predicted.status_code == 200 and len(predicted.json()["outputs"]) == 32
+
+
+class HeldForward(torch.nn.Module):
+    """`model`, whose forward pass waits until `release` is set (`entered` says it has started)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        self.entered.set()
+        self.release.wait(timeout=60)
+        return self.model(batch)
+
+
+def test_a_hung_batch_on_the_models_thread_turns_liveness_and_requests_to_503_until_it_answers(
+    digits_run: Path,
+) -> None:
+    model = ServedModel(digits_run)
+    held = HeldForward(model.model)  # type: ignore[arg-type]
+    model.model = held
+    gate = create_app(model, ServeSettings(batch_timeout_s=0.3))
+    body = {"inputs": [IMAGE]}
+
+    async def scenario() -> dict[str, httpx.Response]:
+        async with serving(gate) as client:
+            seen = {"live before": await client.get("/health/live")}
+            stuck = asyncio.ensure_future(client.post("/v1/predict", json=body))
+            assert await asyncio.to_thread(held.entered.wait, 20)
+            seen["live while hung"] = await until(lambda: client.get("/health/live"), 503)
+            seen["new request"] = await client.post("/v1/predict", json=body)
+            seen["hung request"] = await stuck
+            assert not stuck.cancelled() and held.entered.is_set() and not held.release.is_set()
+            held.release.set()
+            seen["live after"] = await until(lambda: client.get("/health/live"), 200)
+            seen["served after"] = await client.post("/v1/predict", json=body)
+            seen["metrics"] = await client.get("/metrics")
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert seen["live before"].status_code == 200
+    hung = seen["live while hung"].json()["detail"]
+    assert "has not answered its batch within 0.3 s (--batch-timeout-s)" in hung
+    for name in ("new request", "hung request"):
+        assert seen[name].status_code == 503 and seen[name].json() == {"detail": hung}, name
+        assert seen[name].headers["retry-after"] == "1"
+    assert seen["served after"].status_code == 200
+    assert 'scaleforge_rejections_total{reason="model_hung"} 2.0' in seen["metrics"].text
+
+
+def test_the_default_body_limit_takes_a_full_batch_at_its_largest_and_refuses_more(digits_run: Path) -> None:
+    limit = 2 * 4 * 64 * 32 + 64 * 2**10  # twice 4 instances of 64 numbers at 32 bytes, and 64 KiB for the rest
+    longest = [[[-2.2250738585072014e-308] * 8 for _ in range(8)]]  # the longest way JSON writes a float64
+    full = json.dumps({"inputs": [longest] * 4})
+
+    def padded(size: int) -> bytes:
+        return (full[:-1] + " " * (size - len(full)) + "}").encode()
+
+    async def answers(settings: ServeSettings, bodies: list[bytes]) -> list[httpx.Response]:
+        async with serving(create_app(ServedModel(digits_run), settings)) as client:
+            headers = {"content-type": "application/json"}
+            return [await client.post("/v1/predict", content=body, headers=headers) for body in bodies]
+
+    derived = ServeSettings(max_batch_size=4)
+    full_batch, at_limit, above = asyncio.run(answers(derived, [full.encode(), padded(limit), padded(limit + 1)]))
+    assert full_batch.status_code == 200 and at_limit.status_code == 200, at_limit.text
+    assert above.status_code == 413
+    detail = above.json()["detail"]
+    assert detail.startswith("the body is larger than this endpoint's limit of 80 KiB (twice --max-batch-size 4 ")
+    assert "--max-body-mb sets another" in detail and "\n" not in detail
+    (given,) = asyncio.run(answers(ServeSettings(max_batch_size=4, max_body_mb=1), [padded(limit + 1)]))
+    assert given.status_code == 200  # a limit given overrides the model's

@@ -9,7 +9,9 @@ with closed-loop levels (a fixed number of requests in flight; `repeats` runs of
 turns, so that a slow spell of the machine falls on all of them alike, and the median reported) and, for
 scaleforge with batching, an open-loop overload (arrivals at a multiple of its measured capacity, whatever
 the answers), on that server and on one told to keep a latency target. Every level is bounded by a request
-count and a time limit. One instance per request, the same for every server.
+count and a time limit. One instance per request, the same for every server. Then, on scaleforge with
+batching, the same small requests alone and beside one more client that sends large bodies (full batches of
+random numbers at full precision) one after another: the p99 of the small ones with and without them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -214,14 +217,18 @@ class _Tally:
             self.latencies.append(time.perf_counter() - began)
 
 
-async def closed_loop(url: str, body: bytes, concurrency: int, requests: int, seconds: float) -> tuple:
-    """`concurrency` clients, each sending its next request when its last is answered."""
+async def closed_loop(
+    url: str, body: bytes, concurrency: int, requests: int, seconds: float, beside: bytes | None = None
+) -> tuple:
+    """`concurrency` clients, each sending its next request when its last is answered; with `beside`, one more
+    client sends that body over and over meanwhile, its answers counted apart (the fourth item: statuses)."""
     import aiohttp
 
-    tally = _Tally()
+    tally, beside_tally = _Tally(), _Tally()
     sent = 0
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency + 1)) as session:
         deadline = time.perf_counter() + seconds
+        done = False
 
         async def client() -> None:
             nonlocal sent
@@ -229,9 +236,17 @@ async def closed_loop(url: str, body: bytes, concurrency: int, requests: int, se
                 sent += 1
                 await tally.post(session, url, body)
 
+        async def beside_client() -> None:
+            while beside is not None and not done:
+                await beside_tally.post(session, url, beside)
+
         began = time.perf_counter()
+        background = asyncio.ensure_future(beside_client())
         await asyncio.gather(*(client() for _ in range(concurrency)))
-        return tally.latencies, tally.statuses, time.perf_counter() - began
+        elapsed = time.perf_counter() - began
+        done = True
+        await background
+        return tally.latencies, tally.statuses, elapsed, beside_tally.statuses
 
 
 async def open_loop(url: str, body: bytes, rate: float, requests: int, seconds: float) -> tuple:
@@ -265,9 +280,11 @@ def run_serve_benchmark(
     out: Path,
     as_json: bool,
     repeats: int = 1,
+    beside_large: int = 0,
 ) -> dict[str, Any]:
-    """Measure every target at every level (`repeats` times, in turn, reporting the median run); print and
-    return the results (JSON and a PNG plot in `out`)."""
+    """Measure every target at every level (`repeats` times, in turn, reporting the median run) and, with
+    `beside_large`, that many small requests in flight alone and beside large bodies; print and return the
+    results (JSON and a PNG plot in `out`)."""
     from scaleforge.serve.model import ServedModel
 
     model = ServedModel(run_dir)  # checks the run and gives an instance of the right shape
@@ -311,6 +328,15 @@ def run_serve_benchmark(
                 endpoint = servers[target.name].url + target.predict_path
                 levels.append(_overload(endpoint, body, target.name, overload, capacity, requests, seconds))
                 servers[target.name].pause()
+        large: dict[str, Any] | None = None
+        if beside_large:
+            server = servers[found[0].name]
+            server.resume()
+            large_body = json.dumps({"inputs": _large_batch(model.card.input_schema, max_batch_size)}).encode()
+            large = _beside_large(
+                server.url + found[0].predict_path, body, large_body, beside_large, requests, seconds, repeats
+            )
+            server.pause()
     if overload > 0:
         # the same overload on a server told to keep its latency: --latency-target-ms twice its own unloaded
         # p99, which a latency target changes (a core is left to HTTP), so measured first on a server of its own
@@ -344,14 +370,15 @@ def run_serve_benchmark(
         "repeats": repeats,
         **machine(),
         "levels": summaries,
+        **({"beside_large": large} if large else {}),
     }
     _plot(summaries, concurrency, out / "serve.png")
 
     def ms(value: float | None) -> str:
         return "-" if value is None else f"{value:.1f}"
 
-    rows = [
-        [
+    def row(s: dict[str, Any]) -> list[str]:
+        return [
             s["target"],
             s["load"],
             str(s["requests"]),
@@ -361,8 +388,17 @@ def run_serve_benchmark(
             ms(s["p95_ms"]),
             ms(s["p99_ms"]),
         ]
-        for s in summaries
-    ]
+
+    rows = [row(s) for s in summaries]
+    notes = [f"plot: {out / 'serve.png'}; results: {out / 'serve.json'}"]
+    if large:
+        rows += [row(large["alone"]), row(large["beside"])]
+        statuses = ", ".join(f"{k}: {v}" for k, v in large["large_statuses"].items())
+        notes.insert(
+            0,
+            f"small requests' p99 beside large bodies: {large['p99_ratio']:.2f}x their p99 alone (target: within "
+            f"2x); the large bodies' statuses: {statuses}",
+        )
     report(
         result,
         out / "serve.json",
@@ -371,7 +407,7 @@ def run_serve_benchmark(
         f"delay <= {max_delay_ms:g} ms",
         columns=["server", "load", "requests", "statuses", "answered/s", "p50 ms", "p95 ms", "p99 ms"],
         rows=rows,
-        notes=[f"plot: {out / 'serve.png'}; results: {out / 'serve.json'}"],
+        notes=notes,
     )
     return result
 
@@ -383,6 +419,46 @@ def _overload(
     rate = multiple * capacity
     latencies, statuses, elapsed = asyncio.run(open_loop(endpoint, body, rate, requests, seconds))
     return Level(name, f"{multiple:g}x capacity ({rate:,.0f}/s, open loop)", elapsed, latencies, statuses)
+
+
+def _beside_large(
+    endpoint: str, small: bytes, large: bytes, concurrency: int, requests: int, seconds: float, repeats: int
+) -> dict[str, Any]:
+    """`concurrency` small requests in flight alone, then beside a client sending `large` bodies one after another
+    (in turn, `repeats` times each, the runs of median p99 reported); their summaries and the ratio of p99s."""
+    name = "scaleforge, batching"
+    runs: dict[str, list[Level]] = {"alone": [], "beside": []}
+    large_statuses: dict[int, int] = {}
+    for _ in range(repeats):
+        for kind in runs:
+            run = asyncio.run(
+                closed_loop(endpoint, small, concurrency, requests, seconds, large if kind == "beside" else None)
+            )
+            load = f"{concurrency} in flight" + (f" + large bodies ({len(large):,} bytes)" if kind == "beside" else "")
+            runs[kind].append(Level(name, load, run[2], run[0], run[1]))
+            for status, count in run[3].items():
+                large_statuses[status] = large_statuses.get(status, 0) + count
+    found: dict[str, Any] = {"large_body_bytes": len(large), "large_statuses": dict(sorted(large_statuses.items()))}
+    for kind, levels in runs.items():
+        ordered = sorted(levels, key=lambda level: level.summary()["p99_ms"] or 0.0)
+        found[kind] = ordered[len(ordered) // 2].summary()
+    found["p99_ratio"] = (found["beside"]["p99_ms"] or 0.0) / (found["alone"]["p99_ms"] or 1.0)
+    return found
+
+
+def _large_batch(schema: dict[str, Any], rows: int) -> list[Any]:
+    """A full batch of `rows` instances as a client's `tensor.tolist()` writes them: random numbers at full
+    precision (or random token ids, at full length)."""
+    generator = random.Random(0)
+    if "shape" not in schema:
+        return [[generator.randrange(schema["vocab_size"]) for _ in range(schema["max_length"])] for _ in range(rows)]
+
+    def numbers(shape: list[int]) -> Any:
+        if not shape:
+            return generator.random()
+        return [numbers(shape[1:]) for _ in range(shape[0])]
+
+    return [numbers(schema["shape"]) for _ in range(rows)]
 
 
 def _instance(schema: dict[str, Any]) -> Any:

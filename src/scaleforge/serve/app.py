@@ -2,7 +2,8 @@
 
 One pure ASGI middleware in front of every route counts requests by endpoint and status, times them, asks for
 the API key, and refuses a body larger than the limit (413) before reading it whole. Every answer to a bad
-request is a 4xx with a one-line `detail`; the model only ever sees checked input.
+request is a 4xx with a one-line `detail`; the model only ever sees checked input. Bodies larger than
+`INLINE_BODY_BYTES` are decoded on a worker thread, so that the event loop answers other requests meanwhile.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import collections
 import hashlib
 import hmac
+import json
 import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
 from contextlib import asynccontextmanager
@@ -33,12 +35,12 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from scaleforge.serve.batching import Batcher, Closed, DeadlineExceeded, QueueFull, Result, Ticket
-from scaleforge.serve.model import InvalidInput, ServedModel
+from scaleforge.serve.batching import Batcher, Closed, DeadlineExceeded, ModelHung, QueueFull, Result, Ticket
+from scaleforge.serve.model import MAX_IMAGE_BYTES, InvalidInput, ServedModel
 from scaleforge.serve.worker import ModelFailed, WorkerDied
 
 Scope = MutableMapping[str, Any]
@@ -58,8 +60,21 @@ ENDPOINTS = frozenset(  # counted by name in metrics; any other path counts as "
         "/docs",
     }
 )
-REJECTIONS = ("queue_full", "deadline", "too_large", "invalid", "unauthorized", "shutting_down", "model_error")
+REJECTIONS = (
+    "queue_full",
+    "deadline",
+    "too_large",
+    "invalid",
+    "unauthorized",
+    "shutting_down",
+    "model_error",
+    "model_hung",
+)
 WATCH_AFTER_S = 0.02  # a request waiting longer has its connection watched, to drop it if the client goes away
+# a body up to this size is decoded on the event loop: a worker thread's hand-over would cost a small request more
+# than its decoding; a larger one is decoded on a thread, so that the loop answers other requests meanwhile
+INLINE_BODY_BYTES = 64 * 2**10
+ENVELOPE_BYTES = 64 * 2**10  # room in the default body limit for the rest of a body: keys, whitespace, form fields
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 
@@ -74,24 +89,87 @@ class ServeSettings:
     max_queue: int = 256
     timeout_ms: float = 2000.0
     cache_size: int = 0
-    max_body_mb: float = 8.0
+    max_body_mb: float | None = None  # None: from the model's input (`body_limits`)
     api_key: str | None = None
     device: str = "auto"
     threads: int = 0  # torch's threads for the model; 0: chosen by timing a batch (ServedModel.choose_threads)
     model_process: bool | None = None  # the model in a process of its own (serve.worker); None: when it pays
     drain_grace_s: float = 0.0  # after a stop signal, serve this long with readiness at 503 before draining
-    batch_timeout_s: float = 60.0  # a batch the model's process has not answered in this long: it is restarted
+    # a batch not answered in this long is taken for hung: a model process is restarted; a model on a thread, which
+    # cannot be stopped, has liveness at 503 and requests refused until it answers
+    batch_timeout_s: float = 60.0
     latency_target_ms: float = 0.0  # batches and admission kept to answer within this (0: off)
     backend: str = "torch"  # or "onnxruntime": the run's exported ONNX model (`onnx`) run by ONNX Runtime
     onnx: str | None = None  # the ONNX file for the onnxruntime backend (None: RUN_DIR/exported/model.onnx)
     trust_code: bool = False  # build the run's model even if its config names code (`imports:`, `module:Attr`)
     signing_key_env: str | None = None  # refuse the run unless its manifest is signed with this variable's key
+    tls_cert: str | None = None  # with tls_key: serve HTTPS with this certificate (PEM)
+    tls_key: str | None = None
 
 
 class PredictRequest(BaseModel):
     """`POST /v1/predict`: instances shaped like the model's input (see `GET /v1/models`)."""
 
     inputs: list[Any] = Field(min_length=1, description="instances: nested numbers, or lists of token ids")
+
+
+def read_inputs(body: bytes) -> list[Any]:
+    """A `POST /v1/predict` body's `inputs` list, unchecked; `InvalidInput` says what is wrong with the body."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        # what orjson refuses but JSON's grammar or Python allows (NaN, integers past 64 bits, deep nesting) is
+        # read again, so that the answer names the number or says how the body is wrong
+        try:
+            parsed = json.loads(body)
+        except ValueError as error:
+            raise InvalidInput(f"body: JSON decode error ({error})") from None
+        except RecursionError:
+            raise InvalidInput("the body cannot be read as JSON: it is nested too deep") from None
+    if type(parsed) is dict and type(parsed.get("inputs")) is list and parsed["inputs"]:
+        return parsed["inputs"]
+    try:
+        return PredictRequest.model_validate(parsed).inputs
+    except ValidationError as error:
+        problems = [f"{'.'.join(['body', *map(str, e['loc'])])}: {e['msg']}" for e in error.errors()]
+        raise InvalidInput("; ".join(problems)) from None
+
+
+@dataclass(frozen=True)
+class BodyLimit:
+    """The most bytes of body an endpoint reads (a larger body gets 413), and what set it, for that answer."""
+
+    max_bytes: int
+    source: str
+
+
+def body_limits(model: ServedModel, settings: ServeSettings) -> tuple[BodyLimit, BodyLimit]:
+    """The body limit of `/v1/predict` (and of every other endpoint) and of `/v1/predict/image`: `--max-body-mb`
+    if given; else from the model's input, twice `--max-batch-size` instances at their largest JSON encoding
+    (`ServedModel.json_instance_bytes`), and one uncompressed RGB image of the largest size taken, each with
+    `ENVELOPE_BYTES` more."""
+    if settings.max_body_mb is not None:
+        given = BodyLimit(int(settings.max_body_mb * 2**20), f"--max-body-mb {settings.max_body_mb:g}")
+        return given, given
+    instance = model.json_instance_bytes()
+    batch = settings.max_batch_size
+    predict = BodyLimit(
+        2 * batch * instance + ENVELOPE_BYTES,
+        f"twice --max-batch-size {batch} instances of up to {_size(instance)} as JSON, plus {_size(ENVELOPE_BYTES)};"
+        " --max-body-mb sets another",
+    )
+    image = BodyLimit(
+        MAX_IMAGE_BYTES + ENVELOPE_BYTES,
+        f"a 4096x4096 RGB image uncompressed, plus {_size(ENVELOPE_BYTES)}; --max-body-mb sets another",
+    )
+    return predict, image
+
+
+def _size(count: int) -> str:
+    """`count` bytes for a person: 512 bytes, 192 KiB, 48.1 MiB."""
+    if count < 2**10:
+        return f"{count} bytes"
+    return f"{count / 2**10:.3g} KiB" if count < 2**20 else f"{count / 2**20:.3g} MiB"
 
 
 class ServerMetrics:
@@ -231,6 +309,8 @@ def create_app(
         on_batch=lambda size, seconds: (metrics.batch_size.observe(size), metrics.inference.observe(seconds)),
         latency_target_s=settings.latency_target_ms / 1000,
         timed_batches=timed_batches,
+        # a model process is watched by `ModelProcess`, which restarts it; a thread cannot be stopped, only waited for
+        hung_after_s=settings.batch_timeout_s if run_batch is None else 0.0,
     )
     metrics.queue_depth.set_function(lambda: batcher.queued)
     cache = _ResultCache(settings.cache_size, model.card.version) if settings.cache_size > 0 else None
@@ -253,8 +333,8 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> Response:
-        if error.status_code == 400:  # a body FastAPI could not parse (JSON nested too deep, say): malformed
-            return metrics.refuse("invalid", 422, f"the body cannot be read as JSON: {error.detail}")
+        if error.status_code == 400:  # a body FastAPI could not parse (a broken multipart upload, say): malformed
+            return metrics.refuse("invalid", 422, f"the body cannot be read: {error.detail}")
         return _error(error.status_code, str(error.detail), getattr(error, "headers", None))
 
     @app.exception_handler(RequestValidationError)
@@ -265,25 +345,35 @@ def create_app(
     refusals: dict[int | str, dict[str, Any]] = {
         413: {"description": "body too large"},
         422: {"description": "inputs the model cannot take"},
-        503: {"description": "queue full or shutting down"},
+        503: {"description": "queue full, the model not answering, or shutting down"},
         504: {"description": "deadline passed"},
     }
 
-    @app.post("/v1/predict", responses=refusals)
-    async def predict(body: PredictRequest, request: Request) -> Response:
-        """Outputs for a list of instances, batched with other requests'."""
-        return await predict_inputs(body.inputs, request.receive)
+    # the body is read by the route itself (`predict_body`), as by the `Gate`'s fast path; the schema is documented
+    predict_schema = {"content": {"application/json": {"schema": PredictRequest.model_json_schema()}}}
 
-    async def predict_inputs(inputs: list[Any], receive: Receive) -> Response:
-        if isinstance(inputs, list) and len(inputs) > settings.max_batch_size:
+    @app.post("/v1/predict", responses=refusals, openapi_extra={"requestBody": {"required": True, **predict_schema}})
+    async def predict(request: Request) -> Response:
+        """Outputs for a list of instances, batched with other requests'."""
+        return await predict_body(await request.body(), request.receive)
+
+    async def predict_body(body: bytes, receive: Receive) -> Response:
+        """The answer to a `POST /v1/predict` body, from the route or straight from the `Gate` (whose fast path
+        skips FastAPI's routing, which costs more than the rest of a small model's request)."""
+        off_loop = len(body) > INLINE_BODY_BYTES
+        try:
+            inputs = await run_in_threadpool(read_inputs, body) if off_loop else read_inputs(body)
+        except InvalidInput as error:
+            return metrics.refuse("invalid", 422, str(error))
+        if len(inputs) > settings.max_batch_size:
             too_many = f"inputs: {len(inputs)} instances, more than --max-batch-size {settings.max_batch_size}"
             return metrics.refuse("invalid", 422, too_many)
-        if cache is None and isinstance(inputs, list) and inputs:
+        if cache is None:
             refused = admitted(len(inputs))  # before the inputs are checked: under overload, most are refused
             if refused is not None:
                 return refused
         try:
-            instances = model.decode(inputs)
+            instances = await run_in_threadpool(model.decode, inputs) if off_loop else model.decode(inputs)
         except InvalidInput as error:
             return metrics.refuse("invalid", 422, str(error))
         return await answer(instances, receive)
@@ -292,25 +382,13 @@ def create_app(
         """None if the batcher would take `rows` more now, else the refusal."""
         try:
             batcher.admit(rows)
-        except (QueueFull, Closed) as error:
+        except (QueueFull, Closed, ModelHung) as error:
             return refusal(error)
         return None
 
-    def refusal(error: QueueFull | Closed) -> Response:
-        reason = "queue_full" if isinstance(error, QueueFull) else "shutting_down"
-        return metrics.refuse(reason, 503, str(error), {"Retry-After": "1"})
-
-    async def predict_fast(body: bytes, receive: Receive) -> Response | None:
-        """`POST /v1/predict` without FastAPI's routing and validation, which cost more than the rest of a small
-        model's request: for a body that is a JSON object with a non-empty `inputs` list, what clients send.
-        Anything else (None) goes to the route above, whose answers say what is wrong."""
-        try:
-            parsed = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return None
-        if type(parsed) is not dict or type(parsed.get("inputs")) is not list or not parsed["inputs"]:
-            return None
-        return await predict_inputs(parsed["inputs"], receive)
+    def refusal(error: QueueFull | Closed | ModelHung) -> Response:
+        reasons = {QueueFull: "queue_full", Closed: "shutting_down", ModelHung: "model_hung"}
+        return metrics.refuse(reasons[type(error)], 503, str(error), {"Retry-After": "1"})
 
     if model.info.image is not None:
 
@@ -352,12 +430,14 @@ def create_app(
         """The outputs for `instances` from the batcher, or the response that says why there are none."""
         try:
             ticket = batcher.enqueue(instances)
-        except (QueueFull, Closed) as error:
+        except (QueueFull, Closed, ModelHung) as error:
             return refusal(error)
         try:
             result = await _unless_disconnected(receive, ticket, batcher)
         except DeadlineExceeded as error:
             return metrics.refuse("deadline", 504, str(error))
+        except ModelHung as error:
+            return refusal(error)
         except WorkerDied as error:
             return metrics.refuse("model_error", 503, str(error), {"Retry-After": "1"})
         except Exception as error:  # noqa: BLE001 - the model failed on the batch: said, never a crash
@@ -374,10 +454,13 @@ def create_app(
         card = model.card
         return {"name": card.name, "version": card.version, "task": card.task, "input_schema": card.input_schema}
 
-    @app.get("/health/live")
-    async def live() -> dict[str, str]:
-        """The process answers."""
-        return {"status": "live"}
+    @app.get("/health/live", responses={503: {"description": "the model has not answered its batch in time"}})
+    async def live() -> Response:
+        """200 while the process answers and its model answers its batches within --batch-timeout-s; 503 while a
+        batch on the model's thread has outlived it (requests get 503 too, until the model answers)."""
+        if batcher.hung:
+            return _error(503, batcher.hung_message())
+        return _Json({"status": "live"})
 
     @app.get("/health/ready", responses={503: {"description": "loading or draining"}})
     async def ready() -> Response:
@@ -391,12 +474,14 @@ def create_app(
         """Prometheus text exposition."""
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    body_limit, image_body_limit = body_limits(model, settings)
     return Gate(
         app,
         metrics,
-        max_body_bytes=int(settings.max_body_mb * 2**20),
+        body_limit=body_limit,
+        image_body_limit=image_body_limit,
         api_key=settings.api_key,
-        predict_fast=predict_fast,
+        predict_fast=predict_body,
     )
 
 
@@ -445,20 +530,23 @@ async def _sent(response: Response, scope: Scope, receive: Receive, send: Send) 
 
 
 class Gate:
-    """ASGI middleware: metrics per request, the API key, and the body-size limit, before the application."""
+    """ASGI middleware: metrics per request, the API key, and the body-size limits, before the application; a JSON
+    `POST /v1/predict` goes straight to `predict_fast`, which answers it as the route does."""
 
     def __init__(
         self,
         app: FastAPI,
         metrics: ServerMetrics,
         *,
-        max_body_bytes: int,
+        body_limit: BodyLimit,
+        image_body_limit: BodyLimit,
         api_key: str | None,
-        predict_fast: Callable[[bytes, Receive], Awaitable[Response | None]],
+        predict_fast: Callable[[bytes, Receive], Awaitable[Response]],
     ) -> None:
         self.app = app
         self.metrics = metrics
-        self.max_body_bytes = max_body_bytes
+        self.body_limit = body_limit  # every endpoint's but the image upload's
+        self.image_body_limit = image_body_limit
         self.api_key = api_key
         self.predict_fast = predict_fast
         self.state = app.state
@@ -494,9 +582,10 @@ class Gate:
         if self.api_key is not None and not path.startswith("/health/") and not self._authorized(headers):
             refused = self.metrics.refuse("unauthorized", 401, "a valid API key is required", _CHALLENGE)
             return await _sent(refused, scope, receive, send)
+        limit = self.image_body_limit if path == "/v1/predict/image" else self.body_limit
         declared = headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
-            return await _sent(self._too_large(), scope, receive, send)
+        if declared.isdigit() and int(declared) > limit.max_bytes:
+            return await _sent(self._too_large(limit), scope, receive, send)
         chunks: list[bytes] = []
         size, more = 0, scope["method"] in ("POST", "PUT", "PATCH")
         while more:  # read here, up to the limit, then replayed to the application
@@ -506,17 +595,15 @@ class Gate:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             more = message.get("more_body", False)
-            if size > self.max_body_bytes:
-                return await _sent(self._too_large(), scope, receive, send)
+            if size > limit.max_bytes:
+                return await _sent(self._too_large(limit), scope, receive, send)
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if (
             path == "/v1/predict"
             and scope["method"] == "POST"
             and headers.get("content-type", "").partition(";")[0].strip().lower() == "application/json"
         ):
-            response = await self.predict_fast(body, receive)
-            if response is not None:
-                return await _sent(response, scope, receive, send)
+            return await _sent(await self.predict_fast(body, receive), scope, receive, send)
         replayed = False
         status = 499
 
@@ -540,7 +627,6 @@ class Gate:
         given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
         return hmac.compare_digest(given.encode(), self.api_key.encode())  # type: ignore[union-attr]
 
-    def _too_large(self) -> Response:
-        limit = f"{self.max_body_bytes / 2**20:g} MiB"
-        detail = f"the body is larger than --max-body-mb ({limit})"
+    def _too_large(self, limit: BodyLimit) -> Response:
+        detail = f"the body is larger than this endpoint's limit of {_size(limit.max_bytes)} ({limit.source})"
         return self.metrics.refuse("too_large", 413, detail, {"Connection": "close"})

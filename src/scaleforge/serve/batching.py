@@ -9,13 +9,17 @@ next one gathers, so under load batches fill by themselves. A request is refused
 full (`QueueFull`), answered `DeadlineExceeded` when it is still queued `timeout_s` after it arrived (it is
 then never run), and dropped from the queue when its caller goes away (cancellation). A request is also
 refused at once when the work queued before it would take longer than `timeout_s` (estimated from recent
-batches): it would only wait to be refused, and the requests that are admitted keep their latency.
+batches): it would only wait to be refused, and the requests that are admitted keep their latency. A batch
+that the model has not answered within `hung_after_s` fails its requests and those queued (`ModelHung`), and
+new ones are refused the same way until the model answers it: a model's thread cannot be stopped, and
+requests behind it would only wait for their deadlines.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +43,10 @@ class Closed(Exception):
     """The batcher is draining or stopped and admits no new request."""
 
 
+class ModelHung(Exception):
+    """The model has run one batch for longer than `hung_after_s`: no request is admitted until it answers."""
+
+
 @dataclass(frozen=True)
 class Result:
     """A request's outputs, with how long it queued and how long its batch ran."""
@@ -56,7 +64,7 @@ class Ticket:
     instances: Sequence[Any]
     future: asyncio.Future[Result]
     arrived: float
-    state: str = "queued"  # queued -> running -> done, or queued -> expired | cancelled
+    state: str = "queued"  # queued -> running -> done, or queued -> expired | cancelled | refused
     deadline: asyncio.TimerHandle | None = None
     predicted: float = 0.0  # with a latency target: when it was expected to be answered, in seconds from arrival
 
@@ -106,7 +114,8 @@ class Batcher:
     no more rows than run in half the target (less the delay), so that a request waiting behind a running
     batch still has its answer within the target, and a request that could not be answered within it is
     refused at once: under overload the excess is refused and the admitted keep their latency, at the cost of
-    smaller batches.
+    smaller batches. With `hung_after_s`, a batch running longer is taken for hung (`hung`, see the module's
+    docstring).
     """
 
     def __init__(
@@ -120,13 +129,16 @@ class Batcher:
         on_batch: Callable[[int, float], None] | None = None,
         latency_target_s: float = 0.0,
         timed_batches: Sequence[tuple[int, float]] = (),
+        hung_after_s: float = 0.0,
     ) -> None:
-        if min(max_batch_size, max_queue) < 1 or max_delay_s < 0 or timeout_s <= 0 or latency_target_s < 0:
+        if min(max_batch_size, max_queue) < 1 or min(max_delay_s, latency_target_s, hung_after_s) < 0 or timeout_s <= 0:
             raise ValueError(
                 "max_batch_size and max_queue must be at least 1, max_delay_s >= 0, timeout_s > 0, "
-                "latency_target_s >= 0"
+                "latency_target_s >= 0, hung_after_s >= 0"
             )
         self.latency_target_s = latency_target_s
+        self.hung_after_s = hung_after_s  # 0: a batch is never taken for hung
+        self.hung = False  # the running batch has outlived hung_after_s, and the model has not answered it yet
         self.cost = BatchCost()
         for rows, seconds in timed_batches:  # measured before serving: the cost is known from the first request
             self.cost.add(rows, seconds)
@@ -213,6 +225,8 @@ class Batcher:
         latency target)."""
         if self._closing:
             raise Closed("the server is shutting down")
+        if self.hung:
+            raise ModelHung(self.hung_message())
         if self.queued >= self.max_queue:
             raise QueueFull(f"{self.max_queue} requests are queued already")
         if not self.queued and not self.running:
@@ -292,7 +306,13 @@ class Batcher:
         started = time.perf_counter()
         self.running, self._running_since = len(instances), started
         try:
-            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, self.run_batch, instances)
+            running = asyncio.get_running_loop().run_in_executor(self._executor, self.run_batch, instances)
+            if self.hung_after_s:
+                await asyncio.wait({running}, timeout=self.hung_after_s)
+                if not running.done():
+                    await self._wait_out_hang(batch, running)
+                    return
+            outputs = await running
         finally:
             self.running = 0
         seconds = time.perf_counter() - started
@@ -317,6 +337,29 @@ class Batcher:
                 ticket.future.set_result(result)
         if len(self._shortfalls) >= 20:
             self.shortfall = max(0.5, sorted(self._shortfalls)[int(0.95 * len(self._shortfalls))])
+
+    async def _wait_out_hang(self, batch: list[Ticket], running: asyncio.Future[list[Any]]) -> None:
+        """Fail `batch` and every queued request (`ModelHung`), and refuse new ones until the model answers."""
+        self.hung = True
+        error = ModelHung(self.hung_message())
+        for ticket in batch:
+            ticket.state = "done"
+        queued = [ticket for ticket in self._queue if self._leave_queue(ticket, "refused")]
+        for ticket in [*batch, *queued]:
+            if not ticket.future.done():
+                ticket.future.set_exception(error)
+        try:
+            with contextlib.suppress(Exception):  # how it ends: its requests were answered already
+                await running  # the model's thread cannot be stopped: the next batch waits for it
+        finally:
+            self.hung = False
+
+    def hung_message(self) -> str:
+        """What a request refused while the model is hung is told."""
+        return (
+            f"the model has not answered its batch within {self.hung_after_s:g} s (--batch-timeout-s); "
+            "requests are refused until it does"
+        )
 
     async def _next_batch(self) -> list[Ticket]:
         """Wait for a live request, then until the batch is due (see the module's docstring)."""

@@ -26,6 +26,9 @@ from scaleforge.errors import UsageError
 from scaleforge.runs import UNTRUSTED, Trust, find_final, load_description, open_run
 
 MAX_IMAGE_PIXELS = 4096 * 4096  # larger uploads are refused before they are decoded
+MAX_IMAGE_BYTES = 3 * MAX_IMAGE_PIXELS  # the largest image taken as an uncompressed 8-bit RGB file
+# the longest number in JSON, "-2.2250738585072014e-308" (24 characters), with its ", " and a share of the brackets
+JSON_NUMBER_BYTES = 32
 
 
 def cpu_cores() -> int:
@@ -167,6 +170,14 @@ class ServedModel:
             mode = "grey" if image.channels == 1 else "RGB"
             schema["image"] = {"endpoint": "/v1/predict/image", "mode": mode, "size": image.size}
         return schema
+
+    def json_instance_bytes(self) -> int:
+        """The most bytes one instance takes in a request's JSON, written as clients write it (no padding): every
+        number at float64's full precision, or every token id at the vocabulary's widest, with separators."""
+        if self.info.task == "language_modeling":
+            widest = len(str(max(0, (self.info.vocab_size or 1) - 1)))
+            return (self.info.seq_len or 1) * (widest + 2) + 2
+        return math.prod(self.info.input_shape) * JSON_NUMBER_BYTES
 
     def decode(self, inputs: Any) -> list[np.ndarray]:
         """`{"inputs": [...]}`'s list as one array per instance (float32 shaped `input_schema["shape"]`, or int64

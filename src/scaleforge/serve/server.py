@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import ssl
 import time
 from pathlib import Path
 from types import FrameType
@@ -54,12 +55,14 @@ class DrainingServer(uvicorn.Server):
         await super().startup(sockets)
         if self.started:
             host, port = self.servers[0].sockets[0].getsockname()[:2]
-            print(f"{self.banner} | http://{host}:{port} (docs: /docs)", flush=True)
+            scheme = "https" if self.config.is_ssl else "http"
+            print(f"{self.banner} | {scheme}://{host}:{port} (docs: /docs)", flush=True)
 
 
 def serve(path: str | Path, settings: ServeSettings) -> bool:
     """Load the run at `path` and serve it with `settings` until stopped; False if it never started (uvicorn
     said why)."""
+    check_tls(settings.tls_cert, settings.tls_key)  # before the model loads, like the address
     check_address(settings.host, settings.port)  # before the model loads: a taken port fails at once
     try:
         device = select_device(settings.device)
@@ -132,8 +135,10 @@ def _server(
         lifespan="on",
         timeout_graceful_shutdown=max(30.0, 2 * settings.timeout_ms / 1000),
         # requests being read or answered, beyond the queue and a batch: more get 503 from uvicorn, so memory
-        # stays bounded (each holds at most --max-body-mb) whatever the load
+        # stays bounded (each holds at most its endpoint's body limit) whatever the load
         limit_concurrency=settings.max_queue + 2 * settings.max_batch_size + 64,
+        ssl_certfile=settings.tls_cert,
+        ssl_keyfile=settings.tls_key,
     )
     card = model.card
     banner = (
@@ -141,7 +146,8 @@ def _server(
         "thread"
         f"{'s' * (threads != 1)}{' in a model process' if worker else ''}, loaded in {load_seconds:.2f}s"
         f" | batches of <= {settings.max_batch_size}, delay <= {settings.max_delay_ms:g} ms,"
-        f" queue {settings.max_queue}, timeout {settings.timeout_ms:g} ms"
+        f" queue {settings.max_queue}, timeout {settings.timeout_ms:g} ms,"
+        f" bodies <= {gate.body_limit.max_bytes:,} bytes"
     )
     return DrainingServer(config, gate, banner, settings.drain_grace_s)
 
@@ -153,3 +159,21 @@ def check_address(host: str, port: int) -> None:
             pass
     except OSError as error:
         raise UsageError(f"--host {host} --port {port}: cannot listen there ({error.strerror or error})") from None
+
+
+def check_tls(cert: str | None, key: str | None) -> None:
+    """A usage error unless `cert` and `key` are both unset, or a readable certificate (PEM) and its private key."""
+    if (cert is None) != (key is None):
+        given, missing = ("--tls-cert", "--tls-key") if key is None else ("--tls-key", "--tls-cert")
+        raise UsageError(f"{given} needs {missing}: HTTPS takes a certificate and its private key, both or neither")
+    if cert is None or key is None:
+        return
+    for flag, path in (("--tls-cert", cert), ("--tls-key", key)):
+        try:
+            Path(path).read_bytes()
+        except OSError as error:
+            raise UsageError(f"{flag} {path}: cannot read it ({error.strerror or error})") from None
+    try:  # as uvicorn will load them, so that a wrong file is one line here rather than a traceback there
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except ssl.SSLError as error:
+        raise UsageError(f"--tls-cert {cert} --tls-key {key}: not a PEM certificate and its key ({error})") from None
