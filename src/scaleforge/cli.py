@@ -48,9 +48,10 @@ def _load(items: Sequence[str]):  # noqa: ANN202 - RunConfig, imported lazily to
 
 def cmd_train(args: argparse.Namespace) -> int:
     from scaleforge.distributed.env import DistEnv
-    from scaleforge.distributed.launch import LaunchOptions, die_with_launcher
+    from scaleforge.distributed.launch import LaunchOptions
+    from scaleforge.processes import guard_from_environment
 
-    die_with_launcher()  # first: a worker whose launcher died while it started writes nothing
+    guard_from_environment()  # first: a worker whose launcher died while it started writes nothing
     options = LaunchOptions(
         nproc=args.nproc,
         nnodes=args.nnodes,

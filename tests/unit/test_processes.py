@@ -21,16 +21,17 @@ pytestmark = [
     pytest.mark.timeout(120),
 ]
 
-# The parent: starts `python CHILD...` (with a `ParentDeathGuard` of signal HOW, unless HOW is "self"), the
-# argument PARENT_PID replaced by its own pid; prints the child's pid, then sleeps until it is killed.
+# The parent: starts `python CHILD...` (with a `ParentDeathGuard` of signal HOW; HOW "self": none, "env": SIGTERM
+# and a 1 s grace asked for in the child's environment), the argument PARENT_PID replaced by its own pid; prints
+# the child's pid, then sleeps until it is killed.
 PARENT = """
-import os, subprocess, sys, time
-from scaleforge.processes import ParentDeathGuard
-from tests.conftest import gone
+import os, signal, subprocess, sys, time
+from scaleforge.processes import ParentDeathGuard, parent_environment
 
 how, child = sys.argv[1], [str(os.getpid()) if arg == "PARENT_PID" else arg for arg in sys.argv[2:]]
-guard = ParentDeathGuard(int(how)) if how != "self" else None
-process = subprocess.Popen([sys.executable, *child], preexec_fn=guard)
+guard = ParentDeathGuard(int(how)) if how not in ("self", "env") else None
+env = {**os.environ, **parent_environment(signal.SIGTERM, grace_s=1.0)} if how == "env" else None
+process = subprocess.Popen([sys.executable, *child], preexec_fn=guard, env=env)
 print(process.pid, flush=True)
 time.sleep(600)
 """
@@ -41,6 +42,18 @@ import signal, sys, time
 from scaleforge.processes import die_with_parent
 
 die_with_parent(int(sys.argv[1]), signal.SIGTERM)
+print("guarded", flush=True)
+time.sleep(600)
+"""
+
+# Ignores SIGTERM (a stop that would take too long), then sets the guard its environment asks for.
+FROM_ENVIRONMENT = """
+import os, signal, time
+from scaleforge.processes import PARENT, guard_from_environment
+
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+guard_from_environment()
+assert PARENT not in os.environ  # not handed on to what this process starts
 print("guarded", flush=True)
 time.sleep(600)
 """
@@ -100,6 +113,20 @@ def test_a_child_that_guards_itself_ends_when_its_parent_is_killed(tmp_path: Pat
     with parent_of("self", str(script), "PARENT_PID") as (parent, child, lines):
         assert parent.stdout is not None
         while "guarded\n" not in lines:  # the guard is set before the parent dies
+            line = parent.stdout.readline()
+            assert line, "the child ended: " + "".join(lines)
+            lines.append(line)
+        kill(parent)
+        assert gone(child, within_s=10)
+
+
+def test_a_child_guarded_from_its_environment_is_killed_when_it_outlasts_its_grace(tmp_path: Path) -> None:
+    # it ignores SIGTERM, so only the kill that follows the grace can end it
+    script = tmp_path / "from_environment.py"
+    script.write_text(FROM_ENVIRONMENT)
+    with parent_of("env", str(script)) as (parent, child, lines):
+        assert parent.stdout is not None
+        while "guarded\n" not in lines:
             line = parent.stdout.readline()
             assert line, "the child ended: " + "".join(lines)
             lines.append(line)

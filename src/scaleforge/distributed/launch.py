@@ -19,15 +19,12 @@ from dataclasses import dataclass
 
 from scaleforge.distributed.env import PEER_FAILED_EXIT, PEER_HUNG_EXIT
 from scaleforge.errors import UsageError
-from scaleforge.processes import die_with_parent
+from scaleforge.processes import parent_environment
 
 # torch's elastic modules name their loggers under these; the launcher reports failures itself.
 ELASTIC_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher")
 # Set for the workers this launcher starts: they leave user errors to it rather than printing them.
 LAUNCHED = "SCALEFORGE_LAUNCHED"
-# The launcher's process id, which its workers watch (`die_with_launcher`): torch's elastic agent, which starts
-# them in sessions of their own, runs inside the launcher, so a launcher killed outright leaves them to no one.
-LAUNCHER_PID = "SCALEFORGE_LAUNCHER_PID"
 
 
 @dataclass(frozen=True)
@@ -114,7 +111,14 @@ def _worker_environment(options: LaunchOptions) -> Iterator[None]:
     levels = {logger: logger.level for logger in loggers if logger.name.startswith(ELASTIC_LOGGERS)}
     os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_process(options.nproc)))
     os.environ[LAUNCHED] = "1"
-    os.environ[LAUNCHER_PID] = str(os.getpid())
+    # Workers watch the launcher (`guard_from_environment`): torch's elastic agent, which starts them in sessions
+    # of their own, runs inside the launcher, so a launcher killed outright would leave them to no one. SIGKILL,
+    # not SIGTERM, the signal a live launcher stops its workers with: that stop writes a checkpoint at the next
+    # step boundary, in collectives with peers that may be dying too (a wait of up to `parallel.timeout_s`), into
+    # a run directory that the same command, run again at once, resumes. With the launcher gone nobody reports,
+    # restarts or waits for a worker, and the last committed checkpoint already holds the run (a checkpoint counts
+    # only once renamed into place, `final/` likewise).
+    os.environ.update(parent_environment(signal.SIGKILL))
     # Without this, workers restarted after a failure hang in the next rendezvous (torch 2.13).
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     for logger in levels:
@@ -171,20 +175,6 @@ def report_failure(error: object) -> int:
 def is_launched_worker() -> bool:
     """Whether this process is a worker that `launch` started."""
     return os.environ.get(LAUNCHED) == "1"
-
-
-def die_with_launcher() -> None:
-    """In a worker that `launch` started, as it starts: SIGKILL when the launcher dies, however it dies (Linux).
-
-    Not SIGTERM, the signal a live launcher stops its workers with: that stop writes a checkpoint at the next
-    step boundary, in collectives with peers that may be dying too (a wait of up to `parallel.timeout_s`), into a
-    run directory that the same command, run again at once, resumes. With the launcher gone nobody reports,
-    restarts or waits for this worker, and the last committed checkpoint already holds the run (a checkpoint
-    counts only once renamed into place, so a worker killed while writing one leaves nothing that counts).
-    """
-    launcher = os.environ.get(LAUNCHER_PID)
-    if launcher is not None:
-        die_with_parent(int(launcher), signal.SIGKILL)
 
 
 def restarts_left() -> bool:

@@ -40,7 +40,7 @@ from scaleforge.bench.harness import counted
 from scaleforge.config import RunConfig, build_config, config_data, config_from_dict
 from scaleforge.distributed.launch import threads_per_process
 from scaleforge.errors import ConfigError, UsageError
-from scaleforge.processes import ParentDeathGuard
+from scaleforge.processes import ORPHAN_GRACE_S, parent_environment
 from scaleforge.search import report
 from scaleforge.search.objectives import Objective, check_objectives, measure
 from scaleforge.search.report import number_text, param_text
@@ -277,21 +277,16 @@ class Search:
         if self.options.nproc > 1:
             command += ["--nproc", str(self.options.nproc)]
         log = (run_dir / "train.log").open("a", encoding="utf-8")
+        # SIGTERM when the search dies, however it dies: the trial checkpoints and stops, and a later search
+        # requeues it into its run directory; killed if that takes more than ORPHAN_GRACE_S
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(self.threads)}
+        env.update(parent_environment(signal.SIGTERM, grace_s=ORPHAN_GRACE_S))
         device = self._free_device()
         if device is not None:
             first = device * self.options.nproc
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(first + i) for i in range(self.options.nproc))
-        # SIGTERM when the search dies, however it dies: the trial checkpoints and stops, and a later search
-        # requeues it into its run directory (started from the search's main thread, which lives as long as it)
-        process = subprocess.Popen(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            preexec_fn=ParentDeathGuard(signal.SIGTERM),
-        )
+        # started from the search's main thread, which lives as long as it (the guard's signal follows the thread)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         self.slots.append(Slot(trial, values, run_dir, process, log, device=device))
         self._update_bar()
         self.say(f"trial {trial.number} started: {describe(values)}")
@@ -553,7 +548,7 @@ def _check_no_earlier_trials(folder: Path) -> None:
 
 def _wait_until_stopped(run_dir: Path) -> None:
     """A requeued trial's run directory may still be written by its earlier process, stopping on the SIGTERM its
-    killed search left it (`ParentDeathGuard`): wait for it to finish its checkpoint."""
+    killed search left it (`parent_environment`): wait for it to finish its checkpoint."""
     deadline = time.monotonic() + STOP_GRACE_S
     while run_state(run_dir) == "running" and time.monotonic() < deadline:
         time.sleep(POLL_S)

@@ -89,7 +89,7 @@ def _live(processes: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def wait_for_ending_run(run_dir: Path) -> None:
     """When the run `run_dir`'s status names as running is ending, wait up to `ENDING_WAIT_S` for its processes
     of this host to end, saying so in one line on stderr. It is ending when one of its processes has gone, or has
-    lost the parent that started it (its launcher was killed: `die_with_launcher` is ending it); a run whose
+    lost the parent that started it (its launcher was killed: its guard is ending it); a run whose
     processes all run under their parents is being trained, and is not waited for."""
     record = read_status(run_dir)
     if record.get("state") != "running" or record.get("host") != socket.gethostname():
