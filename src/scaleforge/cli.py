@@ -96,7 +96,7 @@ def _launch_train(args: argparse.Namespace, options: LaunchOptions) -> int:
     from scaleforge.distributed.env import DistEnv, check_device_per_process, select_device
     from scaleforge.distributed.launch import launch
     from scaleforge.distributed.parallel_dims import ParallelDims
-    from scaleforge.runs import signing_key
+    from scaleforge.runs import run_signing_key
     from scaleforge.train.run_dir import default_run_dir, resume_point
 
     options.check()
@@ -112,7 +112,7 @@ def _launch_train(args: argparse.Namespace, options: LaunchOptions) -> int:
     else:
         run_dir = default_run_dir(config)
     if options.node_rank == 0:
-        resume_point(run_dir, args.resume, signing_key(config.checkpoint.signing_key_env, "checkpoint.signing_key_env"))
+        resume_point(run_dir, args.resume, run_signing_key(config))
     return launch(["train", *args.config, "--run-dir", str(run_dir), "--resume", args.resume], options)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
-from scaleforge.config import RunConfig
+from scaleforge.config import ComponentSpec, RunConfig
 from scaleforge.data.loading import eval_batches
 from scaleforge.distributed.parallelize import ParallelModel
 from scaleforge.runs import UNTRUSTED, Trust, open_run
@@ -35,6 +35,8 @@ def evaluate_model(model: nn.Module, config: RunConfig, device: str | None = Non
     device_, precision = setup_runtime(config)
     model = model.to(device_)
     data = build_data(config.data)
+    if config.training.loss.name == "distillation":  # on validation it is cross-entropy: no teacher is needed
+        config = dataclasses.replace(config, training=dataclasses.replace(config.training, loss=ComponentSpec("auto")))
     objective = build_objective(config.training, data.info)
     objective.loss.to(device_)
     autocast = make_autocast(precision, device_)

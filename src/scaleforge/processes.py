@@ -56,6 +56,7 @@ def die_with_parent(expected_parent_pid: int | None = None, sig: int = signal.SI
         error = ctypes.get_errno()
         raise OSError(error, f"prctl(PR_SET_PDEATHSIG): {os.strerror(error)}")
     if os.getppid() != expected:  # the parent died before the guard was set: nothing will signal its death
+        print(f"scaleforge: process {expected}, which started this one, is gone; exiting", file=sys.stderr)
         os._exit(128 + int(sig))
 
 
@@ -86,9 +87,21 @@ def guard_from_environment() -> None:
     if value is None:
         return
     pid, sig, *grace = value.split()
+    if os.getppid() != int(pid) and _alive(int(pid)):
+        return  # left in the environment of a process that the one it names did not start: not this one's parent
     die_with_parent(int(pid), int(sig))
     if grace and _PRCTL is not None:
         threading.Thread(target=_kill_after, args=(int(pid), float(grace[0])), name="parent-watch", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _kill_after(parent_pid: int, grace_s: float) -> None:

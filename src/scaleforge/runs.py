@@ -15,12 +15,14 @@ a run without the right one is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
 import os
 import shutil
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,9 @@ COMPRESSION = "compression.json"
 INT8_FORMATS = ("dynamic-int8", "static-int8", "qat-int8")  # compression.json formats whose weights are int8
 SIGNATURE = "hmac_sha256"  # the manifest's key for its signature
 TRUST_FLAG = "--trust-code (trust_code=True in load_run)"
+# Files hashed at once when a folder is checked: reading and hashing run in parallel, as the writes of a checkpoint
+# do (`train.checkpoint.WRITER_THREADS`).
+HASH_THREADS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2))
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,11 @@ def signing_key(variable: str | None, setting: str) -> bytes | None:
     return key.encode()
 
 
+def run_signing_key(config: RunConfig) -> bytes | None:
+    """The key a run's checkpoints and `final/` are signed with: `checkpoint.signing_key_env`'s."""
+    return signing_key(config.checkpoint.signing_key_env, "checkpoint.signing_key_env")
+
+
 def sign(files: dict[str, Any], key: bytes) -> str:
     """The HMAC-SHA256 of a manifest's entries (names, sizes and digests), in a canonical JSON form."""
     return hmac.new(key, json.dumps(files, sort_keys=True, separators=(",", ":")).encode(), "sha256").hexdigest()
@@ -128,17 +138,18 @@ def fsync_dir(path: Path) -> None:
         os.close(descriptor)
 
 
-def write_manifest(final: Path, key: bytes | None = None) -> None:
-    """`final/manifest.json`: the size and SHA-256 of every other file of `final/` (signed with `key` if given),
-    written durably and last."""
-    files = {
-        path.name: {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
-        for path in sorted(final.iterdir())
-        if path.is_file() and path.name != MANIFEST
-    }
-    manifest: dict[str, Any] = {"files": files}
+def write_manifest(final: Path, key: bytes | None = None, files: dict[str, Any] | None = None) -> None:
+    """`final/manifest.json`: the size and SHA-256 of every other file of `final/` (`files`, where the writer
+    has them already; else read here), signed with `key` if given, written durably and last."""
+    if files is None:
+        files = {
+            path.name: {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
+            for path in final.iterdir()
+            if path.is_file() and path.name != MANIFEST
+        }
+    manifest: dict[str, Any] = {"files": dict(sorted(files.items()))}
     if key is not None:
-        manifest[SIGNATURE] = sign(files, key)
+        manifest[SIGNATURE] = sign(manifest["files"], key)
     write_durably(final / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
 
 
@@ -149,7 +160,7 @@ def save_final(final: Path, state_dict: dict[str, torch.Tensor], config: RunConf
     `final/`; an earlier `final/` at the same place is replaced only by a complete one."""
     from safetensors.torch import save
 
-    key = signing_key(config.checkpoint.signing_key_env, "checkpoint.signing_key_env")
+    key = run_signing_key(config)
     staging = final.with_name(final.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)  # what a killed earlier attempt left
     staging.mkdir(parents=True)
@@ -161,41 +172,73 @@ def save_final(final: Path, state_dict: dict[str, torch.Tensor], config: RunConf
         # safetensors refuses shared storage (tied weights): such names get their own copy.
         tensors[name] = tensor.clone().contiguous() if pointer in seen else tensor.contiguous()
         seen.add(pointer)
-    write_durably(staging / "model.safetensors", save(tensors))
-    write_durably(staging / "config.yaml", dump_yaml(config).encode())
-    write_durably(staging / "data_info.json", (json.dumps(info.to_json(), indent=2) + "\n").encode())
-    write_manifest(staging, key)
+    contents = {
+        "model.safetensors": save(tensors),
+        "config.yaml": dump_yaml(config).encode(),
+        "data_info.json": (json.dumps(info.to_json(), indent=2) + "\n").encode(),
+    }
+    files = {name: write_durably(staging / name, data) for name, data in contents.items()}
+    write_manifest(staging, key, files)
     fsync_dir(staging)
     shutil.rmtree(final, ignore_errors=True)
     staging.rename(final)
     fsync_dir(final.parent)
 
 
-def verify_final(path: str | Path, signing_key_env: str | None = None) -> Path:
-    """`find_final`, with every file checked against `manifest.json`, no file beside those it lists, and its
-    signature checked when `signing_key_env` names a key (`UsageError` naming what does not match)."""
-    final = find_final(path)
-    key = signing_key(signing_key_env, "--signing-key-env")
-    manifest_path = final / MANIFEST
-    if not manifest_path.is_file():
-        raise UsageError(f"{final} is not a finished run: it has no {MANIFEST}")
+class ManifestMismatch(Exception):
+    """A folder whose files do not match its manifest (`signature`: or whose manifest lacks the signature asked
+    for); the message says what is wrong."""
+
+    def __init__(self, problem: str, *, signature: bool = False) -> None:
+        super().__init__(problem)
+        self.signature = signature
+
+
+def check_manifest(folder: Path, key: bytes | None = None) -> dict[str, Any]:
+    """Every file of `folder` against its `manifest.json`: each one there, of its size and SHA-256, and no file
+    beside those it lists; its signature too when a `key` is given. Returns its entries; `ManifestMismatch`
+    says what is wrong. The one check of checkpoints and `final/` alike."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise ManifestMismatch(f"it has no {MANIFEST} (its write did not finish)")
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(path.read_text())
         files = manifest["files"]
+        expected = {name: (int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()}
         problem = signature_problem(manifest, key)
     except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise UsageError(f"{manifest_path} cannot be read: {error}") from error
+        raise ManifestMismatch(f"its {MANIFEST} cannot be read ({type(error).__name__}: {error})") from error
     if problem is not None:
-        raise UsageError(f"{final} is refused: {problem}")
-    unlisted = sorted(p.name for p in final.iterdir() if p.name != MANIFEST and p.name not in files)
+        raise ManifestMismatch(problem, signature=True)
+    outside = sorted(name for name in expected if not name or Path(name).name != name or name == MANIFEST)
+    if outside:
+        raise ManifestMismatch(f"its {MANIFEST} names {outside[0]!r}, which is not a file of the folder")
+    unlisted = sorted(p.name for p in folder.iterdir() if p.name != MANIFEST and p.name not in expected)
     if unlisted:
-        raise UsageError(f"{final} is damaged: {', '.join(unlisted)} is not in its {MANIFEST}")
-    for name, expected in files.items():
-        file = final / name
+        raise ManifestMismatch(f"{', '.join(unlisted)} {'is' if len(unlisted) == 1 else 'are'} not in its {MANIFEST}")
+    for name, (size, _) in expected.items():
+        file = folder / name
         if not file.is_file():
-            raise UsageError(f"{final} is damaged: {name} is missing")
-        if file.stat().st_size != expected["bytes"] or sha256_of(file) != expected["sha256"]:
-            raise UsageError(f"{final} is damaged: {name} does not match its SHA-256 in {MANIFEST}")
+            raise ManifestMismatch(f"{name} is missing")
+        if file.stat().st_size != size:
+            raise ManifestMismatch(f"{name} has {file.stat().st_size} bytes, not {size}")
+    with ThreadPoolExecutor(max_workers=HASH_THREADS) as pool:
+        digests = dict(zip(expected, pool.map(sha256_of, [folder / name for name in expected]), strict=True))
+    for name, (_, digest) in expected.items():
+        if digests[name] != digest:
+            raise ManifestMismatch(f"{name} does not match its SHA-256 in {MANIFEST}")
+    return files
+
+
+def verify_final(path: str | Path, signing_key_env: str | None = None) -> Path:
+    """`find_final`, checked against its manifest (`check_manifest`), and its signature when `signing_key_env`
+    names a key; a `UsageError` names what does not match."""
+    final = find_final(path)
+    key = signing_key(signing_key_env, "--signing-key-env")
+    try:
+        check_manifest(final, key)
+    except ManifestMismatch as error:
+        raise UsageError(f"{final} is {'refused' if error.signature else 'damaged'}: {error}") from error
     return final
 
 
@@ -217,11 +260,19 @@ def load_description(path: str | Path, trust: Trust = UNTRUSTED) -> tuple[RunCon
 
 def run_config(final: Path, trust: Trust, overrides: Sequence[str] = ()) -> RunConfig:
     """`final/config.yaml` of a checked `final/` folder, with `overrides`: without `trust.code`, its components
-    resolve only to registered ones, and `imports:` and `module:Attr` names are refused."""
+    resolve only to registered ones, and `imports:` and `module:Attr` names are refused. What a run's file says of
+    trust is never taken: a distillation loss trusts its teacher's code only when the opener trusts the run, and
+    the run's own checkpoints and `final/` are signed with the opener's key, not one its file names."""
     if trust.code:
-        return load_config(final / "config.yaml", overrides)
-    with registry.untrusted(f"the run {final.parent}", TRUST_FLAG):
-        return load_config(final / "config.yaml", overrides)
+        config = load_config(final / "config.yaml", overrides)
+    else:
+        with registry.untrusted(f"the run {final.parent}", TRUST_FLAG):
+            config = load_config(final / "config.yaml", overrides)
+    loss = config.training.loss
+    if loss.params.get("trust_teacher_code") and not trust.code:
+        loss = dataclasses.replace(loss, params={**loss.params, "trust_teacher_code": False})
+    checkpoint = dataclasses.replace(config.checkpoint, signing_key_env=trust.signing_key_env)
+    return dataclasses.replace(config, training=dataclasses.replace(config.training, loss=loss), checkpoint=checkpoint)
 
 
 def _describe(final: Path, trust: Trust) -> tuple[RunConfig, DataInfo]:
@@ -280,7 +331,7 @@ def read_weights(file: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(file))
     except (SafetensorError, OSError) as error:
-        raise UsageError(f"{file} does not hold this model's weights: {_first_line(error)}") from error
+        raise UsageError(f"{file} does not hold this model's weights: {first_line(error)}") from error
 
 
 def load_weights(model: nn.Module, file: Path) -> None:
@@ -289,8 +340,9 @@ def load_weights(model: nn.Module, file: Path) -> None:
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
-        raise UsageError(f"{file} does not hold this model's weights: {_first_line(error)}") from error
+        raise UsageError(f"{file} does not hold this model's weights: {first_line(error)}") from error
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name if it has none)."""
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

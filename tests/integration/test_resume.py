@@ -255,9 +255,9 @@ def test_a_killed_launcher_leaves_no_worker_and_the_same_command_resumes_at_once
     assert len(workers) == 2
     os.killpg(launcher.pid, signal.SIGKILL)  # the workers are not in its group: torch starts each in a session
     launcher.wait(timeout=30)
+    after_kill = snapshot(run_dir)  # as the launcher died: its workers, if they lived, would write on
     assert [pid for pid in workers if not gone(pid, within_s=10)] == []  # within 10 s of the launcher
-    after_kill = snapshot(run_dir)
-    time.sleep(3)
+    time.sleep(1)
     assert snapshot(run_dir) == after_kill  # nothing written after the launcher died: no checkpoint, no final/
     assert not (run_dir / "final").exists()
     resumed = run_subprocess("train", *RUN, "--nproc", "2", "--run-dir", str(run_dir), timeout=300)

@@ -65,6 +65,8 @@ class HeldNet(nn.Module):
         self.head = nn.Linear(64, num_classes)
 
     def forward(self, x):
+        if not self.training and os.path.exists(self.hold_file):
+            open(self.hold_file + ".reached", "w").close()  # a batch is held: for the test to see
         while not self.training and os.path.exists(self.hold_file):
             time.sleep(0.01)
         return self.head(self.blocks[0](x))
@@ -279,10 +281,10 @@ def test_a_request_queued_past_its_deadline_gets_504_and_one_whose_client_left_i
 def test_a_latency_target_refuses_at_once_what_it_could_not_answer_in_time(tmp_path: Path) -> None:
     # every batch takes 2 s (timed at start-up): a request alone is answered within the target; one that comes
     # while a batch runs would wait for it, more than the 0.6 s left, so it is refused, whenever in the first
-    # 1.4 s of that batch it comes, which leaves a busy machine's delays a second of room
+    # 1.4 s of that batch it comes: sent 0.5 s after the first, they leave a busy machine's delays close to a second
     slower_run = make_slow_run(tmp_path, 2.0)
     with server(slower_run, *SLOW, "--latency-target-ms", "2600", "--max-delay-ms", "0") as (url, _):
-        responses = asyncio.run(post_in_turn(url, 0.2, 3))
+        responses = asyncio.run(post_in_turn(url, 0.5, 3))
     assert sorted(r.status_code for r in responses) == [200, 503, 503]  # whichever came first is answered
     refused = [r for r in responses if r.status_code == 503]
     assert all("more than --latency-target-ms 2600" in r.json()["detail"] for r in refused)
@@ -496,14 +498,19 @@ def test_a_small_model_runs_on_a_thread_and_a_killed_server_leaves_no_model_proc
 
 
 def test_a_killed_server_takes_its_model_process_with_it_even_mid_batch(tmp_path: Path) -> None:
-    run_dir = make_slow_run(tmp_path, 600.0)  # a batch outlasts the test: only the server's death can end it
+    hold = tmp_path / "hold"
+    run_dir = make_held_run(tmp_path, hold)  # a batch held for as long as the file is there: past the test
     with server(run_dir, *SLOW, "--batch-timeout-s", "900") as (url, process):
         host, port = url.removeprefix("http://").split(":")
         body = json.dumps({"inputs": [IMAGE]}).encode()
         head = f"POST /v1/predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        hold.touch()
         with socket.create_connection((host, int(port))) as client:  # its answer is never read
             client.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
-            time.sleep(2)  # the batch reaches the model's process
+            deadline = time.monotonic() + 60
+            while not hold.with_name("hold.reached").exists():  # the batch is in the model's process
+                assert time.monotonic() < deadline, "the batch never reached the model"
+                time.sleep(0.05)
             started = children(process.pid)  # the model's process, and multiprocessing's resource tracker
             assert model_process(process.pid) in started
             process.kill()
@@ -587,6 +594,11 @@ def test_bad_serve_arguments_are_one_line_and_exit_2(digits_run: Path, tmp_path:
             ((str(digits_run), "--device", "tpu"), "--device: 'tpu' is not a device"),
             ((str(digits_run), "--backend", "onnxruntime", "--onnx", str(tmp_path / "x.onnx")), "--format onnx"),
             ((str(digits_run), "--onnx", str(tmp_path / "x.onnx")), "--onnx applies to --backend onnxruntime"),
+            (
+                (str(digits_run), "--backend", "onnxruntime", "--signing-key-env", "KEY"),
+                "--signing-key-env checks final/, not the exported ONNX file",
+            ),
+            ((str(digits_run), "--signing-key-env", "SCALEFORGE_NO_SUCH_KEY"), "that environment variable is unset"),
             ((str(digits_run), "--tls-cert", str(tmp_path / "c.pem")), "--tls-cert needs --tls-key: HTTPS takes"),
             ((str(digits_run), "--tls-key", str(tmp_path / "k.pem")), "--tls-key needs --tls-cert"),
             (

@@ -192,7 +192,8 @@ def test_sigterm_finishes_the_frames_in_flight_flushes_the_sink_and_prints_the_s
 
 
 def test_a_killed_stream_leaves_nothing_it_started_behind(digits_run, tmp_path) -> None:  # noqa: ANN001
-    # Its stages are threads of its own process today; should one become a process, it must end with the stream.
+    # Its stages are threads of its own process, so SIGKILL ends them all; a stage made a process must be started
+    # with the parent-death guard (scaleforge.processes), and this test then says whether it ends with the stream.
     out = tmp_path / "frames.jsonl"
     command = [sys.executable, "-m", "scaleforge", "stream", str(digits_run), "--source", "synthetic:32x32",
                "--fps", "100", "--sink", f"jsonl:{out}", "--progress", "none"]  # fmt: skip
@@ -202,7 +203,9 @@ def test_a_killed_stream_leaves_nothing_it_started_behind(digits_run, tmp_path) 
         while not (out.exists() and out.stat().st_size > 0) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert out.stat().st_size > 0, "no frame was processed"
-        started = [child.pid for child in psutil.Process(process.pid).children(recursive=True)]
+        stream = psutil.Process(process.pid)
+        started = [child.pid for child in stream.children(recursive=True)]
+        assert stream.num_threads() > 3  # capture, preprocessing, model and sink run beside the main thread
         process.kill()
         process.wait(timeout=30)
         assert [pid for pid in started if not gone(pid, within_s=10)] == []

@@ -75,7 +75,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize("selection", list(SELECTIONS))
-@pytest.mark.parametrize("command", ["serve", "eval", "export", "compress", "stream"])
+@pytest.mark.parametrize("command", ["serve", "eval", "export", "compress", "stream", "bench-compress", "bench-stream"])
 def test_a_run_that_names_code_is_refused_without_trust(user_runs: dict[str, Path], selection: str, command: str):
     run = user_runs[selection]
     marker = run.parent / "code-ran"
@@ -84,7 +84,8 @@ def test_a_run_that_names_code_is_refused_without_trust(user_runs: dict[str, Pat
     extra = ["--format", "onnx"] if command == "export" else extra
     if command == "compress":
         extra = ["--method", "dynamic-int8", "--out", str(run.parent / f"{selection}-int8")]
-    result = run_cli(command, str(run), *extra, cwd=run.parent)
+    extra = ["--out", str(run.parent / f"{selection}-bench")] if command.startswith("bench") else extra
+    result = run_cli(*command.split("-"), str(run), *extra, cwd=run.parent)
     assert result.returncode == 2, result.stdout + result.stderr
     (line,) = result.stderr.strip().splitlines()  # one line, no traceback
     named = "import 'user_code'" if selection == "imports" else "'user_code:TrustedNet'"
@@ -194,11 +195,11 @@ import scaleforge.runs as runs
 
 write_manifest = runs.write_manifest
 
-def pausing_write_manifest(final, key=None):
+def pausing_write_manifest(final, *args):
     if final.name == "final.partial":
         (final.parent / "paused-in-final").touch()
         time.sleep(600)
-    return write_manifest(final, key)
+    return write_manifest(final, *args)
 
 runs.write_manifest = pausing_write_manifest
 """
@@ -238,3 +239,37 @@ def test_a_run_killed_while_it_writes_final_resumes_and_finishes(tmp_path: Path)
     assert written.keys() == expected.keys()
     assert all(torch.equal(written[name], expected[name]) for name in written)
     load_run(run)  # verified against its manifest
+
+
+def test_what_a_runs_file_says_of_trust_is_never_taken(user_runs: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    from scaleforge.runs import Trust, run_config
+
+    run = tmp_path / "student"
+    shutil.copytree(user_runs["imports"], run)
+    config = run / "final" / "config.yaml"
+    text = config.read_text().replace("imports: [user_code]\n", "imports: []\n")
+    text = text.replace("model: {architecture: trusted_net, width: 8}", "model: {architecture: mlp}")
+    teacher = {"name": "distillation", "teacher": str(user_runs["imports"]), "trust_teacher_code": True}
+    text = text.replace("  loss: auto\n", f"  loss: {json.dumps(teacher)}\n")
+    config.write_text(text.replace("signing_key_env: null", "signing_key_env: HOME"))
+    write_manifest(run / "final")
+    untrusted = run_config(run / "final", Trust())
+    assert untrusted.training.loss.params["trust_teacher_code"] is False  # the teacher's code stays refused
+    assert untrusted.checkpoint.signing_key_env is None  # the opener's key, not a variable the file names
+    trusted = run_config(run / "final", Trust(code=True, signing_key_env="RUN_KEY"))
+    assert trusted.training.loss.params["trust_teacher_code"] is True
+    assert trusted.checkpoint.signing_key_env == "RUN_KEY"
+
+
+def test_init_from_a_damaged_run_is_refused(user_runs: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    source = tmp_path / "source"
+    shutil.copytree(user_runs["imports"], source)
+    weights = source / "final" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
+    config = load_config(None, [*QUICK, f"training.init_from={source}"])
+    with pytest.raises(ConfigError, match="training.init_from: .* model.safetensors does not match its SHA-256"):
+        train(config, tmp_path / "run")

@@ -309,11 +309,11 @@ def test_a_latency_target_keeps_batches_small_and_refuses_what_would_miss_it() -
     model = RecordingModel(seconds=0.0)
 
     def per_row(instances: list[int]) -> list[int]:
-        time.sleep(0.01 * len(instances))  # 10 ms a row: a compute-bound model
+        time.sleep(0.05 * len(instances))  # 50 ms a row: a compute-bound model
         return model(instances)
 
     async def scenario() -> tuple[list, list[float]]:
-        b = Batcher(per_row, max_batch_size=32, max_delay_s=0.0, max_queue=500, timeout_s=5.0, latency_target_s=0.2)
+        b = Batcher(per_row, max_batch_size=32, max_delay_s=0.0, max_queue=500, timeout_s=5.0, latency_target_s=1.0)
         b.start()
         for rows in (1, 2, 4, 1, 3):  # learn the cost
             await b.submit(list(range(rows)))
@@ -328,15 +328,16 @@ def test_a_latency_target_keeps_batches_small_and_refuses_what_would_miss_it() -
             except QueueFull as error:
                 outcomes.append(str(error))
 
-        await asyncio.gather(*(one(value) for value in range(100)))  # 1 s of work at once
+        await asyncio.gather(*(one(value) for value in range(100)))  # 5 s of work at once
         await b.close()
         return outcomes, latencies
 
     refused, latencies = run(scenario())
     sizes = [len(batch) for batch in model.batches[5:]]
-    assert max(sizes) <= 10 and len(refused) >= 60, (sizes, len(refused))  # 10 rows: 100 ms, half the target
-    assert "more than --latency-target-ms 200" in refused[0]
-    assert max(latencies) < 0.3, max(latencies)  # the target, with the timer's slack
+    assert max(sizes) <= 10 and len(refused) >= 60, (sizes, len(refused))  # 10 rows: 500 ms, half the target
+    assert "more than --latency-target-ms 1000" in refused[0]
+    # the target, with half a second for a busy machine's stalls (times long enough that they are small beside it)
+    assert max(latencies) < 1.5, max(latencies)
 
 
 def test_a_latency_target_never_refuses_an_idle_model() -> None:

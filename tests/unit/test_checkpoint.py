@@ -82,7 +82,22 @@ def test_a_manifest_that_leaves_out_a_shard_is_refused(tmp_path: Path) -> None:
     shard = next(name for name in manifest["files"] if name.endswith(".distcp"))
     del manifest["files"][shard]
     (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DamagedCheckpoint, match=f"{shard} is not in its manifest.json"):
+        verify(folder)
+    (folder / shard).unlink()  # gone with its entry: the metadata still says it holds tensors
     with pytest.raises(DamagedCheckpoint, match=f"does not list {shard}, which hold its tensors"):
+        verify(folder)
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    ['{"files": []}', '{"files": {"progress.json": 3}}', '{"files": {"../x": {"bytes": 1, "sha256": "0"}}}', "[1]"],
+)
+def test_a_manifest_of_the_wrong_shape_is_damage_not_a_crash(tmp_path: Path, manifest: str) -> None:
+    model, optimizer = _model_and_optimizer()
+    folder = Checkpointer(tmp_path, keep=1).save(model=model, optimizer=optimizer, progress={"step": 1})
+    (folder / "manifest.json").write_text(manifest)
+    with pytest.raises(DamagedCheckpoint, match="manifest.json (cannot be read|names '../x')"):
         verify(folder)
 
 
@@ -130,12 +145,20 @@ def _payloads(marker: Path) -> dict[str, bytes]:
     # BUILD on an admitted class itself (not an instance): would set attributes of that class for the process
     metadata_class = _text("torch.distributed.checkpoint.metadata") + _text("Metadata") + b"\x93"
     payloads["BUILD on a class"] = b"\x80\x04" + metadata_class + b"N}" + _text("crafted") + b"K\x01s\x86b."
+    member = _text("torch.distributed.checkpoint.metadata") + _text("_MEM_FORMAT_ENCODING") + b"\x93K\x00\x85R"
+    payloads["BUILD on an enum's member"] = b"\x80\x04" + member + b"N}" + _text("crafted") + b"K\x01s\x86b."
+    payloads["INST os.system"] = f"(V{touch}\nios\nsystem\n.".encode()
+    payloads["OBJ os.system"] = f"(cos\nsystem\nV{touch}\no.".encode()
+    call = _text("os") + _text("system") + b"\x93(" + _text(touch) + b"t}"
+    payloads["NEWOBJ_EX os.system"] = b"\x80\x04" + call + b"\x92."
+    payloads["EXT1"] = b"\x80\x02\x82\x01."
+    payloads["PERSID"] = b"Pos.system\n."
     return payloads
 
 
 @pytest.mark.parametrize("kind", list(_payloads(Path("marker"))))
 def test_a_crafted_metadata_is_reported_damaged_and_never_runs(tmp_path: Path, kind: str) -> None:
-    from torch.distributed.checkpoint.metadata import Metadata
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING, Metadata
 
     model, optimizer = _model_and_optimizer()
     saver = Checkpointer(tmp_path / "checkpoints", keep=2)
@@ -156,6 +179,7 @@ def test_a_crafted_metadata_is_reported_damaged_and_never_runs(tmp_path: Path, k
         assert newest_good_checkpoint(tmp_path / "checkpoints") == good
     assert not marker.exists()
     assert not hasattr(Metadata, "crafted")
+    assert not any(hasattr(member, "crafted") for member in _MEM_FORMAT_ENCODING)
 
 
 def test_metadata_of_every_dtype_and_a_sharded_layout_is_read(tmp_path: Path) -> None:
@@ -170,3 +194,40 @@ def test_metadata_of_every_dtype_and_a_sharded_layout_is_read(tmp_path: Path) ->
         metadata.state_dict_metadata.keys()
         == pickle.load((tmp_path / ".metadata").open("rb")).state_dict_metadata.keys()
     )
+
+
+def test_a_crafted_value_in_a_shard_is_refused_and_never_runs(tmp_path: Path) -> None:
+    import dataclasses
+    import io
+
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    from scaleforge.errors import UsageError
+
+    model, optimizer = _model_and_optimizer()
+    folder = Checkpointer(tmp_path / "checkpoints", keep=1).save(model=model, optimizer=optimizer, progress={"step": 1})
+    metadata = read_metadata(folder)
+    # a value DCP stores as bytes (the optimizer's hyperparameters), pointed at a pickle that runs a command
+    index, where = next(
+        (index, where)
+        for index, where in metadata.storage_data.items()
+        if isinstance(metadata.state_dict_metadata[index.fqn], BytesStorageMetadata)
+    )
+    marker = tmp_path / "pwned"
+    payload = io.BytesIO()
+    torch.save(_Exploit(marker), payload)
+    shard = folder / where.relative_path
+    offset = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes() + payload.getvalue())
+    metadata.storage_data[index] = dataclasses.replace(where, offset=offset, length=len(payload.getvalue()))
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))  # metadata of the admitted classes only
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for name in (".metadata", where.relative_path):
+        data = (folder / name).read_bytes()
+        manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    verify(folder)  # whoever rewrote the files rewrote the manifest too
+    fresh, fresh_optimizer = _model_and_optimizer()
+    with pytest.raises(UsageError, match=f"checkpoint {folder} cannot be loaded: .*Weights only load failed"):
+        load_checkpoint(folder, model=fresh, optimizer=fresh_optimizer)
+    assert not marker.exists()

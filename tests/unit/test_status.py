@@ -29,7 +29,16 @@ def sleeper() -> Iterator[subprocess.Popen[bytes]]:
     process.wait()
 
 
-def named(process: subprocess.Popen[bytes], parent: int) -> dict:
+@pytest.fixture
+def runner() -> Iterator[subprocess.Popen[bytes]]:
+    """A process of this test's that runs on for as long as the test needs, as a rank still training would."""
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    yield process
+    process.kill()
+    process.wait()
+
+
+def named(process: subprocess.Popen[bytes], parent: int | None) -> dict:
     """`process` as `status.json` names a rank, recorded with `parent`."""
     return {**this_process(), "pid": process.pid, "started": process_start_time(process.pid), "parent": parent}
 
@@ -48,14 +57,14 @@ def test_a_run_whose_process_lost_its_parent_is_waited_for_in_one_line(
 
 def test_a_run_missing_a_process_is_waited_for_and_refused_if_the_rest_outlive_the_wait(
     tmp_path: Path,
-    sleeper: subprocess.Popen[bytes],
+    runner: subprocess.Popen[bytes],
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setattr(status, "ENDING_WAIT_S", 0.5)
     gone = subprocess.Popen([sys.executable, "-c", ""])
     gone.wait()
-    write_status(tmp_path, "running", ranks=[named(sleeper, parent=os.getpid()), named(gone, parent=os.getpid())])
+    write_status(tmp_path, "running", ranks=[named(runner, parent=os.getpid()), named(gone, parent=os.getpid())])
     started = time.monotonic()
     with pytest.raises(UsageError, match="is being trained now"):
         resume_point(tmp_path, "auto")
@@ -64,12 +73,13 @@ def test_a_run_missing_a_process_is_waited_for_and_refused_if_the_rest_outlive_t
 
 
 def test_a_run_whose_processes_all_run_under_their_parents_is_refused_at_once(
-    tmp_path: Path, sleeper: subprocess.Popen[bytes], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, runner: subprocess.Popen[bytes], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    write_status(tmp_path, "running", ranks=[named(sleeper, parent=os.getpid())])
+    write_status(tmp_path, "running", ranks=[named(runner, parent=os.getpid()), named(runner, parent=None)])
+    started = time.monotonic()
     with pytest.raises(UsageError, match="is being trained now"):
         resume_point(tmp_path, "auto")
-    assert sleeper.poll() is None  # refused without waiting for it
+    assert time.monotonic() - started < 10  # refused without waiting the 15 s
     assert capsys.readouterr().err == ""
 
 

@@ -35,11 +35,13 @@ from scaleforge.runs import (
     Trust,
     compression_of,
     example_inputs,
+    fsync_dir,
     open_run,
     save_final,
     sha256_of,
     signing_key,
     verify_final,
+    write_durably,
     write_manifest,
 )
 
@@ -92,7 +94,7 @@ def compress_run(
     if earlier is not None and earlier.get("format") in INT8_FORMATS:
         raise UsageError(f"{source} is int8 already (compressed by {earlier.get('method')}); compress its source run")
     run = open_run(final, trust)
-    key = signing_key(run.config.checkpoint.signing_key_env, "checkpoint.signing_key_env")
+    key = signing_key(trust.signing_key_env, "--signing-key-env")  # the new run is signed as the source was checked
     before = measure(run.model, run.config, run.info, final / "model.safetensors")
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)  # what a failed earlier attempt left
@@ -106,14 +108,15 @@ def compress_run(
             **details,
         }
         record = partial / "final" / COMPRESSION
-        record.write_text(json.dumps(report, indent=2) + "\n")  # says how the weights load, for `load_run`
+        write_durably(record, (json.dumps(report, indent=2) + "\n").encode())  # how the weights load, for `load_run`
         write_manifest(partial / "final", key)
         loaded = open_run(partial, trust)  # proves the new run loads back through the ordinary path
         report["before"] = before
         report["after"] = measure(loaded.model, loaded.config, loaded.info, partial / "final" / "model.safetensors")
-        record.write_text(json.dumps(report, indent=2) + "\n")
+        write_durably(record, (json.dumps(report, indent=2) + "\n").encode())
         write_manifest(partial / "final", key)
         partial.rename(out)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -188,7 +191,7 @@ def _quantization_aware(
 ) -> dict[str, Any]:
     """Train `model` fake-quantized (`training.quantization_aware`) for `finetune_epochs` (at least 1) through the
     normal trainer into `partial`, then put what it learned, converted to int8, in place of its `final/` weights."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from scaleforge.components import build_model
     from scaleforge.compress.quantize import int8_state, prepared_for_int8
@@ -199,7 +202,7 @@ def _quantization_aware(
     prepared = prepared_for_int8(build_model(config.model, info), example_inputs(info, 2), qat=True)
     prepared.load_state_dict(read_weights(partial / "final" / "model.safetensors"))
     _, state = int8_state(prepared)
-    save_file(state, str(partial / "final" / "model.safetensors"))
+    write_durably(partial / "final" / "model.safetensors", save(state))
     _write_configs(partial, _with_device(trained, "cpu"))
     return {"trained_epochs": epochs}
 

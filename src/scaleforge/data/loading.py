@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 import signal
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -178,6 +179,7 @@ class TrainBatches:
                 # dropout uses, so a resumed run draws the same numbers as an uninterrupted one
                 generator=torch.Generator().manual_seed(seed),
                 worker_init_fn=worker_guard(),
+                multiprocessing_context=worker_context(num_workers),
             )
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[list[Batch]]:
@@ -221,6 +223,7 @@ def eval_batches(
         batch_sampler=[piece.tolist() for piece in pieces],
         num_workers=num_workers,
         worker_init_fn=worker_guard(),
+        multiprocessing_context=worker_context(num_workers),
     )
     for inputs, targets in loader:
         yield inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
@@ -232,6 +235,12 @@ def worker_guard() -> ParentDeathGuard:
     dataset's sample runs on). SIGKILL: a worker only prepares samples for that process; nothing of it needs saving. The
     loaders are iterated on the process's main thread, which lives as long as their workers."""
     return ParentDeathGuard(signal.SIGKILL)
+
+
+def worker_context(num_workers: int) -> str | None:
+    """The start method of the workers: fork on Linux (the default of Python before 3.14), so that their parent
+    is the process that `worker_guard` expects; a fork server would be their parent instead."""
+    return "fork" if num_workers > 0 and sys.platform.startswith("linux") else None
 
 
 class DataWaitClock:

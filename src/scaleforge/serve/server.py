@@ -73,6 +73,8 @@ def serve(path: str | Path, settings: ServeSettings) -> bool:
     if settings.backend == "onnxruntime":
         if settings.model_process:
             raise UsageError("--model-process applies to --backend torch (ONNX Runtime runs beside HTTP on a thread)")
+        if settings.signing_key_env is not None:
+            raise UsageError("--signing-key-env checks final/, not the exported ONNX file --backend onnxruntime serves")
         model = ServedModel(path, onnx=settings.onnx or True, trust=trust)
         threads, timed = model.prepare(settings.threads, settings.max_batch_size, time_batches=timing)
         return _run(_server(model, settings, None, model.load_seconds, threads, timed))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import enum
 import hashlib
 import io
 import json
@@ -38,12 +39,14 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from scaleforge.errors import ScaleforgeWarning, UsageError
-from scaleforge.runs import SIGNATURE, fsync_dir, sha256_of, sign, signature_problem, write_durably
+from scaleforge.runs import SIGNATURE, ManifestMismatch, check_manifest, first_line, fsync_dir, sign, write_durably
 
 PREFIX = "step-"
 MANIFEST = "manifest.json"
@@ -327,35 +330,21 @@ def _write_json(path: Path, data: Any) -> dict[str, Any]:
 
 
 def verify(folder: Path, signing_key: bytes | None = None) -> None:
-    """Check every file of `folder` against its manifest, and the manifest's signature when a `signing_key` is
-    given; raise `DamagedCheckpoint` saying what is wrong."""
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
-        raise DamagedCheckpoint("it has no manifest (its write did not finish)")
+    """Check every file of `folder` against its manifest (`check_manifest`: and its signature when a `signing_key`
+    is given), and its metadata; raise `DamagedCheckpoint` saying what is wrong."""
     try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-        problem = signature_problem(manifest, signing_key)
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise DamagedCheckpoint(f"its manifest cannot be read ({error})") from error
-    if problem is not None:
-        raise DamagedCheckpoint(problem)
-    for name, expected in files.items():
-        path = folder / name
-        if not path.is_file():
-            raise DamagedCheckpoint(f"{name} is missing")
-        if path.stat().st_size != expected["bytes"]:
-            raise DamagedCheckpoint(f"{name} has {path.stat().st_size} bytes, not {expected['bytes']}")
-    with ThreadPoolExecutor(max_workers=WRITER_THREADS) as pool:
-        digests = dict(zip(files, pool.map(sha256_of, [folder / name for name in files]), strict=True))
-    for name, expected in files.items():
-        if digests[name] != expected["sha256"]:
-            raise DamagedCheckpoint(f"{name} does not match its SHA-256")
+        files = check_manifest(folder, signing_key)
+    except ManifestMismatch as error:
+        raise DamagedCheckpoint(str(error)) from error
     for name in (PROGRESS, ".metadata"):
         if name not in files:
             raise DamagedCheckpoint(f"its manifest does not list {name}")
     metadata = read_metadata(folder)  # read safely here, so that a crafted one is refused before DCP opens it
-    unlisted = {info.relative_path for info in (metadata.storage_data or {}).values()} - files.keys()
+    try:
+        holding = {info.relative_path for info in (metadata.storage_data or {}).values()}
+    except (AttributeError, TypeError) as error:
+        raise DamagedCheckpoint(f"its metadata does not say where its tensors are ({error})") from error
+    unlisted = holding - files.keys()
     if unlisted:
         raise DamagedCheckpoint(f"its manifest does not list {', '.join(sorted(unlisted))}, which hold its tensors")
 
@@ -406,7 +395,14 @@ def load_checkpoint(folder: Path, *, model: torch.nn.Module, optimizer: torch.op
     distributed = dist.is_initialized() and dist.get_world_size() > 1
     model_state, optim_state = get_state_dict(model, optimizer, options=STATE_DICT_OPTIONS)
     state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, storage_reader=SafeFileSystemReader(folder), no_dist=not distributed)
+    try:
+        dcp.load(
+            state, storage_reader=SafeFileSystemReader(folder), planner=_SafeLoadPlanner(), no_dist=not distributed
+        )
+    except CheckpointException as error:  # a value the weights-only unpickler refused, a shard cut short, ...
+        causes = [cause for cause, _ in error.failures.values()]
+        detail = first_line(causes[0]) if causes else first_line(error)
+        raise UsageError(f"checkpoint {folder} cannot be loaded: {detail}") from error
     set_state_dict(
         model,
         optimizer,
@@ -419,6 +415,9 @@ def load_checkpoint(folder: Path, *, model: torch.nn.Module, optimizer: torch.op
     # a run resumed on more processes than wrote the checkpoint: the new ones take rank 0's streams
     restore_rng(json.loads((rng_file if rng_file.is_file() else folder / "rng-0.json").read_text()))
     return json.loads((folder / PROGRESS).read_text())
+
+
+PATHLIB = ("pathlib", "pathlib._local")
 
 
 def _metadata_classes() -> dict[tuple[str, str], Any]:
@@ -447,6 +446,8 @@ def _metadata_classes() -> dict[tuple[str, str], Any]:
         collections.OrderedDict,
     ]
     allowed = {(c.__module__, c.__qualname__): c for c in classes}
+    # paths pickle under the module that defines them: `pathlib` up to Python 3.12, `pathlib._local` after
+    allowed |= {(module, c.__qualname__): c for c in (pathlib.PosixPath, pathlib.PurePosixPath) for module in PATHLIB}
     # `torch.strided` and the like are pickled as a call of this lookup with the layout's name
     allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
     allowed.update({("torch", name): value for name, value in vars(torch).items() if isinstance(value, torch.dtype)})
@@ -475,13 +476,32 @@ class _MetadataUnpickler(pickle._Unpickler):
             raise pickle.UnpicklingError(f"a {type(instance).__name__} is not built by a checkpoint's metadata")
         super().load_build()
 
+    def load_extension(self) -> None:
+        raise pickle.UnpicklingError("a checkpoint's metadata names no pickle extension codes")
+
     dispatch[pickle.BUILD[0]] = load_build
-    _buildable = frozenset(c for c in ALLOWED.values() if isinstance(c, type))
+    for _code in (pickle.EXT1, pickle.EXT2, pickle.EXT4):  # resolved through copyreg's cache, not find_class
+        dispatch[_code[0]] = load_extension
+    del _code
+    # instances only, and not an enum's members: those are shared by the whole process
+    _buildable = frozenset(c for c in ALLOWED.values() if isinstance(c, type) and not issubclass(c, enum.Enum))
+
+
+class _SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner, except that values stored as bytes rather than tensors (the optimizer's
+    hyperparameters: floats, bools, tuples) are unpickled by torch's weights-only unpickler: DCP's own planner
+    reads them with `torch.load(weights_only=False)`, which would run whatever a crafted checkpoint holds."""
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        checked = io.BytesIO()
+        torch.save(torch.load(value, weights_only=True), checked)  # refused here if it is more than data
+        checked.seek(0)
+        super().load_bytes(read_item, checked)  # which unpickles, unrestricted, only what was just written
 
 
 class SafeFileSystemReader(dcp.FileSystemReader):
     """DCP's file reader, except that the metadata is read by `_MetadataUnpickler` rather than `pickle.load`
-    (DCP itself reads tensors and other values with `torch.load(weights_only=True)`)."""
+    (tensors DCP reads as raw storage; other values `_SafeLoadPlanner` reads)."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if kwargs.get("rank") is not None:  # scaleforge writes one global metadata file

@@ -4,11 +4,13 @@ does not import what only the workers use (the parallelisms, the loop)."""
 
 from __future__ import annotations
 
+import warnings
 from datetime import datetime
 from pathlib import Path
 
 from scaleforge.config import RunConfig
-from scaleforge.errors import UsageError
+from scaleforge.errors import ScaleforgeWarning, UsageError
+from scaleforge.runs import verify_final
 from scaleforge.train.checkpoint import checked_checkpoint, newest_good_checkpoint
 from scaleforge.train.status import read_status, run_state, wait_for_ending_run
 
@@ -31,7 +33,12 @@ def resume_point(run_dir: Path, resume: str, signing_key: bytes | None = None) -
     Damaged checkpoints (and, with `signing_key`, unsigned or wrongly signed ones) are reported as warnings and
     passed over. A run is finished when its `final/` exists: it is renamed into place once complete."""
     if (run_dir / "final").exists():
-        raise UsageError(f"{run_dir} already holds a finished run; choose another --run-dir or remove it")
+        try:
+            verify_final(run_dir)
+        except UsageError as damaged:  # not finished after all: trained again from its newest checkpoint
+            warnings.warn(f"{damaged}; the run resumes from its newest checkpoint", ScaleforgeWarning, stacklevel=2)
+        else:
+            raise UsageError(f"{run_dir} already holds a finished run; choose another --run-dir or remove it")
     wait_for_ending_run(run_dir)  # the same command run again right after its launcher was killed
     if run_state(run_dir) == "running":
         status = read_status(run_dir)

@@ -49,7 +49,9 @@ def read_status(run_dir: Path) -> dict[str, Any]:
 
 def run_state(run_dir: Path) -> str:
     """finished, running, resumable (stopped, failed or killed, with a checkpoint to go on from) or failed."""
-    if (run_dir / "final" / "model.safetensors").is_file():  # written last by training, and by compress
+    # final/ is renamed into place once complete (`runs.save_final`; compress renames its whole run); whether its
+    # files still match their manifest is checked where a run is opened or resumed, not for a listing
+    if (run_dir / "final" / "manifest.json").is_file():
         return "finished"
     record = read_status(run_dir)
     if record.get("state") == "running" and _alive(record):
@@ -68,9 +70,14 @@ def _alive(record: dict[str, Any]) -> bool:
 
 
 def this_process() -> dict[str, Any]:
-    """This process as `status.json` names the processes of a run (`ranks`): host, pid, start time and parent."""
+    """This process as `status.json` names the processes of a run (`ranks`): host, pid, start time, and the
+    parent whose death ends it (a launcher's worker; a process a person started has none: nothing ends it when the
+    shell that started it goes)."""
+    from scaleforge.distributed.launch import is_launched_worker
+
     pid = os.getpid()
-    return {"host": socket.gethostname(), "pid": pid, "started": process_start_time(pid), "parent": os.getppid()}
+    parent = os.getppid() if is_launched_worker() else None
+    return {"host": socket.gethostname(), "pid": pid, "started": process_start_time(pid), "parent": parent}
 
 
 def _local_processes(record: dict[str, Any]) -> list[dict[str, Any]]:

@@ -56,7 +56,7 @@ from scaleforge.distributed.launch import is_launched_worker
 from scaleforge.distributed.parallel_dims import ParallelDims
 from scaleforge.distributed.parallelize import ParallelModel, parallelize, plan_parallelism
 from scaleforge.errors import AgreedError, ConfigError, UsageError
-from scaleforge.runs import load_weights, save_final, signing_key, verify_final
+from scaleforge.runs import load_weights, run_signing_key, save_final, verify_final
 from scaleforge.train.callbacks import Callback, CallbackList, RunState
 from scaleforge.train.checkpoint import (
     Checkpointer,
@@ -297,17 +297,13 @@ def train(
     return {**summary, "run_dir": str(run_dir)}
 
 
-def _signing_key(config: RunConfig) -> bytes | None:
-    return signing_key(config.checkpoint.signing_key_env, "checkpoint.signing_key_env")
-
-
 def agree_on_checkpoint(run_dir: Path, resume: str, env: DistEnv, config: RunConfig) -> Path | None:
     """The checkpoint to start from (rank 0 finds and verifies it; every process gets its answer), after
     checking that `run_dir` may be used: a finished run is never trained again, and a run is never overwritten."""
     found: list[Any] = [None]
     if env.is_main:
         try:
-            found = [resume_point(run_dir, resume, _signing_key(config))]
+            found = [resume_point(run_dir, resume, run_signing_key(config))]
         except UsageError as error:
             found = [error]
     if env.distributed:
@@ -420,7 +416,7 @@ def _train(
         keep=config.checkpoint.keep,
         use_async=config.checkpoint.async_,
         timeout_s=config.parallel.timeout_s,
-        signing_key=_signing_key(config),
+        signing_key=run_signing_key(config),
     )
     with (
         hangs_named(env, config.parallel.timeout_s, lambda: state.step),
