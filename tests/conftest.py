@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -88,3 +90,12 @@ def _state(pid: int) -> str:
     with contextlib.suppress(OSError):
         return "(" + Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] + ")"
     return "(X)"
+
+
+async def until(ask: Callable[[], Awaitable[httpx.Response]], status: int, within_s: float = 20) -> httpx.Response:
+    """`ask`'s first answer with `status`, asked every 20 ms; fails after `within_s`."""
+    deadline = time.monotonic() + within_s
+    while (response := await ask()).status_code != status:
+        assert time.monotonic() < deadline, f"no {status} within {within_s} s: {response.status_code} {response.text}"
+        await asyncio.sleep(0.02)
+    return response

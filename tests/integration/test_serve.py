@@ -27,7 +27,7 @@ import torch
 from scaleforge import load_config
 from scaleforge.runs import write_manifest
 from scaleforge.train.trainer import train
-from tests.conftest import REPO, gone
+from tests.conftest import REPO, gone, until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -82,34 +82,36 @@ def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
-def make_slow_run(folder: Path, delay_s: float) -> Path:
-    """A run of `SLOW_MODEL` (its module in `folder`), trained without delay, that sleeps `delay_s` a batch
-    when it answers."""
-    (folder / "slow_model.py").write_text(SLOW_MODEL)
+def make_user_run(folder: Path, module: str, architecture: str, trained: list[str], served: dict[str, str]) -> Path:
+    """A run of the model `architecture` that `module` (written to `folder`) registers, trained for two steps
+    with the overrides `trained`, whose config is then changed by `served` (text replaced) for serving, its
+    manifest written again."""
+    name = architecture.removesuffix("_net") + "_model"
+    (folder / f"{name}.py").write_text(module)
     with pytest.MonkeyPatch.context() as patch:
         patch.syspath_prepend(str(folder))
-        overrides = [*DIGITS_RUN, "imports=[slow_model]", "model.architecture=slow_net", "model.delay_s=0.0"]
+        overrides = [*DIGITS_RUN, f"imports=[{name}]", f"model.architecture={architecture}", *trained]
         overrides += ["training.max_steps=2", "checkpoint.every_steps=0"]
         train(load_config(None, overrides), folder / "run")
     config = folder / "run" / "final" / "config.yaml"
-    config.write_text(config.read_text().replace("delay_s: 0.0", f"delay_s: {delay_s}"))  # slow when served
+    text = config.read_text()
+    for old, new in served.items():
+        text = text.replace(old, new)
+    config.write_text(text)
     write_manifest(config.parent)
     return folder / "run"
+
+
+def make_slow_run(folder: Path, delay_s: float) -> Path:
+    """A run of `SLOW_MODEL` (its module in `folder`) that sleeps `delay_s` a batch when it answers."""
+    # trained without the delay, which its evaluation would wait through
+    return make_user_run(folder, SLOW_MODEL, "slow_net", ["model.delay_s=0.0"], {"delay_s: 0.0": f"delay_s: {delay_s}"})
 
 
 def make_held_run(folder: Path, hold_file: Path) -> Path:
     """A run of `HELD_MODEL` (its module in `folder`) whose forward pass, when it answers, waits while `hold_file`
     exists."""
-    (folder / "held_model.py").write_text(HELD_MODEL)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(folder))
-        overrides = [*DIGITS_RUN, "imports=[held_model]", "model.architecture=held_net"]
-        overrides += ["training.max_steps=2", "checkpoint.every_steps=0"]
-        train(load_config(None, overrides), folder / "run")
-    config = folder / "run" / "final" / "config.yaml"
-    config.write_text(config.read_text().replace("hold_file: none", f"hold_file: {hold_file}"))
-    write_manifest(config.parent)
-    return folder / "run"
+    return make_user_run(folder, HELD_MODEL, "held_net", [], {"hold_file: none": f"hold_file: {hold_file}"})
 
 
 @pytest.fixture(scope="module")
@@ -635,11 +637,11 @@ def test_a_hung_batch_on_the_models_thread_turns_liveness_to_503_until_the_model
             seen = {"live before": await client.get("/health/live")}
             hold.touch()  # the next batch waits for as long as the file is there
             stuck = asyncio.ensure_future(client.post("/v1/predict", json={"inputs": [IMAGE]}))
-            seen["live while hung"] = await until_status(client, "/health/live", 503)
+            seen["live while hung"] = await until(lambda: client.get("/health/live"), 503)
             seen["new request"] = await client.post("/v1/predict", json={"inputs": [IMAGE]})
             seen["hung request"] = await stuck
             hold.unlink()
-            seen["live after"] = await until_status(client, "/health/live", 200)
+            seen["live after"] = await until(lambda: client.get("/health/live"), 200)
             seen["served after"] = await client.post("/v1/predict", json={"inputs": [IMAGE]})
             return seen
 
@@ -651,15 +653,6 @@ def test_a_hung_batch_on_the_models_thread_turns_liveness_to_503_until_the_model
     assert seen["new request"].status_code == 503 and "refused until it does" in seen["new request"].text
     assert seen["hung request"].status_code == 503
     assert seen["served after"].status_code == 200
-
-
-async def until_status(client: httpx.AsyncClient, path: str, status: int, within_s: float = 20) -> httpx.Response:
-    """`GET path`'s first answer with `status`, asked every 20 ms; fails after `within_s`."""
-    deadline = time.monotonic() + within_s
-    while (response := await client.get(path)).status_code != status:
-        assert time.monotonic() < deadline, f"no {status} within {within_s} s: {response.status_code} {response.text}"
-        await asyncio.sleep(0.02)
-    return response
 
 
 @pytest.mark.slow

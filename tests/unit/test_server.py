@@ -8,8 +8,7 @@ import asyncio
 import json
 import signal
 import threading
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from scaleforge.serve.app import INLINE_BODY_BYTES, Gate, ServeSettings, create_
 from scaleforge.serve.model import ServedModel
 from scaleforge.serve.server import DrainingServer
 from scaleforge.train.trainer import train
+from tests.conftest import until
 
 IMAGE = [[[0.5] * 8 for _ in range(8)]]  # one digits instance, (1, 8, 8)
 
@@ -42,15 +42,6 @@ async def serving(gate: Gate) -> AsyncIterator[httpx.AsyncClient]:
         transport = httpx.ASGITransport(app=gate)
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
             yield client
-
-
-async def until(ask: Callable[[], Awaitable[httpx.Response]], status: int, within_s: float = 20) -> httpx.Response:
-    """`ask`'s first answer with `status`, asked every 20 ms; fails after `within_s`."""
-    deadline = time.monotonic() + within_s
-    while (response := await ask()).status_code != status:
-        assert time.monotonic() < deadline, f"no {status} within {within_s} s: {response.status_code} {response.text}"
-        await asyncio.sleep(0.02)
-    return response
 
 
 def test_a_stop_signal_turns_readiness_off_and_the_server_exits_cleanly(digits_run: Path) -> None:
