@@ -26,6 +26,7 @@ import torch
 
 from scaleforge import load_config
 from scaleforge.runs import write_manifest
+from scaleforge.serve.app import INLINE_BODY_BYTES
 from scaleforge.train.trainer import train
 from tests.conftest import REPO, gone, until
 
@@ -518,6 +519,17 @@ def test_a_killed_server_takes_its_model_process_with_it_even_mid_batch(tmp_path
             process.kill()
             process.wait(timeout=30)
             assert [pid for pid in started if not gone(pid, within_s=10)] == []
+
+
+def test_a_killed_server_takes_its_decoding_process_with_it(digits_run: Path) -> None:
+    body = {"inputs": [IMAGE] * 32, "padding": "x" * 2 * INLINE_BODY_BYTES}  # decoded away from the event loop
+    with server(digits_run) as (url, process):
+        assert httpx.post(f"{url}/v1/predict", json=body, timeout=30).status_code == 200
+        decoding = children(process.pid)
+        assert len(decoding) == 1  # the decoding process; the model runs on a thread
+        process.kill()
+        process.wait(timeout=30)
+        assert [pid for pid in decoding if not gone(pid, within_s=10)] == []
 
 
 def test_metrics_count_what_the_client_saw(digits_run: Path) -> None:

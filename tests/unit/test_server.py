@@ -8,6 +8,7 @@ import asyncio
 import json
 import signal
 import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -89,30 +90,37 @@ def test_every_core_goes_to_the_model_only_when_its_compute_dominates_and_they_h
 
 
 @pytest.mark.parametrize("content_type", ["application/json", "text/plain"], ids=["fast-path", "route"])
-def test_liveness_answers_while_a_large_body_decodes(digits_run: Path, content_type: str) -> None:
+def test_liveness_answers_while_a_large_body_decodes(digits_run: Path, tmp_path: Path, content_type: str) -> None:
     model = ServedModel(digits_run)
-    decoding, release, finished = threading.Event(), threading.Event(), threading.Event()
+    # files, not events: the decoding may run in a process of its own (on Linux, forked with the model)
+    decoding, hold, finished = tmp_path / "decoding", tmp_path / "hold", tmp_path / "finished"
     decode = model.decode
 
     def held_decode(inputs: list) -> list:  # as a body of a large model's instances takes long to decode
-        decoding.set()
-        release.wait(timeout=10)  # on the event loop, it would hold every other request up for these 10 s
-        finished.set()
+        decoding.touch()
+        deadline = time.monotonic() + 20
+        while hold.exists() and time.monotonic() < deadline:  # on the event loop, it would hold up every request
+            time.sleep(0.01)
+        finished.touch()
         return decode(inputs)
 
     model.decode = held_decode  # type: ignore[method-assign]
     gate = create_app(model, ServeSettings())
     batch = json.dumps({"inputs": [IMAGE] * 32})
     body = (batch[:-1] + " " * 2 * INLINE_BODY_BYTES + "}").encode()  # above the size decoded on the event loop
+    hold.touch()
 
     async def scenario() -> tuple[httpx.Response, bool, httpx.Response]:
         async with serving(gate) as client:
             headers = {"content-type": content_type}
             predicted = asyncio.ensure_future(client.post("/v1/predict", content=body, headers=headers))
-            assert await asyncio.to_thread(decoding.wait, 20)
+            deadline = time.monotonic() + 20
+            while not decoding.exists():
+                assert time.monotonic() < deadline, "the body was never decoded"
+                await asyncio.sleep(0.01)
             live = await client.get("/health/live")
-            answered_while_decoding = not finished.is_set()
-            release.set()
+            answered_while_decoding = not finished.exists()
+            hold.unlink()
             return live, answered_while_decoding, await predicted
 
     live, answered_while_decoding, predicted = asyncio.run(scenario())

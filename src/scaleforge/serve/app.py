@@ -3,7 +3,8 @@
 One pure ASGI middleware in front of every route counts requests by endpoint and status, times them, asks for
 the API key, and refuses a body larger than the limit (413) before reading it whole. Every answer to a bad
 request is a 4xx with a one-line `detail`; the model only ever sees checked input. Bodies larger than
-`INLINE_BODY_BYTES` are decoded on a worker thread, so that the event loop answers other requests meanwhile.
+`INLINE_BODY_BYTES` are decoded away from the event loop (`BodyDecoder`), so that it answers other requests
+meanwhile.
 """
 
 from __future__ import annotations
@@ -13,8 +14,13 @@ import collections
 import hashlib
 import hmac
 import json
+import multiprocessing
+import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -39,6 +45,7 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from scaleforge.processes import ParentDeathGuard
 from scaleforge.serve.batching import Batcher, Closed, DeadlineExceeded, ModelHung, QueueFull, Result, Ticket
 from scaleforge.serve.model import MAX_IMAGE_BYTES, InvalidInput, ServedModel
 from scaleforge.serve.worker import ModelFailed, WorkerDied
@@ -71,8 +78,8 @@ REJECTIONS = (
     "model_hung",
 )
 WATCH_AFTER_S = 0.02  # a request waiting longer has its connection watched, to drop it if the client goes away
-# a body up to this size is decoded on the event loop: a worker thread's hand-over would cost a small request more
-# than its decoding; a larger one is decoded on a thread, so that the loop answers other requests meanwhile
+# a body up to this size is decoded on the event loop: a hand-over would cost a small request more than its
+# decoding; a larger one is decoded by `BodyDecoder`, so that the loop answers other requests meanwhile
 INLINE_BODY_BYTES = 64 * 2**10
 ENVELOPE_BYTES = 64 * 2**10  # room in the default body limit for the rest of a body: keys, whitespace, form fields
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -133,6 +140,57 @@ def read_inputs(body: bytes) -> list[Any]:
     except ValidationError as error:
         problems = [f"{'.'.join(['body', *map(str, e['loc'])])}: {e['msg']}" for e in error.errors()]
         raise InvalidInput("; ".join(problems)) from None
+
+
+def decode_body(model: ServedModel, body: bytes, max_rows: int) -> list[np.ndarray] | int:
+    """A `POST /v1/predict` body's instances, checked (`InvalidInput` says what is wrong), or how many it holds
+    when that is more than `max_rows`."""
+    inputs = read_inputs(body)
+    return len(inputs) if len(inputs) > max_rows else model.decode(inputs)
+
+
+_FORKED: ServedModel | None = None  # the model a decoding process was forked with
+
+
+def _decode_forked(body: bytes, max_rows: int) -> list[np.ndarray] | int:
+    assert _FORKED is not None
+    return decode_body(_FORKED, body, max_rows)
+
+
+class BodyDecoder:
+    """Decodes the bodies above `INLINE_BODY_BYTES`. JSON's parse and the conversion of its lists to arrays each
+    hold the interpreter lock from start to end (17 and 10 ms for a 2 MB body): on a thread they would still stop
+    the event loop that long. On Linux they run in a process of their own, forked from the server (with the model
+    whose `decode` it runs) when the first such body comes, and killed with it; elsewhere, and for the body whose
+    decoding that process died in, on a thread. `scaleforge bench serve --beside-large` measures the difference."""
+
+    def __init__(self, model: ServedModel, max_rows: int) -> None:
+        self.model, self.max_rows = model, max_rows
+        self._pool: ProcessPoolExecutor | None = None
+
+    async def decode(self, body: bytes) -> list[np.ndarray] | int:
+        """`decode_body` of `body`, away from the event loop."""
+        if sys.platform.startswith("linux"):
+            if self._pool is None:
+                self._pool = self._fork()
+            try:
+                return await asyncio.wrap_future(self._pool.submit(_decode_forked, body, self.max_rows))
+            except BrokenProcessPool:  # the process died (out of memory, say): a new one for the next body
+                self._pool = None
+        return await run_in_threadpool(decode_body, self.model, body, self.max_rows)
+
+    def _fork(self) -> ProcessPoolExecutor:
+        global _FORKED
+        _FORKED = self.model  # what the process forked now inherits (it is forked on the first submit)
+        # from the event loop's thread, which lives as long as the server: the guard's signal follows that thread
+        guard = ParentDeathGuard(signal.SIGKILL)
+        return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork"), initializer=guard)
+
+    def close(self) -> None:
+        """Stop the decoding process, if one was started."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
 
 @dataclass(frozen=True)
@@ -314,6 +372,7 @@ def create_app(
     )
     metrics.queue_depth.set_function(lambda: batcher.queued)
     cache = _ResultCache(settings.cache_size, model.card.version) if settings.cache_size > 0 else None
+    decoder = BodyDecoder(model, settings.max_batch_size)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202 - FastAPI's lifespan protocol
@@ -322,6 +381,7 @@ def create_app(
         yield
         app.state.ready = False
         await batcher.close()  # what was admitted is answered before the process ends
+        decoder.close()
 
     app = FastAPI(
         title="scaleforge",
@@ -360,22 +420,28 @@ def create_app(
     async def predict_body(body: bytes, receive: Receive) -> Response:
         """The answer to a `POST /v1/predict` body, from the route or straight from the `Gate` (whose fast path
         skips FastAPI's routing, which costs more than the rest of a small model's request)."""
-        off_loop = len(body) > INLINE_BODY_BYTES
+        decoded: list[np.ndarray] | int | None = None
         try:
-            inputs = await run_in_threadpool(read_inputs, body) if off_loop else read_inputs(body)
+            if len(body) > INLINE_BODY_BYTES:  # parsed and checked at once, away from the event loop
+                decoded = await decoder.decode(body)
+                rows = decoded if isinstance(decoded, int) else len(decoded)
+            else:
+                inputs = read_inputs(body)
+                rows = len(inputs)
         except InvalidInput as error:
             return metrics.refuse("invalid", 422, str(error))
-        if len(inputs) > settings.max_batch_size:
-            too_many = f"inputs: {len(inputs)} instances, more than --max-batch-size {settings.max_batch_size}"
+        if rows > settings.max_batch_size:
+            too_many = f"inputs: {rows} instances, more than --max-batch-size {settings.max_batch_size}"
             return metrics.refuse("invalid", 422, too_many)
         if cache is None:
-            refused = admitted(len(inputs))  # before the inputs are checked: under overload, most are refused
+            refused = admitted(rows)  # before a small body's inputs are checked: under overload, most are refused
             if refused is not None:
                 return refused
         try:
-            instances = await run_in_threadpool(model.decode, inputs) if off_loop else model.decode(inputs)
+            instances = model.decode(inputs) if decoded is None else decoded
         except InvalidInput as error:
             return metrics.refuse("invalid", 422, str(error))
+        assert not isinstance(instances, int)
         return await answer(instances, receive)
 
     def admitted(rows: int) -> Response | None:
