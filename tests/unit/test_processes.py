@@ -107,26 +107,20 @@ def test_a_child_started_with_the_guard_ends_when_its_parent_is_killed(sig: sign
         assert gone(child, within_s=10)
 
 
-def test_a_child_that_guards_itself_ends_when_its_parent_is_killed(tmp_path: Path) -> None:
-    script = tmp_path / "self_guarded.py"
-    script.write_text(SELF_GUARDED)
-    with parent_of("self", str(script), "PARENT_PID") as (parent, child, lines):
+@pytest.mark.parametrize(
+    ("how", "script", "child_args"),
+    # the second ignores SIGTERM, so only the kill that follows the grace its environment asks for can end it
+    [("self", SELF_GUARDED, ["PARENT_PID"]), ("env", FROM_ENVIRONMENT, [])],
+    ids=["told-its-parent", "from-its-environment"],
+)
+def test_a_child_that_guards_itself_ends_when_its_parent_is_killed(
+    tmp_path: Path, how: str, script: str, child_args: list[str]
+) -> None:
+    path = tmp_path / "child.py"
+    path.write_text(script)
+    with parent_of(how, str(path), *child_args) as (parent, child, lines):
         assert parent.stdout is not None
         while "guarded\n" not in lines:  # the guard is set before the parent dies
-            line = parent.stdout.readline()
-            assert line, "the child ended: " + "".join(lines)
-            lines.append(line)
-        kill(parent)
-        assert gone(child, within_s=10)
-
-
-def test_a_child_guarded_from_its_environment_is_killed_when_it_outlasts_its_grace(tmp_path: Path) -> None:
-    # it ignores SIGTERM, so only the kill that follows the grace can end it
-    script = tmp_path / "from_environment.py"
-    script.write_text(FROM_ENVIRONMENT)
-    with parent_of("env", str(script)) as (parent, child, lines):
-        assert parent.stdout is not None
-        while "guarded\n" not in lines:
             line = parent.stdout.readline()
             assert line, "the child ended: " + "".join(lines)
             lines.append(line)
