@@ -453,6 +453,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         litserve=not args.no_litserve,
         out=Path(args.out),
         as_json=args.json,
+        trust=_trust(args),
     )
     return 0
 
@@ -932,6 +933,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     bench_serve.add_argument("run_dir", metavar="RUN_DIR", help="a trained run directory")
+    _trust_arguments(bench_serve)
     bench_serve.add_argument(
         "--concurrency",
         type=_comma_separated(_positive_int),

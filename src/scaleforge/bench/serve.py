@@ -33,6 +33,7 @@ from typing import Any
 
 from scaleforge.bench.harness import machine, report
 from scaleforge.processes import ParentDeathGuard
+from scaleforge.runs import UNTRUSTED, Trust
 
 
 @dataclass(frozen=True)
@@ -79,16 +80,24 @@ class Level:
         }
 
 
+def trust_flags(trust: Trust) -> list[str]:
+    """The command-line flags that open a run with `trust`."""
+    signing = ["--signing-key-env", trust.signing_key_env] if trust.signing_key_env else []
+    return [*(["--trust-code"] if trust.code else []), *signing]
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 
 
-def targets(run_dir: str, *, max_batch_size: int, max_delay_ms: float, litserve: bool) -> list[Target]:
-    """The servers to compare, each on a port of its own."""
+def targets(
+    run_dir: str, *, max_batch_size: int, max_delay_ms: float, litserve: bool, trust: Trust = UNTRUSTED
+) -> list[Target]:
+    """The servers to compare, each on a port of its own, each opening the run with `trust`."""
     # the server's own queue bound and deadline: the closed-loop levels never fill the queue; the overload does
-    serve = [sys.executable, "-m", "scaleforge", "serve", run_dir, "--port", "{port}"]
+    serve = [sys.executable, "-m", "scaleforge", "serve", run_dir, "--port", "{port}", *trust_flags(trust)]
     found = [
         Target(
             "scaleforge, batching",
@@ -122,6 +131,7 @@ def targets(run_dir: str, *, max_batch_size: int, max_delay_ms: float, litserve:
                     run_dir,
                     str(max_batch_size),
                     str(max_delay_ms),
+                    *trust_flags(trust),
                 ],
                 "/predict",
                 "/health",
@@ -281,13 +291,14 @@ def run_serve_benchmark(
     as_json: bool,
     repeats: int = 1,
     beside_large: int = 0,
+    trust: Trust = UNTRUSTED,
 ) -> dict[str, Any]:
     """Measure every target at every level (`repeats` times, in turn, reporting the median run) and, with
     `beside_large`, that many small requests in flight alone and beside large bodies; print and return the
     results (JSON and a PNG plot in `out`)."""
     from scaleforge.serve.model import ServedModel
 
-    model = ServedModel(run_dir)  # checks the run and gives an instance of the right shape
+    model = ServedModel(run_dir, trust=trust)  # checks the run and gives an instance of the right shape
     instance = _instance(model.card.input_schema)
     body = json.dumps({"inputs": [instance]}).encode()
     if litserve:
@@ -296,7 +307,7 @@ def run_serve_benchmark(
         except ImportError:
             litserve = False  # optional: `make setup EXTRAS=dev,bench`
     out.mkdir(parents=True, exist_ok=True)
-    found = targets(run_dir, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms, litserve=litserve)
+    found = targets(run_dir, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms, litserve=litserve, trust=trust)
     runs: dict[tuple[str, int], list[Level]] = {}
     levels: list[Level] = []
     capacity = 0.0  # the batching server's best throughput: what the overload is a multiple of

@@ -1,5 +1,5 @@
 """The servers `scaleforge bench serve` compares with scaleforge's own, each started as
-`python -m scaleforge.bench.serve_targets KIND PORT [RUN_DIR MAX_BATCH_SIZE MAX_DELAY_MS]`:
+`python -m scaleforge.bench.serve_targets KIND PORT [RUN_DIR MAX_BATCH_SIZE MAX_DELAY_MS [TRUST FLAGS]]`:
 
 - `bare`: a FastAPI endpoint on uvicorn that answers every `POST /v1/predict` with a constant, no model: the
   ceiling of the load generator and of the HTTP stack on this machine;
@@ -32,8 +32,12 @@ def run_bare(port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
-def run_litserve(port: int, run_dir: str, max_batch_size: int, max_delay_ms: float) -> None:
-    api = ScaleforgeLitAPI(run_dir, max_batch_size=max_batch_size, batch_timeout=max_delay_ms / 1000)
+def run_litserve(port: int, run_dir: str, max_batch_size: int, max_delay_ms: float, trust_flags: list[str]) -> None:
+    """LitServe over the run, opened as `trust_flags` (`scaleforge serve`'s --trust-code, --signing-key-env) say."""
+    trust = {"code": "--trust-code" in trust_flags}
+    if "--signing-key-env" in trust_flags:
+        trust["signing_key_env"] = trust_flags[trust_flags.index("--signing-key-env") + 1]
+    api = ScaleforgeLitAPI(run_dir, trust, max_batch_size=max_batch_size, batch_timeout=max_delay_ms / 1000)
     server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=30)
     server.run(host="127.0.0.1", port=port, generate_client_file=False)
 
@@ -48,14 +52,16 @@ if ls is not None:
     class ScaleforgeLitAPI(ls.LitAPI):
         """The LitAPI over `ServedModel`; at module level, as LitServe pickles it into its worker process."""
 
-        def __init__(self, run_dir: str, **options: Any) -> None:
+        def __init__(self, run_dir: str, trust: dict[str, Any], **options: Any) -> None:
             super().__init__(**options)
-            self.run_dir = run_dir
+            self.run_dir, self.trust = run_dir, trust
 
         def setup(self, device: str) -> None:
+            from scaleforge.runs import Trust
             from scaleforge.serve.model import ServedModel
 
-            self.model = ServedModel(self.run_dir)  # torch's own thread count, as a LitServe user gets it
+            # torch's own thread count, as a LitServe user gets it
+            self.model = ServedModel(self.run_dir, trust=Trust(**self.trust))
 
         def decode_request(self, request):  # noqa: ANN001, ANN201 - LitServe reads the annotation as the body type
             return self.model.decode(request["inputs"])[0]  # one instance per request, as the benchmark sends
@@ -78,4 +84,4 @@ if __name__ == "__main__":
     if kind == "bare":
         run_bare(port)
     else:
-        run_litserve(port, sys.argv[3], int(sys.argv[4]), float(sys.argv[5]))
+        run_litserve(port, sys.argv[3], int(sys.argv[4]), float(sys.argv[5]), sys.argv[6:])
