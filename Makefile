@@ -7,7 +7,7 @@ comma := ,
 STAMP := $(VENV)/.setup-$(subst $(comma),-,$(EXTRAS))
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: setup demo test lint bench support-matrix clean
+.PHONY: setup demo test test-fast lint bench support-matrix clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -n 2 -q
+
+# The tests not marked slow (end-to-end runs of more than a few seconds), for quick iterations.
+test-fast: setup
+	$(BIN)/python -m pytest -n 2 -q -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check src tests
