@@ -28,6 +28,7 @@ def table_rows(printed: str) -> list[list[str]]:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_weak_scaling_over_one_and_two_processes(cli, tmp_path: Path) -> None:
     out = tmp_path / "scaling"
     result = cli("bench", "scaling", *TINY, "--nproc", "2,1", "--mode", "weak", "--steps", "30", "--out", str(out))
@@ -52,6 +53,7 @@ def test_weak_scaling_over_one_and_two_processes(cli, tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_fsdp_keeps_about_half_the_state_of_ddp_and_a_strategy_the_model_refuses_is_shown(cli, tmp_path: Path) -> None:
     out = tmp_path / "memory"
     strategies = "ddp,fsdp,pp"  # pp needs 2 blocks, the MLP has 1: its run exits 2 after one line
@@ -124,6 +126,7 @@ def test_a_strategy_row_shows_the_fullest_process_and_the_highest_peak() -> None
     assert memory_row("ddp", [CPU_PROCESS])["activations_mib"] is None  # an RSS peak includes the runtime
 
 
+@pytest.mark.slow
 def test_states_are_compared_with_ddp_when_ddp_was_measured() -> None:
     rows = [memory_row("ddp", [CPU_PROCESS]), memory_row("fsdp", [{**CPU_PROCESS, "optimizer_mib": 0.0}])]
     rows.append({"strategy": "tp", "refused": "config error: no plan"})

@@ -107,6 +107,7 @@ def test_exports_are_checked_against_the_model(cli, mlp_run: Path, int8_run: Pat
     assert "_int_mm" in str(program.graph)  # the int8 matmul, not a float one
 
 
+@pytest.mark.slow
 def test_an_aoti_package_of_the_int8_model_answers_as_the_model(cli, int8_run: Path, tmp_path: Path) -> None:
     package = tmp_path / "int8.aoti.pt2"
     result = cli("export", str(int8_run), "--format", "aoti", "--dynamic-batch", "--out", str(package))
@@ -235,6 +236,7 @@ def test_an_export_failure_names_the_operator_and_leaves_no_file(cli, tmp_path: 
     assert result.err.count("\n") == 1 and not out.exists() and not list(tmp_path.glob("*.partial*"))
 
 
+@pytest.mark.slow
 def test_static_int8_quantizes_a_cnn_after_calibration_and_loads_back(cli, tmp_path: Path) -> None:
     source = tmp_path / "cnn"
     train(load_config(None, [*QUICK, "model.architecture=cnn", "model.channels=[4,8]", "training.epochs=2"]), source)
@@ -253,6 +255,7 @@ def test_static_int8_quantizes_a_cnn_after_calibration_and_loads_back(cli, tmp_p
     assert len(served.answer(served.decode(torch.rand(3, 1, 8, 8).tolist()))) == 3
 
 
+@pytest.mark.slow
 def test_qat_trains_fake_quantized_under_ddp_through_the_trainer_then_converts_to_int8(cli, mlp_run: Path, tmp_path):  # noqa: ANN001
     trained = tmp_path / "qat"
     with record_cell("ddp", "qat", "32"):
@@ -303,6 +306,7 @@ def test_static_int8_of_a_model_torch_export_cannot_capture_is_refused(cli, tmp_
     assert "Traceback" not in result.err and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_bench_compress_measures_every_variant_and_draws_them(cli, mlp_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench"
     result = cli("bench", "compress", str(mlp_run), "--finetune-epochs", "1", "--out", str(out))

@@ -31,7 +31,7 @@ from tests.integration.multiprocess import (
 )
 from tests.support_matrix import record_cell
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # multi-process runs, each several seconds
 
 
 @pytest.fixture(scope="module")

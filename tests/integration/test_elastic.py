@@ -27,7 +27,7 @@ from tests.integration.multiprocess import (
     single_process_run,
 )
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # multi-process runs, each several seconds
 
 # Rank 1 fails while building the dataset: with a user error (exit 2), a crash or killed outright, on the first attempt
 # only when FAIL_ONCE is set, so that a restarted worker gets through.

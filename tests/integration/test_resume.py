@@ -25,7 +25,7 @@ from tests.conftest import REPO, gone, run_subprocess
 from tests.integration.multiprocess import GPT, MODEL, TOLERANCE, max_difference, read_weights, single_process_run
 from tests.integration.multiprocess import RUN as SHARED_RUN
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # multi-process runs, each several seconds
 
 # Dropout, momentum and a cosine schedule all carry state that a resumed run must restore exactly; 40 steps
 # cross the end of the first epoch (25 steps). Later overrides win over the shared ones.

@@ -45,6 +45,7 @@ def _by_number(study: optuna.Study) -> dict[int, optuna.trial.FrozenTrial]:
     return {t.number: t for t in study.get_trials()}
 
 
+@pytest.mark.slow
 def test_a_search_over_two_architectures_prunes_records_a_crash_and_its_best_config_trains_to_its_accuracy(
     tmp_path: Path, cli, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -116,6 +117,7 @@ def _dominates(a: list[float], b: list[float]) -> bool:
     return at_least and (a[0] > b[0] or a[1] < b[1])
 
 
+@pytest.mark.slow
 def test_a_killed_multi_objective_search_resumes_without_repeating_trials_and_ends_with_a_pareto_front(
     tmp_path: Path,
 ) -> None:

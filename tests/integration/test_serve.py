@@ -281,6 +281,7 @@ def test_a_request_queued_past_its_deadline_gets_504_and_one_whose_client_left_i
     assert metric(text, "scaleforge_requests_total", endpoint="/v1/predict", status="499") == 1
 
 
+@pytest.mark.slow
 def test_a_latency_target_refuses_at_once_what_it_could_not_answer_in_time(tmp_path: Path) -> None:
     # every batch takes 2 s (timed at start-up): a request alone is answered within the target; one that comes
     # while a batch runs would wait for it, more than the 0.6 s left, so it is refused, whenever in the first
@@ -448,6 +449,7 @@ def model_process(server_pid: int) -> int:
     return worker
 
 
+@pytest.mark.slow
 def test_the_model_process_is_restarted_when_it_dies_and_ends_with_the_server(slow_run: Path) -> None:
     body = {"inputs": [IMAGE]}
 
@@ -563,6 +565,7 @@ def test_schemathesis_finds_no_server_error(digits_url: str, tmp_path: Path) -> 
     assert "passed" in result.stdout and "failed" not in result.stdout.split("SUMMARY")[-1]
 
 
+@pytest.mark.slow
 def test_bench_serve_prints_its_table_and_plot(digits_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench"
     command = [sys.executable, "-m", "scaleforge", "bench", "serve", str(digits_run), "--concurrency", "1,4"]
