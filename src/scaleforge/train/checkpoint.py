@@ -10,8 +10,9 @@ A checkpoint is a folder `checkpoints/step-NNNNNNNN/`:
 
 It is written as `step-NNNNNNNN.tmp`, every file is fsynced, the manifest is written, and only then is the folder
 renamed into place. A folder without a complete manifest is never loaded, and one whose files do not match
-their manifest is reported and passed over for the previous good one. Nothing is pickled: tensors go through
-DCP, everything else is JSON.
+their manifest is reported and passed over for the previous good one. Tensors go through DCP, everything else
+scaleforge writes is JSON; DCP's own pickles (its metadata, the optimizer's non-tensor values) are read back by
+restricted unpicklers (`_MetadataUnpickler`, `_SafeLoadPlanner`), so that a crafted checkpoint runs nothing.
 """
 
 from __future__ import annotations
