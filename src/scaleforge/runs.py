@@ -41,8 +41,8 @@ COMPRESSION = "compression.json"
 INT8_FORMATS = ("dynamic-int8", "static-int8", "qat-int8")  # compression.json formats whose weights are int8
 SIGNATURE = "hmac_sha256"  # the manifest's key for its signature
 TRUST_FLAG = "--trust-code (trust_code=True in load_run)"
-# Files hashed at once when a folder is checked: reading and hashing run in parallel, as the writes of a checkpoint
-# do (`train.checkpoint.WRITER_THREADS`).
+# Files hashed at once when a folder is checked, and written at once by each process of a checkpoint: the reads (or
+# writes) and the hashing then run in parallel.
 HASH_THREADS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2))
 
 

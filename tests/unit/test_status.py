@@ -20,22 +20,23 @@ from scaleforge.train.status import process_alive, process_start_time, run_state
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture
-def sleeper() -> Iterator[subprocess.Popen[bytes]]:
-    """A process of this test's that runs for 3 s, as a rank still ending would."""
-    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3)"])
+def sleeping(seconds: int) -> Iterator[subprocess.Popen[bytes]]:
+    process = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({seconds})"])
     yield process
     process.kill()
     process.wait()
+
+
+@pytest.fixture
+def sleeper() -> Iterator[subprocess.Popen[bytes]]:
+    """A process of this test's that runs for 3 s, as a rank still ending would."""
+    yield from sleeping(3)
 
 
 @pytest.fixture
 def runner() -> Iterator[subprocess.Popen[bytes]]:
     """A process of this test's that runs on for as long as the test needs, as a rank still training would."""
-    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
-    yield process
-    process.kill()
-    process.wait()
+    yield from sleeping(600)
 
 
 def named(process: subprocess.Popen[bytes], parent: int | None) -> dict:

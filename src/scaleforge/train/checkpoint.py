@@ -47,7 +47,16 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from scaleforge.errors import ScaleforgeWarning, UsageError
-from scaleforge.runs import SIGNATURE, ManifestMismatch, check_manifest, first_line, fsync_dir, sign, write_durably
+from scaleforge.runs import (
+    HASH_THREADS,
+    SIGNATURE,
+    ManifestMismatch,
+    check_manifest,
+    first_line,
+    fsync_dir,
+    sign,
+    write_durably,
+)
 
 PREFIX = "step-"
 MANIFEST = "manifest.json"
@@ -58,7 +67,7 @@ PROGRESS = "progress.json"
 STATE_DICT_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 # Files (and threads) each process writes its shards with: the writes and the hashing then run in parallel;
 # 2 made a 0.8 GB single-process save 1.5x faster on 2 cores (`scaleforge bench checkpoint`).
-WRITER_THREADS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2))
+WRITER_THREADS = HASH_THREADS  # the count its files are hashed with when checked
 # How much of a file is written before the kernel is asked to write it back (see `_HashingStream`); not on macOS.
 WRITEBACK_BYTES = 16 << 20
 FADVISE = getattr(os, "posix_fadvise", None)
