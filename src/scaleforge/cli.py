@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TypeVar
 
 from scaleforge.errors import AgreedError, ScaleforgeError, ScaleforgeWarning, UsageError
-from scaleforge.train.signals import Interrupted
+from scaleforge.training.signals import Interrupted
 
 if TYPE_CHECKING:
     from scaleforge.distributed.launch import LaunchOptions
@@ -62,7 +62,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     if options.needs_launcher:
         return _launch_train(args, options)
-    from scaleforge.train.trainer import train
+    from scaleforge.training.trainer import train
 
     config = _load(args.config)
     summary = train(config, Path(args.run_dir) if args.run_dir else None, resume=args.resume)
@@ -97,7 +97,7 @@ def _launch_train(args: argparse.Namespace, options: LaunchOptions) -> int:
     from scaleforge.distributed.launch import launch
     from scaleforge.distributed.parallel_dims import ParallelDims
     from scaleforge.runs import run_signing_key
-    from scaleforge.train.run_dir import default_run_dir, resume_point
+    from scaleforge.training.run_dir import default_run_dir, resume_point
 
     options.check()
     config = _load(args.config)  # a bad config fails here, once, before any process starts
@@ -117,7 +117,7 @@ def _launch_train(args: argparse.Namespace, options: LaunchOptions) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from scaleforge.evaluate import evaluate_run
+    from scaleforge.evaluation import evaluate_run
 
     results = evaluate_run(args.run_dir, _trust(args))
     for name, value in results.items():
@@ -167,7 +167,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from scaleforge.train.curves import plot_runs
+    from scaleforge.training.curves import plot_runs
 
     run_dirs = [Path(path) for path in args.run_dirs]
     out = Path(args.out) if args.out else run_dirs[0] / "curves" if len(run_dirs) == 1 else Path("runs") / "curves"
@@ -178,7 +178,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_runs(args: argparse.Namespace) -> int:
     from scaleforge.bench.harness import print_table
-    from scaleforge.train.curves import describe_runs
+    from scaleforge.training.curves import describe_runs
 
     rows = describe_runs(Path(args.folder))
     if args.json:

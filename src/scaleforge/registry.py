@@ -25,9 +25,9 @@ PLUGIN_GROUP = "scaleforge.plugins"
 _BUILTIN_MODULES = (
     "scaleforge.models",
     "scaleforge.data",
-    "scaleforge.train.optim",
-    "scaleforge.train.objectives",
-    "scaleforge.train.callbacks",
+    "scaleforge.training.optim",
+    "scaleforge.training.objectives",
+    "scaleforge.training.callbacks",
     "scaleforge.compress.distill",
 )
 _loaded = False

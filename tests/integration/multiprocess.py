@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from scaleforge import load_config
-from scaleforge.train.trainer import train
+from scaleforge.training.trainer import train
 from tests.conftest import CliResult, run_subprocess
 
 # A small GPT (every strategy applies to it: heads split for tp, blocks cut for pp, untied so stages own their

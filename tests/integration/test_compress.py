@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from scaleforge import load_config
 from scaleforge.distributed.parallel_dims import ParallelDims
 from scaleforge.serve.model import ServedModel
-from scaleforge.train.trainer import train
+from scaleforge.training.trainer import train
 from tests.support_matrix import record_cell
 
 QUICK = ["logging.progress=none", "logging.tensorboard=false", "logging.plot=false", "checkpoint.every_steps=0"]
@@ -150,8 +150,8 @@ def test_the_distillation_loss_mixes_the_teachers_softened_outputs_with_the_labe
     from scaleforge.compress.distill import DistillationLoss
     from scaleforge.errors import ConfigError
     from scaleforge.runs import load_run
-    from scaleforge.train.objectives import Objective
-    from scaleforge.train.trainer import check_loss_sees_inputs
+    from scaleforge.training.objectives import Objective
+    from scaleforge.training.trainer import check_loss_sees_inputs
 
     loss = DistillationLoss(str(mlp_run), num_classes=10, temperature=2.0, soft_weight=0.25).train()
     assert not loss.teacher.training and not any(p.requires_grad for p in loss.teacher.parameters())
@@ -276,7 +276,7 @@ def test_quantization_aware_training_runs_on_one_process_and_is_refused_where_it
     from scaleforge.data.base import DataInfo
     from scaleforge.errors import ConfigError
     from scaleforge.models.mlp import MLP
-    from scaleforge.train.trainer import quantization_aware
+    from scaleforge.training.trainer import quantization_aware
 
     qat = [*QUICK, "model.hidden_layers=[16]", "training.max_steps=3", "training.quantization_aware=true"]
     with record_cell("single", "qat", "32"):

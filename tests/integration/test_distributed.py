@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from scaleforge import load_config
-from scaleforge.train.trainer import train
+from scaleforge.training.trainer import train
 from tests.conftest import REPO, run_subprocess
 from tests.integration.multiprocess import (
     GPT,

@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 
 from scaleforge import load_config
-from scaleforge.train.status import write_status
-from scaleforge.train.trainer import train
+from scaleforge.training.status import write_status
+from scaleforge.training.trainer import train
 from tests.conftest import REPO
 from tests.integration.multiprocess import GPT
 
@@ -135,7 +135,7 @@ def test_plot_draws_the_curves_of_a_run_and_overlays_several(cli, digits_run: Pa
     for file in files:
         with Image.open(file) as image:
             assert image.format == "PNG" and image.width > image.height  # loss, val accuracy, lr, throughput: 3x2
-    from scaleforge.train.curves import curve_panels
+    from scaleforge.training.curves import curve_panels
 
     assert curve_panels([digits_run]) == ["loss", "val_accuracy", "lr", "samples_per_s"]
     other = tmp_path / "other"
@@ -153,8 +153,8 @@ def test_the_shipped_grafana_dashboard_queries_metrics_that_exist() -> None:
 
     from scaleforge.serve.app import ServerMetrics
     from scaleforge.stream.pipeline import StreamMetrics
-    from scaleforge.train.callbacks import RunState
-    from scaleforge.train.monitoring import PrometheusExporter
+    from scaleforge.training.callbacks import RunState
+    from scaleforge.training.monitoring import PrometheusExporter
 
     trainer = PrometheusExporter(0, "127.0.0.1", 0)  # listening on a free port from here
     trainer.close()

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from scaleforge import load_config
-from scaleforge.train.checkpoint import list_checkpoints, newest_good_checkpoint
-from scaleforge.train.trainer import train
+from scaleforge.training.checkpoint import list_checkpoints, newest_good_checkpoint
+from scaleforge.training.trainer import train
 from tests.conftest import REPO, gone, run_subprocess
 from tests.integration.multiprocess import GPT, MODEL, TOLERANCE, max_difference, read_weights, single_process_run
 from tests.integration.multiprocess import RUN as SHARED_RUN
@@ -69,7 +69,7 @@ WORKERS = ["imports=[augmented_tokens]", "data.dataset=augmented_tokens", "data.
 # step KILL_IN_CHECKPOINT are on disk, before its manifest is written and it is renamed into place.
 KILL_IN_CHECKPOINT = """
 import os, signal
-from scaleforge.train.checkpoint import Checkpointer
+from scaleforge.training.checkpoint import Checkpointer
 
 commit = Checkpointer._commit
 

@@ -17,7 +17,7 @@ import pytest
 
 from scaleforge.config import load_config
 from scaleforge.distributed.launch import threads_per_process
-from scaleforge.train.trainer import train
+from scaleforge.training.trainer import train
 from tests.conftest import REPO, run_subprocess
 
 pytestmark = pytest.mark.timeout(300)

@@ -27,7 +27,7 @@ import torch
 from scaleforge import load_config
 from scaleforge.runs import write_manifest
 from scaleforge.serve.app import INLINE_BODY_BYTES
-from scaleforge.train.trainer import train
+from scaleforge.training.trainer import train
 from tests.conftest import REPO, gone, until
 
 pytestmark = pytest.mark.timeout(300)

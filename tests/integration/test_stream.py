@@ -19,7 +19,7 @@ import psutil
 import pytest
 
 from scaleforge import load_config
-from scaleforge.train.trainer import train
+from scaleforge.training.trainer import train
 from tests.conftest import REPO, gone, run_subprocess
 from tests.integration.test_serve import make_slow_run
 

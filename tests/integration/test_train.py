@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from scaleforge import load_config, load_run
-from scaleforge.train.trainer import train
+from scaleforge.training.trainer import train
 from tests.conftest import REPO, run_subprocess
 
 QUICK = ["logging.progress=none", "logging.tensorboard=false", "logging.plot=false"]

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from scaleforge import load_config, load_run
 from scaleforge.errors import ConfigError, UsageError
 from scaleforge.runs import write_manifest
-from scaleforge.train.trainer import train
+from scaleforge.training.trainer import train
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -176,7 +176,7 @@ def test_signed_runs_need_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     with pytest.raises(UsageError, match="is refused: its manifest is not signed"):
         load_run(unsigned, signing_key_env="RUN_KEY")
     # a checkpoint signed with another key is passed over on resume, as a damaged one is
-    from scaleforge.train.checkpoint import list_checkpoints, newest_good_checkpoint
+    from scaleforge.training.checkpoint import list_checkpoints, newest_good_checkpoint
 
     (checkpoint,) = list_checkpoints(run / "checkpoints")
     assert newest_good_checkpoint(run / "checkpoints", signing_key=b"a secret") == checkpoint

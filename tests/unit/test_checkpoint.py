@@ -1,4 +1,4 @@
-"""Tests for scaleforge.train.checkpoint on one process: what a save writes, and what it refuses to commit."""
+"""Tests for scaleforge.training.checkpoint on one process: what a save writes, and what it refuses to commit."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
-from scaleforge.train import checkpoint
-from scaleforge.train.checkpoint import (
+from scaleforge.training import checkpoint
+from scaleforge.training.checkpoint import (
     Checkpointer,
     DamagedCheckpoint,
     list_checkpoints,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from scaleforge.train.callbacks import RunState
-from scaleforge.train.metrics import BarProgress, TensorBoardLogger
+from scaleforge.training.callbacks import RunState
+from scaleforge.training.metrics import BarProgress, TensorBoardLogger
 
 
 def test_bar_follows_the_step_counter_without_calls_from_the_loop(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from scaleforge.config import ModelSection, load_config, signature_of
 from scaleforge.data.base import DataInfo
 from scaleforge.errors import ConfigError
 from scaleforge.registry import MODELS
-from scaleforge.train.trainer import build_model
+from scaleforge.training.trainer import build_model
 
 INFO = DataInfo(task="classification", input_shape=(1, 8, 8), num_classes=10)
 TOKENS = DataInfo(task="language_modeling", input_shape=(16,), vocab_size=256, seq_len=16)

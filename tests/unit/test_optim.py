@@ -1,4 +1,4 @@
-"""Tests for scaleforge.train.optim (optimizers, schedules) and the objectives and early stopping they serve."""
+"""Tests for scaleforge.training.optim (optimizers, schedules) and the objectives and early stopping they serve."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from torch import nn
 from scaleforge.config import ComponentSpec, load_config
 from scaleforge.errors import ConfigError
 from scaleforge.registry import OPTIMIZERS, SCHEDULERS
-from scaleforge.train.callbacks import EarlyStopping, RunState
-from scaleforge.train.objectives import Accuracy, CrossEntropy, Perplexity
-from scaleforge.train.trainer import build_optimizer, build_scheduler
+from scaleforge.training.callbacks import EarlyStopping, RunState
+from scaleforge.training.objectives import Accuracy, CrossEntropy, Perplexity
+from scaleforge.training.trainer import build_optimizer, build_scheduler
 
 BASE_LR = 0.1
 

@@ -13,7 +13,7 @@ from scaleforge.data.loading import BatchPlan
 from scaleforge.distributed.parallel_dims import ParallelDims
 from scaleforge.distributed.parallelize import plan_parallelism
 from scaleforge.errors import ConfigError
-from scaleforge.train.trainer import build_data
+from scaleforge.training.trainer import build_data
 from tests.integration.multiprocess import MODEL, RUN
 
 

@@ -10,7 +10,7 @@ from scaleforge.compress.convert import CompressOptions, compress_run
 from scaleforge.config import load_config
 from scaleforge.errors import ConfigError
 from scaleforge.search.objectives import measure, parse_objective
-from scaleforge.train.trainer import train
+from scaleforge.training.trainer import train
 
 QUICK = ["training.max_steps=3", "logging.tensorboard=false", "logging.plot=false", "checkpoint.every_steps=0"]
 

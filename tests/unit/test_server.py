@@ -22,7 +22,7 @@ from scaleforge import load_config
 from scaleforge.serve.app import INLINE_BODY_BYTES, Gate, ServeSettings, create_app
 from scaleforge.serve.model import ServedModel
 from scaleforge.serve.server import DrainingServer
-from scaleforge.train.trainer import train
+from scaleforge.training.trainer import train
 from tests.conftest import until
 
 IMAGE = [[[0.5] * 8 for _ in range(8)]]  # one digits instance, (1, 8, 8)

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from scaleforge.errors import UsageError
-from scaleforge.train import status
-from scaleforge.train.run_dir import resume_point
-from scaleforge.train.status import process_alive, process_start_time, run_state, this_process, write_status
+from scaleforge.training import status
+from scaleforge.training.run_dir import resume_point
+from scaleforge.training.status import process_alive, process_start_time, run_state, this_process, write_status
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -23,7 +23,7 @@ import torch
 
 from scaleforge.bench.harness import machine, report
 from scaleforge.config import load_config
-from scaleforge.train.checkpoint import Checkpointer, load_checkpoint, verify
+from scaleforge.training.checkpoint import Checkpointer, load_checkpoint, verify
 
 
 def _seconds(action: Callable[[], Any]) -> float:
@@ -46,7 +46,7 @@ def run_checkpoint_benchmark(
     config_path: str | None, overrides: Sequence[str], *, repeats: int, out: Path, as_json: bool
 ) -> dict[str, Any]:
     """Measure, print and return the table; results and the checkpoints written go under `out`."""
-    from scaleforge.train.trainer import build_data, build_model, build_optimizer
+    from scaleforge.training.trainer import build_data, build_model, build_optimizer
 
     config = load_config(config_path, overrides)
     shutil.rmtree(out, ignore_errors=True)

@@ -99,7 +99,7 @@ def _distil(final: Path, path: Path, trust: Trust) -> None:
     """A student with the narrowed widths, trained from scratch on the model's softened outputs and the labels."""
     from scaleforge.compress.prune import prune_structured
     from scaleforge.runs import open_run, run_config
-    from scaleforge.train.trainer import train
+    from scaleforge.training.trainer import train
 
     widths = prune_structured(open_run(final, trust).model, 0.5).params
     overrides = [f"model.{key}={json.dumps(value)}" for key, value in widths.items()]

@@ -30,8 +30,8 @@ from torch.nn import functional as F
 from scaleforge.config import LoggingSection, load_config
 from scaleforge.data.loading import epoch_permutation
 from scaleforge.models.mlp import MLP
-from scaleforge.train.callbacks import Callback, RunState
-from scaleforge.train.trainer import train
+from scaleforge.training.callbacks import Callback, RunState
+from scaleforge.training.trainer import train
 
 # The trainer's clock is read at its log lines, so warm-up and timed steps are whole log intervals.
 LOG_INTERVAL = LoggingSection().every_steps
@@ -102,7 +102,7 @@ class StepClock(Callback):
 
 
 def time_trainer(workload: Workload, steps: int) -> float:
-    """Seconds per step of `scaleforge.train` with the default logging, on the same workload."""
+    """Seconds per step of `scaleforge.training` with the default logging, on the same workload."""
     overrides = [
         "model.architecture=mlp",
         f"model.hidden_layers={list(workload.hidden_layers)}",

@@ -213,7 +213,7 @@ def _train_from(model: nn.Module, config: RunConfig, partial: Path, nproc: int, 
     with, but for the scratch file it started from (compression.json says where the weights came from)."""
     from safetensors.torch import save_file
 
-    from scaleforge.train.trainer import train
+    from scaleforge.training.trainer import train
 
     with tempfile.TemporaryDirectory() as scratch:
         start = Path(scratch) / "start.safetensors"
@@ -247,7 +247,7 @@ def _write_configs(partial: Path, config: RunConfig) -> None:
 def calibration_batches(config: RunConfig, count: int) -> list[torch.Tensor]:
     """The inputs of the first `count` batches (of `training.batch_size`) of the run's training split."""
     from scaleforge.data.loading import eval_batches
-    from scaleforge.train.trainer import build_data
+    from scaleforge.training.trainer import build_data
 
     data = build_data(config.data)
     batches = eval_batches(data.train, config.training.batch_size, torch.device("cpu"))
@@ -294,7 +294,7 @@ def weights_of(model: nn.Module) -> list[torch.Tensor]:
 
 def measure(model: nn.Module, config: RunConfig, info: DataInfo, weights: Path) -> dict[str, Any]:
     """Size, parameters, validation metrics and CPU latency of `model` (whose weights are the file `weights`)."""
-    from scaleforge.evaluate import evaluate_model
+    from scaleforge.evaluation import evaluate_model
 
     tensors = weights_of(model)
     latency = {str(rows): latency_ms(model, example_inputs(info, rows)) for rows in LATENCY_BATCHES}

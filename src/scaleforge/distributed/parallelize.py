@@ -45,7 +45,7 @@ from scaleforge.distributed.pipeline_parallel import (
 from scaleforge.distributed.tensor_parallel import apply_tp, check_tp
 from scaleforge.errors import ConfigError
 from scaleforge.models.tp_plans import tp_plan
-from scaleforge.train.precision import PRECISIONS, Autocast
+from scaleforge.training.precision import PRECISIONS, Autocast
 
 if TYPE_CHECKING:
     from torch.distributed.pipelining.schedules import PipelineScheduleSingle

@@ -101,7 +101,7 @@ def export_run(
 def validation_inputs(run: Any, rows: int = 32) -> torch.Tensor:
     """The first `rows` inputs of the run's validation split, as the model takes them."""
     from scaleforge.data.loading import eval_batches
-    from scaleforge.train.trainer import build_data
+    from scaleforge.training.trainer import build_data
 
     data = build_data(run.config.data)
     inputs, _ = next(eval_batches(data.val, rows, torch.device("cpu")))

@@ -61,8 +61,8 @@ from scaleforge.search.study import (
     worker_attrs,
     write_study_file,
 )
-from scaleforge.train.signals import Interrupted
-from scaleforge.train.status import run_state
+from scaleforge.training.signals import Interrupted
+from scaleforge.training.status import run_state
 
 POLL_S = 0.25
 STOP_GRACE_S = 120.0  # how long a stopped trial may take to write its checkpoint before it is killed

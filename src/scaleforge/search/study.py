@@ -26,7 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from scaleforge.errors import ConfigError, ScaleforgeWarning, UsageError
 from scaleforge.search.objectives import Objective, parse_objective
-from scaleforge.train.status import process_alive, process_start_time
+from scaleforge.training.status import process_alive, process_start_time
 
 STUDY_FILE = "study.json"  # in the study folder: the study's name and storage, for `search show FOLDER`
 HEARTBEAT_S = 10

@@ -11,8 +11,8 @@ from pathlib import Path
 from scaleforge.config import RunConfig
 from scaleforge.errors import ScaleforgeWarning, UsageError
 from scaleforge.runs import verify_final
-from scaleforge.train.checkpoint import checked_checkpoint, newest_good_checkpoint
-from scaleforge.train.status import read_status, run_state, wait_for_ending_run
+from scaleforge.training.checkpoint import checked_checkpoint, newest_good_checkpoint
+from scaleforge.training.status import read_status, run_state, wait_for_ending_run
 
 
 def check_run_dir(run_dir: Path) -> None:

@@ -12,7 +12,7 @@ from typing import Any, TextIO
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from scaleforge.train.callbacks import Callback, RunState
+from scaleforge.training.callbacks import Callback, RunState
 
 
 class JsonlLogger(Callback):

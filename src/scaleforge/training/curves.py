@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from scaleforge.errors import UsageError
-from scaleforge.train.status import read_status, run_state
+from scaleforge.training.status import read_status, run_state
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -57,19 +57,19 @@ from scaleforge.distributed.parallel_dims import ParallelDims
 from scaleforge.distributed.parallelize import ParallelModel, parallelize, plan_parallelism
 from scaleforge.errors import AgreedError, ConfigError, UsageError
 from scaleforge.runs import load_weights, run_signing_key, save_final, verify_final
-from scaleforge.train.callbacks import Callback, CallbackList, RunState
-from scaleforge.train.checkpoint import (
+from scaleforge.training.callbacks import Callback, CallbackList, RunState
+from scaleforge.training.checkpoint import (
     Checkpointer,
     checkpoint_name,
     load_checkpoint,
 )
-from scaleforge.train.metrics import JsonlLogger, LossPlot, TensorBoardLogger, build_progress
-from scaleforge.train.monitoring import PrometheusExporter, SystemMonitor
-from scaleforge.train.objectives import Objective, default_objective
-from scaleforge.train.precision import Autocast, make_autocast, resolve_precision
-from scaleforge.train.run_dir import default_run_dir, resume_point
-from scaleforge.train.signals import Interrupted, StopRequest
-from scaleforge.train.status import STATUS, StatusHeartbeat, this_process, write_status
+from scaleforge.training.metrics import JsonlLogger, LossPlot, TensorBoardLogger, build_progress
+from scaleforge.training.monitoring import PrometheusExporter, SystemMonitor
+from scaleforge.training.objectives import Objective, default_objective
+from scaleforge.training.precision import Autocast, make_autocast, resolve_precision
+from scaleforge.training.run_dir import default_run_dir, resume_point
+from scaleforge.training.signals import Interrupted, StopRequest
+from scaleforge.training.status import STATUS, StatusHeartbeat, this_process, write_status
 
 MicroBatches = list[tuple[torch.Tensor, torch.Tensor]]
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scaleforge.train.callbacks import Callback, RunState
+from scaleforge.training.callbacks import Callback, RunState
 
 STATUS = "status.json"
 STALE_S = 900.0  # a run on another host whose status has not been rewritten for this long is taken to be gone
@@ -56,7 +56,7 @@ def run_state(run_dir: Path) -> str:
     record = read_status(run_dir)
     if record.get("state") == "running" and _alive(record):
         return "running"
-    from scaleforge.train.checkpoint import list_checkpoints
+    from scaleforge.training.checkpoint import list_checkpoints
 
     return "resumable" if list_checkpoints(run_dir / "checkpoints") else "failed"
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from scaleforge.train.callbacks import Callback, RunState
+from scaleforge.training.callbacks import Callback, RunState
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from scaleforge.config import ComponentSpec, RunConfig
 from scaleforge.data.loading import eval_batches
 from scaleforge.distributed.parallelize import ParallelModel
 from scaleforge.runs import UNTRUSTED, Trust, open_run
-from scaleforge.train.precision import make_autocast
-from scaleforge.train.trainer import (
+from scaleforge.training.precision import make_autocast
+from scaleforge.training.trainer import (
     build_data,
     build_objective,
     eval_batch_size,

@@ -1,0 +1,193 @@
+"""The package's layers and the imports between them.
+
+`python -m tests.layers` prints the layer picture: for each layer, the layers it imports, then every import cycle
+between modules and every import that points up a layer. `tests/unit/test_layers.py` fails on either. Every
+`import`/`from ... import` of a scaleforge module counts, at module level or inside a function alike: an import
+deferred to call time is still a dependency. Only imports under `if TYPE_CHECKING:` are left out, since they never
+run.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "scaleforge"
+
+# Bottom to top. A module may import its own layer and the layers below it, never one above. A key names a module
+# or a subpackage (every module under it); the longest matching key wins.
+LAYERS: list[tuple[str, list[str]]] = [
+    ("foundation", ["errors", "registry", "config", "processes"]),
+    ("hardware", ["hardware"]),
+    ("models, data", ["models", "data", "components"]),
+    ("runs, distributed", ["runs", "formats", "distributed"]),
+    ("training", ["training", "evaluation"]),
+    ("compress, export", ["compress", "export"]),
+    ("serve, stream", ["serve", "stream"]),
+    ("search, bench", ["search", "bench"]),
+    ("cli, api", ["cli", "api", "__init__", "__main__"]),
+]
+# Imports that the layer order admits but the design does not: product code never imports the benchmarks.
+FORBIDDEN = [("search", "bench")]
+
+
+def module_name(path: Path) -> str:
+    """`scaleforge.training.trainer` for src/scaleforge/training/trainer.py; packages by their __init__."""
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__" and len(parts) > 1:
+        parts.pop()
+    return ".".join(parts)
+
+
+def layer_of(module: str) -> int:
+    """The index in LAYERS of a scaleforge module."""
+    inner = module.split(".")[1:] or ["__init__"]
+    best, best_length = None, -1
+    for index, (_, keys) in enumerate(LAYERS):
+        for key in keys:
+            key_parts = key.split(".")
+            if inner[: len(key_parts)] == key_parts and len(key_parts) > best_length:
+                best, best_length = index, len(key_parts)
+    if best is None:
+        raise LookupError(f"{module} is in no layer: add it to LAYERS in tests/layers.py")
+    return best
+
+
+def _type_checking_only(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _imports(tree: ast.AST, module: str, is_package: bool, known: set[str]) -> set[str]:
+    found: set[str] = set()
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and _type_checking_only(node):
+            skip.update(id(child) for stmt in node.body for child in ast.walk(stmt))
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = module.split(".") if is_package else module.split(".")[:-1]
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            names = [f"{base}.{alias.name}" for alias in node.names] + [base]
+        else:
+            continue
+        for name in names:
+            while name and name not in known:
+                name = name.rpartition(".")[0]
+            if name and name != module:
+                found.add(name)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Each scaleforge module and the scaleforge modules it imports (a package's __init__ counts as the package)."""
+    paths = sorted(PACKAGE.rglob("*.py"))
+    names = {module_name(path): path for path in paths}
+    known = set(names)
+    graph: dict[str, set[str]] = {}
+    for name, path in names.items():
+        tree = ast.parse(path.read_text(), str(path))
+        found = _imports(tree, name, path.name == "__init__.py", known)
+        # `from scaleforge.x import y` also runs scaleforge/__init__ and scaleforge/x/__init__; those are the
+        # packages' own business, not an edge of this module.
+        graph[name] = {other for other in found if not name.startswith(other + ".") and other != "scaleforge"}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    sys.setrecursionlimit(max(10_000, sys.getrecursionlimit()))
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for other in sorted(graph.get(node, ())):
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in on_stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def upward(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """Imports from a module to one in a higher layer, or that FORBIDDEN names."""
+    wrong = []
+    for module, imported in sorted(graph.items()):
+        for other in sorted(imported):
+            if layer_of(other) > layer_of(module) or any(
+                _within(module, low) and _within(other, high) for low, high in FORBIDDEN
+            ):
+                wrong.append((module, other))
+    return wrong
+
+
+def _within(module: str, key: str) -> bool:
+    inner = module.split(".", 1)[1] if "." in module else ""
+    return inner == key or inner.startswith(key + ".")
+
+
+def picture(graph: dict[str, set[str]]) -> str:
+    """The layers from top to bottom, each with the layers its modules import."""
+    uses: dict[int, set[int]] = defaultdict(set)
+    for module, imported in graph.items():
+        for other in imported:
+            if layer_of(other) != layer_of(module):
+                uses[layer_of(module)].add(layer_of(other))
+    lines = []
+    for number in reversed(range(len(LAYERS))):
+        name = LAYERS[number][0]
+        below = ", ".join(LAYERS[other][0] for other in sorted(uses[number], reverse=True)) or "-"
+        marker = " <- imports a higher layer" if any(other > number for other in uses[number]) else ""
+        lines.append(f"{number}  {name:<18} imports: {below}{marker}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    graph = import_graph()
+    print(f"{len(graph)} modules, {sum(len(v) for v in graph.values())} imports between them\n")
+    print(picture(graph))
+    found_cycles = cycles(graph)
+    wrong = upward(graph)
+    print(f"\nimport cycles: {len(found_cycles)}")
+    for component in found_cycles:
+        print("  " + " <-> ".join(name.removeprefix("scaleforge.") for name in component))
+    print(f"upward imports: {len(wrong)}")
+    for module, other in wrong:
+        print(f"  {module.removeprefix('scaleforge.')} -> {other.removeprefix('scaleforge.')}")
+    return 1 if found_cycles or wrong else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
