@@ -1,7 +1,13 @@
 """scaleforge: one config from a laptop CPU to a GPU cluster.
 
-The public API: decorators that register a user's own components, and `load_run` for a trained model.
+The public API: `fit` trains the run a config describes and returns it, `load_run` reopens a finished run's model,
+`evaluate` measures one on its validation split; decorators register a user's own components. See
+docs/python-api.md.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from scaleforge.config import RunConfig, load_config
 from scaleforge.registry import (
@@ -15,12 +21,18 @@ from scaleforge.registry import (
 )
 from scaleforge.runs import LoadedRun, load_run
 
+if TYPE_CHECKING:
+    from scaleforge.api import Run, evaluate, fit
+
 __version__ = "0.1.0"
 
 __all__ = [
     "LoadedRun",
+    "Run",
     "RunConfig",
     "__version__",
+    "evaluate",
+    "fit",
     "load_config",
     "load_run",
     "register_callback",
@@ -31,3 +43,13 @@ __all__ = [
     "register_optimizer",
     "register_scheduler",
 ]
+
+_API = ("Run", "evaluate", "fit")  # imported on first use: the trainer's imports would slow every command's start
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        from scaleforge import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'scaleforge' has no attribute {name!r}")

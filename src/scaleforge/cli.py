@@ -15,13 +15,10 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn, TypeVar
+from typing import NoReturn, TypeVar
 
 from scaleforge.errors import AgreedError, ScaleforgeError, ScaleforgeWarning, UsageError
 from scaleforge.training.signals import Interrupted
-
-if TYPE_CHECKING:
-    from scaleforge.distributed.launch import LaunchOptions
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,6 +44,7 @@ def _load(items: Sequence[str]):  # noqa: ANN202 - RunConfig, imported lazily to
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from scaleforge.api import WorkersFailed, fit
     from scaleforge.distributed.env import DistEnv
     from scaleforge.distributed.launch import LaunchOptions
     from scaleforge.processes import guard_from_environment
@@ -60,17 +58,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         rdzv_id=args.rdzv_id,
         max_restarts=args.max_restarts,
     )
-    if options.needs_launcher:
-        return _launch_train(args, options)
-    from scaleforge.training.trainer import train
-
-    config = _load(args.config)
-    summary = train(config, Path(args.run_dir) if args.run_dir else None, resume=args.resume)
-    if DistEnv.from_environ().is_main:
-        run_dir = Path(summary["run_dir"])
-        metrics = " | ".join(f"{k} {v:.4f}" for k, v in summary.items() if k.startswith("val_"))
-        print(f"done: {summary['steps']} steps in {summary['wall_time_s']:.1f}s | {metrics}")
-        print(f"results: {run_dir}/ ({', '.join(sorted(p.name for p in run_dir.iterdir()))})")
+    path, overrides = _split_config_args(args.config)
+    try:
+        run = fit(path, overrides, args.run_dir, resume=args.resume, launch=options)
+    except WorkersFailed as failure:  # the launcher has said why
+        return failure.exit_code
+    if not options.needs_launcher and DistEnv.from_environ().is_main:
+        metrics = " | ".join(f"{k} {v:.4f}" for k, v in run.summary.items() if k.startswith("val_"))
+        print(f"done: {run.summary['steps']} steps in {run.summary['wall_time_s']:.1f}s | {metrics}")
+        print(f"results: {run.run_dir}/ ({', '.join(sorted(p.name for p in run.run_dir.iterdir()))})")
     return 0
 
 
@@ -89,31 +85,6 @@ def cmd_distill(args: argparse.Namespace) -> int:
     trusted = ["training.loss.trust_teacher_code=true"] if args.trust_code else []
     args.config = [*([path] if path else []), loss, *trusted, *overrides]
     return cmd_train(args)
-
-
-def _launch_train(args: argparse.Namespace, options: LaunchOptions) -> int:
-    """Check what can be checked here, then start the workers; each runs `scaleforge train` without launch flags."""
-    from scaleforge.distributed.env import DistEnv, check_device_per_process, select_device
-    from scaleforge.distributed.launch import launch
-    from scaleforge.distributed.parallel_dims import ParallelDims
-    from scaleforge.runs import run_signing_key
-    from scaleforge.training.run_dir import default_run_dir, resume_point
-
-    options.check()
-    config = _load(args.config)  # a bad config fails here, once, before any process starts
-    ParallelDims.resolve(config.parallel, options.world_size)
-    check_device_per_process(config.hardware.device, DistEnv(world_size=options.world_size))
-    select_device(config.hardware.device)  # a device this node lacks
-    # One run directory for every worker and every restart: nodes agree on it through the job's id.
-    if args.run_dir:
-        run_dir = Path(args.run_dir)
-    elif options.nnodes > 1:
-        run_dir = Path("runs") / f"{config.name}-{options.rdzv_id or 'multinode'}"
-    else:
-        run_dir = default_run_dir(config)
-    if options.node_rank == 0:
-        resume_point(run_dir, args.resume, run_signing_key(config))
-    return launch(["train", *args.config, "--run-dir", str(run_dir), "--resume", args.resume], options)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -251,9 +251,14 @@ def config_data(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
 def config_from_dict(data: Mapping[str, Any], origin: str = DEFAULT) -> RunConfig:
     """Validate an already-parsed config mapping (such as a saved `config.yaml`)."""
+    return build_config(*mapping_data(data, origin))
+
+
+def mapping_data(data: Mapping[str, Any], origin: str = DEFAULT) -> tuple[dict[str, Any], dict[str, str]]:
+    """What `build_config` validates, from config data given as a mapping: a copy of it, and `origin` for each
+    of its dotted keys."""
     raw = _deep_copy(data)
-    origins = {key: origin for key in _dotted_keys(raw)} if origin != DEFAULT else {}
-    return build_config(raw, origins)
+    return raw, ({key: origin for key in _dotted_keys(raw)} if origin != DEFAULT else {})
 
 
 def build_config(raw: dict[str, Any], origins: dict[str, str]) -> RunConfig:
@@ -326,7 +331,12 @@ def apply_override(raw: dict[str, Any], origins: dict[str, str], item: str) -> N
         value = parse_yaml_value(text)
     except yaml.YAMLError as error:
         raise ConfigError(f"override '{item}': value is not valid YAML: {getattr(error, 'problem', error)}") from error
-    origin = f"override {item}"
+    set_value(raw, origins, key, value, f"override {item}", item)
+
+
+def set_value(raw: dict[str, Any], origins: dict[str, str], key: str, value: Any, origin: str, item: str) -> None:
+    """Set the value at a dotted key in place (creating sections on the way), remembering `origin` for it; errors
+    name the override as `item`."""
     parts = key.split(".")
     node = raw
     for depth, part in enumerate(parts[:-1]):

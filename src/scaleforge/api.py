@@ -1,0 +1,165 @@
+"""The Python API: train, reopen and evaluate runs from a script or a notebook.
+
+The `scaleforge` command calls these same functions, so a config trained through `fit` and through `scaleforge
+train` ends with the same weights, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from scaleforge.config import RunConfig, apply_override, build_config, config_data, dump_yaml, mapping_data, set_value
+from scaleforge.errors import ScaleforgeError, UsageError
+from scaleforge.runs import TRUSTED, Trust, load_run, open_run
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from scaleforge.distributed.launch import LaunchOptions
+    from scaleforge.training.callbacks import Callback
+
+ConfigSource = str | Path | Mapping[str, Any] | RunConfig | None
+Overrides = Sequence[str] | Mapping[str, Any]
+
+__all__ = ["Run", "WorkersFailed", "evaluate", "fit", "load_run", "resolve_config"]
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run `fit` trained: where it is, its summary (`summary.json`) and the config it was trained from."""
+
+    run_dir: Path
+    summary: dict[str, Any] = field(repr=False)
+    config: RunConfig = field(repr=False)
+
+    def model(self) -> nn.Module:
+        """The trained model, rebuilt from `final/` (checked against its manifest), in eval mode on the CPU."""
+        return open_run(self.run_dir, TRUSTED).model  # this process trained it: its config's code is the caller's
+
+
+class WorkersFailed(ScaleforgeError):
+    """The launched workers failed; the launcher has reported why."""
+
+    def __init__(self, exit_code: int) -> None:
+        super().__init__(f"the workers failed (exit code {exit_code})")
+        self.exit_code = exit_code
+
+
+def resolve_config(config: ConfigSource = None, overrides: Overrides = ()) -> RunConfig:
+    """The validated config: `config` a YAML path, a mapping in the file format, a loaded `RunConfig` or None (the
+    embedded default); `overrides` `"key=value"` strings (values parsed as YAML) or a mapping of dotted keys to
+    values, applied on top."""
+    if isinstance(config, RunConfig):
+        if not overrides:
+            return config
+        raw, origins = config.to_dict(), dict(config.origins)
+    elif isinstance(config, Mapping):
+        raw, origins = mapping_data(config, "fit(config=...)")
+    else:
+        raw, origins = config_data(config)
+    if isinstance(overrides, str):
+        raise UsageError(f"overrides: a list of 'key=value' strings or a mapping, not the string {overrides!r}")
+    if isinstance(overrides, Mapping):
+        for key, value in overrides.items():
+            set_value(raw, origins, key, value, f"fit(overrides={{{key!r}: ...}})", f"{key}={value!r}")
+    else:
+        for item in overrides:
+            apply_override(raw, origins, item)
+    return build_config(raw, origins)
+
+
+def fit(
+    config: ConfigSource = None,
+    overrides: Overrides = (),
+    run_dir: str | Path | None = None,
+    nproc: int = 1,
+    *,
+    resume: str = "auto",
+    callbacks: Sequence[Callback] = (),
+    launch: LaunchOptions | None = None,
+) -> Run:
+    """Train the model `config` (with `overrides`) describes and return the run.
+
+    `run_dir`: where results go (default `runs/<name>-<time>`). `nproc`: processes on this machine; with more
+    than one, workers are launched as `scaleforge train --nproc N` launches them (and `callbacks`, objects of this
+    process, are refused). `resume`: `auto` continues from the newest good checkpoint in `run_dir`, `never` starts
+    afresh, a path starts from that checkpoint. `launch` gives every launcher option (nodes, rendezvous,
+    restarts) in place of `nproc`.
+    """
+    from scaleforge.distributed.launch import LaunchOptions
+
+    resolved = resolve_config(config, overrides)
+    options = launch or LaunchOptions(nproc=nproc)
+    if options.needs_launcher:
+        if callbacks:
+            raise UsageError(
+                "fit: callbacks run in this process; with nproc > 1 register them and name them in the config"
+            )
+        return _fit_launched(resolved, _as_given(config, overrides), run_dir, resume, options)
+    from scaleforge.training.trainer import train
+
+    summary = train(resolved, Path(run_dir) if run_dir is not None else None, callbacks=callbacks, resume=resume)
+    return Run(Path(summary["run_dir"]), summary, resolved)
+
+
+def evaluate(
+    run: Run | str | Path, *, trust_code: bool = False, signing_key_env: str | None = None, device: str | None = None
+) -> dict[str, float]:
+    """A finished run's metrics on the validation split of the data it was trained on. A path is opened as data
+    (`trust_code` lets its config's own code run); a `Run` that `fit` returned is this process's own."""
+    from scaleforge.evaluation import evaluate_model
+
+    trust = TRUSTED if isinstance(run, Run) else Trust(trust_code, signing_key_env)
+    opened = open_run(run.run_dir if isinstance(run, Run) else run, trust)
+    return evaluate_model(opened.model, opened.config, device)
+
+
+def _as_given(config: ConfigSource, overrides: Overrides) -> list[str] | None:
+    """The command-line items that give the workers this config as the user gave it (so that `config show` names
+    its file and lines), or None when it exists only in this process."""
+    if isinstance(config, str | Path) and not isinstance(overrides, Mapping):
+        return [str(config), *overrides]
+    if config is None and not isinstance(overrides, Mapping):
+        return list(overrides)
+    return None
+
+
+def _fit_launched(
+    config: RunConfig, items: list[str] | None, run_dir: str | Path | None, resume: str, options: LaunchOptions
+) -> Run:
+    """Check what can be checked here, then start the workers; each runs `scaleforge train` without launch flags."""
+    from scaleforge.distributed.env import DistEnv, check_device_per_process, select_device
+    from scaleforge.distributed.launch import launch
+    from scaleforge.distributed.parallel_dims import ParallelDims
+    from scaleforge.runs import run_signing_key
+    from scaleforge.training.run_dir import default_run_dir, resume_point
+
+    options.check()
+    ParallelDims.resolve(config.parallel, options.world_size)
+    check_device_per_process(config.hardware.device, DistEnv(world_size=options.world_size))
+    select_device(config.hardware.device)  # a device this node lacks
+    # One run directory for every worker and every restart: nodes agree on it through the job's id.
+    if run_dir is not None:
+        chosen = Path(run_dir)
+    elif options.nnodes > 1:
+        chosen = Path("runs") / f"{config.name}-{options.rdzv_id or 'multinode'}"
+    else:
+        chosen = default_run_dir(config)
+    if options.node_rank == 0:
+        resume_point(chosen, resume, run_signing_key(config))
+    with tempfile.TemporaryDirectory(prefix="scaleforge-config-") as folder:
+        if items is None:
+            path = Path(folder) / "config.yaml"
+            path.write_text(dump_yaml(config))
+            items = [str(path)]
+        code = launch(["train", *items, "--run-dir", str(chosen), "--resume", resume], options)
+    if code != 0:
+        raise WorkersFailed(code)
+    summary_file = chosen / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    return Run(chosen, {**summary, "run_dir": str(chosen)}, config)
