@@ -28,9 +28,12 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -n 2 -q -m "not slow"
 
+# Style, formatting, and strict types on the foundation, the run-directory format and the public API
+# ([tool.mypy] in pyproject.toml names the files).
 lint: setup
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
+	$(BIN)/mypy
 
 bench: setup
 	$(BIN)/scaleforge bench overhead

@@ -263,7 +263,8 @@ def mapping_data(data: Mapping[str, Any], origin: str = DEFAULT) -> tuple[dict[s
 
 def build_config(raw: dict[str, Any], origins: dict[str, str]) -> RunConfig:
     """Validate config data whose dotted keys `origins` says the origin of (as `config_data` gives them)."""
-    return _build(RunConfig, raw, origins, prefix="")
+    config: RunConfig = _build(RunConfig, raw, origins, prefix="")
+    return config
 
 
 class _Loader(yaml.SafeLoader):
@@ -300,7 +301,7 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         problem = getattr(error, "problem", None) or str(error)
         raise ConfigError(f"{where}: malformed YAML: {problem}") from error
-    if data is None:
+    if data is None or node is None:
         return {}, {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {_type_name(data)}")
@@ -434,7 +435,7 @@ def _build(cls: type, raw: Any, origins: dict[str, str], prefix: str) -> Any:
         key = f"{prefix}{name}"
         hint = hints[spec.name]
         # Sections and components are built even when absent, so their defaults are bound and shown.
-        if dataclasses.is_dataclass(hint) and hint is not ComponentSpec:
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint) and hint is not ComponentSpec:
             values[name] = _build(hint, raw.pop(name, {}), origins, f"{key}.")
         elif name in _COMPONENT_FIELDS:
             default = _plain_default(spec)
@@ -466,7 +467,7 @@ def _resolve(component_registry: registry.Registry, name: str, origins: Mapping[
         raise ConfigError(f"{error} [{origin}]" if origin != DEFAULT else str(error)) from error
 
 
-def _plain_default(spec: dataclasses.Field) -> Any:
+def _plain_default(spec: dataclasses.Field[Any]) -> Any:
     default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
     if isinstance(default, ComponentSpec):
         return _spec_to_data(default)
@@ -729,9 +730,9 @@ def _type_name(value: Any) -> str:
 # ------------------------------------------------------------------------------------------------- output
 
 
-def _key_of(spec: dataclasses.Field) -> str:
+def _key_of(spec: dataclasses.Field[Any]) -> str:
     """A field's key in files and overrides: its name, unless that is a Python keyword (`async`)."""
-    return spec.metadata.get("key", spec.name)
+    return str(spec.metadata.get("key", spec.name))
 
 
 def _section_to_dict(section: Any) -> dict[str, Any]:
@@ -772,13 +773,15 @@ def dump_yaml(config: RunConfig) -> str:
 
 def explain_yaml(config: RunConfig) -> str:
     """The resolved config as YAML with a comment after each value saying where it came from."""
-    lines: list[str] = []
+    lines: list[tuple[str, str]] = []
     _explain(config.to_dict(), "", 0, config.origins, lines)
     width = max(len(text) for text, _ in lines) + 2
     return "\n".join(f"{text:<{width}}# {origin}" if origin else text for text, origin in lines) + "\n"
 
 
-def _explain(data: Mapping[str, Any], prefix: str, depth: int, origins: Mapping[str, str], lines: list) -> None:
+def _explain(
+    data: Mapping[str, Any], prefix: str, depth: int, origins: Mapping[str, str], lines: list[tuple[str, str]]
+) -> None:
     indent = "  " * depth
     for name, value in data.items():
         key = f"{prefix}{name}"

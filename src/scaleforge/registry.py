@@ -68,7 +68,8 @@ class Registry:
         Works with and without arguments: `@register_model("tiny")`, `@register_model()`, `@register_model`.
         """
         if callable(name):
-            return self.register(None)(name)
+            decorate: Callable[[T], T] = self.register(None)  # type: ignore[assignment]
+            return decorate(name)
         if name is not None and not isinstance(name, str):
             raise TypeError(f"a {self.kind} name must be a string, got {name!r}")
 
@@ -128,7 +129,8 @@ def import_attr(path: str, *, key: str = "") -> Callable[..., Any]:
         obj = getattr(obj, part)
     if not callable(obj):
         raise ConfigError(f"{where}'{path}' is not a class or function")
-    return obj
+    found: Callable[..., Any] = obj
+    return found
 
 
 def import_module(name: str, *, key: str = "") -> Any:

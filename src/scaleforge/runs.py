@@ -227,7 +227,8 @@ def check_manifest(folder: Path, key: bytes | None = None) -> dict[str, Any]:
     for name, (_, digest) in expected.items():
         if digests[name] != digest:
             raise ManifestMismatch(f"{name} does not match its SHA-256 in {MANIFEST}")
-    return files
+    listed: dict[str, Any] = files
+    return listed
 
 
 def verify_final(path: str | Path, signing_key_env: str | None = None) -> Path:
@@ -248,7 +249,8 @@ def compression_of(final: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        description: dict[str, Any] = json.loads(path.read_text())
+        return description
     except ValueError as error:
         raise UsageError(f"{path} is damaged: {error}") from error
 
