@@ -15,7 +15,7 @@ import scaleforge
 from scaleforge.api import resolve_config
 from scaleforge.errors import ConfigError, UsageError
 
-OVERRIDES = ["training.epochs=1", "training.max_steps=12", "model.hidden_layers=[32]", "seed=3"]
+OVERRIDES = ["training.epochs=1", "training.max_steps=12", "model.hidden_layers=[32]", "seed=3", "hardware.threads=2"]
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
