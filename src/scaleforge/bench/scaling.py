@@ -144,23 +144,10 @@ def run_scaling_benchmark(
     rows: list[dict[str, Any]] = []
     num_parameters = 0
     for plan in plans:
-        run_dir = out / f"{mode}-{plan.processes}"
-        if not as_json:
-            print(
-                f"{run_dir.name}: {plan.strategy} on {plan.processes} x {counted(threads, 'thread')}, global batch "
-                f"{plan.global_batch_size}, {steps} steps",
-                flush=True,
-            )
-        run = train_in_child(plan.config_args, nproc=plan.processes, threads=threads, run_dir=run_dir)
-        run.check()
+        run = train_size(plan, out / f"{mode}-{plan.processes}", threads=threads, steps=steps, quiet=as_json)
         rows.append(size_row(plan, run, threads))
         num_parameters = run.summary["num_parameters"]
-    base = rows[0]
-    for row in rows:
-        row["speedup"] = row["samples_per_s"] / base["samples_per_s"]
-        row["efficiency"] = scaling_efficiency(
-            row["samples_per_s"], base["samples_per_s"], row["processes"], base["processes"]
-        )
+    add_speedups(rows)
     result = {
         "benchmark": "scaling",
         "mode": mode,
@@ -180,6 +167,29 @@ def run_scaling_benchmark(
     plot_scaling(result, out / f"scaling-{mode}.png")
     _report(result, out, as_json=as_json)
     return result
+
+
+def train_size(plan: SizePlan, run_dir: Path, *, threads: int, steps: int, quiet: bool) -> TrainingRun:
+    """Train the config at one size in `run_dir` (announced on stdout unless `quiet`); raises if the run failed."""
+    if not quiet:
+        print(
+            f"{run_dir.name}: {plan.strategy} on {plan.processes} x {counted(threads, 'thread')}, global batch "
+            f"{plan.global_batch_size}, {steps} steps",
+            flush=True,
+        )
+    run = train_in_child(plan.config_args, nproc=plan.processes, threads=threads, run_dir=run_dir)
+    run.check()
+    return run
+
+
+def add_speedups(rows: list[dict[str, Any]]) -> None:
+    """Give each size's row its speed-up and scaling efficiency against the first (smallest) size."""
+    base = rows[0]
+    for row in rows:
+        row["speedup"] = row["samples_per_s"] / base["samples_per_s"]
+        row["efficiency"] = scaling_efficiency(
+            row["samples_per_s"], base["samples_per_s"], row["processes"], base["processes"]
+        )
 
 
 def size_row(plan: SizePlan, run: TrainingRun, threads: int) -> dict[str, Any]:

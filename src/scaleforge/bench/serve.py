@@ -142,10 +142,21 @@ def targets(
 
 @dataclass
 class Server:
-    """A started target: its base URL, and its process group, which can be paused while others are measured."""
+    """A started target: its base URL and prediction endpoint, and its process group, which can be paused while
+    others are measured."""
 
     url: str
     group: int
+    endpoint: str  # where it takes predictions
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[Server]:
+        """Resumed for the block, paused again after it."""
+        self.resume()
+        try:
+            yield self
+        finally:
+            self.pause()
 
     def pause(self) -> None:  # nothing of it runs, not even LitServe's polling of its queues
         with contextlib.suppress(ProcessLookupError):
@@ -174,7 +185,7 @@ def started(target: Target, log: Path) -> Iterator[Server]:
         try:
             url = f"http://127.0.0.1:{port}"
             asyncio.run(_wait_ready(url + target.ready_path, process, log))
-            yield Server(url, process.pid)
+            yield Server(url, process.pid, url + target.predict_path)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGCONT)  # were it paused, it could not stop
@@ -277,6 +288,37 @@ async def open_loop(url: str, body: bytes, rate: float, requests: int, seconds: 
         return tally.latencies, tally.statuses, time.perf_counter() - began
 
 
+@dataclass(frozen=True)
+class Workload:
+    """What every server is sent: one body (one instance per request), the levels of requests in flight, the
+    request count and time limit that bound each level, how many times each is run, and the overload's multiple
+    of capacity (0: none)."""
+
+    body: bytes
+    concurrency: Sequence[int]
+    requests: int
+    seconds: float
+    repeats: int
+    overload: float
+
+    def warm_up(self, endpoint: str) -> None:
+        """A few requests, unmeasured, so that no level pays for the server's first ones."""
+        asyncio.run(closed_loop(endpoint, self.body, 4, 50, 10))
+
+    def closed(self, name: str, endpoint: str, clients: int, load: str | None = None) -> Level:
+        """A closed-loop level: `clients` requests in flight."""
+        latencies, statuses, elapsed, _ = asyncio.run(
+            closed_loop(endpoint, self.body, clients, self.requests, self.seconds)
+        )
+        return Level(name, f"{clients} in flight" if load is None else load, elapsed, latencies, statuses)
+
+    def overloaded(self, name: str, endpoint: str, capacity: float) -> Level:
+        """The open-loop level: arrivals at `overload` times `capacity` per second, whatever the answers."""
+        rate = self.overload * capacity
+        latencies, statuses, elapsed = asyncio.run(open_loop(endpoint, self.body, rate, self.requests, self.seconds))
+        return Level(name, f"{self.overload:g}x capacity ({rate:,.0f}/s, open loop)", elapsed, latencies, statuses)
+
+
 def run_serve_benchmark(
     run_dir: str,
     *,
@@ -299,76 +341,28 @@ def run_serve_benchmark(
     from scaleforge.serve.model import ServedModel
 
     model = ServedModel(run_dir, trust=trust)  # checks the run and gives an instance of the right shape
-    instance = _instance(model.card.input_schema)
-    body = json.dumps({"inputs": [instance]}).encode()
-    if litserve:
-        try:
-            import litserve as _  # noqa: F401
-        except ImportError:
-            litserve = False  # optional: `make setup EXTRAS=dev,bench`
+    body = json.dumps({"inputs": [_instance(model.card.input_schema)]}).encode()
+    workload = Workload(body, concurrency, requests, seconds, repeats, overload)
+    litserve = litserve and _litserve_installed()
     out.mkdir(parents=True, exist_ok=True)
     found = targets(run_dir, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms, litserve=litserve, trust=trust)
-    runs: dict[tuple[str, int], list[Level]] = {}
-    levels: list[Level] = []
-    capacity = 0.0  # the batching server's best throughput: what the overload is a multiple of
+    batching = found[0]  # scaleforge with batching: the server that the overload and the large bodies go to
+    large: dict[str, Any] | None = None
     with contextlib.ExitStack() as stack:
-        servers: dict[str, Server] = {}
-        for index, target in enumerate(found):  # all up at once, each paused but while it is measured
-            log = out / f"{target.name.split(',')[0].replace(' ', '-')}-{index}.log"
-            server = servers[target.name] = stack.enter_context(started(target, log))
-            asyncio.run(closed_loop(server.url + target.predict_path, body, 4, 50, 10))  # warm-up
-            server.pause()
-        for clients in concurrency:
-            for _ in range(repeats):
-                for target in found:  # in turn: a slow spell of the machine falls on every server alike
-                    servers[target.name].resume()
-                    endpoint = servers[target.name].url + target.predict_path
-                    run = asyncio.run(closed_loop(endpoint, body, clients, requests, seconds))
-                    servers[target.name].pause()
-                    level = Level(target.name, f"{clients} in flight", run[2], run[0], run[1])
-                    runs.setdefault((target.name, clients), []).append(level)
-        for target in found:
-            for clients in concurrency:  # the run of median throughput, with every run's throughput beside it
-                measured = sorted(runs[target.name, clients], key=lambda level: level.throughput)
-                median = measured[len(measured) // 2]
-                median.runs = [level.throughput for level in runs[target.name, clients]]
-                levels.append(median)
-            if overload > 0 and target is found[0]:
-                capacity = max(level.throughput for level in levels)
-                servers[target.name].resume()
-                endpoint = servers[target.name].url + target.predict_path
-                levels.append(_overload(endpoint, body, target.name, overload, capacity, requests, seconds))
-                servers[target.name].pause()
-        large: dict[str, Any] | None = None
+        servers = _start_paused(found, out, workload, stack)
+        medians = _closed_loop_medians(found, servers, workload)
+        capacity = max(level.throughput for level in medians[batching.name])  # what the overload is a multiple of
+        levels = [*medians[batching.name]]
+        if overload > 0:
+            with servers[batching.name].running() as server:
+                levels.append(workload.overloaded(batching.name, server.endpoint, capacity))
+        levels += [level for target in found[1:] for level in medians[target.name]]
         if beside_large:
-            server = servers[found[0].name]
-            server.resume()
             large_body = json.dumps({"inputs": _large_batch(model.card.input_schema, max_batch_size)}).encode()
-            large = _beside_large(
-                server.url + found[0].predict_path, body, large_body, beside_large, requests, seconds, repeats
-            )
-            server.pause()
+            with servers[batching.name].running() as server:
+                large = _beside_large(server.endpoint, workload, large_body, beside_large)
     if overload > 0:
-        # the same overload on a server told to keep its latency: --latency-target-ms twice its own unloaded
-        # p99, which a latency target changes (a core is left to HTTP), so measured first on a server of its own
-        # (an idle model always takes a request: the target does not change the unloaded level)
-        command = [*found[0].command, "--latency-target-ms"]
-        probe = Target(
-            "probe", [*command, str(2 * (levels[0].summary()["p99_ms"] or 1.0))], "/v1/predict", "/health/ready"
-        )
-        with started(probe, out / "scaleforge-target-probe.log") as server:
-            endpoint = server.url + probe.predict_path
-            asyncio.run(closed_loop(endpoint, body, 4, 50, 10))  # warm-up
-            run = asyncio.run(closed_loop(endpoint, body, 1, requests, seconds))
-        target_ms = 2 * (Level("probe", "", run[2], run[0], run[1]).summary()["p99_ms"] or 1.0)
-        name = f"scaleforge, batching, --latency-target-ms {target_ms:.0f}"
-        bounded = Target(name, [*command, f"{target_ms:.1f}"], "/v1/predict", "/health/ready")
-        with started(bounded, out / "scaleforge-target.log") as server:
-            endpoint = server.url + bounded.predict_path
-            asyncio.run(closed_loop(endpoint, body, 4, 50, 10))  # warm-up
-            run = asyncio.run(closed_loop(endpoint, body, 1, requests, seconds))
-            levels.append(Level(name, "unloaded (1 in flight)", run[2], run[0], run[1]))
-            levels.append(_overload(endpoint, body, name, overload, capacity, requests, seconds))
+        levels += _latency_target_levels(batching, levels[0], capacity, workload, out)
     summaries = [level.summary() for level in levels]
     result = {
         "benchmark": "serve",
@@ -384,26 +378,108 @@ def run_serve_benchmark(
         **({"beside_large": large} if large else {}),
     }
     _plot(summaries, concurrency, out / "serve.png")
+    _report(result, out, as_json=as_json)
+    return result
 
-    def ms(value: float | None) -> str:
-        return "-" if value is None else f"{value:.1f}"
 
-    def row(s: dict[str, Any]) -> list[str]:
+def _litserve_installed() -> bool:
+    try:
+        import litserve  # noqa: F401
+    except ImportError:
+        return False  # optional: `make setup EXTRAS=dev,bench`
+    return True
+
+
+def _start_paused(
+    found: Sequence[Target], out: Path, workload: Workload, stack: contextlib.ExitStack
+) -> dict[str, Server]:
+    """Start every target, warm it up and pause it: all are up at once, each paused but while it is measured;
+    `stack` stops them. By target name."""
+    servers: dict[str, Server] = {}
+    for index, target in enumerate(found):
+        log = out / f"{target.name.split(',')[0].replace(' ', '-')}-{index}.log"
+        server = servers[target.name] = stack.enter_context(started(target, log))
+        workload.warm_up(server.endpoint)
+        server.pause()
+    return servers
+
+
+def _closed_loop_medians(
+    found: Sequence[Target], servers: dict[str, Server], workload: Workload
+) -> dict[str, list[Level]]:
+    """Every target at every level of `workload.concurrency`, `repeats` times; by target name, each level's run
+    of median throughput, with every run's throughput beside it."""
+    runs: dict[tuple[str, int], list[Level]] = {}
+    for clients in workload.concurrency:
+        for _ in range(workload.repeats):
+            for target in found:  # in turn: a slow spell of the machine falls on every server alike
+                with servers[target.name].running() as server:
+                    level = workload.closed(target.name, server.endpoint, clients)
+                runs.setdefault((target.name, clients), []).append(level)
+    medians: dict[str, list[Level]] = {}
+    for target in found:
+        for clients in workload.concurrency:
+            measured = sorted(runs[target.name, clients], key=lambda level: level.throughput)
+            median = measured[len(measured) // 2]
+            median.runs = [level.throughput for level in runs[target.name, clients]]
+            medians.setdefault(target.name, []).append(median)
+    return medians
+
+
+def _beside_large(endpoint: str, workload: Workload, large: bytes, concurrency: int) -> dict[str, Any]:
+    """`concurrency` small requests in flight alone, then beside a client sending `large` bodies one after another
+    (in turn, `repeats` times each, the runs of median p99 reported); their summaries and the ratio of p99s."""
+    name = "scaleforge, batching"
+    runs: dict[str, list[Level]] = {"alone": [], "beside": []}
+    large_statuses: dict[int, int] = {}
+    for _ in range(workload.repeats):
+        for kind in runs:
+            beside = large if kind == "beside" else None
+            latencies, statuses, elapsed, beside_statuses = asyncio.run(
+                closed_loop(endpoint, workload.body, concurrency, workload.requests, workload.seconds, beside)
+            )
+            suffix = f" + large bodies ({len(large):,} bytes)" if kind == "beside" else ""
+            runs[kind].append(Level(name, f"{concurrency} in flight{suffix}", elapsed, latencies, statuses))
+            for status, count in beside_statuses.items():
+                large_statuses[status] = large_statuses.get(status, 0) + count
+    found: dict[str, Any] = {"large_body_bytes": len(large), "large_statuses": dict(sorted(large_statuses.items()))}
+    for kind, levels in runs.items():
+        ordered = sorted(levels, key=lambda level: level.summary()["p99_ms"] or 0.0)
+        found[kind] = ordered[len(ordered) // 2].summary()
+    found["p99_ratio"] = (found["beside"]["p99_ms"] or 0.0) / (found["alone"]["p99_ms"] or 1.0)
+    return found
+
+
+def _latency_target_levels(
+    batching: Target, unloaded: Level, capacity: float, workload: Workload, out: Path
+) -> list[Level]:
+    """The same overload on a server told to keep its latency: --latency-target-ms twice its own unloaded p99
+    (`unloaded`: the batching server's first level); that server's unloaded level and its overload level."""
+    # a latency target changes the unloaded p99 (a core is left to HTTP), so it is measured first on a server of
+    # its own (an idle model always takes a request: the target does not change the unloaded level)
+    command = [*batching.command, "--latency-target-ms"]
+    probe = Target("probe", [*command, str(2 * (unloaded.summary()["p99_ms"] or 1.0))], "/v1/predict", "/health/ready")
+    with started(probe, out / "scaleforge-target-probe.log") as server:
+        workload.warm_up(server.endpoint)
+        probed = workload.closed("probe", server.endpoint, 1, "")
+    target_ms = 2 * (probed.summary()["p99_ms"] or 1.0)
+    name = f"scaleforge, batching, --latency-target-ms {target_ms:.0f}"
+    bounded = Target(name, [*command, f"{target_ms:.1f}"], "/v1/predict", "/health/ready")
+    with started(bounded, out / "scaleforge-target.log") as server:
+        workload.warm_up(server.endpoint)
         return [
-            s["target"],
-            s["load"],
-            str(s["requests"]),
-            ", ".join(f"{k}: {v}" for k, v in s["statuses"].items()),
-            f"{s['throughput']:,.0f}",
-            ms(s["p50_ms"]),
-            ms(s["p95_ms"]),
-            ms(s["p99_ms"]),
+            workload.closed(name, server.endpoint, 1, "unloaded (1 in flight)"),
+            workload.overloaded(name, server.endpoint, capacity),
         ]
 
-    rows = [row(s) for s in summaries]
+
+def _report(result: dict[str, Any], out: Path, *, as_json: bool) -> None:
+    """Print the table (or JSON) and write `OUT/serve.json`."""
+    rows = [_table_row(summary) for summary in result["levels"]]
     notes = [f"plot: {out / 'serve.png'}; results: {out / 'serve.json'}"]
+    large = result.get("beside_large")
     if large:
-        rows += [row(large["alone"]), row(large["beside"])]
+        rows += [_table_row(large["alone"]), _table_row(large["beside"])]
         statuses = ", ".join(f"{k}: {v}" for k, v in large["large_statuses"].items())
         notes.insert(
             0,
@@ -414,47 +490,28 @@ def run_serve_benchmark(
         result,
         out / "serve.json",
         as_json=as_json,
-        title=f"Serving {model.card.name}: one instance per request, batches of <= {max_batch_size}, "
-        f"delay <= {max_delay_ms:g} ms",
+        title=f"Serving {result['model']}: one instance per request, batches of <= {result['max_batch_size']}, "
+        f"delay <= {result['max_delay_ms']:g} ms",
         columns=["server", "load", "requests", "statuses", "answered/s", "p50 ms", "p95 ms", "p99 ms"],
         rows=rows,
         notes=notes,
     )
-    return result
 
 
-def _overload(
-    endpoint: str, body: bytes, name: str, multiple: float, capacity: float, requests: int, seconds: float
-) -> Level:
-    """The open-loop level: arrivals at `multiple` times `capacity` per second, whatever the answers."""
-    rate = multiple * capacity
-    latencies, statuses, elapsed = asyncio.run(open_loop(endpoint, body, rate, requests, seconds))
-    return Level(name, f"{multiple:g}x capacity ({rate:,.0f}/s, open loop)", elapsed, latencies, statuses)
+def _table_row(summary: dict[str, Any]) -> list[str]:
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
 
-
-def _beside_large(
-    endpoint: str, small: bytes, large: bytes, concurrency: int, requests: int, seconds: float, repeats: int
-) -> dict[str, Any]:
-    """`concurrency` small requests in flight alone, then beside a client sending `large` bodies one after another
-    (in turn, `repeats` times each, the runs of median p99 reported); their summaries and the ratio of p99s."""
-    name = "scaleforge, batching"
-    runs: dict[str, list[Level]] = {"alone": [], "beside": []}
-    large_statuses: dict[int, int] = {}
-    for _ in range(repeats):
-        for kind in runs:
-            run = asyncio.run(
-                closed_loop(endpoint, small, concurrency, requests, seconds, large if kind == "beside" else None)
-            )
-            load = f"{concurrency} in flight" + (f" + large bodies ({len(large):,} bytes)" if kind == "beside" else "")
-            runs[kind].append(Level(name, load, run[2], run[0], run[1]))
-            for status, count in run[3].items():
-                large_statuses[status] = large_statuses.get(status, 0) + count
-    found: dict[str, Any] = {"large_body_bytes": len(large), "large_statuses": dict(sorted(large_statuses.items()))}
-    for kind, levels in runs.items():
-        ordered = sorted(levels, key=lambda level: level.summary()["p99_ms"] or 0.0)
-        found[kind] = ordered[len(ordered) // 2].summary()
-    found["p99_ratio"] = (found["beside"]["p99_ms"] or 0.0) / (found["alone"]["p99_ms"] or 1.0)
-    return found
+    return [
+        summary["target"],
+        summary["load"],
+        str(summary["requests"]),
+        ", ".join(f"{k}: {v}" for k, v in summary["statuses"].items()),
+        f"{summary['throughput']:,.0f}",
+        ms(summary["p50_ms"]),
+        ms(summary["p95_ms"]),
+        ms(summary["p99_ms"]),
+    ]
 
 
 def _large_batch(schema: dict[str, Any], rows: int) -> list[Any]:

@@ -21,15 +21,27 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from scaleforge.bench.harness import machine, report
 from scaleforge.runs import UNTRUSTED, Trust
 
+if TYPE_CHECKING:
+    from scaleforge.stream.pipeline import StreamOptions
+
 LOADS = (0.5, 1.0, 2.0, 4.0)  # source rates, in multiples of the sustained one
 FLAT_MEMORY = (0.05, 16 * 2**20)  # memory is flat when it grew by at most 5%, or 16 MiB
+
+
+@dataclasses.dataclass(frozen=True)
+class _Subject:
+    """The model under test, one preprocessed frame for it, and the options every stream starts from."""
+
+    model: Any
+    instance: np.ndarray
+    base: StreamOptions  # the synthetic source, each stream's duration, no progress
 
 
 def run_stream_benchmark(
@@ -47,7 +59,7 @@ def run_stream_benchmark(
     under `out`."""
     import torch
 
-    from scaleforge.stream.pipeline import StreamOptions, load_stream_model, stream_through
+    from scaleforge.stream.pipeline import StreamOptions, load_stream_model
 
     out.mkdir(parents=True, exist_ok=True)
     model = load_stream_model(run_dir, "auto", trust)
@@ -55,43 +67,12 @@ def run_stream_benchmark(
     width, height = frame_size
     source = f"synthetic:{width}x{height}"
     frame = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    instance = model.decode_frame(frame)
     base = StreamOptions(source=source, duration_s=seconds, progress="none")
+    subject = _Subject(model, model.decode_frame(frame), base)
 
-    sustained: list[dict[str, Any]] = []
-    for batch_size in batch_sizes:
-        alone = _inference_fps(model, instance, batch_size, seconds / 2)
-        options = dataclasses.replace(base, fps=1e6, policy="block", max_batch_size=batch_size)
-        summary = stream_through(model, options)
-        row = {"batch_size": batch_size, "inference_fps": alone, "pipeline_fps": summary["processed_fps"]}
-        row["overlap"] = row["pipeline_fps"] / alone
-        row["mean_batch_size"] = summary["mean_batch_size"]
-        print(f"batch {batch_size}: inference alone {alone:,.0f} fps, pipeline {row['pipeline_fps']:,.0f} fps")
-        sustained.append(row)
+    sustained = [_sustained(subject, batch_size) for batch_size in batch_sizes]
     best = max(sustained, key=lambda row: row["pipeline_fps"])
-    rate = best["pipeline_fps"]
-
-    loads: list[dict[str, Any]] = []
-    for load in LOADS:
-        options = dataclasses.replace(
-            base, fps=load * rate, policy="drop-oldest", max_batch_size=best["batch_size"], queue=4
-        )
-        with _sampled_rss() as memory:
-            summary = stream_through(model, options)
-        loads.append(
-            {
-                "load": load,
-                "source_fps": load * rate,
-                "input_fps": summary["input_fps"],
-                "processed_fps": summary["processed_fps"],
-                "dropped": summary["frames_dropped"],
-                "captured": summary["frames_captured"],
-                "latency_ms": summary["latency_ms"],
-                "rss_mib": {name: value / 2**20 for name, value in memory.items()},
-            }
-        )
-        print(f"{load:g}x ({load * rate:,.0f} fps): p99 {summary['latency_ms']['p99']:.1f} ms")
-
+    loads = [_under_load(subject, load, best) for load in LOADS]
     result = {
         "benchmark": "stream",
         "run_dir": str(run_dir),
@@ -101,26 +82,70 @@ def run_stream_benchmark(
         "seconds_per_point": seconds,
         "sustained": sustained,
         "best_batch_size": best["batch_size"],
-        "sustained_fps": rate,
+        "sustained_fps": best["pipeline_fps"],
         "loads": loads,
     }
     result["targets"] = _targets(best, loads)
     _plot(sustained, loads, out / "stream.png")
+    _report(result, out, as_json=as_json)
+    return result
+
+
+def _sustained(subject: _Subject, batch_size: int) -> dict[str, Any]:
+    """The inference stage alone, and the whole pipeline with `block` on a source that never makes it wait."""
+    from scaleforge.stream.pipeline import stream_through
+
+    alone = _inference_fps(subject.model, subject.instance, batch_size, subject.base.duration_s / 2)
+    options = dataclasses.replace(subject.base, fps=1e6, policy="block", max_batch_size=batch_size)
+    summary = stream_through(subject.model, options)
+    row = {"batch_size": batch_size, "inference_fps": alone, "pipeline_fps": summary["processed_fps"]}
+    row["overlap"] = row["pipeline_fps"] / alone
+    row["mean_batch_size"] = summary["mean_batch_size"]
+    print(f"batch {batch_size}: inference alone {alone:,.0f} fps, pipeline {row['pipeline_fps']:,.0f} fps")
+    return row
+
+
+def _under_load(subject: _Subject, load: float, best: dict[str, Any]) -> dict[str, Any]:
+    """The source at `load` times the rate that `best` sustained, with drop-oldest, at its batch size."""
+    from scaleforge.stream.pipeline import stream_through
+
+    rate = best["pipeline_fps"]
+    options = dataclasses.replace(
+        subject.base, fps=load * rate, policy="drop-oldest", max_batch_size=best["batch_size"], queue=4
+    )
+    with _sampled_rss() as memory:
+        summary = stream_through(subject.model, options)
+    print(f"{load:g}x ({load * rate:,.0f} fps): p99 {summary['latency_ms']['p99']:.1f} ms")
+    return {
+        "load": load,
+        "source_fps": load * rate,
+        "input_fps": summary["input_fps"],
+        "processed_fps": summary["processed_fps"],
+        "dropped": summary["frames_dropped"],
+        "captured": summary["frames_captured"],
+        "latency_ms": summary["latency_ms"],
+        "rss_mib": {name: value / 2**20 for name, value in memory.items()},
+    }
+
+
+def _report(result: dict[str, Any], out: Path, *, as_json: bool) -> None:
+    """Print the table (or JSON) and write `OUT/stream.json`."""
     rows = [
         [f"batch {row['batch_size']}", f"{row['inference_fps']:,.0f}", f"{row['pipeline_fps']:,.0f}",
          f"{row['overlap']:.2f}", f"{row['mean_batch_size']:.1f}", "", "", "", ""]
-        for row in sustained
+        for row in result["sustained"]
     ] + [
         [f"{row['load']:g}x rate", "", f"{row['processed_fps']:,.0f}", "", "", f"{row['source_fps']:,.0f}",
          f"{row['latency_ms']['p50']:.1f} / {row['latency_ms']['p99']:.1f}", f"{row['dropped']:,}",
          f"{row['rss_mib']['first']:.0f} -> {row['rss_mib']['last']:.0f}"]
-        for row in loads
+        for row in result["loads"]
     ]  # fmt: skip
     report(
         result,
         out / "stream.json",
         as_json=as_json,
-        title=f"Streaming {run_dir} on {source} frames, {torch.get_num_threads()} threads, {seconds:g} s a point",
+        title=f"Streaming {result['run_dir']} on {result['source']} frames, {result['threads']} threads, "
+        f"{result['seconds_per_point']:g} s a point",
         columns=[
             "",
             "inference alone fps",
@@ -135,7 +160,6 @@ def run_stream_benchmark(
         rows=rows,
         notes=[*(f"{name}: {text}" for name, text in result["targets"].items()), f"results in {out}/ (stream.png)"],
     )
-    return result
 
 
 def _inference_fps(model: Any, instance: np.ndarray, batch_size: int, seconds: float) -> float:
