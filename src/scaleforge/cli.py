@@ -93,9 +93,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def _launch_train(args: argparse.Namespace, options: LaunchOptions) -> int:
     """Check what can be checked here, then start the workers; each runs `scaleforge train` without launch flags."""
-    from scaleforge.distributed.env import DistEnv, check_device_per_process, select_device
+    from scaleforge.distributed.env import DistEnv, check_device_per_process
     from scaleforge.distributed.launch import launch
     from scaleforge.distributed.parallel_dims import ParallelDims
+    from scaleforge.hardware import select_device
     from scaleforge.runs import run_signing_key
     from scaleforge.training.run_dir import default_run_dir, resume_point
 
@@ -177,7 +178,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from scaleforge.bench.harness import print_table
+    from scaleforge.console import print_table
     from scaleforge.training.curves import describe_runs
 
     rows = describe_runs(Path(args.folder))
@@ -322,7 +323,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
-    from scaleforge.bench.harness import print_table
+    from scaleforge.console import print_table
     from scaleforge.stream.pipeline import StreamOptions, print_summary, run_stream
 
     options = StreamOptions(
