@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "scaleforge"
 # Bottom to top. A module may import its own layer and the layers below it, never one above. A key names a module
 # or a subpackage (every module under it); the longest matching key wins.
 LAYERS: list[tuple[str, list[str]]] = [
-    ("foundation", ["errors", "registry", "config", "processes"]),
+    ("foundation", ["errors", "registry", "config", "processes", "console"]),
     ("hardware", ["hardware"]),
     ("models, data", ["models", "data", "components"]),
     ("runs, distributed", ["runs", "formats", "distributed"]),
@@ -29,8 +29,15 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("search, bench", ["search", "bench"]),
     ("cli, api", ["cli", "api", "__init__", "__main__"]),
 ]
-# Imports that the layer order admits but the design does not: product code never imports the benchmarks.
-FORBIDDEN = [("search", "bench")]
+# Imports that the layer order admits but the design does not: product code never imports the benchmarks, and
+# serving and streaming read run directories without the trainer or torch.distributed.
+FORBIDDEN = [
+    ("search", "bench"),
+    ("serve", "distributed"),
+    ("stream", "distributed"),
+    ("serve", "training"),
+    ("stream", "training"),
+]
 
 
 def module_name(path: Path) -> str:

@@ -133,9 +133,10 @@ def _fit_launched(
     config: RunConfig, items: list[str] | None, run_dir: str | Path | None, resume: str, options: LaunchOptions
 ) -> Run:
     """Check what can be checked here, then start the workers; each runs `scaleforge train` without launch flags."""
-    from scaleforge.distributed.env import DistEnv, check_device_per_process, select_device
+    from scaleforge.distributed.env import DistEnv, check_device_per_process
     from scaleforge.distributed.launch import launch
     from scaleforge.distributed.parallel_dims import ParallelDims
+    from scaleforge.hardware import select_device
     from scaleforge.runs import run_signing_key
     from scaleforge.training.run_dir import default_run_dir, resume_point
 

@@ -148,7 +148,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from scaleforge.bench.harness import print_table
+    from scaleforge.console import print_table
     from scaleforge.training.curves import describe_runs
 
     rows = describe_runs(Path(args.folder))
@@ -293,7 +293,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
-    from scaleforge.bench.harness import print_table
+    from scaleforge.console import print_table
     from scaleforge.stream.pipeline import StreamOptions, print_summary, run_stream
 
     options = StreamOptions(

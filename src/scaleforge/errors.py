@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 
 
@@ -62,3 +63,23 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
 def one_of(choices: Iterable[str]) -> str:
     """`one of: a, b, c` for error messages, sorted."""
     return "one of: " + ", ".join(sorted(choices))
+
+
+def describe_export_error(error: BaseException) -> str:
+    """` at <operator>: <first line>` for an exporter's error."""
+    return f"{_operator_in(error)}: {_first_line(error)}"
+
+
+def _operator_in(error: BaseException) -> str:
+    """` at <operator>` when the exporter's message names one."""
+    text = str(error)
+    found = re.search(r"(aten::?\.?[A-Za-z_0-9.]+|torch\.ops\.[A-Za-z_0-9.]+)", text)
+    if found is None and error.__cause__ is not None:
+        found = re.search(r"(aten::?\.?[A-Za-z_0-9.]+|torch\.ops\.[A-Za-z_0-9.]+)", str(error.__cause__))
+    return f" at {found.group(1)}" if found else ""
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)

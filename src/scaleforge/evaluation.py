@@ -10,8 +10,8 @@ from torch import nn
 from scaleforge.config import ComponentSpec, RunConfig
 from scaleforge.data.loading import eval_batches
 from scaleforge.distributed.parallelize import ParallelModel
+from scaleforge.hardware import make_autocast
 from scaleforge.runs import UNTRUSTED, Trust, open_run
-from scaleforge.training.precision import make_autocast
 from scaleforge.training.trainer import (
     build_data,
     build_objective,

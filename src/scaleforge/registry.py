@@ -29,6 +29,7 @@ _BUILTIN_MODULES = (
     "scaleforge.training.objectives",
     "scaleforge.training.callbacks",
     "scaleforge.compress.distill",
+    "scaleforge.compress.quantize",
 )
 _loaded = False
 # Set while a file that may not run code is read (a run directory from elsewhere): what it came from, and how the
@@ -169,6 +170,9 @@ SCHEDULERS = Registry("scheduler")
 LOSSES = Registry("loss")
 METRICS = Registry("metric")
 CALLBACKS = Registry("callback")
+# How a compressed run's `final/model.safetensors` loads, by the format its `compression.json` names: a function
+# (freshly built float model, weights file, DataInfo) -> the model holding those weights.
+FORMATS = Registry("compressed format")
 
 REGISTRIES: dict[str, Registry] = {
     "models": MODELS,

@@ -2,8 +2,9 @@
 
 `final/` holds `model.safetensors`, `config.yaml`, `data_info.json` and `manifest.json` (the size and SHA-256 of
 each other file). A compressed run also holds `compression.json`, whose `format` says how its tensors map onto the
-model the config builds (see `scaleforge.compress`). It is written under a temporary name, fsynced, and renamed
-into place, so a run whose `final/` exists finished; it is checked against its manifest each time it is opened.
+model the config builds: `state_dict`, or a format whose loader `registry.FORMATS` holds (the int8 ones, from
+`scaleforge.compress.quantize`). `final/` is written under a temporary name, fsynced, and renamed into place, so a
+run whose `final/` exists finished; it is checked against its manifest each time it is opened.
 
 A run directory opened here is data: its config names components, and only what scaleforge registers and what
 installed plugins add can be built from it. A config's `imports:` and `module:Attr` names run code, and are refused
@@ -33,11 +34,12 @@ from torch import nn
 from scaleforge import registry
 from scaleforge.config import RunConfig, dump_yaml, load_config
 from scaleforge.data.base import DataInfo
-from scaleforge.errors import UsageError
+from scaleforge.errors import UsageError, one_of
 
 FINAL_FILES = ("model.safetensors", "config.yaml", "data_info.json")
 MANIFEST = "manifest.json"
 COMPRESSION = "compression.json"
+STATE_DICT = "state_dict"  # the format of a trained run's weights, and of a compressed run's that are float
 INT8_FORMATS = ("dynamic-int8", "static-int8", "qat-int8")  # compression.json formats whose weights are int8
 SIGNATURE = "hmac_sha256"  # the manifest's key for its signature
 TRUST_FLAG = "--trust-code (trust_code=True in load_run)"
@@ -301,18 +303,17 @@ def open_run(path: str | Path, trust: Trust) -> LoadedRun:
     final = verify_final(path, trust.signing_key_env)
     config, info = _describe(final, trust)
     model = build_model(config.model, info)
-    fmt = (compression_of(final) or {}).get("format")
+    fmt = (compression_of(final) or {}).get("format", STATE_DICT)
     file = final / "model.safetensors"
-    if fmt in ("static-int8", "qat-int8"):
-        from scaleforge.compress.quantize import load_int8
-
-        model = load_int8(model, example_inputs(info, 2), read_weights(file), qat=fmt == "qat-int8")
-    else:
-        if fmt == "dynamic-int8":
-            from scaleforge.compress.quantize import dynamic_int8
-
-            model = dynamic_int8(model)  # the int8 structure, which the saved int8 tensors fill
+    if fmt == STATE_DICT:
         load_weights(model, file)
+    elif fmt in registry.FORMATS:  # a registered name only: a run's file never names code to import
+        model = registry.FORMATS.get(fmt)(model, file, info)
+    else:
+        raise UsageError(
+            f"{final / COMPRESSION} names the format '{fmt}', which no installed component loads; "
+            f"{one_of([STATE_DICT, *registry.FORMATS.names()])}"
+        )
     model.eval()
     return LoadedRun(config=config, model=model, info=info)
 

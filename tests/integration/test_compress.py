@@ -146,6 +146,19 @@ def test_bad_compress_and_export_requests_exit_2_and_write_nothing(cli, mlp_run:
     assert not (damaged / "exported").exists() or not any((damaged / "exported").iterdir())
 
 
+def test_a_compressed_format_no_component_loads_is_refused_and_never_imported(mlp_run: Path, tmp_path: Path) -> None:
+    from scaleforge.errors import UsageError
+    from scaleforge.runs import load_run, write_manifest
+
+    for fmt in ("int4", "os:system"):  # a run's file names a registered format, never code to import
+        run = tmp_path / fmt.replace(":", "-")
+        shutil.copytree(mlp_run, run)
+        (run / "final" / "compression.json").write_text(json.dumps({"format": fmt}))
+        write_manifest(run / "final")
+        with pytest.raises(UsageError, match=f"names the format '{fmt}', which no installed component loads"):
+            load_run(run, trust_code=True)
+
+
 def test_the_distillation_loss_mixes_the_teachers_softened_outputs_with_the_labels(mlp_run: Path, tmp_path):  # noqa: ANN001
     from scaleforge.compress.distill import DistillationLoss
     from scaleforge.errors import ConfigError

@@ -10,6 +10,7 @@ from torch import nn
 
 from scaleforge.config import ModelSection, load_config, signature_of
 from scaleforge.data.base import DataInfo
+from scaleforge.distributed.tensor_parallel import STYLES, planned_architectures
 from scaleforge.errors import ConfigError
 from scaleforge.registry import MODELS
 from scaleforge.training.trainer import build_model
@@ -75,6 +76,17 @@ def test_model_exposes_its_blocks(name: str, info: DataInfo) -> None:
     assert block_parameters <= {id(p) for p in model.parameters()}
 
 
+@pytest.mark.parametrize("planned", planned_architectures())
+def test_a_tensor_parallel_plan_names_linear_layers_by_known_styles(planned: str) -> None:
+    info = INFO if _is_classifier(planned) else TOKENS
+    model = build_model(_section(planned), info)
+    plan = model.tp_plan(range(len(model.blocks)))
+    assert plan
+    for layer, style in plan.items():
+        assert isinstance(model.get_submodule(layer), nn.Linear), layer
+        assert style in STYLES, (layer, style)
+
+
 def test_num_classes_that_disagrees_with_the_dataset_raises(name: str) -> None:
     if not _is_classifier(name):
         pytest.skip("a language model takes no num_classes")
@@ -121,3 +133,14 @@ def test_mlp_rejected_value_becomes_config_error() -> None:
     section = load_config(None, ["model.dropout_rate=1.5"]).model
     with pytest.raises(ConfigError, match="model: MLP rejected its parameters: dropout_rate must be in"):
         build_model(section, INFO)
+
+
+def test_mlp_tensor_parallel_plan_pairs_the_blocks_it_is_given() -> None:
+    section = load_config(None, ["model.hidden_layers=[64,32,16]"]).model
+    model = build_model(section, INFO)
+    assert model.tp_plan(range(3)) == {
+        "blocks.0.linear": "colwise",
+        "blocks.1.linear": "rowwise",
+        "blocks.2.linear": "colwise_rep",  # unpaired: gathered for the head
+    }
+    assert model.tp_plan([1, 2]) == {"blocks.1.linear": "colwise", "blocks.2.linear": "rowwise"}  # a pipeline stage

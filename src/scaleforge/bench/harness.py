@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from scaleforge.config import ParallelSection
+from scaleforge.console import print_table
 from scaleforge.errors import UsageError, did_you_mean, one_of
 from scaleforge.processes import ParentDeathGuard
 
@@ -112,11 +113,6 @@ def check_strategy(name: str, option: str) -> None:
         )
 
 
-def counted(number: int, noun: str) -> str:
-    """`1 thread`, `2 threads`."""
-    return f"{number} {noun}{'' if number == 1 else 's'}"
-
-
 def machine() -> dict[str, Any]:
     """What a result was measured on."""
     return {
@@ -146,19 +142,3 @@ def report(
     print_table(title, columns, rows)
     for note in notes:
         print(note)
-
-
-def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    """`rows` under `columns` as a table (the first column left-aligned, the others right-aligned)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    for index, column in enumerate(columns):
-        table.add_column(column, justify="left" if index == 0 else "right")
-    for row in rows:
-        table.add_row(*row)
-    console = Console()
-    if not console.is_terminal:  # a pipe or a file has no width to fit: keep every row on one line
-        console.width = 240
-    console.print(table)

@@ -15,8 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from scaleforge.bench.harness import check_strategy, config_arguments, counted, machine, report, train_in_child
+from scaleforge.bench.harness import check_strategy, config_arguments, machine, report, train_in_child
 from scaleforge.config import load_config
+from scaleforge.console import counted
 from scaleforge.distributed.launch import threads_per_process
 from scaleforge.errors import UsageError
 

@@ -24,12 +24,12 @@ from scaleforge.bench.harness import (
     TrainingRun,
     check_strategy,
     config_arguments,
-    counted,
     machine,
     report,
     train_in_child,
 )
 from scaleforge.config import load_config
+from scaleforge.console import counted
 from scaleforge.data.loading import BatchPlan
 from scaleforge.distributed.launch import threads_per_process
 from scaleforge.distributed.parallel_dims import ParallelDims

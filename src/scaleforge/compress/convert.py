@@ -31,6 +31,7 @@ from scaleforge.errors import AgreedError, UsageError
 from scaleforge.runs import (
     COMPRESSION,
     INT8_FORMATS,
+    STATE_DICT,
     UNTRUSTED,
     Trust,
     compression_of,
@@ -168,7 +169,7 @@ def _convert(
         _finetune(model, config, options, partial)
     else:
         _write_run(partial, model.state_dict(), config, info)
-    return "state_dict", details
+    return STATE_DICT, details
 
 
 def _write_run(partial: Path, state: dict[str, torch.Tensor], config: RunConfig, info: DataInfo) -> None:
@@ -310,7 +311,7 @@ def measure(model: nn.Module, config: RunConfig, info: DataInfo, weights: Path) 
 
 def print_report(report: dict[str, Any]) -> None:
     """The before/after comparison of a `compress_run` report, as a table."""
-    from scaleforge.bench.harness import print_table
+    from scaleforge.console import print_table
 
     before, after = report["before"], report["after"]
     metrics = sorted(key for key in before if key.startswith("val_"))

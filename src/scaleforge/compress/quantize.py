@@ -20,12 +20,16 @@ import copy
 import itertools
 import logging
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from scaleforge.errors import UsageError
+from scaleforge.data.base import DataInfo
+from scaleforge.errors import UsageError, describe_export_error
+from scaleforge.registry import FORMATS
+from scaleforge.runs import example_inputs, load_weights, read_weights
 
 INT8_MAX = 127  # symmetric: [-127, 127], so that negating a value never overflows
 MAX_BATCH = 4096  # the largest batch a static-int8 model's exported graph takes
@@ -223,8 +227,6 @@ def prepared_for_int8(model: nn.Module, example: torch.Tensor, *, qat: bool = Fa
     try:
         exported = torch.export.export(model, (example,), dynamic_shapes=({0: batch},)).module()
     except Exception as error:  # noqa: BLE001 - torch.export raises many kinds; each is the model's to fix
-        from scaleforge.export.formats import describe_export_error
-
         method = "qat" if qat else "static-int8"
         raise UsageError(
             f"{method} needs a model torch.export can capture, and {type(model).__name__} fails"
@@ -301,3 +303,27 @@ def load_int8(model: nn.Module, example: torch.Tensor, state: dict[str, torch.Te
         first_line = str(error).strip().splitlines()[0]
         raise UsageError(f"the int8 weights do not fit this model: {first_line}") from error
     return converted
+
+
+# ------------------------------------------------------------------------------------------- int8 runs
+# `load_run` finds these by the format a compressed run's compression.json names.
+
+
+@FORMATS.register("dynamic-int8")
+def load_dynamic_int8(model: nn.Module, file: Path, info: DataInfo) -> nn.Module:
+    """A dynamic-int8 run's model: the int8 structure `dynamic_int8` builds on `model`, filled from `file`."""
+    quantized = dynamic_int8(model)
+    load_weights(quantized, file)
+    return quantized
+
+
+@FORMATS.register("static-int8")
+def load_static_int8(model: nn.Module, file: Path, info: DataInfo) -> nn.Module:
+    """A static-int8 run's model, rebuilt by `load_int8` from `file`."""
+    return load_int8(model, example_inputs(info, 2), read_weights(file), qat=False)
+
+
+@FORMATS.register("qat-int8")
+def load_qat_int8(model: nn.Module, file: Path, info: DataInfo) -> nn.Module:
+    """A qat-int8 run's model, rebuilt by `load_int8` from `file` with QAT's observers."""
+    return load_int8(model, example_inputs(info, 2), read_weights(file), qat=True)

@@ -1,5 +1,6 @@
-"""The process's place in a distributed run (rank, local rank, world size, from the launcher's environment) and
-its device."""
+"""The process's place in a distributed run (rank, local rank, world size, from the launcher's environment), the
+check that each process gets a device of its own, and what the processes do together: join the group, agree on
+errors, name a peer that hung."""
 
 from __future__ import annotations
 
@@ -46,30 +47,6 @@ class DistEnv:
     def is_main(self) -> bool:
         """Rank 0 writes logs, metrics and final files."""
         return self.rank == 0
-
-
-def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """`auto` picks cuda (this process's GPU: `cuda:LOCAL_RANK`), then mps, then cpu; an explicit device must exist."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise ConfigError(f"hardware.device: '{name}' is not a device; use auto, cpu, cuda, cuda:N or mps") from error
-    available = {
-        "cpu": True,
-        "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
-        "mps": torch.backends.mps.is_available(),
-    }
-    if not available.get(device.type, False):
-        raise ConfigError(f"hardware.device: '{name}' is not available on this machine")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-    return device
 
 
 def check_device_per_process(name: str, env: DistEnv) -> None:

@@ -44,8 +44,7 @@ from scaleforge.distributed.pipeline_parallel import (
 )
 from scaleforge.distributed.tensor_parallel import apply_tp, check_tp
 from scaleforge.errors import ConfigError
-from scaleforge.models.tp_plans import tp_plan
-from scaleforge.training.precision import PRECISIONS, Autocast
+from scaleforge.hardware import PRECISIONS, Autocast
 
 if TYPE_CHECKING:
     from torch.distributed.pipelining.schedules import PipelineScheduleSingle
@@ -346,7 +345,7 @@ def parallelize(
     if plan.stage_bounds is not None:
         keep_stage(model, plan.stage_bounds, mesh["pp"].get_local_rank())  # type: ignore[index]
     if plan.tensor_parallel:
-        apply_tp(model, mesh["tp"], tp_plan(model))  # type: ignore[index,arg-type] # the blocks this stage holds
+        apply_tp(model, mesh["tp"])  # type: ignore[index]
     if training.activation_checkpointing:
         apply_ac(model)
     if training.compile:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from scaleforge.errors import UsageError
+from scaleforge.errors import UsageError, describe_export_error
 from scaleforge.runs import INT8_FORMATS, UNTRUSTED, Trust, compression_of, open_run, verify_final
 
 FORMATS = {"onnx": ".onnx", "torch-export": ".pt2", "aoti": ".aoti.pt2"}
@@ -231,23 +230,3 @@ def _require(check: ExportCheck, int8: bool, fmt: str) -> None:
             f"the {fmt} export differs from the model by up to {check.max_abs_diff:.2e} on {check.rows} validation "
             f"rows, more than {FLOAT_TOLERANCE:g}"
         )
-
-
-def describe_export_error(error: BaseException) -> str:
-    """` at <operator>: <first line>` for an exporter's error."""
-    return f"{_operator_in(error)}: {_first_line(error)}"
-
-
-def _operator_in(error: BaseException) -> str:
-    """` at <operator>` when the exporter's message names one."""
-    text = str(error)
-    found = re.search(r"(aten::?\.?[A-Za-z_0-9.]+|torch\.ops\.[A-Za-z_0-9.]+)", text)
-    if found is None and error.__cause__ is not None:
-        found = re.search(r"(aten::?\.?[A-Za-z_0-9.]+|torch\.ops\.[A-Za-z_0-9.]+)", str(error.__cause__))
-    return f" at {found.group(1)}" if found else ""
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = lines[0] if lines else type(error).__name__
-    return re.sub(r"\x1b\[[0-9;]*m", "", text)

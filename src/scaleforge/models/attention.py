@@ -3,6 +3,9 @@ models, causal for language models), the feed-forward network and the pre-norm b
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import ClassVar
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -73,6 +76,18 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
+    # How tensor parallelism splits the block: q, k, v column-wise, so that each process holds whole heads
+    # (`MultiHeadSelfAttention` takes its head count from the tensor's shape), then the output projection
+    # row-wise; the feed-forward's hidden units likewise. One all-reduce for each pair; the norms stay whole.
+    TP_PLAN: ClassVar[dict[str, str]] = {
+        "attn.q_proj": "colwise",
+        "attn.k_proj": "colwise",
+        "attn.v_proj": "colwise",
+        "attn.out_proj": "rowwise",
+        "mlp.up": "colwise",
+        "mlp.down": "rowwise",
+    }
+
     def __init__(self, width: int, heads: int, mlp_ratio: float, dropout_rate: float, causal: bool = False) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(width)
@@ -83,3 +98,8 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))  # (B, T, C)
+
+
+def transformer_tp_plan(blocks: Iterable[int]) -> dict[str, str]:
+    """The tensor-parallel plan of a model's `TransformerBlock`s at `blocks.N`, for each N in `blocks`."""
+    return {f"blocks.{index}.{name}": style for index in blocks for name, style in TransformerBlock.TP_PLAN.items()}

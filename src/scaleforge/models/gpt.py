@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
-from scaleforge.models.attention import TransformerBlock
+from scaleforge.models.attention import TransformerBlock, transformer_tp_plan
 from scaleforge.registry import register_model
 
 
@@ -66,6 +68,10 @@ class GPT(nn.Module):
         if tie_embeddings:
             self.head.proj.weight = self.embed.token.weight
         self.apply(self._init_weights)
+
+    def tp_plan(self, blocks: Sequence[int]) -> dict[str, str]:
+        """How tensor parallelism splits the blocks at indices `blocks` (every block's `TransformerBlock.TP_PLAN`)."""
+        return transformer_tp_plan(blocks)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

@@ -63,3 +63,14 @@ class MLP(nn.Module):
         for block in self.blocks:
             x = block(x)  # (B, H)
         return self.head(x)  # (B, num_classes)
+
+    def tp_plan(self, blocks: Sequence[int]) -> dict[str, str]:
+        """How tensor parallelism splits the blocks at indices `blocks`: their layers in column-wise, row-wise pairs
+        (one all-reduce per pair); an unpaired last one column-wise, its output gathered for what follows."""
+        plan: dict[str, str] = {}
+        for first, second in zip(blocks[::2], blocks[1::2], strict=False):
+            plan[f"blocks.{first}.linear"] = "colwise"
+            plan[f"blocks.{second}.linear"] = "rowwise"
+        if len(blocks) % 2:
+            plan[f"blocks.{blocks[-1]}.linear"] = "colwise_rep"
+        return plan

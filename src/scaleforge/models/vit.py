@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from scaleforge.models.attention import TransformerBlock
+from scaleforge.models.attention import TransformerBlock, transformer_tp_plan
 from scaleforge.registry import register_model
 
 
@@ -75,6 +75,10 @@ class ViT(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(width, heads, mlp_ratio, dropout_rate) for _ in range(depth))
         self.head = ClassTokenHead(width, num_classes)
         self.apply(self._init_weights)
+
+    def tp_plan(self, blocks: Sequence[int]) -> dict[str, str]:
+        """How tensor parallelism splits the blocks at indices `blocks` (every block's `TransformerBlock.TP_PLAN`)."""
+        return transformer_tp_plan(blocks)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from scaleforge.bench.harness import print_table
+from scaleforge.console import print_table
 from scaleforge.errors import UsageError
 from scaleforge.search.objectives import Objective
 from scaleforge.search.study import requeued_numbers, study_record

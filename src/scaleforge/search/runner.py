@@ -36,8 +36,8 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from scaleforge.bench.harness import counted
 from scaleforge.config import RunConfig, build_config, config_data, config_from_dict
+from scaleforge.console import counted
 from scaleforge.distributed.launch import threads_per_process
 from scaleforge.errors import ConfigError, UsageError
 from scaleforge.processes import ORPHAN_GRACE_S, parent_environment

@@ -11,8 +11,8 @@ from types import FrameType
 
 import uvicorn
 
-from scaleforge.distributed.env import select_device
 from scaleforge.errors import ConfigError, UsageError
+from scaleforge.hardware import select_device
 from scaleforge.runs import Trust
 from scaleforge.serve.app import Gate, ServeSettings, create_app
 from scaleforge.serve.model import ServedModel

@@ -489,7 +489,7 @@ def run_stream(run_dir: str, options: StreamOptions, trust: Trust = UNTRUSTED) -
 
 def load_stream_model(run_dir: str, device: str, trust: Trust = UNTRUSTED) -> Any:
     """The run's model as a `ServedModel`, if it classifies images (a stream's frames)."""
-    from scaleforge.distributed.env import select_device
+    from scaleforge.hardware import select_device
     from scaleforge.serve.model import ServedModel
 
     model = ServedModel(run_dir, select_device(device), trust=trust)

@@ -49,13 +49,13 @@ from scaleforge.distributed.env import (
     errors_agreed,
     hangs_named,
     init_distributed,
-    select_device,
     teardown_distributed,
 )
 from scaleforge.distributed.launch import is_launched_worker
 from scaleforge.distributed.parallel_dims import ParallelDims
 from scaleforge.distributed.parallelize import ParallelModel, parallelize, plan_parallelism
 from scaleforge.errors import AgreedError, ConfigError, UsageError
+from scaleforge.hardware import Autocast, make_autocast, resolve_precision, select_device
 from scaleforge.runs import load_weights, run_signing_key, save_final, verify_final
 from scaleforge.training.callbacks import Callback, CallbackList, RunState
 from scaleforge.training.checkpoint import (
@@ -66,7 +66,6 @@ from scaleforge.training.checkpoint import (
 from scaleforge.training.metrics import JsonlLogger, LossPlot, TensorBoardLogger, build_progress
 from scaleforge.training.monitoring import PrometheusExporter, SystemMonitor
 from scaleforge.training.objectives import Objective, default_objective
-from scaleforge.training.precision import Autocast, make_autocast, resolve_precision
 from scaleforge.training.run_dir import default_run_dir, resume_point
 from scaleforge.training.signals import Interrupted, StopRequest
 from scaleforge.training.status import STATUS, StatusHeartbeat, this_process, write_status

@@ -1,0 +1,59 @@
+"""The device a process computes on and the numeric precision it computes in: chosen alike for training,
+evaluation, serving and streaming."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+
+from scaleforge.errors import ConfigError
+
+Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
+
+# The dtype that mixed precision computes in (None: everything in fp32).
+PRECISIONS: dict[str, torch.dtype | None] = {"32": None, "bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
+
+
+def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """`auto` picks cuda (this process's GPU: `cuda:LOCAL_RANK`), then mps, then cpu; an explicit device must exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ConfigError(f"hardware.device: '{name}' is not a device; use auto, cpu, cuda, cuda:N or mps") from error
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
+        "mps": torch.backends.mps.is_available(),
+    }
+    if not available.get(device.type, False):
+        raise ConfigError(f"hardware.device: '{name}' is not available on this machine")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto`: bf16-mixed on a GPU that supports it, fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32"
+
+
+def make_autocast(precision: str, device: torch.device) -> Autocast:
+    """A factory of autocast contexts for the precision (a no-op context for fp32)."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext
+    return partial(torch.autocast, device_type=device.type, dtype=dtype)

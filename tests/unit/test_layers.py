@@ -1,0 +1,47 @@
+"""The package's imports point down its layers (tests/layers.py draws them: `python -m tests.layers`)."""
+
+from __future__ import annotations
+
+import ast
+
+from tests import layers
+
+
+def test_no_module_is_part_of_an_import_cycle() -> None:
+    found = layers.cycles(layers.import_graph())
+    assert found == [], "import cycles:\n" + "\n".join(" <-> ".join(component) for component in found)
+
+
+def test_no_module_imports_a_layer_above_its_own() -> None:
+    wrong = layers.upward(layers.import_graph())
+    assert wrong == [], "upward or forbidden imports (see LAYERS and FORBIDDEN in tests/layers.py):\n" + "\n".join(
+        f"{module} -> {other}" for module, other in wrong
+    )
+
+
+def test_the_checks_catch_an_upward_import_a_forbidden_one_and_a_cycle() -> None:
+    graph = {
+        "scaleforge.errors": {"scaleforge.training.trainer"},
+        "scaleforge.training.trainer": {"scaleforge.errors", "scaleforge.runs"},
+        "scaleforge.serve.server": {"scaleforge.distributed.env", "scaleforge.runs"},
+        "scaleforge.distributed.env": set(),
+        "scaleforge.runs": set(),
+    }
+    assert layers.cycles(graph) == [["scaleforge.errors", "scaleforge.training.trainer"]]
+    assert layers.upward(graph) == [
+        ("scaleforge.errors", "scaleforge.training.trainer"),
+        ("scaleforge.serve.server", "scaleforge.distributed.env"),
+    ]
+
+
+def test_an_import_inside_a_function_counts_and_one_for_type_checking_does_not() -> None:
+    source = """
+from typing import TYPE_CHECKING
+if TYPE_CHECKING:
+    from scaleforge.bench.harness import machine
+def load():
+    from scaleforge.compress.quantize import dynamic_int8
+"""
+    known = {"scaleforge.runs", "scaleforge.bench.harness", "scaleforge.compress.quantize"}
+    found = layers._imports(ast.parse(source), "scaleforge.runs", False, known)
+    assert found == {"scaleforge.compress.quantize"}
