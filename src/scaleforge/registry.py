@@ -28,7 +28,9 @@ _BUILTIN_MODULES = (
     "scaleforge.training.optim",
     "scaleforge.training.objectives",
     "scaleforge.training.callbacks",
+    "scaleforge.training.preparations",
     "scaleforge.compress.distill",
+    "scaleforge.compress.quantize",
 )
 _loaded = False
 # Set while a file that may not run code is read (a run directory from elsewhere): what it came from, and how the
@@ -167,6 +169,12 @@ SCHEDULERS = Registry("scheduler")
 LOSSES = Registry("loss")
 METRICS = Registry("metric")
 CALLBACKS = Registry("callback")
+# Hooks a training field turns on, registered under the field's name (`training.init_from`, ...): a model
+# preparation takes (model, the field's value, a `PreparationContext`) before parallelization and returns the model
+# to train; an optimizer preparation takes (parallelized module, optimizer, the field's value) once the optimizer is
+# built. The trainer applies them in the order of the fields, without naming the packages that provide them.
+PREPARATIONS = Registry("model preparation")
+OPTIMIZER_PREPARATIONS = Registry("optimizer preparation")
 
 REGISTRIES: dict[str, Registry] = {
     "models": MODELS,
@@ -185,3 +193,5 @@ register_scheduler = SCHEDULERS.register
 register_loss = LOSSES.register
 register_metric = METRICS.register
 register_callback = CALLBACKS.register
+register_preparation = PREPARATIONS.register
+register_optimizer_preparation = OPTIMIZER_PREPARATIONS.register
