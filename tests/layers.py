@@ -166,18 +166,18 @@ def _within(module: str, key: str) -> bool:
 
 
 def picture(graph: dict[str, set[str]]) -> str:
-    """The layers from top to bottom, each with the layers its modules import."""
-    uses: dict[int, set[int]] = defaultdict(set)
+    """The layers from top to bottom, each with the parts (modules and subpackages) of other layers it imports."""
+    uses: dict[int, set[str]] = defaultdict(set)
     for module, imported in graph.items():
         for other in imported:
             if layer_of(other) != layer_of(module):
-                uses[layer_of(module)].add(layer_of(other))
+                uses[layer_of(module)].add(other.split(".")[1])
     lines = []
     for number in reversed(range(len(LAYERS))):
         name = LAYERS[number][0]
-        below = ", ".join(LAYERS[other][0] for other in sorted(uses[number], reverse=True)) or "-"
-        marker = " <- imports a higher layer" if any(other > number for other in uses[number]) else ""
-        lines.append(f"{number}  {name:<18} imports: {below}{marker}")
+        parts = sorted(uses[number], key=lambda part: (-layer_of(f"scaleforge.{part}"), part))
+        marker = " <- imports a higher layer" if any(layer_of(f"scaleforge.{p}") > number for p in parts) else ""
+        lines.append(f"{number}  {name:<18} imports: {', '.join(parts) or '-'}{marker}")
     return "\n".join(lines)
 
 

@@ -28,6 +28,7 @@ _BUILTIN_MODULES = (
     "scaleforge.training.optim",
     "scaleforge.training.objectives",
     "scaleforge.training.callbacks",
+    "scaleforge.training.preparations",
     "scaleforge.compress.distill",
     "scaleforge.compress.quantize",
 )
@@ -173,6 +174,12 @@ CALLBACKS = Registry("callback")
 # How a compressed run's `final/model.safetensors` loads, by the format its `compression.json` names: a function
 # (freshly built float model, weights file, DataInfo) -> the model holding those weights.
 FORMATS = Registry("compressed format")
+# Hooks a training field turns on, registered under the field's name (`training.init_from`, ...): a model
+# preparation takes (model, the field's value, a `PreparationContext`) before parallelization and returns the model
+# to train; an optimizer preparation takes (parallelized module, optimizer, the field's value) once the optimizer is
+# built. The trainer applies them in the order of the fields, without naming the packages that provide them.
+PREPARATIONS = Registry("model preparation")
+OPTIMIZER_PREPARATIONS = Registry("optimizer preparation")
 
 REGISTRIES: dict[str, Registry] = {
     "models": MODELS,
@@ -191,3 +198,5 @@ register_scheduler = SCHEDULERS.register
 register_loss = LOSSES.register
 register_metric = METRICS.register
 register_callback = CALLBACKS.register
+register_preparation = PREPARATIONS.register
+register_optimizer_preparation = OPTIMIZER_PREPARATIONS.register

@@ -286,10 +286,11 @@ def test_qat_trains_fake_quantized_under_ddp_through_the_trainer_then_converts_t
 
 
 def test_quantization_aware_training_runs_on_one_process_and_is_refused_where_it_cannot(tmp_path: Path) -> None:
+    from scaleforge.compress.quantize import quantization_aware
     from scaleforge.data.base import DataInfo
     from scaleforge.errors import ConfigError
     from scaleforge.models.mlp import MLP
-    from scaleforge.training.trainer import quantization_aware
+    from scaleforge.training.preparations import PreparationContext
 
     qat = [*QUICK, "model.hidden_layers=[16]", "training.max_steps=3", "training.quantization_aware=true"]
     with record_cell("single", "qat", "32"):
@@ -301,7 +302,7 @@ def test_quantization_aware_training_runs_on_one_process_and_is_refused_where_it
     for strategy, dims in SHARDED_OR_SPLIT.items():
         with record_cell(strategy, "qat", "32") as cell:
             with pytest.raises(ConfigError, match=f"runs on one process or under ddp, not {strategy}") as refusal:
-                quantization_aware(MLP((1, 8, 8), 10), info, dims)
+                quantization_aware(MLP((1, 8, 8), 10), True, PreparationContext(info, dims))
             cell.outcome = f"refused: {refusal.value}"
 
 

@@ -21,15 +21,18 @@ import itertools
 import logging
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from scaleforge.data.base import DataInfo
-from scaleforge.errors import UsageError, describe_export_error
-from scaleforge.registry import FORMATS
+from scaleforge.errors import ConfigError, UsageError, describe_export_error
+from scaleforge.registry import FORMATS, register_preparation
 from scaleforge.runs import example_inputs, load_weights, read_weights
+
+if TYPE_CHECKING:
+    from scaleforge.training.preparations import PreparationContext
 
 INT8_MAX = 127  # symmetric: [-127, 127], so that negating a value never overflows
 MAX_BATCH = 4096  # the largest batch a static-int8 model's exported graph takes
@@ -239,6 +242,20 @@ def prepared_for_int8(model: nn.Module, example: torch.Tensor, *, qat: bool = Fa
     prepared = quantize_pt2e.prepare_qat_pt2e(exported, quantizer)
     pt2e.allow_exported_model_train_eval(prepared)
     return prepared
+
+
+@register_preparation("quantization_aware")
+def quantization_aware(model: nn.Module, enabled: bool, context: PreparationContext) -> nn.Module:
+    """`training.quantization_aware`: the model exported and fake-quantized for int8 (PT2E QAT)."""
+    from scaleforge.runs import example_inputs
+
+    if context.dims.strategy not in ("single", "ddp"):
+        raise ConfigError(
+            f"training.quantization_aware: runs on one process or under ddp, not {context.dims.strategy} (the "
+            "exported, fake-quantized graph cannot be sharded or split)"
+        )
+    device = next(model.parameters()).device
+    return prepared_for_int8(model, example_inputs(context.info, 2).to(device), qat=True)
 
 
 def _converted(prepared: nn.Module) -> nn.Module:

@@ -1,4 +1,9 @@
-"""The training loop: `train()` builds its parts with short `build_*` helpers, then runs one plain loop.
+"""The training loop: `train()` builds a `Trainer` with short `build_*` helpers, then runs its one plain loop.
+
+A `Trainer` is one run's parts and progress, the one object its phases share, each a method read top to bottom:
+`setup` (build, resume, announce), then `run`: `start`, `loop` (each `step`, then `log`, `validate` and
+`save_checkpoint` when they are due) and `finish` (final/ and summary.json). What a training field turns on around
+the model (`init_from`, `quantization_aware`, `keep_zeros`) comes from `training.preparations`' registered hooks.
 
 One step: this process's micro-batches -> autocast forward -> loss / grad_accum -> backward -> (unscale,
 clip) -> optimizer step -> scheduler step. The loss stays on the device and is read back once per
@@ -20,6 +25,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -53,10 +59,10 @@ from scaleforge.distributed.env import (
 )
 from scaleforge.distributed.launch import is_launched_worker
 from scaleforge.distributed.parallel_dims import ParallelDims
-from scaleforge.distributed.parallelize import ParallelModel, parallelize, plan_parallelism
+from scaleforge.distributed.parallelize import ParallelModel, ParallelPlan, parallelize, plan_parallelism
 from scaleforge.errors import AgreedError, ConfigError, UsageError
 from scaleforge.hardware import Autocast, make_autocast, resolve_precision, select_device
-from scaleforge.runs import load_weights, run_signing_key, save_final, verify_final
+from scaleforge.runs import run_signing_key, save_final
 from scaleforge.training.callbacks import Callback, CallbackList, RunState
 from scaleforge.training.checkpoint import (
     Checkpointer,
@@ -66,6 +72,7 @@ from scaleforge.training.checkpoint import (
 from scaleforge.training.metrics import JsonlLogger, LossPlot, TensorBoardLogger, build_progress
 from scaleforge.training.monitoring import PrometheusExporter, SystemMonitor
 from scaleforge.training.objectives import Objective, default_objective
+from scaleforge.training.preparations import PreparationContext, prepare_model, prepare_optimizer
 from scaleforge.training.run_dir import default_run_dir, resume_point
 from scaleforge.training.signals import Interrupted, StopRequest
 from scaleforge.training.status import STATUS, StatusHeartbeat, this_process, write_status
@@ -187,6 +194,64 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def build_checked_objective(
+    training: TrainingSection, info: DataInfo, dims: ParallelDims, device: torch.device
+) -> Objective:
+    """The objective on `device`, checked against the parallel layout: its metrics combine over the processes and
+    its loss sees what it reads."""
+    objective = build_objective(training, info)
+    objective.loss.to(device)
+    check_metrics_combine(objective, dims)
+    check_loss_sees_inputs(objective, training.loss.name, dims)
+    return objective
+
+
+def plan_training(
+    config: RunConfig, model: nn.Module, dims: ParallelDims, device: torch.device, precision: str
+) -> tuple[BatchPlan, ParallelPlan]:
+    """How the global batch splits into micro-batches over the data-parallel replicas, and how the strategy applies
+    to `model` (every refusal a config error, raised before any collective)."""
+    plan = BatchPlan(config.training.batch_size, config.training.grad_accum_steps, world_size=dims.dp)
+    layout = plan_parallelism(
+        model,
+        dims=dims,
+        device=device,
+        architecture=config.model.architecture,
+        parallel=config.parallel,
+        precision=precision,
+        micro_batch_size=plan.micro_batch_size,
+    )
+    return plan, layout
+
+
+def check_validation_share(data: DatasetSplits, dims: ParallelDims) -> None:
+    """Every data-parallel replica evaluates at least one validation sample."""
+    if len(data.val) < dims.dp:  # type: ignore[arg-type]
+        raise ConfigError(f"data: {len(data.val)} validation samples cannot be shared by {dims.dp} processes")  # type: ignore[arg-type]
+
+
+def build_process_callbacks(
+    config: RunConfig, run_dir: Path, env: DistEnv, extra: Sequence[Callback] = ()
+) -> CallbackList:
+    """This process's callbacks: rank 0's reporters (`build_callbacks`), and a Prometheus exporter where
+    `logging.prometheus_port` and `logging.prometheus_ranks` ask for one."""
+    callbacks = build_callbacks(config, run_dir, extra) if env.is_main else CallbackList([])
+    if config.logging.prometheus_port is not None and (env.is_main or config.logging.prometheus_ranks == "all"):
+        callbacks.callbacks.append(prometheus_exporter(config.logging, env))
+    return callbacks
+
+
+def build_checkpointer(config: RunConfig, run_dir: Path) -> Checkpointer:
+    """The writer of the run's checkpoints, as `checkpoint` configures it."""
+    return Checkpointer(
+        run_dir / "checkpoints",
+        keep=config.checkpoint.keep,
+        use_async=config.checkpoint.async_,
+        timeout_s=config.parallel.timeout_s,
+        signing_key=run_signing_key(config),
+    )
+
+
 # ---------------------------------------------------------------------------------------------- the loop
 
 
@@ -275,25 +340,41 @@ def train(
     device, precision = setup_runtime(config, env)
     init_distributed(env, device, timeout_s=config.parallel.timeout_s, required=dims.strategy != "single")
     try:
-        run_dir = agree_on_run_dir(run_dir, config, env)
-        checkpoint = agree_on_checkpoint(run_dir, "auto" if env.restart_count else resume, env, config)
-        if env.is_main and env.restart_count:
-            where = f"resuming from {checkpoint}" if checkpoint else "no checkpoint yet: training starts over"
-            print(f"restart {env.restart_count}: the workers failed and were started again; {where}")
-        if env.distributed:
-            dist.barrier()  # every process has checked before rank 0 starts writing
-        try:
-            summary = _train(config, run_dir, env, dims, device, precision, callbacks, checkpoint)
-        except BaseException as error:
-            if env.is_main and (run_dir / STATUS).is_file():  # a run that had started, not one refused before
-                state = "stopped" if isinstance(error, Interrupted | KeyboardInterrupt) else "failed"
-                write_status(run_dir, state, error=" ".join(str(error).split())[:500] or type(error).__name__)
-            raise
-        if env.is_main:
-            write_status(run_dir, "finished", strategy=dims.strategy, processes=dims.world_size)
+        run_dir, checkpoint = agree_on_start(run_dir, config, env, resume)
+        with status_reported(run_dir, env, dims):
+            # the trainer, and the model and optimizer with it, is gone before `train` leaves the process group
+            summary = Trainer.setup(config, run_dir, env, dims, device, precision, callbacks, checkpoint).run()
     finally:
         teardown_distributed()
     return {**summary, "run_dir": str(run_dir)}
+
+
+def agree_on_start(run_dir: Path | None, config: RunConfig, env: DistEnv, resume: str) -> tuple[Path, Path | None]:
+    """The run directory and the checkpoint to start from, the same on every process (a worker the launcher
+    restarted resumes `auto`); every process has checked them before rank 0 starts writing."""
+    run_dir = agree_on_run_dir(run_dir, config, env)
+    checkpoint = agree_on_checkpoint(run_dir, "auto" if env.restart_count else resume, env, config)
+    if env.is_main and env.restart_count:
+        where = f"resuming from {checkpoint}" if checkpoint else "no checkpoint yet: training starts over"
+        print(f"restart {env.restart_count}: the workers failed and were started again; {where}")
+    if env.distributed:
+        dist.barrier()
+    return run_dir, checkpoint
+
+
+@contextlib.contextmanager
+def status_reported(run_dir: Path, env: DistEnv, dims: ParallelDims) -> Iterator[None]:
+    """status.json (rank 0): `finished` when the block completes; `stopped` or `failed`, with the error, when it
+    raises after the run had started."""
+    try:
+        yield
+    except BaseException as error:
+        if env.is_main and (run_dir / STATUS).is_file():  # a run that had started, not one refused before
+            state = "stopped" if isinstance(error, Interrupted | KeyboardInterrupt) else "failed"
+            write_status(run_dir, state, error=" ".join(str(error).split())[:500] or type(error).__name__)
+        raise
+    if env.is_main:
+        write_status(run_dir, "finished", strategy=dims.strategy, processes=dims.world_size)
 
 
 def agree_on_checkpoint(run_dir: Path, resume: str, env: DistEnv, config: RunConfig) -> Path | None:
@@ -321,276 +402,336 @@ def agree_on_run_dir(run_dir: Path | None, config: RunConfig, env: DistEnv) -> P
     return Path(chosen[0])
 
 
-def _train(
-    config: RunConfig,
-    run_dir: Path,
-    env: DistEnv,
-    dims: ParallelDims,
-    device: torch.device,
-    precision: str,
-    callbacks: Sequence[Callback],
-    checkpoint: Path | None = None,
-) -> dict[str, Any]:
-    started = time.perf_counter()
-    training = config.training
-    seed_everything(config.seed)  # the same on every process: every replica starts from the same weights
+@dataclass
+class LogWindow:
+    """The steps since the last log line: their losses (still on the device) and where the window opened."""
 
-    with errors_agreed(env):  # a user error here, on any process, stops them all with one message
-        data = build_data(config.data)
-        model = build_model(config.model, data.info).to(device)
-        if training.init_from is not None:
-            load_initial_weights(model, training.init_from)
-        if training.quantization_aware:
-            model = quantization_aware(model, data.info, dims)
-        num_parameters = count_parameters(model)
-        objective = build_objective(training, data.info)
-        objective.loss.to(device)
-        check_metrics_combine(objective, dims)
-        check_loss_sees_inputs(objective, training.loss.name, dims)
-        plan = BatchPlan(training.batch_size, training.grad_accum_steps, world_size=dims.dp)
-        layout = plan_parallelism(
+    step: int = 0
+    time: float = 0.0  # perf_counter()
+    data_wait: float = 0.0  # the data clock's seconds
+    losses: list[torch.Tensor] = field(default_factory=list)
+    lr: float = 0.0  # the rate the latest step used
+
+
+@dataclass(eq=False, repr=False)
+class Trainer:
+    """One run on this process: its parts and its progress, the one object its phases share.
+
+    `setup` builds the parts, resumes and announces the run; `run` starts it, runs `loop` (each `step`, then
+    `log`, `validate` and `save_checkpoint` when they are due) and `finish`es it. Callbacks observe every phase;
+    none of them owns one.
+    """
+
+    config: RunConfig
+    run_dir: Path
+    env: DistEnv
+    dims: ParallelDims
+    device: torch.device
+    precision: str
+    data: DatasetSplits
+    objective: Objective
+    num_parameters: int
+    parallel: ParallelModel
+    batches: TrainBatches
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    scaler: torch.amp.GradScaler | None
+    autocast: Autocast
+    callbacks: CallbackList
+    state: RunState  # step, epoch, history and should_stop: what the callbacks see
+    started: float  # perf_counter() as setup began
+    checkpoint: Path | None = None  # the one the run resumed from
+    start_step: int = 0  # the step within the first epoch the loop runs, where a resumed run continues
+    checkpointer: Checkpointer = field(init=False)  # built once the run is announced
+    stop_request: StopRequest = field(default_factory=lambda: StopRequest(patient=is_launched_worker()))
+    monitor: SystemMonitor | None = None  # `logging.system_metrics`
+    data_wait: DataWaitClock = field(default_factory=DataWaitClock)
+    window: LogWindow = field(default_factory=LogWindow)
+    last_eval: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------------------------------------ setup
+
+    @classmethod
+    def setup(
+        cls,
+        config: RunConfig,
+        run_dir: Path,
+        env: DistEnv,
+        dims: ParallelDims,
+        device: torch.device,
+        precision: str,
+        callbacks: Sequence[Callback] = (),
+        checkpoint: Path | None = None,
+    ) -> Trainer:
+        """Build every part on this process, resume from `checkpoint` and announce the run."""
+        started = time.perf_counter()
+        training = config.training
+        seed_everything(config.seed)  # the same on every process: every replica starts from the same weights
+        with errors_agreed(env):  # a user error here, on any process, stops them all with one message
+            data = build_data(config.data)
+            model = build_model(config.model, data.info).to(device)
+            model = prepare_model(model, training, PreparationContext(data.info, dims))
+            num_parameters = count_parameters(model)
+            objective = build_checked_objective(training, data.info, dims, device)
+            plan, layout = plan_training(config, model, dims, device, precision)
+            check_validation_share(data, dims)
+            hooks = build_process_callbacks(config, run_dir, env, callbacks)
+        parallel = parallelize(
             model,
+            layout,
             dims=dims,
             device=device,
-            architecture=config.model.architecture,
+            training=training,
             parallel=config.parallel,
             precision=precision,
-            micro_batch_size=plan.micro_batch_size,
+            loss_fn=objective.loss,
         )
-        if len(data.val) < dims.dp:  # type: ignore[arg-type]
-            raise ConfigError(f"data: {len(data.val)} validation samples cannot be shared by {dims.dp} processes")  # type: ignore[arg-type]
-        hooks = build_callbacks(config, run_dir, callbacks) if env.is_main else CallbackList([])
-        if config.logging.prometheus_port is not None and (env.is_main or config.logging.prometheus_ranks == "all"):
-            hooks.callbacks.append(prometheus_exporter(config.logging, env))
-    parallel = parallelize(
-        model,
-        layout,
-        dims=dims,
-        device=device,
-        training=training,
-        parallel=config.parallel,
-        precision=precision,
-        loss_fn=objective.loss,
-    )
-    plan = dataclasses.replace(plan, rank=parallel.dp_rank)
-    batches = TrainBatches(data.train, plan, seed=config.seed, device=device, num_workers=config.data.num_workers)
-    total_steps = training.max_steps or training.epochs * batches.steps_per_epoch
-    epochs = math.ceil(total_steps / batches.steps_per_epoch)
-    optimizer = build_optimizer(training, parallel.module)
-    if training.keep_zeros:
-        keep_zeros(parallel.module, optimizer)
-    scheduler = build_scheduler(training.scheduler, optimizer, total_steps, batches.steps_per_epoch)
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16-mixed" else None
-    autocast = make_autocast(precision, device)
+        plan = dataclasses.replace(plan, rank=parallel.dp_rank)
+        batches = TrainBatches(data.train, plan, seed=config.seed, device=device, num_workers=config.data.num_workers)
+        total_steps = training.max_steps or training.epochs * batches.steps_per_epoch
+        optimizer = build_optimizer(training, parallel.module)
+        prepare_optimizer(parallel.module, optimizer, training)
+        trainer = cls(
+            config=config,
+            run_dir=run_dir,
+            env=env,
+            dims=dims,
+            device=device,
+            precision=precision,
+            data=data,
+            objective=objective,
+            num_parameters=num_parameters,
+            parallel=parallel,
+            batches=batches,
+            optimizer=optimizer,
+            scheduler=build_scheduler(training.scheduler, optimizer, total_steps, batches.steps_per_epoch),
+            scaler=torch.amp.GradScaler(device.type) if precision == "fp16-mixed" else None,
+            autocast=make_autocast(precision, device),
+            callbacks=hooks,
+            state=RunState(run_dir, total_steps, batches.steps_per_epoch, training.batch_size),
+            started=started,
+            checkpoint=checkpoint,
+        )
+        trainer.resume()
+        trainer.announce()
+        trainer.checkpointer = build_checkpointer(config, run_dir)
+        return trainer
 
-    state = RunState(run_dir, total_steps, batches.steps_per_epoch, training.batch_size)
-    start_step = 0  # within the first epoch the loop runs
-    if checkpoint is not None:
-        progress = load_checkpoint(checkpoint, model=parallel.module, optimizer=optimizer)
-        state.step, state.epoch, start_step = resume_position(progress, config, batches.steps_per_epoch, checkpoint)
-        if scheduler is not None and progress.get("scheduler") is not None:
-            scheduler.load_state_dict(progress["scheduler"])
-        if scaler is not None and progress.get("scaler") is not None:
-            scaler.load_state_dict(progress["scaler"])
-        if env.is_main:
-            state.history.extend(keep_metrics_until(run_dir / "metrics.jsonl", state.step))
-    ranks: list[Any] = [this_process()]  # in status.json: a new run into this directory waits for or refuses them
-    if env.distributed:
-        ranks = [None] * env.world_size
-        dist.all_gather_object(ranks, this_process())
-    if env.is_main:
+    def resume(self) -> None:
+        """Continue from `self.checkpoint`, if any: the weights, the optimizer, the position in the data, the
+        schedule, the loss scale and (rank 0) the metrics logged up to it."""
+        if self.checkpoint is None:
+            return
+        state = self.state
+        progress = load_checkpoint(self.checkpoint, model=self.parallel.module, optimizer=self.optimizer)
+        position = resume_position(progress, self.config, state.steps_per_epoch, self.checkpoint)
+        state.step, state.epoch, self.start_step = position
+        if self.scheduler is not None and progress.get("scheduler") is not None:
+            self.scheduler.load_state_dict(progress["scheduler"])
+        if self.scaler is not None and progress.get("scaler") is not None:
+            self.scaler.load_state_dict(progress["scaler"])
+        if self.env.is_main:
+            state.history.extend(keep_metrics_until(self.run_dir / "metrics.jsonl", state.step))
+
+    def announce(self) -> None:
+        """Rank 0 writes config.yaml and status.json, which names every process (a new run into this directory
+        waits for or refuses them), and prints the run's first line."""
+        ranks: list[Any] = [this_process()]
+        if self.env.distributed:
+            ranks = [None] * self.env.world_size
+            dist.all_gather_object(ranks, this_process())
+        if not self.env.is_main:
+            return
+        config, run_dir, dims = self.config, self.run_dir, self.dims
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(config))
         write_status(run_dir, "running", strategy=dims.strategy, processes=dims.world_size, ranks=ranks)
-        resumed = f" | resumed at step {state.step} from {checkpoint.name}" if checkpoint is not None else ""
+        checkpoint = self.checkpoint
+        resumed = f" | resumed at step {self.state.step} from {checkpoint.name}" if checkpoint is not None else ""
         print(
-            f"run {run_dir} | {config.model.architecture} ({num_parameters:,} parameters) on "
-            f"{config.data.dataset} | device {device} | precision {precision} | {total_steps} steps | "
-            f"{describe(dims)}{resumed}"
+            f"run {run_dir} | {config.model.architecture} ({self.num_parameters:,} parameters) on "
+            f"{config.data.dataset} | device {self.device} | precision {self.precision} | "
+            f"{self.state.total_steps} steps | {describe(dims)}{resumed}"
         )
-    # files closed and the progress bar stopped, even on failure; SIGTERM and SIGINT stop at a step boundary; a
-    # collective that times out names the process that hung
-    checkpointer = Checkpointer(
-        run_dir / "checkpoints",
-        keep=config.checkpoint.keep,
-        use_async=config.checkpoint.async_,
-        timeout_s=config.parallel.timeout_s,
-        signing_key=run_signing_key(config),
-    )
-    with (
-        hangs_named(env, config.parallel.timeout_s, lambda: state.step),
-        contextlib.closing(hooks),
-        checkpointer.open(),
-        StopRequest(patient=is_launched_worker()).installed() as stop_signal,
-    ):
-        hooks.on_train_start(state)
-        state.should_stop = parallel.any_process(state.should_stop)  # callbacks run on rank 0 alone
 
-        def run_eval() -> dict[str, Any]:
-            share = parallel.eval_shard()
-            batches_iter = eval_batches(data.val, eval_batch_size(training), device, config.data.num_workers, share)
-            record = {"step": state.step, "epoch": state.epoch, "time": time.time()}
-            record.update(evaluate(parallel, batches_iter, objective, autocast))
-            state.history.append(record)
-            hooks.on_eval(state, record)
-            state.should_stop = parallel.any_process(state.should_stop)
-            return record
+    # ------------------------------------------------------------------------------------------------- run
 
-        step_losses: list[torch.Tensor] = []
-        tokens_per_sample = data.info.seq_len if data.info.vocab_size is not None else None
-        monitor = SystemMonitor(device, tokens_per_sample) if config.logging.system_metrics else None
-        data_wait = DataWaitClock()
-        last_log = {"step": state.step, "time": time.perf_counter(), "data_wait": 0.0}
-        loop_started = last_log["time"]
-        # The mean over data-parallel replicas: the processes that hold a loss (the last pipeline stage, once
-        # per tensor-parallel group) each add their share.
-        loss_weight = 1 / dims.dp if parallel.holds_outputs else 0.0
+    def run(self) -> dict[str, Any]:
+        """Train to the last step (or until stopped), evaluate, and write final/ and summary.json (rank 0); returns
+        the summary. Files are closed and the progress bar stopped, even on failure; SIGTERM and SIGINT stop at a
+        step boundary; a collective that times out names the process that hung."""
+        state = self.state
+        with (
+            hangs_named(self.env, self.config.parallel.timeout_s, lambda: state.step),
+            contextlib.closing(self.callbacks),
+            self.checkpointer.open(),
+            self.stop_request.installed(),
+        ):
+            self.start()
+            loop_time = self.loop()
+            return self.finish(loop_time)
 
-        def log_line(lr: float) -> None:
-            steps = state.step - last_log["step"]
-            step_sum = torch.stack(step_losses).float().sum() * loss_weight
-            mean_loss = float(parallel.all_reduce_sum(step_sum)) / steps  # the one host sync per log line
-            now = time.perf_counter()
-            elapsed = max(now - last_log["time"], 1e-9)
-            record = {
-                "step": state.step,
-                "epoch": state.epoch,
-                "time": time.time(),
-                "loss": mean_loss,
-                "lr": lr,
-                "samples_per_s": steps * training.batch_size / elapsed,
-                "data_wait_share": (data_wait.seconds - last_log["data_wait"]) / elapsed,
-            }
-            if monitor is not None:
-                record.update(monitor.sample(record["samples_per_s"]))
-            step_losses.clear()
-            last_log.update(step=state.step, time=now, data_wait=data_wait.seconds)
-            state.history.append(record)
-            hooks.on_log(state, record)
-            state.should_stop = parallel.any_process(state.should_stop)
+    def start(self) -> None:
+        """Tell the callbacks, which may already ask to stop, and open the first log window."""
+        state, info = self.state, self.data.info
+        self.callbacks.on_train_start(state)
+        state.should_stop = self.parallel.any_process(state.should_stop)  # callbacks run on rank 0 alone
+        if self.config.logging.system_metrics:
+            self.monitor = SystemMonitor(self.device, info.seq_len if info.vocab_size is not None else None)
+        self.window = LogWindow(state.step, time.perf_counter())
+        self.parallel.module.train()
 
-        def save() -> Path:
-            progress = _progress(state, config, scheduler, scaler)
-            path = checkpointer.save(model=parallel.module, optimizer=optimizer, progress=progress)
-            hooks.on_checkpoint(state, path)
-            state.should_stop = parallel.any_process(state.should_stop)
-            return path
-
-        last_eval: dict[str, Any] = {}
-        parallel.module.train()
-
-        def stopped(path: Path) -> NoReturn:
-            checkpointer.wait()  # committed before the process leaves
-            signum = stop_signal.signum or signal.SIGTERM  # the processes that did not receive it heard of it
-            message = f"stopped by {signal.Signals(signum).name} after step {state.step}; checkpoint {path} holds "
-            raise Interrupted(signum, message + "the run: the same command resumes it")
-
-        for epoch in range(state.epoch, epochs):
-            if state.step >= total_steps:  # resumed from the checkpoint of the last step
+    def loop(self) -> float:
+        """The epochs from where the run stands to the last step, or to a stop a callback asked for, with an
+        evaluation after each epoch unless `training.eval_every_steps`; returns the loop's time in seconds."""
+        training, state = self.config.training, self.state
+        loop_started = self.window.time
+        for epoch in range(state.epoch, math.ceil(state.total_steps / state.steps_per_epoch)):
+            if state.step >= state.total_steps:  # resumed from the checkpoint of the last step
                 break
             state.epoch = epoch
-            first_step, start_step = start_step, 0
-            for micro_batches in data_wait.wrap(batches.epoch(epoch, first_step)):
-                loss = train_step(
-                    parallel,
-                    micro_batches,
-                    objective.loss,
-                    optimizer,
-                    autocast=autocast,
-                    scaler=scaler,
-                    clip_grad_norm=training.clip_grad_norm,
-                )
-                lr = optimizer.param_groups[0]["lr"]  # the rate this step used, before the scheduler moves it
-                if scheduler is not None:
-                    scheduler.step()
-                step_losses.append(loss)  # no kernel, no sync: summed once per log line
-                state.step += 1
-                if state.step % config.logging.every_steps == 0 or state.step == total_steps:
-                    log_line(lr)
-                if training.eval_every_steps and state.step % training.eval_every_steps == 0:
-                    last_eval = run_eval()
-                saved = config.checkpoint.every_steps and state.step % config.checkpoint.every_steps == 0
-                if saved:
-                    save()
-                # a signal reaches the processes at different moments: they agree on the step they stop after
-                if parallel.any_process(stop_signal.signum is not None) and state.step < total_steps:
-                    stopped(save() if not saved else run_dir / "checkpoints" / checkpoint_name(state.step))
-                if state.should_stop or state.step >= total_steps:
+            first_step, self.start_step = self.start_step, 0
+            for micro_batches in self.data_wait.wrap(self.batches.epoch(epoch, first_step)):
+                self.step(micro_batches)
+                self.after_step()
+                if state.should_stop or state.step >= state.total_steps:
                     break
-            if not training.eval_every_steps and last_eval.get("step") != state.step:
-                last_eval = run_eval()
-            if state.should_stop or state.step >= total_steps:
+            if not training.eval_every_steps and self.last_eval.get("step") != state.step:
+                self.validate()
+            if state.should_stop or state.step >= state.total_steps:
                 break
-        if step_losses:  # stopped early between log lines
-            log_line(lr)
+        if self.window.losses:  # stopped early between log lines
+            self.log()
         loop_time = time.perf_counter() - loop_started
-        if last_eval.get("step") != state.step:
-            last_eval = run_eval()
+        if self.last_eval.get("step") != state.step:
+            self.validate()
+        return loop_time
 
-        memory = parallel.gather(process_memory(optimizer, device))
-        full_state = parallel.full_state_dict()  # every process takes part in gathering the shards
-        summary = {
-            "num_parameters": num_parameters,
+    def step(self, micro_batches: MicroBatches) -> None:
+        """One optimizer step, then the schedule's; the loss stays on the device until the next log line."""
+        loss = train_step(
+            self.parallel,
+            micro_batches,
+            self.objective.loss,
+            self.optimizer,
+            autocast=self.autocast,
+            scaler=self.scaler,
+            clip_grad_norm=self.config.training.clip_grad_norm,
+        )
+        self.window.lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used, before the scheduler moves it
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.window.losses.append(loss)  # no kernel, no sync: summed once per log line
+        self.state.step += 1
+
+    def after_step(self) -> None:
+        """Log, evaluate and checkpoint when they are due; stop, checkpointed, when a signal asked to."""
+        config, step = self.config, self.state.step
+        if step % config.logging.every_steps == 0 or step == self.state.total_steps:
+            self.log()
+        if config.training.eval_every_steps and step % config.training.eval_every_steps == 0:
+            self.validate()
+        saved = config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0
+        if saved:
+            self.save_checkpoint()
+        # a signal reaches the processes at different moments: they agree on the step they stop after
+        if self.parallel.any_process(self.stop_request.signum is not None) and step < self.state.total_steps:
+            self.stop(self.save_checkpoint() if not saved else self.run_dir / "checkpoints" / checkpoint_name(step))
+
+    # ---------------------------------------------------------------------- logging, evaluation, checkpoints
+
+    def log(self) -> None:
+        """A log line: the mean loss over the window's steps and every replica, the rate, the throughput and the
+        share of time spent waiting for data (and the system's figures)."""
+        state, window = self.state, self.window
+        steps = state.step - window.step
+        # The mean over data-parallel replicas: the processes that hold a loss (the last pipeline stage, once
+        # per tensor-parallel group) each add their share.
+        loss_weight = 1 / self.dims.dp if self.parallel.holds_outputs else 0.0
+        step_sum = torch.stack(window.losses).float().sum() * loss_weight
+        mean_loss = float(self.parallel.all_reduce_sum(step_sum)) / steps  # the one host sync per log line
+        now = time.perf_counter()
+        elapsed = max(now - window.time, 1e-9)
+        record = {
+            "step": state.step,
+            "epoch": state.epoch,
+            "time": time.time(),
+            "loss": mean_loss,
+            "lr": window.lr,
+            "samples_per_s": steps * self.config.training.batch_size / elapsed,
+            "data_wait_share": (self.data_wait.seconds - window.data_wait) / elapsed,
+        }
+        if self.monitor is not None:
+            record.update(self.monitor.sample(record["samples_per_s"]))
+        self.window = LogWindow(state.step, now, self.data_wait.seconds)
+        state.history.append(record)
+        self.callbacks.on_log(state, record)
+        state.should_stop = self.parallel.any_process(state.should_stop)
+
+    def validate(self) -> None:
+        """Evaluate on this process's share of the validation split; every process records the combined figures."""
+        state, config = self.state, self.config
+        share = self.parallel.eval_shard()
+        batches = eval_batches(
+            self.data.val, eval_batch_size(config.training), self.device, config.data.num_workers, share
+        )
+        record = {"step": state.step, "epoch": state.epoch, "time": time.time()}
+        record.update(evaluate(self.parallel, batches, self.objective, self.autocast))
+        state.history.append(record)
+        self.callbacks.on_eval(state, record)
+        state.should_stop = self.parallel.any_process(state.should_stop)
+        self.last_eval = record
+
+    def save_checkpoint(self) -> Path:
+        """Checkpoint the run after this step; returns the folder it is (or will be) committed to."""
+        progress = _progress(self.state, self.config, self.scheduler, self.scaler)
+        path = self.checkpointer.save(model=self.parallel.module, optimizer=self.optimizer, progress=progress)
+        self.callbacks.on_checkpoint(self.state, path)
+        self.state.should_stop = self.parallel.any_process(self.state.should_stop)
+        return path
+
+    def stop(self, checkpoint: Path) -> NoReturn:
+        """Leave after a signal, once `checkpoint` is committed: `Interrupted`, which says how to resume."""
+        self.checkpointer.wait()
+        signum = self.stop_request.signum or signal.SIGTERM  # the processes that did not receive it heard of it
+        message = f"stopped by {signal.Signals(signum).name} after step {self.state.step}; checkpoint {checkpoint} "
+        raise Interrupted(signum, message + "holds the run: the same command resumes it")
+
+    # ------------------------------------------------------------------------------------------------ finish
+
+    def finish(self, loop_time: float) -> dict[str, Any]:
+        """Gather the whole model, then (rank 0) write final/ and summary.json and tell the callbacks; returns the
+        summary."""
+        memory = self.parallel.gather(process_memory(self.optimizer, self.device))
+        full_state = self.parallel.full_state_dict()  # every process takes part in gathering the shards
+        summary = self.summary(loop_time, memory)
+        if self.env.is_main:
+            assert full_state is not None
+            save_final(self.run_dir / "final", full_state, self.config, self.data.info)
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            self.callbacks.on_train_end(self.state, summary)
+        return summary
+
+    def summary(self, loop_time: float, memory: Any) -> dict[str, Any]:
+        """The run's figures: steps, the last evaluation, times and throughput, where it ran, its memory."""
+        state, dims = self.state, self.dims
+        return {
+            "num_parameters": self.num_parameters,
             "steps": state.step,
             "epochs": state.epoch + 1,
-            **{k: v for k, v in last_eval.items() if k.startswith("val_")},
-            "wall_time_s": time.perf_counter() - started,
+            **{k: v for k, v in self.last_eval.items() if k.startswith("val_")},
+            "wall_time_s": time.perf_counter() - self.started,
             "loop_time_s": loop_time,
-            "samples_per_s": state.step * training.batch_size / max(loop_time, 1e-9),
-            "data_wait_s": data_wait.seconds,
-            "data_wait_share": data_wait.seconds / max(loop_time, 1e-9),
-            "device": str(device),
-            "precision": precision,
+            "samples_per_s": state.step * self.config.training.batch_size / max(loop_time, 1e-9),
+            "data_wait_s": self.data_wait.seconds,
+            "data_wait_share": self.data_wait.seconds / max(loop_time, 1e-9),
+            "device": str(self.device),
+            "precision": self.precision,
             "strategy": dims.strategy,
             "processes": dims.world_size,
             "stopped_early": state.should_stop,
             "memory_per_process": memory,
         }
-        if env.is_main:
-            assert full_state is not None
-            save_final(run_dir / "final", full_state, config, data.info)
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            hooks.on_train_end(state, summary)
-    return summary  # the model and optimizer go with this frame, before `train` leaves the process group
-
-
-def load_initial_weights(model: nn.Module, source: str) -> None:
-    """`training.init_from`: the weights of a run directory (or its final/ folder) or of a .safetensors file."""
-    path = Path(source)
-    if not path.exists():
-        raise ConfigError(f"training.init_from: {source} does not exist")
-    try:
-        load_weights(model, path if path.is_file() else verify_final(path) / "model.safetensors")
-    except UsageError as error:
-        raise ConfigError(f"training.init_from: {error}") from error
-
-
-def quantization_aware(model: nn.Module, info: DataInfo, dims: ParallelDims) -> nn.Module:
-    """`training.quantization_aware`: the model exported and fake-quantized for int8 (PT2E QAT)."""
-    from scaleforge.compress.quantize import prepared_for_int8
-    from scaleforge.runs import example_inputs
-
-    if dims.strategy not in ("single", "ddp"):
-        raise ConfigError(
-            f"training.quantization_aware: runs on one process or under ddp, not {dims.strategy} (the exported, "
-            "fake-quantized graph cannot be sharded or split)"
-        )
-    device = next(model.parameters()).device
-    return prepared_for_int8(model, example_inputs(info, 2).to(device), qat=True)
-
-
-def keep_zeros(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """`training.keep_zeros`: after every optimizer step, the weights that were zero at the start are zero again.
-    Applied to the parallelized module (a sharded parameter gets a mask sharded as it is), after the step rather
-    than to gradients, which FSDP assigns without autograd's hooks."""
-    masks = [(p, p.detach() != 0) for p in model.parameters() if p.requires_grad and not bool((p != 0).all())]
-
-    @torch.no_grad()
-    def reapply(*_: Any) -> None:
-        for parameter, mask in masks:
-            parameter.mul_(mask)
-
-    optimizer.register_step_post_hook(reapply)
 
 
 def process_memory(optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, Any]:
