@@ -1,6 +1,7 @@
 """Tests for scaleforge.serve.server and the application it serves, in this process: a stop signal turns
 readiness off before uvicorn shuts down; liveness answers while a large body decodes, and turns 503 while the
-model's thread is hung; the default body limit follows the model's input."""
+model's thread is hung; the default body limit follows the model's input; the Gate's fast path and FastAPI's route
+give every predict body the same answer."""
 
 from __future__ import annotations
 
@@ -199,3 +200,71 @@ def test_the_default_body_limit_takes_a_full_batch_at_its_largest_and_refuses_mo
     assert "--max-body-mb sets another" in detail and "\n" not in detail
     (given,) = asyncio.run(answers(ServeSettings(max_batch_size=4, max_body_mb=1), [padded(limit + 1)]))
     assert given.status_code == 200  # a limit given overrides the model's
+
+
+def predict_bodies() -> dict[str, bytes]:
+    """`POST /v1/predict` bodies good and bad, for a server of `--max-batch-size 4` (its body limit 80 KiB)."""
+    one, four = json.dumps({"inputs": [IMAGE]}), json.dumps({"inputs": [IMAGE] * 4})
+    shape = json.dumps({"inputs": [[[1, 2, 3]]]})
+
+    def padded(body: str, size: int) -> bytes:  # decoded away from the event loop above INLINE_BODY_BYTES
+        return (body[:-1] + " " * (size - len(body)) + "}").encode()
+
+    return {
+        "one": one.encode(),
+        "four": four.encode(),
+        "large": padded(four, INLINE_BODY_BYTES + 1000),
+        "bad-json": b"{not json",
+        "empty-body": b"",
+        "shape": shape.encode(),
+        "large-shape": padded(shape, INLINE_BODY_BYTES + 1000),
+        "nan": json.dumps({"inputs": [[[[float("nan")] * 8] * 8]]}).encode(),
+        "no-inputs": b'{"input": [1]}',
+        "empty-inputs": b'{"inputs": []}',
+        "not-an-object": b'[{"inputs": [1]}]',
+        "too-deep": b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        "too-many": json.dumps({"inputs": [IMAGE] * 5}).encode(),
+        "too-large": padded(four, 90 * 2**10),
+    }
+
+
+@pytest.mark.parametrize("cache_size", [0, 8], ids=["no-cache", "cache"])
+def test_the_fast_path_and_the_route_give_every_body_the_same_answer(digits_run: Path, cache_size: int) -> None:
+    model = ServedModel(digits_run)
+    settings = ServeSettings(max_batch_size=4, cache_size=cache_size)
+    content_types = ["application/json", "Application/JSON; charset=utf-8", "text/plain", None]
+    counted = ("scaleforge_requests_total", "scaleforge_rejections_total", "scaleforge_cache_total")
+
+    async def answers(gate: Gate) -> tuple[list[tuple], list[str], list[str]]:
+        """Every body with every content type: status, headers and body of each; the paths FastAPI routed; the
+        request, refusal and cache counts."""
+        seen, routed = [], []
+        async with serving(gate) as client:
+            app = gate.app
+
+            async def route(scope, receive, send) -> None:  # noqa: ANN001 - ASGI
+                routed.append(scope["path"])
+                await app(scope, receive, send)
+
+            gate.app = route  # type: ignore[assignment]
+            for name, body in predict_bodies().items():
+                for content_type in content_types:
+                    headers = {} if content_type is None else {"content-type": content_type}
+                    response = await client.post("/v1/predict", content=body, headers=headers)
+                    seen.append(
+                        (name, content_type, response.status_code, response.headers.multi_items(), response.text)
+                    )
+            metrics = (await client.get("/metrics")).text.splitlines()
+        return seen, routed, [line for line in metrics if line.startswith(counted)]
+
+    fast, fast_routed, fast_counts = asyncio.run(answers(create_app(model, settings)))
+    route, route_routed, route_counts = asyncio.run(answers(create_app(model, settings, fast_path=False)))
+    assert fast == route and fast_counts == route_counts
+    statuses = {(name, content_type): status for name, content_type, status, _, _ in fast}
+    assert {name for (name, _), status in statuses.items() if status == 200} == {"one", "four", "large"}
+    assert {name for (name, _), status in statuses.items() if status == 413} == {"too-large"}
+    assert all(status in (200, 413, 422) for status in statuses.values())
+    # FastAPI saw none of the JSON bodies the Gate answered itself, and every other one within the limit
+    within_limit = len(predict_bodies()) - 1
+    assert fast_routed == ["/v1/predict"] * within_limit * 2 + ["/metrics"]
+    assert route_routed == ["/v1/predict"] * within_limit * 4 + ["/metrics"]

@@ -1,10 +1,11 @@
 """The HTTP layer (FastAPI): it translates requests for the batcher and the model's contract, and nothing more.
 
 One pure ASGI middleware in front of every route counts requests by endpoint and status, times them, asks for
-the API key, and refuses a body larger than the limit (413) before reading it whole. Every answer to a bad
-request is a 4xx with a one-line `detail`; the model only ever sees checked input. Bodies larger than
-`INLINE_BODY_BYTES` are decoded away from the event loop (`BodyDecoder`), so that it answers other requests
-meanwhile.
+the API key, and refuses a body larger than the limit (413) before reading it whole; it answers a JSON
+`POST /v1/predict` itself (FastAPI's routing costs more than the rest of a small model's request), with the same
+method as the route (`ServingApp.answer_predict`). Every answer to a bad request is a 4xx with a one-line `detail`;
+the model only ever sees checked input. Bodies larger than `INLINE_BODY_BYTES` are decoded away from the event
+loop (`BodyDecoder`), so that it answers other requests meanwhile.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ import multiprocessing
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import numpy as np
@@ -87,31 +88,95 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """`scaleforge serve`'s options (see its `--help`)."""
+    """`scaleforge serve`'s options: one a field, its flag the field's name (`--max-batch-size`), its help text
+    `metadata["help"]` (`metavar` and `choices` there too where the flag has them)."""
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    max_batch_size: int = 32
-    max_delay_ms: float = 5.0
-    max_queue: int = 256
-    timeout_ms: float = 2000.0
-    cache_size: int = 0
-    max_body_mb: float | None = None  # None: from the model's input (`body_limits`)
-    api_key: str | None = None
-    device: str = "auto"
-    threads: int = 0  # torch's threads for the model; 0: chosen by timing a batch (ServedModel.choose_threads)
-    model_process: bool | None = None  # the model in a process of its own (serve.worker); None: when it pays
-    drain_grace_s: float = 0.0  # after a stop signal, serve this long with readiness at 503 before draining
-    # a batch not answered in this long is taken for hung: a model process is restarted; a model on a thread, which
-    # cannot be stopped, has liveness at 503 and requests refused until it answers
-    batch_timeout_s: float = 60.0
-    latency_target_ms: float = 0.0  # batches and admission kept to answer within this (0: off)
-    backend: str = "torch"  # or "onnxruntime": the run's exported ONNX model (`onnx`) run by ONNX Runtime
-    onnx: str | None = None  # the ONNX file for the onnxruntime backend (None: RUN_DIR/exported/model.onnx)
-    trust_code: bool = False  # build the run's model even if its config names code (`imports:`, `module:Attr`)
-    signing_key_env: str | None = None  # refuse the run unless its manifest is signed with this variable's key
-    tls_cert: str | None = None  # with tls_key: serve HTTPS with this certificate (PEM)
-    tls_key: str | None = None
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind (0.0.0.0: every interface)"})
+    port: int = field(default=8000, metadata={"help": "port (0: any free one, printed)"})
+    max_batch_size: int = field(default=32, metadata={"help": "instances per batch, at most"})
+    max_delay_ms: float = field(default=5.0, metadata={"help": "longest wait for a batch to fill"})
+    max_queue: int = field(default=256, metadata={"help": "queued requests before 503"})
+    timeout_ms: float = field(default=2000.0, metadata={"help": "queued longer: 504, never run"})
+    cache_size: int = field(default=0, metadata={"help": "LRU of results (0: none)"})
+    max_body_mb: float | None = field(
+        default=None,
+        metadata={
+            "help": "larger bodies get 413 (unset: from the model's input, twice --max-batch-size instances at their "
+            "largest JSON size plus 64 KiB; for image uploads, a 4096x4096 RGB image uncompressed plus 64 KiB)"
+        },
+    )
+    api_key: str | None = field(
+        default=None,
+        metadata={"help": "require this key (X-API-Key or Authorization: Bearer) on every endpoint but /health/*"},
+    )
+    device: str = field(default="auto", metadata={"help": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"})
+    threads: int = field(
+        default=0,
+        metadata={
+            "help": "torch threads for the model (0: every core if that runs a full batch 1.3x faster, else one fewer)"
+        },
+    )
+    model_process: bool | None = field(  # None: auto
+        default=None,
+        metadata={
+            "help": "run the model in a process of its own, in parallel with HTTP (--no-model-process: a thread; "
+            "auto: a process on a CPU when the model's compute dominates, a full batch taking >= 0.5 ms an instance)"
+        },
+    )
+    drain_grace_s: float = field(
+        default=0.0,
+        metadata={
+            "help": "after SIGTERM, keep serving this long with /health/ready at 503 (for load balancers), then drain"
+        },
+    )
+    batch_timeout_s: float = field(
+        default=60.0,
+        metadata={
+            "help": "a batch the model has not answered in this long is taken for hung and its requests get 503: a "
+            "model process is restarted; while a model on a thread is hung, /health/live and new requests get 503"
+        },
+    )
+    latency_target_ms: float = field(
+        default=0.0,
+        metadata={
+            "help": "keep batches small enough, and refuse at once what could not be answered, to answer within this "
+            "(0: off)"
+        },
+    )
+    backend: str = field(
+        default="torch",
+        metadata={
+            "help": "onnxruntime: serve the run's ONNX export (see --onnx) with ONNX Runtime, with the same API, "
+            "batching and metrics",
+            "choices": ("torch", "onnxruntime"),
+        },
+    )
+    onnx: str | None = field(
+        default=None,
+        metadata={
+            "help": "the ONNX file for --backend onnxruntime (default: RUN_DIR/exported/model.onnx, written by "
+            "`scaleforge export RUN_DIR --format onnx --dynamic-batch`)",
+            "metavar": "FILE",
+        },
+    )
+    trust_code: bool = field(
+        default=False,
+        metadata={"help": "import the modules the run's config names (imports:) and build its module:Attr components"},
+    )
+    signing_key_env: str | None = field(
+        default=None,
+        metadata={
+            "help": "refuse the run unless its manifest is signed (HMAC-SHA256) with the key in this environment "
+            "variable",
+            "metavar": "VAR",
+        },
+    )
+    tls_cert: str | None = field(
+        default=None, metadata={"help": "serve HTTPS with this PEM certificate (with --tls-key)", "metavar": "FILE"}
+    )
+    tls_key: str | None = field(
+        default=None, metadata={"help": "the certificate's PEM private key (with --tls-cert)", "metavar": "FILE"}
+    )
 
 
 class PredictRequest(BaseModel):
@@ -347,208 +412,253 @@ def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> R
     return _Json({"detail": detail}, status_code=status, headers=headers)
 
 
+REFUSALS: dict[int | str, dict[str, Any]] = {  # documented in the OpenAPI schema of the predict endpoints
+    413: {"description": "body too large"},
+    422: {"description": "inputs the model cannot take"},
+    503: {"description": "queue full, the model not answering, or shutting down"},
+    504: {"description": "deadline passed"},
+}
+# the predict route reads its body itself (`ServingApp.answer_predict`, as the `Gate`'s fast path does): its schema
+# is documented rather than declared
+PREDICT_BODY = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": PredictRequest.model_json_schema()}}}
+}
+
+
+class ServingApp:
+    """`model` served with `settings`: the batcher, the result cache, the metrics and the body decoder, and the
+    FastAPI application (`api`) whose routes and lifespan are this object's methods. A `POST /v1/predict` body
+    is answered by one method, `answer_predict`, whether it came through FastAPI's route or the `Gate`'s fast path.
+    """
+
+    def __init__(
+        self,
+        model: ServedModel,
+        settings: ServeSettings,
+        run_batch: Callable[[list[np.ndarray]], list[dict[str, Any]]] | None = None,
+        load_seconds: float | None = None,
+        timed_batches: Sequence[tuple[int, float]] = (),
+    ) -> None:
+        self.model, self.settings = model, settings
+        self.metrics = ServerMetrics(settings.max_batch_size, model.device, allocator=run_batch is None)
+        self.metrics.model_load.set(model.load_seconds if load_seconds is None else load_seconds)
+        self.batcher = Batcher(
+            run_batch or model.answer,
+            max_batch_size=settings.max_batch_size,
+            max_delay_s=settings.max_delay_ms / 1000,
+            max_queue=settings.max_queue,
+            timeout_s=settings.timeout_ms / 1000,
+            on_batch=self._observe_batch,
+            latency_target_s=settings.latency_target_ms / 1000,
+            timed_batches=timed_batches,
+            # a model process is watched by `ModelProcess`, which restarts it; a thread cannot be stopped, only awaited
+            hung_after_s=settings.batch_timeout_s if run_batch is None else 0.0,
+        )
+        self.metrics.queue_depth.set_function(lambda: self.batcher.queued)
+        self.cache = _ResultCache(settings.cache_size, model.card.version) if settings.cache_size > 0 else None
+        self.decoder = BodyDecoder(model, settings.max_batch_size)
+        self.api = self._build_api()
+
+    def gate(self, *, fast_path: bool = True) -> Gate:
+        """The application behind its `Gate` (what uvicorn runs); with `fast_path`, the `Gate` answers a JSON
+        `POST /v1/predict` itself (`answer_predict`), else FastAPI's route does."""
+        body_limit, image_body_limit = body_limits(self.model, self.settings)
+        return Gate(
+            self.api,
+            self.metrics,
+            body_limit=body_limit,
+            image_body_limit=image_body_limit,
+            api_key=self.settings.api_key,
+            predict_fast=self.answer_predict if fast_path else None,
+        )
+
+    def _build_api(self) -> FastAPI:
+        """The FastAPI application: this object's routes, error handlers and lifespan; not ready, not draining."""
+        card = self.model.card
+        api = FastAPI(
+            title="scaleforge", summary=f"{card.name} ({card.task}), version {card.version}", lifespan=self.lifespan
+        )
+        api.state.ready = False
+        api.state.draining = False
+        api.add_exception_handler(StarletteHTTPException, self._http_error)  # type: ignore[arg-type]
+        api.add_exception_handler(RequestValidationError, self._invalid_request)  # type: ignore[arg-type]
+        api.add_api_route("/v1/predict", self.predict, methods=["POST"], responses=REFUSALS, openapi_extra=PREDICT_BODY)
+        if self.model.info.image is not None:
+            api.add_api_route("/v1/predict/image", self.predict_image, methods=["POST"], responses=REFUSALS)
+        api.add_api_route("/v1/models", self.models, methods=["GET"])
+        hung = {503: {"description": "the model has not answered its batch in time"}}
+        api.add_api_route("/health/live", self.live, methods=["GET"], responses=hung)
+        api.add_api_route(
+            "/health/ready", self.ready, methods=["GET"], responses={503: {"description": "loading or draining"}}
+        )
+        api.add_api_route("/metrics", self.prometheus, methods=["GET"])
+        return api
+
+    @asynccontextmanager
+    async def lifespan(self, api: FastAPI) -> AsyncIterator[None]:
+        """The batcher runs while the server does; what was admitted is answered before the process ends."""
+        self.batcher.start()
+        api.state.ready = True
+        yield
+        api.state.ready = False
+        await self.batcher.close()
+        self.decoder.close()
+
+    def _observe_batch(self, size: int, seconds: float) -> None:
+        self.metrics.batch_size.observe(size)
+        self.metrics.inference.observe(seconds)
+
+    async def _http_error(self, request: Request, error: StarletteHTTPException) -> Response:
+        if error.status_code == 400:  # a body FastAPI could not parse (a broken multipart upload, say): malformed
+            return self.metrics.refuse("invalid", 422, f"the body cannot be read: {error.detail}")
+        return _error(error.status_code, str(error.detail), getattr(error, "headers", None))
+
+    async def _invalid_request(self, request: Request, error: RequestValidationError) -> Response:
+        problems = [f"{'.'.join(str(part) for part in e['loc'])}: {e['msg']}" for e in error.errors()]
+        return self.metrics.refuse("invalid", 422, "; ".join(problems))
+
+    async def predict(self, request: Request) -> Response:
+        """Outputs for a list of instances, batched with other requests'."""
+        return await self.answer_predict(await request.body(), request.receive)
+
+    async def answer_predict(self, body: bytes, receive: Receive) -> Response:
+        """The answer to a `POST /v1/predict` body (status, `detail` or outputs, headers), whichever path it came by:
+        FastAPI's route, or the `Gate`'s fast path, which skips FastAPI's routing (it costs more than the rest of a
+        small model's request). `receive` is watched for the client going away while the request waits."""
+        instances = await self._checked_instances(body)
+        if isinstance(instances, Response):
+            return instances
+        return await self._answer(instances, receive)
+
+    async def _checked_instances(self, body: bytes) -> list[np.ndarray] | Response:
+        """`body`'s instances, checked, or the refusal: 422 for what the model cannot take, 503 for what the batcher
+        would not admit now."""
+        decoded: list[np.ndarray] | int | None = None
+        try:
+            if len(body) > INLINE_BODY_BYTES:  # parsed and checked at once, away from the event loop
+                decoded = await self.decoder.decode(body)
+                rows = decoded if isinstance(decoded, int) else len(decoded)
+            else:
+                inputs = read_inputs(body)
+                rows = len(inputs)
+            if rows > self.settings.max_batch_size:
+                raise InvalidInput(
+                    f"inputs: {rows} instances, more than --max-batch-size {self.settings.max_batch_size}"
+                )
+            # admission is asked before a small body's inputs are checked: under overload, most are refused
+            refused = self._admitted(rows) if self.cache is None else None
+            if refused is not None:
+                return refused
+            instances = self.model.decode(inputs) if decoded is None else decoded
+        except InvalidInput as error:
+            return self.metrics.refuse("invalid", 422, str(error))
+        assert not isinstance(instances, int)  # a count only when more than --max-batch-size
+        return instances
+
+    def _admitted(self, rows: int) -> Response | None:
+        """None if the batcher would take `rows` more now, else the refusal."""
+        try:
+            self.batcher.admit(rows)
+        except (QueueFull, Closed, ModelHung) as error:
+            return self._refusal(error)
+        return None
+
+    def _refusal(self, error: QueueFull | Closed | ModelHung) -> Response:
+        reasons = {QueueFull: "queue_full", Closed: "shutting_down", ModelHung: "model_hung"}
+        return self.metrics.refuse(reasons[type(error)], 503, str(error), {"Retry-After": "1"})
+
+    async def predict_image(
+        self, request: Request, file: Annotated[UploadFile, File(description="an image file (PNG, JPEG, ...)")]
+    ) -> Response:
+        """The output for one uploaded image, preprocessed as the training images were."""
+        data = await file.read()
+        try:  # decoding takes a while for large images: off the event loop
+            instance = await run_in_threadpool(self.model.decode_image, data)
+        except InvalidInput as error:
+            return self.metrics.refuse("invalid", 422, str(error))
+        return await self._answer([instance], request.receive)
+
+    async def _answer(self, instances: list[np.ndarray], receive: Receive) -> Response:
+        """The response for checked instances: from the cache where it has them, else through the batcher."""
+        card = self.model.card
+        if self.cache is None:
+            outputs = await self._batched(instances, receive)
+            if isinstance(outputs, Response):
+                return outputs
+            return _Json({"outputs": outputs, "model": card.name, "version": card.version})
+        keys = [self.cache.key(instance) for instance in instances]
+        found = [self.cache.get(key) for key in keys]
+        missing = [i for i, output in enumerate(found) if output is None]
+        self.metrics.cache.labels("hit").inc(len(instances) - len(missing))
+        self.metrics.cache.labels("miss").inc(len(missing))
+        if missing:
+            computed = await self._batched([instances[i] for i in missing], receive)
+            if isinstance(computed, Response):
+                return computed
+            for i, output in zip(missing, computed, strict=True):
+                found[i] = output
+                self.cache.put(keys[i], output)
+        return _Json({"outputs": found, "model": card.name, "version": card.version})
+
+    async def _batched(self, instances: list[np.ndarray], receive: Receive) -> list[Any] | Response:
+        """The outputs for `instances` from the batcher, or the response that says why there are none."""
+        try:
+            ticket = self.batcher.enqueue(instances)
+        except (QueueFull, Closed, ModelHung) as error:
+            return self._refusal(error)
+        try:
+            result = await _unless_disconnected(receive, ticket, self.batcher)
+        except DeadlineExceeded as error:
+            return self.metrics.refuse("deadline", 504, str(error))
+        except ModelHung as error:
+            return self._refusal(error)
+        except WorkerDied as error:
+            return self.metrics.refuse("model_error", 503, str(error), {"Retry-After": "1"})
+        except Exception as error:  # noqa: BLE001 - the model failed on the batch: said, never a crash
+            failure = str(error) if isinstance(error, ModelFailed) else f"{type(error).__name__}: {error}"
+            return self.metrics.refuse("model_error", 500, f"the model failed on this batch: {failure}")
+        if result is None:
+            return _error(499, "the client went away")  # never sent: counted as 499
+        self.metrics.queue_wait.observe(result.queue_wait_s)
+        return result.outputs
+
+    async def models(self) -> dict[str, Any]:
+        """The model's name, version, task and input schema."""
+        card = self.model.card
+        return {"name": card.name, "version": card.version, "task": card.task, "input_schema": card.input_schema}
+
+    async def live(self) -> Response:
+        """200 while the process answers and its model answers its batches within --batch-timeout-s; 503 while a
+        batch on the model's thread has outlived it (requests get 503 too, until the model answers)."""
+        if self.batcher.hung:
+            return _error(503, self.batcher.hung_message())
+        return _Json({"status": "live"})
+
+    async def ready(self) -> Response:
+        """200 once the model is loaded and serving; 503 before, and while draining for shutdown."""
+        state = self.api.state
+        if state.ready and not state.draining:
+            return _Json({"status": "ready"})
+        return _error(503, "draining" if state.draining else "loading")
+
+    async def prometheus(self) -> PlainTextResponse:
+        """Prometheus text exposition."""
+        return PlainTextResponse(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
 def create_app(
     model: ServedModel,
     settings: ServeSettings,
     run_batch: Callable[[list[np.ndarray]], list[dict[str, Any]]] | None = None,
     load_seconds: float | None = None,
     timed_batches: Sequence[tuple[int, float]] = (),
+    *,
+    fast_path: bool = True,
 ) -> Gate:
-    """The application serving `model` (already loaded) with `settings`: FastAPI behind the `Gate`. Batches run
-    in `run_batch` (a `ModelProcess`, say; `model.answer` on the model's thread by default)."""
-    metrics = ServerMetrics(settings.max_batch_size, model.device, allocator=run_batch is None)
-    metrics.model_load.set(model.load_seconds if load_seconds is None else load_seconds)
-    batcher = Batcher(
-        run_batch or model.answer,
-        max_batch_size=settings.max_batch_size,
-        max_delay_s=settings.max_delay_ms / 1000,
-        max_queue=settings.max_queue,
-        timeout_s=settings.timeout_ms / 1000,
-        on_batch=lambda size, seconds: (metrics.batch_size.observe(size), metrics.inference.observe(seconds)),
-        latency_target_s=settings.latency_target_ms / 1000,
-        timed_batches=timed_batches,
-        # a model process is watched by `ModelProcess`, which restarts it; a thread cannot be stopped, only waited for
-        hung_after_s=settings.batch_timeout_s if run_batch is None else 0.0,
-    )
-    metrics.queue_depth.set_function(lambda: batcher.queued)
-    cache = _ResultCache(settings.cache_size, model.card.version) if settings.cache_size > 0 else None
-    decoder = BodyDecoder(model, settings.max_batch_size)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):  # noqa: ANN202 - FastAPI's lifespan protocol
-        batcher.start()
-        app.state.ready = True
-        yield
-        app.state.ready = False
-        await batcher.close()  # what was admitted is answered before the process ends
-        decoder.close()
-
-    app = FastAPI(
-        title="scaleforge",
-        summary=f"{model.card.name} ({model.card.task}), version {model.card.version}",
-        lifespan=lifespan,
-    )
-    app.state.ready = False
-    app.state.draining = False
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, error: StarletteHTTPException) -> Response:
-        if error.status_code == 400:  # a body FastAPI could not parse (a broken multipart upload, say): malformed
-            return metrics.refuse("invalid", 422, f"the body cannot be read: {error.detail}")
-        return _error(error.status_code, str(error.detail), getattr(error, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, error: RequestValidationError) -> Response:
-        problems = [f"{'.'.join(str(part) for part in e['loc'])}: {e['msg']}" for e in error.errors()]
-        return metrics.refuse("invalid", 422, "; ".join(problems))
-
-    refusals: dict[int | str, dict[str, Any]] = {
-        413: {"description": "body too large"},
-        422: {"description": "inputs the model cannot take"},
-        503: {"description": "queue full, the model not answering, or shutting down"},
-        504: {"description": "deadline passed"},
-    }
-
-    # the body is read by the route itself (`predict_body`), as by the `Gate`'s fast path; the schema is documented
-    predict_schema = {"content": {"application/json": {"schema": PredictRequest.model_json_schema()}}}
-
-    @app.post("/v1/predict", responses=refusals, openapi_extra={"requestBody": {"required": True, **predict_schema}})
-    async def predict(request: Request) -> Response:
-        """Outputs for a list of instances, batched with other requests'."""
-        return await predict_body(await request.body(), request.receive)
-
-    async def predict_body(body: bytes, receive: Receive) -> Response:
-        """The answer to a `POST /v1/predict` body, from the route or straight from the `Gate` (whose fast path
-        skips FastAPI's routing, which costs more than the rest of a small model's request)."""
-        decoded: list[np.ndarray] | int | None = None
-        try:
-            if len(body) > INLINE_BODY_BYTES:  # parsed and checked at once, away from the event loop
-                decoded = await decoder.decode(body)
-                rows = decoded if isinstance(decoded, int) else len(decoded)
-            else:
-                inputs = read_inputs(body)
-                rows = len(inputs)
-        except InvalidInput as error:
-            return metrics.refuse("invalid", 422, str(error))
-        if rows > settings.max_batch_size:
-            too_many = f"inputs: {rows} instances, more than --max-batch-size {settings.max_batch_size}"
-            return metrics.refuse("invalid", 422, too_many)
-        if cache is None:
-            refused = admitted(rows)  # before a small body's inputs are checked: under overload, most are refused
-            if refused is not None:
-                return refused
-        try:
-            instances = model.decode(inputs) if decoded is None else decoded
-        except InvalidInput as error:
-            return metrics.refuse("invalid", 422, str(error))
-        assert not isinstance(instances, int)
-        return await answer(instances, receive)
-
-    def admitted(rows: int) -> Response | None:
-        """None if the batcher would take `rows` more now, else the refusal."""
-        try:
-            batcher.admit(rows)
-        except (QueueFull, Closed, ModelHung) as error:
-            return refusal(error)
-        return None
-
-    def refusal(error: QueueFull | Closed | ModelHung) -> Response:
-        reasons = {QueueFull: "queue_full", Closed: "shutting_down", ModelHung: "model_hung"}
-        return metrics.refuse(reasons[type(error)], 503, str(error), {"Retry-After": "1"})
-
-    if model.info.image is not None:
-
-        @app.post("/v1/predict/image", responses=refusals)
-        async def predict_image(
-            request: Request, file: Annotated[UploadFile, File(description="an image file (PNG, JPEG, ...)")]
-        ) -> Response:
-            """The output for one uploaded image, preprocessed as the training images were."""
-            data = await file.read()
-            try:  # decoding takes a while for large images: off the event loop
-                instance = await run_in_threadpool(model.decode_image, data)
-            except InvalidInput as error:
-                return metrics.refuse("invalid", 422, str(error))
-            return await answer([instance], request.receive)
-
-    async def answer(instances: list[np.ndarray], receive: Receive) -> Response:
-        """The response for checked instances: from the cache where it has them, else through the batcher."""
-        name, version = model.card.name, model.card.version
-        if cache is None:
-            outputs = await batched(instances, receive)
-            if isinstance(outputs, Response):
-                return outputs
-            return _Json({"outputs": outputs, "model": name, "version": version})
-        keys = [cache.key(instance) for instance in instances]
-        found = [cache.get(key) for key in keys]
-        missing = [i for i, output in enumerate(found) if output is None]
-        metrics.cache.labels("hit").inc(len(instances) - len(missing))
-        metrics.cache.labels("miss").inc(len(missing))
-        if missing:
-            computed = await batched([instances[i] for i in missing], receive)
-            if isinstance(computed, Response):
-                return computed
-            for i, output in zip(missing, computed, strict=True):
-                found[i] = output
-                cache.put(keys[i], output)
-        return _Json({"outputs": found, "model": name, "version": version})
-
-    async def batched(instances: list[np.ndarray], receive: Receive) -> list[Any] | Response:
-        """The outputs for `instances` from the batcher, or the response that says why there are none."""
-        try:
-            ticket = batcher.enqueue(instances)
-        except (QueueFull, Closed, ModelHung) as error:
-            return refusal(error)
-        try:
-            result = await _unless_disconnected(receive, ticket, batcher)
-        except DeadlineExceeded as error:
-            return metrics.refuse("deadline", 504, str(error))
-        except ModelHung as error:
-            return refusal(error)
-        except WorkerDied as error:
-            return metrics.refuse("model_error", 503, str(error), {"Retry-After": "1"})
-        except Exception as error:  # noqa: BLE001 - the model failed on the batch: said, never a crash
-            failure = str(error) if isinstance(error, ModelFailed) else f"{type(error).__name__}: {error}"
-            return metrics.refuse("model_error", 500, f"the model failed on this batch: {failure}")
-        if result is None:
-            return _error(499, "the client went away")  # never sent: counted as 499
-        metrics.queue_wait.observe(result.queue_wait_s)
-        return result.outputs
-
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        """The model's name, version, task and input schema."""
-        card = model.card
-        return {"name": card.name, "version": card.version, "task": card.task, "input_schema": card.input_schema}
-
-    @app.get("/health/live", responses={503: {"description": "the model has not answered its batch in time"}})
-    async def live() -> Response:
-        """200 while the process answers and its model answers its batches within --batch-timeout-s; 503 while a
-        batch on the model's thread has outlived it (requests get 503 too, until the model answers)."""
-        if batcher.hung:
-            return _error(503, batcher.hung_message())
-        return _Json({"status": "live"})
-
-    @app.get("/health/ready", responses={503: {"description": "loading or draining"}})
-    async def ready() -> Response:
-        """200 once the model is loaded and serving; 503 before, and while draining for shutdown."""
-        if app.state.ready and not app.state.draining:
-            return _Json({"status": "ready"})
-        return _error(503, "draining" if app.state.draining else "loading")
-
-    @app.get("/metrics")
-    async def prometheus() -> PlainTextResponse:
-        """Prometheus text exposition."""
-        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    body_limit, image_body_limit = body_limits(model, settings)
-    return Gate(
-        app,
-        metrics,
-        body_limit=body_limit,
-        image_body_limit=image_body_limit,
-        api_key=settings.api_key,
-        predict_fast=predict_body,
-    )
+    """The application serving `model` (already loaded) with `settings`: FastAPI behind the `Gate` (see
+    `ServingApp`). Batches run in `run_batch` (a `ModelProcess`, say; `model.answer` on the model's thread by
+    default); `fast_path=False` sends every request through FastAPI's routes."""
+    return ServingApp(model, settings, run_batch, load_seconds, timed_batches).gate(fast_path=fast_path)
 
 
 async def _unless_disconnected(receive: Receive, ticket: Ticket, batcher: Batcher) -> Result | None:
@@ -597,7 +707,7 @@ async def _sent(response: Response, scope: Scope, receive: Receive, send: Send) 
 
 class Gate:
     """ASGI middleware: metrics per request, the API key, and the body-size limits, before the application; a JSON
-    `POST /v1/predict` goes straight to `predict_fast`, which answers it as the route does."""
+    `POST /v1/predict` goes straight to `predict_fast` (when given), which answers it as the route does."""
 
     def __init__(
         self,
@@ -607,7 +717,7 @@ class Gate:
         body_limit: BodyLimit,
         image_body_limit: BodyLimit,
         api_key: str | None,
-        predict_fast: Callable[[bytes, Receive], Awaitable[Response]],
+        predict_fast: Callable[[bytes, Receive], Awaitable[Response]] | None,
     ) -> None:
         self.app = app
         self.metrics = metrics
@@ -665,11 +775,16 @@ class Gate:
                 return await _sent(self._too_large(limit), scope, receive, send)
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if (
-            path == "/v1/predict"
+            self.predict_fast is not None
+            and path == "/v1/predict"
             and scope["method"] == "POST"
             and headers.get("content-type", "").partition(";")[0].strip().lower() == "application/json"
         ):
             return await _sent(await self.predict_fast(body, receive), scope, receive, send)
+        return await self._forward(scope, receive, send, body)
+
+    async def _forward(self, scope: Scope, receive: Receive, send: Send, body: bytes) -> int:
+        """Let the application answer, `body` (read already) replayed to it; the status it sent (499: none)."""
         replayed = False
         status = 499
 
