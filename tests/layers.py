@@ -22,7 +22,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("foundation", ["errors", "registry", "config", "processes", "console"]),
     ("hardware", ["hardware"]),
     ("models, data", ["models", "data", "components"]),
-    ("runs, distributed", ["runs", "formats", "distributed"]),
+    ("runs", ["runs"]),
+    ("distributed", ["distributed"]),
     ("training", ["training", "evaluation"]),
     ("compress, export", ["compress", "export"]),
     ("serve, stream", ["serve", "stream"]),
@@ -149,15 +150,45 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def upward(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
-    """Imports from a module to one in a higher layer, or that FORBIDDEN names."""
+    """Imports from a module to one in a higher layer, and the paths of imports, direct or through other modules,
+    from a module to one that FORBIDDEN keeps it from (as `(module, "a -> b -> c")`)."""
     wrong = []
     for module, imported in sorted(graph.items()):
-        for other in sorted(imported):
-            if layer_of(other) > layer_of(module) or any(
-                _within(module, low) and _within(other, high) for low, high in FORBIDDEN
-            ):
-                wrong.append((module, other))
+        wrong.extend((module, other) for other in sorted(imported) if layer_of(other) > layer_of(module))
+        for low, high in FORBIDDEN:
+            if _within(module, low):
+                path = _path_to(graph, module, high)
+                if path:
+                    wrong.append((module, path[-1] if len(path) == 2 else " -> ".join(path[1:])))
     return wrong
+
+
+def _path_to(graph: dict[str, set[str]], start: str, key: str) -> list[str]:
+    """The shortest chain of imports from `start` to a module within `key` (empty if there is none)."""
+    came_from: dict[str, str] = {start: ""}
+    frontier = [start]
+    while frontier:
+        following = []
+        for module in frontier:
+            for other in sorted(graph.get(module, ())):
+                if other in came_from:
+                    continue
+                came_from[other] = module
+                if _within(other, key):
+                    path = [other]
+                    while path[-1] != start:
+                        path.append(came_from[path[-1]])
+                    return path[::-1]
+                following.append(other)
+        frontier = following
+    return []
+
+
+def unknown_keys() -> list[str]:
+    """Keys of LAYERS and FORBIDDEN that name no module or subpackage of the package."""
+    names = {module_name(path) for path in PACKAGE.rglob("*.py")} | {"scaleforge.__init__"}  # the package itself
+    keys = [key for _, layer in LAYERS for key in layer] + [key for pair in FORBIDDEN for key in pair]
+    return [key for key in keys if not any(_within(name, key) for name in names) and f"scaleforge.{key}" not in names]
 
 
 def _within(module: str, key: str) -> bool:

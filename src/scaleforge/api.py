@@ -13,9 +13,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from scaleforge.config import RunConfig, apply_override, build_config, config_data, dump_yaml, mapping_data, set_value
+import yaml
+
+from scaleforge.config import (
+    RunConfig,
+    apply_override,
+    build_config,
+    config_data,
+    dump_yaml,
+    mapping_data,
+    rebuild_data,
+    set_value,
+)
 from scaleforge.errors import ScaleforgeError, UsageError
-from scaleforge.runs import TRUSTED, Trust, load_run, open_run
+from scaleforge.runs import TRUSTED, UNTRUSTED, Trust, load_run, open_run
 
 if TYPE_CHECKING:
     from torch import nn
@@ -39,7 +50,16 @@ class Run:
 
     def model(self) -> nn.Module:
         """The trained model, rebuilt from `final/` (checked against its manifest), in eval mode on the CPU."""
-        return open_run(self.run_dir, TRUSTED).model  # this process trained it: its config's code is the caller's
+        return open_run(self.run_dir, self.trust()).model
+
+    def trust(self) -> Trust:
+        """A run this process trained runs its config's code (`imports:`, `module:Attr`), which is the caller's own:
+        as long as `final/config.yaml` is still the config it was trained from. Otherwise it is opened as data."""
+        try:
+            saved = yaml.safe_load((self.run_dir / "final" / "config.yaml").read_text())
+        except (OSError, yaml.YAMLError):
+            return UNTRUSTED  # opening it reports what is wrong
+        return TRUSTED if saved == self.config.to_dict() else UNTRUSTED
 
 
 class WorkersFailed(ScaleforgeError):
@@ -57,7 +77,7 @@ def resolve_config(config: ConfigSource = None, overrides: Overrides = ()) -> Ru
     if isinstance(config, RunConfig):
         if not overrides:
             return config
-        raw, origins = config.to_dict(), dict(config.origins)
+        raw, origins = rebuild_data(config)
     elif isinstance(config, Mapping):
         raw, origins = mapping_data(config, "fit(config=...)")
     else:
@@ -93,6 +113,8 @@ def fit(
     """
     from scaleforge.distributed.launch import LaunchOptions
 
+    if launch is not None and nproc != 1:
+        raise UsageError("fit: give the processes either as nproc or in launch, not both")
     resolved = resolve_config(config, overrides)
     options = launch or LaunchOptions(nproc=nproc)
     if options.needs_launcher:
@@ -114,7 +136,7 @@ def evaluate(
     (`trust_code` lets its config's own code run); a `Run` that `fit` returned is this process's own."""
     from scaleforge.evaluation import evaluate_model
 
-    trust = TRUSTED if isinstance(run, Run) else Trust(trust_code, signing_key_env)
+    trust = run.trust() if isinstance(run, Run) else Trust(trust_code, signing_key_env)
     opened = open_run(run.run_dir if isinstance(run, Run) else run, trust)
     return evaluate_model(opened.model, opened.config, device)
 
@@ -122,10 +144,12 @@ def evaluate(
 def _as_given(config: ConfigSource, overrides: Overrides) -> list[str] | None:
     """The command-line items that give the workers this config as the user gave it (so that `config show` names
     its file and lines), or None when it exists only in this process."""
-    if isinstance(config, str | Path) and not isinstance(overrides, Mapping):
-        return [str(config), *overrides]
-    if config is None and not isinstance(overrides, Mapping):
+    if isinstance(overrides, Mapping):
+        return None
+    if config is None:
         return list(overrides)
+    if isinstance(config, str | Path) and "=" not in str(config):  # a path with "=" would read as an override
+        return [str(config), *overrides]
     return None
 
 

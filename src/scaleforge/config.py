@@ -179,6 +179,9 @@ class RunConfig:
     parallel: ParallelSection = ParallelSection()
     logging: LoggingSection = LoggingSection()
     origins: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    # The data it was loaded from, before any default was filled in (None for a config built in Python): what
+    # `rebuild_data` starts from, so that an override switching a component drops the old one's parameters.
+    given: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain YAML-ready data, in the file format (component parameters beside the name)."""
@@ -205,7 +208,7 @@ _COMPONENT_FIELDS: dict[str, tuple[registry.Registry, frozenset[str]]] = {
 # Component fields that hold a list of components.
 _COMPONENT_LISTS = ("metrics", "callbacks")
 # Fields that are not keys of the config file.
-_NOT_FROM_FILE = ("params", "factory", "origins")
+_NOT_FROM_FILE = ("params", "factory", "origins", "given")
 # Names resolved by the task at build time rather than from a registry.
 _AUTO = "auto"
 
@@ -263,8 +266,19 @@ def mapping_data(data: Mapping[str, Any], origin: str = DEFAULT) -> tuple[dict[s
 
 def build_config(raw: dict[str, Any], origins: dict[str, str]) -> RunConfig:
     """Validate config data whose dotted keys `origins` says the origin of (as `config_data` gives them)."""
+    given = _deep_copy(raw)
     config: RunConfig = _build(RunConfig, raw, origins, prefix="")
-    return config
+    return dataclasses.replace(config, given=given)
+
+
+def rebuild_data(config: RunConfig) -> tuple[dict[str, Any], dict[str, str]]:
+    """What `build_config` validates to give `config` again, with its origins: the data it was loaded from, or,
+    for a config built or changed in Python (`dataclasses.replace`), its values as data."""
+    if config.given is not None:
+        raw, origins = _deep_copy(config.given), dict(config.origins)
+        if build_config(_deep_copy(raw), dict(origins)) == config:
+            return raw, origins
+    return config.to_dict(), dict(config.origins)
 
 
 class _Loader(yaml.SafeLoader):
@@ -738,7 +752,7 @@ def _key_of(spec: dataclasses.Field[Any]) -> str:
 def _section_to_dict(section: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in dataclasses.fields(section):
-        if f.name in ("origins", "factory"):
+        if f.name in ("origins", "factory", "given"):
             continue
         value, key = getattr(section, f.name), _key_of(f)
         if f.name == "params":

@@ -67,7 +67,7 @@ def one_of(choices: Iterable[str]) -> str:
 
 def describe_export_error(error: BaseException) -> str:
     """` at <operator>: <first line>` for an exporter's error."""
-    return f"{_operator_in(error)}: {_first_line(error)}"
+    return f"{_operator_in(error)}: {first_line(error)}"
 
 
 def _operator_in(error: BaseException) -> str:
@@ -79,7 +79,8 @@ def _operator_in(error: BaseException) -> str:
     return f" at {found.group(1)}" if found else ""
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """The first non-blank line of an error's message, without terminal colours (its type's name if it has none)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     text = lines[0] if lines else type(error).__name__
     return re.sub(r"\x1b\[[0-9;]*m", "", text)

@@ -34,7 +34,7 @@ from torch import nn
 from scaleforge import registry
 from scaleforge.config import RunConfig, dump_yaml, load_config
 from scaleforge.data.base import DataInfo
-from scaleforge.errors import UsageError, one_of
+from scaleforge.errors import UsageError, first_line, one_of
 
 FINAL_FILES = ("model.safetensors", "config.yaml", "data_info.json")
 MANIFEST = "manifest.json"
@@ -305,6 +305,8 @@ def open_run(path: str | Path, trust: Trust) -> LoadedRun:
     model = build_model(config.model, info)
     fmt = (compression_of(final) or {}).get("format", STATE_DICT)
     file = final / "model.safetensors"
+    if not isinstance(fmt, str):
+        raise UsageError(f"{final / COMPRESSION} is damaged: its format is {fmt!r}, not a name")
     if fmt == STATE_DICT:
         load_weights(model, file)
     elif fmt in registry.FORMATS:  # a registered name only: a run's file never names code to import
@@ -344,8 +346,3 @@ def load_weights(model: nn.Module, file: Path) -> None:
         model.load_state_dict(state)
     except RuntimeError as error:
         raise UsageError(f"{file} does not hold this model's weights: {first_line(error)}") from error
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an error's message (its type's name if it has none)."""
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

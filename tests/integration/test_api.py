@@ -3,6 +3,7 @@ mapping or a loaded config, with overrides as strings or a mapping; the run it r
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 import scaleforge
-from scaleforge.api import resolve_config
+from scaleforge.api import Run, resolve_config
+from scaleforge.distributed.launch import LaunchOptions
 from scaleforge.errors import ConfigError, UsageError
+from scaleforge.runs import TRUSTED, UNTRUSTED
 
 OVERRIDES = ["training.epochs=1", "training.max_steps=12", "model.hidden_layers=[32]", "seed=3", "hardware.threads=2"]
 
@@ -54,6 +57,22 @@ def test_a_mapping_config_and_mapping_overrides_resolve_as_a_file_and_strings_do
     assert "fit(overrides=" in resolve_config(None, {"seed": 7}).origin("seed")
 
 
+def test_an_override_of_a_loaded_config_may_switch_its_components() -> None:
+    """The parameters the old model or dataset received by default do not follow the switch to another."""
+    loaded = scaleforge.load_config()
+    switched = resolve_config(loaded, {"model.architecture": "cnn", "data.dataset": "synthetic"})
+    assert switched == scaleforge.load_config(None, ["model.architecture=cnn", "data.dataset=synthetic"])
+    assert "hidden_layers" not in switched.model.params
+    # a config changed in Python keeps the change: it is rebuilt from its values, not from the data it was loaded from
+    changed = dataclasses.replace(loaded, seed=5)
+    assert resolve_config(changed, ["training.epochs=2"]).seed == 5
+
+
+def test_the_public_names_are_the_functions() -> None:
+    assert {"fit", "evaluate", "load_run", "Run"} <= set(dir(scaleforge))
+    assert callable(scaleforge.fit) and callable(scaleforge.evaluate) and callable(scaleforge.load_run)
+
+
 def test_bad_configs_and_overrides_fail_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="not the string"):
         scaleforge.fit(overrides="training.epochs=1")
@@ -61,6 +80,8 @@ def test_bad_configs_and_overrides_fail_before_any_work(tmp_path: Path) -> None:
         scaleforge.fit({"training": {"learning_rate": "fast"}}, run_dir=tmp_path / "never")
     with pytest.raises(ConfigError, match="did you mean"):
         scaleforge.fit(overrides={"training.epohcs": 1}, run_dir=tmp_path / "never")
+    with pytest.raises(UsageError, match="not both"):
+        scaleforge.fit(nproc=4, launch=LaunchOptions(nproc=2), run_dir=tmp_path / "never")
     assert not (tmp_path / "never").exists()
 
 
@@ -76,6 +97,9 @@ def test_the_returned_run_reopens_and_evaluates(tmp_path: Path) -> None:
         next(iter(scaleforge.load_run(tmp_path / "run").model.state_dict().values())),
         next(iter(model.state_dict().values())),
     )
+    # the run is trusted as this process's own only while final/ holds the config it was trained from
+    assert run.trust() == TRUSTED
+    assert Run(run.run_dir, run.summary, scaleforge.load_config(None, ["seed=1"])).trust() == UNTRUSTED
 
 
 @pytest.mark.slow

@@ -157,6 +157,13 @@ def test_a_compressed_format_no_component_loads_is_refused_and_never_imported(ml
         write_manifest(run / "final")
         with pytest.raises(UsageError, match=f"names the format '{fmt}', which no installed component loads"):
             load_run(run, trust_code=True)
+    for fmt in (["dynamic-int8"], None, {"name": "state_dict"}):  # not a name: damage, said as such
+        run = tmp_path / f"not-a-name-{type(fmt).__name__}"
+        shutil.copytree(mlp_run, run)
+        (run / "final" / "compression.json").write_text(json.dumps({"format": fmt}))
+        write_manifest(run / "final")
+        with pytest.raises(UsageError, match="is damaged: its format is"):
+            load_run(run)
 
 
 def test_the_distillation_loss_mixes_the_teachers_softened_outputs_with_the_labels(mlp_run: Path, tmp_path):  # noqa: ANN001

@@ -34,6 +34,21 @@ def test_the_checks_catch_an_upward_import_a_forbidden_one_and_a_cycle() -> None
     ]
 
 
+def test_a_forbidden_import_through_another_module_is_caught() -> None:
+    graph = {
+        "scaleforge.serve.app": {"scaleforge.compress.convert"},
+        "scaleforge.compress.convert": {"scaleforge.training.trainer"},
+        "scaleforge.training.trainer": set(),
+    }
+    assert layers.upward(graph) == [
+        ("scaleforge.serve.app", "scaleforge.compress.convert -> scaleforge.training.trainer"),
+    ]
+
+
+def test_every_key_of_the_layers_names_a_part_of_the_package() -> None:
+    assert layers.unknown_keys() == []
+
+
 def test_an_import_inside_a_function_counts_and_one_for_type_checking_does_not() -> None:
     source = """
 from typing import TYPE_CHECKING

@@ -93,3 +93,12 @@ def test_a_duplicate_hook_for_a_field_is_refused() -> None:
 
     with pytest.raises(ValueError, match="model preparation 'init_from' is already registered"):
         registry.register_preparation("init_from")(another)
+
+
+def test_the_weights_a_run_starts_from_are_loaded_before_the_model_is_prepared_for_int8() -> None:
+    """`init_from` fills the float model, which `quantization_aware` then exports: the order of the fields is the
+    order the hooks run in."""
+    names = [field.name for field in dataclasses.fields(TrainingSection)]
+    assert names.index("init_from") < names.index("quantization_aware")
+    registry.load_components()
+    assert "init_from" in registry.PREPARATIONS and "quantization_aware" in registry.PREPARATIONS

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from scaleforge.data.base import DataInfo
-from scaleforge.errors import ConfigError, UsageError, describe_export_error
+from scaleforge.errors import ConfigError, UsageError, describe_export_error, first_line
 from scaleforge.registry import FORMATS, register_preparation
 from scaleforge.runs import example_inputs, load_weights, read_weights
 
@@ -247,8 +247,6 @@ def prepared_for_int8(model: nn.Module, example: torch.Tensor, *, qat: bool = Fa
 @register_preparation("quantization_aware")
 def quantization_aware(model: nn.Module, enabled: bool, context: PreparationContext) -> nn.Module:
     """`training.quantization_aware`: the model exported and fake-quantized for int8 (PT2E QAT)."""
-    from scaleforge.runs import example_inputs
-
     if context.dims.strategy not in ("single", "ddp"):
         raise ConfigError(
             f"training.quantization_aware: runs on one process or under ddp, not {context.dims.strategy} (the "
@@ -317,8 +315,7 @@ def load_int8(model: nn.Module, example: torch.Tensor, state: dict[str, torch.Te
         converted = _converted(prepared)
         converted.load_state_dict({k: v for k, v in state.items() if not k.startswith(OBSERVERS)})
     except RuntimeError as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise UsageError(f"the int8 weights do not fit this model: {first_line}") from error
+        raise UsageError(f"the int8 weights do not fit this model: {first_line(error)}") from error
     return converted
 
 

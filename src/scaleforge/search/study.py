@@ -24,7 +24,7 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from scaleforge.errors import ConfigError, ScaleforgeWarning, UsageError
+from scaleforge.errors import ConfigError, ScaleforgeWarning, UsageError, first_line
 from scaleforge.search.objectives import Objective, parse_objective
 from scaleforge.training.status import process_alive, process_start_time
 
@@ -100,7 +100,7 @@ def open_storage(url: str, *, create: bool = True) -> RDBStorage:
     except ImportError as error:
         raise UsageError(f"--storage {url}: its database driver is not installed ({error})") from error
     except Exception as error:  # SQLAlchemy's many errors for a bad URL or a database it cannot reach
-        raise UsageError(f"--storage {url}: cannot be opened: {_first_line(error)}") from error
+        raise UsageError(f"--storage {url}: cannot be opened: {first_line(error)}") from error
 
 
 def trials_so_far(storage: RDBStorage, name: str) -> int:
@@ -260,8 +260,3 @@ def requeue_stale(study: optuna.Study) -> None:
     """Fail and queue again the running trials (of any machine) whose heartbeat stopped `GRACE_S` ago."""
     with quiet_optuna():
         optuna.storages.fail_stale_trials(study)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__

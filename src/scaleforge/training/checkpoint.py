@@ -46,13 +46,12 @@ from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from scaleforge.errors import ScaleforgeWarning, UsageError
+from scaleforge.errors import ScaleforgeWarning, UsageError, first_line
 from scaleforge.runs import (
     HASH_THREADS,
     SIGNATURE,
     ManifestMismatch,
     check_manifest,
-    first_line,
     fsync_dir,
     sign,
     write_durably,

@@ -13,16 +13,18 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from scaleforge import registry
 from scaleforge.data.base import DataInfo
-from scaleforge.distributed.parallel_dims import ParallelDims
 from scaleforge.errors import ConfigError, UsageError
 from scaleforge.runs import load_weights, verify_final
+
+if TYPE_CHECKING:  # a type only: the registry imports this module in serving processes too
+    from scaleforge.distributed.parallel_dims import ParallelDims
 
 
 @dataclass(frozen=True)
