@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from scaleforge.errors import UsageError
+from scaleforge.extras import require
 
 INT8_MAX = 127  # symmetric: [-127, 127], so that negating a value never overflows
 MAX_BATCH = 4096  # the largest batch a static-int8 model's exported graph takes
@@ -200,6 +201,7 @@ OBSERVERS = "observers."  # prefix of the calibration statistics in a static-int
 def _pt2e() -> Any:
     """torchao's PT2E module and x86 quantizer, imported without the warnings its import logs about GPU kernels
     this machine does not load."""
+    require("export", "static-int8 and qat quantization")  # also met when such a run is loaded (eval, serve, export)
     quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
     levels = [logger.level for logger in quiet]
     for logger in quiet:
