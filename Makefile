@@ -2,7 +2,8 @@
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS ?= dev
+# every extra (serve, export, stream, search, bench) and the test tools; the core alone: tests/lean_install.sh
+EXTRAS ?= all,dev
 comma := ,
 STAMP := $(VENV)/.setup-$(subst $(comma),-,$(EXTRAS))
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q

@@ -19,10 +19,10 @@ from scaleforge.registry import (
     register_optimizer,
     register_scheduler,
 )
-from scaleforge.runs import LoadedRun, load_run
 
 if TYPE_CHECKING:
     from scaleforge.api import Run, evaluate, fit
+    from scaleforge.runs import LoadedRun, load_run
 
 __version__ = "0.1.0"
 
@@ -44,16 +44,17 @@ __all__ = [
     "register_scheduler",
 ]
 
-_API = ("Run", "evaluate", "fit")  # imported on first use: the trainer's imports would slow every command's start
+# imported on first use: torch and the trainer's imports would slow every command's start (`scaleforge --help`)
+_LAZY = {"Run": "api", "evaluate": "api", "fit": "api", "LoadedRun": "runs", "load_run": "runs"}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _API:
-        from scaleforge import api
+    if name in _LAZY:
+        import importlib
 
-        return getattr(api, name)
+        return getattr(importlib.import_module(f"scaleforge.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'scaleforge' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_API))
+    return sorted(set(globals()) | set(_LAZY))

@@ -18,7 +18,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +54,42 @@ LATENCY_BATCHES = (1, 32)
 class CompressOptions:
     """What `scaleforge compress` was asked for."""
 
-    method: str
-    sparsity: float = 0.5  # prune: the fraction of weights (or, --structured, of units) removed
-    structured: bool = False
-    finetune_epochs: int = 0  # prune: then trained this long; qat: trained fake-quantized this long (at least 1)
-    calibration_batches: int = 8  # static-int8: training batches whose activations fix the int8 ranges
-    nproc: int = 1  # prune / qat: processes the fine-tuning trains on (the trainer's strategies, as `train --nproc`)
+    method: str = field(
+        metadata={
+            "choices": METHODS,
+            "help": "dynamic-int8: Linear and LSTM layers in int8 (weights per channel, inputs per row), no "
+            "calibration; static-int8: Linear and convolution layers in int8 by PT2E (torch.export, torchao's x86 "
+            "quantizer), activation ranges from calibration batches; qat: trained fake-quantized for "
+            "--finetune-epochs (at least 1) through the trainer, then converted to int8; prune: global magnitude "
+            "pruning (zeros), or --structured (fewer units: a smaller dense model)",
+        }
+    )
+    sparsity: float = field(
+        default=0.5,
+        metadata={"help": "prune: the fraction of weights (or, --structured, of units) removed", "range": "fraction"},
+    )
+    structured: bool = field(
+        default=False,
+        metadata={"help": "prune: remove whole hidden units or channels (mlp, cnn): a smaller dense model"},
+    )
+    finetune_epochs: int = field(
+        default=0,
+        metadata={
+            "help": "prune: then train this many epochs; qat: train fake-quantized this many (at least 1)",
+            "range": "non-negative",
+        },
+    )
+    calibration_batches: int = field(
+        default=8,
+        metadata={"help": "static-int8: training batches whose activations fix the int8 ranges", "range": "positive"},
+    )
+    nproc: int = field(
+        default=1,
+        metadata={
+            "help": "qat, prune's fine-tuning: processes to train on (the trainer's strategies, as train --nproc)",
+            "range": "positive",
+        },
+    )
 
     def as_json(self) -> dict[str, Any]:
         if self.method == "prune":

@@ -28,6 +28,7 @@ from torch import nn
 
 from scaleforge.data.base import DataInfo
 from scaleforge.errors import ConfigError, UsageError, describe_export_error, first_line
+from scaleforge.extras import require
 from scaleforge.registry import FORMATS, register_preparation
 from scaleforge.runs import example_inputs, load_weights, read_weights
 
@@ -207,6 +208,7 @@ OBSERVERS = "observers."  # prefix of the calibration statistics in a static-int
 def _pt2e() -> Any:
     """torchao's PT2E module and x86 quantizer, imported without the warnings its import logs about GPU kernels
     this machine does not load."""
+    require("export", "static-int8 and qat quantization")  # also met when such a run is loaded (eval, serve, export)
     quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
     levels = [logger.level for logger in quiet]
     for logger in quiet:

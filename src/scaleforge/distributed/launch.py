@@ -15,7 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from scaleforge.distributed.env import PEER_FAILED_EXIT, PEER_HUNG_EXIT
 from scaleforge.errors import UsageError
@@ -31,12 +31,20 @@ LAUNCHED = "SCALEFORGE_LAUNCHED"
 class LaunchOptions:
     """torchrun's flags, with the same meaning: processes per node, nodes, this node's rank, rendezvous."""
 
-    nproc: int = 1
-    nnodes: int = 1
-    node_rank: int = 0
-    rdzv_endpoint: str | None = None
-    rdzv_id: str | None = None
-    max_restarts: int = 0
+    nproc: int = field(default=1, metadata={"help": "processes on this node", "range": "positive"})
+    nnodes: int = field(default=1, metadata={"help": "nodes taking part", "range": "positive"})
+    node_rank: int = field(default=0, metadata={"help": "this node's index", "range": "non-negative"})
+    rdzv_endpoint: str | None = field(
+        default=None, metadata={"help": "where the nodes meet (needed for --nnodes > 1)", "metavar": "HOST:PORT"}
+    )
+    rdzv_id: str | None = field(
+        default=None,
+        metadata={"help": "a name shared by the nodes of one job (names the default run directory)", "metavar": "ID"},
+    )
+    max_restarts: int = field(
+        default=0,
+        metadata={"help": "restart the workers up to K times after a failure", "range": "non-negative", "metavar": "K"},
+    )
 
     @property
     def world_size(self) -> int:

@@ -65,6 +65,8 @@ from scaleforge.training.signals import Interrupted
 from scaleforge.training.status import run_state
 
 POLL_S = 0.25
+SAMPLERS = ("tpe", "random", "nsga2", "gp")
+PRUNERS = ("auto", "median", "hyperband", "none")
 STOP_GRACE_S = 120.0  # how long a stopped trial may take to write its checkpoint before it is killed
 
 
@@ -74,19 +76,47 @@ class SearchOptions:
 
     config: str | None
     overrides: tuple[str, ...]
-    space: Path
+    space: Path = field(metadata={"help": "the search space", "metavar": "SPACE.yaml"})
     objectives: tuple[Objective, ...]
-    trials: int
-    jobs: int = 1
-    nproc: int = 1
-    study: str | None = None
-    storage: str | None = None
-    folder: Path | None = None
-    timeout_s: float | None = None
-    sampler: str = "tpe"
-    pruner: str = "auto"
-    pruner_startup: int = 5
-    seed: int = 0
+    trials: int = field(default=20, metadata={"help": "trials in the study in all", "range": "positive"})
+    jobs: int = field(default=1, metadata={"help": "trials at once, each its own process", "range": "positive"})
+    nproc: int = field(
+        default=1, metadata={"help": "processes per trial (the launcher's --nproc)", "range": "positive"}
+    )
+    study: str | None = field(default=None, metadata={"help": "the study's name (default: the config's name)"})
+    storage: str | None = field(
+        default=None,
+        metadata={
+            "help": "Optuna storage URL shared by every machine of the search (default: sqlite:///DIR/study.db)",
+            "metavar": "URL",
+        },
+    )
+    folder: Path | None = field(
+        default=None,
+        metadata={"help": "the study's folder, holding its trials (default: runs/search/<study>)", "flag": "--dir"},
+    )
+    timeout_s: float | None = field(
+        default=None,
+        metadata={"help": "start no trial after S seconds", "range": "positive", "flag": "--timeout", "metavar": "S"},
+    )
+    sampler: str = field(default="tpe", metadata={"help": "Optuna's sampler", "choices": SAMPLERS})
+    pruner: str = field(
+        default="auto",
+        metadata={
+            "help": "stops hopeless trials from their validation values; auto: median for one validation metric, "
+            "none for several objectives",
+            "choices": PRUNERS,
+        },
+    )
+    pruner_startup: int = field(
+        default=5,
+        metadata={
+            "help": "trials that finish before the median pruner stops any",
+            "range": "non-negative",
+            "metavar": "K",
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "the sampler's seed", "range": "non-negative"})
 
     def pruner_name(self) -> str:
         """`auto`: the median pruner for one validation metric; none for several objectives or a cost alone."""

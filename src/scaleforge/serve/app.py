@@ -89,20 +89,23 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
 @dataclass(frozen=True)
 class ServeSettings:
     """`scaleforge serve`'s options: one a field, its flag the field's name (`--max-batch-size`), its help text
-    `metadata["help"]` (`metavar` and `choices` there too where the flag has them)."""
+    `metadata["help"]` (`range`, `metavar` and `choices` there too where the flag has them: see cli/fields.py)."""
 
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind (0.0.0.0: every interface)"})
-    port: int = field(default=8000, metadata={"help": "port (0: any free one, printed)"})
-    max_batch_size: int = field(default=32, metadata={"help": "instances per batch, at most"})
-    max_delay_ms: float = field(default=5.0, metadata={"help": "longest wait for a batch to fill"})
-    max_queue: int = field(default=256, metadata={"help": "queued requests before 503"})
-    timeout_ms: float = field(default=2000.0, metadata={"help": "queued longer: 504, never run"})
-    cache_size: int = field(default=0, metadata={"help": "LRU of results (0: none)"})
+    port: int = field(default=8000, metadata={"range": "port", "help": "port (0: any free one, printed)"})
+    max_batch_size: int = field(default=32, metadata={"range": "positive", "help": "instances per batch, at most"})
+    max_delay_ms: float = field(
+        default=5.0, metadata={"range": "non-negative", "help": "longest wait for a batch to fill"}
+    )
+    max_queue: int = field(default=256, metadata={"range": "positive", "help": "queued requests before 503"})
+    timeout_ms: float = field(default=2000.0, metadata={"range": "positive", "help": "queued longer: 504, never run"})
+    cache_size: int = field(default=0, metadata={"range": "non-negative", "help": "LRU of results (0: none)"})
     max_body_mb: float | None = field(
         default=None,
         metadata={
+            "range": "positive",
             "help": "larger bodies get 413 (unset: from the model's input, twice --max-batch-size instances at their "
-            "largest JSON size plus 64 KiB; for image uploads, a 4096x4096 RGB image uncompressed plus 64 KiB)"
+            "largest JSON size plus 64 KiB; for image uploads, a 4096x4096 RGB image uncompressed plus 64 KiB)",
         },
     )
     api_key: str | None = field(
@@ -113,7 +116,8 @@ class ServeSettings:
     threads: int = field(
         default=0,
         metadata={
-            "help": "torch threads for the model (0: every core if that runs a full batch 1.3x faster, else one fewer)"
+            "range": "non-negative",
+            "help": "torch threads for the model (0: every core if that runs a full batch 1.3x faster, else one fewer)",
         },
     )
     model_process: bool | None = field(  # None: auto
@@ -126,21 +130,24 @@ class ServeSettings:
     drain_grace_s: float = field(
         default=0.0,
         metadata={
-            "help": "after SIGTERM, keep serving this long with /health/ready at 503 (for load balancers), then drain"
+            "range": "non-negative",
+            "help": "after SIGTERM, keep serving this long with /health/ready at 503 (for load balancers), then drain",
         },
     )
     batch_timeout_s: float = field(
         default=60.0,
         metadata={
+            "range": "positive",
             "help": "a batch the model has not answered in this long is taken for hung and its requests get 503: a "
-            "model process is restarted; while a model on a thread is hung, /health/live and new requests get 503"
+            "model process is restarted; while a model on a thread is hung, /health/live and new requests get 503",
         },
     )
     latency_target_ms: float = field(
         default=0.0,
         metadata={
+            "range": "non-negative",
             "help": "keep batches small enough, and refuse at once what could not be answered, to answer within this "
-            "(0: off)"
+            "(0: off)",
         },
     )
     backend: str = field(

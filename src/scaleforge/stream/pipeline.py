@@ -29,7 +29,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -40,6 +40,7 @@ from scaleforge.stream.sinks import Sink, open_sink
 from scaleforge.stream.sources import Frame, Source, open_source
 
 POLICIES = ("drop-oldest", "block")
+PROGRESS = ("auto", "bar", "plain", "none")  # the live line: a bar on a terminal (auto), or plain lines
 STAGES = ("preprocess", "batch_wait", "inference", "sink")
 END = None  # what the queues pass on after the last frame
 LATENCY_WINDOW = 100_000  # the end-to-end latencies the summary's percentiles are taken from (the latest)
@@ -49,21 +50,42 @@ LATENCY_WINDOW = 100_000  # the end-to-end latencies the summary's percentiles a
 class StreamOptions:
     """What `scaleforge stream` was asked for."""
 
-    source: str
-    fps: float | None = None  # the source's rate (synthetic: 30 when not given; a file: as fast as it is taken)
-    max_batch_size: int = 8
-    max_delay_ms: float = 10.0
-    queue: int = 4  # frames each of the two queues holds
-    policy: str | None = None  # drop-oldest | block; None: drop-oldest for live sources, block for files
-    sink: str = "none"
-    cache_size: int = 0
-    duration_s: float | None = None
-    metrics_port: int | None = None
-    metrics_host: str = "127.0.0.1"
-    device: str = "auto"
-    threads: int = 0  # torch threads (0: chosen for the model, as `serve` does)
-    preprocess_workers: int = 2
-    progress: str = "auto"  # auto | bar | plain | none
+    source: str = field(
+        metadata={
+            "help": "a video file, a camera index (0), a folder of images, or synthetic:WxH (generated moving frames)"
+        }
+    )
+    fps: float | None = field(
+        default=None,
+        metadata={"help": "the source's rate (synthetic: 30; a file: as fast as it is taken)", "range": "positive"},
+    )
+    max_batch_size: int = field(default=8, metadata={"help": "frames per batch, at most", "range": "positive"})
+    max_delay_ms: float = field(default=10.0, metadata={"help": "longest wait for a batch", "range": "non-negative"})
+    queue: int = field(default=4, metadata={"help": "frames each queue between stages holds", "range": "positive"})
+    policy: str | None = field(
+        default=None,
+        metadata={
+            "help": "a full queue drops its oldest frame, or makes the source wait (default: drop-oldest for live "
+            "sources, block for files and folders)",
+            "choices": POLICIES,
+        },
+    )
+    sink: str = field(default="none", metadata={"help": "jsonl:FILE (a line per frame), video:FILE.avi|.mp4, none"})
+    cache_size: int = field(default=0, metadata={"help": "results kept for repeated frames", "range": "non-negative"})
+    duration_s: float | None = field(
+        default=None,
+        metadata={"help": "seconds to run (default: until the source ends)", "range": "positive", "flag": "--duration"},
+    )
+    metrics_port: int | None = field(
+        default=None, metadata={"help": "serve Prometheus metrics on this port (0: any free)", "range": "port"}
+    )
+    metrics_host: str = field(default="127.0.0.1", metadata={"help": "address of the metrics endpoint"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps"})
+    threads: int = field(
+        default=0, metadata={"help": "torch threads (0: chosen for the model)", "range": "non-negative"}
+    )
+    preprocess_workers: int = 2  # threads preprocessing frames; not an option of `scaleforge stream`
+    progress: str = field(default="auto", metadata={"help": "the live line", "choices": PROGRESS})
 
     def check(self) -> None:
         """Refuse options that cannot describe a stream, naming the flag."""

@@ -11,6 +11,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from scaleforge.errors import UsageError
+from scaleforge.extras import require
 from scaleforge.stream.sources import Frame
 
 VIDEO_CODECS = {".avi": "MJPG", ".mp4": "mp4v", ".mkv": "MJPG"}
@@ -67,6 +68,7 @@ class VideoSink:
     the writer opens at the first frame's size (later frames of another size are resized to it)."""
 
     def __init__(self, path: Path, fps: float | None) -> None:
+        require("stream", "writing video")
         if path.suffix.lower() not in VIDEO_CODECS:
             raise UsageError(f"--sink video:{path}: expected a file ending in {', '.join(VIDEO_CODECS)}")
         if not path.parent.is_dir():

@@ -20,6 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from scaleforge.errors import UsageError
+from scaleforge.extras import require
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 SYNTHETIC_FPS = 30.0  # a synthetic source's rate when --fps is not given
@@ -56,11 +57,10 @@ class Source(Protocol):
 def _cv2():  # noqa: ANN202 - the cv2 module, imported when a source needs it
     # FFmpeg's own log lines for a damaged frame too (read when OpenCV opens its first video)
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
-    try:
-        import cv2
-        import cv2.utils.logging
-    except ImportError as error:  # pragma: no cover - a core dependency
-        raise UsageError("reading video needs OpenCV: pip install opencv-python-headless") from error
+    require("stream", "reading video")
+    import cv2
+    import cv2.utils.logging
+
     # a frame that cannot be decoded is counted and reported by the pipeline, not logged by OpenCV as well
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
     return cv2

@@ -1,0 +1,312 @@
+"""`scaleforge bench ...`: the benchmarks, one subcommand each."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from scaleforge.cli.arguments import (
+    Parser,
+    comma_separated,
+    config_argument,
+    json_argument,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    run_dir_arguments,
+    split_config_args,
+    trust,
+)
+from scaleforge.errors import UsageError
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """`bench` and its subcommands on `commands`."""
+    bench = commands.add_parser("bench", help="benchmarks")
+    benchmarks = bench.add_subparsers(dest="bench_command", required=True, parser_class=Parser)
+    for add in (_overhead, _scaling, _memory, _checkpoint, _compress, _stream, _serve):
+        add(benchmarks)
+
+
+def _overhead(benchmarks: argparse._SubParsersAction) -> None:
+    overhead = benchmarks.add_parser(
+        "overhead", help="trainer step time against a plain PyTorch loop (and Lightning when installed)"
+    )
+    overhead.add_argument("--steps", type=positive_int, default=300, help="timed steps per measurement (default 300)")
+    overhead.add_argument(
+        "--repeats", type=positive_int, default=5, help="interleaved repeats; medians are reported (default 5)"
+    )
+    overhead.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
+    overhead.add_argument("--no-lightning", action="store_true", help="skip PyTorch Lightning even if installed")
+    json_argument(overhead)
+    overhead.set_defaults(handler=cmd_bench_overhead)
+
+
+def _scaling(benchmarks: argparse._SubParsersAction) -> None:
+    scaling = benchmarks.add_parser(
+        "scaling",
+        help="training throughput at several process counts (strong or weak scaling)",
+        description="Train one config at each process count, every process with cores // (largest count) threads, "
+        "and report steady-state throughput, speed-up and scaling efficiency.",
+    )
+    config_argument(scaling)
+    scaling.add_argument(
+        "--nproc",
+        type=comma_separated(positive_int),
+        required=True,
+        metavar="N,N,...",
+        help="process counts, such as 1,2",
+    )
+    scaling.add_argument(
+        "--mode",
+        choices=("strong", "weak"),
+        required=True,
+        help="strong: the global batch stays training.batch_size; weak: each process gets training.batch_size",
+    )
+    scaling.add_argument(
+        "--strategy", default="ddp", help="ddp, fsdp, tp, pp or hybrid: how runs above 1 process split (default ddp)"
+    )
+    scaling.add_argument("--steps", type=positive_int, default=100, help="steps per run, at least 30 (default 100)")
+    scaling.add_argument("--out", default="runs/bench-scaling", help="where runs and results go (default %(default)s)")
+    json_argument(scaling)
+    scaling.set_defaults(handler=cmd_bench_scaling)
+
+
+def _memory(benchmarks: argparse._SubParsersAction) -> None:
+    memory = benchmarks.add_parser(
+        "memory",
+        help="parameters, gradients, optimizer state and peak memory per process under each strategy",
+        description="Train one config under each strategy on the same processes and compare memory per process.",
+    )
+    config_argument(memory)
+    memory.add_argument("--nproc", type=positive_int, required=True, help="processes per run, at least 2")
+    memory.add_argument(
+        "--strategies",
+        type=comma_separated(str),
+        default=["ddp", "fsdp", "tp"],
+        metavar="S,S,...",
+        help="strategies to compare (default ddp,fsdp,tp)",
+    )
+    memory.add_argument("--steps", type=positive_int, default=20, help="steps per run (default 20)")
+    memory.add_argument("--out", default="runs/bench-memory", help="where runs and results go (default %(default)s)")
+    json_argument(memory)
+    memory.set_defaults(handler=cmd_bench_memory)
+
+
+def _checkpoint(benchmarks: argparse._SubParsersAction) -> None:
+    checkpoint = benchmarks.add_parser(
+        "checkpoint",
+        help="checkpoint save (sync, async) and load time against torch.save",
+        description="Save and load one config's model and optimizer state as checkpoints and with torch.save.",
+    )
+    config_argument(checkpoint)
+    checkpoint.add_argument(
+        "--repeats", type=positive_int, default=7, help="measurements per figure; medians are reported (default 7)"
+    )
+    checkpoint.add_argument("--out", default="runs/bench-checkpoint", help="where checkpoints and results go")
+    json_argument(checkpoint)
+    checkpoint.set_defaults(handler=cmd_bench_checkpoint)
+
+
+def _compress(benchmarks: argparse._SubParsersAction) -> None:
+    compress = benchmarks.add_parser(
+        "compress",
+        help="size, accuracy and speed of each compression of a run",
+        description="Make every compression of a trained run (dynamic and static int8, pruning, narrowing, a "
+        "distilled student) and compare size, validation accuracy, CPU latency and ONNX Runtime throughput.",
+    )
+    run_dir_arguments(compress, help="a trained run directory")
+    compress.add_argument(
+        "--finetune-epochs", type=non_negative_int, default=3, help="fine-tuning after pruning (default 3)"
+    )
+    compress.add_argument("--out", default="runs/bench-compress", help="where the variants and results go")
+    json_argument(compress)
+    compress.set_defaults(handler=cmd_bench_compress)
+
+
+def _stream(benchmarks: argparse._SubParsersAction) -> None:
+    stream = benchmarks.add_parser(
+        "stream",
+        help="streaming throughput against batch size, and latency when frames come faster than that",
+        description="The streaming pipeline on synthetic frames: the fps it sustains at each batch size against the "
+        "model alone, then p50/p99 latency, drops and memory with the source at 0.5x, 1x, 2x and 4x that rate "
+        "(drop-oldest).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    run_dir_arguments(stream, help="a run directory of an image classifier")
+    stream.add_argument(
+        "--batch-sizes",
+        type=comma_separated(positive_int),
+        default=[1, 2, 4, 8, 16],
+        metavar="N,N,...",
+        help="max batch sizes to measure",
+    )
+    stream.add_argument("--seconds", type=positive_float, default=4.0, help="seconds per measured point")
+    stream.add_argument("--frame-size", default="64x64", metavar="WxH", help="the synthetic frames' size")
+    stream.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: chosen)")
+    stream.add_argument("--out", default="runs/bench-stream", help="where stream.json and stream.png go")
+    json_argument(stream)
+    stream.set_defaults(handler=cmd_bench_stream)
+
+
+def _serve(benchmarks: argparse._SubParsersAction) -> None:
+    serve = benchmarks.add_parser(
+        "serve",
+        help="serving throughput and latency, batching on and off, beside a bare endpoint and LitServe",
+        description="Start each server on 127.0.0.1 and drive it with a bounded aiohttp load generator: closed-loop "
+        "levels (requests in flight) and an open-loop overload for scaleforge with batching.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    run_dir_arguments(serve, help="a trained run directory")
+    serve.add_argument(
+        "--concurrency",
+        type=comma_separated(positive_int),
+        default=[1, 8, 32],
+        metavar="N,N,...",
+        help="closed-loop levels: requests in flight",
+    )
+    serve.add_argument("--requests", type=positive_int, default=2000, help="requests per level, at most")
+    serve.add_argument("--seconds", type=positive_float, default=10.0, help="seconds per level, at most")
+    serve.add_argument("--max-batch-size", type=positive_int, default=32, help="for the batching servers")
+    serve.add_argument("--max-delay-ms", type=non_negative_float, default=5.0, help="for the batching servers")
+    serve.add_argument(
+        "--overload",
+        type=non_negative_float,
+        default=3.0,
+        help="open-loop rate as a multiple of the measured capacity (0: none)",
+    )
+    serve.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=1,
+        help="runs of each closed-loop level, the servers in turn; the median is reported",
+    )
+    serve.add_argument(
+        "--beside-large",
+        type=non_negative_int,
+        default=8,
+        metavar="N",
+        help="N small requests in flight alone, then beside a client sending full batches (large bodies), on "
+        "scaleforge with batching: their p99 with and without (0: skip)",
+    )
+    serve.add_argument("--no-litserve", action="store_true", help="skip LitServe even if installed")
+    serve.add_argument("--out", default="runs/bench-serve", help="where logs, JSON and the plot go")
+    json_argument(serve)
+    serve.set_defaults(handler=cmd_bench_serve)
+
+
+def cmd_bench_overhead(args: argparse.Namespace) -> int:
+    """The trainer's step time against a plain loop."""
+    from scaleforge.bench.overhead import run_overhead_benchmark
+
+    run_overhead_benchmark(
+        steps=args.steps, repeats=args.repeats, lightning=not args.no_lightning, as_json=args.json, threads=args.threads
+    )
+    return 0
+
+
+def cmd_bench_scaling(args: argparse.Namespace) -> int:
+    """Throughput at each process count."""
+    from scaleforge.bench.scaling import run_scaling_benchmark
+
+    config_path, overrides = split_config_args(args.config)
+    run_scaling_benchmark(
+        config_path,
+        overrides,
+        process_counts=args.nproc,
+        mode=args.mode,
+        strategy=args.strategy,
+        steps=args.steps,
+        out=Path(args.out),
+        as_json=args.json,
+    )
+    return 0
+
+
+def cmd_bench_memory(args: argparse.Namespace) -> int:
+    """Memory per process under each strategy."""
+    from scaleforge.bench.memory import run_memory_benchmark
+
+    config_path, overrides = split_config_args(args.config)
+    run_memory_benchmark(
+        config_path,
+        overrides,
+        nproc=args.nproc,
+        strategies=args.strategies,
+        steps=args.steps,
+        out=Path(args.out),
+        as_json=args.json,
+    )
+    return 0
+
+
+def cmd_bench_checkpoint(args: argparse.Namespace) -> int:
+    """Checkpoint save and load times."""
+    from scaleforge.bench.checkpoint import run_checkpoint_benchmark
+
+    config_path, overrides = split_config_args(args.config)
+    run_checkpoint_benchmark(config_path, overrides, repeats=args.repeats, out=Path(args.out), as_json=args.json)
+    return 0
+
+
+def cmd_bench_compress(args: argparse.Namespace) -> int:
+    """Every compression of a run, compared."""
+    from scaleforge.bench.compress import run_compress_benchmark
+    from scaleforge.extras import require
+
+    require("export", "scaleforge bench compress")
+    run_compress_benchmark(
+        args.run_dir, out=Path(args.out), finetune_epochs=args.finetune_epochs, as_json=args.json, trust=trust(args)
+    )
+    return 0
+
+
+def cmd_bench_stream(args: argparse.Namespace) -> int:
+    """The stream pipeline's throughput against batch size, and its latency under load."""
+    from scaleforge.bench.stream import run_stream_benchmark
+
+    if args.batch_sizes != sorted(set(args.batch_sizes)):
+        raise UsageError("--batch-sizes: give increasing sizes without repeats, such as 1,4,16")
+    match = re.fullmatch(r"(\d+)x(\d+)", args.frame_size)
+    if match is None or min(int(match[1]), int(match[2])) < 1:
+        raise UsageError(f"--frame-size: expected WxH in pixels, such as 64x64, got '{args.frame_size}'")
+    run_stream_benchmark(
+        args.run_dir,
+        out=Path(args.out),
+        batch_sizes=args.batch_sizes,
+        seconds=args.seconds,
+        frame_size=(int(match[1]), int(match[2])),
+        threads=args.threads,
+        as_json=args.json,
+        trust=trust(args),
+    )
+    return 0
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    """Serving throughput and latency against a bare endpoint and LitServe."""
+    from scaleforge.bench.serve import run_serve_benchmark
+    from scaleforge.extras import require
+
+    require("serve", "scaleforge bench serve")
+    require("bench", "scaleforge bench serve")  # the load generator is aiohttp's
+    if args.concurrency != sorted(set(args.concurrency)):
+        raise UsageError("--concurrency: give increasing levels without repeats, such as 1,8,32")
+    run_serve_benchmark(
+        args.run_dir,
+        concurrency=args.concurrency,
+        requests=args.requests,
+        seconds=args.seconds,
+        max_batch_size=args.max_batch_size,
+        max_delay_ms=args.max_delay_ms,
+        overload=args.overload,
+        repeats=args.repeats,
+        beside_large=args.beside_large,
+        litserve=not args.no_litserve,
+        out=Path(args.out),
+        as_json=args.json,
+        trust=trust(args),
+    )
+    return 0
