@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `pip install scaleforge` alone (no extras) from this checkout into a new virtual environment, then, in an empty
-# folder: import it, train, evaluate, plot, list, export to torch.export, and check that each command needing an extra says which in one line (exit 2).
+# folder: import it, train, evaluate, plot, list, export to torch.export, read `serve --help`, and check that each
+# command needing an extra says which in one line (exit 2).
 # Usage: tests/lean_install.sh [VENV]   (default: a temporary folder). About 4 minutes on 2 cores, most of it pip's.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -26,6 +27,7 @@ done
 "$venv/bin/scaleforge" config show r/config.yaml >/dev/null
 "$venv/bin/scaleforge" list
 "$venv/bin/scaleforge" export r --format torch-export
+"$venv/bin/scaleforge" serve --help >/dev/null
 
 # each command that needs an extra, and the extra its one line must name
 status=0

@@ -28,7 +28,6 @@ def test_require_names_the_extra_and_the_missing_modules(monkeypatch: pytest.Mon
     ("args", "extra"),
     [
         (("serve", "RUN"), "serve"),
-        (("serve", "RUN", "--help"), "serve"),
         (("export", "RUN", "--format", "onnx"), "export"),
         (("compress", "RUN", "--method", "static-int8"), "export"),
         (("compress", "RUN", "--method", "qat"), "export"),
@@ -48,6 +47,17 @@ def test_a_command_without_its_extra_says_which_to_install(
     assert result.code == 2
     assert result.err.count("\n") == 1 and "Traceback" not in result.err
     assert f"needs the [{extra}] extra: pip install 'scaleforge[{extra}]'" in result.err
+
+
+def test_serve_describes_its_options_without_its_extra(
+    cli, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`ServeSettings` lives apart from the server's modules: the options are known without FastAPI."""
+    monkeypatch.setitem(extras.EXTRAS, "serve", ABSENT)
+    with pytest.raises(SystemExit) as exit_:
+        cli("serve", "--help")
+    assert exit_.value.code == 0
+    assert "--max-batch-size" in capsys.readouterr().out
 
 
 def test_the_extras_are_the_packages_and_all_holds_each() -> None:

@@ -25,11 +25,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _serve_arguments(parser: Parser) -> None:
-    from scaleforge.extras import require
-
-    require("serve", "scaleforge serve")  # ServeSettings' module is the server's, which imports FastAPI
     from scaleforge.cli.fields import add_fields
-    from scaleforge.serve.app import ServeSettings
+    from scaleforge.serve.settings import ServeSettings
 
     parser.add_argument("run_dir", metavar="RUN_DIR_OR_MODEL", help="a run directory, or its final/ folder")
     trust_arguments(parser)
@@ -43,8 +40,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve until stopped; exit 1 if the server failed."""
     from scaleforge.cli.fields import settings_from
     from scaleforge.extras import require
-    from scaleforge.serve.app import ServeSettings
+
+    require("serve", "scaleforge serve")  # before the server's modules, which import FastAPI
     from scaleforge.serve.server import serve
+    from scaleforge.serve.settings import ServeSettings
 
     api_key = None
     if args.api_key_env is not None:
