@@ -1,9 +1,8 @@
-"""`scaleforge eval`: a finished run's metrics on its validation split."""
+"""A trained model's metrics on the validation split of its run's data (`scaleforge.evaluate`, `scaleforge eval`)."""
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 from torch import nn
 
@@ -11,7 +10,6 @@ from scaleforge.config import ComponentSpec, RunConfig
 from scaleforge.data.loading import eval_batches
 from scaleforge.distributed.parallelize import ParallelModel
 from scaleforge.hardware import make_autocast
-from scaleforge.runs import UNTRUSTED, Trust, open_run
 from scaleforge.training.trainer import (
     build_data,
     build_objective,
@@ -19,13 +17,6 @@ from scaleforge.training.trainer import (
     evaluate,
     setup_runtime,
 )
-
-
-def evaluate_run(run_dir: str | Path, trust: Trust = UNTRUSTED) -> dict[str, float]:
-    """Load `final/` of a run (opened with `trust`) and evaluate it on the validation split of the data it was
-    trained on."""
-    run = open_run(run_dir, trust)
-    return evaluate_model(run.model, run.config)
 
 
 def evaluate_model(model: nn.Module, config: RunConfig, device: str | None = None) -> dict[str, float]:

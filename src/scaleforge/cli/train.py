@@ -10,7 +10,6 @@ from scaleforge.cli.arguments import (
     load_config_args,
     run_dir_arguments,
     split_config_args,
-    trust,
 )
 
 
@@ -99,9 +98,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Print a trained run's validation metrics."""
-    from scaleforge.evaluation import evaluate_run
+    from scaleforge.api import evaluate
 
-    results = evaluate_run(args.run_dir, trust(args))
+    results = evaluate(args.run_dir, trust_code=args.trust_code, signing_key_env=args.signing_key_env)
     for name, value in results.items():
         print(f"{name}: {value:.4f}")
     return 0
