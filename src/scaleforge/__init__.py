@@ -18,6 +18,7 @@ from scaleforge.registry import (
     register_model,
     register_optimizer,
     register_scheduler,
+    register_transform,
 )
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ __all__ = [
     "register_model",
     "register_optimizer",
     "register_scheduler",
+    "register_transform",
 ]
 
 # imported on first use: torch and the trainer's imports would slow every command's start (`scaleforge --help`)

@@ -17,7 +17,7 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 
@@ -500,7 +500,7 @@ def _component_field(name: str, value: Any, origins: dict[str, str], key: str) -
 
 
 def _component(
-    value: Any, component_registry: registry.Registry, injected: frozenset[str], origins: dict[str, str], key: str
+    value: Any, component_registry: registry.Registry, injected: frozenset[str], origins: Mapping[str, str], key: str
 ) -> ComponentSpec:
     if isinstance(value, str):
         name, params = value, {}
@@ -560,8 +560,30 @@ def bind_params(
                 f"it takes: {', '.join(choices) or 'no parameters'}",
             )
         hint = hints.get(name, Any)
-        bound[name] = _convert(value, hint, origins, param_key) if name not in DATA_PROVIDED else value
+        bound[name] = _bind_value(value, hint, origins, param_key) if name not in DATA_PROVIDED else value
     return bound
+
+
+def _bind_value(value: Any, hint: Any, origins: Mapping[str, str], key: str) -> Any:
+    """A parameter's value in its type; a list where the type names a registry binds each item as a component."""
+    component_registry = listed_components(hint)
+    if component_registry is not None and isinstance(value, list):
+        items = enumerate(value)
+        return [_component(item, component_registry, frozenset(), origins, f"{key}.{i}") for i, item in items]
+    return _convert(value, hint, origins, key)
+
+
+def listed_components(hint: Any) -> registry.Registry | None:
+    """The registry of a parameter typed as a list of components, `Annotated[list[ComponentSpec], REGISTRY]`
+    (alone or in a union, such as `bool | Transforms`): its items are names or `{name: ..., setting: ...}`
+    mappings, bound at load time like `training.callbacks`, and the component receives `ComponentSpec`s."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    for candidate in typing.get_args(hint) if union else (hint,):
+        if typing.get_origin(candidate) is Annotated:
+            for meta in candidate.__metadata__:
+                if isinstance(meta, registry.Registry):
+                    return meta
+    return None
 
 
 def signature_of(factory: Callable[..., Any]) -> inspect.Signature:
@@ -575,7 +597,7 @@ def signature_of(factory: Callable[..., Any]) -> inspect.Signature:
 def _type_hints(factory: Callable[..., Any]) -> dict[str, Any]:
     target = factory.__init__ if inspect.isclass(factory) else factory
     try:
-        return typing.get_type_hints(target)
+        return typing.get_type_hints(target, include_extras=True)
     except Exception:  # unresolvable annotations in user code: bind without type checks
         return {}
 
@@ -652,6 +674,8 @@ def _coerce(value: Any, hint: Any) -> Any:
     args = typing.get_args(hint)
     if hint is Any or hint is inspect.Parameter.empty or isinstance(hint, typing.TypeVar):
         return value
+    if origin is Annotated:
+        return _coerce(value, args[0])
     if origin is Literal:
         for choice in args:
             if value == choice or (isinstance(choice, str) and not isinstance(value, bool) and str(value) == choice):
@@ -708,6 +732,11 @@ def describe_type(hint: Any) -> str:
     """Plain-English name of a type hint for error messages."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    if origin is Annotated:
+        component_registry = listed_components(hint)
+        if component_registry is not None:
+            return f"a list of {component_registry.kind} names or mappings with 'name'"
+        return describe_type(args[0])
     if origin is Literal:
         return one_of(str(a) for a in args)
     if origin in (typing.Union, types.UnionType):
@@ -757,11 +786,7 @@ def _section_to_dict(section: Any) -> dict[str, Any]:
         value, key = getattr(section, f.name), _key_of(f)
         if f.name == "params":
             out.update(_plain(value))
-        elif isinstance(value, ComponentSpec):
-            out[key] = _spec_to_data(value)
-        elif isinstance(value, list) and value and isinstance(value[0], ComponentSpec):
-            out[key] = [_spec_to_data(v) for v in value]
-        elif dataclasses.is_dataclass(value):
+        elif dataclasses.is_dataclass(value) and not isinstance(value, ComponentSpec):
             out[key] = _section_to_dict(value)
         else:
             out[key] = _plain(value)
@@ -773,6 +798,8 @@ def _spec_to_data(spec: ComponentSpec) -> Any:
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, ComponentSpec):
+        return _spec_to_data(value)
     if isinstance(value, Mapping):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):

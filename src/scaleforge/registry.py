@@ -171,6 +171,8 @@ SCHEDULERS = Registry("scheduler")
 LOSSES = Registry("loss")
 METRICS = Registry("metric")
 CALLBACKS = Registry("callback")
+# Per-sample data augmentations, named in a dataset's list parameter (`data.augment: [random_crop, hflip]`).
+TRANSFORMS = Registry("transform")
 # How a compressed run's `final/model.safetensors` loads, by the format its `compression.json` names: a function
 # (freshly built float model, weights file, DataInfo) -> the model holding those weights.
 FORMATS = Registry("compressed format")
@@ -189,6 +191,7 @@ REGISTRIES: dict[str, Registry] = {
     "losses": LOSSES,
     "metrics": METRICS,
     "callbacks": CALLBACKS,
+    "transforms": TRANSFORMS,
 }
 
 register_model = MODELS.register
@@ -198,5 +201,6 @@ register_scheduler = SCHEDULERS.register
 register_loss = LOSSES.register
 register_metric = METRICS.register
 register_callback = CALLBACKS.register
+register_transform = TRANSFORMS.register
 register_preparation = PREPARATIONS.register
 register_optimizer_preparation = OPTIMIZER_PREPARATIONS.register

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from scaleforge.cli.arguments import Parser, config_argument, json_argument, load_config_args
 
-KINDS = ["models", "datasets", "optimizers", "schedulers", "losses", "metrics", "callbacks"]
+KINDS = ["models", "datasets", "optimizers", "schedulers", "losses", "metrics", "callbacks", "transforms"]
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
 import torch
-from torch.nn import functional as F
+from torch.utils.data import Dataset
 
+from scaleforge.config import ComponentSpec
 from scaleforge.data.base import DataInfo, DatasetSplits, ImageInput, InMemoryDataset
+from scaleforge.data.transforms import RandomCrop, Transforms
 from scaleforge.errors import DataError
-from scaleforge.registry import register_dataset
+from scaleforge.registry import TRANSFORMS, register_dataset
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -46,29 +51,33 @@ def load_images(samples: list[tuple[Path, int]], image_size: int, channels: int)
     return images, torch.tensor([label for _, label in samples], dtype=torch.long)
 
 
-class AugmentedImages(InMemoryDataset):
-    """Training images with a random horizontal flip and a random crop from a 4-pixel padded copy, per sample."""
+class AugmentedImages(Dataset):
+    """Training images read one at a time through the data loader, each passed through `transforms` as pixels in
+    [0, 1] and then normalised: the loader seeds each sample's random numbers from (seed, epoch, sample index)."""
 
-    padding = 4
+    def __init__(
+        self, pixels: torch.Tensor, targets: torch.Tensor, transforms: Sequence[Transform], spec: ImageInput
+    ) -> None:
+        self.pixels = pixels  # (N, C, S, S)
+        self.targets = targets
+        self.transforms = list(transforms)
+        self.spec = spec
 
-    def __getitem__(self, index: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        images, targets = super().__getitem__(index)
-        if images.dim() == 3:  # one image
-            return self._augment(images.unsqueeze(0))[0], targets
-        return self._augment(images), targets
+    def __len__(self) -> int:
+        return len(self.pixels)
 
-    def _augment(self, images: torch.Tensor) -> torch.Tensor:
-        batch, _, height, width = images.shape  # (B, C, H, W)
-        flip = torch.rand(batch, device=images.device) < 0.5
-        images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
-        padded = F.pad(images, [self.padding] * 4, mode="reflect")
-        offsets = torch.randint(0, 2 * self.padding + 1, (batch, 2)).tolist()
-        return torch.stack(
-            [image[:, y : y + height, x : x + width] for image, (y, x) in zip(padded, offsets, strict=True)]
-        )
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.pixels[index]  # (C, S, S)
+        for transform in self.transforms:
+            image = transform(image)
+        return self.spec.normalise(image), self.targets[index]
 
-    def to(self, device: torch.device) -> AugmentedImages:
-        return AugmentedImages(self.inputs.to(device), self.targets.to(device))
+
+def build_transforms(augment: bool | Sequence[ComponentSpec]) -> list[Transform]:
+    """The transforms `augment` names; `true` is random crops alone, `false` none."""
+    if isinstance(augment, bool):
+        return [RandomCrop()] if augment else []
+    return [(spec.factory or TRANSFORMS.get(spec.name))(**spec.params) for spec in augment]
 
 
 @register_dataset("image_folder")
@@ -78,17 +87,20 @@ def image_folder(
     channels: Literal[1, 3] = 3,
     val_fraction: float = 0.2,
     split_seed: int = 0,
-    augment: bool = True,
+    augment: bool | Transforms = True,
 ) -> DatasetSplits:
     """`path/<class>/<image>`; validation from `path/val/` when `path/train/` and `path/val/` exist, else by fraction.
 
     Images are resized to `image_size` squares and normalised per channel with the training split's mean and
-    standard deviation; `augment` adds flips and crops to training batches.
+    standard deviation. `augment` lists the transforms applied to each training sample (data/transforms.py);
+    `true` is padded random crops alone (nothing that could change what an image shows, as a mirror does to a
+    digit), `false` or `[]` none.
     """
     if image_size < 1:
         raise ValueError(f"image_size must be at least 1, got {image_size}")
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    transforms = build_transforms(augment)  # before the images load, so that a bad setting fails at once
     root = Path(path)
     if (root / "train").is_dir() and (root / "val").is_dir():
         classes, train_samples = list_images(root / "train")
@@ -106,7 +118,6 @@ def image_folder(
     mean = train_images.mean(dim=(0, 2, 3))
     std = train_images.std(dim=(0, 2, 3)).clamp_min(1e-6)
     spec = ImageInput(size=image_size, channels=channels, mean=tuple(mean.tolist()), std=tuple(std.tolist()))
-    train_type = AugmentedImages if augment else InMemoryDataset
     info = DataInfo(
         task="classification",
         input_shape=(channels, image_size, image_size),
@@ -115,7 +126,9 @@ def image_folder(
         image=spec,
     )
     return DatasetSplits(
-        train=train_type(spec.normalise(train_images), train_labels),
+        train=AugmentedImages(train_images, train_labels, transforms, spec)
+        if transforms
+        else InMemoryDataset(spec.normalise(train_images), train_labels),
         val=InMemoryDataset(spec.normalise(val_images), val_labels),
         info=info,
     )

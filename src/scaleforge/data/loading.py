@@ -5,10 +5,10 @@ permutation for an epoch, cuts it into global batches of `training.batch_size`, 
 contiguous slice of each; that slice is cut again into `grad_accum_steps` micro-batches. Changing the
 number of processes therefore changes who computes what, never what is computed.
 
-Data-loader workers draw each sample's random numbers (augmentations) from streams seeded by (seed, epoch,
-sample index), not from a stream that runs on across samples: what a worker draws for a sample does not
-depend on which worker it is, how many there are, or where the run was resumed, so a checkpoint's data
-cursor alone restores the workers' random state.
+Samples read through the data loader draw their random numbers (augmentations) from streams seeded by (seed,
+epoch, sample index), not from a stream that runs on across samples: what a sample draws does not depend on
+which worker reads it, how many there are (none included), how many processes train, or where the run was
+resumed, so a checkpoint's data cursor alone restores the workers' random state.
 """
 
 from __future__ import annotations
@@ -85,11 +85,11 @@ def sample_seeds(base: int, indices: np.ndarray) -> np.ndarray:
 
 
 class SeededSamples(Dataset):
-    """`dataset` indexed by `(index, draw_seed)`: in a data-loader worker, Python's, NumPy's and torch's random
-    states are set from `draw_seed` before the sample is read, so its random augmentations are a function of
-    the seed alone. In the main process (no workers) samples draw from the run's own streams, which
-    checkpoints hold. Each sample is read on its own (a dataset's `__getitems__`, batched reading, is not used
-    here), since each has its own seed."""
+    """`dataset` indexed by `(index, draw_seed)`: Python's, NumPy's and torch's random states are set from
+    `draw_seed` before the sample is read, so its random augmentations are a function of the seed alone. In the
+    main process (no workers) the run's own streams, which dropout draws from and checkpoints hold, are put back
+    afterwards. Each sample is read on its own (a dataset's `__getitems__`, batched reading, is not used here),
+    since each has its own seed."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -100,11 +100,23 @@ class SeededSamples(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> object:
         index, draw_seed = key
         if get_worker_info() is not None:
-            random.seed(draw_seed)
-            np.random.seed(draw_seed)
-            # not torch.manual_seed, which costs 100x more (~0.1 ms) as it seeds every device type too
-            torch.random.default_generator.manual_seed(draw_seed)
-        return self.dataset[index]
+            _seed_streams(draw_seed)
+            return self.dataset[index]
+        run_streams = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+        _seed_streams(draw_seed)
+        try:
+            return self.dataset[index]
+        finally:
+            random.setstate(run_streams[0])
+            np.random.set_state(run_streams[1])
+            torch.random.set_rng_state(run_streams[2])
+
+
+def _seed_streams(draw_seed: int) -> None:
+    random.seed(draw_seed)
+    np.random.seed(draw_seed)
+    # not torch.manual_seed, which costs 100x more (~0.1 ms) as it seeds every device type too
+    torch.random.default_generator.manual_seed(draw_seed)
 
 
 class EpochIndexPlan:
