@@ -30,16 +30,18 @@ class ConvBlock(nn.Module):
 class CNN(nn.Module):
     """One `ConvBlock` per entry of `channels`, an optional `SpatialSelfAttention`, global average pool, linear head.
 
-    Four blocks by default, so that the pooled features see a whole 28-pixel image (28 -> 14 -> 7 -> 3 -> 1); two
-    saw 10-pixel patches and reached 0.53 validation accuracy on 28-pixel digit photos in 4 epochs, four 0.99
-    (tests/integration/test_zoo.py: test_the_default_cnn_learns_digit_photos_in_class_folders).
+    Four blocks by default, so that the pooled features see a whole 28-pixel image (28 -> 14 -> 7 -> 3 -> 1): on
+    scikit-learn's digits as 28-pixel PNGs, 4 epochs, the former two blocks (32, 64), which saw 10-pixel patches,
+    reached 0.53 validation accuracy; four (16, 32, 64, 128) reach 0.98 to 1.0 over seeds 0-5, as (32, 64, 128, 256)
+    do with 4 times the parameters and twice the time (tests/integration/test_zoo.py:
+    test_the_default_cnn_learns_digit_photos_in_class_folders).
     """
 
     def __init__(
         self,
         input_shape: Sequence[int],
         num_classes: int,
-        channels: Sequence[int] = (32, 64, 128, 256),
+        channels: Sequence[int] = (16, 32, 64, 128),
         attention_heads: int = 0,
         dropout_rate: float = 0.0,
     ) -> None:
