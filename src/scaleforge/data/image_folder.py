@@ -9,6 +9,7 @@ from typing import Literal
 import torch
 from torch.utils.data import Dataset
 
+from scaleforge.components import factory_of
 from scaleforge.config import ComponentSpec
 from scaleforge.data.base import DataInfo, DatasetSplits, ImageInput, InMemoryDataset
 from scaleforge.data.transforms import RandomCrop, Transforms
@@ -77,7 +78,7 @@ def build_transforms(augment: bool | Sequence[ComponentSpec]) -> list[Transform]
     """The transforms `augment` names; `true` is random crops alone, `false` none."""
     if isinstance(augment, bool):
         return [RandomCrop()] if augment else []
-    return [(spec.factory or TRANSFORMS.get(spec.name))(**spec.params) for spec in augment]
+    return [factory_of(spec.factory, TRANSFORMS, spec.name)(**spec.params) for spec in augment]
 
 
 @register_dataset("image_folder")
