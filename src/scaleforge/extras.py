@@ -18,6 +18,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "export": ("onnx", "onnxscript", "onnxruntime", "torchao"),
     "stream": ("cv2",),
     "search": ("optuna",),
+    "data": ("datasets", "tokenizers", "boto3"),
     "bench": ("aiohttp",),
 }
 
