@@ -18,7 +18,7 @@ import pytest
 from scaleforge import load_config
 from scaleforge.training.trainer import train
 from tests.conftest import REPO, run_subprocess
-from tests.integration.multiprocess import (
+from tests.integration.distributed_runs import (
     GPT,
     MODEL,
     RUN,

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from tests.integration.multiprocess import (
+from tests.integration.distributed_runs import (
     GPT,
     TOLERANCE,
     launch,

@@ -20,7 +20,7 @@ from scaleforge import load_config
 from scaleforge.training.status import write_status
 from scaleforge.training.trainer import train
 from tests.conftest import REPO
-from tests.integration.multiprocess import GPT
+from tests.integration.distributed_runs import GPT
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -22,8 +22,8 @@ from scaleforge import load_config
 from scaleforge.training.checkpoint import list_checkpoints, newest_good_checkpoint
 from scaleforge.training.trainer import train
 from tests.conftest import REPO, gone, run_subprocess
-from tests.integration.multiprocess import GPT, MODEL, TOLERANCE, max_difference, read_weights, single_process_run
-from tests.integration.multiprocess import RUN as SHARED_RUN
+from tests.integration.distributed_runs import GPT, MODEL, TOLERANCE, max_difference, read_weights, single_process_run
+from tests.integration.distributed_runs import RUN as SHARED_RUN
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # multi-process runs, each several seconds
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.multiprocess import launch, max_difference, read_weights, single_process_run
+from tests.integration.distributed_runs import launch, max_difference, read_weights, single_process_run
 from tests.support_matrix import MODES, PRECISIONS, STRATEGIES, record_cell
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]

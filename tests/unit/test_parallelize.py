@@ -14,7 +14,7 @@ from scaleforge.distributed.parallel_dims import ParallelDims
 from scaleforge.distributed.parallelize import plan_parallelism
 from scaleforge.errors import ConfigError
 from scaleforge.training.trainer import build_data
-from tests.integration.multiprocess import MODEL, RUN
+from tests.integration.distributed_runs import MODEL, RUN
 
 
 @pytest.mark.parametrize(

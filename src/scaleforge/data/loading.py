@@ -17,7 +17,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from scaleforge.data.base import InMemoryDataset
-from scaleforge.errors import ConfigError
+from scaleforge.errors import ConfigError, ScaleforgeError
 from scaleforge.processes import ParentDeathGuard
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -70,6 +70,28 @@ def stream_seed(*entropy: int) -> int:
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     """The order of the samples in `epoch`: the same on every process and for any number of processes."""
     return torch.randperm(num_samples, generator=torch.Generator().manual_seed(stream_seed(seed, epoch)))
+
+
+def windowed_permutation(shard_sizes: Sequence[int], window: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of a sharded dataset's samples in `epoch`: its shards permuted, grouped in that order into windows
+    of at least `window` samples, and the samples of each window permuted. A function of the seed, the epoch and
+    the shards' sizes alone, like `epoch_permutation`; readers need only one window's shards at a time."""
+    generator = torch.Generator().manual_seed(stream_seed(seed, epoch))
+    starts = np.cumsum([0, *shard_sizes])
+    pieces: list[torch.Tensor] = []
+    members: list[torch.Tensor] = []
+    count = 0
+    for shard in torch.randperm(len(shard_sizes), generator=generator).tolist():
+        members.append(torch.arange(int(starts[shard]), int(starts[shard + 1])))
+        count += shard_sizes[shard]
+        if count >= window:
+            together = torch.cat(members)
+            pieces.append(together[torch.randperm(len(together), generator=generator)])
+            members, count = [], 0
+    if members:
+        together = torch.cat(members)
+        pieces.append(together[torch.randperm(len(together), generator=generator)])
+    return torch.cat(pieces)
 
 
 def sample_seeds(base: int, indices: np.ndarray) -> np.ndarray:
@@ -126,10 +148,13 @@ class EpochIndexPlan:
     epoch (and first step) chosen by `set_epoch`, so one loader with persistent workers serves every epoch.
     """
 
-    def __init__(self, num_samples: int, plan: BatchPlan, seed: int) -> None:
+    def __init__(
+        self, num_samples: int, plan: BatchPlan, seed: int, order: Callable[[int, int], torch.Tensor] | None = None
+    ) -> None:
         self.num_samples = num_samples
         self.plan = plan
         self.seed = seed
+        self.order = order or (lambda seed, epoch: epoch_permutation(num_samples, seed, epoch))
         self.steps_per_epoch = num_samples // plan.global_batch_size  # the incomplete last batch is dropped
         if self.steps_per_epoch == 0:
             raise ConfigError(
@@ -144,7 +169,7 @@ class EpochIndexPlan:
 
     def steps(self) -> list[list[torch.Tensor]]:
         """Per remaining step of the chosen epoch, this process's micro-batch index tensors."""
-        order = epoch_permutation(self.num_samples, self.seed, self.epoch)
+        order = self.order(self.seed, self.epoch)
         usable = order[: self.steps_per_epoch * self.plan.global_batch_size]
         global_batches = usable.view(self.steps_per_epoch, self.plan.global_batch_size)[self.start_step :]
         return [self.plan.rank_slice(batch) for batch in global_batches]
@@ -158,6 +183,15 @@ class EpochIndexPlan:
 
     def __len__(self) -> int:
         return (self.steps_per_epoch - self.start_step) * self.plan.grad_accum_steps
+
+
+def epoch_order(dataset: Dataset) -> Callable[[int, int], torch.Tensor] | None:
+    """A sharded dataset's order (`windowed_permutation` over its `shard_sizes` and `shuffle_window`), or None
+    for the plain permutation of every sample."""
+    sizes, window = getattr(dataset, "shard_sizes", None), getattr(dataset, "shuffle_window", None)
+    if sizes is None or window is None:
+        return None
+    return lambda seed, epoch: windowed_permutation(sizes, window, seed, epoch)
 
 
 class TrainBatches:
@@ -174,7 +208,7 @@ class TrainBatches:
     ) -> None:
         self.plan = plan
         self.device = device
-        self.index_plan = EpochIndexPlan(len(dataset), plan, seed)  # type: ignore[arg-type]
+        self.index_plan = EpochIndexPlan(len(dataset), plan, seed, epoch_order(dataset))  # type: ignore[arg-type]
         self.steps_per_epoch = self.index_plan.steps_per_epoch
         self.in_memory = isinstance(dataset, InMemoryDataset)
         self.dataset = dataset.to(device) if isinstance(dataset, InMemoryDataset) else dataset
@@ -203,7 +237,7 @@ class TrainBatches:
                 yield [dataset[indices.to(self.device)] for indices in micro_indices]  # type: ignore[index]
             return
         micro_batches: list[Batch] = []
-        for inputs, targets in self.loader:
+        for inputs, targets in worker_errors(self.loader):
             micro_batches.append(
                 (inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True))
             )
@@ -237,8 +271,21 @@ def eval_batches(
         worker_init_fn=worker_guard(),
         multiprocessing_context=worker_context(num_workers),
     )
-    for inputs, targets in loader:
+    for inputs, targets in worker_errors(loader):
         yield inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+
+
+def worker_errors(loader: Iterable[T]) -> Iterator[T]:
+    """`loader`'s batches; a user error raised in a worker comes out as the worker raised it (torch re-raises it
+    with the worker's whole traceback in its message, which is not the one line a user error prints)."""
+    try:
+        yield from loader
+    except ScaleforgeError as error:
+        message = str(error)
+        marker = f"{type(error).__name__}: "
+        if "Original Traceback" in message and marker in message:
+            raise type(error)(message.rsplit(marker, 1)[1].strip()) from None
+        raise
 
 
 def worker_guard() -> ParentDeathGuard:

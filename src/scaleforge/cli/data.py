@@ -1,0 +1,91 @@
+"""`scaleforge data ...`: datasets converted into shards, and what a prepared dataset holds."""
+
+from __future__ import annotations
+
+import argparse
+
+from scaleforge.cli.arguments import Parser, fraction, json_argument, non_negative_int, positive_int
+
+PREPARE = (
+    "Convert an image folder (<class>/<image> folders, or train/ and val/ of them), a CSV table or a text corpus "
+    "(a file or a folder of files), once and in parallel, into shards with an index: Hugging Face datasets' Arrow "
+    "files and shards.json (rows, size and SHA-256 of each shard). OUT is a new folder or s3://bucket/prefix "
+    "(credentials and AWS_ENDPOINT_URL from the standard AWS settings). Train from it with "
+    "data.dataset=shards data.path=OUT."
+)
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """`data` and its subcommands on `commands`."""
+    data = commands.add_parser("data", help="prepare datasets as shards, on disk or in an object store")
+    actions = data.add_subparsers(dest="data_command", required=True, parser_class=Parser)
+    actions.add_parser(
+        "prepare", help="convert images, a CSV or text into shards", description=PREPARE, populate=_prepare_arguments
+    ).set_defaults(handler=cmd_prepare)
+    show = actions.add_parser("show", help="what a prepared dataset holds (from its index)")
+    show.add_argument("path", metavar="PATH", help="a prepared folder or s3://bucket/prefix")
+    json_argument(show)
+    show.set_defaults(handler=cmd_show)
+
+
+def _prepare_arguments(parser: Parser) -> None:
+    parser.add_argument("source", metavar="SOURCE", help="an image folder, a .csv file, or a text file or folder")
+    parser.add_argument("--out", required=True, help="a new folder, or s3://bucket/prefix")
+    parser.add_argument(
+        "--kind", choices=["images", "table", "text"], help="what SOURCE holds (default: from its files)"
+    )
+    parser.add_argument("--workers", type=positive_int, help="processes reading and writing (default: the CPU count)")
+    parser.add_argument("--shard-size", default="64MB", help="about this much per shard (default 64MB)")
+    parser.add_argument(
+        "--val-fraction", type=fraction, help="share held out for validation (images, tables: 0.2, text: 0.1)"
+    )
+    parser.add_argument("--split-seed", type=non_negative_int, default=0, help="seed of the random split (0)")
+    parser.add_argument("--target", default="target", help="a table's label column (default target)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT folder")
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Prepare the shards and print what was written."""
+    from scaleforge.data.prepare import PrepareOptions, prepare
+
+    options = PrepareOptions(
+        kind=args.kind,
+        workers=args.workers,
+        shard_size=args.shard_size,
+        val_fraction=args.val_fraction,
+        split_seed=args.split_seed,
+        target=args.target,
+        overwrite=args.overwrite,
+    )
+    manifest = prepare(args.source, args.out, options)
+    _print_manifest(args.out, manifest)
+    print(f"prepared in {manifest['seconds']:.1f} s; train from it with: data.dataset=shards data.path={args.out}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """Print a prepared dataset's splits and shards."""
+    import json
+
+    from scaleforge.data.shards import read_manifest
+    from scaleforge.data.storage import ShardStore
+
+    raw = json.loads(ShardStore(args.path).read_manifest())
+    read_manifest(ShardStore(args.path))  # checked as training checks it
+    if args.json:
+        print(json.dumps(raw, indent=2))
+        return 0
+    _print_manifest(args.path, raw)
+    return 0
+
+
+def _print_manifest(where: str, manifest: dict) -> None:
+    from scaleforge.console import counted, print_table
+    from scaleforge.data.storage import format_size
+
+    rows = []
+    for name, split in manifest["splits"].items():
+        shards = [s if isinstance(s, dict) else s.__dict__ for s in split["shards"]]
+        size = sum(s["bytes"] for s in shards)
+        rows.append([name, str(split["rows"]), counted(len(shards), "shard"), format_size(size)])
+    print_table(f"{where}: {manifest['kind']} ({manifest['engine']})", ["split", "rows", "shards", "size"], rows)

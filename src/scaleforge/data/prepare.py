@@ -1,0 +1,401 @@
+"""`scaleforge data prepare`: an image folder, a CSV table or a text corpus, converted once into shards.
+
+Hugging Face datasets writes them: the source is read by `--workers` processes into Arrow
+(`Dataset.from_generator`, `Dataset.from_csv`), split into training and validation as the in-memory datasets split
+it, and saved with `save_to_disk` in shards of about `--shard-size` (each split is a folder that
+`datasets.load_from_disk` opens). Images keep their encoded bytes (PNG and JPEG are already compressed); tables and
+token streams stay uncompressed, so that readers map them into memory with no copy. The manifest, `shards.json`,
+lists every shard with its rows, size and SHA-256, and what training needs to know without reading a shard (class
+names, the training split's statistics, the vocabulary). A folder is written under a temporary name and renamed
+when complete; an object store receives the manifest after every shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from scaleforge.data.storage import MANIFEST, format_size, is_remote, parse_size, sha256_of, upload_folder
+from scaleforge.errors import DataError, UsageError
+
+Kind = Literal["images", "table", "text"]
+MOMENTS = 8  # per image: the mean of R, G, B, R², G², B², L, L² over its pixels
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """What `data prepare` is asked for."""
+
+    kind: Kind | None = None
+    workers: int | None = None
+    shard_size: str = "64MB"
+    val_fraction: float | None = None  # images and tables: 0.2, text: 0.1 (as the datasets read from sources)
+    split_seed: int = 0
+    target: str = "target"
+    overwrite: bool = False
+
+
+def detect_kind(source: Path) -> Kind:
+    """`table` for a .csv file, `images` for a folder of class folders of images, else `text`."""
+    from scaleforge.data.image_folder import IMAGE_SUFFIXES
+
+    if source.is_file():
+        return "table" if source.suffix.lower() == ".csv" else "text"
+    if not source.is_dir():
+        raise DataError(f"{source}: no such file or folder")
+    for path in source.rglob("*"):
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            return "images"
+    return "text"
+
+
+def prepare(source: str, out: str, options: PrepareOptions = PrepareOptions()) -> dict[str, Any]:
+    """Convert `source` into shards at `out` (a folder or `s3://bucket/prefix`); returns the manifest."""
+    from scaleforge.extras import require
+
+    require("data", "scaleforge data prepare")
+    root = Path(source)
+    kind = options.kind or detect_kind(root)
+    if not root.exists():
+        raise DataError(f"{source}: no such file or folder")
+    shard_bytes = parse_size(options.shard_size, "--shard-size")
+    workers = max(1, options.workers or os.cpu_count() or 1)
+    target = _check_out(out, options.overwrite)
+    parent = Path(tempfile.gettempdir()) if is_remote(out) else Path(out).resolve().parent
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=parent, prefix=".scaleforge-prepare-") as scratch:
+        stage, cache = Path(scratch) / "out", Path(scratch) / "cache"
+        stage.mkdir()
+        writer = _Writer(stage, cache, workers, shard_bytes)
+        with _quiet_unless_terminal():
+            if kind == "images":
+                details = _prepare_images(root, writer, options)
+            elif kind == "table":
+                details = _prepare_table(root, writer, options)
+            else:
+                details = _prepare_text(root, writer, options)
+        manifest = {"format": "scaleforge-shards", "version": 1, "kind": kind, "engine": _engine(), **details}
+        manifest["splits"] = {split: writer.index(split) for split in ("train", "val")}
+        shutil.rmtree(cache, ignore_errors=True)
+        (stage / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        _publish(stage, out, target)
+    manifest["seconds"] = round(time.perf_counter() - started, 2)
+    return manifest
+
+
+def _engine() -> str:
+    import datasets
+
+    return f"datasets {datasets.__version__} (Arrow)"
+
+
+def _check_out(out: str, overwrite: bool) -> Path | None:
+    """The local folder to create (None for an object store); an existing one is refused unless `overwrite`."""
+    if is_remote(out):
+        from scaleforge.data.storage import split_url
+
+        split_url(out)
+        return None
+    path = Path(out)
+    if path.exists() and not overwrite and (path.is_file() or any(path.iterdir())):
+        raise UsageError(f"--out {out}: already exists and is not empty (pass --overwrite to replace it)")
+    if not path.resolve().parent.is_dir():
+        raise UsageError(f"--out {out}: the folder {path.resolve().parent} does not exist")
+    return path
+
+
+def _publish(stage: Path, out: str, target: Path | None) -> None:
+    if target is None:
+        total = sum(p.stat().st_size for p in stage.rglob("*") if p.is_file())
+        _say(f"uploading {format_size(total)} to {out}")
+        upload_folder(stage, out)
+        return
+    if target.exists():
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    os.replace(stage, target)
+
+
+class _Quiet:
+    def __enter__(self) -> None:
+        import datasets
+
+        self.enabled = datasets.is_progress_bar_enabled()
+        if not sys.stderr.isatty():  # a log gets the plain lines of `_say` instead of redrawn bars
+            datasets.disable_progress_bars()
+
+    def __exit__(self, *_: object) -> None:
+        import datasets
+
+        if self.enabled:
+            datasets.enable_progress_bars()
+
+
+def _quiet_unless_terminal() -> _Quiet:
+    return _Quiet()
+
+
+def _say(line: str) -> None:
+    print(f"prepare: {line}", file=sys.stderr, flush=True)
+
+
+class _Writer:
+    """Saves splits with Hugging Face datasets and lists their shards for the manifest."""
+
+    def __init__(self, stage: Path, cache: Path, workers: int, shard_bytes: int) -> None:
+        self.stage, self.cache, self.workers, self.shard_bytes = stage, cache, workers, shard_bytes
+
+    def save(self, split: str, dataset: Any, num_shards: int | None = None) -> None:
+        started = time.perf_counter()
+        dataset.save_to_disk(
+            str(self.stage / split),
+            max_shard_size=self.shard_bytes if num_shards is None else None,
+            num_shards=num_shards,
+            num_proc=min(self.workers, num_shards or self.workers, max(1, len(dataset))),
+        )
+        _say(f"{split}: {len(dataset)} rows in {time.perf_counter() - started:.1f} s")
+
+    def index(self, split: str) -> dict[str, Any]:
+        """The split's shards, in order, with their rows, bytes and SHA-256 (and tokens for text)."""
+        import datasets
+
+        state = json.loads((self.stage / split / "state.json").read_text())
+        shards = []
+        for entry in state["_data_files"]:
+            path = self.stage / split / entry["filename"]
+            table = datasets.Dataset.from_file(str(path), in_memory=False).data.table
+            shard = {
+                "file": f"{split}/{entry['filename']}",
+                "rows": table.num_rows,
+                "bytes": path.stat().st_size,
+                "sha256": sha256_of(path),
+            }
+            if "tokens" in table.column_names:
+                shard["tokens"] = int(sum(len(chunk.flatten()) for chunk in table.column("tokens").chunks))
+            shards.append(shard)
+        return {"rows": sum(s["rows"] for s in shards), "shards": shards}
+
+
+# -------------------------------------------------------------------------------------------------------- images
+
+
+def _image_rows(items: Sequence[tuple[str, int]]) -> Iterator[dict[str, Any]]:
+    """Each image's bytes, label and pixel moments; an unreadable image stops the preparation, named."""
+    from PIL import Image, UnidentifiedImageError
+
+    for path, label in items:
+        data = Path(path).read_bytes()
+        try:
+            with Image.open(path) as image:
+                rgb = np.asarray(image.convert("RGB"), dtype=np.float64) / 255
+                grey = np.asarray(image.convert("L"), dtype=np.float64) / 255
+        except (UnidentifiedImageError, OSError) as error:
+            raise DataError(f"{path}: not a readable image ({error})") from None
+        pixels = rgb.reshape(-1, 3)
+        moments = [*pixels.mean(0), *(pixels**2).mean(0), grey.mean(), (grey**2).mean()]
+        yield {"image": data, "label": label, "moments": moments, "pixels": int(grey.size)}
+
+
+def _image_sources(root: Path, options: PrepareOptions) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
+    """Class names and each split's (path, label) pairs in source order, split as `image_folder` splits them."""
+    import torch
+
+    from scaleforge.data.image_folder import list_images
+
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        classes, train = list_images(root / "train")
+        val_classes, val = list_images(root / "val")
+        if val_classes != classes:
+            raise DataError(f"{root / 'val'}: classes {val_classes} differ from {root / 'train'}'s {classes}")
+    else:
+        classes, samples = list_images(root)
+        fraction = 0.2 if options.val_fraction is None else options.val_fraction
+        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(options.split_seed)).tolist()
+        num_val = round(len(samples) * fraction)
+        val = [samples[i] for i in sorted(order[:num_val])]
+        train = [samples[i] for i in sorted(order[num_val:])]
+    return classes, {
+        "train": [(str(path), label) for path, label in train],
+        "val": [(str(path), label) for path, label in val],
+    }
+
+
+def _prepare_images(root: Path, writer: _Writer, options: PrepareOptions) -> dict[str, Any]:
+    import datasets
+
+    classes, splits = _image_sources(root, options)
+    _say(f"{sum(map(len, splits.values()))} images in {len(classes)} classes from {root}")
+    features = datasets.Features(
+        {
+            "image": datasets.Value("binary"),
+            "label": datasets.ClassLabel(names=classes),
+            "moments": datasets.Sequence(datasets.Value("float64"), length=MOMENTS),
+            "pixels": datasets.Value("int64"),
+        }
+    )
+    stats: dict[str, Any] = {}
+    for split, items in splits.items():
+        dataset = datasets.Dataset.from_generator(
+            _image_rows,
+            features=features,
+            gen_kwargs={"items": items},
+            num_proc=min(writer.workers, len(items)) if len(items) > 1 else None,
+            cache_dir=str(writer.cache / split),
+            split=datasets.NamedSplit(split),
+        )
+        if split == "train":
+            stats = _image_stats(dataset)
+        writer.save(split, dataset)
+    return {"images": {"class_names": classes, "stats": stats}}
+
+
+def _image_stats(dataset: Any) -> dict[str, Any]:
+    """The training split's per-channel mean and standard deviation, RGB and grey, from the pixel moments."""
+    table = dataset.with_format("numpy", columns=["moments", "pixels"])
+    moments = np.zeros(MOMENTS)
+    total = 0
+    for batch in table.iter(batch_size=4096):
+        weights = batch["pixels"].astype(np.float64)
+        moments += (np.stack(batch["moments"]) * weights[:, None]).sum(0)
+        total += int(weights.sum())
+    mean = moments / max(total, 1)
+    rgb_std = np.sqrt(np.maximum(mean[3:6] - mean[:3] ** 2, 1e-12)).clip(min=1e-6)
+    grey_std = np.sqrt(max(mean[7] - mean[6] ** 2, 1e-12)).clip(min=1e-6)
+    return {
+        "rgb": {"mean": mean[:3].tolist(), "std": rgb_std.tolist()},
+        "grey": {"mean": [float(mean[6])], "std": [float(grey_std)]},
+    }
+
+
+# --------------------------------------------------------------------------------------------------------- table
+
+
+def _prepare_table(path: Path, writer: _Writer, options: PrepareOptions) -> dict[str, Any]:
+    import datasets
+
+    from scaleforge.data.csv_table import class_order
+
+    source = datasets.Dataset.from_csv(str(path), cache_dir=str(writer.cache / "csv"), num_proc=None)
+    if options.target not in source.column_names:
+        raise DataError(
+            f"{path}: no '{options.target}' column (--target); the columns are: {', '.join(source.column_names)}"
+        )
+    feature_names = [name for name in source.column_names if name != options.target]
+    for name in feature_names:
+        dtype = source.features[name]
+        if not (isinstance(dtype, datasets.Value) and dtype.dtype.startswith(("int", "float"))):
+            raise DataError(f"{path}: column '{name}' has non-numeric values ({dtype.dtype})")
+    classes = class_order({str(label).strip() for label in source.unique(options.target)})
+    index = {label: i for i, label in enumerate(classes)}
+    features = datasets.Features(
+        {"features": datasets.Sequence(datasets.Value("float32")), "label": datasets.ClassLabel(names=classes)}
+    )
+
+    def to_rows(batch: dict[str, list[Any]]) -> dict[str, Any]:
+        columns = np.stack([np.asarray(batch[name], dtype=np.float64) for name in feature_names], axis=1)
+        if not np.isfinite(columns).all():
+            row, column = np.argwhere(~np.isfinite(columns))[0]
+            raise DataError(f"{path}: column '{feature_names[column]}' has a missing or non-numeric value")
+        labels = [index[str(label).strip()] for label in batch[options.target]]
+        return {"features": columns.astype(np.float32), "label": labels}
+
+    table = source.map(to_rows, batched=True, remove_columns=source.column_names, features=features)
+    split = _row_split(len(table), options)
+    train, val = table.select(split["train"]), table.select(split["val"])
+    mean, std = _column_stats(train)
+    writer.save("train", train.flatten_indices())
+    writer.save("val", val.flatten_indices())
+    _say(f"{len(table)} rows, {len(feature_names)} features, {len(classes)} classes from {path}")
+    return {"table": {"features": feature_names, "class_names": classes, "mean": mean, "std": std}}
+
+
+def _row_split(count: int, options: PrepareOptions) -> dict[str, list[int]]:
+    """Rows of each split in source order, drawn as the `csv` dataset draws them."""
+    import torch
+
+    fraction = 0.2 if options.val_fraction is None else options.val_fraction
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(options.split_seed))
+    num_val = round(count * fraction)
+    return {"train": sorted(order[num_val:].tolist()), "val": sorted(order[:num_val].tolist())}
+
+
+def _column_stats(train: Any) -> tuple[list[float], list[float]]:
+    total = count = squares = 0
+    for batch in train.with_format("numpy", columns=["features"]).iter(batch_size=65536):
+        values = np.stack(batch["features"]).astype(np.float64)
+        total = total + values.sum(0)
+        squares = squares + (values**2).sum(0)
+        count += len(values)
+    mean = np.asarray(total) / count
+    std = np.sqrt(np.maximum(np.asarray(squares) / count - mean**2, 0)).clip(min=1e-8)
+    return mean.tolist(), std.tolist()
+
+
+# ---------------------------------------------------------------------------------------------------------- text
+
+
+def _corpus_files(root: Path) -> list[Path]:
+    if root.is_file():
+        return [root]
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise DataError(f"{root}: an empty folder")
+    return files
+
+
+def _byte_blocks(begin: int, end: int, block: int) -> list[tuple[int, int]]:
+    return [(start, min(start + block, end)) for start in range(begin, end, block)]
+
+
+def _read_range(files: Sequence[str], start: int, end: int) -> bytes:
+    """Bytes `start:end` of the files' concatenation."""
+    pieces, offset = [], 0
+    for name in files:
+        size = os.path.getsize(name)
+        if offset + size > start and offset < end:
+            with open(name, "rb") as file:
+                file.seek(max(0, start - offset))
+                pieces.append(file.read(min(end, offset + size) - max(start, offset)))
+        offset += size
+    return b"".join(pieces)
+
+
+def _token_rows(blocks: Sequence[tuple[int, int]], files: Sequence[str]) -> Iterator[dict[str, Any]]:
+    for start, end in blocks:
+        yield {"tokens": np.frombuffer(_read_range(files, start, end), dtype=np.uint8)}
+
+
+def _prepare_text(root: Path, writer: _Writer, options: PrepareOptions) -> dict[str, Any]:
+    import datasets
+
+    files = [str(p) for p in _corpus_files(root)]
+    total = sum(os.path.getsize(name) for name in files)
+    fraction = 0.1 if options.val_fraction is None else options.val_fraction
+    split_at = int(total * (1 - fraction))
+    if split_at < 2 or total - split_at < 2:
+        raise DataError(f"{root}: {total} bytes are too few for a training and a validation split")
+    features = datasets.Features({"tokens": datasets.Sequence(datasets.Value("uint8"))})
+    tokens = {}
+    for split, (begin, end) in {"train": (0, split_at), "val": (split_at, total)}.items():
+        blocks = _byte_blocks(begin, end, writer.shard_bytes)
+        dataset = datasets.Dataset.from_generator(
+            _token_rows,
+            features=features,
+            gen_kwargs={"blocks": blocks, "files": tuple(files)},  # a tuple is not split among workers
+            num_proc=min(writer.workers, len(blocks)) if len(blocks) > 1 else None,
+            cache_dir=str(writer.cache / split),
+            split=datasets.NamedSplit(split),
+        )
+        writer.save(split, dataset, num_shards=len(blocks))
+        tokens[split] = end - begin
+    _say(f"{total} bytes of text from {len(files)} files")
+    return {"text": {"tokenizer": "bytes", "vocab_size": 256, "tokens": tokens}}

@@ -1,0 +1,248 @@
+"""Where prepared shards live: a local folder, or an S3-compatible store read through a bounded local cache.
+
+Object storage goes through boto3, so credentials come from the standard chain (`AWS_ACCESS_KEY_ID` and
+`AWS_SECRET_ACCESS_KEY`, `AWS_PROFILE`, instance roles) and a store that is not AWS is named by `AWS_ENDPOINT_URL`;
+none of them is ever logged. Requests are retried by botocore (standard mode: bounded attempts with exponential
+backoff and jitter) before an unreachable store becomes one `data error:` line naming the URL.
+
+The cache holds whole shard files, each checked against the SHA-256 its dataset's manifest gives before it is
+used. When the cache passes its limit, the files read least recently are removed (a process still reading a
+removed file keeps its memory map: the file is only unlinked). Several processes and data-loader workers share a
+cache folder: a per-file lock makes one of them download a shard while the others wait for it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from scaleforge.errors import ConfigError, DataError
+
+SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+HASH_CHUNK = 1 << 20
+
+
+def parse_size(text: str | int, key: str) -> int:
+    """Bytes from `64MB`, `1.5GiB` or a plain number; `ConfigError` naming `key` otherwise."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 1:
+            raise ConfigError(f"{key}: must be positive, got {text}")
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in SIZE_UNITS or float(match.group(1)) <= 0:
+        raise ConfigError(f"{key}: {text!r} is not a size (such as 512MB, 2GiB or a number of bytes)")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
+
+
+def format_size(count: float) -> str:
+    """`146.8 MB`."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    raise AssertionError  # pragma: no cover
+
+
+def is_remote(location: str) -> bool:
+    """Whether `location` names an object store (`s3://bucket/prefix`) rather than a local folder."""
+    return location.startswith("s3://")
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """(bucket, key prefix without a trailing slash) of `s3://bucket/prefix`."""
+    match = re.fullmatch(r"s3://([^/]+)/?(.*)", url)
+    if not match:
+        raise ConfigError(f"{url}: an object-store location is s3://bucket/prefix")
+    return match.group(1), match.group(2).strip("/")
+
+
+def sha256_of(path: Path) -> str:
+    """The SHA-256 of a file, read in 1 MiB pieces."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def s3_client() -> Any:
+    """A boto3 S3 client from the standard credential chain and endpoint settings, with bounded retries."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(retries={"max_attempts": 4, "mode": "standard"}, connect_timeout=5, read_timeout=60)
+    return boto3.client("s3", config=config)
+
+
+def describe_s3_error(error: Exception, url: str) -> DataError:
+    """One `data error:` line for a failed request to `url`, without credentials or a traceback."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    if isinstance(error, ClientError):
+        code = error.response.get("Error", {}).get("Code", "?")
+        if code in ("404", "NoSuchKey", "NoSuchBucket"):
+            return DataError(f"{url}: not found in the object store ({code})")
+        return DataError(f"{url}: the object store refused the request ({code})")
+    if isinstance(error, NoCredentialsError):
+        return DataError(f"{url}: no credentials for the object store (set AWS_ACCESS_KEY_ID or AWS_PROFILE)")
+    if isinstance(error, EndpointConnectionError):
+        return DataError(f"{url}: the object store is unreachable after retries ({error})")
+    return DataError(f"{url}: object store error after retries ({type(error).__name__}: {error})")
+
+
+def guarded_s3(url: str, call: Callable[[], Any]) -> Any:
+    """`call()`, with boto3's errors turned into one `data error:` line naming `url`."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        return call()
+    except (BotoCoreError, ClientError) as error:
+        raise describe_s3_error(error, url) from None
+
+
+def upload_folder(folder: Path, url: str, progress: Callable[[int], None] | None = None) -> None:
+    """Every file under `folder` to `url` (same relative keys); the manifest last, so a reader never finds a
+    manifest whose shards are not all there."""
+    bucket, prefix = split_url(url)
+    client = s3_client()
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    files.sort(key=lambda p: p.name == MANIFEST)  # the manifest after every shard
+    for path in files:
+        key = "/".join(filter(None, [prefix, path.relative_to(folder).as_posix()]))
+        guarded_s3(f"s3://{bucket}/{key}", lambda path=path, key=key: client.upload_file(str(path), bucket, key))
+        if progress is not None:
+            progress(path.stat().st_size)
+
+
+MANIFEST = "shards.json"
+
+
+def default_cache_root() -> Path:
+    """`$XDG_CACHE_HOME/scaleforge/shards`, or `~/.cache/scaleforge/shards`."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "scaleforge" / "shards"
+
+
+class ShardStore:
+    """Shard files by their path relative to a dataset's root (`train/data-00000-of-00004.arrow`), as local files.
+
+    A local root is read in place; a remote one through the cache (`cache_dir`, at most `cache_limit` bytes). Every
+    file is checked against its SHA-256 once per process before it is first used.
+    """
+
+    def __init__(self, location: str, cache_dir: str | None = None, cache_limit: int | None = None) -> None:
+        self.location = location.rstrip("/")
+        self.remote = is_remote(location)
+        self.cache_limit = cache_limit
+        self.verified: set[str] = set()
+        self._client: Any = None
+        self._client_pid = -1
+        if self.remote:
+            bucket, prefix = split_url(self.location)
+            key = hashlib.sha256(self.location.encode()).hexdigest()[:16]
+            self.cache = Path(cache_dir) if cache_dir else default_cache_root() / f"{bucket}-{key}"
+        else:
+            self.cache = Path(self.location)
+            if not self.cache.is_dir():
+                raise DataError(f"data.path: {location} is not a folder of prepared shards")
+
+    def url(self, name: str) -> str:
+        """Where `name` lives, for messages."""
+        return f"{self.location}/{name}"
+
+    def read_manifest(self) -> bytes:
+        """The manifest's bytes (always fetched afresh from a remote store)."""
+        if not self.remote:
+            path = self.cache / MANIFEST
+            if not path.is_file():
+                raise DataError(
+                    f"data.path: {self.location} has no {MANIFEST}; prepare it with `scaleforge data prepare`"
+                )
+            return path.read_bytes()
+        bucket, prefix = split_url(self.location)
+        key = "/".join(filter(None, [prefix, MANIFEST]))
+        answer = guarded_s3(self.url(MANIFEST), lambda: self.client().get_object(Bucket=bucket, Key=key))
+        return answer["Body"].read()
+
+    def client(self) -> Any:
+        """This process's S3 client (made on first use: a forked worker makes its own)."""
+        if self._client_pid != os.getpid():
+            self._client, self._client_pid = s3_client(), os.getpid()
+        return self._client
+
+    def path(self, name: str, size: int, sha256: str) -> Path:
+        """A local, verified copy of shard file `name` (downloaded into the cache if remote)."""
+        path = self.cache / name
+        if self.remote:
+            self._fetch(name, path, size, sha256)
+        elif not path.is_file():
+            raise DataError(f"{self.url(name)}: shard file missing")
+        if name not in self.verified:
+            actual = path.stat().st_size
+            if actual != size or sha256_of(path) != sha256:
+                what = f"{actual} bytes, the manifest says {size}" if actual != size else "SHA-256 differs"
+                if self.remote:
+                    path.unlink(missing_ok=True)
+                raise DataError(f"{self.url(name)}: shard file does not match the manifest ({what})")
+            self.verified.add(name)
+        return path
+
+    def _fetch(self, name: str, path: Path, size: int, sha256: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if path.is_file():
+                os.utime(path)  # recently used: evicted last
+                return
+            bucket, prefix = split_url(self.location)
+            key = "/".join(filter(None, [prefix, name]))
+            handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+            os.close(handle)
+            try:
+                guarded_s3(self.url(name), lambda: self.client().download_file(bucket, key, temp))
+                if os.path.getsize(temp) != size or sha256_of(Path(temp)) != sha256:
+                    raise DataError(f"{self.url(name)}: shard file does not match the manifest")
+                os.replace(temp, path)
+            finally:
+                if os.path.exists(temp):
+                    os.unlink(temp)
+            self.verified.add(name)
+        self._evict(keep=path)
+
+    def _evict(self, keep: Path) -> None:
+        """Remove the least recently used shard files until the cache is within its limit."""
+        if self.cache_limit is None:
+            return
+        files = []
+        for path in self.cache.rglob("*.arrow"):
+            try:  # another process may remove a file meanwhile
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            files.append((stat.st_mtime, stat.st_size, path))
+        total = sum(size for _, size, _ in files)
+        for _, size, path in sorted(files):
+            if total <= self.cache_limit:
+                break
+            if path == keep:
+                continue
+            total -= size
+            path.unlink(missing_ok=True)
+            self.verified.discard(path.relative_to(self.cache).as_posix())

@@ -1,0 +1,260 @@
+"""Datasets prepared as shards with `scaleforge data prepare`: images, a table and text train from them as from their
+sources; the order of the samples does not depend on the number of loader workers or processes; a sorted source
+still gives mixed batches; and every kind of damage is one `data error:` line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scaleforge.data.loading import windowed_permutation
+from scaleforge.data.shards import shards
+from tests.conftest import run_subprocess
+from tests.integration.distributed_runs import TOLERANCE, max_difference, read_weights
+
+QUIET = ["logging.progress=plain", "logging.tensorboard=false", "logging.plot=false", "hardware.threads=1"]
+IMAGES = ["data.dataset=shards", "data.image_size=8", "data.channels=1", "training.batch_size=32", *QUIET]
+
+
+def write_digit_pngs(root: Path) -> Path:
+    """scikit-learn's digits as 8-pixel PNGs in class folders (a class-sorted source)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for i, (image, label) in enumerate(zip(digits.images, digits.target, strict=True)):
+        folder = root / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image / 16 * 255).astype(np.uint8)).save(folder / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def digit_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_digit_pngs(tmp_path_factory.mktemp("digits") / "images")
+
+
+@pytest.fixture(scope="module")
+def digit_shards(digit_folder: Path) -> Path:
+    out = digit_folder.parent / "shards"
+    result = run_subprocess("data", "prepare", str(digit_folder), "--out", str(out), "--shard-size", "40kB")
+    assert result.code == 0, result.err
+    assert "train from it with: data.dataset=shards" in result.out
+    return out
+
+
+def test_prepare_writes_an_index_that_lists_every_shard_and_hugging_face_datasets_opens_it(
+    digit_shards: Path, cli
+) -> None:
+    import datasets
+
+    manifest = json.loads((digit_shards / "shards.json").read_text())
+    assert manifest["kind"] == "images" and manifest["images"]["class_names"] == [str(i) for i in range(10)]
+    train = manifest["splits"]["train"]
+    assert len(train["shards"]) >= 8 and train["rows"] + manifest["splits"]["val"]["rows"] == 1797
+    for shard in train["shards"]:
+        assert (digit_shards / shard["file"]).stat().st_size == shard["bytes"]
+    opened = datasets.load_from_disk(str(digit_shards / "train"))
+    assert len(opened) == train["rows"] and opened.features["label"].names == manifest["images"]["class_names"]
+    result = cli("data", "show", str(digit_shards))
+    assert result.code == 0 and "1438" in result.out and "shards" in result.out
+    again = cli("data", "prepare", str(digit_shards.parent / "images"), "--out", str(digit_shards))
+    assert again.code == 2 and "already exists" in again.err
+
+
+def test_images_train_from_shards_as_from_their_folder(digit_folder: Path, digit_shards: Path, tmp_path: Path) -> None:
+    common = ["data.image_size=8", "data.channels=1", "training.epochs=3", "data.augment=false", *QUIET]
+    from_shards = run_subprocess(
+        "train", *common, "data.dataset=shards", f"data.path={digit_shards}", "--run-dir", str(tmp_path / "shards")
+    )
+    from_folder = run_subprocess(
+        "train",
+        *common,
+        "data.dataset=image_folder",
+        f"data.path={digit_folder}",
+        "--run-dir",
+        str(tmp_path / "folder"),
+    )
+    assert from_shards.code == 0 and from_folder.code == 0, from_shards.err + from_folder.err
+    accuracy = {
+        name: json.loads((tmp_path / name / "summary.json").read_text())["val_accuracy"]
+        for name in ("shards", "folder")
+    }
+    assert accuracy["shards"] > 0.85 and abs(accuracy["shards"] - accuracy["folder"]) < 0.05, accuracy
+
+
+def test_a_table_and_text_train_from_their_shards(tmp_path: Path) -> None:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    header = ",".join([f"p{i}" for i in range(64)] + ["target"])
+    rows = [",".join([*map(str, x.astype(int)), str(y)]) for x, y in zip(digits.data, digits.target, strict=True)]
+    (tmp_path / "digits.csv").write_text("\n".join([header, *rows]) + "\n")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"{i}.txt").write_text("the quick brown fox jumps over the lazy dog. " * (200 + 100 * i))
+    for source, out in ((tmp_path / "digits.csv", "table"), (corpus, "text")):
+        result = run_subprocess("data", "prepare", str(source), "--out", str(tmp_path / out), "--shard-size", "8kB")
+        assert result.code == 0, result.err
+    table = run_subprocess(
+        "train",
+        "data.dataset=shards",
+        f"data.path={tmp_path / 'table'}",
+        "training.epochs=3",
+        *QUIET,
+        "--run-dir",
+        str(tmp_path / "table-run"),
+    )
+    text = run_subprocess(
+        "train",
+        "data.dataset=shards",
+        f"data.path={tmp_path / 'text'}",
+        "data.seq_len=32",
+        "model.architecture=gpt",
+        "model.n_layers=1",
+        "model.d_model=32",
+        "model.n_heads=2",
+        "training.max_steps=30",
+        "training.learning_rate=0.01",
+        *QUIET,
+        "--run-dir",
+        str(tmp_path / "text-run"),
+    )
+    assert table.code == 0 and text.code == 0, table.err + text.err
+    table_summary = json.loads((tmp_path / "table-run" / "summary.json").read_text())
+    assert table_summary["val_accuracy"] > 0.9
+    text_summary = json.loads((tmp_path / "text-run" / "summary.json").read_text())
+    assert text_summary["val_loss"] < 3.0  # far below a uniform guess over bytes (5.5)
+
+
+def test_batches_from_a_class_sorted_source_mix_classes_within_the_shuffle_window(digit_shards: Path) -> None:
+    manifest = json.loads((digit_shards / "shards.json").read_text())
+    sizes = [shard["rows"] for shard in manifest["splits"]["train"]["shards"]]
+    labels = np.concatenate(
+        [
+            np.asarray(__import__("datasets").Dataset.from_file(str(digit_shards / s["file"]))["label"])
+            for s in manifest["splits"]["train"]["shards"]
+        ]
+    )
+    assert (np.diff(labels) >= 0).all(), "the shards are written in the source's class order"
+
+    def classes_per_batch(window: int) -> float:
+        order = windowed_permutation(sizes, window, seed=0, epoch=0).numpy()
+        assert sorted(order.tolist()) == list(range(len(labels)))  # every sample once
+        batches = labels[order[: len(order) // 32 * 32]].reshape(-1, 32)
+        return float(np.mean([len(np.unique(batch)) for batch in batches]))
+
+    assert classes_per_batch(1) < 2.5  # one shard at a time: nearly one class per batch
+    assert classes_per_batch(600) > 6  # windows of several shards: mixed
+    assert classes_per_batch(len(labels)) > 8
+    splits = shards(str(digit_shards), image_size=8, channels=1, shuffle_window=600)
+    assert splits.train.shuffle_window == 600 and splits.train.shard_sizes == sizes
+
+
+def test_the_order_does_not_depend_on_the_number_of_loader_workers(digit_shards: Path, tmp_path: Path) -> None:
+    losses = {}
+    for workers in (0, 2):
+        run_dir = tmp_path / f"workers-{workers}"
+        result = run_subprocess(
+            "train",
+            *IMAGES,
+            f"data.path={digit_shards}",
+            "data.shuffle_window=300",
+            f"data.num_workers={workers}",
+            "training.max_steps=12",
+            "logging.every_steps=1",
+            "--run-dir",
+            str(run_dir),
+        )
+        assert result.code == 0, result.err
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        losses[workers] = [record["loss"] for record in map(json.loads, lines) if "loss" in record]
+    assert len(losses[0]) == 12 and losses[0] == losses[2]  # augmented (random crops) and shuffled alike, bit for bit
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("first", "then"), [(1, 2), (2, 1)], ids=["1-to-2", "2-to-1"])
+def test_a_run_on_shards_resumes_on_another_number_of_processes(
+    digit_shards: Path, tmp_path: Path, first: int, then: int
+) -> None:
+    run = [
+        *IMAGES,
+        f"data.path={digit_shards}",
+        "data.augment=false",
+        "data.shuffle_window=400",
+        "training.max_steps=24",
+        "training.optimizer=sgd",
+        "model.dropout_rate=0",
+        "checkpoint.every_steps=10",
+    ]
+
+    def launch(nproc: int, run_dir: Path, *flags: str) -> None:
+        launch_flags = ["--nproc", str(nproc), "parallel.strategy=ddp"] if nproc > 1 else []
+        result = run_subprocess("train", *run, *launch_flags, "--run-dir", str(run_dir), *flags, timeout=300)
+        assert result.code == 0, result.err
+
+    launch(1, tmp_path / "reference")
+    launch(first, tmp_path / "first")
+    launch(then, tmp_path / "resumed", "--resume", str(tmp_path / "first" / "checkpoints" / "step-00000010"))
+    assert max_difference(read_weights(tmp_path / "reference"), read_weights(tmp_path / "resumed")) <= TOLERANCE
+
+
+def damaged_copy(source: Path, target: Path) -> Path:
+    import shutil
+
+    shutil.copytree(source, target)
+    return target
+
+
+def test_damaged_shards_are_one_data_error_line_naming_the_file(digit_shards: Path, tmp_path: Path) -> None:
+    manifest = json.loads((digit_shards / "shards.json").read_text())
+    first = manifest["splits"]["train"]["shards"][3]["file"]
+
+    missing = damaged_copy(digit_shards, tmp_path / "missing")
+    (missing / first).unlink()
+    corrupt = damaged_copy(digit_shards, tmp_path / "corrupt")
+    data = bytearray((corrupt / first).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (corrupt / first).write_bytes(bytes(data))
+    miscounted = damaged_copy(digit_shards, tmp_path / "miscounted")
+    wrong = json.loads((miscounted / "shards.json").read_text())
+    wrong["splits"]["train"]["rows"] += 1
+    (miscounted / "shards.json").write_text(json.dumps(wrong))
+    not_prepared = tmp_path / "empty"
+    not_prepared.mkdir()
+    cases = {
+        missing: f"{first}: shard file missing",
+        corrupt: f"{first}: shard file does not match the manifest",
+        miscounted: "not a valid shard index",
+        not_prepared: "has no shards.json",
+    }
+    for path, message in cases.items():
+        result = run_subprocess(
+            "train",
+            *IMAGES,
+            f"data.path={path}",
+            "data.num_workers=1",
+            "training.max_steps=40",
+            "--run-dir",
+            str(tmp_path / f"run-{path.name}"),
+        )
+        assert result.code == 2, (path.name, result.err[-2000:])
+        lines = result.err.strip().splitlines()
+        assert lines[-1].startswith("data error:") and message in lines[-1], (path.name, result.err[-2000:])
+        assert "Traceback" not in result.err
+
+
+def test_settings_of_another_kind_are_refused_and_samples_read_as_the_model_takes_them(digit_shards: Path) -> None:
+    from scaleforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.seq_len: does not apply"):
+        shards(str(digit_shards), seq_len=16)
+    assert len(shards(str(digit_shards)).train) == 1438
+    first = shards(str(digit_shards), image_size=8, channels=1).train
+    image, label = first[0]
+    assert image.shape == (1, 8, 8) and label.dtype == torch.int64
