@@ -5,6 +5,12 @@ still gives mixed batches; and every kind of damage is one `data error:` line.""
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -258,3 +264,117 @@ def test_settings_of_another_kind_are_refused_and_samples_read_as_the_model_take
     first = shards(str(digit_shards), image_size=8, channels=1).train
     image, label = first[0]
     assert image.shape == (1, 8, 8) and label.dtype == torch.int64
+
+
+# ------------------------------------------------------------------------------------------------ object storage
+
+
+@pytest.fixture(scope="module")
+def object_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real S3-compatible server (moto's) on 127.0.0.1, with a bucket `data`; its endpoint is given to every
+    process as a user gives it, through AWS_ENDPOINT_URL and the standard credential variables."""
+    import boto3
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path_factory.mktemp("moto") / "server.log").open("w"),
+    )
+    settings = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}  # fmt: skip
+    previous = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                boto3.client("s3").create_bucket(Bucket="data")
+                break
+            except Exception:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        yield settings["AWS_ENDPOINT_URL"]
+    finally:
+        server.kill()
+        server.wait()
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@pytest.fixture(scope="module")
+def remote_shards(object_store: str, digit_folder: Path) -> str:
+    url = "s3://data/digits"
+    result = run_subprocess("data", "prepare", str(digit_folder), "--out", url, "--shard-size", "40kB")
+    assert result.code == 0, result.err
+    return url
+
+
+def remote_run(url: str, cache: Path) -> list[str]:
+    # a cache of 200 kB holds 4 of the 8 training shards: each window is two shards, read while the next arrives
+    return [*IMAGES, f"data.path={url}", f"data.cache_dir={cache}", "data.cache_limit=200kB", "data.num_workers=2",
+            "training.max_steps=30", "logging.every_steps=1", "checkpoint.every_steps=5"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_run_reading_shards_from_an_object_store_killed_mid_epoch_resumes_bitwise(
+    remote_shards: str, tmp_path: Path
+) -> None:
+    from tests.integration.test_resume import assert_bitwise_equal, logged
+
+    reference = tmp_path / "reference"
+    result = run_subprocess("train", *remote_run(remote_shards, tmp_path / "cache-1"), "--run-dir", str(reference))
+    assert result.code == 0, result.err
+    cached = sum(p.stat().st_size for p in (tmp_path / "cache-1").rglob("*.arrow"))
+    assert 0 < cached <= 200_000 + 120_000  # the limit, and the validation shards (read whole at the end)
+
+    run_dir, cache = tmp_path / "killed", tmp_path / "cache-2"
+    command = [
+        sys.executable,
+        "-m",
+        "scaleforge",
+        "train",
+        *remote_run(remote_shards, cache),
+        "--run-dir",
+        str(run_dir),
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.startswith("step 17/"):  # mid-epoch (44 steps make one), two steps after the checkpoint of step 15
+            break
+    process.kill()
+    process.wait()
+    (cache / "train" / ".data-00000-of-00008.arrow.left-by-a-killed-download").write_bytes(b"partial")
+    resumed = run_subprocess("train", *remote_run(remote_shards, cache), "--run-dir", str(run_dir))
+    assert resumed.code == 0, resumed.err
+    assert "resumed at step 15" in resumed.out
+    assert_bitwise_equal(reference, run_dir)
+    assert logged(run_dir) == logged(reference)
+    assert not list(cache.rglob(".*.arrow.*")), "a partial download of the killed run was left in the cache"
+
+
+def test_an_unreachable_store_and_a_window_the_cache_cannot_hold_are_one_line_each(
+    remote_shards: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    too_small = run_subprocess("train", *IMAGES, f"data.path={remote_shards}", "data.cache_limit=100kB",
+                               "data.shuffle_window=500", "--run-dir", str(tmp_path / "small"))  # fmt: skip
+    assert too_small.code == 2 and too_small.err.startswith("config error: data.cache_limit: 100.0 kB cannot hold")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed}")
+    unreachable = run_subprocess("train", *IMAGES, f"data.path={remote_shards}", "--run-dir", str(tmp_path / "r"))
+    assert unreachable.code == 2, unreachable.err
+    assert unreachable.err.strip() == (
+        f"data error: {remote_shards}/shards.json: the object store is unreachable after retries "
+        f'(Could not connect to the endpoint URL: "http://127.0.0.1:{closed}/data/digits/shards.json")'
+    )
+    assert "test" not in unreachable.err.replace("digits", "")  # no credential in the message

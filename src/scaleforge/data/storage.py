@@ -158,6 +158,7 @@ class ShardStore:
             bucket, prefix = split_url(self.location)
             key = hashlib.sha256(self.location.encode()).hexdigest()[:16]
             self.cache = Path(cache_dir) if cache_dir else default_cache_root() / f"{bucket}-{key}"
+            self.remove_partial_downloads()
         else:
             self.cache = Path(self.location)
             if not self.cache.is_dir():
@@ -225,6 +226,18 @@ class ShardStore:
                     os.unlink(temp)
             self.verified.add(name)
         self._evict(keep=path)
+
+    def remove_partial_downloads(self) -> None:
+        """Delete what downloads of a killed run left in the cache (a download in progress holds its shard's lock,
+        and is left alone)."""
+        for temp in self.cache.rglob(".*.arrow.*"):
+            lock_path = temp.with_name(temp.name[1:].rsplit(".", 1)[0] + ".lock")
+            with open(lock_path, "a") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                temp.unlink(missing_ok=True)
 
     def _evict(self, keep: Path) -> None:
         """Remove the least recently used shard files until the cache is within its limit."""
