@@ -378,3 +378,44 @@ def test_an_unreachable_store_and_a_window_the_cache_cannot_hold_are_one_line_ea
         f'(Could not connect to the endpoint URL: "http://127.0.0.1:{closed}/data/digits/shards.json")'
     )
     assert "test" not in unreachable.err.replace("digits", "")  # no credential in the message
+
+
+def test_undecodable_images_stop_the_preparation_or_the_run_or_are_skipped_and_counted(
+    digit_folder: Path, digit_shards: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    import datasets
+
+    from scaleforge.data.storage import sha256_of
+
+    source = damaged_copy(digit_folder, tmp_path / "source")
+    (source / "3" / "broken.png").write_bytes(b"not a png")
+    refused = run_subprocess("data", "prepare", str(source), "--out", str(tmp_path / "never"))
+    assert refused.code == 2 and refused.err.strip().splitlines()[-1] == (
+        f"data error: {source / '3' / 'broken.png'}: not a readable image (cannot identify image file "
+        f"'{source / '3' / 'broken.png'}')"
+    )
+    assert not (tmp_path / "never").exists()
+
+    # shards written by another tool, with five images that do not decode and a manifest that matches the files
+    damaged = damaged_copy(digit_shards, tmp_path / "damaged")
+    manifest = json.loads((damaged / "shards.json").read_text())
+    entry = manifest["splits"]["train"]["shards"][0]
+    original = datasets.Dataset.from_file(str(digit_shards / entry["file"]))
+    broken = original.map(lambda row, i: {"image": b"garbage" if i < 5 else row["image"]}, with_indices=True)
+    broken.save_to_disk(str(tmp_path / "rewritten"))
+    shutil.copyfile(next((tmp_path / "rewritten").glob("*.arrow")), damaged / entry["file"])
+    entry.update(bytes=(damaged / entry["file"]).stat().st_size, sha256=sha256_of(damaged / entry["file"]))
+    (damaged / "shards.json").write_text(json.dumps(manifest))
+
+    run = ["train", *IMAGES, f"data.path={damaged}", "training.epochs=1", "data.num_workers=2"]
+    stopped = run_subprocess(*run, "--run-dir", str(tmp_path / "stopped"))
+    assert stopped.code == 2 and "Traceback" not in stopped.err
+    last = stopped.err.strip().splitlines()[-1]
+    assert last.startswith(f"data error: {damaged}/{entry['file']}: row ") and "is not a readable image" in last
+    skipped = run_subprocess(*run, "data.on_error=skip", "--run-dir", str(tmp_path / "skipped"))
+    assert skipped.code == 0, skipped.err
+    summary = json.loads((tmp_path / "skipped" / "summary.json").read_text())
+    counted = [json.loads(line).get("skipped_samples") for line in (tmp_path / "skipped" / "metrics.jsonl").open()]
+    assert 1 <= summary["skipped_samples"] <= 5 and summary["skipped_samples"] in counted

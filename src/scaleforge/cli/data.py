@@ -88,4 +88,5 @@ def _print_manifest(where: str, manifest: dict) -> None:
         shards = [s if isinstance(s, dict) else s.__dict__ for s in split["shards"]]
         size = sum(s["bytes"] for s in shards)
         rows.append([name, str(split["rows"]), counted(len(shards), "shard"), format_size(size)])
-    print_table(f"{where}: {manifest['kind']} ({manifest['engine']})", ["split", "rows", "shards", "size"], rows)
+    print_table(f"{where}: {manifest['kind']}", ["split", "rows", "shards", "size"], rows)
+    print(f"written with {manifest['engine']}")

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from scaleforge.data.base import InMemoryDataset
-from scaleforge.errors import ConfigError, ScaleforgeError
+from scaleforge.errors import ConfigError, DataError, ScaleforgeError
 from scaleforge.processes import ParentDeathGuard
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -213,10 +213,12 @@ class TrainBatches:
         self.in_memory = isinstance(dataset, InMemoryDataset)
         self.dataset = dataset.to(device) if isinstance(dataset, InMemoryDataset) else dataset
         self.loader = None
+        self.skipped = 0  # samples a dataset with `on_error: skip` could not read, in this process
         if not self.in_memory:
             self.loader = DataLoader(
                 SeededSamples(self.dataset),
                 batch_sampler=self.index_plan,
+                collate_fn=collate_for(self.dataset),
                 num_workers=num_workers,
                 pin_memory=device.type == "cuda",
                 persistent_workers=num_workers > 0,
@@ -237,7 +239,8 @@ class TrainBatches:
                 yield [dataset[indices.to(self.device)] for indices in micro_indices]  # type: ignore[index]
             return
         micro_batches: list[Batch] = []
-        for inputs, targets in worker_errors(self.loader):
+        for inputs, targets, *skipped in worker_errors(self.loader):
+            self.skipped += int(skipped[0]) if skipped else 0
             micro_batches.append(
                 (inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True))
             )
@@ -267,12 +270,30 @@ def eval_batches(
     loader = DataLoader(
         dataset,
         batch_sampler=[piece.tolist() for piece in pieces],
+        collate_fn=collate_for(dataset),
         num_workers=num_workers,
         worker_init_fn=worker_guard(),
         multiprocessing_context=worker_context(num_workers),
     )
-    for inputs, targets in worker_errors(loader):
+    for inputs, targets, *_ in worker_errors(loader):
         yield inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+
+
+def collate_for(dataset: Dataset) -> Callable[[list[object]], object] | None:
+    """torch's collation, or, for a dataset that gives None for samples it cannot read (`on_error: skip`), one that
+    leaves them out and adds their count to the batch."""
+    return collate_skipping if getattr(dataset, "on_error", "raise") == "skip" else None
+
+
+def collate_skipping(samples: list[object]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The samples that were read, collated, and how many were not."""
+    from torch.utils.data import default_collate
+
+    kept = [sample for sample in samples if sample is not None]
+    if not kept:
+        raise DataError(f"none of the {len(samples)} samples of a batch could be read (data.on_error: skip)")
+    inputs, targets = default_collate(kept)
+    return inputs, targets, torch.tensor(len(samples) - len(kept))
 
 
 def worker_errors(loader: Iterable[T]) -> Iterator[T]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -185,6 +186,25 @@ class _Writer:
         return {"rows": sum(s["rows"] for s in shards), "shards": shards}
 
 
+def generated(generator: Any, **kwargs: Any) -> Any:
+    """`datasets.Dataset.from_generator(generator, **kwargs)`; a user error raised by the generator (in whichever
+    worker) comes out as itself rather than wrapped in the engine's `DatasetGenerationError`."""
+    import datasets
+
+    try:
+        return datasets.Dataset.from_generator(generator, **kwargs)
+    except datasets.exceptions.DatasetGenerationError as error:
+        cause: BaseException | None = error
+        while cause is not None:  # in a worker, the error is the text of a `RemoteTraceback` in the chain
+            if isinstance(cause, DataError):
+                raise DataError(str(cause)) from None
+            found = re.search(r"scaleforge\.errors\.DataError: (.*)", str(cause))
+            if found:
+                raise DataError(found.group(1)) from None
+            cause = cause.__cause__ or cause.__context__
+        raise
+
+
 # -------------------------------------------------------------------------------------------------------- images
 
 
@@ -244,7 +264,7 @@ def _prepare_images(root: Path, writer: _Writer, options: PrepareOptions) -> dic
     )
     stats: dict[str, Any] = {}
     for split, items in splits.items():
-        dataset = datasets.Dataset.from_generator(
+        dataset = generated(
             _image_rows,
             features=features,
             gen_kwargs={"items": items},
@@ -387,7 +407,7 @@ def _prepare_text(root: Path, writer: _Writer, options: PrepareOptions) -> dict[
     tokens = {}
     for split, (begin, end) in {"train": (0, split_at), "val": (split_at, total)}.items():
         blocks = _byte_blocks(begin, end, writer.shard_bytes)
-        dataset = datasets.Dataset.from_generator(
+        dataset = generated(
             _token_rows,
             features=features,
             gen_kwargs={"blocks": blocks, "files": tuple(files)},  # a tuple is not split among workers

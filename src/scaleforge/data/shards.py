@@ -121,6 +121,8 @@ class ShardedDataset(Dataset):
     """A split read from shards: what the training plan needs to shuffle by shard (`shard_sizes`, `shuffle_window`),
     and samples counted as skipped when `on_error` is `skip`."""
 
+    on_error: Literal["raise", "skip"] = "raise"
+
     def __init__(self, reader: ShardReader, shuffle_window: int) -> None:
         self.reader = reader
         self.shuffle_window = shuffle_window
@@ -149,7 +151,7 @@ class ImageShards(ShardedDataset):
         self.spec = spec
         self.transforms = list(transforms)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         from PIL import Image, UnidentifiedImageError
 
         shard, row = self.reader.locate(index)
@@ -159,6 +161,8 @@ class ImageShards(ShardedDataset):
             with Image.open(io.BytesIO(encoded)) as image:
                 pixels = self.spec.pixels(image)
         except (UnidentifiedImageError, OSError) as error:
+            if self.on_error == "skip":
+                return None
             name = self.reader.shards[shard].file
             raise DataError(f"{self.reader.store.url(name)}: row {row} is not a readable image ({error})") from None
         for transform in self.transforms:
@@ -306,13 +310,15 @@ def shards(
     shuffle_window: int | None = None,
     cache_dir: str | None = None,
     cache_limit: str | int = DEFAULT_CACHE_LIMIT,
+    on_error: Literal["raise", "skip"] = "raise",
 ) -> DatasetSplits:
     """A dataset prepared by `scaleforge data prepare`, in a folder or an object store (`s3://bucket/prefix`).
 
     Images take `image_size` (32), `channels` (3) and `augment` (true: padded random crops), as `image_folder`;
     text takes `seq_len` (128). `shuffle_window` is the number of training samples shuffled together (default: all
     of them for local shards, as many as half of `cache_limit` holds for remote ones); remote shards are kept in
-    `cache_dir` (default: `~/.cache/scaleforge/shards/...`), at most `cache_limit` bytes (`20GB`).
+    `cache_dir` (default: `~/.cache/scaleforge/shards/...`), at most `cache_limit` bytes (`20GB`). `on_error: skip`
+    leaves out the images that cannot be decoded (counted in the metrics and the summary) instead of stopping.
     """
     limit = parse_size(cache_limit, "data.cache_limit")
     store = ShardStore(path, cache_dir=cache_dir, cache_limit=limit if is_remote(path) else None)
@@ -329,7 +335,10 @@ def shards(
         if size < 1:
             raise ValueError(f"image_size must be at least 1, got {size}")
         options = {"image_size": size, "channels": channels or 3, "augment": True if augment is None else augment}
-        return _image_splits(manifest, readers, window, options)
+        splits = _image_splits(manifest, readers, window, options)
+        for split in (splits.train, splits.val):
+            split.on_error = on_error  # type: ignore[attr-defined]
+        return splits
     if kind == "table":
         return _table_splits(manifest, readers, window)
     length = 128 if seq_len is None else seq_len

@@ -661,6 +661,7 @@ class Trainer:
             "samples_per_s": steps * self.config.training.batch_size / elapsed,
             "data_wait_share": (self.data_wait.seconds - window.data_wait) / elapsed,
         }
+        record.update(self.skipped_samples())
         if self.monitor is not None:
             record.update(self.monitor.sample(record["samples_per_s"]))
         self.window = LogWindow(state.step, now, self.data_wait.seconds)
@@ -712,6 +713,14 @@ class Trainer:
             self.callbacks.on_train_end(self.state, summary)
         return summary
 
+    def skipped_samples(self) -> dict[str, int]:
+        """`skipped_samples`, the training samples left out so far as unreadable (`data.on_error: skip`), over every
+        data-parallel replica; nothing for a dataset that stops at the first one. Every process takes part."""
+        if getattr(self.data.train, "on_error", "raise") != "skip":
+            return {}
+        total = self.parallel.all_reduce_sum(torch.tensor(float(self.batches.skipped)))
+        return {"skipped_samples": round(float(total) * self.dims.dp / self.dims.world_size)}
+
     def summary(self, loop_time: float, memory: Any) -> dict[str, Any]:
         """The run's figures: steps, the last evaluation, times and throughput, where it ran, its memory."""
         state, dims = self.state, self.dims
@@ -725,6 +734,7 @@ class Trainer:
             "samples_per_s": state.step * self.config.training.batch_size / max(loop_time, 1e-9),
             "data_wait_s": self.data_wait.seconds,
             "data_wait_share": self.data_wait.seconds / max(loop_time, 1e-9),
+            **self.skipped_samples(),
             "device": str(self.device),
             "precision": self.precision,
             "strategy": dims.strategy,
