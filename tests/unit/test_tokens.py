@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pickle
 import random
 from pathlib import Path
 
@@ -77,6 +78,19 @@ def test_byte_tokens_are_the_corpus_files_mapped_in_place(tmp_path: Path, cache_
     assert pieces and all(isinstance(piece, np.memmap) and piece.dtype == np.uint8 for piece in pieces)
     assert splits.info.tokenizer == "bytes" and splits.info.bytes_per_token == 1.0
     assert not cache_home.exists()  # nothing to cache: the files are the tokens
+
+
+@pytest.mark.parametrize("tokenizer", ["bytes", "bpe"])
+def test_windows_travel_to_another_process_as_their_files_not_their_tokens(tmp_path: Path, tokenizer: str) -> None:
+    corpus = write_corpus(tmp_path / "corpus", files=2, lines=2000)
+    splits = text(str(corpus), seq_len=16, tokenizer=tokenizer, vocab_size=None if tokenizer == "bytes" else 300)
+    for windows in (splits.train, splits.val):
+        sent = pickle.dumps(windows)
+        assert len(sent) < 2000 < windows.num_tokens  # type: ignore[attr-defined]
+        received = pickle.loads(sent)
+        assert all(isinstance(piece, np.memmap) for piece in received.pieces)
+        for index in (0, len(windows) // 2, len(windows) - 1):
+            assert received[index][1].tolist() == windows[index][1].tolist()
 
 
 def test_bpe_tokens_are_memory_mapped_from_a_cache_reused_until_the_corpus_changes(

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from torch.utils.data import Dataset
 from scaleforge.data.tokenizers import Tokenizer, build_tokenizer
 
 CHUNK_BYTES = 4 * 2**20  # text encoded by one task of the pool
+TRAINING_CHUNK_BYTES = 2**16  # text handed to BPE training at a time (it holds 256 of them at once)
 LINE_SEARCH_BYTES = 2**20  # how far past a chunk's end its last line may run before the chunk is cut mid-line
 CACHE_VERSION = 1  # part of every cache key: a change of the file layout gets new files
 
@@ -62,6 +64,15 @@ class TokenWindows(Dataset):
         window = torch.from_numpy(self.read(start, start + self.seq_len + 1).astype(np.int64))  # (T + 1,)
         return window[:-1], window[1:]
 
+    def __getstate__(self) -> dict[str, Any]:
+        # memory-mapped pieces travel as their file and place (to a data-loader worker a process spawns), not as
+        # a copy of their tokens
+        return {**self.__dict__, "pieces": [_portable(piece) for piece in self.pieces]}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        pieces = [piece.open() if isinstance(piece, MappedPiece) else piece for piece in state["pieces"]]
+        self.__dict__.update({**state, "pieces": pieces})
+
     def read(self, start: int, stop: int) -> np.ndarray:
         """Tokens [start, stop) of the stream, read across pieces where they meet."""
         first = int(np.searchsorted(self.starts, start, side="right")) - 1
@@ -73,6 +84,33 @@ class TokenWindows(Dataset):
             start += take
             first += 1
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+@dataclass(frozen=True)
+class MappedPiece:
+    """Where a memory-mapped piece lies: `length` tokens of `dtype` at byte `offset` of the file `path`."""
+
+    path: str
+    dtype: str
+    offset: int
+    length: int
+
+    def open(self) -> np.ndarray:
+        """The piece, mapped again."""
+        return np.memmap(self.path, dtype=np.dtype(self.dtype), mode="r", offset=self.offset, shape=(self.length,))
+
+
+def _portable(piece: np.ndarray) -> np.ndarray | MappedPiece:
+    """A contiguous view of a memory-mapped file as a `MappedPiece`; any other array as it is."""
+    root = piece
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    if not isinstance(piece, np.memmap) or not isinstance(root, np.memmap) or not piece.flags.c_contiguous:
+        return piece
+    if piece.filename is None:
+        return piece
+    offset = root.offset + piece.__array_interface__["data"][0] - root.__array_interface__["data"][0]
+    return MappedPiece(str(piece.filename), piece.dtype.str, int(offset), len(piece))
 
 
 def split_stream(pieces: Sequence[np.ndarray], at: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -242,6 +280,7 @@ _WORKER_TOKENIZER: Tokenizer | None = None  # the tokenizer a pool process encod
 
 def _start_worker(tokenizer_json: str) -> None:
     global _WORKER_TOKENIZER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool's processes are the parallelism: one thread each
     _WORKER_TOKENIZER = Tokenizer.from_json(tokenizer_json)
 
 
@@ -258,7 +297,7 @@ def _read(span: Span) -> bytes:
 
 def _texts(spans: list[Span]) -> Iterator[str]:
     """The text of `spans`, a chunk at a time (what BPE is trained on)."""
-    for chunk in _chunks(spans):
+    for chunk in _chunks(spans, TRAINING_CHUNK_BYTES):
         yield _read(chunk).decode("utf-8", errors="replace")
 
 
@@ -276,13 +315,15 @@ def _spans(files: Sequence[Path], sizes: Sequence[int], split: int) -> tuple[lis
     return train, val
 
 
-def _chunks(spans: list[Span]) -> list[Span]:
-    """`spans` cut into chunks of about `CHUNK_BYTES`, each ending at a line's end where one is near."""
+def _chunks(spans: list[Span], size: int | None = None) -> list[Span]:
+    """`spans` cut into chunks of about `size` bytes (`CHUNK_BYTES`), each ending at a line's end where one is
+    near."""
+    size = size or CHUNK_BYTES
     chunks = []
     for span in spans:
         start = span.start
         while start < span.stop:
-            stop = span.stop if span.stop - start <= CHUNK_BYTES else _line_end(span, start + CHUNK_BYTES)
+            stop = span.stop if span.stop - start <= size else _line_end(span, start + size)
             chunks.append(Span(span.path, start, stop))
             start = stop
     return chunks
@@ -291,13 +332,18 @@ def _chunks(spans: list[Span]) -> list[Span]:
 def _line_end(span: Span, position: int) -> int:
     """The offset just past the first newline at or after `position` in `span` (within `LINE_SEARCH_BYTES`), or
     else the first UTF-8 character boundary there."""
+    limit = min(span.stop, position + LINE_SEARCH_BYTES)
     with open(span.path, "rb") as file:
         file.seek(position)
-        data = file.read(min(LINE_SEARCH_BYTES, span.stop - position))
-    newline = data.find(b"\n")
-    if newline >= 0:
-        return position + newline + 1
-    return min(span.stop, position + _continuation_bytes(data))
+        at = position
+        while at < limit:
+            block = file.read(min(2**12, limit - at))
+            newline = block.find(b"\n")
+            if newline >= 0:
+                return at + newline + 1
+            at += len(block)
+        file.seek(position)
+        return min(span.stop, position + _continuation_bytes(file.read(4)))
 
 
 def _char_boundary(files: Sequence[Path], sizes: Sequence[int], split: int) -> int:
