@@ -59,9 +59,11 @@ def test_a_bpe_run_saves_its_tokenizer_and_is_evaluated_and_served_with_it(tmp_p
     info = json.loads((final / "data_info.json").read_text())
     assert info["tokenizer"] == "bpe" and info["vocab_size"] == 300 and info["bytes_per_token"] > 1.5
 
+    cached = sorted(path.name for path in (tmp_path / "cache" / "scaleforge" / "tokens").iterdir())
     evaluated = cli("eval", str(tmp_path / "run"))
     assert evaluated.code == 0, evaluated.err
     assert "perplexity: " in evaluated.out and "bits_per_byte: " in evaluated.out
+    assert sorted(path.name for path in (tmp_path / "cache" / "scaleforge" / "tokens").iterdir()) == cached
 
     served = ServedModel(tmp_path / "run")
     assert served.card.input_schema["tokenizer"] == "bpe"

@@ -182,23 +182,24 @@ def tokenize_corpus(
     split = _char_boundary(files, sizes, split)
     train_spans, val_spans = _spans(files, sizes, split)
     cache = cache_dir if cache_dir is not None else default_cache_dir()
-    corpus_key = _corpus_key(files, val_fraction, tokenizer, vocab_size)
-    built = _cached_tokenizer(cache / f"{corpus_key}.tokenizer.json", tokenizer, vocab_size, train_spans)
-    key = hashlib.sha256(f"{corpus_key}\n{built.to_json()}".encode()).hexdigest()[:32]
+    corpus_key = _corpus_key(files, val_fraction)
+    trained_key = _digest(f"{corpus_key}\nbpe\n{vocab_size}")
+    built = _cached_tokenizer(cache / f"{trained_key}.tokenizer.json", tokenizer, vocab_size, train_spans)
+    key = _digest(f"{corpus_key}\n{built.to_json()}")  # a tokenizer trained here or read from a run's file alike
     tokens, train_count = _cached_tokens(cache, key, built, train_spans, val_spans, workers)
     val = tokens[train_count:]
     val_bytes = int(sum(span.stop - span.start for span in val_spans))
     return TokenizedCorpus(built, [tokens[:train_count]] if train_count else [], [val] if len(val) else [], val_bytes)
 
 
-def _corpus_key(files: Sequence[Path], val_fraction: float, tokenizer: str, vocab_size: int | None) -> str:
-    """A hash of what the corpus's tokens depend on, apart from the tokenizer's own JSON."""
+def _corpus_key(files: Sequence[Path], val_fraction: float) -> str:
+    """A hash of what the corpus's tokens depend on besides the tokenizer: its files and its split."""
     stats = [(str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns) for path in files]
-    if tokenizer.endswith(".json"):  # a saved tokenizer: its own content is hashed with the tokens
-        tokenizer = "file"
-    described = {"version": CACHE_VERSION, "files": stats, "val_fraction": val_fraction, "tokenizer": tokenizer}
-    described["vocab_size"] = vocab_size
-    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:32]
+    return _digest(json.dumps({"version": CACHE_VERSION, "files": stats, "val_fraction": val_fraction}))
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def _cached_tokenizer(path: Path, kind: str, vocab_size: int | None, train_spans: list[Span]) -> Tokenizer:
@@ -206,8 +207,8 @@ def _cached_tokenizer(path: Path, kind: str, vocab_size: int | None, train_spans
     if kind == "bpe" and path.is_file():
         try:
             return Tokenizer.from_json(path.read_text())
-        except ValueError:
-            pass  # a damaged cache file is trained again
+        except Exception:  # noqa: BLE001, S110 - json and tokenizers raise many kinds; a damaged file is trained again
+            pass
     built = build_tokenizer(kind, vocab_size, _texts(train_spans))
     if kind == "bpe":
         _write_atomically(path, built.to_json().encode())
