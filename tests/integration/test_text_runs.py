@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from pathlib import Path
@@ -10,7 +11,9 @@ import pytest
 
 from scaleforge.data.tokenizers import train_bpe
 from scaleforge.runs import write_manifest
+from scaleforge.serve.app import ServeSettings, create_app
 from scaleforge.serve.model import InvalidInput, ServedModel
+from tests.unit.test_server import serving
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -73,6 +76,17 @@ def test_a_bpe_run_saves_its_tokenizer_and_is_evaluated_and_served_with_it(tmp_p
     assert all(isinstance(answer["next_text"], str) and 0 <= answer["next_token"] < 300 for answer in answers)
     with pytest.raises(InvalidInput, match="the text is empty"):
         served.decode([""])
+
+    async def predict() -> list[dict]:
+        async with serving(create_app(served, ServeSettings())) as client:
+            texts = await client.post("/v1/predict", json={"inputs": ["the lazy", "a fox"]})
+            card = await client.get("/v1/models")
+        assert texts.status_code == 200, texts.text
+        assert card.json()["input_schema"]["tokenizer"] == "bpe"
+        return texts.json()["outputs"]
+
+    outputs = asyncio.run(predict())
+    assert len(outputs) == 2 and all("next_text" in output for output in outputs)
 
 
 def test_a_model_smaller_than_its_tokenizer_is_a_one_line_error(tmp_path: Path, cli) -> None:
