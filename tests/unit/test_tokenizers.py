@@ -93,3 +93,16 @@ def test_data_info_written_before_tokenizers_reads_back_as_bytes() -> None:
     info = DataInfo.from_json(json.loads(json.dumps(old)))
     assert (info.tokenizer, info.bytes_per_token) == ("bytes", None)
     assert DataInfo.from_json(DataInfo(**{**old, "input_shape": (8,), "tokenizer": "bpe"}).to_json()).tokenizer == "bpe"
+
+
+def test_bpe_without_the_data_extra_says_which_extra_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    from scaleforge import extras
+    from scaleforge.errors import UsageError
+
+    monkeypatch.setitem(extras.EXTRAS, "data", ("scaleforge_absent_module",))
+    with pytest.raises(UsageError) as raised:
+        build_tokenizer("bpe", 300, TEXTS)
+    assert raised.value.one_line() == (
+        "usage error: data.tokenizer: bpe needs the [data] extra: pip install 'scaleforge[data]' "
+        "(missing: scaleforge_absent_module)"
+    )
