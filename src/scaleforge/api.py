@@ -26,7 +26,7 @@ from scaleforge.config import (
     set_value,
 )
 from scaleforge.errors import ScaleforgeError, UsageError
-from scaleforge.runs import TRUSTED, UNTRUSTED, Trust, load_run, open_run
+from scaleforge.runs import TOKENIZER, TRUSTED, UNTRUSTED, Trust, find_final, load_run, open_run
 
 if TYPE_CHECKING:
     from torch import nn
@@ -137,8 +137,10 @@ def evaluate(
     from scaleforge.evaluation import evaluate_model
 
     trust = run.trust() if isinstance(run, Run) else Trust(trust_code, signing_key_env)
-    opened = open_run(run.run_dir if isinstance(run, Run) else run, trust)
-    return evaluate_model(opened.model, opened.config, device)
+    path = run.run_dir if isinstance(run, Run) else run
+    opened = open_run(path, trust)
+    tokenizer_file = find_final(path) / TOKENIZER
+    return evaluate_model(opened.model, opened.config, device, tokenizer_file if tokenizer_file.is_file() else None)
 
 
 def _as_given(config: ConfigSource, overrides: Overrides) -> list[str] | None:

@@ -27,7 +27,7 @@ from scaleforge.errors import ConfigError, did_you_mean, one_of
 DEFAULT = "default"
 
 # Fields a dataset provides to a model whose signature names them (see data/base.py: DataInfo).
-DATA_PROVIDED = ("input_shape", "num_classes", "vocab_size", "seq_len")
+DATA_PROVIDED = ("input_shape", "num_classes", "vocab_size", "seq_len", "bytes_per_token")
 
 
 def _check(*, minimum: float | None = None, above: float | None = None) -> dict[str, Any]:

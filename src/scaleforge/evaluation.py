@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from torch import nn
 
@@ -19,10 +20,17 @@ from scaleforge.training.trainer import (
 )
 
 
-def evaluate_model(model: nn.Module, config: RunConfig, device: str | None = None) -> dict[str, float]:
-    """`model`'s metrics on the validation split of `config`'s data, on `device` (default: the config's)."""
+def evaluate_model(
+    model: nn.Module, config: RunConfig, device: str | None = None, tokenizer_file: Path | None = None
+) -> dict[str, float]:
+    """`model`'s metrics on the validation split of `config`'s data, on `device` (default: the config's). A
+    trained tokenizer's `tokenizer_file` (a run's `final/tokenizer.json`) encodes text data in place of the one its
+    config would train."""
     if device is not None:
         config = dataclasses.replace(config, hardware=dataclasses.replace(config.hardware, device=device))
+    if tokenizer_file is not None and config.data.params.get("tokenizer") == "bpe":
+        params = {**config.data.params, "tokenizer": str(tokenizer_file)}
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, params=params))
     device_, precision = setup_runtime(config)
     model = model.to(device_)
     data = build_data(config.data)

@@ -1,8 +1,9 @@
 """The finished run directory: the contract between training and everything after it.
 
 `final/` holds `model.safetensors`, `config.yaml`, `data_info.json` and `manifest.json` (the size and SHA-256 of
-each other file). A compressed run also holds `compression.json`, whose `format` says how its tensors map onto the
-model the config builds: `state_dict`, or a format whose loader `registry.FORMATS` holds (the int8 ones, from
+each other file); a language model trained on text also holds `tokenizer.json`, the tokenizer of its data. A
+compressed run also holds `compression.json`, whose `format` says how its tensors map onto the model the config
+builds: `state_dict`, or a format whose loader `registry.FORMATS` holds (the int8 ones, from
 `scaleforge.compress.quantize`). `final/` is written under a temporary name, fsynced, and renamed into place, so a
 run whose `final/` exists finished; it is checked against its manifest each time it is opened.
 
@@ -34,10 +35,12 @@ from torch import nn
 from scaleforge import registry
 from scaleforge.config import RunConfig, dump_yaml, load_config
 from scaleforge.data.base import DataInfo
-from scaleforge.errors import UsageError, first_line, one_of
+from scaleforge.data.tokenizers import Tokenizer, bytes_tokenizer, load_tokenizer
+from scaleforge.errors import DataError, UsageError, first_line, one_of
 
 FINAL_FILES = ("model.safetensors", "config.yaml", "data_info.json")
 MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.json"  # a text run's tokenizer, beside FINAL_FILES
 COMPRESSION = "compression.json"
 STATE_DICT = "state_dict"  # the format of a trained run's weights, and of a compressed run's that are float
 INT8_FORMATS = ("dynamic-int8", "static-int8", "qat-int8")  # compression.json formats whose weights are int8
@@ -62,11 +65,13 @@ TRUSTED = Trust(code=True)  # for the runs a command created itself (search tria
 
 @dataclass(frozen=True)
 class LoadedRun:
-    """A trained model with the config it was trained from and its dataset's description."""
+    """A trained model with the config it was trained from, its dataset's description and, for a language model,
+    the tokenizer of its text (None for token ids alone)."""
 
     config: RunConfig
     model: nn.Module
     info: DataInfo
+    tokenizer: Tokenizer | None = None
 
 
 def find_final(path: str | Path) -> Path:
@@ -155,11 +160,17 @@ def write_manifest(final: Path, key: bytes | None = None, files: dict[str, Any] 
     write_durably(final / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
 
 
-def save_final(final: Path, state_dict: dict[str, torch.Tensor], config: RunConfig, info: DataInfo) -> None:
+def save_final(
+    final: Path,
+    state_dict: dict[str, torch.Tensor],
+    config: RunConfig,
+    info: DataInfo,
+    tokenizer: Tokenizer | None = None,
+) -> None:
     """Write `final/` atomically: the full state dict as safetensors, the resolved config, the dataset's
-    description and their manifest (signed with `checkpoint.signing_key_env`'s key), each file fsynced, in a
-    folder renamed into place once complete. A process killed on the way leaves `final.partial/`, never a
-    `final/`; an earlier `final/` at the same place is replaced only by a complete one."""
+    description, its `tokenizer` (if it has one) and their manifest (signed with `checkpoint.signing_key_env`'s
+    key), each file fsynced, in a folder renamed into place once complete. A process killed on the way leaves
+    `final.partial/`, never a `final/`; an earlier `final/` at the same place is replaced only by a complete one."""
     from safetensors.torch import save
 
     key = run_signing_key(config)
@@ -179,6 +190,8 @@ def save_final(final: Path, state_dict: dict[str, torch.Tensor], config: RunConf
         "config.yaml": dump_yaml(config).encode(),
         "data_info.json": (json.dumps(info.to_json(), indent=2) + "\n").encode(),
     }
+    if tokenizer is not None:
+        contents[TOKENIZER] = tokenizer.to_json().encode()
     files = {name: write_durably(staging / name, data) for name, data in contents.items()}
     write_manifest(staging, key, files)
     fsync_dir(staging)
@@ -317,7 +330,21 @@ def open_run(path: str | Path, trust: Trust) -> LoadedRun:
             f"{one_of([STATE_DICT, *registry.FORMATS.names()])}"
         )
     model.eval()
-    return LoadedRun(config=config, model=model, info=info)
+    return LoadedRun(config=config, model=model, info=info, tokenizer=run_tokenizer(final, config, info))
+
+
+def run_tokenizer(final: Path, config: RunConfig, info: DataInfo) -> Tokenizer | None:
+    """The tokenizer of a checked `final/`: its `tokenizer.json`; the bytes tokenizer for a run of the `text`
+    dataset from before runs saved theirs; None when the model takes token ids alone (or is not a language model).
+    `DataError` naming the file when it has more tokens than the model's `vocab_size`."""
+    path = final / TOKENIZER
+    if path.is_file():
+        return load_tokenizer(path, info.vocab_size)
+    if info.tokenizer != "bytes":
+        raise DataError(f"{path} is missing: the run was trained with the {info.tokenizer} tokenizer")
+    if config.data.dataset == "text" and info.vocab_size == bytes_tokenizer().vocab_size:
+        return bytes_tokenizer()
+    return None
 
 
 def example_inputs(info: DataInfo, rows: int, seed: int = 0) -> torch.Tensor:

@@ -32,6 +32,7 @@ from scaleforge.runs import (
     COMPRESSION,
     INT8_FORMATS,
     STATE_DICT,
+    TOKENIZER,
     UNTRUSTED,
     Trust,
     compression_of,
@@ -139,6 +140,8 @@ def compress_run(
             **details,
         }
         record = partial / "final" / COMPRESSION
+        if run.tokenizer is not None and not (partial / "final" / TOKENIZER).is_file():
+            write_durably(partial / "final" / TOKENIZER, run.tokenizer.to_json().encode())  # the source run's text
         write_durably(record, (json.dumps(report, indent=2) + "\n").encode())  # how the weights load, for `load_run`
         write_manifest(partial / "final", key)
         loaded = open_run(partial, trust)  # proves the new run loads back through the ordinary path

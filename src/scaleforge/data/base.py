@@ -12,6 +12,8 @@ from torch.utils.data import Dataset
 if TYPE_CHECKING:
     from PIL.Image import Image
 
+    from scaleforge.data.tokenizers import Tokenizer
+
 Task = Literal["classification", "language_modeling", "regression"]
 
 
@@ -45,7 +47,9 @@ class ImageInput:
 @dataclass(frozen=True)
 class DataInfo:
     """What a dataset says about itself. Models receive the fields their signatures name; `class_names` names
-    the classes in outputs, and `image` says how an image file becomes an input (for serving images)."""
+    the classes in outputs, and `image` says how an image file becomes an input (for serving images). Text says
+    which `tokenizer` made its tokens (`bytes` or `bpe`; the run's `final/tokenizer.json` holds it) and how many
+    bytes of text a validation token stands for on average (`bytes_per_token`, for bits per byte)."""
 
     task: Task
     input_shape: tuple[int, ...]
@@ -54,6 +58,8 @@ class DataInfo:
     seq_len: int | None = None
     class_names: tuple[str, ...] | None = None
     image: ImageInput | None = None
+    tokenizer: str = "bytes"
+    bytes_per_token: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         """As written to `final/data_info.json`."""
@@ -97,8 +103,10 @@ class InMemoryDataset(Dataset):
 
 @dataclass(frozen=True)
 class DatasetSplits:
-    """A dataset's training and validation splits with its `DataInfo`."""
+    """A dataset's training and validation splits with its `DataInfo`, and the tokenizer of a text dataset (saved
+    with the run)."""
 
     train: Dataset
     val: Dataset
     info: DataInfo
+    tokenizer: Tokenizer | None = None

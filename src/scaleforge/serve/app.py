@@ -90,7 +90,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
 class PredictRequest(BaseModel):
     """`POST /v1/predict`: instances shaped like the model's input (see `GET /v1/models`)."""
 
-    inputs: list[Any] = Field(min_length=1, description="instances: nested numbers, or lists of token ids")
+    inputs: list[Any] = Field(min_length=1, description="instances: nested numbers, lists of token ids, or texts")
 
 
 def read_inputs(body: bytes) -> list[Any]:

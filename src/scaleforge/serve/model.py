@@ -23,10 +23,11 @@ import numpy as np
 import torch
 
 from scaleforge.errors import UsageError
-from scaleforge.runs import UNTRUSTED, Trust, find_final, load_description, open_run
+from scaleforge.runs import UNTRUSTED, Trust, find_final, load_description, open_run, run_tokenizer
 
 MAX_IMAGE_PIXELS = 4096 * 4096  # larger uploads are refused before they are decoded
 MAX_IMAGE_BYTES = 3 * MAX_IMAGE_PIXELS  # the largest image taken as an uncompressed 8-bit RGB file
+JSON_BYTE_WIDTH = 6  # the most characters JSON spends on one byte of text: a control character as \u0001
 # the longest number in JSON, "-2.2250738585072014e-308" (24 characters), with its ", " and a share of the brackets
 JSON_NUMBER_BYTES = 32
 
@@ -131,6 +132,7 @@ class ServedModel:
             self.model = run.model.to(self.device)  # in eval mode, as `load_run` leaves it
         else:
             (config, self.info), self.model = load_description(final, trust), None
+        self.tokenizer = run_tokenizer(final, config, self.info)  # text in and out of a language model
         self._final = final
         self._timed: dict[int, float] = {}  # rows -> seconds, of the batches `prepare` timed
         self._name = config.name if config.name != "default" else config.model.architecture
@@ -152,12 +154,16 @@ class ServedModel:
 
     def _input_schema(self) -> dict[str, Any]:
         if self.info.task == "language_modeling":
-            return {
+            tokens: dict[str, Any] = {
                 "instance": "a list of token ids",
                 "min_length": 1,
                 "max_length": self.info.seq_len,
                 "vocab_size": self.info.vocab_size,
             }
+            if self.tokenizer is not None:
+                tokens["instance"] = "a list of token ids, or a text (its last max_length tokens are read)"
+                tokens["tokenizer"] = self.tokenizer.kind
+            return tokens
         schema: dict[str, Any] = {
             "instance": "numbers nested as the shape",
             "shape": list(self.info.input_shape),
@@ -173,10 +179,15 @@ class ServedModel:
 
     def json_instance_bytes(self) -> int:
         """The most bytes one instance takes in a request's JSON, written as clients write it (no padding): every
-        number at float64's full precision, or every token id at the vocabulary's widest, with separators."""
+        number at float64's full precision, or every token id at the vocabulary's widest, with separators; with a
+        tokenizer, or a text of a full context of the longest tokens, each byte escaped."""
         if self.info.task == "language_modeling":
             widest = len(str(max(0, (self.info.vocab_size or 1) - 1)))
-            return (self.info.seq_len or 1) * (widest + 2) + 2
+            ids = (self.info.seq_len or 1) * (widest + 2) + 2
+            if self.tokenizer is None:
+                return ids
+            longest = int(self.tokenizer.token_bytes().max())
+            return max(ids, (self.info.seq_len or 1) * longest * JSON_BYTE_WIDTH + 2)
         return math.prod(self.info.input_shape) * JSON_NUMBER_BYTES
 
     def decode(self, inputs: Any) -> list[np.ndarray]:
@@ -235,12 +246,23 @@ class ServedModel:
 
     def _tokens(self, instance: Any, index: int) -> np.ndarray:
         vocab, max_length = self.info.vocab_size or 0, self.info.seq_len or 0
+        if isinstance(instance, str):
+            return self._text(instance, index, max_length)
         if not isinstance(instance, list) or not 1 <= len(instance) <= max_length:
             raise InvalidInput(f"inputs[{index}]: expected a list of 1 to {max_length} token ids")
         for position, token in enumerate(instance):
             if not isinstance(token, int) or isinstance(token, bool) or not 0 <= token < vocab:
                 raise InvalidInput(f"inputs[{index}][{position}]: {token!r} is not a token id in [0, {vocab})")
         return np.array(instance, dtype=np.int64)
+
+    def _text(self, text: str, index: int, max_length: int) -> np.ndarray:
+        """A text's token ids by the run's tokenizer: its last `max_length` tokens, the model's context."""
+        if self.tokenizer is None:
+            raise InvalidInput(f"inputs[{index}]: this model takes lists of token ids, not text")
+        tokens = self.tokenizer.encode(text)
+        if not len(tokens):
+            raise InvalidInput(f"inputs[{index}]: the text is empty")
+        return tokens[-max_length:].astype(np.int64)
 
     def _numbers(self, instance: Any, index: int) -> np.ndarray:
         shape = tuple(self.info.input_shape)
@@ -348,17 +370,22 @@ class ServedModel:
     # ------------------------------------------------------------------------------------------- encode
 
     def encode(self, outputs: torch.Tensor) -> list[dict[str, Any]]:
-        """Each row's answer as JSON: the probabilities and the most probable class (or next token)."""
+        """Each row's answer as JSON: the probabilities and the most probable class (or next token, with its text
+        when the run has a tokenizer)."""
         array = outputs.numpy()
         rows = array.tolist()
         if self.info.task == "regression":
             return [{"values": values} for values in rows]
         tops = array.argmax(-1).tolist()
         if self.info.task == "language_modeling":
-            return [
+            answers = [
                 {"next_token": top, "probability": values[top], "probabilities": values}
                 for top, values in zip(tops, rows, strict=True)
             ]
+            if self.tokenizer is not None:
+                for answer in answers:
+                    answer["next_text"] = self.tokenizer.decode([answer["next_token"]])
+            return answers
         names = self.info.class_names
         return [
             {"top_class": top, "label": names[top], "probability": values[top], "probabilities": values}

@@ -127,6 +127,26 @@ class Perplexity:
         return {"perplexity": math.exp(min(50.0, float(self.loss_sum) / max(1, self.count)))}
 
 
+@register_metric("bits_per_byte")
+class BitsPerByte(Perplexity):
+    """Bits per byte of text: the summed cross-entropy in bits over the bytes of text the tokens stand for (their
+    count times the dataset's `bytes_per_token`), so that models with different tokenizers compare."""
+
+    tasks = ("language_modeling",)
+
+    def __init__(self, bytes_per_token: float | None = None) -> None:
+        if bytes_per_token is None:
+            raise ValueError("bits_per_byte needs text data (a dataset that gives bytes_per_token)")
+        if not bytes_per_token > 0:
+            raise ValueError(f"bytes_per_token must be positive, got {bytes_per_token}")
+        self.bytes_per_token = bytes_per_token
+        super().__init__()
+
+    def compute(self) -> dict[str, float]:
+        text_bytes = max(1, self.count) * self.bytes_per_token
+        return {"bits_per_byte": float(self.loss_sum) / math.log(2) / text_bytes}
+
+
 @dataclass(frozen=True)
 class Objective:
     """The loss to train on and the metrics to evaluate, for one task."""
@@ -143,6 +163,9 @@ _DEFAULTS = {
 
 
 def default_objective(info: DataInfo) -> Objective:
-    """The usual loss and metrics for the dataset's task."""
+    """The usual loss and metrics for the dataset's task; bits per byte too for text."""
     loss_cls, metric_classes = _DEFAULTS[info.task]
-    return Objective(loss=loss_cls(), metrics=[cls() for cls in metric_classes])
+    metrics: list[Metric] = [cls() for cls in metric_classes]
+    if info.task == "language_modeling" and info.bytes_per_token is not None:
+        metrics.append(BitsPerByte(info.bytes_per_token))
+    return Objective(loss=loss_cls(), metrics=metrics)

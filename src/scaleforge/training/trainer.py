@@ -708,7 +708,7 @@ class Trainer:
         summary = self.summary(loop_time, memory)
         if self.env.is_main:
             assert full_state is not None
-            save_final(self.run_dir / "final", full_state, self.config, self.data.info)
+            save_final(self.run_dir / "final", full_state, self.config, self.data.info, self.data.tokenizer)
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             self.callbacks.on_train_end(self.state, summary)
         return summary
