@@ -104,8 +104,10 @@ def test_a_table_and_text_train_from_their_shards(tmp_path: Path) -> None:
     corpus.mkdir()
     for i in range(3):
         (corpus / f"{i}.txt").write_text("the quick brown fox jumps over the lazy dog. " * (200 + 100 * i))
-    for source, out in ((tmp_path / "digits.csv", "table"), (corpus, "text")):
-        result = run_subprocess("data", "prepare", str(source), "--out", str(tmp_path / out), "--shard-size", "8kB")
+    for source, out, *flags in ((tmp_path / "digits.csv", "table"), (corpus, "text", "--tokenizer", "bpe")):
+        result = run_subprocess(
+            "data", "prepare", str(source), "--out", str(tmp_path / out), "--shard-size", "8kB", *flags
+        )
         assert result.code == 0, result.err
     table = run_subprocess(
         "train",
@@ -135,6 +137,9 @@ def test_a_table_and_text_train_from_their_shards(tmp_path: Path) -> None:
     table_summary = json.loads((tmp_path / "table-run" / "summary.json").read_text())
     assert table_summary["val_accuracy"] > 0.9
     text_summary = json.loads((tmp_path / "text-run" / "summary.json").read_text())
+    saved = json.loads((tmp_path / "text-run" / "final" / "tokenizer.json").read_text())
+    assert saved["kind"] == "bpe" and saved == json.loads((tmp_path / "text" / "tokenizer.json").read_text())
+    assert 0 < text_summary["val_bits_per_byte"] < 8
     assert text_summary["val_loss"] < 3.0  # far below a uniform guess over bytes (5.5)
 
 

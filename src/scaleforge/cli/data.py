@@ -41,6 +41,12 @@ def _prepare_arguments(parser: Parser) -> None:
     )
     parser.add_argument("--split-seed", type=non_negative_int, default=0, help="seed of the random split (0)")
     parser.add_argument("--target", default="target", help="a table's label column (default target)")
+    parser.add_argument(
+        "--tokenizer",
+        default="bytes",
+        help="text: bytes (default), bpe (trained on the training split) or a saved tokenizer's .json",
+    )
+    parser.add_argument("--vocab-size", type=positive_int, help="text: the BPE vocabulary (default 4096)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT folder")
 
 
@@ -55,6 +61,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         split_seed=args.split_seed,
         target=args.target,
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
         overwrite=args.overwrite,
     )
     manifest = prepare(args.source, args.out, options)

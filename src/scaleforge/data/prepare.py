@@ -43,6 +43,8 @@ class PrepareOptions:
     val_fraction: float | None = None  # images and tables: 0.2, text: 0.1 (as the datasets read from sources)
     split_seed: int = 0
     target: str = "target"
+    tokenizer: str = "bytes"  # text: bytes, bpe (trained on the training split) or a saved tokenizer's .json
+    vocab_size: int | None = None
     overwrite: bool = False
 
 
@@ -363,59 +365,75 @@ def _column_stats(train: Any) -> tuple[list[float], list[float]]:
 # ---------------------------------------------------------------------------------------------------------- text
 
 
-def _corpus_files(root: Path) -> list[Path]:
-    if root.is_file():
-        return [root]
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
-    if not files:
-        raise DataError(f"{root}: an empty folder")
-    return files
+def _token_blocks(pieces: Sequence[np.ndarray], per_shard: int) -> list[list[tuple[Any, int, int]]]:
+    """The stream of `pieces` cut into shards of `per_shard` tokens, each a list of (piece, start, stop) segments,
+    with the pieces as small references to their mapped files."""
+    from scaleforge.data.tokens import _portable
+
+    blocks: list[list[tuple[Any, int, int]]] = [[]]
+    room = per_shard
+    for piece in pieces:
+        portable, start = _portable(piece), 0
+        while start < len(piece):
+            take = min(room, len(piece) - start)
+            blocks[-1].append((portable, start, start + take))
+            start, room = start + take, room - take
+            if room == 0:
+                blocks.append([])
+                room = per_shard
+    return [block for block in blocks if block]
 
 
-def _byte_blocks(begin: int, end: int, block: int) -> list[tuple[int, int]]:
-    return [(start, min(start + block, end)) for start in range(begin, end, block)]
-
-
-def _read_range(files: Sequence[str], start: int, end: int) -> bytes:
-    """Bytes `start:end` of the files' concatenation."""
-    pieces, offset = [], 0
-    for name in files:
-        size = os.path.getsize(name)
-        if offset + size > start and offset < end:
-            with open(name, "rb") as file:
-                file.seek(max(0, start - offset))
-                pieces.append(file.read(min(end, offset + size) - max(start, offset)))
-        offset += size
-    return b"".join(pieces)
-
-
-def _token_rows(blocks: Sequence[tuple[int, int]], files: Sequence[str]) -> Iterator[dict[str, Any]]:
-    for start, end in blocks:
-        yield {"tokens": np.frombuffer(_read_range(files, start, end), dtype=np.uint8)}
+def _token_rows(blocks: Sequence[list[tuple[Any, int, int]]], dtype: str) -> Iterator[dict[str, Any]]:
+    for block in blocks:
+        parts = [(piece.open() if hasattr(piece, "open") else piece)[start:stop] for piece, start, stop in block]
+        yield {"tokens": np.concatenate(parts).astype(dtype, copy=False)}
 
 
 def _prepare_text(root: Path, writer: _Writer, options: PrepareOptions) -> dict[str, Any]:
     import datasets
 
-    files = [str(p) for p in _corpus_files(root)]
-    total = sum(os.path.getsize(name) for name in files)
+    from scaleforge.data.text import corpus_files
+    from scaleforge.data.tokens import tokenize_corpus
+
+    files = corpus_files(root)
     fraction = 0.1 if options.val_fraction is None else options.val_fraction
-    split_at = int(total * (1 - fraction))
-    if split_at < 2 or total - split_at < 2:
-        raise DataError(f"{root}: {total} bytes are too few for a training and a validation split")
-    features = datasets.Features({"tokens": datasets.Sequence(datasets.Value("uint8"))})
+    try:
+        corpus = tokenize_corpus(files, options.tokenizer, options.vocab_size, fraction, writer.cache / "tokens",
+                                 writer.workers)  # fmt: skip
+    except ValueError as error:
+        raise UsageError(f"--tokenizer: {error}") from None
+    tokenizer = corpus.tokenizer
+    dtype = np.dtype(tokenizer.dtype).name
+    features = datasets.Features({"tokens": datasets.Sequence(datasets.Value(dtype))})
+    per_shard = max(1, writer.shard_bytes // np.dtype(dtype).itemsize)
     tokens = {}
-    for split, (begin, end) in {"train": (0, split_at), "val": (split_at, total)}.items():
-        blocks = _byte_blocks(begin, end, writer.shard_bytes)
+    for split, pieces in (("train", corpus.train), ("val", corpus.val)):
+        blocks = _token_blocks(pieces, per_shard)
+        if not blocks:
+            raise DataError(f"{root}: too short for a {split} split (--val-fraction {fraction})")
         dataset = generated(
             _token_rows,
             features=features,
-            gen_kwargs={"blocks": blocks, "files": tuple(files)},  # a tuple is not split among workers
-            num_proc=min(writer.workers, len(blocks)) if len(blocks) > 1 else None,
+            gen_kwargs={"blocks": blocks, "dtype": dtype},
             cache_dir=str(writer.cache / split),
             split=datasets.NamedSplit(split),
         )
         writer.save(split, dataset, num_shards=len(blocks))
-        tokens[split] = end - begin
-    _say(f"{total} bytes of text from {len(files)} files")
-    return {"text": {"tokenizer": "bytes", "vocab_size": 256, "tokens": tokens}}
+        tokens[split] = sum(len(piece) for piece in pieces)
+    (writer.stage / "tokenizer.json").write_text(tokenizer.to_json())
+    _say(f"{sum(tokens.values())} {tokenizer.kind} tokens from {len(files)} files")
+    return {
+        "text": {
+            "tokenizer": tokenizer.kind,
+            "vocab_size": tokenizer.vocab_size,
+            "tokens": tokens,
+            "bytes_per_token": corpus.val_bytes / max(1, corpus.val_tokens),
+            "tokenizer_file": _file_entry(writer.stage, "tokenizer.json"),
+        }
+    }
+
+
+def _file_entry(stage: Path, name: str) -> dict[str, Any]:
+    path = stage / name
+    return {"file": name, "bytes": path.stat().st_size, "sha256": sha256_of(path)}

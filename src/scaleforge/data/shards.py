@@ -286,15 +286,29 @@ def _table_splits(manifest: dict[str, Any], readers: dict[str, ShardReader], win
 
 
 def _text_splits(manifest: dict[str, Any], readers: dict[str, ShardReader], window: int, seq_len: int):
+    from scaleforge.data.tokenizers import Tokenizer
+
     text = manifest["text"]
     train, val = TextShards(readers["train"], window, seq_len), TextShards(readers["val"], 1, seq_len)
     for name, split in (("training", train), ("validation", val)):
         if len(split) == 0:
             raise DataError(f"data.path: the {name} split is too short for one sequence of seq_len={seq_len}")
+    store = readers["train"].store
+    entry = text["tokenizer_file"]
+    path = store.path(entry["file"], entry["bytes"], entry["sha256"])
+    try:
+        tokenizer = Tokenizer.from_json(path.read_text())
+    except ValueError as error:
+        raise DataError(f"{store.url(entry['file'])}: not a readable tokenizer ({error})") from None
     info = DataInfo(
-        task="language_modeling", input_shape=(seq_len,), vocab_size=int(text["vocab_size"]), seq_len=seq_len
+        task="language_modeling",
+        input_shape=(seq_len,),
+        vocab_size=tokenizer.vocab_size,
+        seq_len=seq_len,
+        tokenizer=tokenizer.kind,
+        bytes_per_token=float(text["bytes_per_token"]),
     )
-    return DatasetSplits(train=train, val=val, info=info)
+    return DatasetSplits(train=train, val=val, info=info, tokenizer=tokenizer)
 
 
 KIND_OPTIONS = {"images": ("image_size", "channels", "augment"), "text": ("seq_len",), "table": ()}
