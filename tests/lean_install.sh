@@ -14,7 +14,7 @@ trap 'rm -rf "$work"' EXIT
 echo "core install: $("$venv/bin/pip" list 2>/dev/null | tail -n +3 | wc -l) packages"
 cd "$work"
 "$venv/bin/python" -c "import scaleforge"
-for module in fastapi uvicorn orjson onnx onnxruntime onnxscript torchao cv2 optuna aiohttp; do
+for module in fastapi uvicorn orjson onnx onnxruntime onnxscript torchao cv2 optuna aiohttp datasets tokenizers boto3; do
     if "$venv/bin/python" -c "import $module" 2>/dev/null; then
         echo "FAIL: $module is installed by the core install"
         exit 1
@@ -50,5 +50,8 @@ search|search --space space.yaml
 search|search show study
 serve|bench serve r
 export|bench compress r
+data|data prepare r --out shards
+data|train data.dataset=shards data.path=shards
+data|train data.dataset=text data.path=r/config.yaml data.tokenizer=bpe
 COMMANDS
 exit $status

@@ -334,6 +334,9 @@ def shards(
     `cache_dir` (default: `~/.cache/scaleforge/shards/...`), at most `cache_limit` bytes (`20GB`). `on_error: skip`
     leaves out the images that cannot be decoded (counted in the metrics and the summary) instead of stopping.
     """
+    from scaleforge.extras import require
+
+    require("data", "data.dataset: shards")
     limit = parse_size(cache_limit, "data.cache_limit")
     store = ShardStore(path, cache_dir=cache_dir, cache_limit=limit if is_remote(path) else None)
     manifest = read_manifest(store)
