@@ -75,23 +75,21 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
 def windowed_permutation(shard_sizes: Sequence[int], window: int, seed: int, epoch: int) -> torch.Tensor:
     """The order of a sharded dataset's samples in `epoch`: its shards permuted, grouped in that order into windows
     of at least `window` samples, and the samples of each window permuted. A function of the seed, the epoch and
-    the shards' sizes alone, like `epoch_permutation`; readers need only one window's shards at a time."""
+    the shards' sizes alone, like `epoch_permutation`; readers need only one window's shards at a time. Written
+    into one preallocated tensor: besides it, memory holds one window's indices."""
     generator = torch.Generator().manual_seed(stream_seed(seed, epoch))
-    starts = np.cumsum([0, *shard_sizes])
-    pieces: list[torch.Tensor] = []
-    members: list[torch.Tensor] = []
-    count = 0
-    for shard in torch.randperm(len(shard_sizes), generator=generator).tolist():
-        members.append(torch.arange(int(starts[shard]), int(starts[shard + 1])))
+    starts = np.cumsum([0, *shard_sizes]).tolist()
+    order = torch.empty(int(starts[-1]), dtype=torch.int64)
+    filled, members, count = 0, [], 0
+    shards = torch.randperm(len(shard_sizes), generator=generator).tolist()
+    for position, shard in enumerate(shards):
+        members.append(torch.arange(starts[shard], starts[shard + 1]))
         count += shard_sizes[shard]
-        if count >= window:
+        if count >= window or position == len(shards) - 1:
             together = torch.cat(members)
-            pieces.append(together[torch.randperm(len(together), generator=generator)])
-            members, count = [], 0
-    if members:
-        together = torch.cat(members)
-        pieces.append(together[torch.randperm(len(together), generator=generator)])
-    return torch.cat(pieces)
+            order[filled : filled + count] = together[torch.randperm(count, generator=generator)]
+            filled, members, count = filled + count, [], 0
+    return order
 
 
 def sample_seeds(base: int, indices: np.ndarray) -> np.ndarray:

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 
 from scaleforge.data.storage import MANIFEST, format_size, is_remote, parse_size, sha256_of, upload_folder
-from scaleforge.errors import DataError, UsageError
+from scaleforge.errors import DataError, UsageError, first_line
 
 Kind = Literal["images", "table", "text"]
 MOMENTS = 8  # per image: the mean of R, G, B, R², G², B², L, L² over its pixels
@@ -105,12 +105,14 @@ def _engine() -> str:
 def _check_out(out: str, overwrite: bool) -> Path | None:
     """The local folder to create (None for an object store); an existing one is refused unless `overwrite`."""
     if is_remote(out):
-        from scaleforge.data.storage import split_url
+        from scaleforge.data.storage import check_destination
 
-        split_url(out)
+        check_destination(out, overwrite)
         return None
     path = Path(out)
-    if path.exists() and not overwrite and (path.is_file() or any(path.iterdir())):
+    if path.is_symlink() or path.is_file():
+        raise UsageError(f"--out {out}: is a {'link' if path.is_symlink() else 'file'}; give a folder to create")
+    if path.exists() and not overwrite and any(path.iterdir()):
         raise UsageError(f"--out {out}: already exists and is not empty (pass --overwrite to replace it)")
     if not path.resolve().parent.is_dir():
         raise UsageError(f"--out {out}: the folder {path.resolve().parent} does not exist")
@@ -121,11 +123,16 @@ def _publish(stage: Path, out: str, target: Path | None) -> None:
     if target is None:
         total = sum(p.stat().st_size for p in stage.rglob("*") if p.is_file())
         _say(f"uploading {format_size(total)} to {out}")
-        upload_folder(stage, out)
+        upload_folder(stage, out)  # an old index, when replaced, is removed first and the new one written last
         return
-    if target.exists():
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    if not target.exists():
+        os.replace(stage, target)
+        return
+    # replaced: the old folder is set aside before the new one takes its name, and removed after
+    aside = stage.with_name("replaced")
+    os.replace(target, aside)
     os.replace(stage, target)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 class _Quiet:
@@ -158,6 +165,8 @@ class _Writer:
         self.stage, self.cache, self.workers, self.shard_bytes = stage, cache, workers, shard_bytes
 
     def save(self, split: str, dataset: Any, num_shards: int | None = None) -> None:
+        if len(dataset) == 0:
+            raise DataError(f"the {split} split would be empty: too few samples for --val-fraction")
         started = time.perf_counter()
         dataset.save_to_disk(
             str(self.stage / split),
@@ -306,17 +315,27 @@ def _prepare_table(path: Path, writer: _Writer, options: PrepareOptions) -> dict
 
     from scaleforge.data.csv_table import class_order
 
-    source = datasets.Dataset.from_csv(str(path), cache_dir=str(writer.cache / "csv"), num_proc=None)
+    try:
+        source = datasets.Dataset.from_csv(str(path), cache_dir=str(writer.cache / "csv"), num_proc=None)
+    except Exception as error:  # pandas' and the engine's parse errors have no common base
+        raise DataError(f"{path}: not a readable CSV table ({first_line(error)})") from None
     if options.target not in source.column_names:
         raise DataError(
             f"{path}: no '{options.target}' column (--target); the columns are: {', '.join(source.column_names)}"
         )
     feature_names = [name for name in source.column_names if name != options.target]
+    if not feature_names:
+        raise DataError(f"{path}: no feature columns besides '{options.target}'")
+    if len(source) == 0:
+        raise DataError(f"{path}: a header but no rows")
     for name in feature_names:
         dtype = source.features[name]
         if not (isinstance(dtype, datasets.Value) and dtype.dtype.startswith(("int", "float"))):
             raise DataError(f"{path}: column '{name}' has non-numeric values ({dtype.dtype})")
-    classes = class_order({str(label).strip() for label in source.unique(options.target)})
+    labels = source.unique(options.target)
+    if any(label is None or str(label).strip() == "" for label in labels):
+        raise DataError(f"{path}: column '{options.target}' has rows without a label")
+    classes = class_order({str(label).strip() for label in labels})
     index = {label: i for i, label in enumerate(classes)}
     features = datasets.Features(
         {"features": datasets.Sequence(datasets.Value("float32")), "label": datasets.ClassLabel(names=classes)}

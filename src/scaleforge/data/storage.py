@@ -20,9 +20,9 @@ import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from scaleforge.errors import ConfigError, DataError
+from scaleforge.errors import ConfigError, DataError, UsageError
 
 SIZE_UNITS = {
     "": 1,
@@ -104,26 +104,43 @@ def describe_s3_error(error: Exception, url: str) -> DataError:
         return DataError(f"{url}: no credentials for the object store (set AWS_ACCESS_KEY_ID or AWS_PROFILE)")
     if isinstance(error, EndpointConnectionError):
         return DataError(f"{url}: the object store is unreachable after retries ({error})")
+    cause = error.__cause__ or error.__context__
+    if isinstance(cause, Exception) and cause is not error and not isinstance(error, ValueError):
+        return describe_s3_error(cause, url)  # boto3's transfer errors wrap botocore's
     return DataError(f"{url}: object store error after retries ({type(error).__name__}: {error})")
 
 
 def guarded_s3(url: str, call: Callable[[], Any]) -> Any:
-    """`call()`, with boto3's errors turned into one `data error:` line naming `url`."""
+    """`call()`, with boto3's errors (and a malformed endpoint setting) turned into one `data error:` line."""
+    from boto3.exceptions import Boto3Error
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
         return call()
-    except (BotoCoreError, ClientError) as error:
+    except (BotoCoreError, ClientError, Boto3Error, ValueError) as error:
         raise describe_s3_error(error, url) from None
+
+
+def check_destination(url: str, overwrite: bool) -> None:
+    """Before any work: the bucket of `url` is reachable, and holds no prepared dataset there unless `overwrite`."""
+    bucket, prefix = split_url(url)
+    client = guarded_s3(url, s3_client)
+    guarded_s3(f"s3://{bucket}", lambda: client.head_bucket(Bucket=bucket))
+    key = "/".join(filter(None, [prefix, MANIFEST]))
+    found = guarded_s3(url, lambda: client.list_objects_v2(Bucket=bucket, Prefix=key, MaxKeys=1))
+    if found.get("KeyCount", 0) and not overwrite:
+        raise UsageError(f"--out {url}: already holds a prepared dataset (pass --overwrite to replace it)")
 
 
 def upload_folder(folder: Path, url: str, progress: Callable[[int], None] | None = None) -> None:
     """Every file under `folder` to `url` (same relative keys); the manifest last, so a reader never finds a
     manifest whose shards are not all there."""
     bucket, prefix = split_url(url)
-    client = s3_client()
+    client = guarded_s3(url, s3_client)
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     files.sort(key=lambda p: p.name == MANIFEST)  # the manifest after every shard
+    manifest_key = "/".join(filter(None, [prefix, MANIFEST]))
+    guarded_s3(url, lambda: client.delete_object(Bucket=bucket, Key=manifest_key))  # a replaced dataset's, first
     for path in files:
         key = "/".join(filter(None, [prefix, path.relative_to(folder).as_posix()]))
         guarded_s3(f"s3://{bucket}/{key}", lambda path=path, key=key: client.upload_file(str(path), bucket, key))
@@ -132,6 +149,7 @@ def upload_folder(folder: Path, url: str, progress: Callable[[int], None] | None
 
 
 MANIFEST = "shards.json"
+T = TypeVar("T")
 
 
 def default_cache_root() -> Path:
@@ -140,22 +158,38 @@ def default_cache_root() -> Path:
     return Path(base) / "scaleforge" / "shards"
 
 
-class ShardStore:
-    """Shard files by their path relative to a dataset's root (`train/data-00000-of-00004.arrow`), as local files.
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*")
 
-    A local root is read in place; a remote one through the cache (`cache_dir`, at most `cache_limit` bytes). Every
-    file is checked against its SHA-256 once per process before it is first used.
+
+def check_name(name: object) -> str:
+    """A file name from a manifest, refused unless it is a relative path inside the dataset (no `..`, no absolute
+    path): a manifest is data, and never says where on this machine to read or write."""
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name) or ".." in name.split("/"):
+        raise ValueError(f"file name {name!r} is not a relative path inside the dataset")
+    return name
+
+
+class ShardStore:
+    """Shard files by their path relative to a dataset's root (`train/data-00000-of-00004.arrow`), opened as local
+    files.
+
+    A local root is read in place. A remote one is read through the cache (`cache_dir`, at most `cache_limit`
+    bytes), where each file is named by its SHA-256, so that datasets sharing a cache, or prepared again at the
+    same place, never mistake one file for another. A file is opened under its lock (one process downloads it,
+    the others wait), and eviction passes over files being opened. Every file is checked against its SHA-256
+    once per node: the check leaves a stamp, keyed by the file's path, size, modification time and inode, that the
+    node's other processes and workers find.
     """
 
     def __init__(self, location: str, cache_dir: str | None = None, cache_limit: int | None = None) -> None:
         self.location = location.rstrip("/")
         self.remote = is_remote(location)
         self.cache_limit = cache_limit
-        self.verified: set[str] = set()
+        self.verified: set[str] = set()  # stamps this process has seen
         self._client: Any = None
         self._client_pid = -1
         if self.remote:
-            bucket, prefix = split_url(self.location)
+            bucket, _ = split_url(self.location)
             key = hashlib.sha256(self.location.encode()).hexdigest()[:16]
             self.cache = Path(cache_dir) if cache_dir else default_cache_root() / f"{bucket}-{key}"
             self.remove_partial_downloads()
@@ -163,6 +197,9 @@ class ShardStore:
             self.cache = Path(self.location)
             if not self.cache.is_dir():
                 raise DataError(f"data.path: {location} is not a folder of prepared shards")
+
+    def __getstate__(self) -> dict[str, Any]:  # a worker started by spawn makes its own client
+        return {**self.__dict__, "_client": None, "_client_pid": -1}
 
     def url(self, name: str) -> str:
         """Where `name` lives, for messages."""
@@ -179,60 +216,84 @@ class ShardStore:
             return path.read_bytes()
         bucket, prefix = split_url(self.location)
         key = "/".join(filter(None, [prefix, MANIFEST]))
-        answer = guarded_s3(self.url(MANIFEST), lambda: self.client().get_object(Bucket=bucket, Key=key))
-        return answer["Body"].read()
+        url = self.url(MANIFEST)
+        answer = guarded_s3(url, lambda: self.client().get_object(Bucket=bucket, Key=key))
+        return guarded_s3(url, lambda: answer["Body"].read())
 
     def client(self) -> Any:
         """This process's S3 client (made on first use: a forked worker makes its own)."""
         if self._client_pid != os.getpid():
-            self._client, self._client_pid = s3_client(), os.getpid()
+            self._client, self._client_pid = guarded_s3(self.location, s3_client), os.getpid()
         return self._client
 
-    def path(self, name: str, size: int, sha256: str) -> Path:
-        """A local, verified copy of shard file `name` (downloaded into the cache if remote)."""
-        path = self.cache / name
-        if self.remote:
-            self._fetch(name, path, size, sha256)
-        elif not path.is_file():
-            raise DataError(f"{self.url(name)}: shard file missing")
-        if name not in self.verified:
-            actual = path.stat().st_size
-            if actual != size or sha256_of(path) != sha256:
-                what = f"{actual} bytes, the manifest says {size}" if actual != size else "SHA-256 differs"
-                if self.remote:
-                    path.unlink(missing_ok=True)
-                raise DataError(f"{self.url(name)}: shard file does not match the manifest ({what})")
-            self.verified.add(name)
-        return path
-
-    def _fetch(self, name: str, path: Path, size: int, sha256: str) -> None:
+    def open(self, name: str, size: int, sha256: str, opener: Callable[[Path], T]) -> T:
+        """`opener(path)` of a local, verified copy of file `name` (downloaded into the cache if remote)."""
+        if not self.remote:
+            path = self.cache / name
+            if not path.is_file():
+                raise DataError(f"{self.url(name)}: shard file missing")
+            self._verify(path, name, size, sha256)
+            return opener(path)
+        path = self.cache / f"{sha256}{Path(name).suffix}"
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_name(path.name + ".lock"), "w") as lock:
+        with open(lock_of(path), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            if path.is_file():
-                os.utime(path)  # recently used: evicted last
-                return
-            bucket, prefix = split_url(self.location)
-            key = "/".join(filter(None, [prefix, name]))
-            handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-            os.close(handle)
-            try:
-                guarded_s3(self.url(name), lambda: self.client().download_file(bucket, key, temp))
-                if os.path.getsize(temp) != size or sha256_of(Path(temp)) != sha256:
-                    raise DataError(f"{self.url(name)}: shard file does not match the manifest")
-                os.replace(temp, path)
-            finally:
-                if os.path.exists(temp):
-                    os.unlink(temp)
-            self.verified.add(name)
+            for attempt in (1, 2):
+                if not path.is_file():
+                    self._download(name, path)
+                try:
+                    self._verify(path, name, size, sha256)
+                    break
+                except DataError:
+                    path.unlink(missing_ok=True)  # damaged in the cache: fetched once more
+                    if attempt == 2:
+                        raise
+            os.utime(path)  # recently used: evicted last
+            opened = opener(path)  # a memory map outlives the file's removal by an eviction
         self._evict(keep=path)
+        return opened
+
+    def path(self, name: str, size: int, sha256: str) -> Path:
+        """A local, verified copy of file `name`, for reading at once (an eviction may remove a cached copy later)."""
+        return self.open(name, size, sha256, lambda path: path)
+
+    def _verify(self, path: Path, name: str, size: int, sha256: str) -> None:
+        stat = path.stat()
+        if stat.st_size != size:
+            raise DataError(f"{self.url(name)}: shard file does not match the manifest ({stat.st_size} bytes, the "
+                            f"manifest says {size})")  # fmt: skip
+        key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}|{sha256}"
+        stamp = verified_root() / hashlib.sha256(key.encode()).hexdigest()
+        if key in self.verified:
+            return
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        with open(stamp, "a+") as file:
+            fcntl.flock(file, fcntl.LOCK_EX)  # the node's other readers wait for this check, then find it done
+            file.seek(0)
+            if file.read() != "verified":
+                if sha256_of(path) != sha256:
+                    raise DataError(f"{self.url(name)}: shard file does not match the manifest (SHA-256 differs)")
+                file.write("verified")
+        self.verified.add(key)
+
+    def _download(self, name: str, path: Path) -> None:
+        bucket, prefix = split_url(self.location)
+        key = "/".join(filter(None, [prefix, name]))
+        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        os.close(handle)
+        try:
+            guarded_s3(self.url(name), lambda: self.client().download_file(bucket, key, temp))
+            os.replace(temp, path)
+        finally:
+            if os.path.exists(temp):
+                os.unlink(temp)
 
     def remove_partial_downloads(self) -> None:
-        """Delete what downloads of a killed run left in the cache (a download in progress holds its shard's lock,
+        """Delete what downloads of a killed run left in the cache (a download in progress holds its file's lock,
         and is left alone)."""
-        for temp in self.cache.rglob(".*.arrow.*"):
-            lock_path = temp.with_name(temp.name[1:].rsplit(".", 1)[0] + ".lock")
-            with open(lock_path, "a") as lock:
+        for temp in self.cache.glob(".*.*.*"):
+            target = temp.with_name(temp.name[1:].rsplit(".", 1)[0])
+            with open(lock_of(target), "a") as lock:
                 try:
                     fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
@@ -240,11 +301,14 @@ class ShardStore:
                 temp.unlink(missing_ok=True)
 
     def _evict(self, keep: Path) -> None:
-        """Remove the least recently used shard files until the cache is within its limit."""
+        """Remove the least recently used files until the cache is within its limit, passing over the files other
+        readers are opening."""
         if self.cache_limit is None:
             return
         files = []
-        for path in self.cache.rglob("*.arrow"):
+        for path in self.cache.glob("*"):
+            if path.suffix == ".lock" or path.name.startswith("."):
+                continue
             try:  # another process may remove a file meanwhile
                 stat = path.stat()
             except FileNotFoundError:
@@ -256,6 +320,20 @@ class ShardStore:
                 break
             if path == keep:
                 continue
+            with open(lock_of(path), "a") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                path.unlink(missing_ok=True)
             total -= size
-            path.unlink(missing_ok=True)
-            self.verified.discard(path.relative_to(self.cache).as_posix())
+
+
+def lock_of(path: Path) -> Path:
+    """The lock file beside a cached file."""
+    return path.with_name(path.name + ".lock")
+
+
+def verified_root() -> Path:
+    """Where the stamps of checked files are kept: `$XDG_CACHE_HOME/scaleforge/verified`."""
+    return default_cache_root().parent / "verified"

@@ -524,6 +524,13 @@ class Trainer:
             return
         state = self.state
         progress = load_checkpoint(self.checkpoint, model=self.parallel.module, optimizer=self.optimizer)
+        order = getattr(self.data.train, "order_digest", None)
+        if progress.get("data_order", order) != order:
+            raise ConfigError(
+                f"data: the shards are now read in another order ({order}) than in checkpoint {self.checkpoint} "
+                f"({progress['data_order']}), which fixes the order of the data it continues; keep data.path's "
+                "dataset and data.shuffle_window as they were"
+            )
         position = resume_position(progress, self.config, state.steps_per_epoch, self.checkpoint)
         state.step, state.epoch, self.start_step = position
         if self.scheduler is not None and progress.get("scheduler") is not None:
@@ -686,6 +693,9 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Checkpoint the run after this step; returns the folder it is (or will be) committed to."""
         progress = _progress(self.state, self.config, self.scheduler, self.scaler)
+        order = getattr(self.data.train, "order_digest", None)  # a sharded dataset's order, besides the seed
+        if order is not None:
+            progress["data_order"] = order
         path = self.checkpointer.save(model=self.parallel.module, optimizer=self.optimizer, progress=progress)
         self.callbacks.on_checkpoint(self.state, path)
         self.state.should_stop = self.parallel.any_process(self.state.should_stop)
