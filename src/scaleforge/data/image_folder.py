@@ -1,24 +1,45 @@
-"""Images in `path/<class>/<image>` folders, decoded with Pillow and held in memory as tensors."""
+"""Images in `path/<class>/<image>` folders, decoded once into a cache of uint8 pixels and read from it per sample.
+
+The first use of a folder decodes, converts and resizes every image in parallel (one process per CPU), each
+process writing its images straight into a memory-mapped file of (N, C, S, S) bytes; later runs map that file
+and decode nothing. The training and validation splits read their samples from the mapping as they are asked for
+them, so the pages they touch belong to the file (the page cache) and not to any process: a run's own memory
+does not grow with the number of images.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import hashlib
+import json
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TextIO
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from scaleforge.components import factory_of
 from scaleforge.config import ComponentSpec
-from scaleforge.data.base import DataInfo, DatasetSplits, ImageInput, InMemoryDataset
+from scaleforge.data.base import DataInfo, DatasetSplits, ImageInput
 from scaleforge.data.transforms import RandomCrop, Transforms
 from scaleforge.errors import DataError
+from scaleforge.processes import ParentDeathGuard
 from scaleforge.registry import TRANSFORMS, register_dataset
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# Part of every cache's key: a change to how images are decoded or stored invalidates the caches written before it.
+CACHE_FORMAT = 1
 
 
 def list_images(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
@@ -37,41 +58,295 @@ def list_images(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return classes, samples
 
 
-def load_images(samples: list[tuple[Path, int]], image_size: int, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode, convert and resize every image: (N, C, S, S) floats in [0, 1] and (N,) labels."""
+# ------------------------------------------------------------------------------------------ the decoded cache
+
+
+@dataclass(frozen=True)
+class ImageCache:
+    """A folder's images decoded once: `pixels` holds (N, C, S, S) uint8 in the order of the files it was built
+    from, `sums` (N, C, 2) int64 each image's per-channel sum of pixel values and of their squares."""
+
+    pixels_path: Path
+    sums_path: Path
+    shape: tuple[int, int, int, int]
+
+    def pixels(self) -> np.memmap:
+        """The pixels, mapped read-only: the pages read belong to the file, not to the process."""
+        return np.memmap(self.pixels_path, dtype=np.uint8, mode="r", shape=self.shape)
+
+    def normalisation(self, rows: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel mean and standard deviation (with Bessel's correction, floored at 1e-6) of the pixels in
+        [0, 1] of the images at `rows`: exact sums of integers, whatever the order in which the images were read."""
+        sums = np.load(self.sums_path, mmap_mode="r")[np.sort(rows)].sum(axis=0, dtype=np.int64)  # (C, 2)
+        count = len(rows) * self.shape[2] * self.shape[3]
+        means, stds = [], []
+        for total, squares in sums.tolist():  # Python integers: the variance's difference loses nothing
+            means.append(total / count / 255)
+            variance = (count * squares - total * total) / (count * max(1, count - 1))
+            stds.append(max(variance**0.5 / 255, 1e-6))
+        return tuple(means), tuple(stds)
+
+
+def default_cache_dir() -> Path:
+    """`$XDG_CACHE_HOME/scaleforge/images`, `~/.cache/scaleforge/images` when the variable is not set."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "scaleforge" / "images"
+
+
+def cache_key(root: Path, files: Sequence[Path], image_size: int, channels: int) -> str:
+    """A hash of what the decoded pixels depend on: the folder, each file's path in it, size and modification time,
+    the image size and the channels. A changed, added or removed file gives a new key."""
+    entries = []
+    for file in files:
+        status = file.stat()
+        entries.append((str(file.relative_to(root)), status.st_size, status.st_mtime_ns))
+    text = json.dumps([CACHE_FORMAT, str(root.resolve()), image_size, channels, entries])
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def decoded_cache(
+    root: Path, files: Sequence[Path], image_size: int, channels: int, cache_dir: Path, processes: int
+) -> ImageCache:
+    """The cache of `files` (all under `root`) in `cache_dir`: reused when one was written for the same files,
+    else decoded now by `processes` processes and written under temporary names renamed into place, the
+    description (`<key>.json`) last. Processes that ask at the same time (the ranks of one run) take turns: the
+    first decodes, the others find its cache."""
+    key = cache_key(root, files, image_size, channels)
+    shape = (len(files), channels, image_size, image_size)
+    cache = ImageCache(cache_dir / f"{key}.pixels", cache_dir / f"{key}.sums.npy", shape)
+    description = cache_dir / f"{key}.json"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(cache_dir / f"{key}.lock"):
+        if _complete(cache, description):
+            return cache
+        _write_cache(cache, files, image_size, channels, processes)
+        meta = {"format": CACHE_FORMAT, "root": str(root.resolve()), "shape": list(shape)}
+        temporary = description.with_name(f"{description.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(meta, indent=2) + "\n")
+        os.replace(temporary, description)
+        _remove_replaced(cache_dir, key, meta)
+    return cache
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    import fcntl
+
+    with path.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _complete(cache: ImageCache, description: Path) -> bool:
+    try:
+        meta = json.loads(description.read_text())
+        size = cache.pixels_path.stat().st_size
+    except (OSError, ValueError):
+        return False
+    return meta.get("shape") == list(cache.shape) and size == int(np.prod(cache.shape)) and cache.sums_path.exists()
+
+
+def _remove_replaced(cache_dir: Path, key: str, meta: dict[str, Any]) -> None:
+    """Delete the caches of an earlier state of the same folder at the same size (files changed since): each is
+    as large as this one and would never be read again. A run still reading one keeps its mapping."""
+    for description in cache_dir.glob("*.json"):
+        other = description.name.removesuffix(".json")
+        if other == key:
+            continue
+        try:
+            old = json.loads(description.read_text())
+        except (OSError, ValueError):
+            continue
+        if old.get("root") == meta["root"] and old.get("shape", [])[1:] == meta["shape"][1:]:
+            for suffix in (".json", ".pixels", ".sums.npy", ".lock"):
+                (cache_dir / f"{other}{suffix}").unlink(missing_ok=True)
+
+
+def _write_cache(cache: ImageCache, files: Sequence[Path], image_size: int, channels: int, processes: int) -> None:
+    """Decode `files` into temporary files, then rename them to the cache's names; a failure leaves nothing."""
+    suffix = f".{os.getpid()}.tmp"
+    pixels_tmp = cache.pixels_path.with_name(cache.pixels_path.name + suffix)
+    sums_tmp = cache.sums_path.with_name(cache.sums_path.name + suffix)
+    try:
+        np.memmap(pixels_tmp, dtype=np.uint8, mode="w+", shape=cache.shape).flush()  # the file, at its full size
+        sums = decode_all(pixels_tmp, files, image_size, channels, processes)
+        with sums_tmp.open("wb") as stream:
+            np.save(stream, sums)
+        os.replace(pixels_tmp, cache.pixels_path)
+        os.replace(sums_tmp, cache.sums_path)
+    finally:
+        pixels_tmp.unlink(missing_ok=True)
+        sums_tmp.unlink(missing_ok=True)
+
+
+def decode_all(pixels_path: Path, files: Sequence[Path], image_size: int, channels: int, processes: int) -> np.ndarray:
+    """Decode `files` into the (N, C, S, S) uint8 file at `pixels_path`, in chunks shared by `processes` processes
+    (forked on Linux, so that they start at once), each writing its chunk straight into the file; returns the
+    (N, C, 2) per-image sums. The first unreadable file, in the files' order, raises a `DataError` naming it."""
+    shape = (len(files), channels, image_size, image_size)
+    processes = max(1, min(processes, len(files)))
+    chunk = max(1, min(256, -(-len(files) // (8 * processes))))
+    tasks = [
+        (str(pixels_path), shape, start, [str(file) for file in files[start : start + chunk]])
+        for start in range(0, len(files), chunk)
+    ]
+    sums = np.empty((len(files), channels, 2), dtype=np.int64)
+    progress = DecodeProgress(len(files), processes)
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
+    # the guard is made here, in the parent, whose pid it holds; the processes start on this thread, at the first map
+    guard = ParentDeathGuard(signal.SIGKILL)
+    with ProcessPoolExecutor(processes, mp_context=context, initializer=_start_decoder, initargs=(guard,)) as pool:
+        try:
+            for (_, _, start, chunk_files), result in zip(tasks, pool.map(_decode_chunk, tasks), strict=True):
+                if isinstance(result, str):
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise DataError(result)
+                sums[start : start + len(chunk_files)] = result
+                progress.advance(len(chunk_files))
+        finally:
+            progress.close()
+    return sums
+
+
+def _start_decoder(guard: ParentDeathGuard) -> None:
+    """In each decoding process: one torch thread (the processes are the parallelism), and death with the parent."""
+    torch.set_num_threads(1)
+    guard()
+
+
+def _decode_chunk(task: tuple[str, tuple[int, int, int, int], int, list[str]]) -> np.ndarray | str:
+    """Decode one chunk of files into rows `start...` of the pixel file: their (n, C, 2) sums, or the error
+    message of the first file that is not a readable image."""
     from PIL import Image, UnidentifiedImageError
 
-    spec = ImageInput(size=image_size, channels=channels, mean=(0.0,) * channels, std=(1.0,) * channels)
-    images = torch.empty(len(samples), channels, image_size, image_size)
-    for i, (path, _) in enumerate(samples):
+    pixels_path, shape, start, files = task
+    _, channels, size, _ = shape
+    spec = ImageInput(size=size, channels=channels, mean=(0.0,) * channels, std=(1.0,) * channels)
+    pixels = np.memmap(pixels_path, dtype=np.uint8, mode="r+", shape=shape)
+    sums = np.empty((len(files), channels, 2), dtype=np.int64)
+    for offset, file in enumerate(files):
         try:
-            with Image.open(path) as image:
-                images[i] = spec.pixels(image)
+            with Image.open(file) as image:
+                # the same conversion and resizing as serving's, back to the bytes it scaled to [0, 1]
+                decoded = spec.pixels(image).mul(255).round().to(torch.uint8).numpy()  # (C, S, S)
         except (UnidentifiedImageError, OSError) as error:
-            raise DataError(f"{path}: not a readable image ({error})") from error
-    return images, torch.tensor([label for _, label in samples], dtype=torch.long)
+            return f"{file}: not a readable image ({error})"
+        pixels[start + offset] = decoded
+        values = decoded.reshape(channels, -1).astype(np.int64)
+        sums[offset, :, 0] = values.sum(axis=1)
+        sums[offset, :, 1] = (values * values).sum(axis=1)
+    pixels.flush()
+    return sums
 
 
-class AugmentedImages(Dataset):
-    """Training images read one at a time through the data loader, each passed through `transforms` as pixels in
-    [0, 1] and then normalised: the loader seeds each sample's random numbers from (seed, epoch, sample index)."""
+class DecodeProgress:
+    """The decode pass's progress on stderr, once it has taken `delay_s` (a small folder's passes in silence): a
+    bar on a terminal, else a line every `every_s` seconds, and a last line with the time it took."""
 
     def __init__(
-        self, pixels: torch.Tensor, targets: torch.Tensor, transforms: Sequence[Transform], spec: ImageInput
+        self, total: int, processes: int, stream: TextIO | None = None, delay_s: float = 2.0, every_s: float = 10.0
     ) -> None:
-        self.pixels = pixels  # (N, C, S, S)
+        self.total, self.processes, self.done = total, processes, 0
+        self.stream = stream or sys.stderr
+        self.delay_s, self.every_s = delay_s, every_s
+        self.start = self.last_line = time.monotonic()
+        self.bar: Any = None
+        self.task: Any = None
+        self.shown = False
+
+    def advance(self, count: int) -> None:
+        """`count` more images decoded."""
+        self.done += count
+        now = time.monotonic()
+        if not self.shown and now - self.start >= self.delay_s:
+            self.shown = True
+            self._show()
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.done)
+        elif self.shown and now - self.last_line >= self.every_s:
+            self.last_line = now
+            self._line(f"decoded {self.done:,}/{self.total:,} images")
+
+    def _show(self) -> None:
+        if self.stream.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            columns = (TextColumn("decoding images"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+            self.bar = Progress(*columns, console=Console(file=self.stream), transient=True)
+            self.task = self.bar.add_task("decode", total=self.total)
+            self.bar.start()
+        else:
+            self._line(f"decoding {self.total:,} images with {self.processes} processes, once: later runs reuse them")
+
+    def _line(self, text: str) -> None:
+        print(f"image_folder: {text}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        """The last line, when progress was shown."""
+        if self.bar is not None:
+            self.bar.stop()
+        if self.shown:
+            self._line(f"decoded {self.done:,}/{self.total:,} images in {time.monotonic() - self.start:.0f} s")
+
+
+# ------------------------------------------------------------------------------------------ the splits
+
+
+class FolderImages(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """One split of an image folder: the uint8 images at `rows` of `pixels` ((N, C, S, S), the memory-mapped
+    cache), each read when asked for, scaled to [0, 1], passed through `transforms` and normalised by `spec`.
+
+    A sample's random transforms draw from torch's default generator, which the data loader seeds per sample
+    from (seed, epoch, sample index). Without transforms, `__getitems__` reads a whole batch at once: the data
+    loader's batched reading, used for validation.
+    """
+
+    def __init__(
+        self,
+        pixels: np.ndarray,
+        rows: np.ndarray,
+        targets: torch.Tensor,
+        spec: ImageInput,
+        transforms: Sequence[Transform] = (),
+    ) -> None:
+        if len(rows) != len(targets):
+            raise ValueError(f"{len(rows)} rows but {len(targets)} targets")
+        self.pixels = pixels
+        self.rows = np.asarray(rows, dtype=np.int64)
         self.targets = targets
-        self.transforms = list(transforms)
         self.spec = spec
+        self.transforms = list(transforms)
 
     def __len__(self) -> int:
-        return len(self.pixels)
+        return len(self.rows)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = self.pixels[index]  # (C, S, S)
+        image = torch.from_numpy(np.array(self.pixels[self.rows[index]])).float() / 255  # (C, S, S)
         for transform in self.transforms:
             image = transform(image)
         return self.spec.normalise(image), self.targets[index]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self.transforms:
+            return [self[index] for index in indices]
+        images = torch.from_numpy(self.pixels[self.rows[indices]]).float() / 255  # (B, C, S, S)
+        return list(zip(self.spec.normalise(images).unbind(0), self.targets[indices].unbind(0), strict=True))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        if isinstance(self.pixels, np.memmap):  # a worker started by spawning maps the file again, not a copy
+            state["pixels"] = (str(self.pixels.filename), self.pixels.shape)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        if isinstance(state["pixels"], tuple):
+            path, shape = state["pixels"]
+            state["pixels"] = np.memmap(path, dtype=np.uint8, mode="r", shape=shape)
+        self.__dict__.update(state)
 
 
 def build_transforms(augment: bool | Sequence[ComponentSpec]) -> list[Transform]:
@@ -79,6 +354,30 @@ def build_transforms(augment: bool | Sequence[ComponentSpec]) -> list[Transform]
     if isinstance(augment, bool):
         return [RandomCrop()] if augment else []
     return [factory_of(spec.factory, TRANSFORMS, spec.name)(**spec.params) for spec in augment]
+
+
+def split_samples(
+    root: Path, val_fraction: float, split_seed: int
+) -> tuple[list[str], list[tuple[Path, int]], list[tuple[Path, int]]]:
+    """Classes, training and validation samples: `root/train/` and `root/val/` when both exist, else `root`'s
+    images split at random by `val_fraction` (seeded by `split_seed`)."""
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        classes, train_samples = list_images(root / "train")
+        val_classes, val_samples = list_images(root / "val")
+        if val_classes != classes:
+            raise DataError(f"{root / 'val'}: classes {val_classes} differ from {root / 'train'}'s {classes}")
+        return classes, train_samples, val_samples
+    classes, samples = list_images(root)
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(split_seed)).tolist()
+    num_val = round(len(samples) * val_fraction)
+    return classes, [samples[i] for i in order[num_val:]], [samples[i] for i in order[:num_val]]
+
+
+def decoding_processes() -> int:
+    """One decoding process per CPU this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
 
 
 @register_dataset("image_folder")
@@ -89,13 +388,15 @@ def image_folder(
     val_fraction: float = 0.2,
     split_seed: int = 0,
     augment: bool | Transforms = True,
+    cache_dir: str | None = None,
 ) -> DatasetSplits:
     """`path/<class>/<image>`; validation from `path/val/` when `path/train/` and `path/val/` exist, else by fraction.
 
     Images are resized to `image_size` squares and normalised per channel with the training split's mean and
     standard deviation. `augment` lists the transforms applied to each training sample (data/transforms.py);
     `true` is padded random crops alone (nothing that could change what an image shows, as a mirror does to a
-    digit), `false` or `[]` none.
+    digit), `false` or `[]` none. The decoded images are cached in `cache_dir` (default: `default_cache_dir()`)
+    for the next run over the same files.
     """
     if image_size < 1:
         raise ValueError(f"image_size must be at least 1, got {image_size}")
@@ -103,22 +404,15 @@ def image_folder(
         raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     transforms = build_transforms(augment)  # before the images load, so that a bad setting fails at once
     root = Path(path)
-    if (root / "train").is_dir() and (root / "val").is_dir():
-        classes, train_samples = list_images(root / "train")
-        val_classes, val_samples = list_images(root / "val")
-        if val_classes != classes:
-            raise DataError(f"{root / 'val'}: classes {val_classes} differ from {root / 'train'}'s {classes}")
-    else:
-        classes, samples = list_images(root)
-        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(split_seed)).tolist()
-        num_val = round(len(samples) * val_fraction)
-        val_samples = [samples[i] for i in order[:num_val]]
-        train_samples = [samples[i] for i in order[num_val:]]
-    train_images, train_labels = load_images(train_samples, image_size, channels)
-    val_images, val_labels = load_images(val_samples, image_size, channels)
-    mean = train_images.mean(dim=(0, 2, 3))
-    std = train_images.std(dim=(0, 2, 3)).clamp_min(1e-6)
-    spec = ImageInput(size=image_size, channels=channels, mean=tuple(mean.tolist()), std=tuple(std.tolist()))
+    classes, train_samples, val_samples = split_samples(root, val_fraction, split_seed)
+    files = sorted({file for file, _ in train_samples + val_samples})
+    row_of = {file: row for row, file in enumerate(files)}
+    directory = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache = decoded_cache(root, files, image_size, channels, directory, decoding_processes())
+    train_rows = np.array([row_of[file] for file, _ in train_samples], dtype=np.int64)
+    val_rows = np.array([row_of[file] for file, _ in val_samples], dtype=np.int64)
+    mean, std = cache.normalisation(train_rows)
+    spec = ImageInput(size=image_size, channels=channels, mean=mean, std=std)
     info = DataInfo(
         task="classification",
         input_shape=(channels, image_size, image_size),
@@ -126,10 +420,13 @@ def image_folder(
         class_names=tuple(classes),
         image=spec,
     )
+    pixels = cache.pixels()
     return DatasetSplits(
-        train=AugmentedImages(train_images, train_labels, transforms, spec)
-        if transforms
-        else InMemoryDataset(spec.normalise(train_images), train_labels),
-        val=InMemoryDataset(spec.normalise(val_images), val_labels),
+        train=FolderImages(pixels, train_rows, _labels(train_samples), spec, transforms),
+        val=FolderImages(pixels, val_rows, _labels(val_samples), spec),
         info=info,
     )
+
+
+def _labels(samples: list[tuple[Path, int]]) -> torch.Tensor:
+    return torch.tensor([label for _, label in samples], dtype=torch.long)
