@@ -16,7 +16,7 @@ from PIL import Image
 
 from scaleforge.data import image_folder as module
 from scaleforge.data.base import ImageInput
-from scaleforge.data.image_folder import DecodeProgress, FolderImages, decoded_cache, image_folder
+from scaleforge.data.image_folder import DecodeProgress, FolderImages, GatheredImages, decoded_cache, image_folder
 from scaleforge.data.loading import eval_batches
 from scaleforge.errors import DataError
 
@@ -62,14 +62,14 @@ def test_the_splits_hold_what_serving_makes_of_each_file(tmp_path: Path) -> None
     spec = splits.info.image
     assert spec is not None and (len(splits.train), len(splits.val)) == (24, 6)
     for split in (splits.train, splits.val):
-        assert isinstance(split, FolderImages)
+        assert isinstance(split, GatheredImages)
         files = sorted((tmp_path / "images").rglob("*.png"))
         for index in range(len(split)):
             inputs, target = split[index]
             file = files[int(split.rows[index])]
             assert torch.equal(inputs, _served(spec, file)) and int(target) == int(file.parent.name[-1])
-        batch = split.__getitems__(list(range(len(split))))  # the data loader's batched reading
-        assert all(torch.equal(batch[i][0], split[i][0]) and batch[i][1] == split[i][1] for i in range(len(split)))
+        inputs, targets = split[torch.arange(len(split))]  # a whole batch in one read
+        assert all(torch.equal(inputs[i], split[i][0]) and targets[i] == split[i][1] for i in range(len(split)))
 
 
 def test_the_mean_and_std_are_the_training_splits(tmp_path: Path) -> None:
@@ -145,12 +145,17 @@ def test_grey_images_and_train_and_val_folders(tmp_path: Path) -> None:
     assert inputs.shape == (4, 1, 6, 6) and targets.tolist() == [0, 0, 1, 1]
 
 
-def test_a_split_pickles_as_its_file_not_its_pixels(tmp_path: Path) -> None:
+def test_an_augmented_split_pickles_as_its_file_not_its_pixels(tmp_path: Path) -> None:
     _write_images(tmp_path / "images", 12)
-    val = image_folder(str(tmp_path / "images"), image_size=32, cache_dir=str(tmp_path / "c")).val
-    copy = pickle.loads(pickle.dumps(val))
-    assert len(pickle.dumps(val)) < 12 * 3 * 32 * 32 and isinstance(copy.pixels, np.memmap)
-    assert all(torch.equal(copy[i][0], val[i][0]) for i in range(len(val)))
+    train = image_folder(str(tmp_path / "images"), image_size=32, cache_dir=str(tmp_path / "c")).train
+    assert isinstance(train, FolderImages)
+    copy = pickle.loads(pickle.dumps(train))
+    assert len(pickle.dumps(train)) < 12 * 3 * 32 * 32 and isinstance(copy.pixels, np.memmap)
+    for index in range(len(train)):
+        torch.manual_seed(index)
+        inputs, target = copy[index]
+        torch.manual_seed(index)
+        assert torch.equal(inputs, train[index][0]) and target == train[index][1]
 
 
 def test_decode_progress_is_silent_when_quick_and_plain_lines_otherwise() -> None:

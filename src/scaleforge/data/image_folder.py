@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from scaleforge.components import factory_of
 from scaleforge.config import ComponentSpec
-from scaleforge.data.base import DataInfo, DatasetSplits, ImageInput
+from scaleforge.data.base import DataInfo, DatasetSplits, ImageInput, InMemoryDataset
 from scaleforge.data.transforms import RandomCrop, Transforms
 from scaleforge.errors import DataError
 from scaleforge.processes import ParentDeathGuard
@@ -71,8 +71,9 @@ class ImageCache:
     shape: tuple[int, int, int, int]
 
     def pixels(self) -> np.memmap:
-        """The pixels, mapped read-only: the pages read belong to the file, not to the process."""
-        return np.memmap(self.pixels_path, dtype=np.uint8, mode="r", shape=self.shape)
+        """The pixels, mapped from the file: the pages read belong to the file, not to the process. (Copy-on-write,
+        which nothing here writes: torch takes such arrays without a copy, as it does not take read-only ones.)"""
+        return np.memmap(self.pixels_path, dtype=np.uint8, mode="c", shape=self.shape)
 
     def normalisation(self, rows: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Per-channel mean and standard deviation (with Bessel's correction, floored at 1e-6) of the pixels in
@@ -297,13 +298,10 @@ class DecodeProgress:
 
 
 class FolderImages(Dataset[tuple[torch.Tensor, torch.Tensor]]):
-    """One split of an image folder: the uint8 images at `rows` of `pixels` ((N, C, S, S), the memory-mapped
-    cache), each read when asked for, scaled to [0, 1], passed through `transforms` and normalised by `spec`.
-
-    A sample's random transforms draw from torch's default generator, which the data loader seeds per sample
-    from (seed, epoch, sample index). Without transforms, `__getitems__` reads a whole batch at once: the data
-    loader's batched reading, used for validation.
-    """
+    """A training split with transforms: the uint8 images at `rows` of `pixels` ((N, C, S, S), the memory-mapped
+    cache), each read when the data loader asks for it, scaled to [0, 1], passed through `transforms` and
+    normalised by `spec`. A sample's random transforms draw from torch's default generator, which the data loader
+    seeds per sample from (seed, epoch, sample index)."""
 
     def __init__(
         self,
@@ -311,7 +309,7 @@ class FolderImages(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         rows: np.ndarray,
         targets: torch.Tensor,
         spec: ImageInput,
-        transforms: Sequence[Transform] = (),
+        transforms: Sequence[Transform],
     ) -> None:
         if len(rows) != len(targets):
             raise ValueError(f"{len(rows)} rows but {len(targets)} targets")
@@ -325,16 +323,10 @@ class FolderImages(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return len(self.rows)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image = torch.from_numpy(np.array(self.pixels[self.rows[index]])).float() / 255  # (C, S, S)
+        image = torch.from_numpy(self.pixels[self.rows[index]]).float() / 255  # (C, S, S)
         for transform in self.transforms:
             image = transform(image)
         return self.spec.normalise(image), self.targets[index]
-
-    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        if self.transforms:
-            return [self[index] for index in indices]
-        images = torch.from_numpy(self.pixels[self.rows[indices]]).float() / 255  # (B, C, S, S)
-        return list(zip(self.spec.normalise(images).unbind(0), self.targets[indices].unbind(0), strict=True))
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -345,8 +337,44 @@ class FolderImages(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __setstate__(self, state: dict[str, Any]) -> None:
         if isinstance(state["pixels"], tuple):
             path, shape = state["pixels"]
-            state["pixels"] = np.memmap(path, dtype=np.uint8, mode="r", shape=shape)
+            state["pixels"] = np.memmap(path, dtype=np.uint8, mode="c", shape=shape)
         self.__dict__.update(state)
+
+
+class GatheredImages(InMemoryDataset):
+    """A split without transforms (validation, or training with `augment: false`), taken by the data loader's
+    fast path for tensors in memory without being held in memory: indexing with a tensor of indices gathers those
+    images' bytes from `pixels` (the memory-mapped cache, rows `rows`) in one read, scales them to [0, 1],
+    normalises them by `spec` and hands them over on `device`. Unlike other `InMemoryDataset`s it holds no
+    `inputs` tensor: the inputs exist a batch at a time."""
+
+    def __init__(
+        self,
+        pixels: np.ndarray,
+        rows: np.ndarray,
+        targets: torch.Tensor,
+        spec: ImageInput,
+        device: torch.device | None = None,
+    ) -> None:
+        if len(rows) != len(targets):
+            raise ValueError(f"{len(rows)} rows but {len(targets)} targets")
+        self.pixels = pixels
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.device = device or torch.device("cpu")
+        self.targets = targets.to(self.device)
+        self.spec = spec
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.rows[index.cpu().numpy() if isinstance(index, torch.Tensor) else index]
+        images = torch.from_numpy(self.pixels[rows]).float() / 255  # (B, C, S, S), or (C, S, S) for one index
+        return self.spec.normalise(images).to(self.device, non_blocking=True), self.targets[index]
+
+    def to(self, device: torch.device) -> GatheredImages:
+        """The same split, its batches handed over on `device` (the pixels stay in the mapped file)."""
+        return GatheredImages(self.pixels, self.rows, self.targets, self.spec, device)
 
 
 def build_transforms(augment: bool | Sequence[ComponentSpec]) -> list[Transform]:
@@ -421,9 +449,12 @@ def image_folder(
         image=spec,
     )
     pixels = cache.pixels()
+    train_labels = _labels(train_samples)
     return DatasetSplits(
-        train=FolderImages(pixels, train_rows, _labels(train_samples), spec, transforms),
-        val=FolderImages(pixels, val_rows, _labels(val_samples), spec),
+        train=FolderImages(pixels, train_rows, train_labels, spec, transforms)
+        if transforms
+        else GatheredImages(pixels, train_rows, train_labels, spec),
+        val=GatheredImages(pixels, val_rows, _labels(val_samples), spec),
         info=info,
     )
 
