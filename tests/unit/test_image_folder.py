@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import os
 import pickle
 import subprocess
@@ -130,6 +131,28 @@ def test_several_processes_write_the_same_cache_as_one(tmp_path: Path) -> None:
     assert np.array_equal(np.load(one.sums_path), np.load(three.sums_path))
     description = json.loads(one.pixels_path.with_suffix(".json").read_text())
     assert description["shape"] == [40, 3, 8, 8] and description["root"] == str((tmp_path / "images").resolve())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forks")
+def test_processes_that_ask_at_once_decode_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = sorted(_write_images(tmp_path / "images", 40))
+    decode_all = module.decode_all
+
+    def marking(pixels_path, files, *args, **kwargs):  # type: ignore[no-untyped-def]
+        (tmp_path / f"decoded-by-{os.getpid()}").touch()
+        return decode_all(pixels_path, files, *args, **kwargs)
+
+    monkeypatch.setattr(module, "decode_all", marking)  # in the processes forked below too
+    arguments = (tmp_path / "images", files, 8, 3, tmp_path / "c", 1)
+    processes = [multiprocessing.get_context("fork").Process(target=decoded_cache, args=arguments) for _ in range(3)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+    assert [process.exitcode for process in processes] == [0, 0, 0]
+    assert len(list(tmp_path.glob("decoded-by-*"))) == 1
+    cache = decoded_cache(*arguments)
+    assert cache.pixels().shape == (40, 3, 8, 8) and len(list(tmp_path.glob("decoded-by-*"))) == 1
 
 
 def test_grey_images_and_train_and_val_folders(tmp_path: Path) -> None:
