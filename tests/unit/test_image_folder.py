@@ -43,12 +43,16 @@ def decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     counted: list[int] = []
     decode_all = module.decode_all
 
-    def counting(pixels_path, files, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def counting(pixels_path, root, files, *args, **kwargs):  # type: ignore[no-untyped-def]
         counted.append(len(files))
-        return decode_all(pixels_path, files, *args, **kwargs)
+        return decode_all(pixels_path, root, files, *args, **kwargs)
 
     monkeypatch.setattr(module, "decode_all", counting)
     return counted
+
+
+def _relative(root: Path, files: list[Path]) -> list[str]:
+    return [str(file.relative_to(root)) for file in sorted(files)]
 
 
 def _served(spec: ImageInput, file: Path) -> torch.Tensor:
@@ -119,12 +123,12 @@ def test_a_failed_decode_leaves_no_cache_and_names_the_first_bad_file(tmp_path: 
         files[index].write_bytes(b"not an image")
     first_bad = sorted(files[i] for i in (33, 7))[0]
     with pytest.raises(DataError, match=f"^{first_bad}: not a readable image"):
-        decoded_cache(tmp_path / "images", sorted(files), 8, 3, tmp_path / "c", processes=2)
+        decoded_cache(tmp_path / "images", _relative(tmp_path / "images", files), 8, 3, tmp_path / "c", processes=2)
     assert sorted(path.suffix for path in (tmp_path / "c").iterdir()) == [".lock"]  # no partial files
 
 
 def test_several_processes_write_the_same_cache_as_one(tmp_path: Path) -> None:
-    files = sorted(_write_images(tmp_path / "images", 40))
+    files = _relative(tmp_path / "images", _write_images(tmp_path / "images", 40))
     one = decoded_cache(tmp_path / "images", files, 8, 3, tmp_path / "one", processes=1)
     three = decoded_cache(tmp_path / "images", files, 8, 3, tmp_path / "three", processes=3)
     assert np.array_equal(one.pixels(), three.pixels()) and one.shape == (40, 3, 8, 8)
@@ -135,12 +139,12 @@ def test_several_processes_write_the_same_cache_as_one(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forks")
 def test_processes_that_ask_at_once_decode_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    files = sorted(_write_images(tmp_path / "images", 40))
+    files = _relative(tmp_path / "images", _write_images(tmp_path / "images", 40))
     decode_all = module.decode_all
 
-    def marking(pixels_path, files, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def marking(pixels_path, root, files, *args, **kwargs):  # type: ignore[no-untyped-def]
         (tmp_path / f"decoded-by-{os.getpid()}").touch()
-        return decode_all(pixels_path, files, *args, **kwargs)
+        return decode_all(pixels_path, root, files, *args, **kwargs)
 
     monkeypatch.setattr(module, "decode_all", marking)  # in the processes forked below too
     arguments = (tmp_path / "images", files, 8, 3, tmp_path / "c", 1)

@@ -16,8 +16,9 @@ import os
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,20 +43,22 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 CACHE_FORMAT = 1
 
 
-def list_images(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    """Class names (sorted sub-folders) and (image path, class index) pairs."""
-    if not root.is_dir():
-        raise DataError(f"data.path: {root} is not a folder")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    samples = [
-        (image, index)
-        for index, name in enumerate(classes)
-        for image in sorted((root / name).rglob("*"))
-        if image.suffix.lower() in IMAGE_SUFFIXES
-    ]
-    if not samples:
-        raise DataError(f"data.path: {root} holds no images in <class>/<image> folders")
-    return classes, samples
+def list_images(folder: Path, root: Path) -> tuple[list[str], list[str], np.ndarray]:
+    """Class names (the sorted sub-folders of `folder`), each image's path relative to `root` (class by class, in
+    sorted order) and its class index. Paths are kept as strings and indices as one array, the least memory a
+    listing of many images takes."""
+    if not folder.is_dir():
+        raise DataError(f"data.path: {folder} is not a folder")
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files: list[str] = []
+    counts = []
+    for name in classes:
+        images = sorted(image for image in (folder / name).rglob("*") if image.suffix.lower() in IMAGE_SUFFIXES)
+        files.extend(str(image.relative_to(root)) for image in images)
+        counts.append(len(images))
+    if not files:
+        raise DataError(f"data.path: {folder} holds no images in <class>/<image> folders")
+    return classes, files, np.repeat(np.arange(len(classes), dtype=np.int64), counts)
 
 
 # ------------------------------------------------------------------------------------------ the decoded cache
@@ -94,21 +97,20 @@ def default_cache_dir() -> Path:
     return Path(base) / "scaleforge" / "images"
 
 
-def cache_key(root: Path, files: Sequence[Path], image_size: int, channels: int) -> str:
-    """A hash of what the decoded pixels depend on: the folder, each file's path in it, size and modification time,
-    the image size and the channels. A changed, added or removed file gives a new key."""
-    entries = []
-    for file in files:
-        status = file.stat()
-        entries.append((str(file.relative_to(root)), status.st_size, status.st_mtime_ns))
-    text = json.dumps([CACHE_FORMAT, str(root.resolve()), image_size, channels, entries])
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
+def cache_key(root: Path, files: Sequence[str], image_size: int, channels: int) -> str:
+    """A hash of what the decoded pixels depend on: the folder, each file's path in it (in order), size and
+    modification time, the image size and the channels. A changed, added or removed file gives a new key."""
+    digest = hashlib.sha256(json.dumps([CACHE_FORMAT, str(root.resolve()), image_size, channels]).encode())
+    for name in files:
+        status = os.stat(os.path.join(root, name))
+        digest.update(f"{name}\0{status.st_size}\0{status.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:32]
 
 
 def decoded_cache(
-    root: Path, files: Sequence[Path], image_size: int, channels: int, cache_dir: Path, processes: int
+    root: Path, files: Sequence[str], image_size: int, channels: int, cache_dir: Path, processes: int
 ) -> ImageCache:
-    """The cache of `files` (all under `root`) in `cache_dir`: reused when one was written for the same files,
+    """The cache of `files` (paths relative to `root`) in `cache_dir`: reused when one was written for the same files,
     else decoded now by `processes` processes and written under temporary names renamed into place, the
     description (`<key>.json`) last. Processes that ask at the same time (the ranks of one run) take turns: the
     first decodes, the others find its cache."""
@@ -120,7 +122,7 @@ def decoded_cache(
     with _locked(cache_dir / f"{key}.lock"):
         if _complete(cache, description):
             return cache
-        _write_cache(cache, files, image_size, channels, processes)
+        _write_cache(cache, root, files, processes)
         meta = {"format": CACHE_FORMAT, "root": str(root.resolve()), "shape": list(shape)}
         temporary = description.with_name(f"{description.name}.{os.getpid()}.tmp")
         temporary.write_text(json.dumps(meta, indent=2) + "\n")
@@ -166,14 +168,14 @@ def _remove_replaced(cache_dir: Path, key: str, meta: dict[str, Any]) -> None:
                 (cache_dir / f"{other}{suffix}").unlink(missing_ok=True)
 
 
-def _write_cache(cache: ImageCache, files: Sequence[Path], image_size: int, channels: int, processes: int) -> None:
+def _write_cache(cache: ImageCache, root: Path, files: Sequence[str], processes: int) -> None:
     """Decode `files` into temporary files, then rename them to the cache's names; a failure leaves nothing."""
     suffix = f".{os.getpid()}.tmp"
     pixels_tmp = cache.pixels_path.with_name(cache.pixels_path.name + suffix)
     sums_tmp = cache.sums_path.with_name(cache.sums_path.name + suffix)
     try:
         np.memmap(pixels_tmp, dtype=np.uint8, mode="w+", shape=cache.shape).flush()  # the file, at its full size
-        sums = decode_all(pixels_tmp, files, image_size, channels, processes)
+        sums = decode_all(pixels_tmp, root, files, cache.shape, processes)
         with sums_tmp.open("wb") as stream:
             np.save(stream, sums)
         os.replace(pixels_tmp, cache.pixels_path)
@@ -183,33 +185,45 @@ def _write_cache(cache: ImageCache, files: Sequence[Path], image_size: int, chan
         sums_tmp.unlink(missing_ok=True)
 
 
-def decode_all(pixels_path: Path, files: Sequence[Path], image_size: int, channels: int, processes: int) -> np.ndarray:
-    """Decode `files` into the (N, C, S, S) uint8 file at `pixels_path`, in chunks shared by `processes` processes
-    (forked on Linux, so that they start at once), each writing its chunk straight into the file; returns the
-    (N, C, 2) per-image sums. The first unreadable file, in the files' order, raises a `DataError` naming it."""
-    shape = (len(files), channels, image_size, image_size)
+def decode_all(
+    pixels_path: Path, root: Path, files: Sequence[str], shape: tuple[int, int, int, int], processes: int
+) -> np.ndarray:
+    """Decode `files` (relative to `root`) into the `shape` (N, C, S, S) uint8 file at `pixels_path`, in chunks
+    shared by `processes` processes (forked on Linux, so that they start at once), each writing its chunk straight
+    into the file; returns the (N, C, 2) per-image sums. Chunks are handed out a few per process at a time, so
+    the paths waiting to be decoded are never all spelled out at once. The first unreadable file, in the files'
+    order, raises a `DataError` naming it."""
     processes = max(1, min(processes, len(files)))
     chunk = max(1, min(256, -(-len(files) // (8 * processes))))
-    tasks = [
-        (str(pixels_path), shape, start, [str(file) for file in files[start : start + chunk]])
-        for start in range(0, len(files), chunk)
-    ]
-    sums = np.empty((len(files), channels, 2), dtype=np.int64)
+    sums = np.empty((len(files), shape[1], 2), dtype=np.int64)
     progress = DecodeProgress(len(files), processes)
     context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
-    # the guard is made here, in the parent, whose pid it holds; the processes start on this thread, at the first map
+    # the guard is made here, in the parent, whose pid it holds; the processes start on this thread, at the first submit
     guard = ParentDeathGuard(signal.SIGKILL)
     with ProcessPoolExecutor(processes, mp_context=context, initializer=_start_decoder, initargs=(guard,)) as pool:
+        in_flight: deque[tuple[int, Future[np.ndarray | str]]] = deque()
         try:
-            for (_, _, start, chunk_files), result in zip(tasks, pool.map(_decode_chunk, tasks), strict=True):
-                if isinstance(result, str):
-                    pool.shutdown(wait=True, cancel_futures=True)
-                    raise DataError(result)
-                sums[start : start + len(chunk_files)] = result
-                progress.advance(len(chunk_files))
+            for start in range(0, len(files), chunk):
+                paths = [os.path.join(root, name) for name in files[start : start + chunk]]
+                in_flight.append((start, pool.submit(_decode_chunk, (str(pixels_path), shape, start, paths))))
+                if len(in_flight) >= 4 * processes:
+                    _collect(*in_flight.popleft(), sums, progress)
+            while in_flight:
+                _collect(*in_flight.popleft(), sums, progress)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
         finally:
             progress.close()
     return sums
+
+
+def _collect(start: int, future: Future[np.ndarray | str], sums: np.ndarray, progress: DecodeProgress) -> None:
+    result = future.result()
+    if isinstance(result, str):
+        raise DataError(result)
+    sums[start : start + len(result)] = result
+    progress.advance(len(result))
 
 
 def _start_decoder(guard: ParentDeathGuard) -> None:
@@ -386,19 +400,22 @@ def build_transforms(augment: bool | Sequence[ComponentSpec]) -> list[Transform]
 
 def split_samples(
     root: Path, val_fraction: float, split_seed: int
-) -> tuple[list[str], list[tuple[Path, int]], list[tuple[Path, int]]]:
-    """Classes, training and validation samples: `root/train/` and `root/val/` when both exist, else `root`'s
-    images split at random by `val_fraction` (seeded by `split_seed`)."""
+) -> tuple[list[str], list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Classes, image paths (relative to `root`), their class indices, and the indices into those of the training
+    and the validation split: `root/train/` and `root/val/` when both exist, else `root`'s images split at random
+    by `val_fraction` (seeded by `split_seed`)."""
     if (root / "train").is_dir() and (root / "val").is_dir():
-        classes, train_samples = list_images(root / "train")
-        val_classes, val_samples = list_images(root / "val")
+        classes, train_files, train_labels = list_images(root / "train", root)
+        val_classes, val_files, val_labels = list_images(root / "val", root)
         if val_classes != classes:
             raise DataError(f"{root / 'val'}: classes {val_classes} differ from {root / 'train'}'s {classes}")
-        return classes, train_samples, val_samples
-    classes, samples = list_images(root)
-    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(split_seed)).tolist()
-    num_val = round(len(samples) * val_fraction)
-    return classes, [samples[i] for i in order[num_val:]], [samples[i] for i in order[:num_val]]
+        rows = np.arange(len(train_files) + len(val_files))
+        labels = np.concatenate([train_labels, val_labels])
+        return classes, train_files + val_files, labels, rows[: len(train_files)], rows[len(train_files) :]
+    classes, files, labels = list_images(root, root)
+    order = torch.randperm(len(files), generator=torch.Generator().manual_seed(split_seed)).numpy()
+    num_val = round(len(files) * val_fraction)
+    return classes, files, labels, order[num_val:], order[:num_val]
 
 
 def decoding_processes() -> int:
@@ -432,13 +449,10 @@ def image_folder(
         raise ValueError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     transforms = build_transforms(augment)  # before the images load, so that a bad setting fails at once
     root = Path(path)
-    classes, train_samples, val_samples = split_samples(root, val_fraction, split_seed)
-    files = sorted({file for file, _ in train_samples + val_samples})
-    row_of = {file: row for row, file in enumerate(files)}
+    classes, files, labels, train_rows, val_rows = split_samples(root, val_fraction, split_seed)
     directory = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     cache = decoded_cache(root, files, image_size, channels, directory, decoding_processes())
-    train_rows = np.array([row_of[file] for file, _ in train_samples], dtype=np.int64)
-    val_rows = np.array([row_of[file] for file, _ in val_samples], dtype=np.int64)
+    del files  # the listing's memory, before the splits are read
     mean, std = cache.normalisation(train_rows)
     spec = ImageInput(size=image_size, channels=channels, mean=mean, std=std)
     info = DataInfo(
@@ -449,15 +463,11 @@ def image_folder(
         image=spec,
     )
     pixels = cache.pixels()
-    train_labels = _labels(train_samples)
+    train_labels, val_labels = torch.from_numpy(labels[train_rows]), torch.from_numpy(labels[val_rows])
     return DatasetSplits(
         train=FolderImages(pixels, train_rows, train_labels, spec, transforms)
         if transforms
         else GatheredImages(pixels, train_rows, train_labels, spec),
-        val=GatheredImages(pixels, val_rows, _labels(val_samples), spec),
+        val=GatheredImages(pixels, val_rows, val_labels, spec),
         info=info,
     )
-
-
-def _labels(samples: list[tuple[Path, int]]) -> torch.Tensor:
-    return torch.tensor([label for _, label in samples], dtype=torch.long)
