@@ -127,6 +127,13 @@ def test_a_failed_decode_leaves_no_cache_and_names_the_first_bad_file(tmp_path: 
     assert sorted(path.suffix for path in (tmp_path / "c").iterdir()) == [".lock"]  # no partial files
 
 
+def test_a_cache_dir_that_cannot_be_made_is_a_data_error(tmp_path: Path) -> None:
+    _write_images(tmp_path / "images", 4)
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(DataError, match=f"^data.cache_dir: {tmp_path / 'file' / 'c'} cannot hold the decoded images"):
+        image_folder(str(tmp_path / "images"), cache_dir=str(tmp_path / "file" / "c"))
+
+
 def test_several_processes_write_the_same_cache_as_one(tmp_path: Path) -> None:
     files = _relative(tmp_path / "images", _write_images(tmp_path / "images", 40))
     one = decoded_cache(tmp_path / "images", files, 8, 3, tmp_path / "one", processes=1)

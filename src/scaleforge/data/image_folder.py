@@ -118,7 +118,11 @@ def decoded_cache(
     shape = (len(files), channels, image_size, image_size)
     cache = ImageCache(cache_dir / f"{key}.pixels", cache_dir / f"{key}.sums.npy", shape)
     description = cache_dir / f"{key}.json"
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        reason = f"cannot hold the decoded images ({error}); name a folder to write to"
+        raise DataError(f"data.cache_dir: {cache_dir} {reason}") from error
     with _locked(cache_dir / f"{key}.lock"):
         if _complete(cache, description):
             return cache
