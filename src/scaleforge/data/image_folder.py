@@ -4,7 +4,8 @@ The first use of a folder decodes, converts and resizes every image in parallel 
 process writing its images straight into a memory-mapped file of (N, C, S, S) bytes; later runs map that file
 and decode nothing. The training and validation splits read their samples from the mapping as they are asked for
 them, so the pages they touch belong to the file (the page cache) and not to any process: a run's own memory
-does not grow with the number of images.
+grows with the number of images by their listing alone (paths and indices, a few hundred bytes an image), not by
+their pixels.
 """
 
 from __future__ import annotations
