@@ -40,6 +40,13 @@ def torch_threads_as_they_were() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def cache_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Caches written by the code under test (image_folder's decoded images) go to the test session's own
+    folder, for this process and the ones it starts, never to the user's."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "cache-home"))
+
+
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str]):
     """Run `scaleforge ARGS...` in this process; returns exit code, stdout and stderr."""

@@ -144,7 +144,7 @@ def test_image_folder_normalises_with_training_statistics_and_augments(tmp_path:
     from PIL import Image
 
     from scaleforge.data.base import DataInfo, InMemoryDataset
-    from scaleforge.data.image_folder import AugmentedImages, image_folder
+    from scaleforge.data.image_folder import FolderImages, image_folder
 
     root = _write_image_folder(tmp_path / "images")
     splits = image_folder(str(root), image_size=8)
@@ -157,10 +157,13 @@ def test_image_folder_normalises_with_training_statistics_and_augments(tmp_path:
     for file in sorted(root.rglob("*.png")):
         with Image.open(file) as image:
             served.append(spec.normalise(spec.pixels(image)))
-    assert all(any(torch.equal(inputs, other) for other in served) for inputs in splits.val.inputs)
-    assert isinstance(splits.train, AugmentedImages) and len(splits.val) == 5
+    val_inputs, _ = splits.val[torch.arange(len(splits.val))]
+    assert all(any(torch.equal(inputs, other) for other in served) for inputs in val_inputs)
+    assert isinstance(splits.train, FolderImages) and len(splits.val) == 5
     plain = image_folder(str(root), image_size=8, augment=False).train
-    assert isinstance(plain, InMemoryDataset) and plain.inputs.mean(dim=(0, 2, 3)).abs().max() < 1e-4
+    assert isinstance(plain, InMemoryDataset)  # a batch at a time, as tensors in memory are
+    plain_inputs, _ = plain[torch.arange(len(plain))]
+    assert plain_inputs.mean(dim=(0, 2, 3)).abs().max() < 1e-4
     torch.manual_seed(0)
     crops = [splits.train[0][0] for _ in range(8)]
     assert crops[0].shape == (3, 8, 8) and any(not torch.equal(crops[0], c) for c in crops)  # a new crop each time

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from scaleforge.config import ComponentSpec, dump_yaml, load_config, parse_yaml_value
 from scaleforge.data.base import ImageInput
-from scaleforge.data.image_folder import AugmentedImages, build_transforms
+from scaleforge.data.image_folder import FolderImages, build_transforms
 from scaleforge.data.loading import BatchPlan, TrainBatches
 from scaleforge.data.transforms import ColorJitter, HorizontalFlip, RandomCrop
 from scaleforge.errors import ConfigError
@@ -115,10 +116,10 @@ def test_a_setting_out_of_range_is_rejected(value: str) -> None:
 
 
 def test_a_sample_gets_the_same_augmentation_with_any_number_of_workers() -> None:
-    pixels = torch.rand(64, 1, 8, 8)
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 1, 8, 8), dtype=np.uint8)
     spec = ImageInput(size=8, channels=1, mean=(0.5,), std=(0.25,))
     transforms = build_transforms(_augment("[random_crop, hflip, color_jitter]"))  # type: ignore[arg-type]
-    dataset = AugmentedImages(pixels, torch.arange(64), transforms, spec)
+    dataset = FolderImages(pixels, np.arange(64), torch.arange(64), spec, transforms)
     plan = BatchPlan(16, grad_accum_steps=2)
     cpu = torch.device("cpu")
     inline = TrainBatches(dataset, plan, seed=3, device=cpu, num_workers=0)
@@ -132,7 +133,8 @@ def test_a_sample_gets_the_same_augmentation_with_any_number_of_workers() -> Non
         for (inputs, targets), (other_inputs, other_targets) in zip(step, other, strict=True):
             assert torch.equal(targets, other_targets) and torch.equal(inputs, other_inputs)
     augmented = torch.cat([inputs for step in first for inputs, _ in step])
-    plain = spec.normalise(pixels[torch.cat([targets for step in first for _, targets in step])])
+    seen = torch.cat([targets for step in first for _, targets in step])  # the targets are the sample indices
+    plain = spec.normalise(torch.from_numpy(pixels)[seen] / 255)
     assert not torch.equal(augmented, plain)
     again = torch.cat([inputs for step in inline.epoch(2) for inputs, _ in step])
     assert again.shape == augmented.shape and not torch.equal(again, augmented)  # drawn anew each epoch
