@@ -236,6 +236,16 @@ def test_damaged_shards_are_one_data_error_line_naming_the_file(digit_shards: Pa
     wrong = json.loads((miscounted / "shards.json").read_text())
     wrong["splits"]["train"]["rows"] += 1
     (miscounted / "shards.json").write_text(json.dumps(wrong))
+    outside = damaged_copy(digit_shards, tmp_path / "outside")
+    escape = json.loads((outside / "shards.json").read_text())
+    escape["splits"]["train"]["shards"][0]["file"] = "../../../../etc/passwd"  # a manifest never names a path
+    (outside / "shards.json").write_text(json.dumps(escape))
+    no_stats = damaged_copy(digit_shards, tmp_path / "no-stats")
+    lacking = json.loads((no_stats / "shards.json").read_text())
+    del lacking["images"]["stats"]["grey"]
+    (no_stats / "shards.json").write_text(json.dumps(lacking))
+    a_list = damaged_copy(digit_shards, tmp_path / "a-list")
+    (a_list / "shards.json").write_text("[]")
     not_prepared = tmp_path / "empty"
     not_prepared.mkdir()
     cases = {
@@ -243,6 +253,9 @@ def test_damaged_shards_are_one_data_error_line_naming_the_file(digit_shards: Pa
         corrupt: f"{first}: shard file does not match the manifest",
         miscounted: "not a valid shard index",
         not_prepared: "has no shards.json",
+        outside: "file name '../../../../etc/passwd' is not a relative path inside the dataset",
+        no_stats: "not a valid shard index (no images.stats.grey.mean)",
+        a_list: "not a valid shard index",
     }
     for path, message in cases.items():
         result = run_subprocess(
@@ -322,9 +335,10 @@ def remote_shards(object_store: str, digit_folder: Path) -> str:
 
 
 def remote_run(url: str, cache: Path) -> list[str]:
-    # a cache of 200 kB holds 4 of the 8 training shards: each window is two shards, read while the next arrives
-    return [*IMAGES, f"data.path={url}", f"data.cache_dir={cache}", "data.cache_limit=200kB", "data.num_workers=2",
-            "training.max_steps=30", "logging.every_steps=1", "checkpoint.every_steps=5"]  # fmt: skip
+    # a cache of 300 kB holds 7 of the 8 training shards of 40 kB: two windows of 300 samples, up to 3 shards each
+    return [*IMAGES, f"data.path={url}", f"data.cache_dir={cache}", "data.cache_limit=300kB", "data.num_workers=2",
+            "data.shuffle_window=300", "training.max_steps=30", "logging.every_steps=1",
+            "checkpoint.every_steps=5"]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -336,8 +350,8 @@ def test_a_run_reading_shards_from_an_object_store_killed_mid_epoch_resumes_bitw
     reference = tmp_path / "reference"
     result = run_subprocess("train", *remote_run(remote_shards, tmp_path / "cache-1"), "--run-dir", str(reference))
     assert result.code == 0, result.err
-    cached = sum(p.stat().st_size for p in (tmp_path / "cache-1").rglob("*.arrow"))
-    assert 0 < cached <= 200_000 + 120_000  # the limit, and the validation shards (read whole at the end)
+    cached = sum(p.stat().st_size for p in (tmp_path / "cache-1").glob("*.arrow"))
+    assert 0 < cached <= 300_000
 
     run_dir, cache = tmp_path / "killed", tmp_path / "cache-2"
     command = [
@@ -357,13 +371,13 @@ def test_a_run_reading_shards_from_an_object_store_killed_mid_epoch_resumes_bitw
             break
     process.kill()
     process.wait()
-    (cache / "train" / ".data-00000-of-00008.arrow.left-by-a-killed-download").write_bytes(b"partial")
+    (cache / f".{'0' * 64}.arrow.left-by-a-killed-download").write_bytes(b"partial")
     resumed = run_subprocess("train", *remote_run(remote_shards, cache), "--run-dir", str(run_dir))
     assert resumed.code == 0, resumed.err
     assert "resumed at step 15" in resumed.out
     assert_bitwise_equal(reference, run_dir)
     assert logged(run_dir) == logged(reference)
-    assert not list(cache.rglob(".*.arrow.*")), "a partial download of the killed run was left in the cache"
+    assert not list(cache.glob(".*.arrow.*")), "a partial download of the killed run was left in the cache"
 
 
 def test_an_unreachable_store_and_a_window_the_cache_cannot_hold_are_one_line_each(
@@ -424,3 +438,35 @@ def test_undecodable_images_stop_the_preparation_or_the_run_or_are_skipped_and_c
     summary = json.loads((tmp_path / "skipped" / "summary.json").read_text())
     counted = [json.loads(line).get("skipped_samples") for line in (tmp_path / "skipped" / "metrics.jsonl").open()]
     assert 1 <= summary["skipped_samples"] <= 5 and summary["skipped_samples"] in counted
+
+
+def test_a_checkpoint_continues_only_in_the_order_it_was_written_in(digit_shards: Path, tmp_path: Path) -> None:
+    run = ["train", *IMAGES, f"data.path={digit_shards}", "data.shuffle_window=300", "checkpoint.every_steps=3"]
+    first = run_subprocess(*run, "training.max_steps=3", "--run-dir", str(tmp_path / "first"))
+    assert first.code == 0, first.err
+    checkpoint = tmp_path / "first" / "checkpoints" / "step-00000003"
+    progress = json.loads((checkpoint / "progress.json").read_text())
+    assert progress["data_order"].startswith("8 shards, window 300, ")
+    moved = run_subprocess(*run, "data.shuffle_window=600", "training.max_steps=6", "--resume", str(checkpoint),
+                           "--run-dir", str(tmp_path / "moved"))  # fmt: skip
+    assert moved.code == 2 and moved.err.startswith("config error: data: the shards are now read in another order")
+
+
+@pytest.mark.slow
+def test_a_dataset_prepared_again_in_the_store_is_refused_then_replaced_and_read_afresh(
+    remote_shards: str, digit_folder: Path, tmp_path: Path
+) -> None:
+    url = "s3://data/again"
+    prepare = ["data", "prepare", str(digit_folder), "--out", url, "--shard-size", "40kB"]
+    assert run_subprocess(*prepare).code == 0
+    run = ["train", *IMAGES, f"data.path={url}", f"data.cache_dir={tmp_path / 'cache'}", "training.max_steps=3"]
+    assert run_subprocess(*run, "--run-dir", str(tmp_path / "before")).code == 0
+    refused = run_subprocess(*prepare)
+    assert refused.code == 2
+    assert refused.err.strip().endswith("already holds a prepared dataset (pass --overwrite to replace it)")
+    replaced = run_subprocess(*prepare[:-1], "60kB", "--overwrite")
+    assert replaced.code == 0, replaced.err
+    after = run_subprocess(*run, "--run-dir", str(tmp_path / "after"))  # the same cache, other shards by name
+    assert after.code == 0, after.err
+    manifest = json.loads(run_subprocess("data", "show", url, "--json").out)
+    assert len(manifest["splits"]["train"]["shards"]) < 8

@@ -238,25 +238,13 @@ def _image_rows(items: Sequence[tuple[str, int]]) -> Iterator[dict[str, Any]]:
 
 def _image_sources(root: Path, options: PrepareOptions) -> tuple[list[str], dict[str, list[tuple[str, int]]]]:
     """Class names and each split's (path, label) pairs in source order, split as `image_folder` splits them."""
-    import torch
+    from scaleforge.data.image_folder import split_samples
 
-    from scaleforge.data.image_folder import list_images
-
-    if (root / "train").is_dir() and (root / "val").is_dir():
-        classes, train = list_images(root / "train")
-        val_classes, val = list_images(root / "val")
-        if val_classes != classes:
-            raise DataError(f"{root / 'val'}: classes {val_classes} differ from {root / 'train'}'s {classes}")
-    else:
-        classes, samples = list_images(root)
-        fraction = 0.2 if options.val_fraction is None else options.val_fraction
-        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(options.split_seed)).tolist()
-        num_val = round(len(samples) * fraction)
-        val = [samples[i] for i in sorted(order[:num_val])]
-        train = [samples[i] for i in sorted(order[num_val:])]
+    fraction = 0.2 if options.val_fraction is None else options.val_fraction
+    classes, files, labels, train, val = split_samples(root, fraction, options.split_seed)
     return classes, {
-        "train": [(str(path), label) for path, label in train],
-        "val": [(str(path), label) for path, label in val],
+        split: [(str(root / files[i]), int(labels[i])) for i in sorted(rows.tolist())]
+        for split, rows in (("train", train), ("val", val))
     }
 
 
