@@ -413,7 +413,8 @@ def _prepare_text(root: Path, writer: _Writer, options: PrepareOptions) -> dict[
     tokenizer = corpus.tokenizer
     dtype = np.dtype(tokenizer.dtype).name
     features = datasets.Features({"tokens": datasets.Sequence(datasets.Value(dtype))})
-    per_shard = max(1, writer.shard_bytes // np.dtype(dtype).itemsize)
+    # tokens per shard, one row each; an Arrow list holds fewer than 2**31 values
+    per_shard = max(1, min(writer.shard_bytes // np.dtype(dtype).itemsize, 2**31 - 1))
     tokens = {}
     for split, pieces in (("train", corpus.train), ("val", corpus.val)):
         blocks = _token_blocks(pieces, per_shard)
