@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -248,14 +249,23 @@ def test_damaged_shards_are_one_data_error_line_naming_the_file(digit_shards: Pa
     (a_list / "shards.json").write_text("[]")
     not_prepared = tmp_path / "empty"
     not_prepared.mkdir()
-    cases = {
-        missing: f"{first}: shard file missing",
-        corrupt: f"{first}: shard file does not match the manifest",
-        miscounted: "not a valid shard index",
+    from scaleforge.errors import DataError
+
+    found_while_building = {
+        miscounted: "not a valid shard index (the train split's shards do not add up to its rows)",
         not_prepared: "has no shards.json",
         outside: "file name '../../../../etc/passwd' is not a relative path inside the dataset",
         no_stats: "not a valid shard index (no images.stats.grey.mean)",
         a_list: "not a valid shard index",
+    }
+    for path, message in found_while_building.items():
+        with pytest.raises(DataError, match=re.escape(message)):
+            shards(str(path), image_size=8, channels=1)
+    # found by the data loader's worker that reads the shard, and reported by the run as one line
+    cases = {
+        missing: f"{first}: shard file missing",
+        corrupt: f"{first}: shard file does not match the manifest",
+        miscounted: "not a valid shard index",
     }
     for path, message in cases.items():
         result = run_subprocess(

@@ -9,9 +9,9 @@ from scaleforge.cli.arguments import Parser, fraction, json_argument, non_negati
 PREPARE = (
     "Convert an image folder (<class>/<image> folders, or train/ and val/ of them), a CSV table or a text corpus "
     "(a file or a folder of files), once and in parallel, into shards with an index: Hugging Face datasets' Arrow "
-    "files and shards.json (rows, size and SHA-256 of each shard). OUT is a new folder or s3://bucket/prefix "
+    "files and shards.json (rows, size and SHA-256 of each shard). DEST is a new folder or s3://bucket/prefix "
     "(credentials and AWS_ENDPOINT_URL from the standard AWS settings). Train from it with "
-    "data.dataset=shards data.path=OUT."
+    "data.dataset=shards data.path=DEST."
 )
 
 
@@ -30,24 +30,32 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def _prepare_arguments(parser: Parser) -> None:
     parser.add_argument("source", metavar="SOURCE", help="an image folder, a .csv file, or a text file or folder")
-    parser.add_argument("--out", required=True, help="a new folder, or s3://bucket/prefix")
+    parser.add_argument("--out", required=True, metavar="DEST", help="a new folder, or s3://bucket/prefix")
     parser.add_argument(
         "--kind", choices=["images", "table", "text"], help="what SOURCE holds (default: from its files)"
     )
-    parser.add_argument("--workers", type=positive_int, help="processes reading and writing (default: the CPU count)")
-    parser.add_argument("--shard-size", default="64MB", help="about this much per shard (default 64MB)")
     parser.add_argument(
-        "--val-fraction", type=fraction, help="share held out for validation (images, tables: 0.2, text: 0.1)"
+        "--workers", type=positive_int, metavar="N", help="processes reading and writing (default: the CPU count)"
     )
-    parser.add_argument("--split-seed", type=non_negative_int, default=0, help="seed of the random split (0)")
-    parser.add_argument("--target", default="target", help="a table's label column (default target)")
+    parser.add_argument("--shard-size", default="64MB", metavar="SIZE", help="about this much per shard (default 64MB)")
+    parser.add_argument(
+        "--val-fraction",
+        type=fraction,
+        metavar="F",
+        help="share held out for validation (images, tables: 0.2, text: 0.1)",
+    )
+    parser.add_argument(
+        "--split-seed", type=non_negative_int, default=0, metavar="S", help="seed of the random split (0)"
+    )
+    parser.add_argument("--target", default="target", metavar="COLUMN", help="a table's label column (default target)")
     parser.add_argument(
         "--tokenizer",
         default="bytes",
+        metavar="NAME",
         help="text: bytes (default), bpe (trained on the training split) or a saved tokenizer's .json",
     )
-    parser.add_argument("--vocab-size", type=positive_int, help="text: the BPE vocabulary (default 4096)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT folder")
+    parser.add_argument("--vocab-size", type=positive_int, metavar="N", help="text: the BPE vocabulary (default 4096)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a dataset already at DEST")
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
