@@ -5,10 +5,11 @@ Object storage goes through boto3, so credentials come from the standard chain (
 none of them is ever logged. Requests are retried by botocore (standard mode: bounded attempts with exponential
 backoff and jitter) before an unreachable store becomes one `data error:` line naming the URL.
 
-The cache holds whole shard files, each checked against the SHA-256 its dataset's manifest gives before it is
-used. When the cache passes its limit, the files read least recently are removed (a process still reading a
-removed file keeps its memory map: the file is only unlinked). Several processes and data-loader workers share a
-cache folder: a per-file lock makes one of them download a shard while the others wait for it.
+The cache holds whole shard files named by their SHA-256, each checked against it before it is used. When the
+cache passes its limit, the files read least recently are removed (a process still reading a removed file keeps
+its memory map: the file is only unlinked). Several processes and data-loader workers share a cache folder: a
+per-file lock makes one of them download a shard while the others wait for it, and keeps eviction off a file
+being opened. A boto3 client is made per process (a forked worker makes its own).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ SIZE_UNITS = {
     "tib": 2**40,
 }
 HASH_CHUNK = 1 << 20
+MANIFEST = "shards.json"  # a prepared dataset's index
+T = TypeVar("T")
 
 
 def parse_size(text: str | int, key: str) -> int:
@@ -147,9 +150,6 @@ def upload_folder(folder: Path, url: str, progress: Callable[[int], None] | None
         if progress is not None:
             progress(path.stat().st_size)
 
-
-MANIFEST = "shards.json"
-T = TypeVar("T")
 
 
 def default_cache_root() -> Path:
