@@ -431,12 +431,14 @@ def _training_row(setup: _Setup, options: DataBenchOptions, source: str, path: s
         "samples_per_s": summary["samples_per_s"],
         "data_wait_share": summary["data_wait_share"],
         "peak_rss_anon_mib": peak["bytes"] / 2**20,
+        "peak_pss_anon_mib": peak["pss_bytes"] / 2**20,
         "processes": peak["processes"],
         "each_mib": [round(value / 2**20, 1) for value in peak["each"]],
         "run_dir": str(run.run_dir),
     }
     _say(f"{what}: data wait {row['data_wait_share']:.1%}, {row['samples_per_s']:,.0f} samples/s, peak RssAnon "
-         f"{row['peak_rss_anon_mib']:,.0f} MiB over {row['processes']} processes")  # fmt: skip
+         f"{row['peak_rss_anon_mib']:,.0f} MiB over {row['processes']} processes (PssAnon "
+         f"{row['peak_pss_anon_mib']:,.0f})")  # fmt: skip
     return row
 
 
@@ -456,7 +458,8 @@ def _memory(setup: _Setup, options: DataBenchOptions, one: dict[str, Any]) -> di
         (_training_row(setup, options, "shards_disk", str(bigger_shards), MEMORY_SCALE), bigger_shards),
     ):
         rows.append({
-            **{key: row[key] for key in ("scale", "peak_rss_anon_mib", "processes", "each_mib", "run_dir")},
+            **{key: row[key] for key in ("scale", "peak_rss_anon_mib", "peak_pss_anon_mib", "processes", "each_mib",
+                                         "run_dir")},  # fmt: skip
             "samples": _manifest_rows(shards_path),
             "shard_mb": _folder_bytes(shards_path) / 1e6,
         })  # fmt: skip
@@ -468,28 +471,33 @@ def _manifest_rows(shards_path: Path) -> int:
     return int(json.loads((shards_path / "shards.json").read_text())["splits"]["train"]["rows"])
 
 
-def rss_anon(pid: int) -> int:
-    """Process `pid`'s anonymous resident memory (RssAnon, bytes); 0 when it has gone."""
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+def anonymous_memory(pid: int) -> tuple[int, int]:
+    """Process `pid`'s anonymous resident memory in bytes: RssAnon, and Pss_Anon (each page it shares with
+    processes forked from the same parent divided among them); (0, 0) when it has gone."""
+    figures = {"RssAnon:": 0, "Pss_Anon:": 0}
+    for name in ("status", "smaps_rollup"):
+        try:
+            with open(f"/proc/{pid}/{name}") as lines:
+                for line in lines:
+                    key = line.split(maxsplit=1)[0] if line.strip() else ""
+                    if key in figures:
+                        figures[key] = int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return figures["RssAnon:"], figures["Pss_Anon:"]
 
 
 @contextlib.contextmanager
 def sampled_rss_anon(every_s: float = SAMPLE_EVERY_S) -> Iterator[dict[str, Any]]:
     """While the block runs, RssAnon summed over the processes it starts (this process's descendants started
     within it, with theirs), every `every_s`: the highest sum (`bytes`), how many processes made it and each one's
-    share (`each`, bytes, largest first)."""
+    share (`each`, bytes, largest first); and the highest sum of their Pss_Anon (`pss_bytes`), which counts pages
+    that forked loader workers share with their parent once."""
     import psutil
 
     me = psutil.Process()
     before = {child.pid for child in me.children()}  # the object store's server, started earlier, is left out
-    peak: dict[str, Any] = {"bytes": 0, "processes": 0, "each": []}
+    peak: dict[str, Any] = {"bytes": 0, "processes": 0, "each": [], "pss_bytes": 0}
     done = threading.Event()
 
     def sample() -> None:
@@ -500,9 +508,10 @@ def sampled_rss_anon(every_s: float = SAMPLE_EVERY_S) -> Iterator[dict[str, Any]
                     continue
                 with contextlib.suppress(psutil.Error):
                     pids += [child.pid, *(grandchild.pid for grandchild in child.children(recursive=True))]
-            each = [rss_anon(pid) for pid in pids]
-            if sum(each) > peak["bytes"]:
-                peak.update(bytes=sum(each), processes=len(pids), each=sorted(each, reverse=True))
+            rss, pss = zip(*(anonymous_memory(pid) for pid in pids), strict=True) if pids else ((), ())
+            if sum(rss) > peak["bytes"]:
+                peak.update(bytes=sum(rss), processes=len(pids), each=sorted(rss, reverse=True))
+            peak["pss_bytes"] = max(peak["pss_bytes"], sum(pss))
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
@@ -548,11 +557,12 @@ def _report(result: dict[str, Any], out: Path, *, as_json: bool) -> None:
             LABELS[row["source"]], f"{row['samples']:,}", f"{row['encoded_mb']:,.1f}", f"{row['samples_per_s']:,.0f}",
             f"{row['mb_per_s']:,.1f}", f"{row['vs_torchvision']:.2f}x",
             f"{run['samples_per_s']:,.0f}" if run else "", f"{run['data_wait_share']:.1%}" if run else "",
-            f"{run['peak_rss_anon_mib']:,.0f}" if run else "",
+            f"{run['peak_rss_anon_mib']:,.0f}" if run else "", f"{run['peak_pss_anon_mib']:,.0f}" if run else "",
         ])  # fmt: skip
     for row in result["memory"]["rows"]:
+        memory = [f"{row['peak_rss_anon_mib']:,.0f}", f"{row['peak_pss_anon_mib']:,.0f}"]
         rows.append([f"shards, {row['scale']}x the data (training)", f"{row['samples']:,}", f"{row['shard_mb']:,.1f}",
-                     "", "", "", "", "", f"{row['peak_rss_anon_mib']:,.0f}"])  # fmt: skip
+                     "", "", "", "", "", *memory])  # fmt: skip
     report(
         result,
         out / "data.json",
@@ -598,9 +608,12 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     wait.set(ylabel="% of the loop waiting for data", title=f"Training {result['model']}")
     wait.legend()
     rows = result["memory"]["rows"]
-    memory.bar([f"{row['scale']}x data" for row in rows], [row["peak_rss_anon_mib"] for row in rows], color="tab:grey")
-    memory.axhline(result["memory"]["limit_mib"], color="tab:red", linestyle="--", label="target at 8x")
-    memory.set(ylabel="MiB", title="Peak RssAnon, training + workers")
+    places = np.arange(len(rows))
+    memory.bar(places - 0.2, [row["peak_rss_anon_mib"] for row in rows], 0.4, color="tab:grey", label="RssAnon")
+    memory.bar(places + 0.2, [row["peak_pss_anon_mib"] for row in rows], 0.4, color="tab:olive", label="PssAnon")
+    memory.set_xticks(places, [f"{row['scale']}x data" for row in rows])
+    memory.axhline(result["memory"]["limit_mib"], color="tab:red", linestyle="--", label="RssAnon target at 8x")
+    memory.set(ylabel="MiB", title="Peak anonymous memory, training + workers")
     memory.legend()
     figure.tight_layout()
     figure.savefig(path)
