@@ -418,7 +418,9 @@ def _training_row(setup: _Setup, options: DataBenchOptions, source: str, path: s
     what = LABELS[source] + (f", {scale}x the images" if scale != 1 else "")
     _say(f"training {setup.model} on {what} for {options.steps} steps, {options.workers} workers")
     config_args = [*setup.config_args, f"data.dataset={dataset}", f"data.path={path}"]
-    config_args += [f"training.max_steps={options.steps}", "training.eval_every_steps=0"]
+    # evaluation only after the loop: with eval_every_steps=0 the trainer evaluates at the end of an epoch, inside
+    # the loop's time, which would dilute the data-wait share
+    config_args += [f"training.max_steps={options.steps}", f"training.eval_every_steps={options.steps + 1}"]
     run_dir = options.out / "runs" / (source if scale == 1 else f"{source}-x{scale}")
     with sampled_rss_anon() as peak:
         run = train_in_child(config_args, nproc=1, threads=threads_per_process(1), run_dir=run_dir)
@@ -580,6 +582,7 @@ def _report(result: dict[str, Any], out: Path, *, as_json: bool) -> None:
             "train samples/s",
             "data wait",
             "peak RssAnon MiB",
+            "peak PssAnon MiB",
         ],  # fmt: skip
         rows=rows,
         notes=[
@@ -614,7 +617,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     memory.set_xticks(places, [f"{row['scale']}x data" for row in rows])
     memory.axhline(result["memory"]["limit_mib"], color="tab:red", linestyle="--", label="RssAnon target at 8x")
     memory.set(ylabel="MiB", title="Peak anonymous memory, training + workers")
-    memory.legend()
+    memory.legend(loc="lower center")
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
