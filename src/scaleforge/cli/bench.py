@@ -224,7 +224,9 @@ def _data(benchmarks: argparse._SubParsersAction) -> None:
         default=None,
         help="read shards from moto's S3 server too (default: when moto is installed)",
     )
-    store.add_argument("--no-object-store", dest="object_store", action="store_false")
+    store.add_argument(
+        "--no-object-store", dest="object_store", action="store_false", help="read shards from disk and the folder only"
+    )
     data.add_argument("--out", default="runs/bench-data", help="where images, shards, runs and results go")
     json_argument(data)
     data.set_defaults(handler=cmd_bench_data)
