@@ -26,7 +26,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     """`bench` and its subcommands on `commands`."""
     bench = commands.add_parser("bench", help="benchmarks")
     benchmarks = bench.add_subparsers(dest="bench_command", required=True, parser_class=Parser)
-    for add in (_overhead, _scaling, _memory, _checkpoint, _compress, _stream, _serve):
+    for add in (_overhead, _scaling, _memory, _checkpoint, _compress, _stream, _serve, _data):
         add(benchmarks)
 
 
@@ -197,6 +197,41 @@ def _serve(benchmarks: argparse._SubParsersAction) -> None:
     serve.set_defaults(handler=cmd_bench_serve)
 
 
+def _data(benchmarks: argparse._SubParsersAction) -> None:
+    data = benchmarks.add_parser(
+        "data",
+        help="loader throughput, training's data-wait share and memory: image folder, shards on disk and in an "
+        "object store, against torchvision's ImageFolder",
+        description="Read the same images as an image folder, as shards on disk and as shards in a local object "
+        "store (moto's S3 server), each through a data loader of the same workers, against torchvision's "
+        "ImageFolder; train the config's model on them for the data-wait share; and compare training's peak "
+        "memory on 1x and 8x the data. Without data.dataset=image_folder data.path=DIR in CONFIG, the images are "
+        "drawn from scikit-learn's digits.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    config_argument(data)
+    data.add_argument("--images", type=positive_int, default=4000, help="images to draw when CONFIG names no folder")
+    data.add_argument("--image-px", type=positive_int, default=64, help="their size in pixels")
+    data.add_argument("--workers", type=non_negative_int, default=2, help="loader workers of every source")
+    data.add_argument("--repeats", type=positive_int, default=3, help="epochs per source; medians are reported")
+    data.add_argument("--steps", type=positive_int, default=20, help="steps of each training run")
+    data.add_argument("--shard-size", default="64MB", help="as for `scaleforge data prepare`")
+    store = data.add_mutually_exclusive_group()
+    store.add_argument(
+        "--object-store",
+        dest="object_store",
+        action="store_true",
+        default=None,
+        help="read shards from moto's S3 server too (default: when moto is installed)",
+    )
+    store.add_argument(
+        "--no-object-store", dest="object_store", action="store_false", help="read shards from disk and the folder only"
+    )
+    data.add_argument("--out", default="runs/bench-data", help="where images, shards, runs and results go")
+    json_argument(data)
+    data.set_defaults(handler=cmd_bench_data)
+
+
 def cmd_bench_overhead(args: argparse.Namespace) -> int:
     """The trainer's step time against a plain loop."""
     from scaleforge.bench.overhead import run_overhead_benchmark
@@ -309,4 +344,27 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         as_json=args.json,
         trust=trust(args),
     )
+    return 0
+
+
+def cmd_bench_data(args: argparse.Namespace) -> int:
+    """Loader throughput, data-wait share and memory for images as a folder, as shards and in an object store."""
+    from scaleforge.bench.data import DataBenchOptions, moto_available, run_data_benchmark
+
+    object_store = moto_available() if args.object_store is None else args.object_store
+    if object_store and not moto_available():
+        raise UsageError("--object-store: needs moto's S3 server and boto3 (pip install 'moto[server]' boto3)")
+    config_path, overrides = split_config_args(args.config)
+    options = DataBenchOptions(
+        images=args.images,
+        image_px=args.image_px,
+        workers=args.workers,
+        repeats=args.repeats,
+        steps=args.steps,
+        shard_size=args.shard_size,
+        object_store=object_store,
+        out=Path(args.out),
+        as_json=args.json,
+    )
+    run_data_benchmark(config_path, overrides, options)
     return 0
