@@ -6,10 +6,11 @@ local object store (moto's S3 server on 127.0.0.1, started and stopped here). Wi
 benchmark draws one: scikit-learn's digits, upscaled, shifted, tinted and noised, as PNGs in 10 class folders.
 
 1. The loader alone, one epoch per source and repeat (sources interleaved, medians reported): torchvision's
-   `ImageFolder` with `Resize` and `PILToTensor` in a `DataLoader` of the same workers and batch size (a
+   `ImageFolder` with `Resize`, `ToTensor` and `Normalize` in a `DataLoader` of the same workers and batch size (a
    line-for-line equivalent when torchvision does not import), scaleforge's `image_folder` (which decodes every
-   image when it is built: that time is counted), and `shards` from disk and from the store (the store's cache
-   emptied before each repeat, so every shard is downloaded). Samples/s and MB/s of encoded bytes read.
+   image into its cache on the first repeat, and reads the cache on the others, as later runs do), and `shards`
+   from disk and from the store (the store's cache emptied before each repeat, so every shard is downloaded).
+   Samples/s and MB/s of encoded bytes read; every source delivers normalised float pixels.
 2. Training (`scaleforge train` in a child process, the config's model) on the shards and on the image folder:
    the run's `data_wait_share` and samples/s.
 3. Memory: the same training on shards of the images and of 8 copies of them, the same steps: the peak of RssAnon
@@ -300,9 +301,14 @@ def _create_bucket(server: subprocess.Popen, endpoint: str, timeout_s: float = 3
 # ------------------------------------------------------------------------------------------ the loader alone
 
 
+# What a training pipeline gives the model: float pixels normalised per channel (the statistics do not change the
+# cost), as `ToTensor` and `Normalize` make them and as scaleforge's loaders deliver them.
+BASELINE_MEAN, BASELINE_STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
 class ImageFolderBaseline(Dataset):
-    """torchvision's `ImageFolder(root, transform=Compose([Resize((size, size)), PILToTensor()]))`, line for line in
-    what it does per sample: used when torchvision does not import beside this torch."""
+    """torchvision's `ImageFolder(root, transform=Compose([Resize((size, size)), ToTensor(), Normalize(mean, std)]))`,
+    line for line in what it does per sample: used when torchvision does not import beside this torch."""
 
     def __init__(self, root: Path, size: int) -> None:
         from scaleforge.data.image_folder import IMAGE_SUFFIXES
@@ -326,25 +332,33 @@ class ImageFolderBaseline(Dataset):
         with open(path, "rb") as file:  # torchvision's pil_loader
             image = Image.open(file).convert("RGB")
         image = image.resize((self.size, self.size), Image.Resampling.BILINEAR)  # Resize on a PIL image
-        return torch.as_tensor(np.array(image, copy=True)).permute(2, 0, 1), target  # PILToTensor: (C, H, W) uint8
+        pixels = torch.from_numpy(np.array(image, np.uint8, copy=True)).permute(2, 0, 1).contiguous()  # ToTensor
+        pixels = pixels.to(torch.get_default_dtype()).div(255)
+        mean = torch.as_tensor(BASELINE_MEAN, dtype=pixels.dtype).view(-1, 1, 1)  # Normalize, per call as torchvision
+        std = torch.as_tensor(BASELINE_STD, dtype=pixels.dtype).view(-1, 1, 1)
+        return pixels.sub_(mean).div_(std), target
 
 
 def _baseline_kind() -> str:
     try:
         import torchvision
     except Exception:  # a torchvision built for another torch fails with one of several errors as it imports
-        return "torchvision-equivalent (ImageFolder + Resize + PILToTensor; torchvision does not import here)"
+        return "torchvision-equivalent (ImageFolder + Resize + ToTensor + Normalize; torchvision does not import here)"
     return f"torchvision {torchvision.__version__}"
 
 
 def baseline_dataset(root: Path, size: int) -> Dataset:
-    """torchvision's ImageFolder with Resize and PILToTensor when torchvision imports, else its equivalent."""
+    """torchvision's ImageFolder with Resize, ToTensor and Normalize when torchvision imports, else its equivalent."""
     try:
         from torchvision import datasets, transforms
     except Exception:
         return ImageFolderBaseline(root, size)
-    return datasets.ImageFolder(str(root), transform=transforms.Compose([transforms.Resize((size, size)),
-                                                                         transforms.PILToTensor()]))  # fmt: skip
+    pipeline = [
+        transforms.Resize((size, size)),
+        transforms.ToTensor(),
+        transforms.Normalize(BASELINE_MEAN, BASELINE_STD),
+    ]
+    return datasets.ImageFolder(str(root), transform=transforms.Compose(pipeline))
 
 
 def _epoch_of(source: str, setup: _Setup, options: DataBenchOptions) -> tuple[int, int]:
@@ -362,7 +376,9 @@ def _epoch_of(source: str, setup: _Setup, options: DataBenchOptions) -> tuple[in
         )
         return sum(len(targets) for _, targets in loader), _folder_bytes(setup.folder)
     if source == "image_folder":
-        splits = image_folder(str(setup.folder), image_size=setup.image_size, augment=False)
+        # its decoded-image cache under --out: the first repeat decodes, the others read the cache, as later runs do
+        cache = str(options.out / "image-cache")
+        splits = image_folder(str(setup.folder), image_size=setup.image_size, augment=False, cache_dir=cache)
         encoded = _folder_bytes(setup.folder)  # every image is decoded as the dataset is built
     else:
         location = str(setup.shards) if source == "shards_disk" else str(setup.store_url)
@@ -418,6 +434,8 @@ def _training_row(setup: _Setup, options: DataBenchOptions, source: str, path: s
     what = LABELS[source] + (f", {scale}x the images" if scale != 1 else "")
     _say(f"training {setup.model} on {what} for {options.steps} steps, {options.workers} workers")
     config_args = [*setup.config_args, f"data.dataset={dataset}", f"data.path={path}"]
+    if dataset == "image_folder":  # its decoded-image cache under --out, not the user's cache folder
+        config_args.append(f"data.cache_dir={options.out / 'image-cache'}")
     # evaluation only after the loop: with eval_every_steps=0 the trainer evaluates at the end of an epoch, inside
     # the loop's time, which would dilute the data-wait share
     config_args += [f"training.max_steps={options.steps}", f"training.eval_every_steps={options.steps + 1}"]

@@ -151,7 +151,6 @@ def upload_folder(folder: Path, url: str, progress: Callable[[int], None] | None
             progress(path.stat().st_size)
 
 
-
 def default_cache_root() -> Path:
     """`$XDG_CACHE_HOME/scaleforge/shards`, or `~/.cache/scaleforge/shards`."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
