@@ -37,6 +37,7 @@ from scaleforge.config import RunConfig, dump_yaml, load_config
 from scaleforge.data.base import DataInfo
 from scaleforge.data.tokenizers import Tokenizer, bytes_tokenizer, load_tokenizer
 from scaleforge.errors import DataError, UsageError, first_line, one_of
+from scaleforge.files import sha256_of
 
 FINAL_FILES = ("model.safetensors", "config.yaml", "data_info.json")
 MANIFEST = "manifest.json"
@@ -82,14 +83,6 @@ def find_final(path: str | Path) -> Path:
     if missing:
         raise UsageError(f"{path} is not a finished run: {', '.join(missing)} missing in {final}")
     return final
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def signing_key(variable: str | None, setting: str) -> bytes | None:

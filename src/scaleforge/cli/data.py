@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from scaleforge.cli.arguments import Parser, fraction, json_argument, non_negative_int, positive_int
+from scaleforge.cli.arguments import Parser, json_argument
 
 PREPARE = (
     "Convert an image folder (<class>/<image> folders, or train/ and val/ of them), a CSV table or a text corpus "
@@ -29,51 +29,20 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _prepare_arguments(parser: Parser) -> None:
+    from scaleforge.cli.fields import add_fields
+    from scaleforge.data.prepare import PrepareOptions
+
     parser.add_argument("source", metavar="SOURCE", help="an image folder, a .csv file, or a text file or folder")
     parser.add_argument("--out", required=True, metavar="DEST", help="a new folder, or s3://bucket/prefix")
-    parser.add_argument(
-        "--kind", choices=["images", "table", "text"], help="what SOURCE holds (default: from its files)"
-    )
-    parser.add_argument(
-        "--workers", type=positive_int, metavar="N", help="processes reading and writing (default: the CPU count)"
-    )
-    parser.add_argument("--shard-size", default="64MB", metavar="SIZE", help="about this much per shard (default 64MB)")
-    parser.add_argument(
-        "--val-fraction",
-        type=fraction,
-        metavar="F",
-        help="share held out for validation (images, tables: 0.2, text: 0.1)",
-    )
-    parser.add_argument(
-        "--split-seed", type=non_negative_int, default=0, metavar="S", help="seed of the random split (0)"
-    )
-    parser.add_argument("--target", default="target", metavar="COLUMN", help="a table's label column (default target)")
-    parser.add_argument(
-        "--tokenizer",
-        default="bytes",
-        metavar="NAME",
-        help="text: bytes (default), bpe (trained on the training split) or a saved tokenizer's .json",
-    )
-    parser.add_argument("--vocab-size", type=positive_int, metavar="N", help="text: the BPE vocabulary (default 4096)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a dataset already at DEST")
+    add_fields(parser, PrepareOptions)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Prepare the shards and print what was written."""
+    from scaleforge.cli.fields import settings_from
     from scaleforge.data.prepare import PrepareOptions, prepare
 
-    options = PrepareOptions(
-        kind=args.kind,
-        workers=args.workers,
-        shard_size=args.shard_size,
-        val_fraction=args.val_fraction,
-        split_seed=args.split_seed,
-        target=args.target,
-        tokenizer=args.tokenizer,
-        vocab_size=args.vocab_size,
-        overwrite=args.overwrite,
-    )
-    manifest = prepare(args.source, args.out, options)
+    manifest = prepare(args.source, args.out, settings_from(PrepareOptions, args))
     _print_manifest(args.out, manifest)
     print(f"prepared in {manifest['seconds']:.1f} s; train from it with: data.dataset=shards data.path={args.out}")
     return 0

@@ -34,6 +34,7 @@ from scaleforge.config import ComponentSpec
 from scaleforge.data.base import DataInfo, DatasetSplits, ImageInput, InMemoryDataset
 from scaleforge.data.transforms import RandomCrop, Transforms
 from scaleforge.errors import DataError
+from scaleforge.files import cache_home
 from scaleforge.processes import ParentDeathGuard
 from scaleforge.registry import TRANSFORMS, register_dataset
 
@@ -94,8 +95,7 @@ class ImageCache:
 
 def default_cache_dir() -> Path:
     """`$XDG_CACHE_HOME/scaleforge/images`, `~/.cache/scaleforge/images` when the variable is not set."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "scaleforge" / "images"
+    return cache_home("images")
 
 
 def cache_key(root: Path, files: Sequence[str], image_size: int, channels: int) -> str:

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,17 +35,44 @@ MOMENTS = 8  # per image: the mean of R, G, B, R², G², B², L, L² over its pi
 
 @dataclass(frozen=True)
 class PrepareOptions:
-    """What `data prepare` is asked for."""
+    """What `data prepare` is asked for; each field is also its command-line option (cli/fields.py)."""
 
-    kind: Kind | None = None
-    workers: int | None = None
-    shard_size: str = "64MB"
-    val_fraction: float | None = None  # images and tables: 0.2, text: 0.1 (as the datasets read from sources)
-    split_seed: int = 0
-    target: str = "target"
-    tokenizer: str = "bytes"  # text: bytes, bpe (trained on the training split) or a saved tokenizer's .json
-    vocab_size: int | None = None
-    overwrite: bool = False
+    kind: str | None = field(
+        default=None,
+        metadata={"help": "what SOURCE holds (default: from its files)", "choices": ["images", "table", "text"]},
+    )
+    workers: int | None = field(
+        default=None,
+        metadata={
+            "help": "processes reading and writing (default: the CPU count)",
+            "range": "positive",
+            "metavar": "N",
+        },
+    )
+    shard_size: str = field(default="64MB", metadata={"help": "about this much per shard", "metavar": "SIZE"})
+    val_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "share held out for validation (images, tables: 0.2, text: 0.1, as the datasets read from sources)",
+            "range": "fraction",
+            "metavar": "F",
+        },
+    )
+    split_seed: int = field(
+        default=0, metadata={"help": "seed of the random split", "range": "non-negative", "metavar": "S"}
+    )
+    target: str = field(default="target", metadata={"help": "a table's label column", "metavar": "COLUMN"})
+    tokenizer: str = field(
+        default="bytes",
+        metadata={
+            "help": "text: bytes, bpe (trained on the training split) or a saved tokenizer's .json",
+            "metavar": "NAME",
+        },
+    )
+    vocab_size: int | None = field(
+        default=None, metadata={"help": "text: the BPE vocabulary (default 4096)", "range": "positive", "metavar": "N"}
+    )
+    overwrite: bool = field(default=False, metadata={"help": "replace a dataset already at DEST"})
 
 
 def detect_kind(source: Path) -> Kind:

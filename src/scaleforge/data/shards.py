@@ -194,9 +194,9 @@ class ShardedDataset(Dataset):
 
     on_error: Literal["raise", "skip"] = "raise"
 
-    def __init__(self, reader: ShardReader, shuffle_window: int) -> None:
+    def __init__(self, reader: ShardReader) -> None:
         self.reader = reader
-        self.shuffle_window = shuffle_window
+        self.shuffle_window = 0  # set by `shards`: the training split's window, the whole split for the others
 
     @property
     def shard_sizes(self) -> list[int]:
@@ -221,11 +221,10 @@ class ImageShards(ShardedDataset):
     def __init__(
         self,
         reader: ShardReader,
-        shuffle_window: int,
         spec: ImageInput,
         transforms: Sequence[Callable[[torch.Tensor], torch.Tensor]] = (),
     ) -> None:
-        super().__init__(reader, shuffle_window)
+        super().__init__(reader)
         self.spec = spec
         self.transforms = list(transforms)
 
@@ -251,8 +250,8 @@ class ImageShards(ShardedDataset):
 class TableShards(ShardedDataset):
     """Feature rows standardised with the training split's statistics, and their class labels."""
 
-    def __init__(self, reader: ShardReader, shuffle_window: int, mean: Sequence[float], std: Sequence[float]) -> None:
-        super().__init__(reader, shuffle_window)
+    def __init__(self, reader: ShardReader, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__(reader)
         self.mean = torch.tensor(mean, dtype=torch.float32)
         self.std = torch.tensor(std, dtype=torch.float32)
 
@@ -267,8 +266,8 @@ class TextShards(ShardedDataset):
     """Windows of `seq_len` tokens over the split's token stream (one row of tokens per shard), sliced from the
     memory-mapped shards as they are read; the targets are the window shifted by one token."""
 
-    def __init__(self, reader: ShardReader, shuffle_window: int, seq_len: int) -> None:
-        super().__init__(reader, shuffle_window)
+    def __init__(self, reader: ShardReader, seq_len: int) -> None:
+        super().__init__(reader)
         self.seq_len = seq_len
         self.token_starts = np.cumsum([0] + [s.tokens for s in reader.shards]).tolist()
         total = self.token_starts[-1]
@@ -343,8 +342,8 @@ def _image_splits(manifest: dict[str, Any], readers: dict[str, ShardReader], opt
         image=spec,
     )
     transforms = build_transforms(options["augment"])
-    train = ImageShards(readers["train"], 0, spec, transforms)
-    return DatasetSplits(train=train, val=ImageShards(readers["val"], 0, spec), info=info)
+    train = ImageShards(readers["train"], spec, transforms)
+    return DatasetSplits(train=train, val=ImageShards(readers["val"], spec), info=info)
 
 
 def _table_splits(manifest: dict[str, Any], readers: dict[str, ShardReader]) -> DatasetSplits:
@@ -357,7 +356,7 @@ def _table_splits(manifest: dict[str, Any], readers: dict[str, ShardReader]) -> 
     )
     mean, std = table["mean"], table["std"]
     return DatasetSplits(
-        train=TableShards(readers["train"], 0, mean, std), val=TableShards(readers["val"], 0, mean, std), info=info
+        train=TableShards(readers["train"], mean, std), val=TableShards(readers["val"], mean, std), info=info
     )
 
 
@@ -365,7 +364,7 @@ def _text_splits(manifest: dict[str, Any], readers: dict[str, ShardReader], seq_
     from scaleforge.data.tokenizers import Tokenizer
 
     text = manifest["text"]
-    train, val = TextShards(readers["train"], 0, seq_len), TextShards(readers["val"], 0, seq_len)
+    train, val = TextShards(readers["train"], seq_len), TextShards(readers["val"], seq_len)
     for name, split in (("training", train), ("validation", val)):
         if len(split) == 0:
             raise DataError(f"data.path: the {name} split is too short for one sequence of seq_len={seq_len}")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from scaleforge.errors import ConfigError, DataError, UsageError
+from scaleforge.files import cache_home, sha256_of
 
 SIZE_UNITS = {
     "": 1,
@@ -37,7 +38,6 @@ SIZE_UNITS = {
     "gib": 2**30,
     "tib": 2**40,
 }
-HASH_CHUNK = 1 << 20
 MANIFEST = "shards.json"  # a prepared dataset's index
 T = TypeVar("T")
 
@@ -74,15 +74,6 @@ def split_url(url: str) -> tuple[str, str]:
     if not match:
         raise ConfigError(f"{url}: an object-store location is s3://bucket/prefix")
     return match.group(1), match.group(2).strip("/")
-
-
-def sha256_of(path: Path) -> str:
-    """The SHA-256 of a file, read in 1 MiB pieces."""
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def s3_client() -> Any:
@@ -151,12 +142,6 @@ def upload_folder(folder: Path, url: str, progress: Callable[[int], None] | None
             progress(path.stat().st_size)
 
 
-def default_cache_root() -> Path:
-    """`$XDG_CACHE_HOME/scaleforge/shards`, or `~/.cache/scaleforge/shards`."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "scaleforge" / "shards"
-
-
 SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*")
 
 
@@ -190,7 +175,7 @@ class ShardStore:
         if self.remote:
             bucket, _ = split_url(self.location)
             key = hashlib.sha256(self.location.encode()).hexdigest()[:16]
-            self.cache = Path(cache_dir) if cache_dir else default_cache_root() / f"{bucket}-{key}"
+            self.cache = Path(cache_dir) if cache_dir else cache_home("shards") / f"{bucket}-{key}"
             self.remove_partial_downloads()
         else:
             self.cache = Path(self.location)
@@ -252,17 +237,13 @@ class ShardStore:
         self._evict(keep=path)
         return opened
 
-    def path(self, name: str, size: int, sha256: str) -> Path:
-        """A local, verified copy of file `name`, for reading at once (an eviction may remove a cached copy later)."""
-        return self.open(name, size, sha256, lambda path: path)
-
     def _verify(self, path: Path, name: str, size: int, sha256: str) -> None:
         stat = path.stat()
         if stat.st_size != size:
             raise DataError(f"{self.url(name)}: shard file does not match the manifest ({stat.st_size} bytes, the "
                             f"manifest says {size})")  # fmt: skip
         key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}|{sha256}"
-        stamp = verified_root() / hashlib.sha256(key.encode()).hexdigest()
+        stamp = cache_home("verified") / hashlib.sha256(key.encode()).hexdigest()
         if key in self.verified:
             return
         stamp.parent.mkdir(parents=True, exist_ok=True)
@@ -291,13 +272,7 @@ class ShardStore:
         """Delete what downloads of a killed run left in the cache (a download in progress holds its file's lock,
         and is left alone)."""
         for temp in self.cache.glob(".*.*.*"):
-            target = temp.with_name(temp.name[1:].rsplit(".", 1)[0])
-            with open(lock_of(target), "a") as lock:
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue
-                temp.unlink(missing_ok=True)
+            remove_unless_locked(temp, lock_of(temp.with_name(temp.name[1:].rsplit(".", 1)[0])))
 
     def _evict(self, keep: Path) -> None:
         """Remove the least recently used files until the cache is within its limit, passing over the files other
@@ -317,22 +292,21 @@ class ShardStore:
         for _, size, path in sorted(files):
             if total <= self.cache_limit:
                 break
-            if path == keep:
-                continue
-            with open(lock_of(path), "a") as lock:
-                try:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue
-                path.unlink(missing_ok=True)
-            total -= size
+            if path != keep and remove_unless_locked(path, lock_of(path)):
+                total -= size
+
+
+def remove_unless_locked(path: Path, lock_path: Path) -> bool:
+    """Remove `path` unless another process holds `lock_path` (downloading or opening the file); whether it did."""
+    with open(lock_path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        path.unlink(missing_ok=True)
+    return True
 
 
 def lock_of(path: Path) -> Path:
     """The lock file beside a cached file."""
     return path.with_name(path.name + ".lock")
-
-
-def verified_root() -> Path:
-    """Where the stamps of checked files are kept: `$XDG_CACHE_HOME/scaleforge/verified`."""
-    return default_cache_root().parent / "verified"

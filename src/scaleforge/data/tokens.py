@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from scaleforge.data.tokenizers import Tokenizer, build_tokenizer
+from scaleforge.files import cache_home
 
 CHUNK_BYTES = 4 * 2**20  # text encoded by one task of the pool
 TRAINING_CHUNK_BYTES = 2**16  # text handed to BPE training at a time (it holds 256 of them at once)
@@ -157,8 +158,7 @@ class TokenizedCorpus:
 
 def default_cache_dir() -> Path:
     """`$XDG_CACHE_HOME/scaleforge/tokens`, or `~/.cache/scaleforge/tokens`."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "scaleforge" / "tokens"
+    return cache_home("tokens")
 
 
 def tokenize_corpus(
