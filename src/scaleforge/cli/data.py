@@ -55,12 +55,11 @@ def cmd_show(args: argparse.Namespace) -> int:
     from scaleforge.data.shards import read_manifest
     from scaleforge.data.storage import ShardStore
 
-    raw = json.loads(ShardStore(args.path).read_manifest())
-    read_manifest(ShardStore(args.path))  # checked as training checks it
+    manifest = read_manifest(ShardStore(args.path))  # checked as training checks it
     if args.json:
-        print(json.dumps(raw, indent=2))
+        print(json.dumps(manifest, indent=2, default=lambda shard: shard.__dict__))
         return 0
-    _print_manifest(args.path, raw)
+    _print_manifest(args.path, manifest)
     return 0
 
 

@@ -205,13 +205,13 @@ class _Writer:
 
     def index(self, split: str) -> dict[str, Any]:
         """The split's shards, in order, with their rows, bytes and SHA-256 (and tokens for text)."""
-        import datasets
+        from scaleforge.data.shards import open_arrow
 
         state = json.loads((self.stage / split / "state.json").read_text())
         shards = []
         for entry in state["_data_files"]:
             path = self.stage / split / entry["filename"]
-            table = datasets.Dataset.from_file(str(path), in_memory=False).data.table
+            table = open_arrow(path)  # as training opens it
             shard = {
                 "file": f"{split}/{entry['filename']}",
                 "rows": table.num_rows,
