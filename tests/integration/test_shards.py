@@ -427,27 +427,47 @@ def test_undecodable_images_stop_the_preparation_or_the_run_or_are_skipped_and_c
     )
     assert not (tmp_path / "never").exists()
 
-    # shards written by another tool, with five images that do not decode and a manifest that matches the files
+    # shards written by another tool, with five training and three validation images that do not decode, and a
+    # manifest that matches the files
     damaged = damaged_copy(digit_shards, tmp_path / "damaged")
     manifest = json.loads((damaged / "shards.json").read_text())
-    entry = manifest["splits"]["train"]["shards"][0]
-    original = datasets.Dataset.from_file(str(digit_shards / entry["file"]))
-    broken = original.map(lambda row, i: {"image": b"garbage" if i < 5 else row["image"]}, with_indices=True)
-    broken.save_to_disk(str(tmp_path / "rewritten"))
-    shutil.copyfile(next((tmp_path / "rewritten").glob("*.arrow")), damaged / entry["file"])
-    entry.update(bytes=(damaged / entry["file"]).stat().st_size, sha256=sha256_of(damaged / entry["file"]))
+    for split, count in (("train", 5), ("val", 3)):
+        entry = manifest["splits"][split]["shards"][0]
+        original = datasets.Dataset.from_file(str(digit_shards / entry["file"]))
+        broken = original.map(
+            lambda row, i, n=count: {"image": b"garbage" if i < n else row["image"]}, with_indices=True
+        )
+        broken.save_to_disk(str(tmp_path / f"rewritten-{split}"))
+        shutil.copyfile(next((tmp_path / f"rewritten-{split}").glob("*.arrow")), damaged / entry["file"])
+        entry.update(bytes=(damaged / entry["file"]).stat().st_size, sha256=sha256_of(damaged / entry["file"]))
     (damaged / "shards.json").write_text(json.dumps(manifest))
+    train_file = manifest["splits"]["train"]["shards"][0]["file"]
 
     run = ["train", *IMAGES, f"data.path={damaged}", "training.epochs=1", "data.num_workers=2"]
     stopped = run_subprocess(*run, "--run-dir", str(tmp_path / "stopped"))
     assert stopped.code == 2 and "Traceback" not in stopped.err
     last = stopped.err.strip().splitlines()[-1]
-    assert last.startswith(f"data error: {damaged}/{entry['file']}: row ") and "is not a readable image" in last
-    skipped = run_subprocess(*run, "data.on_error=skip", "--run-dir", str(tmp_path / "skipped"))
+    assert last.startswith(f"data error: {damaged}/{train_file}: row ") and "is not a readable image" in last
+    skip = [*run, "data.on_error=skip", "training.eval_every_steps=20", "checkpoint.every_steps=20"]
+    skipped = run_subprocess(*skip, "--run-dir", str(tmp_path / "skipped"))
     assert skipped.code == 0, skipped.err
     summary = json.loads((tmp_path / "skipped" / "summary.json").read_text())
-    counted = [json.loads(line).get("skipped_samples") for line in (tmp_path / "skipped" / "metrics.jsonl").open()]
-    assert 1 <= summary["skipped_samples"] <= 5 and summary["skipped_samples"] in counted
+    records = [json.loads(line) for line in (tmp_path / "skipped" / "metrics.jsonl").open()]
+    assert 1 <= summary["skipped_samples"] <= 5 and summary["skipped_samples"] in [
+        r.get("skipped_samples") for r in records
+    ]
+    assert {r["val_skipped_samples"] for r in records if "val_loss" in r} == {3}  # every evaluation reads them all
+
+    # stopped at step 20 and resumed, the run counts on from the checkpoint's count
+    first = run_subprocess(*skip, "training.max_steps=20", "--run-dir", str(tmp_path / "first"))
+    assert first.code == 0, first.err
+    checkpoint = tmp_path / "first" / "checkpoints" / "step-00000020"
+    assert json.loads((checkpoint / "progress.json").read_text())["skipped_samples"] > 0
+    resumed = run_subprocess(*skip, "--resume", str(checkpoint), "--run-dir", str(tmp_path / "resumed"))
+    assert resumed.code == 0, resumed.err
+    assert (
+        json.loads((tmp_path / "resumed" / "summary.json").read_text())["skipped_samples"] == summary["skipped_samples"]
+    )
 
 
 def test_a_checkpoint_continues_only_in_the_order_it_was_written_in(digit_shards: Path, tmp_path: Path) -> None:

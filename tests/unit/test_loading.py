@@ -12,7 +12,14 @@ import torch
 from torch.utils.data import Dataset
 
 from scaleforge.data.base import InMemoryDataset
-from scaleforge.data.loading import BatchPlan, TrainBatches, epoch_permutation, eval_batches, sample_seeds
+from scaleforge.data.loading import (
+    BatchPlan,
+    EvalBatches,
+    TrainBatches,
+    epoch_permutation,
+    eval_batches,
+    sample_seeds,
+)
 from scaleforge.errors import ConfigError
 from tests.conftest import gone
 
@@ -172,6 +179,18 @@ def test_eval_shares_cover_the_split_once_in_equal_numbers_of_batches(size: int,
     assert all(len(targets) <= batch_size for batches in per_share for _, targets in batches)
     seen = torch.cat([targets for batches in per_share for _, targets in batches])
     assert torch.equal(seen, torch.arange(size))
+
+
+def test_evaluation_workers_start_with_the_batches_and_serve_every_evaluation() -> None:
+    import psutil
+
+    before = {child.pid for child in psutil.Process().children()}
+    batches = EvalBatches(PlainDataset(_indexed_dataset(10)), 4, CPU, num_workers=2)
+    workers = {child.pid for child in psutil.Process().children()} - before
+    assert len(workers) == 2  # forked now, while the process is small, not at the first evaluation
+    for _ in range(3):  # every evaluation: the same batches, from the same workers
+        assert [targets.tolist() for _, targets in batches] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+        assert workers <= {child.pid for child in psutil.Process().children()}
 
 
 def test_persistent_workers_follow_the_plan_across_epochs() -> None:

@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -247,34 +247,69 @@ class TrainBatches:
                 micro_batches = []
 
 
+class EvalBatches:
+    """Share `shard = (index, count)` of the validation split, in order, on `device`: iterate it for each evaluation.
+
+    Every share yields the same number of batches (of at most `batch_size`), so processes that must compute
+    together (sharded or pipelined models) stay in step; the shares together cover each sample once. A split that is
+    not in memory goes through one `DataLoader` whose workers serve every evaluation; they are started here, when
+    a run builds this before training grows the process: a forked worker keeps, and its resident memory counts
+    again, every page its parent had at the fork (forked at each evaluation, late in a run, each worker counted the
+    trainer's whole heap). Their first batches wait for the first evaluation.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        device: torch.device,
+        num_workers: int = 0,
+        shard: tuple[int, int] = (0, 1),
+    ) -> None:
+        index, count = shard
+        largest_share = -(-len(dataset) // count)  # type: ignore[arg-type]
+        num_batches = max(1, -(-largest_share // batch_size))
+        mine = torch.arange(len(dataset)).tensor_split(count)[index]  # type: ignore[arg-type]
+        self.pieces = [piece for piece in mine.tensor_split(num_batches) if len(piece)]
+        self.dataset, self.device = dataset, device
+        self.skipped = 0  # samples of the last evaluation a dataset with `on_error: skip` could not read
+        self.loader: DataLoader | None = None
+        self._started: Iterator[Any] | None = None
+        if not isinstance(dataset, InMemoryDataset):
+            self.loader = DataLoader(
+                dataset,
+                batch_sampler=[piece.tolist() for piece in self.pieces],
+                collate_fn=collate_for(dataset),
+                num_workers=num_workers,
+                persistent_workers=num_workers > 0,
+                # starting workers draws their seeds from this generator, not from the global stream that
+                # dropout uses: a run draws the same numbers with any number of workers
+                generator=torch.Generator().manual_seed(0),
+                worker_init_fn=worker_guard(),
+                multiprocessing_context=worker_context(num_workers),
+            )
+            if num_workers > 0:
+                self._started = iter(self.loader)  # forks the workers now
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.skipped = 0
+        device = self.device
+        if self.loader is None:
+            for piece in self.pieces:
+                inputs, targets = self.dataset[piece]  # type: ignore[index]
+                yield inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            return
+        started, self._started = self._started, None
+        for inputs, targets, *skipped in worker_errors(self.loader if started is None else started):
+            self.skipped += int(skipped[0]) if skipped else 0
+            yield inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+
+
 def eval_batches(
     dataset: Dataset, batch_size: int, device: torch.device, num_workers: int = 0, shard: tuple[int, int] = (0, 1)
 ) -> Iterator[Batch]:
-    """Share `shard = (index, count)` of the validation split, in order, on `device`.
-
-    Every share yields the same number of batches (of at most `batch_size`), so processes that must compute
-    together (sharded or pipelined models) stay in step; the shares together cover each sample once.
-    """
-    index, count = shard
-    largest_share = -(-len(dataset) // count)  # type: ignore[arg-type]
-    num_batches = max(1, -(-largest_share // batch_size))
-    mine = torch.arange(len(dataset)).tensor_split(count)[index]  # type: ignore[arg-type]
-    pieces = [piece for piece in mine.tensor_split(num_batches) if len(piece)]
-    if isinstance(dataset, InMemoryDataset):
-        for piece in pieces:
-            inputs, targets = dataset[piece]  # type: ignore[index]
-            yield inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        return
-    loader = DataLoader(
-        dataset,
-        batch_sampler=[piece.tolist() for piece in pieces],
-        collate_fn=collate_for(dataset),
-        num_workers=num_workers,
-        worker_init_fn=worker_guard(),
-        multiprocessing_context=worker_context(num_workers),
-    )
-    for inputs, targets, *_ in worker_errors(loader):
-        yield inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+    """One pass over `EvalBatches(...)`: for an evaluation that happens once."""
+    return iter(EvalBatches(dataset, batch_size, device, num_workers, shard))
 
 
 def collate_for(dataset: Dataset) -> Callable[[list[object]], object] | None:

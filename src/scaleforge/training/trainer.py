@@ -48,7 +48,7 @@ from scaleforge.config import (
     signature_of,
 )
 from scaleforge.data.base import DataInfo, DatasetSplits
-from scaleforge.data.loading import BatchPlan, DataWaitClock, TrainBatches, eval_batches
+from scaleforge.data.loading import BatchPlan, DataWaitClock, EvalBatches, TrainBatches
 from scaleforge.distributed.env import (
     DistEnv,
     check_device_per_process,
@@ -291,7 +291,7 @@ def train_step(
 @torch.no_grad()
 def evaluate(
     parallel: ParallelModel,
-    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     objective: Objective,
     autocast: Autocast = contextlib.nullcontext,
 ) -> dict[str, float]:
@@ -433,6 +433,7 @@ class Trainer:
     num_parameters: int
     parallel: ParallelModel
     batches: TrainBatches
+    eval_batches: EvalBatches
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     scaler: torch.amp.GradScaler | None
@@ -448,6 +449,7 @@ class Trainer:
     data_wait: DataWaitClock = field(default_factory=DataWaitClock)
     window: LogWindow = field(default_factory=LogWindow)
     last_eval: dict[str, Any] = field(default_factory=dict)
+    skipped_before: int = 0  # training samples skipped as unreadable before the checkpoint the run resumed from
 
     # ------------------------------------------------------------------------------------------------ setup
 
@@ -488,6 +490,9 @@ class Trainer:
         )
         plan = dataclasses.replace(plan, rank=parallel.dp_rank)
         batches = TrainBatches(data.train, plan, seed=config.seed, device=device, num_workers=config.data.num_workers)
+        eval_batches = EvalBatches(  # its workers start now, before the optimizer's state and training grow the process
+            data.val, eval_batch_size(training), device, config.data.num_workers, parallel.eval_shard()
+        )
         total_steps = training.max_steps or training.epochs * batches.steps_per_epoch
         optimizer = build_optimizer(training, parallel.module)
         prepare_optimizer(parallel.module, optimizer, training)
@@ -503,6 +508,7 @@ class Trainer:
             num_parameters=num_parameters,
             parallel=parallel,
             batches=batches,
+            eval_batches=eval_batches,
             optimizer=optimizer,
             scheduler=build_scheduler(training.scheduler, optimizer, total_steps, batches.steps_per_epoch),
             scaler=torch.amp.GradScaler(device.type) if precision == "fp16-mixed" else None,
@@ -532,6 +538,7 @@ class Trainer:
                 "dataset and data.shuffle_window as they were"
             )
         position = resume_position(progress, self.config, state.steps_per_epoch, self.checkpoint)
+        self.skipped_before = int(progress.get("skipped_samples", 0))
         state.step, state.epoch, self.start_step = position
         if self.scheduler is not None and progress.get("scheduler") is not None:
             self.scheduler.load_state_dict(progress["scheduler"])
@@ -678,13 +685,11 @@ class Trainer:
 
     def validate(self) -> None:
         """Evaluate on this process's share of the validation split; every process records the combined figures."""
-        state, config = self.state, self.config
-        share = self.parallel.eval_shard()
-        batches = eval_batches(
-            self.data.val, eval_batch_size(config.training), self.device, config.data.num_workers, share
-        )
+        state = self.state
         record = {"step": state.step, "epoch": state.epoch, "time": time.time()}
-        record.update(evaluate(self.parallel, batches, self.objective, self.autocast))
+        record.update(evaluate(self.parallel, self.eval_batches, self.objective, self.autocast))
+        if getattr(self.data.val, "on_error", "raise") == "skip":
+            record["val_skipped_samples"] = self.replicas_total(self.eval_batches.skipped)
         state.history.append(record)
         self.callbacks.on_eval(state, record)
         state.should_stop = self.parallel.any_process(state.should_stop)
@@ -696,6 +701,7 @@ class Trainer:
         order = getattr(self.data.train, "order_digest", None)  # a sharded dataset's order, besides the seed
         if order is not None:
             progress["data_order"] = order
+        progress.update(self.skipped_samples())  # the count goes on from there in a resumed run
         path = self.checkpointer.save(model=self.parallel.module, optimizer=self.optimizer, progress=progress)
         self.callbacks.on_checkpoint(self.state, path)
         self.state.should_stop = self.parallel.any_process(self.state.should_stop)
@@ -728,8 +734,13 @@ class Trainer:
         data-parallel replica; nothing for a dataset that stops at the first one. Every process takes part."""
         if getattr(self.data.train, "on_error", "raise") != "skip":
             return {}
-        total = self.parallel.all_reduce_sum(torch.tensor(float(self.batches.skipped)))
-        return {"skipped_samples": round(float(total) * self.dims.dp / self.dims.world_size)}
+        return {"skipped_samples": self.skipped_before + self.replicas_total(self.batches.skipped)}
+
+    def replicas_total(self, count: int) -> int:
+        """The sum of a per-process `count` over the data-parallel replicas (the processes of one replica read the
+        same samples). Every process takes part."""
+        total = self.parallel.all_reduce_sum(torch.tensor(float(count)))
+        return round(float(total) * self.dims.dp / self.dims.world_size)
 
     def summary(self, loop_time: float, memory: Any) -> dict[str, Any]:
         """The run's figures: steps, the last evaluation, times and throughput, where it ran, its memory."""
