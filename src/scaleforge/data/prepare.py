@@ -7,7 +7,8 @@ it, and saved with `save_to_disk` in shards of about `--shard-size` (each split 
 token streams stay uncompressed, so that readers map them into memory with no copy. The manifest, `shards.json`,
 lists every shard with its rows, size and SHA-256, and what training needs to know without reading a shard (class
 names, the training split's statistics, the vocabulary). A folder is written under a temporary name and renamed
-when complete; an object store receives the manifest after every shard.
+when complete; an object store receives the manifest after every shard. A staging folder that a prepare killed
+outright left behind is removed by the next prepare beside it.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ import numpy as np
 
 from scaleforge.data.storage import MANIFEST, format_size, is_remote, parse_size, sha256_of, upload_folder
 from scaleforge.errors import DataError, UsageError, first_line
+from scaleforge.files import owned_folder, remove_abandoned
 
 Kind = Literal["images", "table", "text"]
+STAGING_PREFIX = ".scaleforge-prepare-"  # a folder being written, beside --out (or in $TMPDIR for a store)
 MOMENTS = 8  # per image: the mean of R, G, B, R², G², B², L, L² over its pixels
 
 
@@ -101,10 +104,12 @@ def prepare(source: str, out: str, options: PrepareOptions = PrepareOptions()) -
     shard_bytes = parse_size(options.shard_size, "--shard-size")
     workers = max(1, options.workers or os.cpu_count() or 1)
     target = _check_out(out, options.overwrite)
+    # an object store has no folder beside it: its shards are staged in $TMPDIR, then uploaded
     parent = Path(tempfile.gettempdir()) if is_remote(out) else Path(out).resolve().parent
+    remove_abandoned(parent, STAGING_PREFIX)  # what prepares killed outright left
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=parent, prefix=".scaleforge-prepare-") as scratch:
-        stage, cache = Path(scratch) / "out", Path(scratch) / "cache"
+    with owned_folder(parent, STAGING_PREFIX) as scratch:
+        stage, cache = scratch / "out", scratch / "cache"
         stage.mkdir()
         writer = _Writer(stage, cache, workers, shard_bytes)
         with _quiet_unless_terminal():

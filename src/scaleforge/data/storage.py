@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from scaleforge.errors import ConfigError, DataError, UsageError
-from scaleforge.files import cache_home, sha256_of
+from scaleforge.files import cache_home, remove_unless_locked, sha256_of
 
 SIZE_UNITS = {
     "": 1,
@@ -294,17 +294,6 @@ class ShardStore:
                 break
             if path != keep and remove_unless_locked(path, lock_of(path)):
                 total -= size
-
-
-def remove_unless_locked(path: Path, lock_path: Path) -> bool:
-    """Remove `path` unless another process holds `lock_path` (downloading or opening the file); whether it did."""
-    with open(lock_path, "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        path.unlink(missing_ok=True)
-    return True
 
 
 def lock_of(path: Path) -> Path:
