@@ -13,6 +13,7 @@ outright left behind is removed by the next prepare beside it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -108,24 +109,41 @@ def prepare(source: str, out: str, options: PrepareOptions = PrepareOptions()) -
     parent = Path(tempfile.gettempdir()) if is_remote(out) else Path(out).resolve().parent
     remove_abandoned(parent, STAGING_PREFIX)  # what prepares killed outright left
     started = time.perf_counter()
-    with owned_folder(parent, STAGING_PREFIX) as scratch:
-        stage, cache = scratch / "out", scratch / "cache"
-        stage.mkdir()
-        writer = _Writer(stage, cache, workers, shard_bytes)
-        with _quiet_unless_terminal():
-            if kind == "images":
-                details = _prepare_images(root, writer, options)
-            elif kind == "table":
-                details = _prepare_table(root, writer, options)
-            else:
-                details = _prepare_text(root, writer, options)
-        manifest = {"format": "scaleforge-shards", "version": 1, "kind": kind, "engine": _engine(), **details}
-        manifest["splits"] = {split: writer.index(split) for split in ("train", "val")}
-        shutil.rmtree(cache, ignore_errors=True)
-        (stage / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        _publish(stage, out, target)
+    try:
+        with owned_folder(parent, STAGING_PREFIX) as scratch:
+            stage, cache = scratch / "out", scratch / "cache"
+            stage.mkdir()
+            writer = _Writer(stage, cache, workers, shard_bytes)
+            with _quiet_unless_terminal():
+                if kind == "images":
+                    details = _prepare_images(root, writer, options)
+                elif kind == "table":
+                    details = _prepare_table(root, writer, options)
+                else:
+                    details = _prepare_text(root, writer, options)
+            manifest = {"format": "scaleforge-shards", "version": 1, "kind": kind, "engine": _engine(), **details}
+            manifest["splits"] = {split: writer.index(split) for split in ("train", "val")}
+            shutil.rmtree(cache, ignore_errors=True)
+            (stage / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+            _publish(stage, out, target)
+    except Exception as error:
+        if not _disk_full(error):
+            raise
+        fix = "set TMPDIR to a folder on a larger disk" if target is None else "free space there"
+        raise DataError(f"{parent}: no space left on its disk for the shards staged there; {fix}") from None
     manifest["seconds"] = round(time.perf_counter() - started, 2)
     return manifest
+
+
+def _disk_full(error: BaseException) -> bool:
+    """Whether `error`, or an error it was raised from, is a full disk (in a worker, or from Arrow, only its text
+    says so)."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if getattr(cause, "errno", None) == errno.ENOSPC or os.strerror(errno.ENOSPC) in str(cause):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _engine() -> str:
