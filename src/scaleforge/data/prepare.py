@@ -94,7 +94,10 @@ def detect_kind(source: Path) -> Kind:
 
 
 def prepare(source: str, out: str, options: PrepareOptions = PrepareOptions()) -> dict[str, Any]:
-    """Convert `source` into shards at `out` (a folder or `s3://bucket/prefix`); returns the manifest."""
+    """Convert `source` into shards at `out` (a folder or `s3://bucket/prefix`); returns the manifest.
+
+    The shards are saved by processes started by spawn (Hugging Face datasets' choice, on Linux too), which import
+    the calling script again: a script that calls this needs `if __name__ == "__main__":` around the call."""
     from scaleforge.extras import require
 
     require("data", "scaleforge data prepare")
