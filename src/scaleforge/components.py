@@ -11,7 +11,7 @@ from torch import nn
 from scaleforge import registry
 from scaleforge.config import DATA_PROVIDED, ModelSection, signature_of
 from scaleforge.data.base import DataInfo
-from scaleforge.errors import ConfigError
+from scaleforge.errors import ConfigError, DataError
 
 
 def construct(factory: Callable[..., Any], key: str, **kwargs: Any) -> Any:
@@ -45,6 +45,11 @@ def build_model(section: ModelSection, info: DataInfo) -> nn.Module:
         if name not in signature or provided is None:
             continue
         given = kwargs.get(name)
+        if name == "vocab_size" and info.tokenizer_source is not None and isinstance(given, int) and given < provided:
+            raise DataError(
+                f"the tokenizer {info.tokenizer_source} has {provided} tokens, more than the model's vocabulary "
+                f"(model.vocab_size={given}); leave model.vocab_size out to take the tokenizer's size"
+            )
         if given is not None and _normalise(given) != _normalise(provided):
             raise ConfigError(f"model.{name}: {given} does not match the dataset, which has {name}={provided}")
         kwargs[name] = provided

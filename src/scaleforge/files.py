@@ -1,10 +1,18 @@
-"""Files on this machine: the SHA-256 of a file, and the folder caches are kept in."""
+"""Files on this machine: the SHA-256 of a file, the folder caches are kept in, and the scratch folders and files
+that a process killed outright (SIGKILL, a lost node) leaves behind, found by their owner's lock and removed."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+OWNER = ".owner"  # in a scratch folder: the file its process holds locked while the folder is in use
 
 
 def sha256_of(path: Path) -> str:
@@ -20,3 +28,51 @@ def cache_home(name: str) -> Path:
     """`$XDG_CACHE_HOME/scaleforge/<name>`, or `~/.cache/scaleforge/<name>` when the variable is not set."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "scaleforge" / name
+
+
+@contextmanager
+def owned_folder(parent: Path, prefix: str) -> Iterator[Path]:
+    """A new folder `parent/<prefix>...`, removed on exit. While it is in use its process holds the lock of the
+    folder's owner file, so that `remove_abandoned` can tell a folder whose process was killed from one in use."""
+    folder = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    try:
+        with open(folder / OWNER, "w") as owner:
+            fcntl.flock(owner, fcntl.LOCK_EX)
+            owner.write(f"{os.getpid()}\n")  # written under the lock: an empty owner file is one not yet locked
+            owner.flush()
+            yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_abandoned(parent: Path, prefix: str) -> list[Path]:
+    """Remove the folders `owned_folder(parent, prefix)` made whose process has died (the owner file is written
+    and no longer locked); the folders removed. A folder in use, or one whose owner file is not yet written (being
+    made this instant), is left alone."""
+    removed = []
+    for folder in sorted(parent.glob(f"{prefix}*")):
+        try:
+            handle = os.open(folder / OWNER, os.O_RDONLY)  # never created here: a new folder's is its process's
+        except OSError:
+            continue
+        with os.fdopen(handle) as owner:
+            try:
+                fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            if owner.read():
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+    return removed
+
+
+def remove_unless_locked(path: Path, lock_path: Path) -> bool:
+    """Remove `path` unless another process holds `lock_path` (writing, downloading or opening the file); whether
+    it did."""
+    with open(lock_path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        path.unlink(missing_ok=True)
+    return True

@@ -142,6 +142,13 @@ def test_a_table_and_text_train_from_their_shards(tmp_path: Path) -> None:
     assert saved["kind"] == "bpe" and saved == json.loads((tmp_path / "text" / "tokenizer.json").read_text())
     assert 0 < text_summary["val_bits_per_byte"] < 8
     assert text_summary["val_loss"] < 3.0  # far below a uniform guess over bytes (5.5)
+    small = run_subprocess(
+        "train", "data.dataset=shards", f"data.path={tmp_path / 'text'}", "model.architecture=gpt",
+        "model.vocab_size=300", *QUIET, "--run-dir", str(tmp_path / "small-run"),
+    )  # fmt: skip
+    assert small.code == 2 and len(small.err.strip().splitlines()) == 1
+    assert small.err.startswith(f"data error: the tokenizer {tmp_path / 'text' / 'tokenizer.json'} has")
+    assert "more than the model's vocabulary (model.vocab_size=300)" in small.err
 
 
 def test_batches_from_a_class_sorted_source_mix_classes_within_the_shuffle_window(digit_shards: Path) -> None:

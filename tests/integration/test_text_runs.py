@@ -93,7 +93,8 @@ def test_a_model_smaller_than_its_tokenizer_is_a_one_line_error(tmp_path: Path, 
     data = [*bpe_data(tmp_path), "data.vocab_size=300"]
     result = cli("train", *GPT, "model.vocab_size=280", *data, *QUICK, "--run-dir", str(tmp_path / "run"))
     assert result.code == 2 and len(result.err.strip().splitlines()) == 1
-    assert "model.vocab_size: 280 does not match the dataset, which has vocab_size=300" in result.err
+    assert result.err.startswith("data error: the tokenizer data.tokenizer=bpe has 300 tokens, more than the model's")
+    assert "(model.vocab_size=280)" in result.err
 
 
 def test_a_run_whose_tokenizer_outgrows_its_model_is_refused_naming_the_file(tmp_path: Path, cli) -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import multiprocessing
@@ -125,6 +126,21 @@ def test_a_failed_decode_leaves_no_cache_and_names_the_first_bad_file(tmp_path: 
     with pytest.raises(DataError, match=f"^{first_bad}: not a readable image"):
         decoded_cache(tmp_path / "images", _relative(tmp_path / "images", files), 8, 3, tmp_path / "c", processes=2)
     assert sorted(path.suffix for path in (tmp_path / "c").iterdir()) == [".lock"]  # no partial files
+
+
+def test_a_decode_killed_outright_leaves_temporary_files_the_next_one_removes(tmp_path: Path) -> None:
+    files = _relative(tmp_path / "images", _write_images(tmp_path / "images", 6))
+    cache_dir = tmp_path / "c"
+    cache_dir.mkdir()
+    killed = [cache_dir / f"{'a' * 32}.pixels.99999.tmp", cache_dir / f"{'a' * 32}.sums.npy.99999.tmp"]
+    running = cache_dir / f"{'b' * 32}.pixels.99998.tmp"
+    for path in [*killed, running]:
+        path.write_bytes(b"\0" * 100)
+    with open(cache_dir / f"{'b' * 32}.lock", "a") as lock:  # held by a decode in progress
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        decoded_cache(tmp_path / "images", files, 8, 3, cache_dir, processes=1)
+        assert running.exists() and not any(path.exists() for path in killed)
+    assert [path.name for path in cache_dir.glob("*.tmp")] == [running.name]
 
 
 def test_a_cache_dir_that_cannot_be_made_is_a_data_error(tmp_path: Path) -> None:

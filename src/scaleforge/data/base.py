@@ -55,7 +55,8 @@ class DataInfo:
     """What a dataset says about itself. Models receive the fields their signatures name; `class_names` names
     the classes in outputs, and `image` says how an image file becomes an input (for serving images). Text says
     which `tokenizer` made its tokens (`bytes` or `bpe`; the run's `final/tokenizer.json` holds it) and how many
-    bytes of text a validation token stands for on average (`bytes_per_token`, for bits per byte)."""
+    bytes of text a validation token stands for on average (`bytes_per_token`, for bits per byte), and
+    `tokenizer_source` names that tokenizer in messages (its file, or `bpe with 300 tokens`; not saved)."""
 
     task: Task
     input_shape: tuple[int, ...]
@@ -66,10 +67,13 @@ class DataInfo:
     image: ImageInput | None = None
     tokenizer: str = "bytes"
     bytes_per_token: float | None = None
+    tokenizer_source: str | None = dataclasses.field(default=None, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         """As written to `final/data_info.json`."""
-        return dataclasses.asdict(self)
+        fields = dataclasses.asdict(self)
+        del fields["tokenizer_source"]  # a path on the machine that trained; a run has its own tokenizer.json
+        return fields
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DataInfo:

@@ -5,7 +5,7 @@ process writing its images straight into a memory-mapped file of (N, C, S, S) by
 and decode nothing. The training and validation splits read their samples from the mapping as they are asked for
 them, so the pages they touch belong to the file (the page cache) and not to any process: a run's own memory
 grows with the number of images by their listing alone (paths and indices, a few hundred bytes an image), not by
-their pixels.
+their pixels. The temporary files of a decode killed outright are removed by the next one.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from scaleforge.config import ComponentSpec
 from scaleforge.data.base import DataInfo, DatasetSplits, ImageInput, InMemoryDataset
 from scaleforge.data.transforms import RandomCrop, Transforms
 from scaleforge.errors import DataError
-from scaleforge.files import cache_home
+from scaleforge.files import cache_home, remove_unless_locked
 from scaleforge.processes import ParentDeathGuard
 from scaleforge.registry import TRANSFORMS, register_dataset
 
@@ -124,6 +124,7 @@ def decoded_cache(
     except OSError as error:
         reason = f"cannot hold the decoded images ({error}); name a folder to write to"
         raise DataError(f"data.cache_dir: {cache_dir} {reason}") from error
+    remove_abandoned_temporaries(cache_dir)
     with _locked(cache_dir / f"{key}.lock"):
         if _complete(cache, description):
             return cache
@@ -134,6 +135,15 @@ def decoded_cache(
         os.replace(temporary, description)
         _remove_replaced(cache_dir, key, meta)
     return cache
+
+
+def remove_abandoned_temporaries(cache_dir: Path) -> None:
+    """Delete the temporary files (`<key>.<name>.<pid>.tmp`) of decodes killed outright. A decode writes them
+    holding its cache's lock (`<key>.lock`) throughout, so the files of one in progress, in any process, are
+    left alone."""
+    for temporary in cache_dir.glob("*.tmp"):
+        key = temporary.name.split(".", 1)[0]
+        remove_unless_locked(temporary, cache_dir / f"{key}.lock")
 
 
 @contextmanager

@@ -7,11 +7,13 @@ it, and saved with `save_to_disk` in shards of about `--shard-size` (each split 
 token streams stay uncompressed, so that readers map them into memory with no copy. The manifest, `shards.json`,
 lists every shard with its rows, size and SHA-256, and what training needs to know without reading a shard (class
 names, the training split's statistics, the vocabulary). A folder is written under a temporary name and renamed
-when complete; an object store receives the manifest after every shard.
+when complete; an object store receives the manifest after every shard. A staging folder that a prepare killed
+outright left behind is removed by the next prepare beside it.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -28,8 +30,10 @@ import numpy as np
 
 from scaleforge.data.storage import MANIFEST, format_size, is_remote, parse_size, sha256_of, upload_folder
 from scaleforge.errors import DataError, UsageError, first_line
+from scaleforge.files import owned_folder, remove_abandoned
 
 Kind = Literal["images", "table", "text"]
+STAGING_PREFIX = ".scaleforge-prepare-"  # a folder being written, beside --out (or in $TMPDIR for a store)
 MOMENTS = 8  # per image: the mean of R, G, B, R², G², B², L, L² over its pixels
 
 
@@ -90,7 +94,10 @@ def detect_kind(source: Path) -> Kind:
 
 
 def prepare(source: str, out: str, options: PrepareOptions = PrepareOptions()) -> dict[str, Any]:
-    """Convert `source` into shards at `out` (a folder or `s3://bucket/prefix`); returns the manifest."""
+    """Convert `source` into shards at `out` (a folder or `s3://bucket/prefix`); returns the manifest.
+
+    The shards are saved by processes started by spawn (Hugging Face datasets' choice, on Linux too), which import
+    the calling script again: a script that calls this needs `if __name__ == "__main__":` around the call."""
     from scaleforge.extras import require
 
     require("data", "scaleforge data prepare")
@@ -101,26 +108,45 @@ def prepare(source: str, out: str, options: PrepareOptions = PrepareOptions()) -
     shard_bytes = parse_size(options.shard_size, "--shard-size")
     workers = max(1, options.workers or os.cpu_count() or 1)
     target = _check_out(out, options.overwrite)
+    # an object store has no folder beside it: its shards are staged in $TMPDIR, then uploaded
     parent = Path(tempfile.gettempdir()) if is_remote(out) else Path(out).resolve().parent
+    remove_abandoned(parent, STAGING_PREFIX)  # what prepares killed outright left
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=parent, prefix=".scaleforge-prepare-") as scratch:
-        stage, cache = Path(scratch) / "out", Path(scratch) / "cache"
-        stage.mkdir()
-        writer = _Writer(stage, cache, workers, shard_bytes)
-        with _quiet_unless_terminal():
-            if kind == "images":
-                details = _prepare_images(root, writer, options)
-            elif kind == "table":
-                details = _prepare_table(root, writer, options)
-            else:
-                details = _prepare_text(root, writer, options)
-        manifest = {"format": "scaleforge-shards", "version": 1, "kind": kind, "engine": _engine(), **details}
-        manifest["splits"] = {split: writer.index(split) for split in ("train", "val")}
-        shutil.rmtree(cache, ignore_errors=True)
-        (stage / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        _publish(stage, out, target)
+    try:
+        with owned_folder(parent, STAGING_PREFIX) as scratch:
+            stage, cache = scratch / "out", scratch / "cache"
+            stage.mkdir()
+            writer = _Writer(stage, cache, workers, shard_bytes)
+            with _quiet_unless_terminal():
+                if kind == "images":
+                    details = _prepare_images(root, writer, options)
+                elif kind == "table":
+                    details = _prepare_table(root, writer, options)
+                else:
+                    details = _prepare_text(root, writer, options)
+            manifest = {"format": "scaleforge-shards", "version": 1, "kind": kind, "engine": _engine(), **details}
+            manifest["splits"] = {split: writer.index(split) for split in ("train", "val")}
+            shutil.rmtree(cache, ignore_errors=True)
+            (stage / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+            _publish(stage, out, target)
+    except Exception as error:
+        if not _disk_full(error):
+            raise
+        fix = "set TMPDIR to a folder on a larger disk" if target is None else "free space there"
+        raise DataError(f"{parent}: no space left on its disk for the shards staged there; {fix}") from None
     manifest["seconds"] = round(time.perf_counter() - started, 2)
     return manifest
+
+
+def _disk_full(error: BaseException) -> bool:
+    """Whether `error`, or an error it was raised from, is a full disk (in a worker, or from Arrow, only its text
+    says so)."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if getattr(cause, "errno", None) == errno.ENOSPC or os.strerror(errno.ENOSPC) in str(cause):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _engine() -> str:

@@ -383,6 +383,7 @@ def _text_splits(manifest: dict[str, Any], readers: dict[str, ShardReader], seq_
         seq_len=seq_len,
         tokenizer=tokenizer.kind,
         bytes_per_token=float(text["bytes_per_token"]),
+        tokenizer_source=store.url(entry["file"]),
     )
     return DatasetSplits(train=train, val=val, info=info, tokenizer=tokenizer)
 

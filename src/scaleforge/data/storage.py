@@ -19,12 +19,13 @@ import hashlib
 import os
 import re
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from scaleforge.errors import ConfigError, DataError, UsageError
-from scaleforge.files import cache_home, sha256_of
+from scaleforge.files import cache_home, remove_unless_locked, sha256_of
 
 SIZE_UNITS = {
     "": 1,
@@ -39,6 +40,8 @@ SIZE_UNITS = {
     "tib": 2**40,
 }
 MANIFEST = "shards.json"  # a prepared dataset's index
+STAMP_DAYS = 30  # a verification stamp older than this is removed: the file it stood for is hashed once more
+DAY_S = 24 * 3600
 T = TypeVar("T")
 
 
@@ -162,7 +165,7 @@ class ShardStore:
     same place, never mistake one file for another. A file is opened under its lock (one process downloads it,
     the others wait), and eviction passes over files being opened. Every file is checked against its SHA-256
     once per node: the check leaves a stamp, keyed by the file's path, size, modification time and inode, that the
-    node's other processes and workers find.
+    node's other processes and workers find; stamps older than `STAMP_DAYS` are removed (`remove_old_stamps`).
     """
 
     def __init__(self, location: str, cache_dir: str | None = None, cache_limit: int | None = None) -> None:
@@ -181,6 +184,7 @@ class ShardStore:
             self.cache = Path(self.location)
             if not self.cache.is_dir():
                 raise DataError(f"data.path: {location} is not a folder of prepared shards")
+        remove_old_stamps()
 
     def __getstate__(self) -> dict[str, Any]:  # a worker started by spawn makes its own client
         return {**self.__dict__, "_client": None, "_client_pid": -1}
@@ -243,7 +247,7 @@ class ShardStore:
             raise DataError(f"{self.url(name)}: shard file does not match the manifest ({stat.st_size} bytes, the "
                             f"manifest says {size})")  # fmt: skip
         key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}|{sha256}"
-        stamp = cache_home("verified") / hashlib.sha256(key.encode()).hexdigest()
+        stamp = stamp_folder() / hashlib.sha256(key.encode()).hexdigest()
         if key in self.verified:
             return
         stamp.parent.mkdir(parents=True, exist_ok=True)
@@ -296,15 +300,35 @@ class ShardStore:
                 total -= size
 
 
-def remove_unless_locked(path: Path, lock_path: Path) -> bool:
-    """Remove `path` unless another process holds `lock_path` (downloading or opening the file); whether it did."""
-    with open(lock_path, "a") as lock:
+def stamp_folder() -> Path:
+    """Where verification stamps are left: `$XDG_CACHE_HOME/scaleforge/verified`."""
+    return cache_home("verified")
+
+
+def remove_old_stamps(folder: Path | None = None, days: int = STAMP_DAYS) -> int:
+    """Remove the verification stamps in `folder` (`stamp_folder()`) older than `days`, at most once a day (the
+    modification time of the folder's `.swept` file says when it last ran); how many it removed. A stamp removed
+    while another process reads or writes it only costs that file one more hash."""
+    folder = folder if folder is not None else stamp_folder()
+    marker, now = folder / ".swept", time.time()
+    try:
+        if now - marker.stat().st_mtime < DAY_S:
+            return 0
+    except FileNotFoundError:
+        pass
+    try:
+        marker.touch()  # before the sweep: processes that start together do not all sweep
+    except OSError:  # no folder (nothing verified yet), or one this user cannot write to
+        return 0
+    removed = 0
+    for stamp in folder.iterdir():
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        path.unlink(missing_ok=True)
-    return True
+            if stamp != marker and now - stamp.stat().st_mtime > days * DAY_S:
+                stamp.unlink()
+                removed += 1
+        except OSError:  # removed meanwhile by another process's sweep, or not this user's
+            continue
+    return removed
 
 
 def lock_of(path: Path) -> Path:

@@ -71,5 +71,6 @@ def text(
         seq_len=seq_len,
         tokenizer=corpus.tokenizer.kind,
         bytes_per_token=corpus.val_bytes / corpus.val_tokens,
+        tokenizer_source=tokenizer if tokenizer.endswith(".json") else f"data.tokenizer={tokenizer}",
     )
     return DatasetSplits(train=train, val=val, info=info, tokenizer=corpus.tokenizer)
