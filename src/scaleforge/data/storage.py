@@ -82,13 +82,12 @@ def split_url(url: str) -> tuple[str, str]:
 
 def s3_client(max_attempts: int = 4) -> Any:
     """A boto3 S3 client from the standard credential chain and endpoint settings, making at most `max_attempts`
-    attempts per request. Each has its own boto3 session: a session is not safe to share between threads, and the
-    prefetcher makes its client in its own thread."""
+    attempts per request."""
     import boto3
     from botocore.config import Config
 
     config = Config(retries={"max_attempts": max_attempts, "mode": "standard"}, connect_timeout=5, read_timeout=60)
-    return boto3.session.Session().client("s3", config=config)
+    return boto3.client("s3", config=config)
 
 
 def describe_s3_error(error: Exception, url: str) -> DataError:
@@ -354,14 +353,15 @@ class Prefetcher:
         self._window = 0
         self._stopping = False
         self._changed = threading.Condition()
-        self._s3: Any = None
-        self._thread = threading.Thread(target=self._run, name="scaleforge-prefetch", daemon=True)
 
     def start(self, position: int) -> None:
         """Fetch ahead of the readers from sample `position` of the epoch's order on. Start it after the data
         loader's worker processes exist, so that none is forked with the thread in a download (holding a lock)."""
         self.advance(position)
-        self._thread.start()
+        # made here, not in the thread: a client may be used from any thread, but boto3's session that makes it may
+        # not (and makes it cheaply once this process has made its own)
+        client = guarded_s3(self.store.location, lambda: s3_client(max_attempts=1))
+        threading.Thread(target=self._run, args=(client,), name="scaleforge-prefetch", daemon=True).start()
 
     def advance(self, position: int) -> None:
         """The samples before `position` of the epoch's order have been read."""
@@ -403,19 +403,13 @@ class Prefetcher:
                 self._changed.wait()
         return None
 
-    def _client(self) -> Any:
-        """The thread's S3 client, made on its first download: one attempt per request."""
-        if self._s3 is None:
-            self._s3 = s3_client(max_attempts=1)
-        return self._s3
-
-    def _run(self) -> None:
+    def _run(self, client: Any) -> None:
         done: set[str] = set()
         while (file := self._next(done)) is not None:
             done.add(file.name)
             # whatever fails, the reader that needs the file tries again, and says why if it fails too
             with contextlib.suppress(Exception):
-                self.store.fetch(file, self._client)
+                self.store.fetch(file, lambda: client)
 
 
 def remove_unless_locked(path: Path, lock_path: Path) -> bool:
