@@ -403,7 +403,7 @@ def _epoch_of(source: str, setup: _Setup, options: DataBenchOptions) -> tuple[in
     batches = TrainBatches(
         splits.train, BatchPlan(setup.batch_size), seed=0, device=torch.device("cpu"), num_workers=options.workers
     )
-    epoch = 1 if source == "shards_store_warm" else 0  # the epoch after the one the cold cache was filled by
+    epoch = 1 if source == "shards_store_warm" else 0  # the epoch after the one that filled the cold cache
     delivered = sum(len(targets) for step in batches.epoch(epoch) for _, targets in step)
     return delivered, encoded
 
