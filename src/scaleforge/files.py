@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Any
 
 OWNER = ".owner"  # in a scratch folder: the file its process holds locked while the folder is in use
 
@@ -36,8 +37,7 @@ def owned_folder(parent: Path, prefix: str) -> Iterator[Path]:
     folder's owner file, so that `remove_abandoned` can tell a folder whose process was killed from one in use."""
     folder = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
     try:
-        with open(folder / OWNER, "w") as owner:
-            fcntl.flock(owner, fcntl.LOCK_EX)
+        with open(folder / OWNER, "w") as owner, flocked(owner):
             owner.write(f"{os.getpid()}\n")  # written under the lock: an empty owner file is one not yet locked
             owner.flush()
             yield folder
@@ -55,12 +55,8 @@ def remove_abandoned(parent: Path, prefix: str) -> list[Path]:
             handle = os.open(folder / OWNER, os.O_RDONLY)  # never created here: a new folder's is its process's
         except OSError:
             continue
-        with os.fdopen(handle) as owner:
-            try:
-                fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue
-            if owner.read():
+        with os.fdopen(handle) as owner, flocked(owner, wait=False) as held:
+            if held and owner.read():
                 shutil.rmtree(folder, ignore_errors=True)
                 removed.append(folder)
     return removed
@@ -69,10 +65,24 @@ def remove_abandoned(parent: Path, prefix: str) -> list[Path]:
 def remove_unless_locked(path: Path, lock_path: Path) -> bool:
     """Remove `path` unless another process holds `lock_path` (writing, downloading or opening the file); whether
     it did."""
-    with open(lock_path, "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        path.unlink(missing_ok=True)
-    return True
+    with open(lock_path, "a") as lock, flocked(lock, wait=False) as held:
+        if held:
+            path.unlink(missing_ok=True)
+    return held
+
+
+@contextmanager
+def flocked(file: IO[Any], *, wait: bool = True) -> Iterator[bool]:
+    """`file` locked (flock, exclusive) for the block: whether it was, which is always so when `wait`. The lock is
+    released explicitly before the file is closed: it belongs to the open file description, which a process forked
+    meanwhile (a data loader's worker, while another thread holds a lock) shares, so closing this process's
+    descriptor alone would leave the file locked for as long as that process lives."""
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        fcntl.flock(file, fcntl.LOCK_UN)

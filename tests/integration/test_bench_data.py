@@ -32,16 +32,18 @@ def test_bench_data_reads_every_source_and_reports_throughput_data_wait_and_memo
         "torchvision ImageFolder",
         "scaleforge image_folder",
         "shards on disk",
-        "shards in the object store",
+        "shards in the object store, cold cache",
+        "shards in the object store, warm cache",
         "shards, 1x the data (training)",
         "shards, 8x the data (training)",
     ]
     assert rows["torchvision ImageFolder"][5] == "1.00x" and rows["shards, 8x the data (training)"][1] == "1,280"
-    assert "repeat 1/1, shards in the object store:" in result.err and "moto at http://127.0.0.1:" in result.err
+    assert "repeat 1/1, shards in the object store, cold cache:" in result.err
+    assert "moto at http://127.0.0.1:" in result.err
 
     saved = json.loads((out / "data.json").read_text())
     loaders = {row["source"]: row for row in saved["loaders"]}
-    assert list(loaders) == ["torchvision", "image_folder", "shards_disk", "shards_store"]
+    assert list(loaders) == ["torchvision", "image_folder", "shards_disk", "shards_store", "shards_store_warm"]
     assert loaders["torchvision"]["samples"] == 200  # the whole folder; the others read their training split
     assert all(row["samples"] == 160 // 32 * 32 for name, row in loaders.items() if name != "torchvision")
     assert all(row["samples_per_s"] > 0 and row["mb_per_s"] > 0 for row in loaders.values())
@@ -57,7 +59,7 @@ def test_bench_data_reads_every_source_and_reports_throughput_data_wait_and_memo
         # the training process and its two loader workers, at least
         assert row["processes"] >= 3 and row["peak_rss_anon_mib"] > 0
         assert sum(row["each_mib"]) == pytest.approx(row["peak_rss_anon_mib"], abs=1)
-    assert len(saved["targets"]) == 4 and all(
+    assert len(saved["targets"]) == 5 and all(
         ("(met)" in text or "(not met)" in text) for text in saved["targets"].values()
     )
     assert (out / "data.png").read_bytes().startswith(PNG_MAGIC)

@@ -4,12 +4,14 @@ still gives mixed batches; and every kind of damage is one `data error:` line.""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -395,6 +397,99 @@ def test_a_run_reading_shards_from_an_object_store_killed_mid_epoch_resumes_bitw
     assert_bitwise_equal(reference, run_dir)
     assert logged(run_dir) == logged(reference)
     assert not list(cache.glob(".*.arrow.*")), "a partial download of the killed run was left in the cache"
+
+
+def prefetch_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "scaleforge-prefetch"]
+
+
+def all_stopped(threads: list[threading.Thread], within_s: float = 20.0) -> bool:
+    for thread in threads:
+        thread.join(within_s)
+    return not any(thread.is_alive() for thread in threads)
+
+
+def test_the_next_windows_shards_are_fetched_while_the_reader_is_still_in_the_first(
+    remote_shards: str, tmp_path: Path
+) -> None:
+    from scaleforge.data.loading import BatchPlan, TrainBatches, shard_windows
+
+    cache = tmp_path / "cache"
+    train = shards(remote_shards, image_size=8, channels=1, shuffle_window=300, cache_dir=str(cache),
+                   cache_limit="300kB").train  # fmt: skip
+    cached = {shard.file: cache / f"{shard.sha256}.arrow" for shard in train.reader.shards}  # type: ignore[attr-defined]
+    names = [shard.file for shard in train.reader.shards]  # type: ignore[attr-defined]
+    windows = [[names[i] for i in window] for window in shard_windows(train.shard_sizes, 300, seed=0, epoch=0)]
+    assert len(windows) >= 3
+    # no workers: the loader reads a batch only when the loop asks for one, so while the loop holds its first step,
+    # nothing but the prefetcher can fetch a shard
+    batches = TrainBatches(train, BatchPlan(32), seed=0, device=torch.device("cpu"), num_workers=0)
+    steps = batches.epoch(0)
+    next(steps)
+    deadline = time.monotonic() + 20
+    while not all(cached[name].is_file() for name in windows[1]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(cached[name].is_file() for name in windows[0] + windows[1]), "the next window was not fetched ahead"
+    assert not any(cached[name].is_file() for name in windows[2]), "fetched beyond the next window"
+    threads = prefetch_threads()
+    assert len(threads) == 1 and threads[0].daemon
+    steps.close()  # as a run that stops mid-epoch leaves it
+    assert all_stopped(threads), "the prefetcher outlived its epoch"
+    assert sum(path.stat().st_size for path in cache.glob("*.arrow")) <= 300_000
+
+
+def test_training_on_shards_from_an_object_store_with_prefetching_is_bitwise_training_on_them_from_disk(
+    remote_shards: str, digit_shards: Path, tmp_path: Path
+) -> None:
+    losses = {}
+    # past the end of the first epoch (44 steps), whose evaluation forks its loader's workers
+    for name, path in (("store", remote_shards), ("disk", str(digit_shards))):
+        run_dir = tmp_path / name
+        run = [*remote_run(path, tmp_path / "cache"), "training.max_steps=50", "--run-dir", str(run_dir)]
+        result = run_subprocess("train", *run)
+        assert result.code == 0, result.err
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        losses[name] = [record["loss"] for record in map(json.loads, lines) if "loss" in record]
+    assert len(losses["disk"]) == 50 and losses["store"] == losses["disk"]
+    from tests.integration.test_resume import assert_bitwise_equal
+
+    assert_bitwise_equal(tmp_path / "disk", tmp_path / "store")
+
+
+def test_a_failing_prefetch_leaves_the_reader_to_fetch_the_shard_or_report_it_in_one_line(
+    remote_shards: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import boto3
+
+    from scaleforge.data.loading import BatchPlan, TrainBatches
+
+    # the prefetcher cannot reach the store (its client is made after the endpoint moves away); the reader's client,
+    # made as the dataset was built, still can: three windows are read, the reader downloading every shard
+    train = shards(remote_shards, image_size=8, channels=1, shuffle_window=300, cache_dir=str(tmp_path / "cache"),
+                   cache_limit="300kB").train  # fmt: skip
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed}")
+    batches = TrainBatches(train, BatchPlan(32), seed=0, device=torch.device("cpu"), num_workers=0)
+    steps = batches.epoch(0)
+    assert sum(len(step) for step in itertools.islice(steps, 30)) == 30
+    steps.close()
+    assert all_stopped(prefetch_threads())
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+
+    # a dataset whose shards are gone from the store: the prefetcher's downloads fail, then a worker's, which is
+    # the run's one line
+    client = boto3.client("s3")
+    manifest = client.get_object(Bucket="data", Key="digits/shards.json")["Body"].read()
+    client.put_object(Bucket="data", Key="no-shards/shards.json", Body=manifest)
+    result = run_subprocess("train", *remote_run("s3://data/no-shards", tmp_path / "cache-2"), "--run-dir",
+                            str(tmp_path / "run"), timeout=120)  # fmt: skip
+    assert result.code == 2, result.err[-2000:]
+    last = result.err.strip().splitlines()[-1]
+    assert re.fullmatch(r"data error: s3://data/no-shards/train/\S+: not found in the object store \(404\)", last), last
+    assert "Traceback" not in result.err
 
 
 def test_an_unreachable_store_and_a_window_the_cache_cannot_hold_are_one_line_each(

@@ -19,6 +19,8 @@ from scaleforge.data.loading import (
     epoch_permutation,
     eval_batches,
     sample_seeds,
+    shard_windows,
+    windowed_permutation,
 )
 from scaleforge.errors import ConfigError
 from tests.conftest import gone
@@ -234,6 +236,22 @@ def test_worker_draws_depend_on_the_sample_not_on_the_worker_or_the_resume_point
     assert len(shared) > 50 and all(first[i].abs().sum() > 0 for i in shared)  # there is noise,
     assert all(not torch.equal(first[i], second[i]) for i in shared)  # drawn anew in each epoch
     assert len({tuple(n.tolist()) for n in first.values()}) == len(first)  # and for each sample
+
+
+@pytest.mark.parametrize("window", [1, 25, 60, 1000])
+def test_shard_windows_are_the_windows_the_order_reads_in_turn(window: int) -> None:
+    sizes = [13, 0, 40, 7, 22, 31, 5, 18]
+    starts = np.cumsum([0, *sizes])
+    for epoch in (0, 1):
+        order = windowed_permutation(sizes, window, seed=3, epoch=epoch).tolist()
+        windows = shard_windows(sizes, window, seed=3, epoch=epoch)
+        assert sorted(shard for shards in windows for shard in shards) == list(range(len(sizes)))
+        assert all(sum(sizes[shard] for shard in shards) >= window for shards in windows[:-1])
+        read = 0
+        for shards in windows:
+            samples = {index for shard in shards for index in range(starts[shard], starts[shard + 1])}
+            assert set(order[read : read + len(samples)]) == samples
+            read += len(samples)
 
 
 def test_sample_seeds_of_neighbouring_epochs_share_no_stream() -> None:

@@ -9,8 +9,11 @@ benchmark draws one: scikit-learn's digits, upscaled, shifted, tinted and noised
    `ImageFolder` with `Resize`, `ToTensor` and `Normalize` in a `DataLoader` of the same workers and batch size (a
    line-for-line equivalent when torchvision does not import), scaleforge's `image_folder` (which decodes every
    image into its cache on the first repeat, and reads the cache on the others, as later runs do), and `shards`
-   from disk and from the store (the store's cache emptied before each repeat, so every shard is downloaded).
-   Samples/s and MB/s of encoded bytes read; every source delivers normalised float pixels.
+   from disk and from the store, read in windows of two shards. The store is read with a cold cache (emptied
+   before each repeat: every shard is downloaded, the prefetcher fetching the next window while the workers
+   decode the current one, as in a run's first epoch) and with a warm one (the next epoch from the cache the cold
+   one filled, as a run's later epochs). Samples/s and MB/s of encoded bytes read; every source delivers
+   normalised float pixels.
 2. Training (`scaleforge train` in a child process, the config's model) on the shards and on the image folder:
    the run's `data_wait_share` and samples/s.
 3. Memory: the same training on shards of the images and of 8 copies of them, the same steps: the peak of RssAnon
@@ -52,12 +55,14 @@ from scaleforge.processes import ParentDeathGuard
 if TYPE_CHECKING:
     from scaleforge.data.prepare import PrepareOptions
 
-SOURCES = ("torchvision", "image_folder", "shards_disk", "shards_store")
+SOURCES = ("torchvision", "image_folder", "shards_disk", "shards_store", "shards_store_warm")
+SHARD_SOURCES = ("shards_disk", "shards_store", "shards_store_warm")
 LABELS = {
     "torchvision": "torchvision ImageFolder",
     "image_folder": "scaleforge image_folder",
     "shards_disk": "shards on disk",
-    "shards_store": "shards in the object store",
+    "shards_store": "shards in the object store, cold cache",
+    "shards_store_warm": "shards in the object store, warm cache",
 }
 DATA_WAIT_TARGET = 0.05
 MEMORY_SCALE = 8
@@ -65,6 +70,12 @@ MEMORY_TARGET = (1.10, 30.0)  # peak at 8x the data <= 1.10 x peak at 1x + 30 Mi
 SAMPLE_EVERY_S = 0.05
 PREPARE_POOL_FROM = 2000  # images
 BUCKET = "bench"
+# Shards of 4 MB: the default 4,000 images make about 24 MB of training shards, so 6 shards; of 64 MB (`data
+# prepare`'s default), they would make one, which a reader downloads as it starts, leaving nothing to fetch ahead.
+SHARD_SIZE = "4MB"
+# A window of two shards, so that an epoch crosses windows as one of a dataset larger than the default window
+# (2 GB of shards) does, and the next window's shards can be fetched while the current one is read.
+SHARDS_PER_WINDOW = 2
 
 
 @dataclass(frozen=True)
@@ -76,7 +87,7 @@ class DataBenchOptions:
     workers: int = 2
     repeats: int = 3
     steps: int = 20
-    shard_size: str = "64MB"
+    shard_size: str = SHARD_SIZE
     object_store: bool = True
     out: Path = Path("runs/bench-data")
     as_json: bool = False
@@ -383,19 +394,23 @@ def _epoch_of(source: str, setup: _Setup, options: DataBenchOptions) -> tuple[in
     else:
         location = str(setup.shards) if source == "shards_disk" else str(setup.store_url)
         cache = options.out / "cache"
-        shutil.rmtree(cache, ignore_errors=True)  # every repeat downloads the store's shards
+        if source == "shards_store":
+            shutil.rmtree(cache, ignore_errors=True)  # a cold cache: every shard is downloaded
         splits = shards(location, image_size=setup.image_size, augment=False, cache_dir=str(cache))
-        encoded = sum(shard.bytes for shard in splits.train.reader.shards)  # type: ignore[attr-defined]
+        train = splits.train
+        train.shuffle_window = SHARDS_PER_WINDOW * len(train) // len(train.shard_sizes)
+        encoded = sum(shard.bytes for shard in train.reader.shards)  # type: ignore[attr-defined]
     batches = TrainBatches(
         splits.train, BatchPlan(setup.batch_size), seed=0, device=torch.device("cpu"), num_workers=options.workers
     )
-    delivered = sum(len(targets) for step in batches.epoch(0) for _, targets in step)
+    epoch = 1 if source == "shards_store_warm" else 0  # the epoch after the one that filled the cold cache
+    delivered = sum(len(targets) for step in batches.epoch(epoch) for _, targets in step)
     return delivered, encoded
 
 
 def _loaders(setup: _Setup, options: DataBenchOptions) -> list[dict[str, Any]]:
     """Each source's median samples/s and MB/s over `repeats` epochs, the sources taken in turn each repeat."""
-    sources = [source for source in SOURCES if source != "shards_store" or setup.store_url is not None]
+    sources = [source for source in SOURCES if not source.startswith("shards_store") or setup.store_url is not None]
     times: dict[str, list[float]] = {source: [] for source in sources}
     counts: dict[str, tuple[int, int]] = {}
     for repeat in range(options.repeats):
@@ -549,7 +564,7 @@ def _targets(result: dict[str, Any]) -> dict[str, str]:
     loaders = {row["source"]: row for row in result["loaders"]}
     workers = result["workers"]
     lines = {}
-    for source in ("shards_disk", "shards_store"):
+    for source in SHARD_SOURCES:
         if source in loaders:
             ratio = loaders[source]["vs_torchvision"]
             lines[f"{LABELS[source]} >= 1.0x torchvision's images/s at {workers} workers"] = (

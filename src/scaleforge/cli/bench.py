@@ -215,7 +215,11 @@ def _data(benchmarks: argparse._SubParsersAction) -> None:
     data.add_argument("--workers", type=non_negative_int, default=2, help="loader workers of every source")
     data.add_argument("--repeats", type=positive_int, default=3, help="epochs per source; medians are reported")
     data.add_argument("--steps", type=positive_int, default=20, help="steps of each training run")
-    data.add_argument("--shard-size", default="64MB", help="as for `scaleforge data prepare`")
+    data.add_argument(
+        "--shard-size",
+        default="4MB",
+        help="as for `scaleforge data prepare`; small, so that the drawn images make several shards to fetch ahead",
+    )
     store = data.add_mutually_exclusive_group()
     store.add_argument(
         "--object-store",

@@ -13,6 +13,7 @@ resumed, so a checkpoint's data cursor alone restores the workers' random state.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import signal
 import sys
@@ -74,22 +75,40 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
 
 def windowed_permutation(shard_sizes: Sequence[int], window: int, seed: int, epoch: int) -> torch.Tensor:
     """The order of a sharded dataset's samples in `epoch`: its shards permuted, grouped in that order into windows
-    of at least `window` samples, and the samples of each window permuted. A function of the seed, the epoch and
-    the shards' sizes alone, like `epoch_permutation`; readers need only one window's shards at a time. Written
-    into one preallocated tensor: besides it, memory holds one window's indices."""
+    of at least `window` samples (`shard_windows`), and the samples of each window permuted. A function of the seed,
+    the epoch and the shards' sizes alone, like `epoch_permutation`; readers need only one window's shards at a
+    time. Written into one preallocated tensor: besides it, memory holds one window's indices."""
     generator = torch.Generator().manual_seed(stream_seed(seed, epoch))
     starts = np.cumsum([0, *shard_sizes]).tolist()
     order = torch.empty(int(starts[-1]), dtype=torch.int64)
-    filled, members, count = 0, [], 0
-    shards = torch.randperm(len(shard_sizes), generator=generator).tolist()
-    for position, shard in enumerate(shards):
-        members.append(torch.arange(starts[shard], starts[shard + 1]))
-        count += shard_sizes[shard]
-        if count >= window or position == len(shards) - 1:
-            together = torch.cat(members)
-            order[filled : filled + count] = together[torch.randperm(count, generator=generator)]
-            filled, members, count = filled + count, [], 0
+    filled = 0
+    for shards in _grouped_shards(shard_sizes, window, generator):
+        together = torch.cat([torch.arange(starts[shard], starts[shard + 1]) for shard in shards])
+        count = len(together)
+        order[filled : filled + count] = together[torch.randperm(count, generator=generator)]
+        filled += count
     return order
+
+
+def shard_windows(shard_sizes: Sequence[int], window: int, seed: int, epoch: int) -> list[list[int]]:
+    """The shards of each window of `windowed_permutation(shard_sizes, window, seed, epoch)`, in the order the
+    windows are read: what a reader of remote shards can fetch ahead."""
+    generator = torch.Generator().manual_seed(stream_seed(seed, epoch))
+    return _grouped_shards(shard_sizes, window, generator)
+
+
+def _grouped_shards(shard_sizes: Sequence[int], window: int, generator: torch.Generator) -> list[list[int]]:
+    """The shards permuted (the epoch's first draw from `generator`) and grouped in that order into windows of at
+    least `window` samples, the last one possibly smaller."""
+    groups: list[list[int]] = []
+    count = 0
+    for shard in torch.randperm(len(shard_sizes), generator=generator).tolist():
+        if not groups or count >= window:
+            groups.append([])
+            count = 0
+        groups[-1].append(shard)
+        count += shard_sizes[shard]
+    return groups
 
 
 def sample_seeds(base: int, indices: np.ndarray) -> np.ndarray:
@@ -236,15 +255,38 @@ class TrainBatches:
             for micro_indices in self.index_plan.steps():
                 yield [dataset[indices.to(self.device)] for indices in micro_indices]  # type: ignore[index]
             return
-        micro_batches: list[Batch] = []
-        for inputs, targets, *skipped in worker_errors(self.loader):
-            self.skipped += int(skipped[0]) if skipped else 0
-            micro_batches.append(
-                (inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True))
-            )
-            if len(micro_batches) == self.plan.grad_accum_steps:
-                yield micro_batches
-                micro_batches = []
+        batches = iter(self.loader)  # forks the workers on the first epoch: before the prefetcher's thread exists
+        position = start_step * self.plan.global_batch_size
+        with fetching_ahead(self.dataset, self.index_plan.seed, epoch, position) as read_up_to:
+            micro_batches: list[Batch] = []
+            for inputs, targets, *skipped in worker_errors(batches):
+                self.skipped += int(skipped[0]) if skipped else 0
+                micro_batches.append(
+                    (inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True))
+                )
+                if len(micro_batches) == self.plan.grad_accum_steps:
+                    yield micro_batches
+                    micro_batches = []
+                    position += self.plan.global_batch_size
+                    read_up_to(position)
+
+
+@contextlib.contextmanager
+def fetching_ahead(dataset: Dataset, seed: int, epoch: int, position: int) -> Iterator[Callable[[int], None]]:
+    """For the block, a dataset that reads remote shards (`ShardedDataset.prefetcher`) fetches them ahead of the
+    readers of `epoch`, from sample `position` of its order on; yields what to call with the position the training
+    loop has read up to. The loop's position, not the sampler's (which runs ahead by the batches in the workers'
+    queues): the window it is in is one whose files the cache must keep, beside the next one fetched ahead."""
+    make = getattr(dataset, "prefetcher", None)
+    prefetcher = make(seed, epoch) if make is not None else None
+    if prefetcher is None:
+        yield lambda position: None
+        return
+    prefetcher.start(position)
+    try:
+        yield prefetcher.advance
+    finally:
+        prefetcher.stop()
 
 
 class EvalBatches:

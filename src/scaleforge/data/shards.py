@@ -31,7 +31,17 @@ import torch
 from torch.utils.data import Dataset
 
 from scaleforge.data.base import DataInfo, DatasetSplits, ImageInput
-from scaleforge.data.storage import MANIFEST, ShardStore, check_name, format_size, is_remote, parse_size
+from scaleforge.data.loading import shard_windows
+from scaleforge.data.storage import (
+    MANIFEST,
+    Prefetcher,
+    ShardStore,
+    StoredFile,
+    check_name,
+    format_size,
+    is_remote,
+    parse_size,
+)
 from scaleforge.data.transforms import Transforms
 from scaleforge.errors import ConfigError, DataError
 from scaleforge.registry import register_dataset
@@ -212,6 +222,17 @@ class ShardedDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.reader)
+
+    def prefetcher(self, seed: int, epoch: int) -> Prefetcher | None:
+        """What fetches the shards of `epoch` ahead of its readers, window by window as `windowed_permutation` reads
+        them, when they live in an object store; None for shards on disk."""
+        if not self.reader.store.remote:
+            return None
+        sizes, shards = self.shard_sizes, self.reader.shards
+        windows = shard_windows(sizes, self.shuffle_window, seed, epoch)
+        ends = np.cumsum([sum(sizes[shard] for shard in window) for window in windows]).tolist()
+        files = [[StoredFile(shards[i].file, shards[i].bytes, shards[i].sha256) for i in window] for window in windows]
+        return Prefetcher(self.reader.store, files, ends)
 
 
 class ImageShards(ShardedDataset):

@@ -9,23 +9,26 @@ The cache holds whole shard files named by their SHA-256, each checked against i
 cache passes its limit, the files read least recently are removed (a process still reading a removed file keeps
 its memory map: the file is only unlinked). Several processes and data-loader workers share a cache folder: a
 per-file lock makes one of them download a shard while the others wait for it, and keeps eviction off a file
-being opened. A boto3 client is made per process (a forked worker makes its own).
+being opened. A boto3 client is made per process (a forked worker makes its own). A `Prefetcher` downloads the
+files an epoch reads next in a background thread, ahead of the readers.
 """
 
 from __future__ import annotations
 
-import fcntl
+import bisect
+import contextlib
 import hashlib
 import os
 import re
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from scaleforge.errors import ConfigError, DataError, UsageError
-from scaleforge.files import cache_home, remove_unless_locked, sha256_of
+from scaleforge.files import cache_home, flocked, remove_unless_locked, sha256_of
 
 SIZE_UNITS = {
     "": 1,
@@ -79,12 +82,13 @@ def split_url(url: str) -> tuple[str, str]:
     return match.group(1), match.group(2).strip("/")
 
 
-def s3_client() -> Any:
-    """A boto3 S3 client from the standard credential chain and endpoint settings, with bounded retries."""
+def s3_client(max_attempts: int = 4) -> Any:
+    """A boto3 S3 client from the standard credential chain and endpoint settings, making at most `max_attempts`
+    attempts per request."""
     import boto3
     from botocore.config import Config
 
-    config = Config(retries={"max_attempts": 4, "mode": "standard"}, connect_timeout=5, read_timeout=60)
+    config = Config(retries={"max_attempts": max_attempts, "mode": "standard"}, connect_timeout=5, read_timeout=60)
     return boto3.client("s3", config=config)
 
 
@@ -156,6 +160,15 @@ def check_name(name: object) -> str:
     return name
 
 
+class StoredFile(NamedTuple):
+    """A file of a dataset as its manifest lists it: its name relative to the dataset's root, its size in bytes and
+    its SHA-256."""
+
+    name: str
+    size: int
+    sha256: str
+
+
 class ShardStore:
     """Shard files by their path relative to a dataset's root (`train/data-00000-of-00004.arrow`), opened as local
     files.
@@ -222,24 +235,45 @@ class ShardStore:
                 raise DataError(f"{self.url(name)}: shard file missing")
             self._verify(path, name, size, sha256)
             return opener(path)
-        path = self.cache / f"{sha256}{Path(name).suffix}"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(lock_of(path), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            for attempt in (1, 2):
-                if not path.is_file():
-                    self._download(name, path)
-                try:
-                    self._verify(path, name, size, sha256)
-                    break
-                except DataError:
-                    path.unlink(missing_ok=True)  # damaged in the cache: fetched once more
-                    if attempt == 2:
-                        raise
+        path = self._cached(name, sha256)
+        with open(lock_of(path), "a") as lock, flocked(lock):
+            self._fetch(path, name, size, sha256, self.client)
             os.utime(path)  # recently used: evicted last
             opened = opener(path)  # a memory map outlives the file's removal by an eviction
         self._evict(keep=path)
         return opened
+
+    def fetch(self, file: StoredFile, client: Callable[[], Any]) -> None:
+        """Download `file` into the cache (through `client()`) and check it, marked as recently used, unless another
+        reader holds its lock (downloading or opening it, so it is on its way): what the `Prefetcher` does."""
+        path = self._cached(file.name, file.sha256)
+        with open(lock_of(path), "a") as lock, flocked(lock, wait=False) as held:
+            if not held:
+                return
+            if path.is_file():
+                os.utime(path)  # before the check, whose stamp then matches the file that the reader will open
+            self._fetch(path, file.name, file.size, file.sha256, client)
+        self._evict(keep=path)
+
+    def _cached(self, name: str, sha256: str) -> Path:
+        """Where file `name` is kept in the cache: under its SHA-256."""
+        path = self.cache / f"{sha256}{Path(name).suffix}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _fetch(self, path: Path, name: str, size: int, sha256: str, client: Callable[[], Any]) -> None:
+        """With the file's lock held: `path` downloaded unless it is there, and checked; a damaged copy is
+        downloaded once more."""
+        for attempt in (1, 2):
+            if not path.is_file():
+                self._download(name, path, client)
+            try:
+                self._verify(path, name, size, sha256)
+                return
+            except DataError:
+                path.unlink(missing_ok=True)  # damaged in the cache: fetched once more
+                if attempt == 2:
+                    raise
 
     def _verify(self, path: Path, name: str, size: int, sha256: str) -> None:
         stat = path.stat()
@@ -251,8 +285,8 @@ class ShardStore:
         if key in self.verified:
             return
         stamp.parent.mkdir(parents=True, exist_ok=True)
-        with open(stamp, "a+") as file:
-            fcntl.flock(file, fcntl.LOCK_EX)  # the node's other readers wait for this check, then find it done
+        # the node's other readers wait for this check, then find it done
+        with open(stamp, "a+") as file, flocked(file):
             file.seek(0)
             if file.read() != "verified":
                 if sha256_of(path) != sha256:
@@ -260,13 +294,13 @@ class ShardStore:
                 file.write("verified")
         self.verified.add(key)
 
-    def _download(self, name: str, path: Path) -> None:
+    def _download(self, name: str, path: Path, client: Callable[[], Any]) -> None:
         bucket, prefix = split_url(self.location)
         key = "/".join(filter(None, [prefix, name]))
         handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         os.close(handle)
         try:
-            guarded_s3(self.url(name), lambda: self.client().download_file(bucket, key, temp))
+            guarded_s3(self.url(name), lambda: client().download_file(bucket, key, temp))
             os.replace(temp, path)
         finally:
             if os.path.exists(temp):
@@ -329,6 +363,87 @@ def remove_old_stamps(folder: Path | None = None, days: int = STAMP_DAYS) -> int
         except OSError:  # removed meanwhile by another process's sweep, or not this user's
             continue
     return removed
+
+
+class Prefetcher:
+    """Downloads into a remote store's cache, in a background thread, the files that the readers of an epoch will
+    open next, so that they find them there instead of waiting for each download.
+
+    The epoch reads its files window by window (`windows`, each window's files in reading order, ending at sample
+    `window_ends` of the epoch's order). While the readers are in a window, the thread fetches the files of that
+    window they have not fetched yet and then the next window's, as many as the cache holds beside the current
+    window's: eviction then removes older files first (every file fetched is marked as recently used), never the
+    ones about to be read. A file that a reader holds (downloading or opening it) is passed over. A download that
+    fails is left to the reader that needs the file, which tries again and reports it as it would without a
+    prefetcher. The thread's own client makes one attempt per request, so that it never waits out retries, nor
+    draws botocore's backoff jitter from Python's random stream, which a checkpoint records: prefetching changes
+    when files arrive, never what a run computes or saves.
+    """
+
+    def __init__(self, store: ShardStore, windows: Sequence[Sequence[StoredFile]], window_ends: Sequence[int]) -> None:
+        self.store = store
+        self.windows = [list(window) for window in windows]
+        self.window_ends = list(window_ends)
+        self._window = 0
+        self._stopping = False
+        self._changed = threading.Condition()
+
+    def start(self, position: int) -> None:
+        """Fetch ahead of the readers from sample `position` of the epoch's order on. Start it after the data
+        loader's worker processes exist, so that none is forked with the thread in a download (holding a lock)."""
+        self.advance(position)
+        # made here, not in the thread: a client may be used from any thread, but boto3's session that makes it may
+        # not (and makes it cheaply once this process has made its own)
+        client = guarded_s3(self.store.location, lambda: s3_client(max_attempts=1))
+        threading.Thread(target=self._run, args=(client,), name="scaleforge-prefetch", daemon=True).start()
+
+    def advance(self, position: int) -> None:
+        """The samples before `position` of the epoch's order have been read."""
+        window = min(bisect.bisect_right(self.window_ends, position), len(self.windows) - 1)
+        with self._changed:
+            if window != self._window:
+                self._window = window
+                self._changed.notify()
+
+    def stop(self) -> None:
+        """Fetch nothing more: the thread ends once the file it may be downloading is in (a daemon, it never holds
+        up the process's exit)."""
+        with self._changed:
+            self._stopping = True
+            self._changed.notify()
+
+    def _due(self) -> list[StoredFile]:
+        """The files the readers need soon, in reading order: the current window's, then the next window's as far as
+        the cache holds them beside the current window's."""
+        current = self.windows[self._window]
+        following = self.windows[self._window + 1] if self._window + 1 < len(self.windows) else []
+        limit = self.store.cache_limit
+        room = (float("inf") if limit is None else limit) - sum(file.size for file in current)
+        due = list(current)
+        for file in following:
+            if file.size > room:
+                break
+            room -= file.size
+            due.append(file)
+        return due
+
+    def _next(self, done: set[str]) -> StoredFile | None:
+        """The first due file not handled yet, once there is one; None once stopped."""
+        with self._changed:
+            while not self._stopping:
+                waiting = [file for file in self._due() if file.name not in done]
+                if waiting:
+                    return waiting[0]
+                self._changed.wait()
+        return None
+
+    def _run(self, client: Any) -> None:
+        done: set[str] = set()
+        while (file := self._next(done)) is not None:
+            done.add(file.name)
+            # whatever fails, the reader that needs the file tries again, and says why if it fails too
+            with contextlib.suppress(Exception):
+                self.store.fetch(file, lambda: client)
 
 
 def lock_of(path: Path) -> Path:
