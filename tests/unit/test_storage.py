@@ -66,3 +66,21 @@ def test_a_lock_is_released_while_a_process_forked_under_it_still_holds_the_file
     finally:
         os.close(write_end)
         os.waitpid(child, 0)
+
+
+def test_a_cached_shard_is_hashed_once_however_often_it_is_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hashlib
+
+    from scaleforge.data import storage
+
+    content = b"rows of a shard"
+    sha = hashlib.sha256(content).hexdigest()
+    monkeypatch.setattr(ShardStore, "_download", lambda self, name, path, client: path.write_bytes(content))
+    hashed = []
+    monkeypatch.setattr(storage, "sha256_of", lambda path: hashed.append(path) or sha)
+    for _ in range(3):  # each a loader worker of its own: a store that has seen no stamp
+        store = ShardStore("s3://bucket/data", cache_dir=str(tmp_path / "cache"), cache_limit=1 << 20)
+        assert store.open("train/shard.arrow", len(content), sha, lambda path: path.read_bytes()) == content
+    assert len(hashed) == 1  # opening marks the file as recently used without changing what its stamp is keyed by

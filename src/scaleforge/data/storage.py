@@ -238,7 +238,7 @@ class ShardStore:
         path = self._cached(name, sha256)
         with open(lock_of(path), "a") as lock, flocked(lock):
             self._fetch(path, name, size, sha256, self.client)
-            os.utime(path)  # recently used: evicted last
+            os.utime(lock.fileno())  # recently used: evicted last
             opened = opener(path)  # a memory map outlives the file's removal by an eviction
         self._evict(keep=path)
         return opened
@@ -250,9 +250,8 @@ class ShardStore:
         with open(lock_of(path), "a") as lock, flocked(lock, wait=False) as held:
             if not held:
                 return
-            if path.is_file():
-                os.utime(path)  # before the check, whose stamp then matches the file that the reader will open
             self._fetch(path, file.name, file.size, file.sha256, client)
+            os.utime(lock.fileno())  # recently used: evicted after the files read before it
         self._evict(keep=path)
 
     def _cached(self, name: str, sha256: str) -> Path:
@@ -314,7 +313,9 @@ class ShardStore:
 
     def _evict(self, keep: Path) -> None:
         """Remove the least recently used files until the cache is within its limit, passing over the files other
-        readers are opening."""
+        readers are opening. When a file was last used is its lock file's modification time: the file's own stays
+        that of its download, which its verification stamp is keyed by (touching it would have every process hash
+        it again)."""
         if self.cache_limit is None:
             return
         files = []
@@ -325,7 +326,11 @@ class ShardStore:
                 stat = path.stat()
             except FileNotFoundError:
                 continue
-            files.append((stat.st_mtime, stat.st_size, path))
+            try:
+                used = lock_of(path).stat().st_mtime
+            except FileNotFoundError:
+                used = stat.st_mtime
+            files.append((used, stat.st_size, path))
         total = sum(size for _, size, _ in files)
         for _, size, path in sorted(files):
             if total <= self.cache_limit:
