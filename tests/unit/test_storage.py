@@ -84,3 +84,10 @@ def test_a_cached_shard_is_hashed_once_however_often_it_is_opened(
         store = ShardStore("s3://bucket/data", cache_dir=str(tmp_path / "cache"), cache_limit=1 << 20)
         assert store.open("train/shard.arrow", len(content), sha, lambda path: path.read_bytes()) == content
     assert len(hashed) == 1  # opening marks the file as recently used without changing what its stamp is keyed by
+
+
+def test_a_size_to_reach_is_rounded_up() -> None:
+    from scaleforge.data.storage import format_size
+
+    assert format_size(6_010_000) == "6.0 MB" and format_size(6_010_000, up=True) == "6.1 MB"
+    assert format_size(6_000_000, up=True) == "6.0 MB" and format_size(999.5, up=True) == "1000 B"

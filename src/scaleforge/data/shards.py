@@ -343,7 +343,7 @@ def window_for(dataset: ShardedDataset, shuffle_window: int | None, cache_limit:
         raise ConfigError(
             f"data.cache_limit: {format_size(cache_limit)} cannot hold two shuffle windows of {window} samples "
             f"({what}: up to {spanned} shards of up to {format_size(max(s.bytes for s in shards))}); raise "
-            f"data.cache_limit to {format_size(needed)} or lower data.shuffle_window"
+            f"data.cache_limit to {format_size(needed, up=True)} or lower data.shuffle_window"
         )
     return window
 

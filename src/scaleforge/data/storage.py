@@ -18,6 +18,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import hashlib
+import math
 import os
 import re
 import tempfile
@@ -60,11 +61,13 @@ def parse_size(text: str | int, key: str) -> int:
     return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
 
 
-def format_size(count: float) -> str:
-    """`146.8 MB`."""
+def format_size(count: float, *, up: bool = False) -> str:
+    """`146.8 MB`; rounded up with `up` (a size that must be reached: never one below it)."""
     for unit in ("B", "kB", "MB", "GB"):
         if count < 1000 or unit == "GB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+            if unit == "B":
+                return f"{math.ceil(count) if up else round(count)} {unit}"
+            return f"{math.ceil(count * 10) / 10 if up else count:.1f} {unit}"
         count /= 1000
     raise AssertionError  # pragma: no cover
 
