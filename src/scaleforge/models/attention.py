@@ -1,5 +1,6 @@
 """Transformer building blocks shared by the model families: self-attention (over all positions for image
-models, causal for language models), the feed-forward network and the pre-norm block that joins them."""
+models, causal for language models), the feed-forward network and the pre-norm block that joins them; and the
+key/value cache a language model decodes with, one token at a time."""
 
 from __future__ import annotations
 
@@ -9,6 +10,62 @@ from typing import ClassVar
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+
+class KVCache:
+    """The keys and values of every layer for `slots` sequences, preallocated up to `context` positions.
+
+    `keys` and `values` are (layers, slots, heads, context, head_dim); `lengths[s]` is how many positions slot `s`
+    holds. Slots fill independently, so one cache serves a batch of sequences at different positions: each new
+    token attends to its own slot's first `lengths[s]` positions and itself, through a mask.
+    """
+
+    def __init__(
+        self,
+        layers: int,
+        slots: int,
+        heads: int,
+        context: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        shape = (layers, slots, heads, context, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        self.context = context
+
+    def reset(self, slots: torch.Tensor | None = None) -> None:
+        """Empty `slots` (every slot when None); their old keys and values are masked out, then overwritten."""
+        if slots is None:
+            self.lengths.zero_()
+        else:
+            self.lengths[slots] = 0
+
+    def positions(self, slots: torch.Tensor, count: int) -> torch.Tensor:
+        """The positions (B, count) that `count` new tokens of each slot in `slots` (B,) take."""
+        positions = self.lengths[slots, None] + torch.arange(count, device=self.lengths.device)
+        if int(positions.max()) >= self.context:
+            raise ValueError(f"the cache holds {self.context} positions; these tokens would need more")
+        return positions
+
+    def write(
+        self, layer: int, slots: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+    ) -> None:
+        """Store one layer's new `keys` and `values` (B, T, H, D) of `slots` (B,) at `positions` (B, T)."""
+        rows = slots[:, None]  # (B, 1), broadcast against positions (B, T)
+        self.keys[layer][rows, :, positions] = keys
+        self.values[layer][rows, :, positions] = values
+
+    def read(self, layer: int, slots: torch.Tensor, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's keys and values (B, H, span, D) of `slots`' first `span` positions."""
+        return self.keys[layer][slots, :, :span], self.values[layer][slots, :, :span]
+
+    def advance(self, slots: torch.Tensor, count: int) -> None:
+        """Count `count` more positions as held by each of `slots`, once every layer has written them."""
+        self.lengths[slots] += count
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -42,6 +99,26 @@ class MultiHeadSelfAttention(nn.Module):
         )
         y = y.transpose(1, 2).reshape(batch, seq, -1)  # (B, T, C)
         return self.resid_dropout(self.out_proj(y))
+
+    def decode(
+        self,
+        x: torch.Tensor,
+        cache: KVCache,
+        layer: int,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """`forward` for new tokens x (B, T, C) of the sequences in cache `slots` (B,), at `positions` (B, T):
+        their keys and values go into the cache, and they attend to what it holds where `mask` (B, 1, T, span)
+        is True."""
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)  # (B, H, T, C/H)
+        new_keys, new_values = (proj(x).view(batch, seq, -1, self.head_dim) for proj in (self.k_proj, self.v_proj))
+        cache.write(layer, slots, positions, new_keys, new_values)  # (B, T, H, C/H) each
+        keys, values = cache.read(layer, slots, mask.shape[-1])  # (B, H, span, C/H)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, H, T, C/H)
+        return self.out_proj(y.transpose(1, 2).reshape(batch, seq, -1))  # (B, T, C)
 
 
 class SpatialSelfAttention(nn.Module):
@@ -97,6 +174,19 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))  # (B, T, C)
+
+    def decode(
+        self,
+        x: torch.Tensor,
+        cache: KVCache,
+        layer: int,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """`forward` for new tokens attending through the cache (`MultiHeadSelfAttention.decode`)."""
+        x = x + self.attn.decode(self.ln_1(x), cache, layer, slots, positions, mask)
         return x + self.mlp(self.ln_2(x))  # (B, T, C)
 
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from scaleforge.models.attention import TransformerBlock, transformer_tp_plan
+from scaleforge.models.attention import KVCache, TransformerBlock, transformer_tp_plan
 from scaleforge.registry import register_model
 
 
@@ -21,11 +21,13 @@ class TokenEmbedding(nn.Module):
         self.position = nn.Embedding(seq_len, d_model)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings of `tokens` (B, T) at positions 0..T-1, or at `positions` (B, T) when given."""
         seq = tokens.shape[1]  # (B, T)
         if seq > self.seq_len:
             raise ValueError(f"sequence of {seq} tokens is longer than the model's context of {self.seq_len}")
-        positions = torch.arange(seq, device=tokens.device)
+        if positions is None:
+            positions = torch.arange(seq, device=tokens.device)
         return self.dropout(self.token(tokens) + self.position(positions))  # (B, T, C)
 
 
@@ -84,4 +86,35 @@ class GPT(nn.Module):
         x = self.embed(tokens)  # (B, T) -> (B, T, C)
         for block in self.blocks:
             x = block(x)  # (B, T, C)
+        return self.head(x)  # (B, T, vocab_size)
+
+    def new_cache(self, slots: int = 1) -> KVCache:
+        """An empty key/value cache for `slots` sequences of up to the model's context, on its device."""
+        weight = self.embed.token.weight
+        attention = self.blocks[0].attn
+        return KVCache(
+            len(self.blocks),
+            slots,
+            attention.heads,
+            self.embed.seq_len,
+            attention.head_dim,
+            dtype=weight.dtype,
+            device=weight.device,
+        )
+
+    def decode(self, tokens: torch.Tensor, cache: KVCache, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab_size) of `tokens` (B, T) appended to the sequences that cache `slots` (B,) hold
+        (default: slots 0..B-1): a prompt at once (prefill), then one token a step. Each row attends to its own
+        slot's earlier tokens, whatever their number; the same as `forward` on the whole sequence."""
+        batch, seq = tokens.shape
+        if slots is None:
+            slots = torch.arange(batch, device=tokens.device)
+        positions = cache.positions(slots, seq)  # (B, T)
+        span = int(positions.max()) + 1
+        keys = torch.arange(span, device=tokens.device)
+        mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, span): own earlier tokens
+        x = self.embed(tokens, positions)  # (B, T, C)
+        for layer, block in enumerate(self.blocks):
+            x = block.decode(x, cache, layer, slots, positions, mask)  # (B, T, C)
+        cache.advance(slots, seq)
         return self.head(x)  # (B, T, vocab_size)
