@@ -356,7 +356,7 @@ def test_an_uploaded_image_is_answered_as_its_pixels_sent_as_numbers(digits_url:
             if len(file) == len(png(image, "L")):  # exactly the same pixels
                 assert output["top_class"] == expected["top_class"]
                 assert torch.allclose(torch.tensor(output["probabilities"]), torch.tensor(expected["probabilities"]))
-    card = httpx.get(f"{digits_url}/v1/models").json()["input_schema"]
+    card = httpx.get(f"{digits_url}/v1/models").json()["data"][0]["input_schema"]
     assert card["image"] == {"endpoint": "/v1/predict/image", "mode": "grey", "size": 8}
     assert card["classes"] == [str(digit) for digit in range(10)]
 
@@ -551,8 +551,12 @@ def test_metrics_count_what_the_client_saw(digits_run: Path) -> None:
     assert metric(text, "scaleforge_cache_total", outcome="miss") == 1
     assert metric(text, "scaleforge_rejections_total", reason="invalid") == 5
     assert metric(text, "process_resident_memory_bytes") > 0 and metric(text, "scaleforge_model_load_seconds") > 0
-    card = models.json()
+    listed = models.json()
+    assert listed["object"] == "list" and len(listed["data"]) == 1
+    card = listed["data"][0]
+    assert card["object"] == "model" and card["owned_by"] == "scaleforge" and isinstance(card["created"], int)
     assert card["task"] == "classification" and card["input_schema"]["shape"] == [1, 8, 8]
+    assert "completions" not in card
 
 
 def test_schemathesis_finds_no_server_error(digits_url: str, tmp_path: Path) -> None:

@@ -83,7 +83,7 @@ def test_a_bpe_run_saves_its_tokenizer_and_is_evaluated_and_served_with_it(tmp_p
             texts = await client.post("/v1/predict", json={"inputs": ["the lazy", "a fox"]})
             card = await client.get("/v1/models")
         assert texts.status_code == 200, texts.text
-        assert card.json()["input_schema"]["tokenizer"] == "bpe"
+        assert card.json()["data"][0]["input_schema"]["tokenizer"] == "bpe"
         return texts.json()["outputs"]
 
     outputs = asyncio.run(predict())

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from scaleforge.errors import UsageError, did_you_mean
 from scaleforge.generation.decoders import Decoder, decoder_for
 from scaleforge.generation.sampling import SamplingOptions, next_tokens
-from scaleforge.generation.streaming import StopStrings, StreamingDetokenizer
+from scaleforge.generation.streaming import TextOutput
 from scaleforge.hardware import select_device
 from scaleforge.runs import LoadedRun, Trust, open_run
 
@@ -37,19 +37,17 @@ class Generation:
         self.finish_reason: FinishReason | None = None
 
     def __iter__(self) -> Iterator[str]:
-        text, stops = StreamingDetokenizer(self.token_bytes), StopStrings(self.options.stop)
+        text = TextOutput(self.token_bytes, self.options.stop)
         for token in self._sample():
-            piece = stops.push(text.push(token))
+            piece = text.push(token)
             if piece:
                 yield piece
-            if stops.stopped:
+            if text.stopped:
                 self.finish_reason = "stop"
                 return
-        piece = stops.push(text.flush())
-        if stops.stopped:
+        piece = text.finish()
+        if text.stopped:
             self.finish_reason = "stop"
-        else:
-            piece += stops.flush()
         if piece:
             yield piece
 

@@ -56,3 +56,25 @@ def _overlap(text: str, stop: str) -> int:
         if text.endswith(stop[:length]):
             return length
     return 0
+
+
+class TextOutput:
+    """A sequence's sampled tokens in, its text out: decoded without splitting a character (`StreamingDetokenizer`)
+    and cut before the first of `stops` (`StopStrings`); `stopped` turns True when a stop string appears."""
+
+    def __init__(self, token_bytes: Sequence[bytes], stops: Sequence[str]) -> None:
+        self._text = StreamingDetokenizer(token_bytes)
+        self._stops = StopStrings(stops)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stops.stopped
+
+    def push(self, token: int) -> str:
+        """The text that `token` adds for certain ('' while a character or a possible stop string is unfinished)."""
+        return self._stops.push(self._text.push(token))
+
+    def finish(self) -> str:
+        """The rest of the text once the tokens have ended: what was held back, unless it completes a stop string."""
+        piece = self._stops.push(self._text.flush())
+        return piece if self._stops.stopped else piece + self._stops.flush()

@@ -15,6 +15,15 @@ class ServeSettings:
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind (0.0.0.0: every interface)"})
     port: int = field(default=8000, metadata={"range": "port", "help": "port (0: any free one, printed)"})
     max_batch_size: int = field(default=32, metadata={"range": "positive", "help": "instances per batch, at most"})
+    max_step_tokens: int = field(
+        default=512,
+        metadata={
+            "range": "positive",
+            "help": "a language model's completions: the most tokens one decoding step reads, one for each running "
+            "sequence and the rest for prompts' chunks, so that a long prompt delays the others one step at most "
+            "(--max-batch-size sequences run at once)",
+        },
+    )
     max_delay_ms: float = field(
         default=5.0, metadata={"range": "non-negative", "help": "longest wait for a batch to fill"}
     )
