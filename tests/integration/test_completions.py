@@ -234,3 +234,8 @@ def test_a_stream_whose_client_goes_away_stops_being_decoded(run: Path) -> None:
     finally:
         served.should_exit = True
         thread.join(timeout=30)
+
+
+def test_a_language_model_on_text_is_not_served_from_a_model_process(cli, run: Path) -> None:  # noqa: ANN001
+    refused = cli("serve", str(run), "--port", "0", "--model-process")
+    assert refused.code == 2 and "--model-process: a language model's completions are decoded" in refused.err

@@ -228,6 +228,15 @@ class Choices:
 
         return emit
 
+    async def next_unless(self, gone: asyncio.Future[None]) -> tuple[int, Output | Exception] | None:
+        """The next output, or None if `gone` (the client's disconnect) comes first."""
+        got = asyncio.ensure_future(self.queue.get())
+        await asyncio.wait({got, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if got.done():
+            return got.result()
+        got.cancel()
+        return None
+
     def cancel(self) -> None:
         """Take the sequences still running or waiting out at the engine's next step."""
         for request in self.requests:
@@ -282,7 +291,7 @@ class Completions:
         usage = {"prompt_tokens": sum(map(len, prompts))}
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return await self._streamed(choices, len(prompts), head, usage if include_usage else None)
+            return await self._streamed(choices, len(prompts), head, usage if include_usage else None, request)
         return await self._whole(choices, len(prompts), head, usage, request)
 
     def checked(self, body: CompletionRequest) -> tuple[list[list[int]], SamplingOptions]:
@@ -294,8 +303,11 @@ class Completions:
                 "model",
                 "model_not_found",
             )
-        for name in sorted(body.model_extra or {}):
-            raise OpenAIError(400, f"Unrecognized request argument supplied: {name}", name, "unknown_parameter")
+        unknown = sorted(body.model_extra or {})
+        if unknown:
+            raise OpenAIError(
+                400, f"Unrecognized request argument supplied: {unknown[0]}", unknown[0], "unknown_parameter"
+            )
         for name, unused in UNSUPPORTED.items():
             value = getattr(body, name)
             if value not in unused:
@@ -366,12 +378,10 @@ class Completions:
         gone = asyncio.ensure_future(_disconnected(request.receive))
         try:
             while not all(finishes):
-                got = asyncio.ensure_future(choices.queue.get())
-                await asyncio.wait({got, gone}, return_when=asyncio.FIRST_COMPLETED)
-                if not got.done():
-                    got.cancel()
+                got = await choices.next_unless(gone)
+                if got is None:
                     return Response(status_code=499)  # never sent: the client went away
-                index, item = got.result()
+                index, item = got
                 failed = _failure(item)
                 if failed is not None:
                     return failed
@@ -394,14 +404,20 @@ class Completions:
         return Response(orjson.dumps(body), media_type="application/json")
 
     async def _streamed(
-        self, choices: Choices, count: int, head: dict[str, Any], usage: dict[str, int] | None
+        self, choices: Choices, count: int, head: dict[str, Any], usage: dict[str, int] | None, request: Request
     ) -> Response:
         # the first output decides the status: a sequence refused before it ran is an error, not an empty stream
-        first = await choices.queue.get()
-        failed = _failure(first[1])
+        gone = asyncio.ensure_future(_disconnected(request.receive))
+        try:
+            got = await choices.next_unless(gone)
+        finally:
+            gone.cancel()  # from here on, the streaming response watches the connection
+        failed = Response(status_code=499) if got is None else _failure(got[1])
         if failed is not None:
             choices.cancel()
             return failed
+        assert got is not None
+        first = got
 
         def event(payload: Any) -> bytes:
             return b"data: " + orjson.dumps(payload) + b"\n\n"

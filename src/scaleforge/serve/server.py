@@ -157,6 +157,8 @@ def _server(
         f" queue {settings.max_queue}, timeout {settings.timeout_ms:g} ms,"
         f" bodies <= {gate.body_limit.max_bytes:,} bytes"
     )
+    if model.generates_text and worker is None:
+        banner += f" | completions: {settings.max_batch_size} slots, <= {settings.max_step_tokens} tokens a step"
     return DrainingServer(config, gate, banner, settings.drain_grace_s)
 
 
