@@ -23,7 +23,7 @@ from scaleforge.generation.sampling import SamplingOptions
 from scaleforge.serve.app import ServeSettings, ServingApp
 from scaleforge.serve.model import ServedModel
 from tests.integration.test_generate import GPT, QUICK
-from tests.integration.test_serve import metric, server
+from tests.integration.test_serve import metric, no_server_error, server
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -239,3 +239,16 @@ def test_a_stream_whose_client_goes_away_stops_being_decoded(run: Path) -> None:
 def test_a_language_model_on_text_is_not_served_from_a_model_process(cli, run: Path) -> None:  # noqa: ANN001
     refused = cli("serve", str(run), "--port", "0", "--model-process")
     assert refused.code == 2 and "--model-process: a language model's completions are decoded" in refused.err
+
+
+def test_schemathesis_finds_no_server_error_in_the_completions(url: str, tmp_path: Path) -> None:
+    no_server_error(
+        url,
+        tmp_path,
+        "--include-path-regex",
+        "completions",
+        "--max-examples",
+        "40",
+        "-H",
+        f"Authorization: Bearer {KEY}",
+    )
