@@ -404,7 +404,12 @@ class ServingApp:
             return None
         slots = slot_model_for(model.model, settings.max_batch_size, model.info.seq_len)
         engine = Engine(slots, model.tokenizer.token_byte_strings(), settings.max_step_tokens)
-        loop = EngineLoop(engine, max_waiting=settings.max_queue, timeout_s=settings.timeout_ms / 1000)
+        loop = EngineLoop(
+            engine,
+            max_waiting=settings.max_queue,
+            timeout_s=settings.timeout_ms / 1000,
+            hung_after_s=settings.batch_timeout_s,
+        )
         return Completions(
             loop,
             self.metrics.generation,
@@ -624,10 +629,13 @@ class ServingApp:
         return self.metrics.refuse("invalid", 400, why, openai=True)
 
     async def live(self) -> Response:
-        """200 while the process answers and its model answers its batches within --batch-timeout-s; 503 while a
-        batch on the model's thread has outlived it (requests get 503 too, until the model answers)."""
+        """200 while the process answers and its model answers its batches (and a language model its decoding
+        steps) within --batch-timeout-s; 503 while a batch or a step on the model's thread has outlived it (requests
+        get 503 too, until the model answers)."""
         if self.batcher.hung:
             return _error(503, self.batcher.hung_message())
+        if self.completions is not None and self.completions.loop.hung:
+            return _error(503, self.completions.loop.hung_message())
         return _Json({"status": "live"})
 
     async def ready(self) -> Response:

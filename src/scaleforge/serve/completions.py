@@ -28,7 +28,7 @@ from starlette.requests import Request
 from scaleforge.errors import UsageError
 from scaleforge.generation.engine import Engine, EngineRequest, Output
 from scaleforge.generation.sampling import SamplingOptions
-from scaleforge.serve.batching import Closed, QueueFull
+from scaleforge.serve.batching import Closed, ModelHung, QueueFull
 
 OPENAI_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 MAX_STOP_STRINGS = 4  # as OpenAI's API
@@ -142,12 +142,16 @@ class GenerationMetrics:
 class EngineLoop:
     """`engine` stepped on a thread of its own while it has sequences, asleep otherwise. At most `max_waiting`
     sequences wait for a slot (`QueueFull` beyond); one still waiting `timeout_s` after it came is refused
-    (`expired`). `close` admits nothing more and returns once every admitted sequence has ended."""
+    (`expired`). A step running longer than `hung_after_s` (0: never) is taken for hung: new sequences are refused
+    (`ModelHung`) until it ends, since a model's thread cannot be stopped. `close` admits nothing more and returns
+    once every admitted sequence has ended."""
 
-    def __init__(self, engine: Engine, *, max_waiting: int, timeout_s: float) -> None:
+    def __init__(self, engine: Engine, *, max_waiting: int, timeout_s: float, hung_after_s: float = 0.0) -> None:
         self.engine = engine
         self.max_waiting = max_waiting
         self.timeout_s = timeout_s
+        self.hung_after_s = hung_after_s
+        self._step_since: float | None = None  # when the running step started
         self._inbox: collections.deque[EngineRequest] = collections.deque()
         self._wake = threading.Condition()
         self._closing = False
@@ -162,10 +166,24 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="scaleforge-engine", daemon=True)
         self._thread.start()
 
+    @property
+    def hung(self) -> bool:
+        """Whether the running step has outlived `hung_after_s`."""
+        since = self._step_since
+        return bool(self.hung_after_s) and since is not None and time.perf_counter() - since > self.hung_after_s
+
+    def hung_message(self) -> str:
+        return (
+            f"the model has not finished its decoding step within {self.hung_after_s:g} s (--batch-timeout-s); "
+            "completions are refused until it does"
+        )
+
     def admit(self, count: int) -> None:
-        """Refuse `count` more sequences now if they would not be taken (`Closed`, `QueueFull`)."""
+        """Refuse `count` more sequences now if they would not be taken (`Closed`, `ModelHung`, `QueueFull`)."""
         if self._closing:
             raise Closed("the server is shutting down")
+        if self.hung:
+            raise ModelHung(self.hung_message())
         if self.waiting + count > self.max_waiting:
             raise QueueFull(f"{self.waiting} sequences are waiting already (--max-queue {self.max_waiting})")
 
@@ -196,11 +214,14 @@ class EngineLoop:
                     return
                 while self._inbox:
                     self.engine.add(self._inbox.popleft())
+            self._step_since = time.perf_counter()
             try:
                 self.engine.step()
             except Exception as error:  # noqa: BLE001 - the model failed: its sequences are told, the loop goes on
                 for request in self.engine.abandon():
                     request.emit(error)
+            finally:
+                self._step_since = None
 
 
 class Choices:
@@ -279,8 +300,8 @@ class Completions:
         except OpenAIError as error:
             self.refused("invalid")
             return error.response()
-        except (QueueFull, Closed) as error:
-            reason = "queue_full" if isinstance(error, QueueFull) else "shutting_down"
+        except (QueueFull, Closed, ModelHung) as error:
+            reason = {QueueFull: "queue_full", Closed: "shutting_down", ModelHung: "model_hung"}[type(error)]
             self.refused(reason)
             return openai_error(503, str(error), None, reason, {"Retry-After": "1"})
         choices = Choices(asyncio.get_running_loop(), self.metrics)
