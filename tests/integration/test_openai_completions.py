@@ -185,21 +185,24 @@ def test_chat_an_api_key_and_metrics(client: OpenAI, url: str) -> None:
     assert "scaleforge_running_sequences" in text and "scaleforge_batch_occupancy_ratio" in text
 
 
-def test_a_full_waiting_queue_is_refused_with_503_in_openais_shape(run: Path) -> None:
+def test_a_full_waiting_queue_and_a_body_past_the_limit_are_refused_in_openais_shape(run: Path) -> None:
     served = ServedModel(run)
-    app = ServingApp(served, ServeSettings(max_batch_size=1, max_queue=1))
+    app = ServingApp(served, ServeSettings(max_batch_size=1, max_queue=1, max_body_mb=0.001))
     assert app.completions is not None
     # the engine's thread is not started: what is submitted stays waiting
     app.completions.loop.submit([1, 2, 3], SamplingOptions(), lambda output: None)
 
-    async def post() -> httpx.Response:
+    async def post(prompt: str) -> httpx.Response:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app.gate()), base_url="http://test") as http:
-            return await http.post("/v1/completions", json={**BASE, "model": served.card.name})
+            return await http.post("/v1/completions", json={**BASE, "model": served.card.name, "prompt": prompt})
 
-    response = asyncio.run(post())
-    assert response.status_code == 503 and response.headers["retry-after"] == "1"
-    error = response.json()["error"]
+    full = asyncio.run(post("the"))
+    assert full.status_code == 503 and full.headers["retry-after"] == "1"
+    error = full.json()["error"]
     assert error["type"] == "server_error" and error["code"] == "queue_full" and "--max-queue 1" in error["message"]
+    large = asyncio.run(post("x" * 2000))
+    assert large.status_code == 413 and large.json()["error"]["code"] == "too_large"
+    assert "--max-body-mb 0.001" in large.json()["error"]["message"]
 
 
 def test_a_stream_whose_client_goes_away_stops_being_decoded(run: Path) -> None:
