@@ -362,3 +362,38 @@ def test_dynamic_int8_quantizes_an_lstm_and_exports_it_as_onnx_runtimes_int8_lst
 
     operators = {node.op_type for node in onnx.load(str(tmp_path / "lstm.onnx")).graph.node}
     assert "DynamicQuantizeLSTM" in operators and "LSTM" not in operators
+
+
+def test_a_gpt_exports_with_a_dynamic_sequence_and_answers_as_the_model_at_every_length(cli, tmp_path: Path) -> None:
+    import numpy as np
+    import onnxruntime
+
+    from scaleforge.runs import UNTRUSTED, open_run
+
+    run = tmp_path / "gpt"
+    gpt = ["model.architecture=gpt", "model.n_layers=2", "model.d_model=32", "model.n_heads=2"]
+    tokens = ["data.dataset=synthetic", "data.kind=tokens", "data.seq_len=24", "data.vocab_size=64"]
+    train(load_config(None, [*QUICK, *gpt, *tokens, "data.num_samples=256", "training.max_steps=2"]), run)
+    result = cli("export", str(run), "--format", "onnx", "--dynamic-batch", "--out", str(tmp_path / "gpt.onnx"))
+    assert result.code == 0, result.err
+    checked = [line for line in result.out.splitlines() if line.startswith("checked on")]
+    lengths = [int(line.split(" rows of ")[1].split()[0]) for line in checked]
+    assert lengths == [1, 1, 12, 12, 24, 24]  # 1 token, half the context, all of it; each at two batch sizes
+    assert all(float(line.split("difference| ")[1].split(",")[0]) <= 1e-4 for line in checked)
+
+    model = open_run(run / "final", UNTRUSTED).model
+    session = onnxruntime.InferenceSession(str(tmp_path / "gpt.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == ["batch", "sequence"]
+    generator = torch.Generator().manual_seed(0)
+    for rows, length in [(1, 1), (3, 7), (1, 24), (5, 24), (2, 13)]:
+        batch = torch.randint(0, 64, (rows, length), generator=generator)
+        with torch.inference_mode():
+            expected = model(batch).numpy()
+        got = session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0]
+        assert got.shape == (rows, length, 64) and np.abs(got - expected).max() <= 1e-4
+
+    fixed = cli("export", str(run), "--format", "torch-export", "--out", str(tmp_path / "gpt.pt2"))
+    assert fixed.code == 0, fixed.err  # the batch fixed, the sequence still free
+    rows = int(fixed.out.split("checked on ")[1].split()[0])  # the validation rows: the batch it was exported at
+    program = torch.export.load(str(tmp_path / "gpt.pt2")).module()
+    assert program(torch.zeros(rows, 5, dtype=torch.long)).shape == (rows, 5, 64)

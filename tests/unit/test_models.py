@@ -180,6 +180,22 @@ def test_one_gpt_cache_holds_sequences_at_different_positions_in_any_slots() -> 
     assert torch.allclose(stepped[:, 0], torch.stack([whole[0, 5], whole[1, 9]]), atol=1e-5)
 
 
+def test_the_first_slots_decode_through_the_caches_views_at_different_positions() -> None:
+    torch.manual_seed(0)
+    model = GPT(vocab_size=64, seq_len=24, n_layers=2, n_heads=4, d_model=32).eval()
+    tokens = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        whole = model(tokens)
+        cache = model.new_cache(slots=2)
+        model.decode(tokens[0:1, :5], cache, slots=torch.tensor([0]))
+        model.decode(tokens[1:2, :9], cache, slots=torch.tensor([1]))
+        stepped = model.decode(torch.stack([tokens[0, 5:6], tokens[1, 9:10]]), cache)  # slots 0, 1: a slice
+        again = model.decode(torch.stack([tokens[0, 6:7], tokens[1, 10:11]]), cache)
+    assert cache.lengths.tolist() == [7, 11]
+    assert torch.allclose(stepped[:, 0], torch.stack([whole[0, 5], whole[1, 9]]), atol=1e-5)
+    assert torch.allclose(again[:, 0], torch.stack([whole[0, 6], whole[1, 10]]), atol=1e-5)
+
+
 def test_an_lstm_language_model_carries_its_state_between_steps() -> None:
     torch.manual_seed(0)
     model = LSTMModel(input_shape=(16,), vocab_size=64, embedding_dim=8, hidden_size=16).eval()

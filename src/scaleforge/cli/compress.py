@@ -31,7 +31,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="onnx: one .onnx file (dynamo exporter, checked with ONNX Runtime); torch-export: a .pt2 ExportedProgram; "
         "aoti: an AOTInductor package (.aoti.pt2, compiled: needs a C++ compiler; the successor of TorchScript)",
     )
-    export.add_argument("--dynamic-batch", action="store_true", help="any batch size (checked on two)")
+    export.add_argument(
+        "--dynamic-batch",
+        action="store_true",
+        help="any batch size (checked on two); a gpt takes any sequence length up to its context whether or not",
+    )
     export.add_argument("--opset", type=positive_int, help="ONNX opset (default: the exporter's)")
     export.add_argument(
         "--out", help="the file to write (default: RUN_DIR/exported/model.onnx, model.pt2 or model.aoti.pt2)"
@@ -82,8 +86,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         args.run_dir, args.format, dynamic_batch=args.dynamic_batch, opset=args.opset, out=args.out, trust=trust(args)
     )
     for check in result["checks"]:
+        tokens = "" if check["tokens"] is None else f" of {check['tokens']} tokens"
         print(
-            f"checked on {check['rows']} validation rows: max |difference| {check['max_abs_diff']:.2e}, "
+            f"checked on {check['rows']} validation rows{tokens}: max |difference| {check['max_abs_diff']:.2e}, "
             f"top-1 agreement {check['top1_agreement']:.1%}"
         )
     kind = "int8" if result["int8"] else "float"

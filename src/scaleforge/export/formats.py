@@ -7,10 +7,16 @@
   loaded back with `torch._inductor.aoti_load_package`; the supported successor of TorchScript, which is
   deprecated, for running without Python.
 
+A `gpt` is exported with a dynamic sequence dimension as well, from 1 token to its context, whatever
+`--dynamic-batch` says: a language model is fed sequences of every length while it generates. Its graph reads the
+whole sequence and returns every position's logits (B, T, vocab); generating with it means reading the context
+again for each token (docs/export.md says what that costs against a key/value cache).
+
 All take float models and int8 runs: a `dynamic-int8` run goes to ONNX as ONNX Runtime's own dynamic int8 graph
 (its quantizer applied to the float model that holds the run's int8 weights), a `static-int8` one with its
 quantize and dequantize steps. The check runs the exported model on up to 256 validation rows, and with
-`--dynamic-batch` on a batch one row smaller, against the eager model: float outputs must agree to 1e-4, int8
+`--dynamic-batch` on a batch one row smaller, a gpt at 1 token, half its context and its whole context, against
+the eager model: float outputs must agree to 1e-4, int8
 ones in top-1 class on at least 99% of the rows (ONNX Runtime's int8 kernels round differently, and its int8
 LSTM keeps 7 bits of each weight). The file is written under a `.partial` name and renamed into place once
 checked: a failed export or check leaves nothing (and an earlier file of that name as it was).
@@ -47,6 +53,7 @@ class ExportCheck:
     rows: int
     max_abs_diff: float
     top1_agreement: float
+    tokens: int | None = None  # each row's sequence length, for a language model
 
 
 def export_run(
@@ -73,14 +80,13 @@ def export_run(
     out.parent.mkdir(parents=True, exist_ok=True)
     target, out = out, out.with_name(f"{out.name.removesuffix(out.suffix)}.partial{out.suffix}")  # renamed once checked
     inputs = validation_inputs(run, CHECK_ROWS)
-    dynamic = ({0: torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)},) if dynamic_batch else None
+    context = run.info.seq_len if run.config.model.architecture == "gpt" else None
     try:
         with _quiet_exporters():
             dynamic_int8 = compression.get("format") == "dynamic-int8"
-            runner = _export(fmt, model, inputs, out, dynamic, opset, dynamic_int8=dynamic_int8)
-        # the other size one row fewer: as many rows again, so that 99% means the same in both checks
-        batches = [inputs] + ([inputs[: max(1, len(inputs) - 1)]] if dynamic_batch else [])
-        checks = [_compare(model, runner, batch) for batch in batches]
+            runner = _export(fmt, model, inputs, out, _dynamic_shapes(dynamic_batch, context), opset,
+                             dynamic_int8=dynamic_int8)  # fmt: skip
+        checks = [_compare(model, runner, batch) for batch in _check_batches(inputs, dynamic_batch, context)]
         for check in checks:
             _require(check, int8, fmt)
         out.rename(target)
@@ -93,8 +99,29 @@ def export_run(
         "bytes": target.stat().st_size,
         "int8": int8,
         "dynamic_batch": dynamic_batch,
+        "dynamic_sequence": None if context is None else [1, context],
         "checks": [check.__dict__ for check in checks],
     }
+
+
+def _dynamic_shapes(dynamic_batch: bool, context: int | None) -> Any:
+    """The dynamic dimensions of the model's one input: the batch with `dynamic_batch`, and the sequence (1 to
+    `context` tokens) of a language model with a context."""
+    dims = {0: torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)} if dynamic_batch else {}
+    if context is not None:
+        dims[1] = torch.export.Dim("sequence", min=1, max=context)
+    return (dims,) if dims else None
+
+
+def _check_batches(inputs: torch.Tensor, dynamic_batch: bool, context: int | None) -> list[torch.Tensor]:
+    """What the export is checked on: the validation rows, and with `dynamic_batch` one row fewer (as many rows
+    again, so that 99% means the same in both checks); a language model's at 1 token, half its context and all
+    of it, each at both batch sizes."""
+    batches = [inputs] + ([inputs[: max(1, len(inputs) - 1)]] if dynamic_batch else [])
+    if context is None:
+        return batches
+    lengths = sorted({1, max(1, context // 2), context})
+    return [batch[:, :length] for length in lengths for batch in batches]
 
 
 def validation_inputs(run: Any, rows: int = 32) -> torch.Tensor:
@@ -216,17 +243,22 @@ def _compare(model: nn.Module, runner: Any, batch: torch.Tensor) -> ExportCheck:
     if got.shape != expected.shape:
         raise UsageError(f"the exported model answered shape {list(got.shape)}, the model {list(expected.shape)}")
     agreement = float((got.argmax(-1) == expected.argmax(-1)).mean())
-    return ExportCheck(len(batch), float(np.abs(got - expected).max()), agreement)
+    tokens = batch.shape[1] if got.ndim == 3 else None  # a language model's logits: (B, T, vocab)
+    return ExportCheck(len(batch), float(np.abs(got - expected).max()), agreement, tokens)
 
 
 def _require(check: ExportCheck, int8: bool, fmt: str) -> None:
     if int8 and check.top1_agreement < INT8_AGREEMENT:
         raise UsageError(
             f"the {fmt} export agrees with the model in top-1 class on {check.top1_agreement:.1%} of {check.rows} "
-            f"validation rows, less than {INT8_AGREEMENT:.0%}"
+            f"validation rows{_of_tokens(check)}, less than {INT8_AGREEMENT:.0%}"
         )
     if not int8 and check.max_abs_diff > FLOAT_TOLERANCE:
         raise UsageError(
             f"the {fmt} export differs from the model by up to {check.max_abs_diff:.2e} on {check.rows} validation "
-            f"rows, more than {FLOAT_TOLERANCE:g}"
+            f"rows{_of_tokens(check)}, more than {FLOAT_TOLERANCE:g}"
         )
+
+
+def _of_tokens(check: ExportCheck) -> str:
+    return "" if check.tokens is None else f" of {check.tokens} tokens"

@@ -11,13 +11,17 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+Slots = torch.Tensor | slice  # cache slots: a tensor of indices (B,), or a run of them
+
 
 class KVCache:
     """The keys and values of every layer for `slots` sequences, preallocated up to `context` positions.
 
     `keys` and `values` are (layers, slots, heads, context, head_dim); `lengths[s]` is how many positions slot `s`
     holds. Slots fill independently, so one cache serves a batch of sequences at different positions: each new
-    token attends to its own slot's first `lengths[s]` positions and itself, through a mask.
+    token attends to its own slot's first `lengths[s]` positions and itself, through a mask. Slots are named by a
+    tensor of indices, or by a slice for a run of them (`slice(0, B)`): a slice reads the cache's own views
+    instead of gathering copies, which a step of one short sequence spends most of its time on.
     """
 
     def __init__(
@@ -44,7 +48,7 @@ class KVCache:
         else:
             self.lengths[slots] = 0
 
-    def positions(self, slots: torch.Tensor, count: int) -> torch.Tensor:
+    def positions(self, slots: Slots, count: int) -> torch.Tensor:
         """The positions (B, count) that `count` new tokens of each slot in `slots` (B,) take."""
         positions = self.lengths[slots, None] + torch.arange(count, device=self.lengths.device)
         if int(positions.max()) >= self.context:
@@ -52,18 +56,22 @@ class KVCache:
         return positions
 
     def write(
-        self, layer: int, slots: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+        self, layer: int, slots: Slots, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
     ) -> None:
-        """Store one layer's new `keys` and `values` (B, T, H, D) of `slots` (B,) at `positions` (B, T)."""
-        rows = slots[:, None]  # (B, 1), broadcast against positions (B, T)
-        self.keys[layer][rows, :, positions] = keys
-        self.values[layer][rows, :, positions] = values
+        """Store one layer's new `keys` and `values` (B, T, H, D) of `slots` (B of them) at `positions` (B, T)."""
+        if isinstance(slots, slice):  # into the views of those slots, row b of the batch into the view's row b
+            layer_keys, layer_values = self.keys[layer, slots], self.values[layer, slots]
+            rows = torch.arange(len(positions), device=positions.device)[:, None]
+        else:
+            layer_keys, layer_values, rows = self.keys[layer], self.values[layer], slots[:, None]
+        layer_keys[rows, :, positions] = keys  # rows (B, 1) broadcast against positions (B, T)
+        layer_values[rows, :, positions] = values
 
-    def read(self, layer: int, slots: torch.Tensor, span: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One layer's keys and values (B, H, span, D) of `slots`' first `span` positions."""
-        return self.keys[layer][slots, :, :span], self.values[layer][slots, :, :span]
+    def read(self, layer: int, slots: Slots, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's keys and values (B, H, span, D) of `slots`' first `span` positions (views for a slice)."""
+        return self.keys[layer, slots, :, :span], self.values[layer, slots, :, :span]
 
-    def advance(self, slots: torch.Tensor, count: int) -> None:
+    def advance(self, slots: Slots, count: int) -> None:
         """Count `count` more positions as held by each of `slots`, once every layer has written them."""
         self.lengths[slots] += count
 
@@ -105,18 +113,19 @@ class MultiHeadSelfAttention(nn.Module):
         x: torch.Tensor,
         cache: KVCache,
         layer: int,
-        slots: torch.Tensor,
+        slots: Slots,
         positions: torch.Tensor,
-        mask: torch.Tensor,
+        mask: torch.Tensor | None,
+        span: int,
     ) -> torch.Tensor:
-        """`forward` for new tokens x (B, T, C) of the sequences in cache `slots` (B,), at `positions` (B, T):
-        their keys and values go into the cache, and they attend to what it holds where `mask` (B, 1, T, span)
-        is True."""
+        """`forward` for new tokens x (B, T, C) of the sequences in cache `slots` (B of them), at `positions`
+        (B, T): their keys and values go into the cache, and they attend to its first `span` positions where
+        `mask` (B, 1, T, span) is True (to all of them when None)."""
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)  # (B, H, T, C/H)
         new_keys, new_values = (proj(x).view(batch, seq, -1, self.head_dim) for proj in (self.k_proj, self.v_proj))
         cache.write(layer, slots, positions, new_keys, new_values)  # (B, T, H, C/H) each
-        keys, values = cache.read(layer, slots, mask.shape[-1])  # (B, H, span, C/H)
+        keys, values = cache.read(layer, slots, span)  # (B, H, span, C/H)
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, H, T, C/H)
         return self.out_proj(y.transpose(1, 2).reshape(batch, seq, -1))  # (B, T, C)
 
@@ -181,12 +190,13 @@ class TransformerBlock(nn.Module):
         x: torch.Tensor,
         cache: KVCache,
         layer: int,
-        slots: torch.Tensor,
+        slots: Slots,
         positions: torch.Tensor,
-        mask: torch.Tensor,
+        mask: torch.Tensor | None,
+        span: int,
     ) -> torch.Tensor:
         """`forward` for new tokens attending through the cache (`MultiHeadSelfAttention.decode`)."""
-        x = x + self.attn.decode(self.ln_1(x), cache, layer, slots, positions, mask)
+        x = x + self.attn.decode(self.ln_1(x), cache, layer, slots, positions, mask, span)
         return x + self.mlp(self.ln_2(x))  # (B, T, C)
 
 

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from scaleforge.models.attention import KVCache, TransformerBlock, transformer_tp_plan
+from scaleforge.models.attention import KVCache, Slots, TransformerBlock, transformer_tp_plan
 from scaleforge.registry import register_model
 
 
@@ -107,14 +107,15 @@ class GPT(nn.Module):
         (default: slots 0..B-1): a prompt at once (prefill), then one token a step. Each row attends to its own
         slot's earlier tokens, whatever their number; the same as `forward` on the whole sequence."""
         batch, seq = tokens.shape
-        if slots is None:
-            slots = torch.arange(batch, device=tokens.device)
-        positions = cache.positions(slots, seq)  # (B, T)
+        rows: Slots = slice(0, batch) if slots is None else slots  # slots 0..B-1 read as views of the cache
+        positions = cache.positions(rows, seq)  # (B, T)
         span = int(positions.max()) + 1
-        keys = torch.arange(span, device=tokens.device)
-        mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, span): own earlier tokens
+        mask: torch.Tensor | None = None  # one new token a row, all at the last position: it sees every key
+        if seq > 1 or int(positions.min()) + 1 < span:
+            keys = torch.arange(span, device=tokens.device)
+            mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, span): own earlier tokens
         x = self.embed(tokens, positions)  # (B, T, C)
         for layer, block in enumerate(self.blocks):
-            x = block.decode(x, cache, layer, slots, positions, mask)  # (B, T, C)
-        cache.advance(slots, seq)
+            x = block.decode(x, cache, layer, rows, positions, mask, span)  # (B, T, C)
+        cache.advance(rows, seq)
         return self.head(x)  # (B, T, vocab_size)
