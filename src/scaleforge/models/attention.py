@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 Slots = torch.Tensor | slice  # cache slots: a tensor of indices (B,), or a run of them
+Positions = torch.Tensor | slice  # new tokens' positions: (B, T), or one run of them that every row shares
 
 
 class KVCache:
@@ -55,10 +56,13 @@ class KVCache:
             raise ValueError(f"the cache holds {self.context} positions; these tokens would need more")
         return positions
 
-    def write(
-        self, layer: int, slots: Slots, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
-    ) -> None:
-        """Store one layer's new `keys` and `values` (B, T, H, D) of `slots` (B of them) at `positions` (B, T)."""
+    def write(self, layer: int, slots: Slots, positions: Positions, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store one layer's new `keys` and `values` (B, T, H, D) of `slots` (B of them) at `positions`: (B, T),
+        or a slice when every row's new tokens take the same positions (a copy into a view, not a scatter)."""
+        if isinstance(positions, slice):
+            self.keys[layer, slots, :, positions] = keys.transpose(1, 2)
+            self.values[layer, slots, :, positions] = values.transpose(1, 2)
+            return
         if isinstance(slots, slice):  # into the views of those slots, row b of the batch into the view's row b
             layer_keys, layer_values = self.keys[layer, slots], self.values[layer, slots]
             rows = torch.arange(len(positions), device=positions.device)[:, None]
@@ -114,7 +118,7 @@ class MultiHeadSelfAttention(nn.Module):
         cache: KVCache,
         layer: int,
         slots: Slots,
-        positions: torch.Tensor,
+        positions: Positions,
         mask: torch.Tensor | None,
         span: int,
     ) -> torch.Tensor:
@@ -191,7 +195,7 @@ class TransformerBlock(nn.Module):
         cache: KVCache,
         layer: int,
         slots: Slots,
-        positions: torch.Tensor,
+        positions: Positions,
         mask: torch.Tensor | None,
         span: int,
     ) -> torch.Tensor:

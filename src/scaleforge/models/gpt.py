@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from scaleforge.models.attention import KVCache, Slots, TransformerBlock, transformer_tp_plan
+from scaleforge.models.attention import KVCache, Positions, Slots, TransformerBlock, transformer_tp_plan
 from scaleforge.registry import register_model
 
 
@@ -109,13 +109,15 @@ class GPT(nn.Module):
         batch, seq = tokens.shape
         rows: Slots = slice(0, batch) if slots is None else slots  # slots 0..B-1 read as views of the cache
         positions = cache.positions(rows, seq)  # (B, T)
-        span = int(positions.max()) + 1
+        span, start = int(positions.max()) + 1, int(positions.min())
+        aligned = start + seq == span  # every row's new tokens at the same positions: one slice of the cache
+        where: Positions = slice(start, span) if aligned else positions
         mask: torch.Tensor | None = None  # one new token a row, all at the last position: it sees every key
-        if seq > 1 or int(positions.min()) + 1 < span:
+        if seq > 1 or not aligned:
             keys = torch.arange(span, device=tokens.device)
             mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, span): own earlier tokens
         x = self.embed(tokens, positions)  # (B, T, C)
         for layer, block in enumerate(self.blocks):
-            x = block.decode(x, cache, layer, rows, positions, mask, span)  # (B, T, C)
+            x = block.decode(x, cache, layer, rows, where, mask, span)  # (B, T, C)
         cache.advance(rows, seq)
         return self.head(x)  # (B, T, vocab_size)
