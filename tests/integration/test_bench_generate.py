@@ -34,7 +34,13 @@ def test_bench_generate_reports_the_cache_recomputation_and_transformers(cli, ru
     assert title.endswith("(1 layer, width 16, 2 heads, vocabulary 32, context 16): 8 tokens after 4, greedy, CPU, "
                           "1 thread, median of 1")  # fmt: skip
     rows = {row[1]: row for row in table_rows(result.out)}
-    assert list(rows) == ["kv cache", "recompute", "transformers generate"]
+    assert list(rows) == [
+        "kv cache",
+        "recompute",
+        "onnxruntime full sequence",
+        "onnxruntime kv cache",
+        "transformers generate",
+    ]
     assert all(row[0] == "single" and row[2] == "1" and float(row[3].replace(",", "")) > 0 for row in rows.values())
     assert rows["kv cache"][4] != "-" and rows["transformers generate"][4:] == ["-"] * 4  # no per-token times there
     assert "kv cache >= 5x recomputation at 8 tokens: " in result.out
@@ -48,6 +54,11 @@ def test_bench_generate_reports_the_cache_recomputation_and_transformers(cli, ru
     assert set(data["rows"][0]["tpot_ms"]) == {"p50", "p99"}
     assert all(verdict.endswith(("met", "not met")) for verdict in data["targets"].values())
     assert (out / "generate.png").read_bytes()[:4] == PNG_MAGIC
+    assert {path.name for path in out.glob("*.onnx")} == {
+        "generate.onnx",
+        "generate.prefill.onnx",
+        "generate.decode.onnx",
+    }
 
 
 @pytest.mark.timeout(120)

@@ -364,6 +364,7 @@ def test_dynamic_int8_quantizes_an_lstm_and_exports_it_as_onnx_runtimes_int8_lst
     assert "DynamicQuantizeLSTM" in operators and "LSTM" not in operators
 
 
+@pytest.mark.slow
 def test_a_gpt_exports_with_a_dynamic_sequence_and_answers_as_the_model_at_every_length(cli, tmp_path: Path) -> None:
     import numpy as np
     import onnxruntime
@@ -374,7 +375,8 @@ def test_a_gpt_exports_with_a_dynamic_sequence_and_answers_as_the_model_at_every
     gpt = ["model.architecture=gpt", "model.n_layers=2", "model.d_model=32", "model.n_heads=2"]
     tokens = ["data.dataset=synthetic", "data.kind=tokens", "data.seq_len=24", "data.vocab_size=64"]
     train(load_config(None, [*QUICK, *gpt, *tokens, "data.num_samples=256", "training.max_steps=2"]), run)
-    result = cli("export", str(run), "--format", "onnx", "--dynamic-batch", "--out", str(tmp_path / "gpt.onnx"))
+    export = ["--format", "onnx", "--dynamic-batch", "--kv-cache", "--out", str(tmp_path / "gpt.onnx")]
+    result = cli("export", str(run), *export)
     assert result.code == 0, result.err
     checked = [line for line in result.out.splitlines() if line.startswith("checked on")]
     lengths = [int(line.split(" rows of ")[1].split()[0]) for line in checked]
@@ -391,6 +393,26 @@ def test_a_gpt_exports_with_a_dynamic_sequence_and_answers_as_the_model_at_every
             expected = model(batch).numpy()
         got = session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0]
         assert got.shape == (rows, length, 64) and np.abs(got - expected).max() <= 1e-4
+
+    pair = [line for line in result.out.splitlines() if line.startswith("prefill/decode checked on")]
+    assert len(pair) == 2 and all(float(line.rsplit(" ", 1)[1]) <= 1e-4 for line in pair)  # two batch sizes
+    prefill, decode = (
+        onnxruntime.InferenceSession(str(tmp_path / f"gpt.{name}.onnx"), providers=["CPUExecutionProvider"])
+        for name in ("prefill", "decode")
+    )
+    batch = torch.randint(0, 64, (3, 24), generator=generator)
+    logits, keys, values = prefill.run(None, {"tokens": batch[:, :5].numpy()})
+    assert keys.shape == (2, 3, 2, 5, 16)  # layers, batch, heads, positions, head_dim
+    steps = [logits]
+    for position in range(5, 24):  # one token at a time to the whole context
+        feed = {"tokens": batch[:, position : position + 1].numpy(), "past_keys": keys, "past_values": values}
+        logits, keys, values = decode.run(None, feed)
+        steps.append(logits)
+    with torch.inference_mode():
+        assert np.abs(np.concatenate(steps, axis=1) - model(batch).numpy()).max() <= 1e-4
+
+    refused = cli("export", str(run), "--format", "torch-export", "--kv-cache", "--out", str(tmp_path / "x.pt2"))
+    assert refused.code == 2 and "--kv-cache applies to --format onnx only" in refused.err
 
     fixed = cli("export", str(run), "--format", "torch-export", "--out", str(tmp_path / "gpt.pt2"))
     assert fixed.code == 0, fixed.err  # the batch fixed, the sequence still free

@@ -6,6 +6,11 @@ tokens, three ways:
 
 - `kv cache`: scaleforge's own generation (`Generation` over the gpt's key/value cache, as `scaleforge generate`);
 - `recompute`: the same, reading the whole sequence again for each token (`Recompute`, no cache);
+- `onnxruntime full sequence`: the same generation over the gpt's ONNX export (the graph `scaleforge export` writes:
+  dynamic sequence, every position's logits) under ONNX Runtime, reading the whole sequence again for each token;
+- `onnxruntime kv cache`: the same over the prefill/decode pair of `scaleforge export --kv-cache` (the cache as the
+  graphs' inputs and outputs): the prompt once, then one token a step (both skipped, and said so, without the
+  export extra; ONNX Runtime gets as many threads as torch);
 - `transformers generate`: Hugging Face transformers' `GPT2LMHeadModel.generate` (`use_cache=True`, greedy, exactly
   `new_tokens` tokens, no end token) on a GPT-2 of the same layers, width, heads, vocabulary, context and GELU,
   random weights (skipped, and said so, when transformers is not installed).
@@ -86,6 +91,7 @@ class Setup:
     new_tokens: int
     repeats: int
     token_bytes: Sequence[bytes]
+    out: Path  # where a part may write files (the ONNX export)
 
 
 def single_stream_rows(setup: Setup) -> list[GenerationRow]:
@@ -93,6 +99,7 @@ def single_stream_rows(setup: Setup) -> list[GenerationRow]:
     options = SamplingOptions(max_new_tokens=setup.new_tokens, temperature=0)
     context = setup.model.embed.seq_len
     decoders: dict[str, Decoder] = {"kv cache": CachedGPT(setup.model), "recompute": Recompute(setup.model, context)}
+    decoders.update(_onnx_decoders(setup.model, setup.out))
     ways: dict[str, Callable[[], list[float]]] = {
         way: lambda decoder=decoder: _timed_generation(Generation(decoder, setup.prompt, options, setup.token_bytes))
         for way, decoder in decoders.items()
@@ -154,9 +161,9 @@ def run_generate_benchmark(
     vocab_size = model.embed.token.num_embeddings
     prompt = torch.randint(0, vocab_size, (prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     token_bytes = run.tokenizer.token_byte_strings() if run.tokenizer is not None else [b""] * vocab_size
-    setup = Setup(final.parent, trust, model, prompt, new_tokens, repeats, token_bytes)
-    rows = [row for part in PARTS.values() for row in part(setup)]
     out.mkdir(parents=True, exist_ok=True)
+    setup = Setup(final.parent, trust, model, prompt, new_tokens, repeats, token_bytes, out)
+    rows = [row for part in PARTS.values() for row in part(setup)]
     result = {
         "benchmark": "generate",
         "run_dir": str(final.parent),
@@ -217,6 +224,83 @@ def _timed_generation(generation: Generation) -> list[float]:
     return [time.perf_counter() - started for _ in generation.token_ids()]
 
 
+def _onnx_session(path: Path) -> Any:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # as many threads as torch's ways get
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class OnnxFullSequence:
+    """A `Decoder` over a gpt's full-sequence ONNX graph under ONNX Runtime: the whole sequence read again for each
+    token, as a runtime without the model's cache does."""
+
+    def __init__(self, path: Path, context: int) -> None:
+        self.session = _onnx_session(path)
+        self.context: int | None = context
+        self.tokens: list[int] = []
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    def start(self, tokens: Sequence[int]) -> torch.Tensor:
+        self.tokens = list(tokens)
+        return self._logits()
+
+    def extend(self, token: int) -> torch.Tensor:
+        self.tokens.append(token)
+        return self._logits()
+
+    def _logits(self) -> torch.Tensor:
+        logits = self.session.run(None, {"tokens": np.asarray([self.tokens], dtype=np.int64)})[0]
+        return torch.from_numpy(logits[0, -1])  # (V,)
+
+
+class OnnxKVCache:
+    """A `Decoder` over a gpt's ONNX prefill/decode pair: the prompt read once, then one token a step, the keys and
+    values handed from one call to the next."""
+
+    def __init__(self, prefill: Path, decode: Path, context: int) -> None:
+        self.prefill, self.decode = _onnx_session(prefill), _onnx_session(decode)
+        self.context: int | None = context
+        self.length = 0
+        self.keys = self.values = np.empty(0, dtype=np.float32)
+
+    def start(self, tokens: Sequence[int]) -> torch.Tensor:
+        self.length = len(tokens)
+        logits, self.keys, self.values = self.prefill.run(None, {"tokens": np.asarray([tokens], dtype=np.int64)})
+        return torch.from_numpy(logits[0, -1])
+
+    def extend(self, token: int) -> torch.Tensor:
+        self.length += 1
+        feed = {"tokens": np.asarray([[token]], dtype=np.int64), "past_keys": self.keys, "past_values": self.values}
+        logits, self.keys, self.values = self.decode.run(None, feed)
+        return torch.from_numpy(logits[0, -1])
+
+
+def _onnx_decoders(model: GPT, out: Path) -> dict[str, Decoder]:
+    """`model` exported as `scaleforge export --kv-cache` exports a gpt (`out/generate.onnx` and its pair, checked),
+    and a decoder over each; none when the export extra is not installed."""
+    from scaleforge.extras import missing
+
+    if missing("export"):
+        return {}
+    from scaleforge.export.formats import export_onnx_language_model, kv_cache_pair
+
+    context, path = model.embed.seq_len, out / "generate.onnx"
+    export_onnx_language_model(model, context, path)
+    example = torch.randint(
+        0, model.embed.token.num_embeddings, (1, context), generator=torch.Generator().manual_seed(0)
+    )
+    pair = kv_cache_pair(model, example, context, path, dynamic_batch=False, opset=None)
+    return {
+        "onnxruntime full sequence": OnnxFullSequence(path, context),
+        "onnxruntime kv cache": OnnxKVCache(Path(pair["prefill"]), Path(pair["decode"]), context),
+    }
+
+
 def _transformers_generate(model: GPT, prompt: list[int], new_tokens: int) -> Callable[[], list[float]] | None:
     """A generation of `new_tokens` by transformers' GPT-2 of `model`'s shape (random weights), returning its
     total seconds; None when transformers is not installed."""
@@ -260,6 +344,8 @@ def _targets(rows: Sequence[GenerationRow], new_tokens: int) -> dict[str, str]:
     targets[f"kv cache >= {CACHE_SPEEDUP_TARGET:g}x recomputation at {new_tokens} tokens"] = _verdict(
         speedup, CACHE_SPEEDUP_TARGET
     )
+    if "onnxruntime kv cache" not in single:
+        targets["onnxruntime"] = "not measured: the export extra is not installed (pip install 'scaleforge[export]')"
     name = f"kv cache >= {TRANSFORMERS_TARGET:.1f}x transformers' generate"
     if "transformers generate" in single:
         targets[name] = _verdict(cache / single["transformers generate"].tokens_per_s, TRANSFORMERS_TARGET)

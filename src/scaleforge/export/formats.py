@@ -61,20 +61,26 @@ def export_run(
     fmt: str,
     *,
     dynamic_batch: bool = False,
+    kv_cache: bool = False,
     opset: int | None = None,
     out: str | Path | None = None,
     trust: Trust = UNTRUSTED,
 ) -> dict[str, Any]:
     """Export the model of the run at `run_dir` to `out` (default: `<run>/exported/model.<ext>`), check it, and
-    return what was checked."""
+    return what was checked. With `kv_cache`, a gpt's prefill/decode pair is written beside it (`kv_cache_pair`)."""
     if fmt not in FORMATS:
         raise UsageError(f"--format: '{fmt}' is not one of {', '.join(FORMATS)}")
     if opset is not None and fmt != "onnx":
         raise UsageError("--opset applies to --format onnx only")
+    if kv_cache and fmt != "onnx":
+        raise UsageError("--kv-cache applies to --format onnx only")
     final = verify_final(run_dir, trust.signing_key_env)
     compression = compression_of(final) or {}
     int8 = compression.get("format") in INT8_FORMATS
     run = open_run(final, trust)
+    if kv_cache and (run.config.model.architecture != "gpt" or int8):
+        raise UsageError(f"--kv-cache takes a float gpt; {final.parent} holds a{' n int8' if int8 else ''} "
+                         f"{run.config.model.architecture}")  # fmt: skip
     model = run.model.cpu()  # in eval mode, as `load_run` leaves it
     out = Path(out) if out is not None else final.parent / "exported" / f"model{FORMATS[fmt]}"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -93,7 +99,7 @@ def export_run(
     except BaseException:
         out.unlink(missing_ok=True)
         raise
-    return {
+    result = {
         "format": fmt,
         "file": str(target),
         "bytes": target.stat().st_size,
@@ -102,6 +108,102 @@ def export_run(
         "dynamic_sequence": None if context is None else [1, context],
         "checks": [check.__dict__ for check in checks],
     }
+    if kv_cache:
+        assert context is not None
+        result["kv_cache"] = kv_cache_pair(model, inputs, context, target, dynamic_batch=dynamic_batch, opset=opset)
+    return result
+
+
+class _Prefill(nn.Module):
+    """A gpt reading a prompt (B, T): its logits and every layer's keys and values (layers, B, H, T, head_dim)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.model.forward_with_past(tokens)  # type: ignore[no-any-return]
+
+
+class _Decode(_Prefill):
+    """A gpt reading one more token (B, 1) after the keys and values of the P before it: its logits, and the keys
+    and values of all P + 1."""
+
+    def forward(  # type: ignore[override]
+        self, tokens: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.model.forward_with_past(tokens, past_keys, past_values)  # type: ignore[no-any-return]
+
+
+def kv_cache_pair(
+    model: nn.Module, inputs: torch.Tensor, context: int, beside: Path, *, dynamic_batch: bool, opset: int | None
+) -> dict[str, Any]:
+    """A gpt's prefill and decode graphs, the key/value cache as their inputs and outputs, written beside the file
+    `beside` (`model.prefill.onnx`, `model.decode.onnx`) once checked: `inputs` (B, context) prefilled to half the
+    context, then decoded one token at a time to the end, against the model's logits of the whole rows."""
+    stem = beside.name.removesuffix(beside.suffix)
+    files = {name: beside.with_name(f"{stem}.{name}.onnx") for name in ("prefill", "decode")}
+    partial = {name: path.with_name(f"{stem}.{name}.partial.onnx") for name, path in files.items()}
+    batch = {0: torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)} if dynamic_batch else {}
+    sequence = torch.export.Dim("sequence", min=1, max=context)
+    past = {**({1: batch[0]} if batch else {}), 3: torch.export.Dim("past", min=1, max=context - 1)}
+    prompt = context // 2
+    try:
+        with _quiet_exporters(), torch.inference_mode():
+            _, keys, values = model.forward_with_past(inputs[:, :prompt])
+        with _quiet_exporters():
+            outputs = ["logits", "keys", "values"]
+            prefill_shapes = ({**batch, 1: sequence},)
+            _export_onnx(
+                _Prefill(model).eval(), (inputs,), partial["prefill"], prefill_shapes, opset, (["tokens"], outputs)
+            )
+            decode_inputs, decode_names = (inputs[:, :1], keys, values), ["tokens", "past_keys", "past_values"]
+            decode_shapes = (batch, past, past)
+            _export_onnx(
+                _Decode(model).eval(), decode_inputs, partial["decode"], decode_shapes, opset, (decode_names, outputs)
+            )
+        checks = []
+        for rows in _check_batches(inputs, dynamic_batch, None):
+            got = _generate_with_pair(partial, rows.numpy(), prompt)
+            with torch.inference_mode():
+                expected = model(rows).float().numpy()
+            agreement = float((got.argmax(-1) == expected.argmax(-1)).mean())
+            check = ExportCheck(len(rows), float(np.abs(got - expected).max()), agreement, context)
+            _require(check, False, "onnx prefill/decode")
+            checks.append(check)
+        for name, path in partial.items():
+            path.rename(files[name])
+    except BaseException:
+        for path in partial.values():
+            path.unlink(missing_ok=True)
+        raise
+    return {**{name: str(path) for name, path in files.items()}, "checks": [check.__dict__ for check in checks]}
+
+
+def _generate_with_pair(files: dict[str, Path], rows: np.ndarray, prompt: int) -> np.ndarray:
+    """The logits (B, T, V) of `rows` (B, T) from the prefill graph on the first `prompt` tokens, then the decode
+    graph one token at a time."""
+    import onnxruntime
+
+    prefill, decode = (
+        onnxruntime.InferenceSession(str(files[name]), providers=["CPUExecutionProvider"])
+        for name in ("prefill", "decode")
+    )
+    logits, keys, values = prefill.run(None, {"tokens": rows[:, :prompt]})
+    steps = [logits]
+    for position in range(prompt, rows.shape[1]):
+        feed = {"tokens": rows[:, position : position + 1], "past_keys": keys, "past_values": values}
+        logits, keys, values = decode.run(None, feed)
+        steps.append(logits)
+    return np.concatenate(steps, axis=1)
+
+
+def export_onnx_language_model(model: nn.Module, context: int, out: Path) -> None:
+    """Write a language model of `context` tokens to `out` as `export` writes a gpt: batch 1, any sequence length
+    from 1 token to `context`; unchecked."""
+    example = torch.zeros(1, context, dtype=torch.long)
+    with _quiet_exporters():
+        _export_onnx(model, example, out, _dynamic_shapes(False, context), None)
 
 
 def _dynamic_shapes(dynamic_batch: bool, context: int | None) -> Any:
@@ -160,6 +262,7 @@ def _quiet_exporters() -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning)
             warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
+            warnings.filterwarnings("ignore", message="# The axis name: .* will not be used")  # a Dim used twice
             yield
     finally:
         registration.setLevel(level)
@@ -181,16 +284,26 @@ def _compile_aoti(program: torch.export.ExportedProgram, out: Path) -> None:
         raise UsageError(f"AOTInductor compilation failed{describe_export_error(error)}") from error
 
 
-def _export_onnx(model: nn.Module, inputs: torch.Tensor, out: Path, dynamic: Any, opset: int | None) -> None:
+def _export_onnx(
+    model: nn.Module,
+    inputs: torch.Tensor | tuple[torch.Tensor, ...],
+    out: Path,
+    dynamic: Any,
+    opset: int | None,
+    names: tuple[list[str], list[str]] | None = None,
+) -> None:
+    """`model` on `inputs` (one tensor, or a tuple of them) to an ONNX file; `names` of its inputs and outputs."""
     try:
         program = torch.onnx.export(
             model,
-            (inputs,),
+            inputs if isinstance(inputs, tuple) else (inputs,),
             dynamo=True,
             external_data=False,
             dynamic_shapes=dynamic,
             opset_version=opset,
             verbose=False,
+            input_names=names[0] if names else None,
+            output_names=names[1] if names else None,
         )
         assert program is not None
         program.save(str(out), external_data=False)

@@ -112,6 +112,29 @@ class MultiHeadSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(batch, seq, -1)  # (B, T, C)
         return self.resid_dropout(self.out_proj(y))
 
+    def forward_with_past(
+        self, x: torch.Tensor, past_keys: torch.Tensor | None, past_values: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`forward` (causal) for tokens x (B, T, C) that follow the P tokens whose keys and values are `past_keys`
+        and `past_values` (B, H, P, C/H; none when None); returns the output and the keys and values of all P + T
+        tokens: a cache carried as tensors, by a runtime that cannot hold `KVCache` (an exported graph)."""
+        batch, seq, _ = x.shape
+        q, k, v = (
+            proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)  # (B, H, T, C/H)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        if past_keys is None or past_values is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            k, v = torch.cat([past_keys, k], dim=2), torch.cat([past_values, v], dim=2)  # (B, H, P + T, C/H)
+            mask = None  # one new token sees every key
+            if seq > 1:
+                past = past_keys.shape[2]
+                keys = torch.arange(past + seq, device=x.device)
+                mask = keys[None, :] <= (past + torch.arange(seq, device=x.device))[:, None]  # (T, P + T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out_proj(y.transpose(1, 2).reshape(batch, seq, -1)), k, v  # (B, T, C), (B, H, P + T, C/H)
+
     def decode(
         self,
         x: torch.Tensor,
@@ -202,6 +225,14 @@ class TransformerBlock(nn.Module):
         """`forward` for new tokens attending through the cache (`MultiHeadSelfAttention.decode`)."""
         x = x + self.attn.decode(self.ln_1(x), cache, layer, slots, positions, mask, span)
         return x + self.mlp(self.ln_2(x))  # (B, T, C)
+
+    def forward_with_past(
+        self, x: torch.Tensor, past_keys: torch.Tensor | None, past_values: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`forward` for tokens after a past given as tensors (`MultiHeadSelfAttention.forward_with_past`)."""
+        attended, keys, values = self.attn.forward_with_past(self.ln_1(x), past_keys, past_values)
+        x = x + attended
+        return x + self.mlp(self.ln_2(x)), keys, values  # (B, T, C)
 
 
 def transformer_tp_plan(blocks: Iterable[int]) -> dict[str, str]:

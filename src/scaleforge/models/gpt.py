@@ -121,3 +121,22 @@ class GPT(nn.Module):
             x = block.decode(x, cache, layer, rows, where, mask, span)  # (B, T, C)
         cache.advance(rows, seq)
         return self.head(x)  # (B, T, vocab_size)
+
+    def forward_with_past(
+        self, tokens: torch.Tensor, past_keys: torch.Tensor | None = None, past_values: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits (B, T, vocab_size) of `tokens` (B, T) that follow the P tokens whose keys and values are
+        `past_keys` and `past_values` (layers, B, heads, P, head_dim; none when None), and the keys and values of
+        all P + T tokens: the cache as tensors in and out, for a runtime that carries it itself (the ONNX
+        prefill/decode pair of `scaleforge export --kv-cache`)."""
+        past = 0 if past_keys is None else past_keys.shape[3]
+        x = self.embed(tokens, torch.arange(past, past + tokens.shape[1], device=tokens.device))  # (B, T, C)
+        keys, values = [], []
+        for layer, block in enumerate(self.blocks):
+            layer_past = (
+                (None, None) if past_keys is None or past_values is None else (past_keys[layer], past_values[layer])
+            )
+            x, layer_keys, layer_values = block.forward_with_past(x, *layer_past)  # (B, T, C)
+            keys.append(layer_keys)
+            values.append(layer_values)
+        return self.head(x), torch.stack(keys), torch.stack(values)  # (B, T, V), (layers, B, H, P + T, head_dim)
