@@ -10,7 +10,8 @@
 A `gpt` is exported with a dynamic sequence dimension as well, from 1 token to its context, whatever
 `--dynamic-batch` says: a language model is fed sequences of every length while it generates. Its graph reads the
 whole sequence and returns every position's logits (B, T, vocab); generating with it means reading the context
-again for each token (docs/export.md says what that costs against a key/value cache).
+again for each token. `--kv-cache` writes, beside it, a prefill/decode pair with the key/value cache as the
+graphs' inputs and outputs (docs/compression.md#export says what each costs).
 
 All take float models and int8 runs: a `dynamic-int8` run goes to ONNX as ONNX Runtime's own dynamic int8 graph
 (its quantizer applied to the float model that holds the run's int8 weights), a `static-int8` one with its
