@@ -147,13 +147,14 @@ class MultiHeadSelfAttention(nn.Module):
     ) -> torch.Tensor:
         """`forward` for new tokens x (B, T, C) of the sequences in cache `slots` (B of them), at `positions`
         (B, T): their keys and values go into the cache, and they attend to its first `span` positions where
-        `mask` (B, 1, T, span) is True (to all of them when None)."""
+        `mask` (B, 1, T, span) is True; when None, causally (T new tokens from position 0, or one at the end)."""
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)  # (B, H, T, C/H)
         new_keys, new_values = (proj(x).view(batch, seq, -1, self.head_dim) for proj in (self.k_proj, self.v_proj))
         cache.write(layer, slots, positions, new_keys, new_values)  # (B, T, H, C/H) each
         keys, values = cache.read(layer, slots, span)  # (B, H, span, C/H)
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, H, T, C/H)
+        causal = mask is None and seq > 1  # T == span here: SDPA's causal mask is aligned to the first key
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal)  # (B, H, T, C/H)
         return self.out_proj(y.transpose(1, 2).reshape(batch, seq, -1))  # (B, T, C)
 
 

@@ -112,8 +112,9 @@ class GPT(nn.Module):
         span, start = int(positions.max()) + 1, int(positions.min())
         aligned = start + seq == span  # every row's new tokens at the same positions: one slice of the cache
         where: Positions = slice(start, span) if aligned else positions
-        mask: torch.Tensor | None = None  # one new token a row, all at the last position: it sees every key
-        if seq > 1 or not aligned:
+        # None: one new token a row at the same position sees every key; a first prompt in every row, causal
+        mask: torch.Tensor | None = None
+        if not aligned or (seq > 1 and start > 0):
             keys = torch.arange(span, device=tokens.device)
             mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, span): own earlier tokens
         x = self.embed(tokens, positions)  # (B, T, C)
