@@ -95,7 +95,8 @@ class Setup:
 
 
 def single_stream_rows(setup: Setup) -> list[GenerationRow]:
-    """One greedy generation at a time: the gpt's cache, recomputation, and transformers' GPT-2 when installed."""
+    """One greedy generation at a time: the gpt's cache, recomputation, its ONNX exports and transformers' GPT-2
+    (each of the last two when installed)."""
     options = SamplingOptions(max_new_tokens=setup.new_tokens, temperature=0)
     context = setup.model.embed.seq_len
     decoders: dict[str, Decoder] = {"kv cache": CachedGPT(setup.model), "recompute": Recompute(setup.model, context)}
@@ -116,16 +117,11 @@ def single_stream_rows(setup: Setup) -> list[GenerationRow]:
     rows = []
     for way, repeats in times.items():
         total = statistics.median(stamps[-1] for stamps in repeats)
-        per_token = len(repeats[0]) > 1  # transformers returns one time: the whole generation
+        per_token = way in decoders  # transformers returns one time: the whole generation
+        gaps = [gap for stamps in repeats for gap in np.diff(stamps)] if per_token else []
+        first = Percentiles.of([stamps[0] for stamps in repeats]) if per_token else None
         rows.append(
-            GenerationRow(
-                "single",
-                way,
-                1,
-                setup.new_tokens / total,
-                Percentiles.of([stamps[0] for stamps in repeats]) if per_token else None,
-                Percentiles.of([gap for stamps in repeats for gap in np.diff(stamps)]) if per_token else None,
-            )
+            GenerationRow("single", way, 1, setup.new_tokens / total, first, Percentiles.of(gaps) if gaps else None)
         )
     return rows
 
