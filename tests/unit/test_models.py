@@ -180,6 +180,39 @@ def test_one_gpt_cache_holds_sequences_at_different_positions_in_any_slots() -> 
     assert torch.allclose(stepped[:, 0], torch.stack([whole[0, 5], whole[1, 9]]), atol=1e-5)
 
 
+def test_the_first_slots_decode_through_the_caches_views_at_different_positions() -> None:
+    torch.manual_seed(0)
+    model = GPT(vocab_size=64, seq_len=24, n_layers=2, n_heads=4, d_model=32).eval()
+    tokens = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        whole = model(tokens)
+        cache = model.new_cache(slots=2)
+        model.decode(tokens[0:1, :5], cache, slots=torch.tensor([0]))
+        model.decode(tokens[1:2, :9], cache, slots=torch.tensor([1]))
+        stepped = model.decode(torch.stack([tokens[0, 5:6], tokens[1, 9:10]]), cache)  # slots 0, 1: a slice
+        again = model.decode(torch.stack([tokens[0, 6:7], tokens[1, 10:11]]), cache)
+    assert cache.lengths.tolist() == [7, 11]
+    assert torch.allclose(stepped[:, 0], torch.stack([whole[0, 5], whole[1, 9]]), atol=1e-5)
+    assert torch.allclose(again[:, 0], torch.stack([whole[0, 6], whole[1, 10]]), atol=1e-5)
+
+
+def test_a_gpt_carrying_its_keys_and_values_as_tensors_gives_the_logits_of_the_whole_sequence() -> None:
+    torch.manual_seed(0)
+    model = GPT(vocab_size=64, seq_len=24, n_layers=2, n_heads=4, d_model=32).eval()
+    tokens = torch.randint(0, 64, (3, 20))
+    with torch.no_grad():
+        whole = model(tokens)
+        logits, keys, values = model.forward_with_past(tokens[:, :10])  # a prompt
+        pieces = [logits]
+        logits, keys, values = model.forward_with_past(tokens[:, 10:13], keys, values)  # several more at once
+        pieces.append(logits)
+        for index in range(13, 20):  # then one at a time
+            logits, keys, values = model.forward_with_past(tokens[:, index : index + 1], keys, values)
+            pieces.append(logits)
+    assert keys.shape == values.shape == (2, 3, 4, 20, 8)  # layers, batch, heads, positions, head_dim
+    assert torch.allclose(torch.cat(pieces, dim=1), whole, atol=1e-5)
+
+
 def test_an_lstm_language_model_carries_its_state_between_steps() -> None:
     torch.manual_seed(0)
     model = LSTMModel(input_shape=(16,), vocab_size=64, embedding_dim=8, hidden_size=16).eval()

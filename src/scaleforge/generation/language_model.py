@@ -38,7 +38,7 @@ class Generation:
 
     def __iter__(self) -> Iterator[str]:
         text = TextOutput(self.token_bytes, self.options.stop)
-        for token in self._sample():
+        for token in self.token_ids():
             piece = text.push(token)
             if piece:
                 yield piece
@@ -51,10 +51,11 @@ class Generation:
         if piece:
             yield piece
 
-    def _sample(self) -> Iterator[int]:
-        """The sampled tokens, each computed only when asked for. Past the context, `crop` reads the most recent
-        `context` tokens again from scratch (a gpt's positions are learned: its cache cannot roll), as nanoGPT's
-        generation does; `stop` ends once the next token would need a longer window."""
+    def token_ids(self) -> Iterator[int]:
+        """The sampled tokens, each computed only when asked for, without their text (iterating yields the text).
+        Past the context, `crop` reads the most recent `context` tokens again from scratch (a gpt's positions are
+        learned: its cache cannot roll), as nanoGPT's generation does; `stop` ends once the next token would need
+        a longer window."""
         decoder, options, context = self.decoder, self.options, self.decoder.context
         window = self.prompt[-context:] if context is not None else list(self.prompt)
         logits = decoder.start(window)

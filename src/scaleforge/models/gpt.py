@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from scaleforge.models.attention import KVCache, TransformerBlock, transformer_tp_plan
+from scaleforge.models.attention import KVCache, Positions, Slots, TransformerBlock, transformer_tp_plan
 from scaleforge.registry import register_model
 
 
@@ -107,14 +107,37 @@ class GPT(nn.Module):
         (default: slots 0..B-1): a prompt at once (prefill), then one token a step. Each row attends to its own
         slot's earlier tokens, whatever their number; the same as `forward` on the whole sequence."""
         batch, seq = tokens.shape
-        if slots is None:
-            slots = torch.arange(batch, device=tokens.device)
-        positions = cache.positions(slots, seq)  # (B, T)
-        span = int(positions.max()) + 1
-        keys = torch.arange(span, device=tokens.device)
-        mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, span): own earlier tokens
+        rows: Slots = slice(0, batch) if slots is None else slots  # slots 0..B-1 read as views of the cache
+        positions = cache.positions(rows, seq)  # (B, T)
+        span, start = int(positions.max()) + 1, int(positions.min())
+        aligned = start + seq == span  # every row's new tokens at the same positions: one slice of the cache
+        where: Positions = slice(start, span) if aligned else positions
+        # None: one new token a row at the same position sees every key; a first prompt in every row, causal
+        mask: torch.Tensor | None = None
+        if not aligned or (seq > 1 and start > 0):
+            keys = torch.arange(span, device=tokens.device)
+            mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, span): own earlier tokens
         x = self.embed(tokens, positions)  # (B, T, C)
         for layer, block in enumerate(self.blocks):
-            x = block.decode(x, cache, layer, slots, positions, mask)  # (B, T, C)
-        cache.advance(slots, seq)
+            x = block.decode(x, cache, layer, rows, where, mask, span)  # (B, T, C)
+        cache.advance(rows, seq)
         return self.head(x)  # (B, T, vocab_size)
+
+    def forward_with_past(
+        self, tokens: torch.Tensor, past_keys: torch.Tensor | None = None, past_values: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits (B, T, vocab_size) of `tokens` (B, T) that follow the P tokens whose keys and values are
+        `past_keys` and `past_values` (layers, B, heads, P, head_dim; none when None), and the keys and values of
+        all P + T tokens: the cache as tensors in and out, for a runtime that carries it itself (the ONNX
+        prefill/decode pair of `scaleforge export --kv-cache`)."""
+        past = 0 if past_keys is None else past_keys.shape[3]
+        x = self.embed(tokens, torch.arange(past, past + tokens.shape[1], device=tokens.device))  # (B, T, C)
+        keys, values = [], []
+        for layer, block in enumerate(self.blocks):
+            layer_past = (
+                (None, None) if past_keys is None or past_values is None else (past_keys[layer], past_values[layer])
+            )
+            x, layer_keys, layer_values = block.forward_with_past(x, *layer_past)  # (B, T, C)
+            keys.append(layer_keys)
+            values.append(layer_values)
+        return self.head(x), torch.stack(keys), torch.stack(values)  # (B, T, V), (layers, B, H, P + T, head_dim)
