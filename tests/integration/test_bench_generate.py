@@ -52,7 +52,10 @@ def test_bench_generate_reports_the_cache_recomputation_and_transformers(cli, ru
     assert data["model"]["weights"] == "the run's" and data["threads"] == 1 and data["new_tokens"] == 8
     assert set(data["rows"][0]) == {"part", "way", "streams", "tokens_per_s", "ttft_ms", "tpot_ms"}
     assert set(data["rows"][0]["tpot_ms"]) == {"p50", "p99"}
-    assert all(verdict.endswith(("met", "not met")) for verdict in data["targets"].values())
+    single_targets = [verdict for name, verdict in data["targets"].items() if not name.startswith("server: ")]
+    assert all(verdict.endswith(("met", "not met")) for verdict in single_targets)
+    assert data["server"]["skipped"].startswith("not measured: the run has no tokenizer")  # the server completes text
+    assert data["targets"]["server: continuous batching >= 3x one at a time at 16 streams"].startswith("not measured")
     assert (out / "generate.png").read_bytes()[:4] == PNG_MAGIC
     assert {path.name for path in out.glob("*.onnx")} == {
         "generate.onnx",
@@ -68,3 +71,46 @@ def test_a_context_too_short_is_widened_on_a_model_of_the_runs_shape(cli, run: P
     data = json.loads(result.out)
     assert data["model"]["context"] == 24 and data["model"]["layers"] == 1 and data["model"]["width"] == 16
     assert data["model"]["weights"] == "random weights, the run's shape with its context of 16 widened to 24"
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A gpt on text (bytes tokens, context 48): the server completes text, so it needs the run's tokenizer."""
+    folder = tmp_path_factory.mktemp("text")
+    (folder / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 40)
+    text = ["data.dataset=text", f"data.path={folder / 'corpus.txt'}", "data.seq_len=48", "training.batch_size=8"]
+    assert main(["train", *QUICK, *GPT, *text, "training.max_steps=1", "--run-dir", str(folder / "run")]) == 0
+    return folder / "run"
+
+
+@pytest.mark.timeout(240)
+def test_the_server_part_streams_completions_three_ways(cli, text_run: Path, tmp_path: Path) -> None:
+    server = ["--streams", "1,2", "--requests-per-stream", "2", "--server-max-tokens", "6"]
+    result = cli("bench", "generate", str(text_run), *FEW, "--new-tokens", "8", *server, "--out", str(tmp_path))
+    assert result.code == 0, result.err
+    rows = [row for row in table_rows(result.out) if row[0] == "server"]
+    ways = ["continuous batching", "one at a time", "static batching"]
+    assert [(row[1], row[2]) for row in rows] == [(way, streams) for way in ways for streams in ("1", "2")]
+    assert all(float(row[3].replace(",", "")) > 0 and row[4] != "-" for row in rows)
+    assert "server: continuous batching >= 3x one at a time at 2 streams: " in result.out
+    assert "server: continuous batching >= 1.5x static batching at 2 streams: " in result.out
+
+    data = json.loads((tmp_path / "generate.json").read_text())
+    assert data["server"]["streams"] == [1, 2] and data["server"]["slots"] == 2 and data["server"]["context"] == 48
+    assert 8 <= data["server"]["mean_prompt_tokens"] <= 24 and data["server"]["mean_max_tokens"] <= 6
+    server_rows = [row for row in data["rows"] if row["part"] == "server"]
+    assert len(server_rows) == 6 and all(set(row["ttft_ms"]) == {"p50", "p99"} for row in server_rows)
+    assert all(verdict.endswith(("met", "not met")) for verdict in data["targets"].values())
+    assert (tmp_path / "generate.png").read_bytes()[:4] == PNG_MAGIC
+    assert {path.name for path in tmp_path.glob("server-*.log")} == {"server-0.log", "server-1.log", "server-2.log"}
+
+
+def test_no_server_skips_the_server_part_and_streams_must_increase(cli, run: Path, tmp_path: Path) -> None:
+    skipped = cli(
+        "bench", "generate", str(run), *FEW, "--new-tokens", "4", "--no-server", "--json", "--out", str(tmp_path)
+    )
+    data = json.loads(skipped.out)
+    assert data["server"] == {"skipped": "not measured (--no-server)"}
+    assert not [row for row in data["rows"] if row["part"] == "server"]
+    refused = cli("bench", "generate", str(run), "--streams", "4,1", "--out", str(tmp_path))
+    assert refused.code != 0 and "--streams: give increasing numbers without repeats" in refused.err

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+import pytest
 import torch
 
 from scaleforge.generation.decoders import CachedGPT, RecurrentLSTM
@@ -194,3 +195,26 @@ def test_an_lstm_decodes_slot_by_slot_with_the_tokens_it_gets_alone() -> None:
     run_out(engine)
     assert first.tokens == tokens_of(RecurrentLSTM(model)).tokens
     assert second.tokens == tokens_of(RecurrentLSTM(model), prompt=PROMPT[3:]).tokens
+
+
+def test_static_batching_takes_waiting_sequences_only_once_the_whole_batch_has_ended() -> None:
+    model = gpt()
+    engine = Engine(CachedGPTSlots(model, slots=4), BYTES, max_step_tokens=64, batching="static")
+    short, _ = submit(engine, PROMPT, SamplingOptions(max_new_tokens=2, temperature=0))
+    long, _ = submit(engine, PROMPT, SamplingOptions(max_new_tokens=6, temperature=0))
+    engine.step()
+    late, late_recorded = submit(engine, PROMPT, SamplingOptions(max_new_tokens=3, temperature=0))
+    while long.slot >= 0:
+        assert late.slot < 0 and not late.tokens  # slots are free once the short one ends; it still waits
+        engine.step()
+    assert len(short.tokens) == 2 and len(long.tokens) == 6
+    engine.step()
+    assert late in engine.running
+    run_out(engine)
+    assert late_recorded.finish_reason == "length" and late.tokens == tokens_of(CachedGPT(model), late.options).tokens
+
+
+def test_continuous_batching_is_the_default_and_the_batching_is_checked() -> None:
+    assert Engine(CachedGPTSlots(gpt(), slots=1), BYTES, max_step_tokens=8).batching == "continuous"
+    with pytest.raises(ValueError, match="batching must be 'continuous' or 'static', got 'dynamic'"):
+        Engine(CachedGPTSlots(gpt(), slots=1), BYTES, max_step_tokens=8, batching="dynamic")  # type: ignore[arg-type]

@@ -22,16 +22,36 @@ it has neither). A run whose context is shorter than prompt and new tokens is me
 the context widened to fit, random weights: speed does not depend on the weights' values, and a gpt cannot
 attend past its learned positions.
 
-A part is a function from the `Setup` to rows; a server part (tokens/s, TTFT and TPOT at 1, 4 and 16 concurrent
-streams through `scaleforge serve`, continuous batching against one request at a time and static batching) is
-another entry of `PARTS`, its rows with `part="server"` and `streams` set; the table, JSON and plot take them as
-they are.
+The `server` part measures `scaleforge serve`'s `POST /v1/completions` on the run itself (its weights, its
+tokenizer and its context) at 1, 4 and 16 concurrent streams, three ways, each a server in a child process on
+127.0.0.1 with as many slots as the most streams:
+
+- `continuous batching`: the server as it is;
+- `one at a time`: the same with `--max-batch-size 1`;
+- `static batching`: the same with `--batching static`, where waiting sequences join only when no sequence is
+  running, so that a batch runs until its longest member ends.
+
+Every way is sent the same requests (`completion_requests`: prompts of 8 to 64 tokens, `max_tokens` 16 to 256,
+drawn uniformly with a fixed seed, greedy), in a closed loop: each stream sends the next request of the list,
+streamed (server-sent events), when its last one has ended; at N streams, the list's first N x
+`requests_per_stream`. The servers are all started first and each is paused (SIGSTOP) but while it is measured,
+the ways taking turns at each stream count. tokens/s counts the completion tokens (the stream's usage) over the
+wall time; TTFT is from sending a request to its first chunk, TPOT a request's time from its first chunk to its
+last over its tokens after the first (p50 and p99 over the requests). The part is skipped, and said so, when the
+run has no tokenizer (the server completes text) or the serve and bench extras are not installed.
+
+A part is a function from the `Setup` to rows; the table, JSON and plot take them as they are.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
+import json
+import random
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,6 +63,7 @@ import torch
 
 from scaleforge.bench.harness import machine, report
 from scaleforge.console import counted
+from scaleforge.data.tokenizers import Tokenizer
 from scaleforge.errors import UsageError
 from scaleforge.generation.decoders import CachedGPT, Decoder, Recompute
 from scaleforge.generation.language_model import Generation
@@ -52,6 +73,11 @@ from scaleforge.runs import UNTRUSTED, Trust
 
 CACHE_SPEEDUP_TARGET = 5.0  # kv cache against recomputation
 TRANSFORMERS_TARGET = 1.0  # kv cache against transformers' generate
+ONE_AT_A_TIME_TARGET = 3.0  # the server's continuous batching against one request at a time, at the most streams
+STATIC_TARGET = 1.5  # the server's continuous batching against static batching, at the most streams
+PROMPT_TOKENS = (8, 64)  # the server part's prompts, fewest and most tokens
+MIN_MAX_TOKENS = 16  # the server part's fewest `max_tokens`
+WORDS = ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as", "by", "at", "from"]
 
 
 @dataclass(frozen=True)
@@ -72,7 +98,7 @@ class Percentiles:
 class GenerationRow:
     """One way of generating, as measured: `streams` sequences generated at once (1 in the `single` part)."""
 
-    part: str  # which part of the benchmark measured it: `single` (one generation in this process), later `server`
+    part: str  # which part of the benchmark measured it: `single` (one generation in this process) or `server`
     way: str
     streams: int
     tokens_per_s: float  # new tokens of every stream over the wall time (median over the repeats)
@@ -81,8 +107,19 @@ class GenerationRow:
 
 
 @dataclass(frozen=True)
+class ServerLoad:
+    """What the server part sends: the numbers of concurrent streams, the requests of each stream, and the most
+    tokens a request asks for (`max_tokens` is drawn from 16, or fewer when this is lower, to this)."""
+
+    streams: Sequence[int] = (1, 4, 16)
+    requests_per_stream: int = 8
+    max_tokens: int = 256
+
+
+@dataclass(frozen=True)
 class Setup:
-    """What every part measures: the gpt (on CPU, in eval mode), its prompt and how many tokens to add."""
+    """What every part measures: the gpt (on CPU, in eval mode), its prompt and how many tokens to add; and for
+    the server part, the run's own tokenizer and context and the load (None: not measured)."""
 
     run_dir: Path
     trust: Trust
@@ -91,7 +128,11 @@ class Setup:
     new_tokens: int
     repeats: int
     token_bytes: Sequence[bytes]
-    out: Path  # where a part may write files (the ONNX export)
+    out: Path  # where a part may write files (the ONNX export, the servers' logs)
+    tokenizer: Tokenizer | None = None
+    context: int = 0  # the run's gpt's context (the server serves the run, never a widened model)
+    threads: int = 0  # torch threads of each server (0: the server's choice)
+    server: ServerLoad | None = None
 
 
 def single_stream_rows(setup: Setup) -> list[GenerationRow]:
@@ -126,8 +167,163 @@ def single_stream_rows(setup: Setup) -> list[GenerationRow]:
     return rows
 
 
+def completion_requests(tokenizer: Tokenizer, context: int, count: int, max_tokens: int) -> list[tuple[str, int]]:
+    """`count` requests of the server part, (prompt, max_tokens), drawn uniformly with a fixed seed: prompts of 8 to
+    64 tokens (cut to half of `context`) of random words, `max_tokens` 16 to `max_tokens` (cut so that prompt and
+    completion fit `context`). A prompt is the text of its tokens (with a bpe tokenizer, it may read back a token
+    longer or shorter)."""
+    generator = random.Random(0)
+    words = [generator.choice(WORDS) for _ in range(PROMPT_TOKENS[1] * 2)]
+    text_tokens = [int(token) for token in tokenizer.encode(" ".join(words))]
+    requests = []
+    for _ in range(count):
+        length = min(generator.randint(*PROMPT_TOKENS), context // 2, len(text_tokens))
+        start = generator.randrange(len(text_tokens) - length + 1)
+        most = generator.randint(min(MIN_MAX_TOKENS, max_tokens), max_tokens)
+        requests.append((tokenizer.decode(text_tokens[start : start + length]), min(most, context - length)))
+    return requests
+
+
+@dataclass
+class StreamedLoad:
+    """What one closed loop of streamed completions measured: its wall time, every request's completion tokens,
+    time to its first chunk and time per output token after the first (None: a single token)."""
+
+    seconds: float
+    tokens: list[int]
+    first_chunk: list[float]
+    per_token: list[float | None]
+
+    def row(self, way: str, streams: int) -> GenerationRow:
+        per_token = [seconds for seconds in self.per_token if seconds is not None]
+        return GenerationRow(
+            "server",
+            way,
+            streams,
+            sum(self.tokens) / self.seconds,
+            Percentiles.of(self.first_chunk),
+            Percentiles.of(per_token) if per_token else None,
+        )
+
+
+async def _streamed_completion(session: Any, url: str, body: dict[str, Any], load: StreamedLoad) -> None:
+    """One streamed completion, its figures added to `load`."""
+    began = time.perf_counter()
+    arrivals: list[float] = []
+    tokens = 0
+    async with session.post(url, json=body) as response:
+        if response.status != 200:
+            raise RuntimeError(f"the server answered {response.status}: {await response.text()}")
+        async for line in response.content:
+            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                continue
+            event = json.loads(line[len(b"data: ") :])
+            if "error" in event:
+                raise RuntimeError(f"the server's stream failed: {event['error']['message']}")
+            if event["choices"]:
+                arrivals.append(time.perf_counter() - began)
+            elif event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    load.tokens.append(tokens)
+    load.first_chunk.append(arrivals[0])
+    load.per_token.append((arrivals[-1] - arrivals[0]) / (tokens - 1) if tokens > 1 else None)
+
+
+async def _closed_loop(url: str, model: str, requests: Sequence[tuple[str, int]], streams: int) -> StreamedLoad:
+    """`requests` sent by `streams` clients, each sending the next one when its last has ended."""
+    import aiohttp
+
+    load = StreamedLoad(0.0, [], [], [])
+    pending = iter(requests)
+    timeout = aiohttp.ClientTimeout(total=None)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=streams), timeout=timeout) as session:
+
+        async def stream() -> None:
+            for prompt, max_tokens in pending:  # one iterator shared by every stream: the next request of the list
+                body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+                await _streamed_completion(session, url, {**body, "stream_options": {"include_usage": True}}, load)
+
+        began = time.perf_counter()
+        await asyncio.gather(*(stream() for _ in range(streams)))
+        load.seconds = time.perf_counter() - began
+    return load
+
+
+async def _model_name(url: str) -> str:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session, session.get(url + "/v1/models") as response:
+        return (await response.json())["data"][0]["id"]
+
+
+def server_ways(setup: Setup, slots: int) -> dict[str, list[str]]:
+    """The server part's ways: `scaleforge serve`'s command line for each (the port left as `{port}`)."""
+    from scaleforge.bench.serve import trust_flags
+
+    serve = [sys.executable, "-m", "scaleforge", "serve", str(setup.run_dir), "--port", "{port}"]
+    # no sequence is refused for waiting: one at a time, the others wait for every request ahead of them
+    serve += [*trust_flags(setup.trust), "--timeout-ms", "3600000", "--max-queue", str(max(256, 2 * slots))]
+    serve += ["--threads", str(setup.threads)] if setup.threads else []
+    return {
+        "continuous batching": [*serve, "--max-batch-size", str(slots)],
+        "one at a time": [*serve, "--max-batch-size", "1"],
+        "static batching": [*serve, "--max-batch-size", str(slots), "--batching", "static"],
+    }
+
+
+def server_rows(setup: Setup) -> list[GenerationRow]:
+    """Streamed completions from `scaleforge serve` at each number of concurrent streams: continuous batching, one
+    request at a time and static batching (none when the part is not measured: `server_skipped`)."""
+    if setup.server is None or server_skipped(setup) is not None:
+        return []
+    from scaleforge.bench.serve import Target, started
+
+    load = setup.server
+    slots = max(load.streams)
+    requests = _server_requests(setup, load)
+    warm_up = [(prompt, min(max_tokens, 8)) for prompt, max_tokens in requests[:4]]
+    measured: dict[str, dict[int, StreamedLoad]] = {}
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for index, (way, command) in enumerate(server_ways(setup, slots).items()):
+            target = Target(way, command, "/v1/completions", "/health/ready")
+            server = servers[way] = stack.enter_context(started(target, setup.out / f"server-{index}.log"))
+            model = asyncio.run(_model_name(server.url))
+            asyncio.run(_closed_loop(server.endpoint, model, warm_up, 2))  # first requests' allocations
+            server.pause()
+        for streams in load.streams:
+            for way, server in servers.items():  # in turn: a slow spell of the machine falls on every way alike
+                with server.running():
+                    sent = requests[: streams * load.requests_per_stream]
+                    measured.setdefault(way, {})[streams] = asyncio.run(
+                        _closed_loop(server.endpoint, model, sent, streams)
+                    )
+    return [figures.row(way, streams) for way, loads in measured.items() for streams, figures in loads.items()]
+
+
+def _server_requests(setup: Setup, load: ServerLoad) -> list[tuple[str, int]]:
+    """Every request the server part sends: the most streams times each stream's requests."""
+    assert setup.tokenizer is not None
+    return completion_requests(
+        setup.tokenizer, setup.context, max(load.streams) * load.requests_per_stream, load.max_tokens
+    )
+
+
+def server_skipped(setup: Setup) -> str | None:
+    """Why the server part is not measured, or None when it is."""
+    from scaleforge.extras import missing
+
+    if setup.server is None:
+        return "not measured (--no-server)"
+    if setup.tokenizer is None:
+        return "not measured: the run has no tokenizer, and the server completes text (train on data.dataset=text)"
+    if missing("serve") or missing("bench"):
+        return "not measured: the serve and bench extras are not installed (pip install 'scaleforge[serve,bench]')"
+    return None
+
+
 # The parts of the benchmark, in order: each measures some ways of generating and returns their rows.
-PARTS: dict[str, Callable[[Setup], list[GenerationRow]]] = {"single": single_stream_rows}
+PARTS: dict[str, Callable[[Setup], list[GenerationRow]]] = {"single": single_stream_rows, "server": server_rows}
 
 
 def run_generate_benchmark(
@@ -140,9 +336,11 @@ def run_generate_benchmark(
     threads: int | None = None,
     as_json: bool = False,
     trust: Trust = UNTRUSTED,
+    server: ServerLoad | None = ServerLoad(),
 ) -> dict[str, Any]:
-    """Measure every part on the gpt of the run at `run_dir`, print the table (or JSON), write `out/generate.json`
-    and `out/generate.png`, and return the result."""
+    """Measure every part on the gpt of the run at `run_dir` (the server part under `server`'s load; None: not
+    measured), print the table (or JSON), write `out/generate.json` and `out/generate.png`, and return the
+    result."""
     from scaleforge.runs import open_run, verify_final
 
     final = verify_final(run_dir, trust.signing_key_env)
@@ -153,13 +351,16 @@ def run_generate_benchmark(
         )
     if threads:
         torch.set_num_threads(threads)
+    context = run.model.embed.seq_len
     model, weights = _model_to_measure(run.model, prompt_tokens + new_tokens)
     vocab_size = model.embed.token.num_embeddings
     prompt = torch.randint(0, vocab_size, (prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     token_bytes = run.tokenizer.token_byte_strings() if run.tokenizer is not None else [b""] * vocab_size
     out.mkdir(parents=True, exist_ok=True)
     setup = Setup(final.parent, trust, model, prompt, new_tokens, repeats, token_bytes, out)
+    setup = dataclasses.replace(setup, tokenizer=run.tokenizer, context=context, threads=threads or 0, server=server)
     rows = [row for part in PARTS.values() for row in part(setup)]
+    skipped = server_skipped(setup)
     result = {
         "benchmark": "generate",
         "run_dir": str(final.parent),
@@ -169,8 +370,9 @@ def run_generate_benchmark(
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,
         "repeats": repeats,
+        "server": {"skipped": skipped} if server is None or skipped else _server_summary(setup, server),
         "rows": [dataclasses.asdict(row) for row in rows],
-        "targets": _targets(rows, new_tokens),
+        "targets": _targets(rows, new_tokens, skipped),
     }
     _plot(rows, out / "generate.png")
     shape = result["model"]
@@ -186,11 +388,36 @@ def run_generate_benchmark(
         rows=[_table_row(row) for row in rows],
         notes=[
             *([f"model: {weights}"] if weights != "the run's" else []),
+            *([_server_note(result["server"])] if not skipped else []),
             *(f"{name}: {text}" for name, text in result["targets"].items()),
             f"results in {out}/ (generate.json, generate.png)",
         ],
     )
     return result
+
+
+def _server_summary(setup: Setup, load: ServerLoad) -> dict[str, Any]:
+    """The server part's load, as the JSON gives it: the streams, the requests and their mean lengths."""
+    assert setup.tokenizer is not None
+    requests = _server_requests(setup, load)
+    return {
+        "streams": list(load.streams),
+        "requests_per_stream": load.requests_per_stream,
+        "slots": max(load.streams),
+        "max_tokens": load.max_tokens,
+        "context": setup.context,
+        "mean_prompt_tokens": statistics.mean(len(setup.tokenizer.encode(prompt)) for prompt, _ in requests),
+        "mean_max_tokens": statistics.mean(max_tokens for _, max_tokens in requests),
+    }
+
+
+def _server_note(summary: dict[str, Any]) -> str:
+    return (
+        f"server: `scaleforge serve` with {counted(summary['slots'], 'slot')}; each stream sends "
+        f"{counted(summary['requests_per_stream'], 'streamed request')}, the next when its last ends; prompts of "
+        f"{summary['mean_prompt_tokens']:.0f} tokens and max_tokens {summary['mean_max_tokens']:.0f} on average, "
+        f"greedy, context {summary['context']}; TTFT and TPOT: p50 and p99 over the requests"
+    )
 
 
 def _model_to_measure(model: GPT, length: int) -> tuple[GPT, str]:
@@ -331,8 +558,9 @@ def _transformers_generate(model: GPT, prompt: list[int], new_tokens: int) -> Ca
     return generate
 
 
-def _targets(rows: Sequence[GenerationRow], new_tokens: int) -> dict[str, str]:
-    """The targets against the measured figures: met or not met."""
+def _targets(rows: Sequence[GenerationRow], new_tokens: int, server_skipped: str | None) -> dict[str, str]:
+    """The targets against the measured figures: met or not met (`server_skipped`: why the server part's are not
+    measured)."""
     single = {row.way: row for row in rows if row.part == "single"}
     cache = single["kv cache"].tokens_per_s
     targets = {}
@@ -347,6 +575,12 @@ def _targets(rows: Sequence[GenerationRow], new_tokens: int) -> dict[str, str]:
         targets[name] = _verdict(cache / single["transformers generate"].tokens_per_s, TRANSFORMERS_TARGET)
     else:
         targets[name] = "not measured: transformers is not installed (pip install 'scaleforge[bench]')"
+    server = [row for row in rows if row.part == "server"]
+    most = max((row.streams for row in server), default=16)
+    at_most = {row.way: row.tokens_per_s for row in server if row.streams == most}
+    for way, target in (("one at a time", ONE_AT_A_TIME_TARGET), ("static batching", STATIC_TARGET)):
+        name = f"server: continuous batching >= {target:g}x {way} at {most} streams"
+        targets[name] = server_skipped or _verdict(at_most["continuous batching"] / at_most[way], target)
     return targets
 
 
@@ -376,11 +610,20 @@ def _plot(rows: Sequence[GenerationRow], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{row.part}: {row.way}" + (f" ({row.streams} streams)" if row.streams > 1 else "") for row in rows]
-    figure, axis = plt.subplots(figsize=(6.5, 0.6 * len(rows) + 1.5))
-    axis.barh(labels, [row.tokens_per_s for row in rows])
-    axis.invert_yaxis()  # the first row on top, as in the table
-    axis.set(xlabel="tokens/s (median)", title="generation speed")
+    single = [row for row in rows if row.part == "single"]
+    server = [row for row in rows if row.part == "server"]
+    figure, axes = plt.subplots(1, 2 if server else 1, figsize=(12 if server else 6.5, 0.6 * len(single) + 2.5))
+    bars = axes[0] if server else axes
+    bars.barh([row.way for row in single], [row.tokens_per_s for row in single])
+    bars.invert_yaxis()  # the first row on top, as in the table
+    bars.set(xlabel="tokens/s (median)", title="one generation")
+    if server:
+        lines = axes[1]
+        for way in dict.fromkeys(row.way for row in server):
+            measured = [row for row in server if row.way == way]
+            lines.plot([row.streams for row in measured], [row.tokens_per_s for row in measured], marker="o", label=way)
+        lines.set(xlabel="concurrent streams", ylabel="tokens/s", xscale="log", title="scaleforge serve, streamed")
+        lines.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -7,6 +7,9 @@ next token; prompts are read (prefilled) in chunks with what is left of the step
 less one token per decoding sequence), so that a long prompt delays the running sequences by one step's budget at
 most; sequences that end (a stop string, `max_new_tokens`, the model's context) leave and free their slot.
 
+`batching="static"` is the baseline continuous batching is measured against (`scaleforge bench generate`): waiting
+sequences join only when no sequence is running, so a batch runs until its longest member ends.
+
 Each sequence samples with its own options and its own `torch.Generator`, and a gpt's batched decode attends to
 each slot's own keys and values only: a sequence gets the tokens it would get decoded alone. The engine is pure
 and synchronous, tested without threads or HTTP; `serve.completions` steps it on the model's own thread.
@@ -31,6 +34,8 @@ from scaleforge.models.gpt import GPT
 # length: max_new_tokens; stop: a stop string; context: the model's context is full; expired: its deadline passed
 # while it waited for a slot (it never ran)
 EngineFinish = Literal["length", "stop", "context", "expired"]
+# continuous: a waiting sequence joins at any step with a free slot; static: only when no sequence is running
+Batching = Literal["continuous", "static"]
 
 
 @dataclass(frozen=True)
@@ -134,12 +139,21 @@ def slot_model_for(model: nn.Module, slots: int, seq_len: int | None) -> SlotMod
 class Engine:
     """Sequences `add`ed to `waiting`, continued together by `step` in the slots of `model` (see the module)."""
 
-    def __init__(self, model: SlotModel, token_bytes: Sequence[bytes], max_step_tokens: int) -> None:
+    def __init__(
+        self,
+        model: SlotModel,
+        token_bytes: Sequence[bytes],
+        max_step_tokens: int,
+        batching: Batching = "continuous",
+    ) -> None:
         if max_step_tokens < 1:
             raise ValueError(f"max_step_tokens must be at least 1, got {max_step_tokens}")
+        if batching not in ("continuous", "static"):
+            raise ValueError(f"batching must be 'continuous' or 'static', got {batching!r}")
         self.model = model
         self.token_bytes = token_bytes
         self.max_step_tokens = max_step_tokens
+        self.batching = batching
         self.waiting: collections.deque[EngineRequest] = collections.deque()
         self.running: list[EngineRequest] = []
         self._free = list(range(model.slots))[::-1]  # popped from the end: slot 0 first
@@ -196,6 +210,8 @@ class Engine:
                     continue
                 kept.append(request)
             self.waiting = kept
+        if self.batching == "static" and self.running:
+            return
         while self.waiting and self._free:
             request = self.waiting.popleft()
             request.slot = self._free.pop()

@@ -403,7 +403,7 @@ class ServingApp:
         ):
             return None
         slots = slot_model_for(model.model, settings.max_batch_size, model.info.seq_len)
-        engine = Engine(slots, model.tokenizer.token_byte_strings(), settings.max_step_tokens)
+        engine = Engine(slots, model.tokenizer.token_byte_strings(), settings.max_step_tokens, settings.batching)
         loop = EngineLoop(
             engine,
             max_waiting=settings.max_queue,

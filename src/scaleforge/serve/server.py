@@ -159,6 +159,7 @@ def _server(
     )
     if model.generates_text and worker is None:
         banner += f" | completions: {settings.max_batch_size} slots, <= {settings.max_step_tokens} tokens a step"
+        banner += ", static batching" if settings.batching == "static" else ""
     return DrainingServer(config, gate, banner, settings.drain_grace_s)
 
 

@@ -5,6 +5,7 @@ which extra serving needs only when asked to serve."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,14 @@ class ServeSettings:
             "help": "a language model's completions: the most tokens one decoding step reads, one for each running "
             "sequence and the rest for prompts' chunks, so that a long prompt delays the others one step at most "
             "(--max-batch-size sequences run at once)",
+        },
+    )
+    batching: Literal["continuous", "static"] = field(
+        default="continuous",
+        metadata={
+            "help": "a language model's completions: continuous (waiting sequences join at any step with a free slot) "
+            "or static (they join only when no sequence is running, each batch running until its longest sequence "
+            "ends: the baseline `scaleforge bench generate` measures continuous batching against)"
         },
     )
     max_delay_ms: float = field(
