@@ -218,3 +218,16 @@ def test_continuous_batching_is_the_default_and_the_batching_is_checked() -> Non
     assert Engine(CachedGPTSlots(gpt(), slots=1), BYTES, max_step_tokens=8).batching == "continuous"
     with pytest.raises(ValueError, match="batching must be 'continuous' or 'static', got 'dynamic'"):
         Engine(CachedGPTSlots(gpt(), slots=1), BYTES, max_step_tokens=8, batching="dynamic")  # type: ignore[arg-type]
+
+
+def test_a_run_of_slots_in_any_order_decodes_as_the_same_slots_gathered() -> None:
+    model = gpt()
+    views, gathered = CachedGPTSlots(model, slots=4), CachedGPTSlots(model, slots=4)
+    for slot, prompt in enumerate([PROMPT, PROMPT[:4], PROMPT[2:9], PROMPT[:2]]):
+        views.prefill(slot, prompt, first=True)
+        gathered.prefill(slot, prompt, first=True)
+    slots, tokens = [3, 1, 2], [5, 6, 7]  # a run of slots, out of order: read through the cache's views
+    with torch.inference_mode():
+        expected = model.decode(torch.tensor(tokens)[:, None], gathered.cache, torch.tensor(slots))[:, -1]
+    torch.testing.assert_close(views.decode(slots, tokens), expected)
+    assert views.cache.lengths.tolist() == gathered.cache.lengths.tolist() == [len(PROMPT), 5, 8, 3]

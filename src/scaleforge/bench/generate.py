@@ -253,7 +253,8 @@ async def _model_name(url: str) -> str:
     import aiohttp
 
     async with aiohttp.ClientSession() as session, session.get(url + "/v1/models") as response:
-        return (await response.json())["data"][0]["id"]
+        name: str = (await response.json())["data"][0]["id"]
+        return name
 
 
 def server_ways(setup: Setup, slots: int) -> dict[str, list[str]]:
@@ -623,6 +624,9 @@ def _plot(rows: Sequence[GenerationRow], path: Path) -> None:
             measured = [row for row in server if row.way == way]
             lines.plot([row.streams for row in measured], [row.tokens_per_s for row in measured], marker="o", label=way)
         lines.set(xlabel="concurrent streams", ylabel="tokens/s", xscale="log", title="scaleforge serve, streamed")
+        streams = sorted({row.streams for row in server})
+        lines.set_xticks(streams, [str(count) for count in streams], minor=False)
+        lines.minorticks_off()
         lines.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -103,6 +103,14 @@ class CachedGPTSlots:
 
     @torch.inference_mode()
     def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
+        order = sorted(range(len(slots)), key=slots.__getitem__)
+        first = slots[order[0]]
+        if all(slots[row] == first + index for index, row in enumerate(order)):
+            # a run of slots (every slot, when all are busy) is read and written through the cache's views, not
+            # gathered copies: at 16 slots, a third of a step's time
+            column = torch.tensor([tokens[row] for row in order], dtype=torch.long, device=self._device)[:, None]
+            logits = self.model.decode(column, self.cache, slice(first, first + len(order)))[:, -1]  # (B, V)
+            return logits[torch.tensor(order).argsort().to(logits.device)]  # in the order of `slots`
         column = torch.tensor(list(tokens), dtype=torch.long, device=self._device)[:, None]  # (B, 1)
         return self.model.decode(column, self.cache, torch.tensor(list(slots), device=self._device))[:, -1]  # (B, V)
 
