@@ -101,7 +101,7 @@ class GenerationRow:
     part: str  # which part of the benchmark measured it: `single` (one generation in this process) or `server`
     way: str
     streams: int
-    tokens_per_s: float  # new tokens of every stream over the wall time (median over the repeats)
+    tokens_per_s: float  # new tokens of every stream over the wall time (`single`: the median over the repeats)
     ttft_ms: Percentiles | None = None  # time to the first new token
     tpot_ms: Percentiles | None = None  # time per output token after the first
 
