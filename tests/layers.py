@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("hardware", ["hardware"]),
     ("models, data", ["models", "data", "components"]),
     ("runs", ["runs"]),
+    ("generation", ["generation"]),
     ("distributed", ["distributed"]),
     ("training", ["training", "evaluation"]),
     ("compress, export", ["compress", "export"]),

@@ -1,8 +1,8 @@
 """scaleforge: one config from a laptop CPU to a GPU cluster.
 
 The public API: `fit` trains the run a config describes and returns it, `load_run` reopens a finished run's model,
-`evaluate` measures one on its validation split; decorators register a user's own components. See
-docs/python-api.md.
+`evaluate` measures one on its validation split, `generate` continues a prompt with a trained language model;
+decorators register a user's own components. See docs/python-api.md.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from scaleforge.registry import (
 
 if TYPE_CHECKING:
     from scaleforge.api import Run, evaluate, fit
+    from scaleforge.generation.language_model import generate, generate_stream
     from scaleforge.runs import LoadedRun, load_run
 
 __version__ = "0.1.0"
@@ -34,6 +35,8 @@ __all__ = [
     "__version__",
     "evaluate",
     "fit",
+    "generate",
+    "generate_stream",
     "load_config",
     "load_run",
     "register_callback",
@@ -47,7 +50,15 @@ __all__ = [
 ]
 
 # imported on first use: torch and the trainer's imports would slow every command's start (`scaleforge --help`)
-_LAZY = {"Run": "api", "evaluate": "api", "fit": "api", "LoadedRun": "runs", "load_run": "runs"}
+_LAZY = {
+    "Run": "api",
+    "evaluate": "api",
+    "fit": "api",
+    "LoadedRun": "runs",
+    "load_run": "runs",
+    "generate": "generation.language_model",
+    "generate_stream": "generation.language_model",
+}
 
 
 def __getattr__(name: str) -> Any:

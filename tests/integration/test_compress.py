@@ -362,3 +362,60 @@ def test_dynamic_int8_quantizes_an_lstm_and_exports_it_as_onnx_runtimes_int8_lst
 
     operators = {node.op_type for node in onnx.load(str(tmp_path / "lstm.onnx")).graph.node}
     assert "DynamicQuantizeLSTM" in operators and "LSTM" not in operators
+
+
+@pytest.mark.slow
+def test_a_gpt_exports_with_a_dynamic_sequence_and_answers_as_the_model_at_every_length(cli, tmp_path: Path) -> None:
+    import numpy as np
+    import onnxruntime
+
+    from scaleforge.runs import UNTRUSTED, open_run
+
+    run = tmp_path / "gpt"
+    gpt = ["model.architecture=gpt", "model.n_layers=2", "model.d_model=32", "model.n_heads=2"]
+    tokens = ["data.dataset=synthetic", "data.kind=tokens", "data.seq_len=24", "data.vocab_size=64"]
+    train(load_config(None, [*QUICK, *gpt, *tokens, "data.num_samples=256", "training.max_steps=2"]), run)
+    export = ["--format", "onnx", "--dynamic-batch", "--kv-cache", "--out", str(tmp_path / "gpt.onnx")]
+    result = cli("export", str(run), *export)
+    assert result.code == 0, result.err
+    checked = [line for line in result.out.splitlines() if line.startswith("checked on")]
+    lengths = [int(line.split(" rows of ")[1].split()[0]) for line in checked]
+    assert lengths == [1, 1, 12, 12, 24, 24]  # 1 token, half the context, all of it; each at two batch sizes
+    assert all(float(line.split("difference| ")[1].split(",")[0]) <= 1e-4 for line in checked)
+
+    model = open_run(run / "final", UNTRUSTED).model
+    session = onnxruntime.InferenceSession(str(tmp_path / "gpt.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape == ["batch", "sequence"]
+    generator = torch.Generator().manual_seed(0)
+    for rows, length in [(1, 1), (3, 7), (1, 24), (5, 24), (2, 13)]:
+        batch = torch.randint(0, 64, (rows, length), generator=generator)
+        with torch.inference_mode():
+            expected = model(batch).numpy()
+        got = session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0]
+        assert got.shape == (rows, length, 64) and np.abs(got - expected).max() <= 1e-4
+
+    pair = [line for line in result.out.splitlines() if line.startswith("prefill/decode checked on")]
+    assert len(pair) == 2 and all(float(line.rsplit(" ", 1)[1]) <= 1e-4 for line in pair)  # two batch sizes
+    prefill, decode = (
+        onnxruntime.InferenceSession(str(tmp_path / f"gpt.{name}.onnx"), providers=["CPUExecutionProvider"])
+        for name in ("prefill", "decode")
+    )
+    batch = torch.randint(0, 64, (3, 24), generator=generator)
+    logits, keys, values = prefill.run(None, {"tokens": batch[:, :5].numpy()})
+    assert keys.shape == (2, 3, 2, 5, 16)  # layers, batch, heads, positions, head_dim
+    steps = [logits]
+    for position in range(5, 24):  # one token at a time to the whole context
+        feed = {"tokens": batch[:, position : position + 1].numpy(), "past_keys": keys, "past_values": values}
+        logits, keys, values = decode.run(None, feed)
+        steps.append(logits)
+    with torch.inference_mode():
+        assert np.abs(np.concatenate(steps, axis=1) - model(batch).numpy()).max() <= 1e-4
+
+    refused = cli("export", str(run), "--format", "torch-export", "--kv-cache", "--out", str(tmp_path / "x.pt2"))
+    assert refused.code == 2 and "--kv-cache applies to --format onnx only" in refused.err
+
+    fixed = cli("export", str(run), "--format", "torch-export", "--out", str(tmp_path / "gpt.pt2"))
+    assert fixed.code == 0, fixed.err  # the batch fixed, the sequence still free
+    rows = int(fixed.out.split("checked on ")[1].split()[0])  # the validation rows: the batch it was exported at
+    program = torch.export.load(str(tmp_path / "gpt.pt2")).module()
+    assert program(torch.zeros(rows, 5, dtype=torch.long)).shape == (rows, 5, 64)

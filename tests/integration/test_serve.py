@@ -356,7 +356,7 @@ def test_an_uploaded_image_is_answered_as_its_pixels_sent_as_numbers(digits_url:
             if len(file) == len(png(image, "L")):  # exactly the same pixels
                 assert output["top_class"] == expected["top_class"]
                 assert torch.allclose(torch.tensor(output["probabilities"]), torch.tensor(expected["probabilities"]))
-    card = httpx.get(f"{digits_url}/v1/models").json()["input_schema"]
+    card = httpx.get(f"{digits_url}/v1/models").json()["data"][0]["input_schema"]
     assert card["image"] == {"endpoint": "/v1/predict/image", "mode": "grey", "size": 8}
     assert card["classes"] == [str(digit) for digit in range(10)]
 
@@ -551,18 +551,27 @@ def test_metrics_count_what_the_client_saw(digits_run: Path) -> None:
     assert metric(text, "scaleforge_cache_total", outcome="miss") == 1
     assert metric(text, "scaleforge_rejections_total", reason="invalid") == 5
     assert metric(text, "process_resident_memory_bytes") > 0 and metric(text, "scaleforge_model_load_seconds") > 0
-    card = models.json()
+    listed = models.json()
+    assert listed["object"] == "list" and len(listed["data"]) == 1
+    card = listed["data"][0]
+    assert card["object"] == "model" and card["owned_by"] == "scaleforge" and isinstance(card["created"], int)
     assert card["task"] == "classification" and card["input_schema"]["shape"] == [1, 8, 8]
+    assert "completions" not in card
+
+
+def no_server_error(url: str, folder: Path, *flags: str) -> None:
+    """schemathesis over the server's OpenAPI schema (with `flags`, seeded) finds no 5xx."""
+    schemathesis = Path(sys.executable).parent / "schemathesis"
+    command = [str(schemathesis), "run", f"{url}/openapi.json", "--checks", "not_a_server_error"]
+    command += ["--seed", "1", "--no-color", *flags]
+    # run where its cache folder (.schemathesis/) does no harm
+    result = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=240, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "passed" in result.stdout and "failed" not in result.stdout.split("SUMMARY")[-1]
 
 
 def test_schemathesis_finds_no_server_error(digits_url: str, tmp_path: Path) -> None:
-    schemathesis = Path(sys.executable).parent / "schemathesis"
-    command = [str(schemathesis), "run", f"{digits_url}/openapi.json", "--checks", "not_a_server_error"]
-    command += ["--max-examples", "50", "--seed", "1", "--no-color"]
-    # run where its cache folder (.schemathesis/) does no harm
-    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=240, check=False)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert "passed" in result.stdout and "failed" not in result.stdout.split("SUMMARY")[-1]
+    no_server_error(digits_url, tmp_path, "--max-examples", "50")
 
 
 @pytest.mark.slow

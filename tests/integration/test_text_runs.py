@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from scaleforge.data.tokenizers import train_bpe
+from scaleforge.data.tokenizers import Tokenizer, train_bpe
+from scaleforge.generation.language_model import generate_stream
 from scaleforge.runs import write_manifest
 from scaleforge.serve.app import ServeSettings, create_app
 from scaleforge.serve.model import InvalidInput, ServedModel
@@ -82,11 +83,17 @@ def test_a_bpe_run_saves_its_tokenizer_and_is_evaluated_and_served_with_it(tmp_p
             texts = await client.post("/v1/predict", json={"inputs": ["the lazy", "a fox"]})
             card = await client.get("/v1/models")
         assert texts.status_code == 200, texts.text
-        assert card.json()["input_schema"]["tokenizer"] == "bpe"
+        assert card.json()["data"][0]["input_schema"]["tokenizer"] == "bpe"
         return texts.json()["outputs"]
 
     outputs = asyncio.run(predict())
     assert len(outputs) == 2 and all("next_text" in output for output in outputs)
+
+    stream = generate_stream(tmp_path / "run", "the quick", max_new_tokens=12, temperature=0)
+    text = "".join(stream)  # BPE tokens of several bytes each, streamed
+    strings = Tokenizer.from_json((final / "tokenizer.json").read_text()).token_byte_strings()
+    generated = b"".join(strings[token] for token in stream.tokens)
+    assert len(stream.tokens) == 12 and len(generated) > 12 and text == generated.decode(errors="replace")
 
 
 def test_a_model_smaller_than_its_tokenizer_is_a_one_line_error(tmp_path: Path, cli) -> None:

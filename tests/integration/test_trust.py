@@ -76,7 +76,18 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize("selection", list(SELECTIONS))
 @pytest.mark.parametrize(
-    "command", ["serve", "eval", "export", "compress", "stream", "bench-serve", "bench-compress", "bench-stream"]
+    "command",
+    [
+        "serve",
+        "eval",
+        "export",
+        "compress",
+        "stream",
+        "bench-serve",
+        "bench-compress",
+        "bench-stream",
+        "bench-generate",
+    ],
 )
 def test_a_run_that_names_code_is_refused_without_trust(user_runs: dict[str, Path], selection: str, command: str):
     run = user_runs[selection]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -58,6 +59,25 @@ def test_help_comes_from_the_metadata_with_the_default() -> None:
 def test_a_name_that_is_not_a_field_is_refused() -> None:
     with pytest.raises(ValueError, match="Settings has no field secrett"):
         add_fields(argparse.ArgumentParser(), Settings, exclude=("secrett",))
+
+
+@dataclass(frozen=True)
+class ListSettings:
+    stop: tuple[str, ...] = field(default=(), metadata={"help": "strings"})
+    policy: Literal["crop", "stop"] = field(default="crop", metadata={"help": "what to do"})
+    top_p: float | None = field(default=None, metadata={"help": "mass", "range": "probability"})
+
+
+def test_a_tuple_of_strings_takes_values_a_literal_its_choices_a_probability_0_to_1() -> None:
+    made = Parser(prog="test")
+    add_fields(made, ListSettings)
+    args = made.parse_args(["--stop", "a", "b", "--stop", "c", "--policy", "stop", "--top-p", "1"])
+    assert (args.stop, args.policy, args.top_p) == (["a", "b", "c"], "stop", 1.0)
+    assert "(default: ())" not in made.format_help() and "{crop,stop}" in made.format_help()
+    with pytest.raises(UsageError, match="invalid choice: 'roll'"):
+        made.parse_args(["--policy", "roll"])
+    with pytest.raises(UsageError, match="expected a number above 0 and at most 1, got 1.5"):
+        made.parse_args(["--top-p", "1.5"])
 
 
 def _parsers(parser: argparse.ArgumentParser):  # noqa: ANN202 - an iterator of every command's parser

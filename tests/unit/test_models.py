@@ -12,6 +12,8 @@ from scaleforge.config import ModelSection, load_config, signature_of
 from scaleforge.data.base import DataInfo
 from scaleforge.distributed.tensor_parallel import STYLES, planned_architectures
 from scaleforge.errors import ConfigError
+from scaleforge.models.gpt import GPT
+from scaleforge.models.lstm import LSTMModel
 from scaleforge.registry import MODELS
 from scaleforge.training.trainer import build_model
 
@@ -144,3 +146,80 @@ def test_mlp_tensor_parallel_plan_pairs_the_blocks_it_is_given() -> None:
         "blocks.2.linear": "colwise_rep",  # unpaired: gathered for the head
     }
     assert model.tp_plan([1, 2]) == {"blocks.1.linear": "colwise", "blocks.2.linear": "rowwise"}  # a pipeline stage
+
+
+def test_gpt_decoding_through_its_cache_gives_the_logits_of_the_whole_sequence() -> None:
+    torch.manual_seed(0)
+    model = GPT(vocab_size=64, seq_len=24, n_layers=2, n_heads=4, d_model=32).eval()
+    tokens = torch.randint(0, 64, (3, 20))
+    with torch.no_grad():
+        whole = model(tokens)
+        cache = model.new_cache(slots=3)
+        prefill = model.decode(tokens[:, :12], cache)
+        steps = [model.decode(tokens[:, index : index + 1], cache) for index in range(12, 20)]
+    assert torch.allclose(torch.cat([prefill, *steps], dim=1), whole, atol=1e-5)
+    assert cache.lengths.tolist() == [20, 20, 20]
+
+
+def test_one_gpt_cache_holds_sequences_at_different_positions_in_any_slots() -> None:
+    torch.manual_seed(0)
+    model = GPT(vocab_size=64, seq_len=24, n_layers=2, n_heads=4, d_model=32).eval()
+    tokens = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        whole = model(tokens)
+        cache = model.new_cache(slots=4)
+        model.decode(tokens[0:1, :5], cache, slots=torch.tensor([2]))  # prompts of 5 and 9 tokens, prefilled apart
+        model.decode(tokens[1:2, :9], cache, slots=torch.tensor([0]))
+        batch = torch.stack([tokens[0, 5:6], tokens[1, 9:10]])  # then one step for both, as one batch
+        stepped = model.decode(batch, cache, slots=torch.tensor([2, 0]))
+        assert cache.lengths.tolist() == [10, 0, 6, 0]
+        cache.reset(torch.tensor([2]))
+        assert torch.allclose(model.decode(tokens[0:1, :3], cache, slots=torch.tensor([2])), whole[0:1, :3], atol=1e-5)
+        with pytest.raises(ValueError, match="holds 24 positions"):
+            model.decode(torch.zeros(2, 15, dtype=torch.long), cache, slots=torch.tensor([0, 1]))  # slot 0: 10 + 15
+    assert torch.allclose(stepped[:, 0], torch.stack([whole[0, 5], whole[1, 9]]), atol=1e-5)
+
+
+def test_the_first_slots_decode_through_the_caches_views_at_different_positions() -> None:
+    torch.manual_seed(0)
+    model = GPT(vocab_size=64, seq_len=24, n_layers=2, n_heads=4, d_model=32).eval()
+    tokens = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        whole = model(tokens)
+        cache = model.new_cache(slots=2)
+        model.decode(tokens[0:1, :5], cache, slots=torch.tensor([0]))
+        model.decode(tokens[1:2, :9], cache, slots=torch.tensor([1]))
+        stepped = model.decode(torch.stack([tokens[0, 5:6], tokens[1, 9:10]]), cache)  # slots 0, 1: a slice
+        again = model.decode(torch.stack([tokens[0, 6:7], tokens[1, 10:11]]), cache)
+    assert cache.lengths.tolist() == [7, 11]
+    assert torch.allclose(stepped[:, 0], torch.stack([whole[0, 5], whole[1, 9]]), atol=1e-5)
+    assert torch.allclose(again[:, 0], torch.stack([whole[0, 6], whole[1, 10]]), atol=1e-5)
+
+
+def test_a_gpt_carrying_its_keys_and_values_as_tensors_gives_the_logits_of_the_whole_sequence() -> None:
+    torch.manual_seed(0)
+    model = GPT(vocab_size=64, seq_len=24, n_layers=2, n_heads=4, d_model=32).eval()
+    tokens = torch.randint(0, 64, (3, 20))
+    with torch.no_grad():
+        whole = model(tokens)
+        logits, keys, values = model.forward_with_past(tokens[:, :10])  # a prompt
+        pieces = [logits]
+        logits, keys, values = model.forward_with_past(tokens[:, 10:13], keys, values)  # several more at once
+        pieces.append(logits)
+        for index in range(13, 20):  # then one at a time
+            logits, keys, values = model.forward_with_past(tokens[:, index : index + 1], keys, values)
+            pieces.append(logits)
+    assert keys.shape == values.shape == (2, 3, 4, 20, 8)  # layers, batch, heads, positions, head_dim
+    assert torch.allclose(torch.cat(pieces, dim=1), whole, atol=1e-5)
+
+
+def test_an_lstm_language_model_carries_its_state_between_steps() -> None:
+    torch.manual_seed(0)
+    model = LSTMModel(input_shape=(16,), vocab_size=64, embedding_dim=8, hidden_size=16).eval()
+    tokens = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        first, state = model.step(tokens[:, :6])
+        rest, _ = model.step(tokens[:, 6:], state)
+        assert torch.allclose(torch.cat([first, rest], dim=1), model(tokens), atol=1e-6)
+    with pytest.raises(ValueError, match="only an lstm language model"):
+        LSTMModel(input_shape=(8, 8), num_classes=10).step(tokens)

@@ -42,6 +42,16 @@ def test_token_bytes_counts_the_bytes_each_token_stands_for() -> None:
     assert (bytes_tokenizer().token_bytes() == 1).all()
 
 
+def test_token_byte_strings_join_into_the_utf8_of_the_text() -> None:
+    tokenizer = train_bpe(TEXTS, 300)
+    strings = tokenizer.token_byte_strings()
+    ids = tokenizer.encode(SAMPLE)
+    assert b"".join(strings[i] for i in ids) == SAMPLE.encode()
+    assert [len(string) for string in strings] == tokenizer.token_bytes().tolist()
+    assert any(len(strings[i]) > 1 and strings[i].startswith(b" ") for i in ids)  # merges, with their spaces
+    assert bytes_tokenizer().token_byte_strings()[0xC3] == b"\xc3"
+
+
 def test_the_bytes_tokenizer_is_one_token_per_byte() -> None:
     tokenizer = bytes_tokenizer()
     ids = tokenizer.encode(SAMPLE)

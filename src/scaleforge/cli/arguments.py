@@ -96,6 +96,14 @@ def fraction(text: str) -> float:
     return value
 
 
+def probability(text: str) -> float:
+    """An argparse type: a number above 0 and at most 1."""
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a number above 0 and at most 1, got {text}")
+    return value
+
+
 Item = TypeVar("Item")
 
 

@@ -31,7 +31,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="onnx: one .onnx file (dynamo exporter, checked with ONNX Runtime); torch-export: a .pt2 ExportedProgram; "
         "aoti: an AOTInductor package (.aoti.pt2, compiled: needs a C++ compiler; the successor of TorchScript)",
     )
-    export.add_argument("--dynamic-batch", action="store_true", help="any batch size (checked on two)")
+    export.add_argument(
+        "--dynamic-batch",
+        action="store_true",
+        help="any batch size (checked on two); a gpt takes any sequence length up to its context whether or not",
+    )
+    export.add_argument(
+        "--kv-cache",
+        action="store_true",
+        help="a gpt (onnx): also write MODEL.prefill.onnx and MODEL.decode.onnx, the key/value cache as their inputs "
+        "and outputs, for generating one token at a time",
+    )
     export.add_argument("--opset", type=positive_int, help="ONNX opset (default: the exporter's)")
     export.add_argument(
         "--out", help="the file to write (default: RUN_DIR/exported/model.onnx, model.pt2 or model.aoti.pt2)"
@@ -79,13 +89,28 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "onnx":
         require("export", "scaleforge export --format onnx")
     result = export_run(
-        args.run_dir, args.format, dynamic_batch=args.dynamic_batch, opset=args.opset, out=args.out, trust=trust(args)
+        args.run_dir,
+        args.format,
+        dynamic_batch=args.dynamic_batch,
+        kv_cache=args.kv_cache,
+        opset=args.opset,
+        out=args.out,
+        trust=trust(args),
     )
     for check in result["checks"]:
+        tokens = "" if check["tokens"] is None else f" of {check['tokens']} tokens"
         print(
-            f"checked on {check['rows']} validation rows: max |difference| {check['max_abs_diff']:.2e}, "
+            f"checked on {check['rows']} validation rows{tokens}: max |difference| {check['max_abs_diff']:.2e}, "
             f"top-1 agreement {check['top1_agreement']:.1%}"
         )
+    if "kv_cache" in result:
+        pair = result["kv_cache"]
+        for check in pair["checks"]:
+            print(
+                f"prefill/decode checked on {check['rows']} validation rows of {check['tokens']} tokens (half of them "
+                f"prefilled, then one at a time): max |difference| {check['max_abs_diff']:.2e}"
+            )
+        print(f"key/value cache pair: {pair['prefill']}, {pair['decode']}")
     kind = "int8" if result["int8"] else "float"
     print(f"exported ({kind}, {result['format']}): {result['file']} ({result['bytes'] / 1024:,.1f} KiB)")
     return 0

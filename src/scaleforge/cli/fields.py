@@ -1,10 +1,11 @@
 """Command-line options generated from a settings dataclass, so that a setting and its flag cannot drift apart.
 
 Each field becomes `--field-name` (`dest` the field's name) with its type, range, choices and help taken from the
-field: its annotation (`int`, `float`, `str`, `Path`, `bool`, each optionally `| None`) and its `metadata`:
+field: its annotation (`int`, `float`, `str`, `Path`, `bool`, each optionally `| None`; a `Literal` of strings,
+its choices; `tuple[str, ...]`, one or more values, the option repeatable) and its `metadata`:
 
-- `help`: the text; the field's default is added to it, unless the default is None or False
-- `range`: `positive`, `non-negative`, `port` or `fraction`: the values an `int` or `float` takes
+- `help`: the text; the field's default is added to it, unless the default is None, False or empty
+- `range`: `positive`, `non-negative`, `port`, `fraction` or `probability`: the values an `int` or `float` takes
 - `choices`, `metavar`: as argparse's
 - `flag`: the option's name when it is not the field's (`--duration` for `duration_s`)
 
@@ -25,7 +26,15 @@ from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from scaleforge.cli.arguments import fraction, non_negative_float, non_negative_int, port, positive_float, positive_int
+from scaleforge.cli.arguments import (
+    fraction,
+    non_negative_float,
+    non_negative_int,
+    port,
+    positive_float,
+    positive_int,
+    probability,
+)
 
 Settings = TypeVar("Settings")
 
@@ -36,6 +45,7 @@ RANGES: dict[tuple[type, str], Callable[[str], Any]] = {
     (float, "positive"): positive_float,
     (float, "non-negative"): non_negative_float,
     (float, "fraction"): fraction,
+    (float, "probability"): probability,
 }
 
 
@@ -70,6 +80,12 @@ def _argument(field: dataclasses.Field, hint: Any, metadata: Mapping[str, Any], 
     if kind is bool:
         keywords["action"] = "store_true" if field.default is False else argparse.BooleanOptionalAction
         return keywords
+    if typing.get_origin(kind) is typing.Literal:
+        metadata = {"choices": list(typing.get_args(kind)), **metadata}
+        kind = str
+    if kind == tuple[str, ...]:
+        keywords.update(action="extend", nargs="+")
+        kind = str
     if kind not in (int, float, str, Path):
         raise TypeError(f"{field.name}: no command-line option for a field of type {hint}")
     if "range" in metadata:
@@ -96,7 +112,7 @@ def _help(field: dataclasses.Field, text: str | None, required: bool) -> str | N
     if text is None:
         return None
     text = text.replace("%", "%%")
-    if required or field.default is None or field.default is False or field.default is dataclasses.MISSING:
+    if required or field.default in (None, dataclasses.MISSING) or field.default is False or field.default == ():
         return text
     return f"{text} (default: {field.default})"
 

@@ -83,6 +83,18 @@ class Tokenizer:
                 lengths[index] = len(token)
         return lengths
 
+    def token_byte_strings(self) -> list[bytes]:
+        """The bytes each token id stands for (empty for ids the vocabulary leaves unused): text decoded as
+        tokens arrive joins these, so that a character split between tokens waits for its last byte."""
+        if self.kind == "bytes":
+            return [bytes([value]) for value in range(BYTE_VOCAB_SIZE)]
+        strings = [b""] * self.vocab_size
+        byte_of = _byte_level_bytes()
+        for token, index in self.backend.get_vocab().items():
+            if index < self.vocab_size:
+                strings[index] = bytes(byte_of[character] for character in token)
+        return strings
+
     def to_json(self) -> str:
         """The tokenizer as JSON, as `final/tokenizer.json` holds it; `from_json` reads it back."""
         data: dict[str, Any] = {"format": FORMAT, "kind": self.kind, "vocab_size": self.vocab_size}
@@ -168,6 +180,16 @@ def load_tokenizer(path: Path, embedding_rows: int | None = None) -> Tokenizer:
             f"{path} has {tokenizer.vocab_size} tokens, more than the model's {embedding_rows} embedding rows"
         )
     return tokenizer
+
+
+def _byte_level_bytes() -> dict[str, int]:
+    """The byte each character of a ByteLevel token spells: GPT-2's table, where printable bytes stand for
+    themselves and the others for the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [value for value in range(BYTE_VOCAB_SIZE) if value not in printable]
+    table = {chr(value): value for value in printable}
+    table.update({chr(BYTE_VOCAB_SIZE + offset): value for offset, value in enumerate(others)})
+    return table
 
 
 def _backend_module() -> Any:

@@ -7,10 +7,17 @@
   loaded back with `torch._inductor.aoti_load_package`; the supported successor of TorchScript, which is
   deprecated, for running without Python.
 
+A `gpt` is exported with a dynamic sequence dimension as well, from 1 token to its context, whatever
+`--dynamic-batch` says: a language model is fed sequences of every length while it generates. Its graph reads the
+whole sequence and returns every position's logits (B, T, vocab); generating with it means reading the context
+again for each token. `--kv-cache` writes, beside it, a prefill/decode pair with the key/value cache as the
+graphs' inputs and outputs (docs/compression.md#export says what each costs).
+
 All take float models and int8 runs: a `dynamic-int8` run goes to ONNX as ONNX Runtime's own dynamic int8 graph
 (its quantizer applied to the float model that holds the run's int8 weights), a `static-int8` one with its
 quantize and dequantize steps. The check runs the exported model on up to 256 validation rows, and with
-`--dynamic-batch` on a batch one row smaller, against the eager model: float outputs must agree to 1e-4, int8
+`--dynamic-batch` on a batch one row smaller, a gpt at 1 token, half its context and its whole context, against
+the eager model: float outputs must agree to 1e-4, int8
 ones in top-1 class on at least 99% of the rows (ONNX Runtime's int8 kernels round differently, and its int8
 LSTM keeps 7 bits of each weight). The file is written under a `.partial` name and renamed into place once
 checked: a failed export or check leaves nothing (and an earlier file of that name as it was).
@@ -47,6 +54,7 @@ class ExportCheck:
     rows: int
     max_abs_diff: float
     top1_agreement: float
+    tokens: int | None = None  # each row's sequence length, for a language model
 
 
 def export_run(
@@ -54,47 +62,169 @@ def export_run(
     fmt: str,
     *,
     dynamic_batch: bool = False,
+    kv_cache: bool = False,
     opset: int | None = None,
     out: str | Path | None = None,
     trust: Trust = UNTRUSTED,
 ) -> dict[str, Any]:
     """Export the model of the run at `run_dir` to `out` (default: `<run>/exported/model.<ext>`), check it, and
-    return what was checked."""
+    return what was checked. With `kv_cache`, a gpt's prefill/decode pair is written beside it (`kv_cache_pair`)."""
     if fmt not in FORMATS:
         raise UsageError(f"--format: '{fmt}' is not one of {', '.join(FORMATS)}")
     if opset is not None and fmt != "onnx":
         raise UsageError("--opset applies to --format onnx only")
+    if kv_cache and fmt != "onnx":
+        raise UsageError("--kv-cache applies to --format onnx only")
     final = verify_final(run_dir, trust.signing_key_env)
     compression = compression_of(final) or {}
     int8 = compression.get("format") in INT8_FORMATS
     run = open_run(final, trust)
+    if kv_cache and (run.config.model.architecture != "gpt" or int8):
+        raise UsageError(f"--kv-cache takes a float gpt; {final.parent} holds a{' n int8' if int8 else ''} "
+                         f"{run.config.model.architecture}")  # fmt: skip
     model = run.model.cpu()  # in eval mode, as `load_run` leaves it
     out = Path(out) if out is not None else final.parent / "exported" / f"model{FORMATS[fmt]}"
     out.parent.mkdir(parents=True, exist_ok=True)
     target, out = out, out.with_name(f"{out.name.removesuffix(out.suffix)}.partial{out.suffix}")  # renamed once checked
     inputs = validation_inputs(run, CHECK_ROWS)
-    dynamic = ({0: torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)},) if dynamic_batch else None
+    context = run.info.seq_len if run.config.model.architecture == "gpt" else None
     try:
         with _quiet_exporters():
             dynamic_int8 = compression.get("format") == "dynamic-int8"
-            runner = _export(fmt, model, inputs, out, dynamic, opset, dynamic_int8=dynamic_int8)
-        # the other size one row fewer: as many rows again, so that 99% means the same in both checks
-        batches = [inputs] + ([inputs[: max(1, len(inputs) - 1)]] if dynamic_batch else [])
-        checks = [_compare(model, runner, batch) for batch in batches]
+            runner = _export(fmt, model, inputs, out, _dynamic_shapes(dynamic_batch, context), opset,
+                             dynamic_int8=dynamic_int8)  # fmt: skip
+        checks = [_compare(model, runner, batch) for batch in _check_batches(inputs, dynamic_batch, context)]
         for check in checks:
             _require(check, int8, fmt)
         out.rename(target)
     except BaseException:
         out.unlink(missing_ok=True)
         raise
-    return {
+    result = {
         "format": fmt,
         "file": str(target),
         "bytes": target.stat().st_size,
         "int8": int8,
         "dynamic_batch": dynamic_batch,
+        "dynamic_sequence": None if context is None else [1, context],
         "checks": [check.__dict__ for check in checks],
     }
+    if kv_cache:
+        assert context is not None
+        result["kv_cache"] = kv_cache_pair(model, inputs, context, target, dynamic_batch=dynamic_batch, opset=opset)
+    return result
+
+
+class _Prefill(nn.Module):
+    """A gpt reading a prompt (B, T): its logits and every layer's keys and values (layers, B, H, T, head_dim)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.model.forward_with_past(tokens)  # type: ignore[no-any-return]
+
+
+class _Decode(_Prefill):
+    """A gpt reading one more token (B, 1) after the keys and values of the P before it: its logits, and the keys
+    and values of all P + 1."""
+
+    def forward(  # type: ignore[override]
+        self, tokens: torch.Tensor, past_keys: torch.Tensor, past_values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.model.forward_with_past(tokens, past_keys, past_values)  # type: ignore[no-any-return]
+
+
+def kv_cache_pair(
+    model: nn.Module, inputs: torch.Tensor, context: int, beside: Path, *, dynamic_batch: bool, opset: int | None
+) -> dict[str, Any]:
+    """A gpt's prefill and decode graphs, the key/value cache as their inputs and outputs, written beside the file
+    `beside` (`model.prefill.onnx`, `model.decode.onnx`) once checked: `inputs` (B, context) prefilled to half the
+    context, then decoded one token at a time to the end, against the model's logits of the whole rows."""
+    stem = beside.name.removesuffix(beside.suffix)
+    files = {name: beside.with_name(f"{stem}.{name}.onnx") for name in ("prefill", "decode")}
+    partial = {name: path.with_name(f"{stem}.{name}.partial.onnx") for name, path in files.items()}
+    batch = {0: torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)} if dynamic_batch else {}
+    sequence = torch.export.Dim("sequence", min=1, max=context)
+    past = {**({1: batch[0]} if batch else {}), 3: torch.export.Dim("past", min=1, max=context - 1)}
+    prompt = context // 2
+    try:
+        with _quiet_exporters(), torch.inference_mode():
+            _, keys, values = model.forward_with_past(inputs[:, :prompt])
+        with _quiet_exporters():
+            outputs = ["logits", "keys", "values"]
+            prefill_shapes = ({**batch, 1: sequence},)
+            _export_onnx(
+                _Prefill(model).eval(), (inputs,), partial["prefill"], prefill_shapes, opset, (["tokens"], outputs)
+            )
+            decode_inputs, decode_names = (inputs[:, :1], keys, values), ["tokens", "past_keys", "past_values"]
+            decode_shapes = (batch, past, past)
+            _export_onnx(
+                _Decode(model).eval(), decode_inputs, partial["decode"], decode_shapes, opset, (decode_names, outputs)
+            )
+        checks = []
+        for rows in _check_batches(inputs, dynamic_batch, None):
+            got = _generate_with_pair(partial, rows.numpy(), prompt)
+            with torch.inference_mode():
+                expected = model(rows).float().numpy()
+            agreement = float((got.argmax(-1) == expected.argmax(-1)).mean())
+            check = ExportCheck(len(rows), float(np.abs(got - expected).max()), agreement, context)
+            _require(check, False, "onnx prefill/decode")
+            checks.append(check)
+        for name, path in partial.items():
+            path.rename(files[name])
+    except BaseException:
+        for path in partial.values():
+            path.unlink(missing_ok=True)
+        raise
+    return {**{name: str(path) for name, path in files.items()}, "checks": [check.__dict__ for check in checks]}
+
+
+def _generate_with_pair(files: dict[str, Path], rows: np.ndarray, prompt: int) -> np.ndarray:
+    """The logits (B, T, V) of `rows` (B, T) from the prefill graph on the first `prompt` tokens, then the decode
+    graph one token at a time."""
+    import onnxruntime
+
+    prefill, decode = (
+        onnxruntime.InferenceSession(str(files[name]), providers=["CPUExecutionProvider"])
+        for name in ("prefill", "decode")
+    )
+    logits, keys, values = prefill.run(None, {"tokens": rows[:, :prompt]})
+    steps = [logits]
+    for position in range(prompt, rows.shape[1]):
+        feed = {"tokens": rows[:, position : position + 1], "past_keys": keys, "past_values": values}
+        logits, keys, values = decode.run(None, feed)
+        steps.append(logits)
+    return np.concatenate(steps, axis=1)
+
+
+def export_onnx_language_model(model: nn.Module, context: int, out: Path) -> None:
+    """Write a language model of `context` tokens to `out` as `export` writes a gpt: batch 1, any sequence length
+    from 1 token to `context`; unchecked."""
+    example = torch.zeros(1, context, dtype=torch.long)
+    with _quiet_exporters():
+        _export_onnx(model, example, out, _dynamic_shapes(False, context), None)
+
+
+def _dynamic_shapes(dynamic_batch: bool, context: int | None) -> Any:
+    """The dynamic dimensions of the model's one input: the batch with `dynamic_batch`, and the sequence (1 to
+    `context` tokens) of a language model with a context."""
+    dims = {0: torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)} if dynamic_batch else {}
+    if context is not None:
+        dims[1] = torch.export.Dim("sequence", min=1, max=context)
+    return (dims,) if dims else None
+
+
+def _check_batches(inputs: torch.Tensor, dynamic_batch: bool, context: int | None) -> list[torch.Tensor]:
+    """What the export is checked on: the validation rows, and with `dynamic_batch` one row fewer (as many rows
+    again, so that 99% means the same in both checks); a language model's at 1 token, half its context and all
+    of it, each at both batch sizes."""
+    batches = [inputs] + ([inputs[: max(1, len(inputs) - 1)]] if dynamic_batch else [])
+    if context is None:
+        return batches
+    lengths = sorted({1, max(1, context // 2), context})
+    return [batch[:, :length] for length in lengths for batch in batches]
 
 
 def validation_inputs(run: Any, rows: int = 32) -> torch.Tensor:
@@ -133,6 +263,7 @@ def _quiet_exporters() -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning)
             warnings.filterwarnings("ignore", message="The tensor attributes .* were assigned during export")
+            warnings.filterwarnings("ignore", message="# The axis name: .* will not be used")  # a Dim used twice
             yield
     finally:
         registration.setLevel(level)
@@ -154,16 +285,26 @@ def _compile_aoti(program: torch.export.ExportedProgram, out: Path) -> None:
         raise UsageError(f"AOTInductor compilation failed{describe_export_error(error)}") from error
 
 
-def _export_onnx(model: nn.Module, inputs: torch.Tensor, out: Path, dynamic: Any, opset: int | None) -> None:
+def _export_onnx(
+    model: nn.Module,
+    inputs: torch.Tensor | tuple[torch.Tensor, ...],
+    out: Path,
+    dynamic: Any,
+    opset: int | None,
+    names: tuple[list[str], list[str]] | None = None,
+) -> None:
+    """`model` on `inputs` (one tensor, or a tuple of them) to an ONNX file; `names` of its inputs and outputs."""
     try:
         program = torch.onnx.export(
             model,
-            (inputs,),
+            inputs if isinstance(inputs, tuple) else (inputs,),
             dynamo=True,
             external_data=False,
             dynamic_shapes=dynamic,
             opset_version=opset,
             verbose=False,
+            input_names=names[0] if names else None,
+            output_names=names[1] if names else None,
         )
         assert program is not None
         program.save(str(out), external_data=False)
@@ -216,17 +357,22 @@ def _compare(model: nn.Module, runner: Any, batch: torch.Tensor) -> ExportCheck:
     if got.shape != expected.shape:
         raise UsageError(f"the exported model answered shape {list(got.shape)}, the model {list(expected.shape)}")
     agreement = float((got.argmax(-1) == expected.argmax(-1)).mean())
-    return ExportCheck(len(batch), float(np.abs(got - expected).max()), agreement)
+    tokens = batch.shape[1] if got.ndim == 3 else None  # a language model's logits: (B, T, vocab)
+    return ExportCheck(len(batch), float(np.abs(got - expected).max()), agreement, tokens)
 
 
 def _require(check: ExportCheck, int8: bool, fmt: str) -> None:
     if int8 and check.top1_agreement < INT8_AGREEMENT:
         raise UsageError(
             f"the {fmt} export agrees with the model in top-1 class on {check.top1_agreement:.1%} of {check.rows} "
-            f"validation rows, less than {INT8_AGREEMENT:.0%}"
+            f"validation rows{_of_tokens(check)}, less than {INT8_AGREEMENT:.0%}"
         )
     if not int8 and check.max_abs_diff > FLOAT_TOLERANCE:
         raise UsageError(
             f"the {fmt} export differs from the model by up to {check.max_abs_diff:.2e} on {check.rows} validation "
-            f"rows, more than {FLOAT_TOLERANCE:g}"
+            f"rows{_of_tokens(check)}, more than {FLOAT_TOLERANCE:g}"
         )
+
+
+def _of_tokens(check: ExportCheck) -> str:
+    return "" if check.tokens is None else f" of {check.tokens} tokens"

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from scaleforge.models.attention import TransformerBlock, transformer_tp_plan
+from scaleforge.models.attention import KVCache, Positions, Slots, TransformerBlock, transformer_tp_plan
 from scaleforge.registry import register_model
 
 
@@ -21,11 +21,13 @@ class TokenEmbedding(nn.Module):
         self.position = nn.Embedding(seq_len, d_model)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings of `tokens` (B, T) at positions 0..T-1, or at `positions` (B, T) when given."""
         seq = tokens.shape[1]  # (B, T)
         if seq > self.seq_len:
             raise ValueError(f"sequence of {seq} tokens is longer than the model's context of {self.seq_len}")
-        positions = torch.arange(seq, device=tokens.device)
+        if positions is None:
+            positions = torch.arange(seq, device=tokens.device)
         return self.dropout(self.token(tokens) + self.position(positions))  # (B, T, C)
 
 
@@ -85,3 +87,57 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)  # (B, T, C)
         return self.head(x)  # (B, T, vocab_size)
+
+    def new_cache(self, slots: int = 1) -> KVCache:
+        """An empty key/value cache for `slots` sequences of up to the model's context, on its device."""
+        weight = self.embed.token.weight
+        attention = self.blocks[0].attn
+        return KVCache(
+            len(self.blocks),
+            slots,
+            attention.heads,
+            self.embed.seq_len,
+            attention.head_dim,
+            dtype=weight.dtype,
+            device=weight.device,
+        )
+
+    def decode(self, tokens: torch.Tensor, cache: KVCache, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab_size) of `tokens` (B, T) appended to the sequences that cache `slots` (B,) hold
+        (default: slots 0..B-1): a prompt at once (prefill), then one token a step. Each row attends to its own
+        slot's earlier tokens, whatever their number; the same as `forward` on the whole sequence."""
+        batch, seq = tokens.shape
+        rows: Slots = slice(0, batch) if slots is None else slots  # slots 0..B-1 read as views of the cache
+        positions = cache.positions(rows, seq)  # (B, T)
+        span, start = int(positions.max()) + 1, int(positions.min())
+        aligned = start + seq == span  # every row's new tokens at the same positions: one slice of the cache
+        where: Positions = slice(start, span) if aligned else positions
+        # None: one new token a row at the same position sees every key; a first prompt in every row, causal
+        mask: torch.Tensor | None = None
+        if not aligned or (seq > 1 and start > 0):
+            keys = torch.arange(span, device=tokens.device)
+            mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, span): own earlier tokens
+        x = self.embed(tokens, positions)  # (B, T, C)
+        for layer, block in enumerate(self.blocks):
+            x = block.decode(x, cache, layer, rows, where, mask, span)  # (B, T, C)
+        cache.advance(rows, seq)
+        return self.head(x)  # (B, T, vocab_size)
+
+    def forward_with_past(
+        self, tokens: torch.Tensor, past_keys: torch.Tensor | None = None, past_values: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits (B, T, vocab_size) of `tokens` (B, T) that follow the P tokens whose keys and values are
+        `past_keys` and `past_values` (layers, B, heads, P, head_dim; none when None), and the keys and values of
+        all P + T tokens: the cache as tensors in and out, for a runtime that carries it itself (the ONNX
+        prefill/decode pair of `scaleforge export --kv-cache`)."""
+        past = 0 if past_keys is None else past_keys.shape[3]
+        x = self.embed(tokens, torch.arange(past, past + tokens.shape[1], device=tokens.device))  # (B, T, C)
+        keys, values = [], []
+        for layer, block in enumerate(self.blocks):
+            layer_past = (
+                (None, None) if past_keys is None or past_values is None else (past_keys[layer], past_values[layer])
+            )
+            x, layer_keys, layer_values = block.forward_with_past(x, *layer_past)  # (B, T, C)
+            keys.append(layer_keys)
+            values.append(layer_values)
+        return self.head(x), torch.stack(keys), torch.stack(values)  # (B, T, V), (layers, B, H, P + T, head_dim)

@@ -9,6 +9,8 @@ from torch import nn
 
 from scaleforge.registry import register_model
 
+LSTMState = tuple[torch.Tensor, torch.Tensor]  # one layer's (h, c), each (1, B, H)
+
 
 class LSTMBlock(nn.Module):
     """One LSTM layer followed by dropout; returns the output sequence only."""
@@ -21,6 +23,11 @@ class LSTMBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         output, _ = self.lstm(x)  # (B, T, H)
         return self.dropout(output)
+
+    def step(self, x: torch.Tensor, state: LSTMState | None) -> tuple[torch.Tensor, LSTMState]:
+        """`forward` continuing from `state` (h, c), each (1, B, H); returns the output and the state after x."""
+        output, (hidden, cell) = self.lstm(x, state)  # (B, T, H)
+        return self.dropout(output), (hidden, cell)
 
 
 @register_model("lstm")
@@ -65,3 +72,16 @@ class LSTMModel(nn.Module):
         if self.classify:
             return self.head(x[:, -1])  # (B, num_classes)
         return self.head(x)  # (B, T, V)
+
+    def step(self, tokens: torch.Tensor, state: list[LSTMState] | None = None) -> tuple[torch.Tensor, list[LSTMState]]:
+        """A language model's logits (B, T, V) of `tokens` (B, T) following the sequences whose state (each
+        layer's (h, c)) is `state` (None: at their start), and the state after them: decoding one token a step
+        gives what `forward` gives on the whole sequence."""
+        if self.embedding is None or self.classify:
+            raise ValueError("only an lstm language model (token data, no num_classes) steps through tokens")
+        x = self.embedding(tokens)  # (B, T, E)
+        carried = []
+        for index, block in enumerate(self.blocks):
+            x, layer_state = block.step(x, state[index] if state is not None else None)  # (B, T, H)
+            carried.append(layer_state)
+        return self.head(x), carried  # (B, T, V)

@@ -46,9 +46,19 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from scaleforge.generation.engine import Engine, slot_model_for
 from scaleforge.processes import ParentDeathGuard
 from scaleforge.serve.batching import Batcher, Closed, DeadlineExceeded, ModelHung, QueueFull, Result, Ticket
-from scaleforge.serve.model import MAX_IMAGE_BYTES, InvalidInput, ServedModel
+from scaleforge.serve.completions import (
+    OPENAI_PATHS,
+    CompletionRequest,
+    Completions,
+    EngineLoop,
+    GenerationMetrics,
+    openai_error,
+    validation_error,
+)
+from scaleforge.serve.model import MAX_IMAGE_BYTES, InvalidInput, OnnxRuntimeModel, ServedModel
 from scaleforge.serve.settings import ServeSettings
 from scaleforge.serve.worker import ModelFailed, WorkerDied
 
@@ -62,6 +72,8 @@ ENDPOINTS = frozenset(  # counted by name in metrics; any other path counts as "
         "/v1/predict",
         "/v1/predict/image",
         "/v1/models",
+        "/v1/completions",
+        "/v1/chat/completions",
         "/health/live",
         "/health/ready",
         "/metrics",
@@ -235,11 +247,14 @@ class ServerMetrics:
         self.model_load = Gauge("scaleforge_model_load_seconds", "time the model took to load", registry=r)
         for reason in REJECTIONS:
             self.rejections.labels(reason)  # present from the start, at 0
+        self.generation = GenerationMetrics(r)
 
-    def refuse(self, reason: str, status: int, detail: str, headers: dict[str, str] | None = None) -> Response:
-        """The answer to a request refused for `reason`, counted."""
+    def refuse(
+        self, reason: str, status: int, detail: str, headers: dict[str, str] | None = None, *, openai: bool = False
+    ) -> Response:
+        """The answer to a request refused for `reason`, counted; in OpenAI's error shape with `openai`."""
         self.rejections.labels(reason).inc()
-        return _error(status, detail, headers)
+        return openai_error(status, detail, None, reason, headers) if openai else _error(status, detail, headers)
 
 
 class GpuCollector:
@@ -320,6 +335,14 @@ def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> R
     return _Json({"detail": detail}, status_code=status, headers=headers)
 
 
+OPENAI_REFUSALS: dict[int | str, dict[str, Any]] = {  # the completions endpoints', in OpenAI's error shape
+    400: {"description": "a request this server cannot answer (unsupported fields, prompts too long, ...)"},
+    404: {"description": "no model of that name"},
+    422: {"description": "a body that does not match the schema"},
+    503: {"description": "too many sequences waiting, or shutting down"},
+    504: {"description": "waited for a slot longer than --timeout-ms"},
+}
+COMPLETION_SCHEMA = CompletionRequest.model_json_schema()
 REFUSALS: dict[int | str, dict[str, Any]] = {  # documented in the OpenAPI schema of the predict endpoints
     413: {"description": "body too large"},
     422: {"description": "inputs the model cannot take"},
@@ -365,7 +388,37 @@ class ServingApp:
         self.metrics.queue_depth.set_function(lambda: self.batcher.queued)
         self.cache = _ResultCache(settings.cache_size, model.card.version) if settings.cache_size > 0 else None
         self.decoder = BodyDecoder(model, settings.max_batch_size)
+        self.completions = self._completions(run_batch is None)
         self.api = self._build_api()
+
+    def _completions(self, in_process: bool) -> Completions | None:
+        """The completions endpoints of a language model on text whose weights are in this process, else None."""
+        model, settings = self.model, self.settings
+        if (
+            model.info.task != "language_modeling"
+            or model.tokenizer is None
+            or not in_process
+            or model.model is None
+            or isinstance(model.model, OnnxRuntimeModel)
+        ):
+            return None
+        slots = slot_model_for(model.model, settings.max_batch_size, model.info.seq_len)
+        engine = Engine(slots, model.tokenizer.token_byte_strings(), settings.max_step_tokens, settings.batching)
+        loop = EngineLoop(
+            engine,
+            max_waiting=settings.max_queue,
+            timeout_s=settings.timeout_ms / 1000,
+            hung_after_s=settings.batch_timeout_s,
+        )
+        return Completions(
+            loop,
+            self.metrics.generation,
+            name=model.card.name,
+            encode=model.tokenizer.encode,
+            context=slots.context,
+            max_prompts=settings.max_batch_size,
+            refused=lambda reason: self.metrics.rejections.labels(reason).inc(),
+        )
 
     def gate(self, *, fast_path: bool = True) -> Gate:
         """The application behind its `Gate` (what uvicorn runs); with `fast_path`, the `Gate` answers a JSON
@@ -394,6 +447,21 @@ class ServingApp:
         if self.model.info.image is not None:
             api.add_api_route("/v1/predict/image", self.predict_image, methods=["POST"], responses=REFUSALS)
         api.add_api_route("/v1/models", self.models, methods=["GET"])
+        completions = self.completions
+        body = {"requestBody": {"required": True, "content": {"application/json": {"schema": COMPLETION_SCHEMA}}}}
+        api.add_api_route(
+            "/v1/completions",
+            completions.complete if completions is not None else self._no_completions,
+            methods=["POST"],
+            responses=OPENAI_REFUSALS,
+            openapi_extra=body,
+        )
+        api.add_api_route(
+            "/v1/chat/completions",
+            completions.chat if completions is not None else self._no_completions,
+            methods=["POST"],
+            responses=OPENAI_REFUSALS,
+        )
         hung = {503: {"description": "the model has not answered its batch in time"}}
         api.add_api_route("/health/live", self.live, methods=["GET"], responses=hung)
         api.add_api_route(
@@ -406,10 +474,14 @@ class ServingApp:
     async def lifespan(self, api: FastAPI) -> AsyncIterator[None]:
         """The batcher runs while the server does; what was admitted is answered before the process ends."""
         self.batcher.start()
+        if self.completions is not None:
+            self.completions.loop.start()
         api.state.ready = True
         yield
         api.state.ready = False
         await self.batcher.close()
+        if self.completions is not None:
+            await self.completions.loop.close()
         self.decoder.close()
 
     def _observe_batch(self, size: int, seconds: float) -> None:
@@ -417,11 +489,16 @@ class ServingApp:
         self.metrics.inference.observe(seconds)
 
     async def _http_error(self, request: Request, error: StarletteHTTPException) -> Response:
+        if request.url.path in OPENAI_PATHS:
+            return openai_error(error.status_code, str(error.detail), None, None, getattr(error, "headers", None))
         if error.status_code == 400:  # a body FastAPI could not parse (a broken multipart upload, say): malformed
             return self.metrics.refuse("invalid", 422, f"the body cannot be read: {error.detail}")
         return _error(error.status_code, str(error.detail), getattr(error, "headers", None))
 
     async def _invalid_request(self, request: Request, error: RequestValidationError) -> Response:
+        if request.url.path in OPENAI_PATHS:
+            self.metrics.rejections.labels("invalid").inc()
+            return validation_error(error.errors())
         problems = [f"{'.'.join(str(part) for part in e['loc'])}: {e['msg']}" for e in error.errors()]
         return self.metrics.refuse("invalid", 422, "; ".join(problems))
 
@@ -531,15 +608,34 @@ class ServingApp:
         return result.outputs
 
     async def models(self) -> dict[str, Any]:
-        """The model's name, version, task and input schema."""
+        """The models served, in OpenAI's list shape: each one's name as `id`, with its version, task and input
+        schema (and, for a language model on text, the completions endpoint)."""
         card = self.model.card
-        return {"name": card.name, "version": card.version, "task": card.task, "input_schema": card.input_schema}
+        entry = {"id": card.name, "object": "model", "created": card.created, "owned_by": "scaleforge"}
+        entry |= {"version": card.version, "task": card.task, "input_schema": card.input_schema}
+        if self.completions is not None:
+            entry["completions"] = {"endpoint": "/v1/completions", "context": self.completions.context}
+        return {"object": "list", "data": [entry]}
+
+    async def _no_completions(self, request: Request) -> Response:
+        """The completions endpoints of a model that cannot serve them."""
+        info, card = self.model.info, self.model.card
+        if info.task != "language_modeling":
+            why = f"{card.name} is a {info.task} model, not a language model: it answers /v1/predict"
+        elif self.model.tokenizer is None:
+            why = f"{card.name} was trained on token ids without a tokenizer: it answers /v1/predict with token ids"
+        else:
+            why = f"{card.name} is served with --backend {self.settings.backend}: completions need --backend torch"
+        return self.metrics.refuse("invalid", 400, why, openai=True)
 
     async def live(self) -> Response:
-        """200 while the process answers and its model answers its batches within --batch-timeout-s; 503 while a
-        batch on the model's thread has outlived it (requests get 503 too, until the model answers)."""
+        """200 while the process answers and its model answers its batches (and a language model its decoding
+        steps) within --batch-timeout-s; 503 while a batch or a step on the model's thread has outlived it (requests
+        get 503 too, until the model answers)."""
         if self.batcher.hung:
             return _error(503, self.batcher.hung_message())
+        if self.completions is not None and self.completions.loop.hung:
+            return _error(503, self.completions.loop.hung_message())
         return _Json({"status": "live"})
 
     async def ready(self) -> Response:
@@ -663,13 +759,14 @@ class Gate:
         headers = {  # the few it reads (ASGI gives names in lower case)
             name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"] if name in _READ
         }
+        openai = path in OPENAI_PATHS
         if self.api_key is not None and not path.startswith("/health/") and not self._authorized(headers):
-            refused = self.metrics.refuse("unauthorized", 401, "a valid API key is required", _CHALLENGE)
+            refused = self.metrics.refuse("unauthorized", 401, "a valid API key is required", _CHALLENGE, openai=openai)
             return await _sent(refused, scope, receive, send)
         limit = self.image_body_limit if path == "/v1/predict/image" else self.body_limit
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit.max_bytes:
-            return await _sent(self._too_large(limit), scope, receive, send)
+            return await _sent(self._too_large(limit, openai), scope, receive, send)
         chunks: list[bytes] = []
         size, more = 0, scope["method"] in ("POST", "PUT", "PATCH")
         while more:  # read here, up to the limit, then replayed to the application
@@ -680,7 +777,7 @@ class Gate:
             size += len(chunks[-1])
             more = message.get("more_body", False)
             if size > limit.max_bytes:
-                return await _sent(self._too_large(limit), scope, receive, send)
+                return await _sent(self._too_large(limit, openai), scope, receive, send)
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if (
             self.predict_fast is not None
@@ -716,6 +813,6 @@ class Gate:
         given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
         return hmac.compare_digest(given.encode(), self.api_key.encode())  # type: ignore[union-attr]
 
-    def _too_large(self, limit: BodyLimit) -> Response:
+    def _too_large(self, limit: BodyLimit, openai: bool) -> Response:
         detail = f"the body is larger than this endpoint's limit of {_size(limit.max_bytes)} ({limit.source})"
-        return self.metrics.refuse("too_large", 413, detail, {"Connection": "close"})
+        return self.metrics.refuse("too_large", 413, detail, {"Connection": "close"}, openai=openai)

@@ -60,6 +60,7 @@ class ModelCard:
     version: str
     task: str
     input_schema: dict[str, Any]
+    created: int  # when the weights were written, in seconds since the epoch (OpenAI's `created`)
 
 
 class OnnxRuntimeModel(torch.nn.Module):
@@ -138,6 +139,11 @@ class ServedModel:
         self._name = config.name if config.name != "default" else config.model.architecture
         self.load_seconds = time.perf_counter() - started
 
+    @property
+    def generates_text(self) -> bool:
+        """Whether this is a language model on text, which serves `/v1/completions` too (from this process)."""
+        return self.info.task == "language_modeling" and self.tokenizer is not None
+
     @functools.cached_property
     def card(self) -> ModelCard:
         """Name, version, task and input schema; read when first asked for (a model process never asks)."""
@@ -147,7 +153,11 @@ class ServedModel:
             while chunk := file.read(2**24):
                 digest.update(chunk)
         return ModelCard(
-            name=self._name, version=digest.hexdigest()[:12], task=self.info.task, input_schema=self._input_schema()
+            name=self._name,
+            version=digest.hexdigest()[:12],
+            task=self.info.task,
+            input_schema=self._input_schema(),
+            created=int(self._weights_file.stat().st_mtime),
         )
 
     # ------------------------------------------------------------------------------------------- decode

@@ -88,12 +88,18 @@ def serve(path: str | Path, settings: ServeSettings) -> bool:
         # process costs more than sharing the interpreter (digits' MLP at 32 in flight: 4,694/s on a thread,
         # 3,309/s in a process); a GPU model's work runs on the GPU
         in_process = settings.model_process is False or device.type != "cpu"
+        in_process = in_process or model.generates_text  # completions decode beside the server (continuous batching)
         if in_process or not model.is_compute_bound(settings.max_batch_size):
             return _run(_server(model, settings, None, model.load_seconds, threads, timed))
         model.model = None  # the weights live in the model's process, with the threads and timings found here
         time_in_process = False
     else:  # the process chooses the threads and times the batches itself
         model = ServedModel(path, device, weights=False, trust=trust)  # checks the run before a process starts
+        if model.generates_text:
+            raise UsageError(
+                "--model-process: a language model's completions are decoded in the server's process, a step for "
+                "every running sequence at once (continuous batching); leave --model-process out"
+            )
         threads, timed, time_in_process = settings.threads, [], timing
     worker = ModelProcess(
         str(path),
@@ -151,6 +157,9 @@ def _server(
         f" queue {settings.max_queue}, timeout {settings.timeout_ms:g} ms,"
         f" bodies <= {gate.body_limit.max_bytes:,} bytes"
     )
+    if model.generates_text and worker is None:
+        banner += f" | completions: {settings.max_batch_size} slots, <= {settings.max_step_tokens} tokens a step"
+        banner += ", static batching" if settings.batching == "static" else ""
     return DrainingServer(config, gate, banner, settings.drain_grace_s)
 
 

@@ -5,6 +5,7 @@ which extra serving needs only when asked to serve."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass(frozen=True)
@@ -15,6 +16,23 @@ class ServeSettings:
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind (0.0.0.0: every interface)"})
     port: int = field(default=8000, metadata={"range": "port", "help": "port (0: any free one, printed)"})
     max_batch_size: int = field(default=32, metadata={"range": "positive", "help": "instances per batch, at most"})
+    max_step_tokens: int = field(
+        default=512,
+        metadata={
+            "range": "positive",
+            "help": "a language model's completions: the most tokens one decoding step reads, one for each running "
+            "sequence and the rest for prompts' chunks, so that a long prompt delays the others one step at most "
+            "(--max-batch-size sequences run at once)",
+        },
+    )
+    batching: Literal["continuous", "static"] = field(
+        default="continuous",
+        metadata={
+            "help": "a language model's completions: continuous (waiting sequences join at any step with a free slot) "
+            "or static (they join only when no sequence is running, each batch running until its longest sequence "
+            "ends: the baseline `scaleforge bench generate` measures continuous batching against)"
+        },
+    )
     max_delay_ms: float = field(
         default=5.0, metadata={"range": "non-negative", "help": "longest wait for a batch to fill"}
     )

@@ -1,0 +1,264 @@
+"""Continuous batching: many sequences decoded together, scheduled one model step at a time (as Orca and vLLM do).
+
+`Engine.step` is one iteration over a `waiting` queue and the `running` sequences, decided between model steps:
+sequences whose client went away leave, and those whose deadline passed while waiting are refused; waiting
+sequences join while a slot is free; one batched decode gives every running sequence that has read its prompt its
+next token; prompts are read (prefilled) in chunks with what is left of the step's token budget (`max_step_tokens`
+less one token per decoding sequence), so that a long prompt delays the running sequences by one step's budget at
+most; sequences that end (a stop string, `max_new_tokens`, the model's context) leave and free their slot.
+
+`batching="static"` is the baseline continuous batching is measured against (`scaleforge bench generate`): waiting
+sequences join only when no sequence is running, so a batch runs until its longest member ends.
+
+Each sequence samples with its own options and its own `torch.Generator`, and a gpt's batched decode attends to
+each slot's own keys and values only: a sequence gets the tokens it would get decoded alone. The engine is pure
+and synchronous, tested without threads or HTTP; `serve.completions` steps it on the model's own thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+import torch
+from torch import nn
+
+from scaleforge.generation.decoders import Decoder, decoder_for
+from scaleforge.generation.sampling import SamplingOptions, next_tokens
+from scaleforge.generation.streaming import TextOutput
+from scaleforge.models.gpt import GPT
+
+# length: max_new_tokens; stop: a stop string; context: the model's context is full; expired: its deadline passed
+# while it waited for a slot (it never ran)
+EngineFinish = Literal["length", "stop", "context", "expired"]
+# continuous: a waiting sequence joins at any step with a free slot; static: only when no sequence is running
+Batching = Literal["continuous", "static"]
+
+
+@dataclass(frozen=True)
+class Output:
+    """What one step gave a sequence: `text` (possibly '', while a character is unfinished), `tokens` sampled (0 or
+    1), and why it ended, on its last output."""
+
+    text: str
+    tokens: int
+    finish_reason: EngineFinish | None = None
+
+
+@dataclass(eq=False)
+class EngineRequest:
+    """One sequence to continue: its prompt's token ids, sampling options, and `emit`, called (on the engine's
+    thread) with each `Output`. `deadline` (a `time.perf_counter` time): refused as `expired` if still waiting
+    then. Setting `cancelled` takes it out at the next step, waiting or running."""
+
+    prompt: Sequence[int]
+    options: SamplingOptions
+    emit: Callable[[Output | Exception], None]  # the engine emits Outputs; its driver, the error a step raised
+    deadline: float | None = None
+    cancelled: bool = False
+    tokens: list[int] = field(default_factory=list)  # sampled so far
+    slot: int = -1
+    read: int = 0  # tokens the model has read: the prompt's, then the sampled ones
+    pending: int | None = None  # the last sampled token, read at the next decode
+    generator: torch.Generator | None = None
+    text: TextOutput | None = None
+
+
+class SlotModel(Protocol):
+    """A language model holding `slots` sequences at once, each read in pieces and continued one token a step."""
+
+    slots: int
+    context: int | None  # the most tokens a slot holds (None: no limit)
+
+    def prefill(self, slot: int, tokens: Sequence[int], first: bool) -> torch.Tensor:
+        """Read `tokens` into `slot` (after what it holds, or from empty when `first`); the next token's logits (V,)."""
+        ...
+
+    def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
+        """Read one token for each of `slots`, all in one batch; the next tokens' logits (B, V)."""
+        ...
+
+
+class CachedGPTSlots:
+    """A gpt's slots in one key/value cache: a chunk of a prompt into one slot, or one token into each of several
+    slots in one batched `GPT.decode`, each row attending to its own slot only."""
+
+    def __init__(self, model: GPT, slots: int) -> None:
+        self.model = model
+        self.slots = slots
+        self.cache = model.new_cache(slots)
+        self.context: int | None = model.embed.seq_len
+        self._device = self.cache.lengths.device
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, tokens: Sequence[int], first: bool) -> torch.Tensor:
+        slots = torch.tensor([slot], device=self._device)
+        if first:
+            self.cache.reset(slots)
+        row = torch.tensor([list(tokens)], dtype=torch.long, device=self._device)  # (1, T)
+        return self.model.decode(row, self.cache, slots)[0, -1]  # (V,)
+
+    @torch.inference_mode()
+    def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
+        order = sorted(range(len(slots)), key=slots.__getitem__)
+        first = slots[order[0]]
+        if all(slots[row] == first + index for index, row in enumerate(order)):
+            # a run of slots (every slot, when all are busy) is read and written through the cache's views, not
+            # gathered copies: at 16 slots, a third of a step's time
+            column = torch.tensor([tokens[row] for row in order], dtype=torch.long, device=self._device)[:, None]
+            logits = self.model.decode(column, self.cache, slice(first, first + len(order)))[:, -1]  # (B, V)
+            return logits[torch.tensor(order).argsort().to(logits.device)]  # in the order of `slots`
+        column = torch.tensor(list(tokens), dtype=torch.long, device=self._device)[:, None]  # (B, 1)
+        return self.model.decode(column, self.cache, torch.tensor(list(slots), device=self._device))[:, -1]  # (B, V)
+
+
+class DecoderSlots:
+    """Any other language model (lstm, or one re-read whole): a `Decoder` per slot, stepped one after another. An
+    lstm's states could be stacked into one batch; its steps are cheap next to a gpt's, so this keeps it simple."""
+
+    def __init__(self, model: nn.Module, slots: int, seq_len: int | None) -> None:
+        self.slots = slots
+        self.decoders: list[Decoder] = [decoder_for(model, seq_len) for _ in range(slots)]
+        self.context = self.decoders[0].context
+
+    def prefill(self, slot: int, tokens: Sequence[int], first: bool) -> torch.Tensor:
+        decoder = self.decoders[slot]
+        if first:
+            return decoder.start(tokens)
+        logits = torch.empty(0)
+        for token in tokens:
+            logits = decoder.extend(token)
+        return logits
+
+    def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
+        return torch.stack([self.decoders[slot].extend(token) for slot, token in zip(slots, tokens, strict=True)])
+
+
+def slot_model_for(model: nn.Module, slots: int, seq_len: int | None) -> SlotModel:
+    """`model`'s fastest way to hold `slots` sequences: a gpt's shared cache, else a decoder per slot."""
+    if isinstance(model, GPT):
+        return CachedGPTSlots(model, slots)
+    return DecoderSlots(model, slots, seq_len)
+
+
+class Engine:
+    """Sequences `add`ed to `waiting`, continued together by `step` in the slots of `model` (see the module)."""
+
+    def __init__(
+        self,
+        model: SlotModel,
+        token_bytes: Sequence[bytes],
+        max_step_tokens: int,
+        batching: Batching = "continuous",
+    ) -> None:
+        if max_step_tokens < 1:
+            raise ValueError(f"max_step_tokens must be at least 1, got {max_step_tokens}")
+        if batching not in ("continuous", "static"):
+            raise ValueError(f"batching must be 'continuous' or 'static', got {batching!r}")
+        self.model = model
+        self.token_bytes = token_bytes
+        self.max_step_tokens = max_step_tokens
+        self.batching = batching
+        self.waiting: collections.deque[EngineRequest] = collections.deque()
+        self.running: list[EngineRequest] = []
+        self._free = list(range(model.slots))[::-1]  # popped from the end: slot 0 first
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running
+
+    def add(self, request: EngineRequest) -> None:
+        """Queue `request`; it joins the running sequences at a step when a slot is free."""
+        if not request.prompt:
+            raise ValueError("the prompt is empty: it has no tokens to continue")
+        self.waiting.append(request)
+
+    def step(self) -> None:
+        """One iteration: leave, join, decode one token for each decoding sequence, read prompts' chunks."""
+        self._leave_and_join()
+        decoding = [request for request in self.running if request.pending is not None]
+        if decoding:
+            logits = self.model.decode([r.slot for r in decoding], [r.pending for r in decoding])  # type: ignore[misc]
+            for request, row in zip(decoding, logits, strict=True):
+                request.read += 1
+                self._sample(request, row)
+        budget = self.max_step_tokens - len(decoding)
+        for request in self.running:
+            if budget <= 0:
+                break
+            if request.pending is None and not request.tokens:  # still reading its prompt
+                chunk = request.prompt[request.read : request.read + budget]
+                logits = self.model.prefill(request.slot, chunk, first=request.read == 0)
+                request.read += len(chunk)
+                budget -= len(chunk)
+                if request.read == len(request.prompt):
+                    self._sample(request, logits)
+        self._release([request for request in self.running if request.slot < 0])
+
+    def abandon(self) -> list[EngineRequest]:
+        """Take every sequence out, waiting or running (after the model failed on a step); they are returned."""
+        running, waiting = list(self.running), list(self.waiting)
+        self._release(running)
+        self.waiting.clear()
+        return [*running, *waiting]
+
+    def _leave_and_join(self) -> None:
+        self._release([request for request in self.running if request.cancelled])
+        now = time.perf_counter()
+        if any(r.cancelled or (r.deadline is not None and r.deadline <= now) for r in self.waiting):
+            kept: collections.deque[EngineRequest] = collections.deque()
+            for request in self.waiting:
+                if request.cancelled:
+                    continue
+                if request.deadline is not None and request.deadline <= now:
+                    request.emit(Output("", 0, "expired"))
+                    continue
+                kept.append(request)
+            self.waiting = kept
+        if self.batching == "static" and self.running:
+            return
+        while self.waiting and self._free:
+            request = self.waiting.popleft()
+            request.slot = self._free.pop()
+            request.text = TextOutput(self.token_bytes, request.options.stop)
+            self.running.append(request)
+            context = self.model.context
+            if context is not None and len(request.prompt) > context:  # its most recent tokens, as generate crops
+                request.prompt = request.prompt[-context:]
+
+    def _release(self, leaving: list[EngineRequest]) -> None:
+        for request in leaving:
+            self.running.remove(request)
+            if request.slot >= 0:
+                self._free.append(request.slot)
+                request.slot = -1
+
+    def _sample(self, request: EngineRequest, logits: torch.Tensor) -> None:
+        """Sample `request`'s next token from `logits` (V,) with its own generator, and tell it its text."""
+        options, text = request.options, request.text
+        assert text is not None
+        if request.generator is None:  # made as `Generation` makes it, so that a seed samples the same text
+            request.generator = options.generator(logits.device)
+        token = int(next_tokens(logits[None], options, request.generator)[0])
+        request.tokens.append(token)
+        piece = text.push(token)
+        finish: EngineFinish | None = None
+        if text.stopped:
+            finish = "stop"
+        elif len(request.tokens) == options.max_new_tokens:
+            finish = "length"
+        elif self.model.context is not None and request.read >= self.model.context:  # no room to read `token`
+            finish = "context"
+        if finish is not None and finish != "stop":
+            piece += text.finish()
+            finish = "stop" if text.stopped else finish
+        if finish is None:
+            request.pending = token
+        else:
+            request.pending = None
+            self._free.append(request.slot)
+            request.slot = -1  # leaves at the end of this step
+        request.emit(Output(piece, 1, finish))

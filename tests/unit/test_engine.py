@@ -1,0 +1,233 @@
+"""Continuous batching (scaleforge.generation.engine), driven step by step without threads or HTTP: sequences that
+join a running batch get the tokens they get alone, prompts are read in chunks under the step's token budget, and
+sequences leave when they end or are cancelled."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import pytest
+import torch
+
+from scaleforge.generation.decoders import CachedGPT, RecurrentLSTM
+from scaleforge.generation.engine import CachedGPTSlots, Engine, EngineRequest, Output, slot_model_for
+from scaleforge.generation.sampling import SamplingOptions
+from tests.unit.test_generation import BYTES, GREEDY, PROMPT, VOCAB, gpt, lstm, tokens_of
+
+
+class Recorded:
+    """A sequence's outputs, as its `emit` receives them."""
+
+    def __init__(self) -> None:
+        self.outputs: list[Output | Exception] = []
+
+    def __call__(self, output: Output | Exception) -> None:
+        self.outputs.append(output)
+
+    @property
+    def pieces(self) -> list[str]:
+        return [output.text for output in self.outputs if isinstance(output, Output)]
+
+    @property
+    def finish_reason(self) -> str | None:
+        last = self.outputs[-1] if self.outputs else None
+        return last.finish_reason if isinstance(last, Output) else None
+
+
+def submit(
+    engine: Engine, prompt: Sequence[int], options: SamplingOptions = GREEDY, deadline: float | None = None
+) -> tuple[EngineRequest, Recorded]:
+    recorded = Recorded()
+    request = EngineRequest(list(prompt), options, recorded, deadline=deadline)
+    engine.add(request)
+    return request, recorded
+
+
+def run_out(engine: Engine, most: int = 500) -> int:
+    """Step until every sequence has ended; the steps taken."""
+    for steps in range(most):
+        if engine.idle:
+            return steps
+        engine.step()
+    raise AssertionError("the engine never went idle")
+
+
+def test_a_sequence_joining_mid_decode_gets_the_greedy_tokens_it_gets_alone() -> None:
+    model = gpt()
+    engine = Engine(CachedGPTSlots(model, slots=4), BYTES, max_step_tokens=6)
+    first, _ = submit(engine, PROMPT)
+    for _ in range(8):  # the first is decoding by now
+        engine.step()
+    assert first.pending is not None and len(first.tokens) > 3
+    long_prompt = [(7 * i) % VOCAB for i in range(25)]  # read in chunks of at most 5 (6 less the decoding one)
+    second, _ = submit(engine, long_prompt)
+    third, _ = submit(engine, PROMPT[:4], SamplingOptions(max_new_tokens=10, temperature=0))
+    run_out(engine)
+    assert first.tokens == tokens_of(CachedGPT(model)).tokens
+    assert second.tokens == tokens_of(CachedGPT(model), prompt=long_prompt).tokens
+    assert (
+        third.tokens
+        == tokens_of(CachedGPT(model), SamplingOptions(max_new_tokens=10, temperature=0), PROMPT[:4]).tokens
+    )
+    assert len(third.tokens) == 10
+
+
+def test_a_seeded_sequence_samples_in_a_batch_what_it_samples_alone() -> None:
+    model = gpt()
+    options = SamplingOptions(max_new_tokens=20, temperature=1.0, top_p=0.9, seed=7)
+    engine = Engine(CachedGPTSlots(model, slots=3), BYTES, max_step_tokens=64)
+    others = [submit(engine, PROMPT[i:], SamplingOptions(max_new_tokens=30, temperature=1.0))[0] for i in range(2)]
+    engine.step()
+    engine.step()
+    seeded, _ = submit(engine, PROMPT, options)
+    run_out(engine)
+    assert seeded.tokens == tokens_of(CachedGPT(model), options).tokens
+    assert all(len(other.tokens) == 30 for other in others)
+
+
+class Counting:
+    """A slot model that counts the tokens each step reads."""
+
+    def __init__(self, inner: CachedGPTSlots) -> None:
+        self.inner, self.slots, self.context = inner, inner.slots, inner.context
+        self.read: list[int] = [0]
+
+    def prefill(self, slot: int, tokens: Sequence[int], first: bool) -> torch.Tensor:
+        self.read[-1] += len(tokens)
+        return self.inner.prefill(slot, tokens, first)
+
+    def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
+        self.read[-1] += len(tokens)
+        return self.inner.decode(slots, tokens)
+
+
+def test_a_long_prompt_is_read_in_chunks_and_never_stalls_the_running_sequences() -> None:
+    counting = Counting(CachedGPTSlots(gpt(), slots=4))
+    engine = Engine(counting, BYTES, max_step_tokens=8)
+    running, recorded = submit(engine, PROMPT, SamplingOptions(max_new_tokens=40, temperature=0))
+    engine.step()
+    engine.step()  # the prompt read (10 tokens: 8, then 2), its first token sampled
+    long_prompt = [(3 * i) % VOCAB for i in range(40)]
+    joining, _ = submit(engine, long_prompt)
+    before = len(running.tokens)
+    steps = 0
+    while not joining.tokens:
+        counting.read.append(0)
+        engine.step()
+        steps += 1
+        assert counting.read[-1] <= 8  # one token for the running sequence, up to 7 of the prompt
+    assert steps == -(-40 // 7) and len(running.tokens) == before + steps  # one token a step, all along
+    run_out(engine)
+    assert recorded.finish_reason == "length" and "".join(recorded.pieces)
+
+
+def test_a_cancelled_sequence_leaves_at_the_next_step_and_frees_its_slot() -> None:
+    counting = Counting(CachedGPTSlots(gpt(), slots=2))
+    engine = Engine(counting, BYTES, max_step_tokens=64)
+    kept, _ = submit(engine, PROMPT)
+    gone, recorded = submit(engine, PROMPT[:5])
+    waiting, _ = submit(engine, PROMPT[:3])  # no slot free: it waits
+    counting.read.append(0)
+    engine.step()
+    counting.read.append(0)
+    engine.step()
+    assert counting.read[-1] == 2 and len(engine.running) == 2 and list(engine.waiting) == [waiting]
+    gone.cancelled = True
+    outputs = len(recorded.outputs)
+    counting.read.append(0)
+    engine.step()
+    assert gone not in engine.running and waiting in engine.running  # its slot went to the waiting one
+    assert len(recorded.outputs) == outputs  # nothing more was computed for it
+    assert counting.read[-1] == 1 + 3  # the kept one's token and the joining prompt
+    run_out(engine)
+    assert len(kept.tokens) == 40 and len(waiting.tokens) == 40
+
+
+class Scripted:
+    """A slot model whose every slot samples `script`'s tokens in turn (greedy), whatever it reads."""
+
+    def __init__(self, script: Sequence[int], vocab: int) -> None:
+        self.script, self.vocab = list(script), vocab
+        self.slots, self.context = 1, None
+        self.position = 0
+
+    def _next(self) -> torch.Tensor:
+        logits = torch.zeros(self.vocab)
+        logits[self.script[min(self.position, len(self.script) - 1)]] = 1.0
+        self.position += 1
+        return logits
+
+    def prefill(self, slot: int, tokens: Sequence[int], first: bool) -> torch.Tensor:
+        return self._next()
+
+    def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
+        return self._next()[None]
+
+
+def test_streamed_pieces_keep_characters_whole_and_stop_strings_spanning_tokens_are_cut() -> None:
+    pieces = [b"a\xc3", b"\xa9\xe6", b"\xbc", b"\xa2b", b" wo", b"rld", b"!"]
+    engine = Engine(Scripted(range(len(pieces)), len(pieces)), pieces, max_step_tokens=8)
+    _, recorded = submit(engine, [0], SamplingOptions(max_new_tokens=10, temperature=0, stop=("wor",)))
+    run_out(engine)
+    assert recorded.pieces == ["a", "é", "", "漢b", " ", ""] and recorded.finish_reason == "stop"
+    assert all(isinstance(output, Output) and output.tokens == 1 for output in recorded.outputs)
+
+
+def test_a_sequence_ends_at_the_context_and_one_waiting_past_its_deadline_is_refused() -> None:
+    model = gpt(seq_len=16)
+    engine = Engine(CachedGPTSlots(model, slots=1), BYTES, max_step_tokens=64)
+    full, recorded = submit(engine, PROMPT, SamplingOptions(max_new_tokens=40, temperature=0))
+    _, late = submit(engine, PROMPT, deadline=time.perf_counter() - 1)
+    run_out(engine)
+    assert recorded.finish_reason == "context" and len(full.tokens) == 16 - len(PROMPT) + 1
+    options = SamplingOptions(max_new_tokens=40, temperature=0, context="stop")
+    assert full.tokens == tokens_of(CachedGPT(model), options).tokens
+    assert late.outputs == [Output("", 0, "expired")]
+
+
+def test_an_lstm_decodes_slot_by_slot_with_the_tokens_it_gets_alone() -> None:
+    model = lstm()
+    engine = Engine(slot_model_for(model, 3, None), BYTES, max_step_tokens=4)
+    first, _ = submit(engine, PROMPT)
+    engine.step()
+    second, _ = submit(engine, PROMPT[3:])
+    run_out(engine)
+    assert first.tokens == tokens_of(RecurrentLSTM(model)).tokens
+    assert second.tokens == tokens_of(RecurrentLSTM(model), prompt=PROMPT[3:]).tokens
+
+
+def test_static_batching_takes_waiting_sequences_only_once_the_whole_batch_has_ended() -> None:
+    model = gpt()
+    engine = Engine(CachedGPTSlots(model, slots=4), BYTES, max_step_tokens=64, batching="static")
+    short, _ = submit(engine, PROMPT, SamplingOptions(max_new_tokens=2, temperature=0))
+    long, _ = submit(engine, PROMPT, SamplingOptions(max_new_tokens=6, temperature=0))
+    engine.step()
+    late, late_recorded = submit(engine, PROMPT, SamplingOptions(max_new_tokens=3, temperature=0))
+    while long.slot >= 0:
+        assert late.slot < 0 and not late.tokens  # slots are free once the short one ends; it still waits
+        engine.step()
+    assert len(short.tokens) == 2 and len(long.tokens) == 6
+    engine.step()
+    assert late in engine.running
+    run_out(engine)
+    assert late_recorded.finish_reason == "length" and late.tokens == tokens_of(CachedGPT(model), late.options).tokens
+
+
+def test_continuous_batching_is_the_default_and_the_batching_is_checked() -> None:
+    assert Engine(CachedGPTSlots(gpt(), slots=1), BYTES, max_step_tokens=8).batching == "continuous"
+    with pytest.raises(ValueError, match="batching must be 'continuous' or 'static', got 'dynamic'"):
+        Engine(CachedGPTSlots(gpt(), slots=1), BYTES, max_step_tokens=8, batching="dynamic")  # type: ignore[arg-type]
+
+
+def test_a_run_of_slots_in_any_order_decodes_as_the_same_slots_gathered() -> None:
+    model = gpt()
+    views, gathered = CachedGPTSlots(model, slots=4), CachedGPTSlots(model, slots=4)
+    for slot, prompt in enumerate([PROMPT, PROMPT[:4], PROMPT[2:9], PROMPT[:2]]):
+        views.prefill(slot, prompt, first=True)
+        gathered.prefill(slot, prompt, first=True)
+    slots, tokens = [3, 1, 2], [5, 6, 7]  # a run of slots, out of order: read through the cache's views
+    with torch.inference_mode():
+        expected = model.decode(torch.tensor(tokens)[:, None], gathered.cache, torch.tensor(slots))[:, -1]
+    torch.testing.assert_close(views.decode(slots, tokens), expected)
+    assert views.cache.lengths.tolist() == gathered.cache.lengths.tolist() == [len(PROMPT), 5, 8, 3]
