@@ -101,6 +101,9 @@ class Counting:
         self.read[-1] += len(tokens)
         return self.inner.decode(slots, tokens)
 
+    def move(self, source: int, target: int) -> None:
+        self.inner.move(source, target)
+
 
 def test_a_long_prompt_is_read_in_chunks_and_never_stalls_the_running_sequences() -> None:
     counting = Counting(CachedGPTSlots(gpt(), slots=4))
@@ -163,6 +166,9 @@ class Scripted:
 
     def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
         return self._next()[None]
+
+    def move(self, source: int, target: int) -> None:
+        raise AssertionError("one slot never moves")
 
 
 def test_streamed_pieces_keep_characters_whole_and_stop_strings_spanning_tokens_are_cut() -> None:
@@ -231,3 +237,33 @@ def test_a_run_of_slots_in_any_order_decodes_as_the_same_slots_gathered() -> Non
         expected = model.decode(torch.tensor(tokens)[:, None], gathered.cache, torch.tensor(slots))[:, -1]
     torch.testing.assert_close(views.decode(slots, tokens), expected)
     assert views.cache.lengths.tolist() == gathered.cache.lengths.tolist() == [len(PROMPT), 5, 8, 3]
+
+
+class Moving(Counting):
+    """A counting slot model that also records the slots each step decodes."""
+
+    def __init__(self, inner: CachedGPTSlots) -> None:
+        super().__init__(inner)
+        self.decoded: list[list[int]] = []
+
+    def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
+        self.decoded.append(sorted(slots))
+        return super().decode(slots, tokens)
+
+
+def test_sequences_leaving_and_joining_keep_the_running_ones_in_the_lowest_slots_with_their_own_tokens() -> None:
+    model = gpt()
+    moving = Moving(CachedGPTSlots(model, slots=4))
+    engine = Engine(moving, BYTES, max_step_tokens=64)
+    lengths = [3, 30, 6, 25, 12]  # the 1st and 3rd end early: the 4th moves down, the 5th and the seeded one join
+    requests = [
+        submit(engine, PROMPT[index:], SamplingOptions(max_new_tokens=new, temperature=0))[0]
+        for index, new in enumerate(lengths)
+    ]
+    sampled = SamplingOptions(max_new_tokens=20, temperature=0.9, top_k=20, top_p=0.95, seed=3)
+    seeded, _ = submit(engine, PROMPT[1:], sampled)
+    assert run_out(engine) == 30 and all(slots == list(range(len(slots))) for slots in moving.decoded)  # a run from 0
+    for index, (request, new) in enumerate(zip(requests, lengths, strict=True)):
+        options = SamplingOptions(max_new_tokens=new, temperature=0)
+        assert request.tokens == tokens_of(CachedGPT(model), options, PROMPT[index:]).tokens
+    assert seeded.tokens == tokens_of(CachedGPT(model), sampled, PROMPT[1:]).tokens

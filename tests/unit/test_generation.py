@@ -15,7 +15,7 @@ from scaleforge.data.tokenizers import bytes_tokenizer
 from scaleforge.errors import UsageError
 from scaleforge.generation.decoders import CachedGPT, Decoder, Recompute, RecurrentLSTM
 from scaleforge.generation.language_model import Generation, LanguageModel, generate, generate_stream
-from scaleforge.generation.sampling import SamplingOptions, next_tokens
+from scaleforge.generation.sampling import SamplingOptions, next_tokens, sample_rows
 from scaleforge.generation.streaming import StopStrings, StreamingDetokenizer
 from scaleforge.models.gpt import GPT
 from scaleforge.models.lstm import LSTMModel
@@ -99,6 +99,22 @@ def test_top_k_and_top_p_sample_only_from_the_likeliest_tokens() -> None:
     assert set(next_tokens(logits, SamplingOptions(temperature=1.0, top_p=0.5), generator).tolist()) == {0}
     assert set(next_tokens(logits, SamplingOptions(temperature=1.0), generator).tolist()) == {0, 1, 2, 3, 4}
     assert next_tokens(logits[:1], SamplingOptions(temperature=0, top_k=3), generator).tolist() == [0]
+
+
+def test_a_batch_of_rows_samples_what_each_row_samples_alone() -> None:
+    logits = torch.randn(5, VOCAB, generator=torch.Generator().manual_seed(0)) * 3
+    options = [
+        SamplingOptions(temperature=0),
+        SamplingOptions(temperature=1.0, top_k=5),
+        SamplingOptions(temperature=0.7, top_p=0.8),
+        SamplingOptions(temperature=1.3),
+        SamplingOptions(temperature=1.0, top_k=10, top_p=0.5),
+    ]
+    batched = [torch.Generator().manual_seed(row) for row in range(5)]
+    alone = [torch.Generator().manual_seed(row) for row in range(5)]
+    for _ in range(20):
+        tokens = sample_rows(logits, options, batched).tolist()
+        assert tokens == [int(next_tokens(logits[row : row + 1], options[row], alone[row])[0]) for row in range(5)]
 
 
 class ScriptedDecoder:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from scaleforge.generation.decoders import Decoder, decoder_for
-from scaleforge.generation.sampling import SamplingOptions, next_tokens
+from scaleforge.generation.sampling import SamplingOptions, sample_rows
 from scaleforge.generation.streaming import TextOutput
 from scaleforge.models.gpt import GPT
 
@@ -81,6 +81,10 @@ class SlotModel(Protocol):
         """Read one token for each of `slots`, all in one batch; the next tokens' logits (B, V)."""
         ...
 
+    def move(self, source: int, target: int) -> None:
+        """Move what slot `source` holds into slot `target` (free); `source` is free afterwards."""
+        ...
+
 
 class CachedGPTSlots:
     """A gpt's slots in one key/value cache: a chunk of a prompt into one slot, or one token into each of several
@@ -110,9 +114,15 @@ class CachedGPTSlots:
             # gathered copies: at 16 slots, a third of a step's time
             column = torch.tensor([tokens[row] for row in order], dtype=torch.long, device=self._device)[:, None]
             logits = self.model.decode(column, self.cache, slice(first, first + len(order)))[:, -1]  # (B, V)
+            if order == sorted(order):
+                return logits
             return logits[torch.tensor(order).argsort().to(logits.device)]  # in the order of `slots`
         column = torch.tensor(list(tokens), dtype=torch.long, device=self._device)[:, None]  # (B, 1)
         return self.model.decode(column, self.cache, torch.tensor(list(slots), device=self._device))[:, -1]  # (B, V)
+
+    @torch.inference_mode()
+    def move(self, source: int, target: int) -> None:
+        self.cache.move(source, target)
 
 
 class DecoderSlots:
@@ -135,6 +145,9 @@ class DecoderSlots:
 
     def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
         return torch.stack([self.decoders[slot].extend(token) for slot, token in zip(slots, tokens, strict=True)])
+
+    def move(self, source: int, target: int) -> None:
+        self.decoders[source], self.decoders[target] = self.decoders[target], self.decoders[source]
 
 
 def slot_model_for(model: nn.Module, slots: int, seq_len: int | None) -> SlotModel:
@@ -164,7 +177,7 @@ class Engine:
         self.batching = batching
         self.waiting: collections.deque[EngineRequest] = collections.deque()
         self.running: list[EngineRequest] = []
-        self._free = list(range(model.slots))[::-1]  # popped from the end: slot 0 first
+        self._free = list(range(model.slots))[::-1]  # popped from the end: the lowest free slot first
 
     @property
     def idle(self) -> bool:
@@ -182,9 +195,9 @@ class Engine:
         decoding = [request for request in self.running if request.pending is not None]
         if decoding:
             logits = self.model.decode([r.slot for r in decoding], [r.pending for r in decoding])  # type: ignore[misc]
-            for request, row in zip(decoding, logits, strict=True):
+            for request in decoding:
                 request.read += 1
-                self._sample(request, row)
+            self._sample(decoding, logits)
         budget = self.max_step_tokens - len(decoding)
         for request in self.running:
             if budget <= 0:
@@ -195,8 +208,8 @@ class Engine:
                 request.read += len(chunk)
                 budget -= len(chunk)
                 if request.read == len(request.prompt):
-                    self._sample(request, logits)
-        self._release([request for request in self.running if request.slot < 0])
+                    self._sample([request], logits[None])
+        self._release([request for request in self.running if request.pending is None and request.tokens])
 
     def abandon(self) -> list[EngineRequest]:
         """Take every sequence out, waiting or running (after the model failed on a step); they are returned."""
@@ -230,19 +243,41 @@ class Engine:
                 request.prompt = request.prompt[-context:]
 
     def _release(self, leaving: list[EngineRequest]) -> None:
+        """Take `leaving` out of the running sequences, then keep the others in slots 0..len(running)-1: the
+        sequence in the highest slot moves into each lower slot left free (one copy of its cache), so that a step
+        decodes a run of slots through the cache's views rather than gathering scattered slots at every step."""
         for request in leaving:
             self.running.remove(request)
             if request.slot >= 0:
                 self._free.append(request.slot)
                 request.slot = -1
+        self._free.sort(reverse=True)
+        while self.running and self._free:
+            last = max(self.running, key=lambda request: request.slot)
+            if self._free[-1] > last.slot:
+                break
+            self.model.move(last.slot, self._free[-1])
+            self._free[-1], last.slot = last.slot, self._free[-1]
+            self._free.sort(reverse=True)
 
-    def _sample(self, request: EngineRequest, logits: torch.Tensor) -> None:
-        """Sample `request`'s next token from `logits` (V,) with its own generator, and tell it its text."""
+    def _sample(self, requests: list[EngineRequest], logits: torch.Tensor) -> None:
+        """Sample each request's next token from its row of `logits` (B, V), all rows at once but each with its own
+        options and generator, and tell it its text."""
+        generators = [self._generator(request, logits.device) for request in requests]
+        tokens = sample_rows(logits, [request.options for request in requests], generators).tolist()
+        for request, token in zip(requests, tokens, strict=True):
+            self._push(request, token)
+
+    @staticmethod
+    def _generator(request: EngineRequest, device: torch.device) -> torch.Generator:
+        if request.generator is None:  # made as `Generation` makes it, so that a seed samples the same text
+            request.generator = request.options.generator(device)
+        return request.generator
+
+    def _push(self, request: EngineRequest, token: int) -> None:
+        """Append `token` to `request`, emit the text it completes, and end the sequence where it ends."""
         options, text = request.options, request.text
         assert text is not None
-        if request.generator is None:  # made as `Generation` makes it, so that a seed samples the same text
-            request.generator = options.generator(logits.device)
-        token = int(next_tokens(logits[None], options, request.generator)[0])
         request.tokens.append(token)
         piece = text.push(token)
         finish: EngineFinish | None = None
@@ -255,10 +290,5 @@ class Engine:
         if finish is not None and finish != "stop":
             piece += text.finish()
             finish = "stop" if text.stopped else finish
-        if finish is None:
-            request.pending = token
-        else:
-            request.pending = None
-            self._free.append(request.slot)
-            request.slot = -1  # leaves at the end of this step
+        request.pending = token if finish is None else None  # None: it leaves at the end of this step
         request.emit(Output(piece, 1, finish))

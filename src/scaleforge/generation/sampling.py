@@ -3,6 +3,7 @@ top-p, from a seeded generator."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -89,21 +90,48 @@ class SamplingOptions:
 def next_tokens(logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator) -> torch.Tensor:
     """The next token (B,) of each row of `logits` (B, V): the likeliest at temperature 0, else one sampled from
     the softmax of logits / temperature, restricted to the `top_k` likeliest and to the nucleus of `top_p`."""
-    if options.temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / options.temperature
-    if options.top_k is not None and options.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, options.top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if options.top_p is not None and options.top_p < 1:
-        logits = _nucleus(logits, options.top_p)
-    probabilities = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probabilities, 1, generator=generator)[:, 0]
+    return sample_rows(logits, [options] * len(logits), [generator] * len(logits))
 
 
-def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """`logits` with every token outside the smallest set of likeliest tokens whose probability reaches `top_p`
-    set to -inf (the likeliest token always stays)."""
+def sample_rows(
+    logits: torch.Tensor, options: Sequence[SamplingOptions], generators: Sequence[torch.Generator]
+) -> torch.Tensor:
+    """The next token (B,) of each row b of `logits` (B, V), chosen as `next_tokens` chooses it with `options[b]`
+    and `generators[b]`: the rows are scaled, masked and normalised together, as tensors of per-row options, and
+    only the draw (one uniform number per sampled row, from its own generator) is made row by row. A row gets the
+    same token in any batch, so a sequence batched with others samples what it samples alone."""
+    tokens = logits.argmax(dim=-1)
+    sampled = [row for row, option in enumerate(options) if option.temperature > 0]
+    if not sampled:
+        return tokens
+    chosen = [options[row] for row in sampled]
+    rows = logits[sampled].float()  # (S, V)
+    vocab, device = rows.shape[-1], rows.device
+    rows = rows / torch.tensor([option.temperature for option in chosen], device=device)[:, None]
+    top_k = [min(option.top_k or vocab, vocab) for option in chosen]
+    if any(k < vocab for k in top_k):
+        ordered = torch.sort(rows, dim=-1, descending=True).values
+        kth = ordered.gather(-1, torch.tensor(top_k, device=device)[:, None] - 1)  # (S, 1)
+        rows = rows.masked_fill(rows < kth, float("-inf"))
+    top_p = [option.top_p if option.top_p is not None and option.top_p < 1 else float("inf") for option in chosen]
+    if any(p < 1 for p in top_p):
+        rows = _nucleus(rows, torch.tensor(top_p, device=device)[:, None])
+    # inverse transform sampling: the first token whose cumulative probability passes the row's uniform draw
+    cumulative = torch.softmax(rows, dim=-1).double().cumsum(dim=-1)  # (S, V)
+    draws = torch.cat(
+        [
+            torch.rand(1, generator=generators[row], dtype=torch.float64, device=generators[row].device).cpu()
+            for row in sampled
+        ]
+    )
+    picked = torch.searchsorted(cumulative, draws.to(device)[:, None] * cumulative[:, -1:], right=True)[:, 0]
+    tokens[sampled] = picked.clamp(max=vocab - 1)
+    return tokens
+
+
+def _nucleus(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """`logits` (B, V) with every token outside the smallest set of likeliest tokens whose probability reaches
+    its row's `top_p` (B, 1) set to -inf (the likeliest token always stays; a `top_p` of inf keeps every token)."""
     ordered, order = torch.sort(logits, dim=-1, descending=True)
     probabilities = torch.softmax(ordered, dim=-1)
     outside = probabilities.cumsum(dim=-1) - probabilities >= top_p  # the likelier tokens already reach top_p

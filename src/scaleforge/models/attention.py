@@ -49,6 +49,13 @@ class KVCache:
         else:
             self.lengths[slots] = 0
 
+    def move(self, source: int, target: int) -> None:
+        """Copy slot `source`'s keys, values and length into slot `target` (its positions held only)."""
+        length = int(self.lengths[source])
+        self.keys[:, target, :, :length] = self.keys[:, source, :, :length]
+        self.values[:, target, :, :length] = self.values[:, source, :, :length]
+        self.lengths[target] = length
+
     def positions(self, slots: Slots, count: int) -> torch.Tensor:
         """The positions (B, count) that `count` new tokens of each slot in `slots` (B,) take."""
         positions = self.lengths[slots, None] + torch.arange(count, device=self.lengths.device)
