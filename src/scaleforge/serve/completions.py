@@ -1,11 +1,11 @@
 """OpenAI's completions API over a language model: `POST /v1/completions`, decoded by continuous batching.
 
 `EngineLoop` steps a `generation.engine.Engine` on the model's own thread, off the event loop, and hands each
-sequence's outputs to its request through an asyncio queue (`loop.call_soon_threadsafe`). `Completions` checks a
-request whole before any of its prompts joins the engine (a bad one gets its own 4xx in OpenAI's error shape and
-never touches the running sequences), then answers with one JSON body or with server-sent events, one event per
-piece of text (never a split UTF-8 character), then `data: [DONE]`. A client that goes away cancels its sequences:
-they leave the batch at the engine's next step.
+sequence's outputs to its request through an asyncio queue (`Outbox`: one `loop.call_soon_threadsafe` a step).
+`Completions` checks a request whole before any of its prompts joins the engine (a bad one gets its own 4xx in
+OpenAI's error shape and never touches the running sequences), then answers with one JSON body or with server-sent
+events, one event per piece of text (never a split UTF-8 character), then `data: [DONE]`. A client that goes away
+cancels its sequences: they leave the batch at the engine's next step.
 """
 
 from __future__ import annotations
@@ -139,6 +139,33 @@ class GenerationMetrics:
         self.occupancy.set_function(lambda: len(loop.engine.running) / slots)
 
 
+class Outbox:
+    """What a step gave the requests, gathered on the engine's thread and handed to their event loops in one call
+    per loop when the step ends: one wake-up of a loop a step, not one a token (at 16 sequences, 16 wake-ups a
+    step, each a write to the loop's self-pipe and a callback, took the loop's time from the requests' writes)."""
+
+    def __init__(self) -> None:
+        self._items: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any], Any]] = []
+
+    def put(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any], item: Any) -> None:
+        """Deliver `item` to `queue`, on `loop`, at the next `flush` (on the engine's thread)."""
+        self._items.append((loop, queue, item))
+
+    def flush(self) -> None:
+        """Hand what was put since the last flush to the event loops."""
+        items, self._items = self._items, []
+        loops: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Any]]] = {}
+        for loop, queue, item in items:
+            loops.setdefault(loop, []).append((queue, item))
+        for loop, deliveries in loops.items():
+            loop.call_soon_threadsafe(_deliver, deliveries)
+
+
+def _deliver(deliveries: list[tuple[asyncio.Queue[Any], Any]]) -> None:
+    for queue, item in deliveries:
+        queue.put_nowait(item)
+
+
 class EngineLoop:
     """`engine` stepped on a thread of its own while it has sequences, asleep otherwise. At most `max_waiting`
     sequences wait for a slot (`QueueFull` beyond); one still waiting `timeout_s` after it came is refused
@@ -156,6 +183,7 @@ class EngineLoop:
         self._wake = threading.Condition()
         self._closing = False
         self._thread: threading.Thread | None = None
+        self.outbox = Outbox()  # what each step gave the requests, handed over when it ends
 
     @property
     def waiting(self) -> int:
@@ -222,15 +250,16 @@ class EngineLoop:
                     request.emit(error)
             finally:
                 self._step_since = None
+                self.outbox.flush()
 
 
 class Choices:
     """The outputs of one request's sequences (choice `index`, `Output` or error), in the order they come, handed
     from the engine's thread to the request's event loop; token timings for the metrics on the way."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, metrics: GenerationMetrics) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, metrics: GenerationMetrics, outbox: Outbox) -> None:
         self.queue: asyncio.Queue[tuple[int, Output | Exception]] = asyncio.Queue()
-        self._loop, self._metrics = loop, metrics
+        self._loop, self._metrics, self._outbox = loop, metrics, outbox
         self._arrived = time.perf_counter()
         self.requests: list[EngineRequest] = []
 
@@ -245,7 +274,7 @@ class Choices:
                 metric.observe(now - (self._arrived if last is None else last))
                 self._metrics.tokens.inc(item.tokens)
                 last = now
-            self._loop.call_soon_threadsafe(self.queue.put_nowait, (index, item))
+            self._outbox.put(self._loop, self.queue, (index, item))
 
         return emit
 
@@ -304,7 +333,7 @@ class Completions:
             reason = {QueueFull: "queue_full", Closed: "shutting_down", ModelHung: "model_hung"}[type(error)]
             self.refused(reason)
             return openai_error(503, str(error), None, reason, {"Retry-After": "1"})
-        choices = Choices(asyncio.get_running_loop(), self.metrics)
+        choices = Choices(asyncio.get_running_loop(), self.metrics, self.loop.outbox)
         for index, prompt in enumerate(prompts):
             choices.requests.append(self.loop.submit(prompt, options, choices.emitter(index)))
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time())}
