@@ -8,7 +8,7 @@ comma := ,
 STAMP := $(VENV)/.setup-$(subst $(comma),-,$(EXTRAS))
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: setup demo test test-fast lint bench support-matrix clean
+.PHONY: setup demo test test-fast lint bench support-matrix gpu-check clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,12 @@ support-matrix: setup
 	$(BIN)/python -m pytest -n 2 -q tests/integration/test_compress.py -k "qat or quantization_aware or distill" \
 		|| status=1; \
 	$(BIN)/python -m tests.support_matrix .support-matrix docs/support-matrix.md; exit $$status
+
+# The checks that need a GPU (tests/gpu_check.sh): trainings and a generation on CUDA, their figures printed and
+# logged under gpu-check/. For a machine with CUDA whose Python already holds PyTorch and the requirements: it runs
+# from the source tree, with no setup (and no package index).
+gpu-check:
+	bash tests/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
