@@ -203,17 +203,24 @@ def test_an_lstm_decodes_slot_by_slot_with_the_tokens_it_gets_alone() -> None:
     assert second.tokens == tokens_of(RecurrentLSTM(model), prompt=PROMPT[3:]).tokens
 
 
-def test_static_batching_takes_waiting_sequences_only_once_the_whole_batch_has_ended() -> None:
+def test_static_batching_keeps_the_batch_whole_until_its_longest_member_ends() -> None:
     model = gpt()
-    engine = Engine(CachedGPTSlots(model, slots=4), BYTES, max_step_tokens=64, batching="static")
-    short, _ = submit(engine, PROMPT, SamplingOptions(max_new_tokens=2, temperature=0))
+    slots = CachedGPTSlots(model, slots=4)
+    engine = Engine(slots, BYTES, max_step_tokens=64, batching="static")
+    short, short_recorded = submit(engine, PROMPT, SamplingOptions(max_new_tokens=2, temperature=0))
     long, _ = submit(engine, PROMPT, SamplingOptions(max_new_tokens=6, temperature=0))
     engine.step()
     late, late_recorded = submit(engine, PROMPT, SamplingOptions(max_new_tokens=3, temperature=0))
-    while long.slot >= 0:
-        assert late.slot < 0 and not late.tokens  # slots are free once the short one ends; it still waits
+    while len(short.tokens) < 2:
         engine.step()
-    assert len(short.tokens) == 2 and len(long.tokens) == 6
+    assert short_recorded.finish_reason == "length"  # its client hears the end at once
+    held = short.slot
+    while long in engine.running:
+        assert short.slot == held and late.slot < 0 and not late.tokens  # the short one's row is padding now
+        read = int(slots.cache.lengths[held])
+        engine.step()
+        assert int(slots.cache.lengths[held]) == read + 1  # decoded with the batch, its logits unread
+    assert len(short.tokens) == 2 and len(long.tokens) == 6 and short.slot < 0 and not engine.padding
     engine.step()
     assert late in engine.running
     run_out(engine)

@@ -29,7 +29,8 @@ tokenizer and its context) at 1, 4 and 16 concurrent streams, three ways, each a
 - `continuous batching`: the server as it is;
 - `one at a time`: the same with `--max-batch-size 1`;
 - `static batching`: the same with `--batching static`, where waiting sequences join only when no sequence is
-  running, so that a batch runs until its longest member ends.
+  running and a batch keeps its shape until its longest member ends (ended members decoded as padding, as a
+  batched `generate` call does).
 
 Every way is sent the same requests (`completion_requests`: prompts of 8 to 64 tokens, `max_tokens` 16 to 256,
 drawn uniformly with a fixed seed, greedy), in a closed loop: each stream sends the next request of the list,

@@ -7,8 +7,10 @@ next token; prompts are read (prefilled) in chunks with what is left of the step
 less one token per decoding sequence), so that a long prompt delays the running sequences by one step's budget at
 most; sequences that end (a stop string, `max_new_tokens`, the model's context) leave and free their slot.
 
-`batching="static"` is the baseline continuous batching is measured against (`scaleforge bench generate`): waiting
-sequences join only when no sequence is running, so a batch runs until its longest member ends.
+`batching="static"` is the baseline continuous batching is measured against (`scaleforge bench generate`): a batch
+keeps its shape until its longest member ends, as a batched `generate` call does. Waiting sequences join only when
+no sequence is running; a member that ends tells its client at once but keeps its slot and its row in every decode
+(padding, its logits unread) until the whole batch has ended.
 
 Each sequence samples with its own options and its own `torch.Generator`, and a gpt's batched decode attends to
 each slot's own keys and values only: a sequence gets the tokens it would get decoded alone. The engine is pure
@@ -34,7 +36,7 @@ from scaleforge.models.gpt import GPT
 # length: max_new_tokens; stop: a stop string; context: the model's context is full; expired: its deadline passed
 # while it waited for a slot (it never ran)
 EngineFinish = Literal["length", "stop", "context", "expired"]
-# continuous: a waiting sequence joins at any step with a free slot; static: only when no sequence is running
+# continuous: a waiting sequence joins at any step with a free slot; static: only when the whole batch has ended
 Batching = Literal["continuous", "static"]
 
 
@@ -177,11 +179,12 @@ class Engine:
         self.batching = batching
         self.waiting: collections.deque[EngineRequest] = collections.deque()
         self.running: list[EngineRequest] = []
+        self.padding: list[EngineRequest] = []  # static batching: ended members still decoded until the batch ends
         self._free = list(range(model.slots))[::-1]  # popped from the end: the lowest free slot first
 
     @property
     def idle(self) -> bool:
-        return not self.waiting and not self.running
+        return not self.waiting and not self.running and not self.padding
 
     def add(self, request: EngineRequest) -> None:
         """Queue `request`; it joins the running sequences at a step when a slot is free."""
@@ -193,11 +196,16 @@ class Engine:
         """One iteration: leave, join, decode one token for each decoding sequence, read prompts' chunks."""
         self._leave_and_join()
         decoding = [request for request in self.running if request.pending is not None]
-        if decoding:
-            logits = self.model.decode([r.slot for r in decoding], [r.pending for r in decoding])  # type: ignore[misc]
-            for request in decoding:
+        context = self.model.context
+        padding = [r for r in self.padding if r.tokens and (context is None or r.read < context)]
+        if decoding or padding:
+            rows = decoding + padding
+            tokens = [r.pending if r.pending is not None else r.tokens[-1] for r in rows]
+            logits = self.model.decode([r.slot for r in rows], tokens)
+            for request in rows:
                 request.read += 1
-            self._sample(decoding, logits)
+            if decoding:
+                self._sample(decoding, logits[: len(decoding)])
         budget = self.max_step_tokens - len(decoding)
         for request in self.running:
             if budget <= 0:
@@ -214,7 +222,7 @@ class Engine:
     def abandon(self) -> list[EngineRequest]:
         """Take every sequence out, waiting or running (after the model failed on a step); they are returned."""
         running, waiting = list(self.running), list(self.waiting)
-        self._release(running)
+        self._release(running, padding=False)
         self.waiting.clear()
         return [*running, *waiting]
 
@@ -242,12 +250,21 @@ class Engine:
             if context is not None and len(request.prompt) > context:  # its most recent tokens, as generate crops
                 request.prompt = request.prompt[-context:]
 
-    def _release(self, leaving: list[EngineRequest]) -> None:
+    def _release(self, leaving: list[EngineRequest], padding: bool = True) -> None:
         """Take `leaving` out of the running sequences, then keep the others in slots 0..len(running)-1: the
         sequence in the highest slot moves into each lower slot left free (one copy of its cache), so that a step
-        decodes a run of slots through the cache's views rather than gathering scattered slots at every step."""
+        decodes a run of slots through the cache's views rather than gathering scattered slots at every step.
+
+        With static batching, `leaving` keep their slots as `padding` until no member of their batch is running
+        (unless `padding` is False: every slot is freed now)."""
         for request in leaving:
             self.running.remove(request)
+        if self.batching == "static":
+            self.padding.extend(leaving)
+            if self.running and padding:
+                return
+            leaving, self.padding = self.padding, []
+        for request in leaving:
             if request.slot >= 0:
                 self._free.append(request.slot)
                 request.slot = -1

@@ -29,8 +29,9 @@ class ServeSettings:
         default="continuous",
         metadata={
             "help": "a language model's completions: continuous (waiting sequences join at any step with a free slot) "
-            "or static (they join only when no sequence is running, each batch running until its longest sequence "
-            "ends: the baseline `scaleforge bench generate` measures continuous batching against)"
+            "or static (they join only when no sequence is running, and each batch keeps its shape, ended sequences "
+            "decoded as padding, until its longest sequence ends: the baseline `scaleforge bench generate` "
+            "measures continuous batching against)"
         },
     )
     max_delay_ms: float = field(
