@@ -364,19 +364,27 @@ def test_dynamic_int8_quantizes_an_lstm_and_exports_it_as_onnx_runtimes_int8_lst
     assert "DynamicQuantizeLSTM" in operators and "LSTM" not in operators
 
 
-@pytest.mark.slow
-def test_a_gpt_exports_with_a_dynamic_sequence_and_answers_as_the_model_at_every_length(cli, tmp_path: Path) -> None:
+TOKENS = ["data.dataset=synthetic", "data.kind=tokens", "data.seq_len=24", "data.vocab_size=64", "data.num_samples=256"]
+
+
+@pytest.fixture(scope="module")
+def gpt_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("gpt") / "run"
+    gpt = ["model.architecture=gpt", "model.n_layers=2", "model.d_model=32", "model.n_heads=2"]
+    train(load_config(None, [*QUICK, *gpt, *TOKENS, "training.max_steps=2"]), run)
+    return run
+
+
+def _export_answering_at_every_length(cli, run: Path, out: Path, *options: str):  # noqa: ANN001, ANN202 - cli
+    """Export the language model of `run` (24 tokens of 64) to ONNX with a dynamic batch; check that it was checked
+    at 1 token, half its context and all of it, and that ONNX Runtime runs it as the model at other batch sizes and
+    lengths. The export's CLI result."""
     import numpy as np
     import onnxruntime
 
     from scaleforge.runs import UNTRUSTED, open_run
 
-    run = tmp_path / "gpt"
-    gpt = ["model.architecture=gpt", "model.n_layers=2", "model.d_model=32", "model.n_heads=2"]
-    tokens = ["data.dataset=synthetic", "data.kind=tokens", "data.seq_len=24", "data.vocab_size=64"]
-    train(load_config(None, [*QUICK, *gpt, *tokens, "data.num_samples=256", "training.max_steps=2"]), run)
-    export = ["--format", "onnx", "--dynamic-batch", "--kv-cache", "--out", str(tmp_path / "gpt.onnx")]
-    result = cli("export", str(run), *export)
+    result = cli("export", str(run), "--format", "onnx", "--dynamic-batch", *options, "--out", str(out))
     assert result.code == 0, result.err
     checked = [line for line in result.out.splitlines() if line.startswith("checked on")]
     lengths = [int(line.split(" rows of ")[1].split()[0]) for line in checked]
@@ -384,8 +392,9 @@ def test_a_gpt_exports_with_a_dynamic_sequence_and_answers_as_the_model_at_every
     assert all(float(line.split("difference| ")[1].split(",")[0]) <= 1e-4 for line in checked)
 
     model = open_run(run / "final", UNTRUSTED).model
-    session = onnxruntime.InferenceSession(str(tmp_path / "gpt.onnx"), providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape == ["batch", "sequence"]
+    assert session.get_outputs()[0].shape == ["batch", "sequence", 64]
     generator = torch.Generator().manual_seed(0)
     for rows, length in [(1, 1), (3, 7), (1, 24), (5, 24), (2, 13)]:
         batch = torch.randint(0, 64, (rows, length), generator=generator)
@@ -393,6 +402,20 @@ def test_a_gpt_exports_with_a_dynamic_sequence_and_answers_as_the_model_at_every
             expected = model(batch).numpy()
         got = session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0]
         assert got.shape == (rows, length, 64) and np.abs(got - expected).max() <= 1e-4
+    return result
+
+
+@pytest.mark.slow
+def test_a_gpt_exports_with_a_dynamic_sequence_and_answers_as_the_model_at_every_length(cli, gpt_run: Path, tmp_path):  # noqa: ANN001
+    import numpy as np
+    import onnxruntime
+
+    from scaleforge.runs import UNTRUSTED, open_run
+
+    run = gpt_run
+    result = _export_answering_at_every_length(cli, run, tmp_path / "gpt.onnx", "--kv-cache")
+    model = open_run(run / "final", UNTRUSTED).model
+    generator = torch.Generator().manual_seed(1)
 
     pair = [line for line in result.out.splitlines() if line.startswith("prefill/decode checked on")]
     assert len(pair) == 2 and all(float(line.rsplit(" ", 1)[1]) <= 1e-4 for line in pair)  # two batch sizes
@@ -419,3 +442,30 @@ def test_a_gpt_exports_with_a_dynamic_sequence_and_answers_as_the_model_at_every
     rows = int(fixed.out.split("checked on ")[1].split()[0])  # the validation rows: the batch it was exported at
     program = torch.export.load(str(tmp_path / "gpt.pt2")).module()
     assert program(torch.zeros(rows, 5, dtype=torch.long)).shape == (rows, 5, 64)
+
+
+def test_an_lstm_exports_to_onnx_with_a_dynamic_sequence_and_answers_as_the_model_at_every_length(cli, tmp_path):  # noqa: ANN001
+    run = tmp_path / "lstm"
+    lstm = ["model.architecture=lstm", "model.hidden_size=32", "model.embedding_dim=16"]
+    train(load_config(None, [*QUICK, *lstm, *TOKENS, "training.max_steps=2"]), run)
+    _export_answering_at_every_length(cli, run, tmp_path / "lstm.onnx")
+
+
+def test_a_kv_cache_pair_failing_its_check_leaves_no_export_and_earlier_files_as_they_were(
+    cli,
+    gpt_run: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+) -> None:
+    from scaleforge.errors import UsageError
+    from scaleforge.export import formats
+
+    def disagreeing(*args: object) -> None:
+        raise UsageError("the prefill/decode pair disagrees with the model")
+
+    monkeypatch.setattr(formats, "_generate_with_pair", disagreeing)
+    out = tmp_path / "gpt.onnx"
+    out.write_bytes(b"an earlier export")
+    result = cli("export", str(gpt_run), "--format", "onnx", "--kv-cache", "--out", str(out))
+    assert result.code == 2 and "the prefill/decode pair disagrees with the model" in result.err
+    assert [path.name for path in tmp_path.iterdir()] == ["gpt.onnx"] and out.read_bytes() == b"an earlier export"

@@ -11,7 +11,16 @@ import pytest
 import torch
 
 from scaleforge.generation.decoders import CachedGPT, RecurrentLSTM
-from scaleforge.generation.engine import CachedGPTSlots, Engine, EngineRequest, Output, slot_model_for
+from scaleforge.generation.engine import (
+    CachedGPTSlots,
+    DecoderSlots,
+    Engine,
+    EngineRequest,
+    LSTMSlots,
+    Output,
+    SlotModel,
+    slot_model_for,
+)
 from scaleforge.generation.sampling import SamplingOptions
 from tests.unit.test_generation import BYTES, GREEDY, PROMPT, VOCAB, gpt, lstm, tokens_of
 
@@ -89,7 +98,7 @@ def test_a_seeded_sequence_samples_in_a_batch_what_it_samples_alone() -> None:
 class Counting:
     """A slot model that counts the tokens each step reads."""
 
-    def __init__(self, inner: CachedGPTSlots) -> None:
+    def __init__(self, inner: SlotModel) -> None:
         self.inner, self.slots, self.context = inner, inner.slots, inner.context
         self.read: list[int] = [0]
 
@@ -192,17 +201,6 @@ def test_a_sequence_ends_at_the_context_and_one_waiting_past_its_deadline_is_ref
     assert late.outputs == [Output("", 0, "expired")]
 
 
-def test_an_lstm_decodes_slot_by_slot_with_the_tokens_it_gets_alone() -> None:
-    model = lstm()
-    engine = Engine(slot_model_for(model, 3, None), BYTES, max_step_tokens=4)
-    first, _ = submit(engine, PROMPT)
-    engine.step()
-    second, _ = submit(engine, PROMPT[3:])
-    run_out(engine)
-    assert first.tokens == tokens_of(RecurrentLSTM(model)).tokens
-    assert second.tokens == tokens_of(RecurrentLSTM(model), prompt=PROMPT[3:]).tokens
-
-
 def test_static_batching_keeps_the_batch_whole_until_its_longest_member_ends() -> None:
     model = gpt()
     slots = CachedGPTSlots(model, slots=4)
@@ -247,15 +245,20 @@ def test_a_run_of_slots_in_any_order_decodes_as_the_same_slots_gathered() -> Non
 
 
 class Moving(Counting):
-    """A counting slot model that also records the slots each step decodes."""
+    """A counting slot model that also records the slots each step decodes and the moves between slots."""
 
-    def __init__(self, inner: CachedGPTSlots) -> None:
+    def __init__(self, inner: SlotModel) -> None:
         super().__init__(inner)
         self.decoded: list[list[int]] = []
+        self.moves: list[tuple[int, int]] = []
 
     def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
         self.decoded.append(sorted(slots))
         return super().decode(slots, tokens)
+
+    def move(self, source: int, target: int) -> None:
+        self.moves.append((source, target))
+        super().move(source, target)
 
 
 def test_sequences_leaving_and_joining_keep_the_running_ones_in_the_lowest_slots_with_their_own_tokens() -> None:
@@ -274,3 +277,63 @@ def test_sequences_leaving_and_joining_keep_the_running_ones_in_the_lowest_slots
         options = SamplingOptions(max_new_tokens=new, temperature=0)
         assert request.tokens == tokens_of(CachedGPT(model), options, PROMPT[index:]).tokens
     assert seeded.tokens == tokens_of(CachedGPT(model), sampled, PROMPT[1:]).tokens
+
+
+LSTM_LENGTHS = [4, 30, 20]  # the first ends early: the third moves down into its slot
+LSTM_JOINING = [(5 * i + 2) % VOCAB for i in range(17)]  # joins mid-decode, read in chunks
+
+
+def run_lstm_batch(slots: SlotModel) -> tuple[list[EngineRequest], Moving]:
+    """Sequences with different prompts in 3 slots of an lstm: one ends early, one joins mid-decode, one samples
+    with a seed; the requests, and the slot model's record of decodes and moves."""
+    moving = Moving(slots)
+    engine = Engine(moving, BYTES, max_step_tokens=6)
+    requests = [
+        submit(engine, PROMPT[index:], SamplingOptions(max_new_tokens=new, temperature=0))[0]
+        for index, new in enumerate(LSTM_LENGTHS)
+    ]
+    for _ in range(8):
+        engine.step()
+    requests.append(submit(engine, LSTM_JOINING)[0])
+    requests.append(submit(engine, PROMPT[3:], SamplingOptions(max_new_tokens=15, temperature=0.9, seed=5))[0])
+    run_out(engine)
+    return requests, moving
+
+
+def test_lstm_sequences_joining_and_leaving_a_batch_get_the_greedy_tokens_they_get_alone() -> None:
+    model = lstm()
+    slots = slot_model_for(model, 3, None)
+    assert isinstance(slots, LSTMSlots)
+    requests, moving = run_lstm_batch(slots)
+    assert moving.moves and max(len(decoded) for decoded in moving.decoded) == 3  # a full batch, and moves
+    prompts = [PROMPT[index:] for index in range(len(LSTM_LENGTHS))] + [LSTM_JOINING]
+    lengths = [*LSTM_LENGTHS, GREEDY.max_new_tokens]
+    alone = [
+        tokens_of(RecurrentLSTM(model), SamplingOptions(max_new_tokens=new, temperature=0), prompt).tokens
+        for prompt, new in zip(prompts, lengths, strict=True)
+    ]
+    assert [request.tokens for request in requests[:4]] == alone
+    assert len({tuple(tokens[:4]) for tokens in alone}) == 4  # mixed-up rows would change some sequence's tokens
+    assert requests[4].tokens == tokens_of(RecurrentLSTM(model), requests[4].options, PROMPT[3:]).tokens
+
+
+def test_an_lstm_batched_over_its_slots_gives_what_its_slots_decoded_one_by_one_give() -> None:
+    model = lstm()
+    batched, _ = run_lstm_batch(LSTMSlots(model, slots=3))
+    one_by_one, _ = run_lstm_batch(DecoderSlots(model, 3, None))
+    assert [request.tokens for request in batched] == [request.tokens for request in one_by_one]
+
+
+def test_lstm_slots_in_a_run_in_any_order_or_scattered_decode_as_each_slot_alone() -> None:
+    model = lstm()
+    batched, one_by_one = LSTMSlots(model, slots=5), DecoderSlots(model, 5, None)
+    for slot, prompt in enumerate([PROMPT, PROMPT[:4], PROMPT[2:9], PROMPT[:2], PROMPT[5:]]):
+        for slot_model in (batched, one_by_one):
+            slot_model.prefill(slot, prompt[:3], first=True)
+            slot_model.prefill(slot, prompt[3:] or [1], first=False)
+    for slots in ([3, 1, 2], [0, 4, 2], [4, 3, 2, 1, 0]):  # a run out of order, scattered slots, every slot
+        tokens = [(7 * slot + 1) % VOCAB for slot in slots]
+        torch.testing.assert_close(batched.decode(slots, tokens), one_by_one.decode(slots, tokens))
+    for slot_model in (batched, one_by_one):
+        slot_model.move(4, 1)
+    torch.testing.assert_close(batched.decode([0, 1], [2, 3]), one_by_one.decode([0, 1], [2, 3]))

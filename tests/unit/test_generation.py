@@ -40,8 +40,15 @@ def gpt(seq_len: int = 64) -> GPT:
 
 
 def lstm() -> LSTMModel:
+    """A small random lstm whose logits are far apart (weights drawn wider than at initialisation), so that greedy
+    decoding continues different prompts with different tokens rather than one repeated cycle."""
     torch.manual_seed(0)
-    return LSTMModel(input_shape=(16,), vocab_size=VOCAB, embedding_dim=16, hidden_size=32).eval()
+    model = LSTMModel(input_shape=(16,), vocab_size=VOCAB, embedding_dim=16, hidden_size=32).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(0, 0.5)
+    return model
 
 
 def tokens_of(decoder: Decoder, options: SamplingOptions = GREEDY, prompt: Sequence[int] = PROMPT) -> Generation:

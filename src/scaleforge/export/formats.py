@@ -11,16 +11,18 @@ A `gpt` is exported with a dynamic sequence dimension as well, from 1 token to i
 `--dynamic-batch` says: a language model is fed sequences of every length while it generates. Its graph reads the
 whole sequence and returns every position's logits (B, T, vocab); generating with it means reading the context
 again for each token. `--kv-cache` writes, beside it, a prefill/decode pair with the key/value cache as the
-graphs' inputs and outputs (docs/compression.md#export says what each costs).
+graphs' inputs and outputs (docs/compression.md#export says what each costs). An `lstm` language model goes to
+ONNX with a dynamic sequence dimension too, from 1 token to its training `seq_len` (`_sequence_length`).
 
 All take float models and int8 runs: a `dynamic-int8` run goes to ONNX as ONNX Runtime's own dynamic int8 graph
 (its quantizer applied to the float model that holds the run's int8 weights), a `static-int8` one with its
 quantize and dequantize steps. The check runs the exported model on up to 256 validation rows, and with
-`--dynamic-batch` on a batch one row smaller, a gpt at 1 token, half its context and its whole context, against
-the eager model: float outputs must agree to 1e-4, int8
+`--dynamic-batch` on a batch one row smaller, a language model with a dynamic sequence at 1 token, half its
+longest sequence and all of it, against the eager model: float outputs must agree to 1e-4, int8
 ones in top-1 class on at least 99% of the rows (ONNX Runtime's int8 kernels round differently, and its int8
-LSTM keeps 7 bits of each weight). The file is written under a `.partial` name and renamed into place once
-checked: a failed export or check leaves nothing (and an earlier file of that name as it was).
+LSTM keeps 7 bits of each weight). The files (with `--kv-cache`, the pair too) are written under `.partial` names
+and renamed into place once all are checked: a failed export or check leaves nothing (and earlier files of those
+names as they were).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,12 @@ FLOAT_TOLERANCE = 1e-4
 INT8_AGREEMENT = 0.99
 CHECK_ROWS = 256  # enough that 99% allows a near-tie or two to round the other way (of 32, one is 3%)
 MAX_DYNAMIC_BATCH = 4096
+
+_LSTM_AT_ANY_LENGTH: Callable[[], contextlib.AbstractContextManager[None]] | None
+try:  # nn.LSTM decomposed with a while loop over the sequence, whatever its length
+    from torch.export._patches import register_lstm_while_loop_decomposition as _LSTM_AT_ANY_LENGTH
+except ImportError:  # an older torch: an lstm keeps the sequence length it is exported at
+    _LSTM_AT_ANY_LENGTH = None
 
 
 @dataclass(frozen=True)
@@ -83,23 +91,24 @@ def export_run(
         raise UsageError(f"--kv-cache takes a float gpt; {final.parent} holds a{' n int8' if int8 else ''} "
                          f"{run.config.model.architecture}")  # fmt: skip
     model = run.model.cpu()  # in eval mode, as `load_run` leaves it
-    out = Path(out) if out is not None else final.parent / "exported" / f"model{FORMATS[fmt]}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    target, out = out, out.with_name(f"{out.name.removesuffix(out.suffix)}.partial{out.suffix}")  # renamed once checked
+    target = Path(out) if out is not None else final.parent / "exported" / f"model{FORMATS[fmt]}"
+    target.parent.mkdir(parents=True, exist_ok=True)
     inputs = validation_inputs(run, CHECK_ROWS)
-    context = run.info.seq_len if run.config.model.architecture == "gpt" else None
-    try:
+    context = _sequence_length(run, fmt)
+    pair_files = _kv_cache_files(target) if kv_cache else {}
+    with _renamed_once_checked([target, *pair_files.values()]) as (partial, *pair_partial):
         with _quiet_exporters():
             dynamic_int8 = compression.get("format") == "dynamic-int8"
-            runner = _export(fmt, model, inputs, out, _dynamic_shapes(dynamic_batch, context), opset,
+            runner = _export(fmt, model, inputs, partial, _dynamic_shapes(dynamic_batch, context), opset,
                              dynamic_int8=dynamic_int8)  # fmt: skip
         checks = [_compare(model, runner, batch) for batch in _check_batches(inputs, dynamic_batch, context)]
         for check in checks:
             _require(check, int8, fmt)
-        out.rename(target)
-    except BaseException:
-        out.unlink(missing_ok=True)
-        raise
+        if kv_cache:
+            assert context is not None
+            pair_checks = _write_kv_cache_pair(
+                model, inputs, context, dict(zip(pair_files, pair_partial, strict=True)), dynamic_batch, opset
+            )
     result = {
         "format": fmt,
         "file": str(target),
@@ -110,9 +119,36 @@ def export_run(
         "checks": [check.__dict__ for check in checks],
     }
     if kv_cache:
-        assert context is not None
-        result["kv_cache"] = kv_cache_pair(model, inputs, context, target, dynamic_batch=dynamic_batch, opset=opset)
+        result["kv_cache"] = _pair_result(pair_files, pair_checks)
     return result
+
+
+def _sequence_length(run: Any, fmt: str) -> int | None:
+    """The longest sequence of a model exported with a dynamic sequence dimension (from 1 token), None for one
+    whose input is fixed: a gpt's context in every format; an lstm language model's training `seq_len` in ONNX,
+    where `_export_onnx` captures its `nn.LSTM` layers at any length (torch.export's own LSTM decomposition unrolls
+    the sequence, fixing its length in the other formats)."""
+    architecture = run.config.model.architecture
+    lstm_language_model = architecture == "lstm" and run.info.task == "language_modeling"
+    if architecture == "gpt" or (lstm_language_model and fmt == "onnx" and _LSTM_AT_ANY_LENGTH is not None):
+        return run.info.seq_len  # type: ignore[no-any-return]
+    return None
+
+
+@contextlib.contextmanager
+def _renamed_once_checked(files: list[Path]) -> Iterator[list[Path]]:
+    """`.partial` names of `files` to write and check them under: all renamed into place when the block ends
+    without error, the first file last (it appears only once the others are in place), or all removed when it
+    raises, leaving nothing new (and earlier files of those names as they were)."""
+    partial = [path.with_name(f"{path.name.removesuffix(path.suffix)}.partial{path.suffix}") for path in files]
+    try:
+        yield partial
+        for path, final in reversed(list(zip(partial, files, strict=True))):
+            path.rename(final)
+    except BaseException:
+        for path in partial:
+            path.unlink(missing_ok=True)
+        raise
 
 
 class _Prefill(nn.Module):
@@ -140,45 +176,61 @@ def kv_cache_pair(
     model: nn.Module, inputs: torch.Tensor, context: int, beside: Path, *, dynamic_batch: bool, opset: int | None
 ) -> dict[str, Any]:
     """A gpt's prefill and decode graphs, the key/value cache as their inputs and outputs, written beside the file
-    `beside` (`model.prefill.onnx`, `model.decode.onnx`) once checked: `inputs` (B, context) prefilled to half the
-    context, then decoded one token at a time to the end, against the model's logits of the whole rows."""
+    `beside` (`model.prefill.onnx`, `model.decode.onnx`) once checked (`_write_kv_cache_pair`)."""
+    files = _kv_cache_files(beside)
+    with _renamed_once_checked(list(files.values())) as partial:
+        checks = _write_kv_cache_pair(
+            model, inputs, context, dict(zip(files, partial, strict=True)), dynamic_batch, opset
+        )
+    return _pair_result(files, checks)
+
+
+def _kv_cache_files(beside: Path) -> dict[str, Path]:
+    """Where the prefill/decode pair of the file `beside` goes: `model.prefill.onnx`, `model.decode.onnx`."""
     stem = beside.name.removesuffix(beside.suffix)
-    files = {name: beside.with_name(f"{stem}.{name}.onnx") for name in ("prefill", "decode")}
-    partial = {name: path.with_name(f"{stem}.{name}.partial.onnx") for name, path in files.items()}
+    return {name: beside.with_name(f"{stem}.{name}.onnx") for name in ("prefill", "decode")}
+
+
+def _pair_result(files: dict[str, Path], checks: list[ExportCheck]) -> dict[str, Any]:
+    """The pair's files and checks, as `export_run` reports them."""
+    return {**{name: str(path) for name, path in files.items()}, "checks": [check.__dict__ for check in checks]}
+
+
+def _write_kv_cache_pair(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    context: int,
+    files: dict[str, Path],
+    dynamic_batch: bool,
+    opset: int | None,
+) -> list[ExportCheck]:
+    """Write a gpt's prefill and decode graphs to `files` and check them: `inputs` (B, context) prefilled to half
+    the context, then decoded one token at a time to the end, against the model's logits of the whole rows."""
     batch = {0: torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)} if dynamic_batch else {}
     sequence = torch.export.Dim("sequence", min=1, max=context)
     past = {**({1: batch[0]} if batch else {}), 3: torch.export.Dim("past", min=1, max=context - 1)}
     prompt = context // 2
-    try:
-        with _quiet_exporters(), torch.inference_mode():
-            _, keys, values = model.forward_with_past(inputs[:, :prompt])
-        with _quiet_exporters():
-            outputs = ["logits", "keys", "values"]
-            prefill_shapes = ({**batch, 1: sequence},)
-            _export_onnx(
-                _Prefill(model).eval(), (inputs,), partial["prefill"], prefill_shapes, opset, (["tokens"], outputs)
-            )
-            decode_inputs, decode_names = (inputs[:, :1], keys, values), ["tokens", "past_keys", "past_values"]
-            decode_shapes = (batch, past, past)
-            _export_onnx(
-                _Decode(model).eval(), decode_inputs, partial["decode"], decode_shapes, opset, (decode_names, outputs)
-            )
-        checks = []
-        for rows in _check_batches(inputs, dynamic_batch, None):
-            got = _generate_with_pair(partial, rows.numpy(), prompt)
-            with torch.inference_mode():
-                expected = model(rows).float().numpy()
-            agreement = float((got.argmax(-1) == expected.argmax(-1)).mean())
-            check = ExportCheck(len(rows), float(np.abs(got - expected).max()), agreement, context)
-            _require(check, False, "onnx prefill/decode")
-            checks.append(check)
-        for name, path in partial.items():
-            path.rename(files[name])
-    except BaseException:
-        for path in partial.values():
-            path.unlink(missing_ok=True)
-        raise
-    return {**{name: str(path) for name, path in files.items()}, "checks": [check.__dict__ for check in checks]}
+    with _quiet_exporters(), torch.inference_mode():
+        _, keys, values = model.forward_with_past(inputs[:, :prompt])
+    with _quiet_exporters():
+        outputs = ["logits", "keys", "values"]
+        prefill_shapes = ({**batch, 1: sequence},)
+        _export_onnx(_Prefill(model).eval(), (inputs,), files["prefill"], prefill_shapes, opset, (["tokens"], outputs))
+        decode_inputs, decode_names = (inputs[:, :1], keys, values), ["tokens", "past_keys", "past_values"]
+        decode_shapes = (batch, past, past)
+        _export_onnx(
+            _Decode(model).eval(), decode_inputs, files["decode"], decode_shapes, opset, (decode_names, outputs)
+        )
+    checks = []
+    for rows in _check_batches(inputs, dynamic_batch, None):
+        got = _generate_with_pair(files, rows.numpy(), prompt)
+        with torch.inference_mode():
+            expected = model(rows).float().numpy()
+        agreement = float((got.argmax(-1) == expected.argmax(-1)).mean())
+        check = ExportCheck(len(rows), float(np.abs(got - expected).max()), agreement, context)
+        _require(check, False, "onnx prefill/decode")
+        checks.append(check)
+    return checks
 
 
 def _generate_with_pair(files: dict[str, Path], rows: np.ndarray, prompt: int) -> np.ndarray:
@@ -295,17 +347,22 @@ def _export_onnx(
 ) -> None:
     """`model` on `inputs` (one tensor, or a tuple of them) to an ONNX file; `names` of its inputs and outputs."""
     try:
-        program = torch.onnx.export(
-            model,
-            inputs if isinstance(inputs, tuple) else (inputs,),
-            dynamo=True,
-            external_data=False,
-            dynamic_shapes=dynamic,
-            opset_version=opset,
-            verbose=False,
-            input_names=names[0] if names else None,
-            output_names=names[1] if names else None,
-        )
+        # torch's ONNX exporter captures `nn.LSTM` with a while-loop decomposition, then decomposes the graph again
+        # with the unrolled one, which fixes the sequence length it passes on; the while loop throughout keeps it
+        # dynamic (tests/integration/test_compress.py exports an lstm and runs it at several lengths)
+        lstm_decomposition = _LSTM_AT_ANY_LENGTH if dynamic is not None else None
+        with lstm_decomposition() if lstm_decomposition is not None else contextlib.nullcontext():
+            program = torch.onnx.export(
+                model,
+                inputs if isinstance(inputs, tuple) else (inputs,),
+                dynamo=True,
+                external_data=False,
+                dynamic_shapes=dynamic,
+                opset_version=opset,
+                verbose=False,
+                input_names=names[0] if names else None,
+                output_names=names[1] if names else None,
+            )
         assert program is not None
         program.save(str(out), external_data=False)
     except Exception as error:  # noqa: BLE001 - the exporter raises many kinds; the message names the operator

@@ -12,9 +12,10 @@ keeps its shape until its longest member ends, as a batched `generate` call does
 no sequence is running; a member that ends tells its client at once but keeps its slot and its row in every decode
 (padding, its logits unread) until the whole batch has ended.
 
-Each sequence samples with its own options and its own `torch.Generator`, and a gpt's batched decode attends to
-each slot's own keys and values only: a sequence gets the tokens it would get decoded alone. The engine is pure
-and synchronous, tested without threads or HTTP; `serve.completions` steps it on the model's own thread.
+Each sequence samples with its own options and its own `torch.Generator`, a gpt's batched decode attends to each
+slot's own keys and values only, and an lstm's batched step reads each slot's own (h, c) rows: a sequence gets the
+tokens it would get decoded alone. The engine is pure and synchronous, tested without threads or HTTP;
+`serve.completions` steps it on the model's own thread.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from scaleforge.generation.decoders import Decoder, decoder_for
 from scaleforge.generation.sampling import SamplingOptions, sample_rows
 from scaleforge.generation.streaming import TextOutput
 from scaleforge.models.gpt import GPT
+from scaleforge.models.lstm import LSTMModel
 
 # length: max_new_tokens; stop: a stop string; context: the model's context is full; expired: its deadline passed
 # while it waited for a slot (it never ran)
@@ -109,16 +111,13 @@ class CachedGPTSlots:
 
     @torch.inference_mode()
     def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
-        order = sorted(range(len(slots)), key=slots.__getitem__)
-        first = slots[order[0]]
-        if all(slots[row] == first + index for index, row in enumerate(order)):
+        run = _run_of(slots)
+        if run is not None:
             # a run of slots (every slot, when all are busy) is read and written through the cache's views, not
             # gathered copies: at 16 slots, a third of a step's time
+            rows, order = run
             column = torch.tensor([tokens[row] for row in order], dtype=torch.long, device=self._device)[:, None]
-            logits = self.model.decode(column, self.cache, slice(first, first + len(order)))[:, -1]  # (B, V)
-            if order == sorted(order):
-                return logits
-            return logits[torch.tensor(order).argsort().to(logits.device)]  # in the order of `slots`
+            return _in_slots_order(self.model.decode(column, self.cache, rows)[:, -1], order)  # (B, V)
         column = torch.tensor(list(tokens), dtype=torch.long, device=self._device)[:, None]  # (B, 1)
         return self.model.decode(column, self.cache, torch.tensor(list(slots), device=self._device))[:, -1]  # (B, V)
 
@@ -127,9 +126,55 @@ class CachedGPTSlots:
         self.cache.move(source, target)
 
 
+class LSTMSlots:
+    """An lstm's slots as rows of its states, each layer's h and c stacked (layers, slots, H): a chunk of a prompt
+    into one slot, or one token into each of several slots in one batched `LSTMModel.step` over their rows."""
+
+    def __init__(self, model: LSTMModel, slots: int) -> None:
+        self.model = model
+        self.slots = slots
+        self.context: int | None = None
+        parameter = next(model.parameters())
+        shape = (len(model.blocks), slots, model.head.in_features)  # every layer is as wide as the head reads
+        self.hidden = torch.zeros(shape, dtype=parameter.dtype, device=parameter.device)
+        self.cell = torch.zeros_like(self.hidden)
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, tokens: Sequence[int], first: bool) -> torch.Tensor:
+        row = torch.tensor([list(tokens)], dtype=torch.long, device=self.hidden.device)  # (1, T)
+        return self._step(row, slice(slot, slot + 1), first)[0, -1]  # (V,)
+
+    @torch.inference_mode()
+    def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> torch.Tensor:
+        run = _run_of(slots)
+        rows: slice | torch.Tensor
+        if run is None:
+            rows, order = torch.tensor(list(slots), device=self.hidden.device), list(range(len(slots)))
+        else:  # a run of slots reads its states through views and writes them back in place, gathering nothing
+            rows, order = run
+        column = torch.tensor([tokens[row] for row in order], dtype=torch.long, device=self.hidden.device)[:, None]
+        return _in_slots_order(self._step(column, rows, first=False)[:, -1], order)  # (B, V)
+
+    @torch.inference_mode()
+    def move(self, source: int, target: int) -> None:
+        self.hidden[:, target] = self.hidden[:, source]
+        self.cell[:, target] = self.cell[:, source]
+
+    def _step(self, tokens: torch.Tensor, rows: slice | torch.Tensor, first: bool) -> torch.Tensor:
+        """Logits (B, T, V) of `tokens` (B, T) read by the slots whose rows are `rows` (B of them), after what they
+        hold (from zero states when `first`); their rows then hold the states after `tokens`."""
+        state = None
+        if not first:
+            hidden, cell = self.hidden[:, rows], self.cell[:, rows]  # (layers, B, H)
+            state = [(hidden[layer : layer + 1], cell[layer : layer + 1]) for layer in range(len(hidden))]
+        logits, carried = self.model.step(tokens, state)
+        self.hidden[:, rows] = torch.cat([hidden for hidden, _ in carried])
+        self.cell[:, rows] = torch.cat([cell for _, cell in carried])
+        return logits
+
+
 class DecoderSlots:
-    """Any other language model (lstm, or one re-read whole): a `Decoder` per slot, stepped one after another. An
-    lstm's states could be stacked into one batch; its steps are cheap next to a gpt's, so this keeps it simple."""
+    """Any other language model (one re-read whole, `Recompute`): a `Decoder` per slot, stepped one after another."""
 
     def __init__(self, model: nn.Module, slots: int, seq_len: int | None) -> None:
         self.slots = slots
@@ -153,10 +198,30 @@ class DecoderSlots:
 
 
 def slot_model_for(model: nn.Module, slots: int, seq_len: int | None) -> SlotModel:
-    """`model`'s fastest way to hold `slots` sequences: a gpt's shared cache, else a decoder per slot."""
+    """`model`'s fastest way to hold `slots` sequences: a gpt's shared cache, an lstm's stacked states, else a
+    decoder per slot."""
     if isinstance(model, GPT):
         return CachedGPTSlots(model, slots)
+    if isinstance(model, LSTMModel):
+        return LSTMSlots(model, slots)
     return DecoderSlots(model, slots, seq_len)
+
+
+def _run_of(slots: Sequence[int]) -> tuple[slice, list[int]] | None:
+    """`slots` as a run, `slice(first, first + B)`, and the order of `slots`' indices that reads it from its first
+    slot; None when they are not a run."""
+    order = sorted(range(len(slots)), key=slots.__getitem__)
+    first = slots[order[0]]
+    if any(slots[row] != first + index for index, row in enumerate(order)):
+        return None
+    return slice(first, first + len(order)), order
+
+
+def _in_slots_order(logits: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """The rows of `logits` (B, V), read in `order`, put back in the order of the slots they were read for."""
+    if order == sorted(order):
+        return logits
+    return logits[torch.tensor(order).argsort().to(logits.device)]
 
 
 class Engine:
