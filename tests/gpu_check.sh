@@ -2,8 +2,9 @@
 # `make gpu-check`: the checks that need a GPU, for a machine with CUDA and a Python that already holds PyTorch
 # and scaleforge's requirements (no package index is needed: the source tree runs from src/). Each step trains or
 # generates on the GPU, writes its log under $OUT (default gpu-check/), and prints its figures: samples/s and peak
-# memory from the run's summary.json, tokens/s of a generation. DEVICE=cpu STEPS=5 runs the same steps on a CPU, to
-# check the script itself. Exit status 1 if any step failed; every step runs regardless.
+# memory from the run's summary.json, tokens/s of a generation and of each way `scaleforge bench generate` measures
+# on the gpt (its JSON in $OUT/bench-generate/). DEVICE=cpu STEPS=5 runs the same steps on a CPU, to check the script
+# itself. Exit status 1 if any step failed; every step runs regardless.
 set -u
 PY=${PYTHON:-python3}
 OUT=${OUT:-gpu-check}
@@ -65,5 +66,15 @@ started = time.perf_counter()
 seconds = time.perf_counter() - started
 count = len(generation.tokens)
 print(f"{count} tokens in {seconds:.3f} s: {count / seconds:,.0f} tokens/s, greedy, one sequence")
+PY
+# prompt and new tokens within the gpt's context of 256, so that the run's own weights are measured
+step bench-generate "$PY" -m scaleforge bench generate "$OUT/runs/gpt" --device "$DEVICE" --prompt-tokens 16 \
+    --new-tokens 200 --repeats 2 --streams 1,4 --requests-per-stream 2 --server-max-tokens 64 \
+    --out "$OUT/bench-generate" && "$PY" - "$OUT/bench-generate/generate.json" <<'PY'
+import json, sys
+result = json.load(open(sys.argv[1]))
+rows = {f"{row['part']}: {row['way']} x{row['streams']}": round(row["tokens_per_s"]) for row in result["rows"]}
+print(json.dumps({"device": result["device"], "gpu": result["cuda"], "tokens_per_s": rows}))
+print(json.dumps({"server": result["server"].get("skipped", "measured"), "onnxruntime": result["targets"].get("onnxruntime", "measured")}))
 PY
 exit $status

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from scaleforge.errors import ConfigError
+from scaleforge.errors import ConfigError, UsageError
 
 Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
 
@@ -40,6 +40,15 @@ def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
     return device
+
+
+def select_device_option(name: str) -> torch.device:
+    """`select_device` for a command's `--device`: a name that is not a device, or not on this machine, is a usage
+    error that names the option."""
+    try:
+        return select_device(name)
+    except ConfigError as error:
+        raise UsageError(str(error).replace("hardware.device", "--device")) from None
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

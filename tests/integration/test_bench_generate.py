@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from scaleforge.cli import main
 from tests.integration.test_bench_distributed import PNG_MAGIC, table_rows
@@ -50,6 +51,7 @@ def test_bench_generate_reports_the_cache_recomputation_and_transformers(cli, ru
     assert data.keys() >= {"benchmark", "run_dir", "threads", "model", "prompt_tokens", "new_tokens", "repeats", "rows"}
     assert data["benchmark"] == "generate" and "targets" in data and "cores" in data
     assert data["model"]["weights"] == "the run's" and data["threads"] == 1 and data["new_tokens"] == 8
+    assert data["device"] == "cpu"  # the default
     assert set(data["rows"][0]) == {"part", "way", "streams", "tokens_per_s", "ttft_ms", "tpot_ms"}
     assert set(data["rows"][0]["tpot_ms"]) == {"p50", "p99"}
     single_targets = [verdict for name, verdict in data["targets"].items() if not name.startswith("server: ")]
@@ -107,10 +109,20 @@ def test_the_server_part_streams_completions_three_ways(cli, text_run: Path, tmp
 
 def test_no_server_skips_the_server_part_and_streams_must_increase(cli, run: Path, tmp_path: Path) -> None:
     skipped = cli(
-        "bench", "generate", str(run), *FEW, "--new-tokens", "4", "--no-server", "--json", "--out", str(tmp_path)
-    )
+        "bench", "generate", str(run), *FEW, "--new-tokens", "4", "--no-server", "--device", "cpu", "--json",
+        "--out", str(tmp_path),
+    )  # fmt: skip
     data = json.loads(skipped.out)
-    assert data["server"] == {"skipped": "not measured (--no-server)"}
+    assert data["server"] == {"skipped": "not measured (--no-server)"} and data["device"] == "cpu"
     assert not [row for row in data["rows"] if row["part"] == "server"]
     refused = cli("bench", "generate", str(run), "--streams", "4,1", "--out", str(tmp_path))
     assert refused.code != 0 and "--streams: give increasing numbers without repeats" in refused.err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_this_machine_lacks_is_a_usage_error_of_one_line(cli, run: Path, tmp_path: Path) -> None:
+    result = cli("bench", "generate", str(run), "--device", "cuda", "--out", str(tmp_path / "bench"))
+    assert result.code == 2
+    (line,) = result.err.strip().splitlines()  # no traceback
+    assert line == "usage error: --device: 'cuda' is not available on this machine"
+    assert not (tmp_path / "bench").exists()  # refused before any work

@@ -80,6 +80,21 @@ def test_a_tuple_of_strings_takes_values_a_literal_its_choices_a_probability_0_t
         made.parse_args(["--top-p", "1.5"])
 
 
+@dataclass(frozen=True)
+class NumbersSettings:
+    streams: tuple[int, ...] = field(default=(1, 4, 16), metadata={"help": "counts", "range": "positive"})
+
+
+def test_a_tuple_of_ints_takes_comma_separated_numbers_in_its_range() -> None:
+    made = Parser(prog="test")
+    add_fields(made, NumbersSettings)
+    assert settings_from(NumbersSettings, made.parse_args(["--streams", "1,2"])) == NumbersSettings((1, 2))
+    assert settings_from(NumbersSettings, made.parse_args([])) == NumbersSettings()
+    assert "--streams N,N,... counts (default: 1,4,16)" in " ".join(made.format_help().split())
+    with pytest.raises(UsageError, match="--streams"):
+        made.parse_args(["--streams", "1,0"])
+
+
 def _parsers(parser: argparse.ArgumentParser):  # noqa: ANN202 - an iterator of every command's parser
     yield parser
     for action in parser._actions:

@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -121,6 +121,16 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    """A function that waits until the work queued on `device` is done (nothing to wait for on a CPU): to call
+    before reading a clock, since a GPU runs what it is given after the call that gave it has returned."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    if device.type == "mps":
+        return torch.mps.synchronize
+    return lambda: None
 
 
 def report(

@@ -237,43 +237,28 @@ def _data(benchmarks: argparse._SubParsersAction) -> None:
 
 
 def _generate(benchmarks: argparse._SubParsersAction) -> None:
-    generate = benchmarks.add_parser(
+    benchmarks.add_parser(
         "generate",
-        help="a gpt's generation speed: its key/value cache against recomputation and transformers' generate",
-        description="One greedy generation after a prompt of random tokens, timed three ways: scaleforge's "
-        "generation with the gpt's key/value cache, the same reading the whole sequence again for each token, and "
-        "Hugging Face transformers' GPT-2 generate of the same shape (random weights). Warmed up, then the median "
-        "of the repeats. Then the server part: streamed completions from `scaleforge serve` at each number of "
-        "concurrent streams (a closed loop), with continuous batching, one request at a time and static batching.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+        help="a gpt's generation speed: its key/value cache against recomputation, ONNX Runtime and transformers' "
+        "generate, then through scaleforge serve",
+        description="One greedy generation after a prompt of random tokens, timed five ways: scaleforge's "
+        "generation with the gpt's key/value cache, the same reading the whole sequence again for each token, the "
+        "gpt's ONNX exports under ONNX Runtime (on cpu only) and Hugging Face transformers' GPT-2 generate of the "
+        "same shape (random weights). Warmed up, then the median of the repeats. Then the server part: streamed "
+        "completions from `scaleforge serve` at each number of concurrent streams (a closed loop), with continuous "
+        "batching, one request at a time and static batching.",
+        populate=_generate_arguments,
+    ).set_defaults(handler=cmd_bench_generate)
+
+
+def _generate_arguments(generate: Parser) -> None:
+    from scaleforge.bench.generate import GenerateBenchOptions, ServerLoad
+    from scaleforge.cli.fields import add_fields
+
     run_dir_arguments(generate, help="a run directory of a gpt")
-    generate.add_argument("--new-tokens", type=positive_int, default=256, help="tokens to generate")
-    generate.add_argument("--prompt-tokens", type=positive_int, default=16, help="tokens of the (random) prompt")
-    generate.add_argument("--repeats", type=positive_int, default=5, help="timed generations of each way")
-    generate.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: torch's choice)")
-    generate.add_argument(
-        "--streams",
-        type=comma_separated(positive_int),
-        default=[1, 4, 16],
-        metavar="N,N,...",
-        help="the server part: concurrent streams (the servers get as many slots as the most)",
-    )
-    generate.add_argument(
-        "--requests-per-stream", type=positive_int, default=8, help="the server part: requests each stream sends"
-    )
-    generate.add_argument(
-        "--server-max-tokens",
-        type=positive_int,
-        default=256,
-        help="the server part: the most tokens a request asks for (max_tokens is drawn from 16 to this)",
-    )
-    generate.add_argument(
-        "--no-server", dest="server", action="store_false", help="skip the server part (scaleforge serve)"
-    )
-    generate.add_argument("--out", default="runs/bench-generate", help="where generate.json and generate.png go")
+    add_fields(generate, GenerateBenchOptions)
+    add_fields(generate, ServerLoad)
     json_argument(generate)
-    generate.set_defaults(handler=cmd_bench_generate)
 
 
 def cmd_bench_overhead(args: argparse.Namespace) -> int:
@@ -415,21 +400,14 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_generate(args: argparse.Namespace) -> int:
-    """A gpt's generation speed with and without its cache, and against transformers."""
-    from scaleforge.bench.generate import ServerLoad, run_generate_benchmark
+    """A gpt's generation speed with and without its cache, and against ONNX Runtime and transformers."""
+    from scaleforge.bench.generate import GenerateBenchOptions, ServerLoad, run_generate_benchmark
+    from scaleforge.cli.fields import settings_from
 
-    if args.streams != sorted(set(args.streams)):
+    load = settings_from(ServerLoad, args)
+    if list(load.streams) != sorted(set(load.streams)):
         raise UsageError("--streams: give increasing numbers without repeats, such as 1,4,16")
-    load = ServerLoad(args.streams, args.requests_per_stream, args.server_max_tokens)
     run_generate_benchmark(
-        args.run_dir,
-        out=Path(args.out),
-        prompt_tokens=args.prompt_tokens,
-        new_tokens=args.new_tokens,
-        repeats=args.repeats,
-        threads=args.threads,
-        as_json=args.json,
-        trust=trust(args),
-        server=load if args.server else None,
+        args.run_dir, settings_from(GenerateBenchOptions, args), load, as_json=args.json, trust=trust(args)
     )
     return 0

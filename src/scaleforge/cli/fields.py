@@ -2,7 +2,8 @@
 
 Each field becomes `--field-name` (`dest` the field's name) with its type, range, choices and help taken from the
 field: its annotation (`int`, `float`, `str`, `Path`, `bool`, each optionally `| None`; a `Literal` of strings,
-its choices; `tuple[str, ...]`, one or more values, the option repeatable) and its `metadata`:
+its choices; `tuple[str, ...]`, one or more values, the option repeatable; `tuple[int, ...]`, comma-separated
+numbers such as `1,4,16`, each in the field's range) and its `metadata`:
 
 - `help`: the text; the field's default is added to it, unless the default is None, False or empty
 - `range`: `positive`, `non-negative`, `port`, `fraction` or `probability`: the values an `int` or `float` takes
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from scaleforge.cli.arguments import (
+    comma_separated,
     fraction,
     non_negative_float,
     non_negative_int,
@@ -83,6 +85,11 @@ def _argument(field: dataclasses.Field, hint: Any, metadata: Mapping[str, Any], 
     if typing.get_origin(kind) is typing.Literal:
         metadata = {"choices": list(typing.get_args(kind)), **metadata}
         kind = str
+    if kind == tuple[int, ...]:
+        number = RANGES[int, metadata["range"]] if "range" in metadata else int
+        keywords.update(type=_tuple_of(comma_separated(number)), metavar=metadata.get("metavar", "N,N,..."))
+        keywords["required"] = required
+        return keywords
     if kind == tuple[str, ...]:
         keywords.update(action="extend", nargs="+")
         kind = str
@@ -97,6 +104,11 @@ def _argument(field: dataclasses.Field, hint: Any, metadata: Mapping[str, Any], 
     keywords["metavar"] = metadata.get("metavar", None if "choices" in metadata else flag[2:].upper().replace("-", "_"))
     keywords["required"] = required
     return keywords
+
+
+def _tuple_of(parse: Callable[[str], list[Any]]) -> Callable[[str], tuple[Any, ...]]:
+    """An argparse type: what `parse` gives, as a tuple (a field's value)."""
+    return lambda text: tuple(parse(text))
 
 
 def _without_none(hint: Any) -> Any:
@@ -114,7 +126,8 @@ def _help(field: dataclasses.Field, text: str | None, required: bool) -> str | N
     text = text.replace("%", "%%")
     if required or field.default in (None, dataclasses.MISSING) or field.default is False or field.default == ():
         return text
-    return f"{text} (default: {field.default})"
+    default = ",".join(map(str, field.default)) if isinstance(field.default, tuple) else field.default
+    return f"{text} (default: {default})"
 
 
 def settings_from(settings: type[Settings], args: argparse.Namespace, **values: Any) -> Settings:

@@ -11,8 +11,8 @@ from types import FrameType
 
 import uvicorn
 
-from scaleforge.errors import ConfigError, UsageError
-from scaleforge.hardware import select_device
+from scaleforge.errors import UsageError
+from scaleforge.hardware import select_device_option
 from scaleforge.runs import Trust
 from scaleforge.serve.app import Gate, ServeSettings, create_app
 from scaleforge.serve.model import ServedModel
@@ -64,10 +64,7 @@ def serve(path: str | Path, settings: ServeSettings) -> bool:
     said why)."""
     check_tls(settings.tls_cert, settings.tls_key)  # before the model loads, like the address
     check_address(settings.host, settings.port)  # before the model loads: a taken port fails at once
-    try:
-        device = select_device(settings.device)
-    except ConfigError as error:
-        raise UsageError(str(error).replace("hardware.device", "--device")) from None
+    device = select_device_option(settings.device)
     timing = settings.latency_target_ms > 0  # the batcher's cost model starts from timed batches
     trust = Trust(settings.trust_code, settings.signing_key_env)
     if settings.backend == "onnxruntime":
