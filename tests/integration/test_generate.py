@@ -67,6 +67,7 @@ def test_generate_prints_the_continuation_the_python_api_returns(cli, run: Path,
         (["--prompt", "a", "--top-p", "0"], "argument --top-p: expected a positive number"),
         (["--prompt", "a", "--top-p", "1.5"], "argument --top-p: expected a number above 0 and at most 1"),
         (["--prompt-file", "missing.txt"], "usage error: --prompt-file missing.txt cannot be read"),
+        (["--prompt", "a", "--device", "gpu"], "usage error: --device:"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(cli, run: Path, arguments: list[str], message: str) -> None:

@@ -2,7 +2,7 @@
 
 The result is a list of rows, each one way of generating measured in one part of the benchmark (`PARTS`). The
 `single` part is one greedy generation of `new_tokens` (default 256) after a prompt of `prompt_tokens` (16) random
-tokens, three ways:
+tokens, five ways:
 
 - `kv cache`: scaleforge's own generation (`Generation` over the gpt's key/value cache, as `scaleforge generate`);
 - `recompute`: the same, reading the whole sequence again for each token (`Recompute`, no cache);

@@ -44,7 +44,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from scaleforge.cli.fields import settings_from
     from scaleforge.generation.language_model import generate_stream
     from scaleforge.generation.sampling import SamplingOptions
+    from scaleforge.hardware import select_device_option
 
+    select_device_option(args.device)  # a device this machine lacks is a usage error before the run is read
     options = settings_from(SamplingOptions, args)
     prompt = args.prompt if args.prompt is not None else _read_prompt(Path(args.prompt_file))
     settings = trust(args)
