@@ -104,8 +104,9 @@ class GPT(nn.Module):
 
     def decode(self, tokens: torch.Tensor, cache: KVCache, slots: Slots | None = None) -> torch.Tensor:
         """Logits (B, T, vocab_size) of `tokens` (B, T) appended to the sequences that cache `slots` (B,) hold
-        (default: slots 0..B-1; a slice reads them as views of the cache): a prompt at once (prefill), then one token a step. Each row attends to its own
-        slot's earlier tokens, whatever their number; the same as `forward` on the whole sequence."""
+        (default: slots 0..B-1; a slice reads them as views of the cache): a prompt at once (prefill), then one
+        token a step. Each row attends to its own slot's earlier tokens, whatever their number; the same as
+        `forward` on the whole sequence."""
         batch, seq = tokens.shape
         rows: Slots = slice(0, batch) if slots is None else slots  # slots 0..B-1 read as views of the cache
         positions = cache.positions(rows, seq)  # (B, T)
