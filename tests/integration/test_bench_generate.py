@@ -87,7 +87,7 @@ def text_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.timeout(240)
 def test_the_server_part_streams_completions_three_ways(cli, text_run: Path, tmp_path: Path) -> None:
-    server = ["--streams", "1,2", "--requests-per-stream", "2", "--server-max-tokens", "6"]
+    server = ["--streams", "1,2", "--requests-per-stream", "2", "--server-max-tokens", "6", "--server-repeats", "2"]
     result = cli("bench", "generate", str(text_run), *FEW, "--new-tokens", "8", *server, "--out", str(tmp_path))
     assert result.code == 0, result.err
     rows = [row for row in table_rows(result.out) if row[0] == "server"]
@@ -99,6 +99,7 @@ def test_the_server_part_streams_completions_three_ways(cli, text_run: Path, tmp
 
     data = json.loads((tmp_path / "generate.json").read_text())
     assert data["server"]["streams"] == [1, 2] and data["server"]["slots"] == 2 and data["server"]["context"] == 48
+    assert data["server"]["repeats"] == 2 and "median of 2 interleaved runs" in result.out
     assert 8 <= data["server"]["mean_prompt_tokens"] <= 24 and data["server"]["mean_max_tokens"] <= 6
     server_rows = [row for row in data["rows"] if row["part"] == "server"]
     assert len(server_rows) == 6 and all(set(row["ttft_ms"]) == {"p50", "p99"} for row in server_rows)

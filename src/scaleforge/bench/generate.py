@@ -37,9 +37,10 @@ Every way is sent the same requests (`completion_requests`: prompts of 8 to 64 t
 drawn uniformly with a fixed seed, greedy), in a closed loop: each stream sends the next request of the list,
 streamed (server-sent events), when its last one has ended; at N streams, the list's first N x
 `requests_per_stream`. The servers are all started first and each is paused (SIGSTOP) but while it is measured,
-the ways taking turns at each stream count. tokens/s counts the completion tokens (the stream's usage) over the
-wall time; TTFT is from sending a request to its first chunk, TPOT a request's time from its first chunk to its
-last over its tokens after the first (p50 and p99 over the requests). The part is skipped, and said so, when the
+the ways taking turns at each stream count, and the whole round is run `repeats` times (3). tokens/s counts the
+completion tokens (the stream's usage) over the wall time, the median of the rounds; TTFT is from sending a
+request to its first chunk, TPOT a request's time from its first chunk to its last over its tokens after the
+first (p50 and p99 over the requests of every round). The part is skipped, and said so, when the
 run has no tokenizer (the server completes text) or the serve and bench extras are not installed.
 
 The options are the fields of `GenerateBenchOptions` and `ServerLoad`. A part is a function from the `Setup` to
@@ -156,6 +157,15 @@ class ServerLoad:
             "flag": "--server-max-tokens",
         },
     )
+    repeats: int = field(
+        default=3,
+        metadata={
+            "help": "the server part: closed loops of each way at each stream count, interleaved; tokens/s is their "
+            "median",
+            "range": "positive",
+            "flag": "--server-repeats",
+        },
+    )
 
 
 @dataclass(frozen=True)
@@ -241,16 +251,24 @@ class StreamedLoad:
     first_chunk: list[float]
     per_token: list[float | None]
 
-    def row(self, way: str, streams: int) -> GenerationRow:
-        per_token = [seconds for seconds in self.per_token if seconds is not None]
-        return GenerationRow(
-            "server",
-            way,
-            streams,
-            sum(self.tokens) / self.seconds,
-            Percentiles.of(self.first_chunk),
-            Percentiles.of(per_token) if per_token else None,
-        )
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(self.tokens) / self.seconds
+
+
+def _server_row(way: str, streams: int, loads: Sequence[StreamedLoad]) -> GenerationRow:
+    """The row of `loads`, the repeats of one way at one stream count: the median of their tokens/s, and TTFT and
+    TPOT over the requests of all of them."""
+    first_chunk = [seconds for load in loads for seconds in load.first_chunk]
+    per_token = [seconds for load in loads for seconds in load.per_token if seconds is not None]
+    return GenerationRow(
+        "server",
+        way,
+        streams,
+        statistics.median(load.tokens_per_s for load in loads),
+        Percentiles.of(first_chunk),
+        Percentiles.of(per_token) if per_token else None,
+    )
 
 
 async def _streamed_completion(session: Any, url: str, body: dict[str, Any], load: StreamedLoad) -> None:
@@ -330,7 +348,7 @@ def server_rows(setup: Setup) -> list[GenerationRow]:
     slots = max(load.streams)
     requests = _server_requests(setup, load)
     warm_up = [(prompt, min(max_tokens, 8)) for prompt, max_tokens in requests[:4]]
-    measured: dict[str, dict[int, StreamedLoad]] = {}
+    measured: dict[str, dict[int, list[StreamedLoad]]] = {}
     with contextlib.ExitStack() as stack:
         servers = {}
         for index, (way, command) in enumerate(server_ways(setup, slots).items()):
@@ -339,14 +357,15 @@ def server_rows(setup: Setup) -> list[GenerationRow]:
             model = asyncio.run(_model_name(server.url))
             asyncio.run(_closed_loop(server.endpoint, model, warm_up, 2))  # first requests' allocations
             server.pause()
-        for streams in load.streams:
-            for way, server in servers.items():  # in turn: a slow spell of the machine falls on every way alike
-                with server.running():
-                    sent = requests[: streams * load.requests_per_stream]
-                    measured.setdefault(way, {})[streams] = asyncio.run(
-                        _closed_loop(server.endpoint, model, sent, streams)
-                    )
-    return [figures.row(way, streams) for way, loads in measured.items() for streams, figures in loads.items()]
+        for _ in range(load.repeats):
+            for streams in load.streams:
+                for way, server in servers.items():  # in turn: a slow spell of the machine falls on every way alike
+                    with server.running():
+                        sent = requests[: streams * load.requests_per_stream]
+                        measured.setdefault(way, {}).setdefault(streams, []).append(
+                            asyncio.run(_closed_loop(server.endpoint, model, sent, streams))
+                        )
+    return [_server_row(way, streams, runs) for way, loads in measured.items() for streams, runs in loads.items()]
 
 
 def _server_requests(setup: Setup, load: ServerLoad) -> list[tuple[str, int]]:
@@ -465,6 +484,7 @@ def _server_summary(setup: Setup, load: ServerLoad) -> dict[str, Any]:
     return {
         "streams": list(load.streams),
         "requests_per_stream": load.requests_per_stream,
+        "repeats": load.repeats,
         "slots": max(load.streams),
         "device": str(setup.device),
         "max_tokens": load.max_tokens,
@@ -479,7 +499,8 @@ def _server_note(summary: dict[str, Any]) -> str:
         f"server: `scaleforge serve` with {counted(summary['slots'], 'slot')} on {summary['device']}; each stream "
         f"sends {counted(summary['requests_per_stream'], 'streamed request')}, the next when its last ends; prompts "
         f"of {summary['mean_prompt_tokens']:.0f} tokens and max_tokens {summary['mean_max_tokens']:.0f} on average, "
-        f"greedy, context {summary['context']}; TTFT and TPOT: p50 and p99 over the requests"
+        f"greedy, context {summary['context']}; tokens/s: median of {summary['repeats']} interleaved runs; TTFT and "
+        "TPOT: p50 and p99 over their requests"
     )
 
 

@@ -1,5 +1,6 @@
-"""What `scaleforge bench generate` does with its device, without a GPU: ONNX Runtime's ways are skipped, and said
-so, on any device but cpu; the server part's servers serve on the benchmark's device."""
+"""Parts of `scaleforge bench generate` without a GPU or servers: ONNX Runtime's ways are skipped, and said so, on
+any device but cpu; the server part's servers serve on the benchmark's device; a server row is the median of its
+rounds."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from scaleforge.bench.generate import Setup, onnx_skipped, server_ways
+from scaleforge.bench.generate import Setup, StreamedLoad, _server_row, onnx_skipped, server_ways
 from scaleforge.bench.harness import synchronizer
 from scaleforge.models.gpt import GPT
 from scaleforge.runs import UNTRUSTED
@@ -33,3 +34,15 @@ def test_the_servers_serve_on_the_benchmarks_device() -> None:
 
 def test_a_cpu_has_nothing_to_wait_for() -> None:
     assert synchronizer(torch.device("cpu"))() is None
+
+
+def test_a_server_row_gives_the_median_round_and_the_latencies_of_every_round() -> None:
+    rounds = [
+        StreamedLoad(1.0, [100, 200], [0.010], [0.001]),  # 300 tokens/s
+        StreamedLoad(2.0, [100], [0.030], [None]),  # 50
+        StreamedLoad(1.0, [150], [0.020], [0.003]),  # 150
+    ]
+    row = _server_row("static batching", 16, rounds)
+    assert (row.part, row.way, row.streams, row.tokens_per_s) == ("server", "static batching", 16, 150)
+    assert row.ttft_ms is not None and row.ttft_ms.p50 == 20 and row.ttft_ms.p99 > 29
+    assert row.tpot_ms is not None and row.tpot_ms.p50 == 2  # the single-token request has none
