@@ -261,18 +261,24 @@ class Moving(Counting):
         super().move(source, target)
 
 
-def test_sequences_leaving_and_joining_keep_the_running_ones_in_the_lowest_slots_with_their_own_tokens() -> None:
+def test_sequences_leaving_and_joining_keep_the_running_ones_in_the_lowest_slots_in_the_order_they_came() -> None:
     model = gpt()
     moving = Moving(CachedGPTSlots(model, slots=4))
     engine = Engine(moving, BYTES, max_step_tokens=64)
-    lengths = [3, 30, 6, 25, 12]  # the 1st and 3rd end early: the 4th moves down, the 5th and the seeded one join
+    lengths = [3, 30, 6, 25, 12]  # the 1st and 3rd end early: those after them move down, the 5th and seeded join
     requests = [
         submit(engine, PROMPT[index:], SamplingOptions(max_new_tokens=new, temperature=0))[0]
         for index, new in enumerate(lengths)
     ]
     sampled = SamplingOptions(max_new_tokens=20, temperature=0.9, top_k=20, top_p=0.95, seed=3)
     seeded, _ = submit(engine, PROMPT[1:], sampled)
-    assert run_out(engine) == 30 and all(slots == list(range(len(slots))) for slots in moving.decoded)  # a run from 0
+    steps = 0
+    while not engine.idle:
+        engine.step()
+        steps += 1
+        assert [request.slot for request in engine.running] == list(range(len(engine.running)))  # in joining order
+    assert steps == 30 and all(slots == list(range(len(slots))) for slots in moving.decoded)  # a run from 0
+    assert (3, 2) in moving.moves  # sequences move down one slot at a time, behind those that came before them
     for index, (request, new) in enumerate(zip(requests, lengths, strict=True)):
         options = SamplingOptions(max_new_tokens=new, temperature=0)
         assert request.tokens == tokens_of(CachedGPT(model), options, PROMPT[index:]).tokens

@@ -12,6 +12,7 @@ from scaleforge.config import ModelSection, load_config, signature_of
 from scaleforge.data.base import DataInfo
 from scaleforge.distributed.tensor_parallel import STYLES, planned_architectures
 from scaleforge.errors import ConfigError
+from scaleforge.models import gpt as gpt_module
 from scaleforge.models.gpt import GPT
 from scaleforge.models.lstm import LSTMModel
 from scaleforge.registry import MODELS
@@ -194,6 +195,32 @@ def test_the_first_slots_decode_through_the_caches_views_at_different_positions(
     assert cache.lengths.tolist() == [7, 11]
     assert torch.allclose(stepped[:, 0], torch.stack([whole[0, 5], whole[1, 9]]), atol=1e-5)
     assert torch.allclose(again[:, 0], torch.stack([whole[0, 6], whole[1, 10]]), atol=1e-5)
+
+
+def test_long_and_short_sequences_in_a_run_of_slots_read_apart_as_far_as_each_needs() -> None:
+    torch.manual_seed(0)
+    model = GPT(vocab_size=64, seq_len=24, n_layers=2, n_heads=4, d_model=32).eval()
+    tokens = torch.randint(0, 64, (4, 22))
+    lengths = [20, 18, 3, 2]  # the longer first, as the engine keeps them
+    with torch.no_grad():
+        whole = model(tokens)
+        cache = model.new_cache(slots=4)
+        for slot, length in enumerate(lengths):
+            model.decode(tokens[slot : slot + 1, :length], cache, slots=torch.tensor([slot]))
+        positions = cache.positions(slice(0, 4), 1)
+        reads = gpt_module._reads(slice(0, 4), positions, 21, torch.ones(4, 1, 1, 21, dtype=torch.bool))
+        stepped = model.decode(
+            torch.stack([tokens[slot, length : length + 1] for slot, length in enumerate(lengths)]), cache
+        )
+    assert [(read.rows, read.slots, read.span) for read in reads] == [
+        (slice(0, 2), slice(0, 2), 21),
+        (slice(2, 4), slice(2, 4), 4),
+    ]
+    assert torch.allclose(
+        stepped[:, 0], torch.stack([whole[slot, length] for slot, length in enumerate(lengths)]), atol=1e-5
+    )
+    alike = cache.positions(slice(0, 2), 1)  # lengths 21 and 19: one read is as good
+    assert len(gpt_module._reads(slice(0, 2), alike, 22, torch.ones(2, 1, 1, 22, dtype=torch.bool))) == 1
 
 
 def test_a_gpt_carrying_its_keys_and_values_as_tensors_gives_the_logits_of_the_whole_sequence() -> None:

@@ -316,9 +316,10 @@ class Engine:
                 request.prompt = request.prompt[-context:]
 
     def _release(self, leaving: list[EngineRequest], padding: bool = True) -> None:
-        """Take `leaving` out of the running sequences, then keep the others in slots 0..len(running)-1: the
-        sequence in the highest slot moves into each lower slot left free (one copy of its cache), so that a step
-        decodes a run of slots through the cache's views rather than gathering scattered slots at every step.
+        """Take `leaving` out of the running sequences, then keep the others in slots 0..len(running)-1 in the order
+        they came: each sequence above a slot left free moves down (one copy of its cache), so that a step decodes
+        a run of slots through the cache's views rather than gathering scattered slots, and a gpt's shorter
+        sequences sit together after the longer ones (`gpt._reads`).
 
         With static batching, `leaving` keep their slots as `padding` until no member of their batch is running
         (unless `padding` is False: every slot is freed now)."""
@@ -330,17 +331,13 @@ class Engine:
                 return
             leaving, self.padding = self.padding, []
         for request in leaving:
-            if request.slot >= 0:
-                self._free.append(request.slot)
-                request.slot = -1
-        self._free.sort(reverse=True)
-        while self.running and self._free:
-            last = max(self.running, key=lambda request: request.slot)
-            if self._free[-1] > last.slot:
-                break
-            self.model.move(last.slot, self._free[-1])
-            self._free[-1], last.slot = last.slot, self._free[-1]
-            self._free.sort(reverse=True)
+            request.slot = -1
+        held = sorted((request for request in self.running if request.slot >= 0), key=lambda request: request.slot)
+        for index, request in enumerate(held):  # slot `index` is free: every lower slot's sequence is placed
+            if request.slot != index:
+                self.model.move(request.slot, index)
+                request.slot = index
+        self._free = list(range(len(held), self.model.slots))[::-1]
 
     def _sample(self, requests: list[EngineRequest], logits: torch.Tensor) -> None:
         """Sample each request's next token from its row of `logits` (B, V), all rows at once but each with its own

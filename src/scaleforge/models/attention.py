@@ -4,7 +4,8 @@ key/value cache a language model decodes with, one token at a time."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -13,6 +14,18 @@ from torch.nn import functional as F
 
 Slots = torch.Tensor | slice  # cache slots: a tensor of indices (B,), or a run of them
 Positions = torch.Tensor | slice  # new tokens' positions: (B, T), or one run of them that every row shares
+
+
+@dataclass(frozen=True)
+class Read:
+    """What some rows of a batch attend to in the cache: rows `rows` of the batch, held in cache `slots`, attend to
+    the slots' first `span` positions where `mask` (rows, 1, T, span) is True (when None: causally, or every key for
+    one token a row at the same position)."""
+
+    rows: slice
+    slots: Slots
+    span: int
+    mask: torch.Tensor | None
 
 
 class KVCache:
@@ -149,19 +162,24 @@ class MultiHeadSelfAttention(nn.Module):
         layer: int,
         slots: Slots,
         positions: Positions,
-        mask: torch.Tensor | None,
-        span: int,
+        reads: Sequence[Read],
     ) -> torch.Tensor:
         """`forward` for new tokens x (B, T, C) of the sequences in cache `slots` (B of them), at `positions`
-        (B, T): their keys and values go into the cache, and they attend to its first `span` positions where
-        `mask` (B, 1, T, span) is True; when None, causally (T new tokens from position 0, or one at the end)."""
+        (B, T): their keys and values go into the cache, then each of `reads` (which together cover the B rows, in
+        order) attends to its part of the cache; when its mask is None, causally (T new tokens from position 0,
+        or one at the end)."""
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)  # (B, H, T, C/H)
         new_keys, new_values = (proj(x).view(batch, seq, -1, self.head_dim) for proj in (self.k_proj, self.v_proj))
         cache.write(layer, slots, positions, new_keys, new_values)  # (B, T, H, C/H) each
-        keys, values = cache.read(layer, slots, span)  # (B, H, span, C/H)
-        causal = mask is None and seq > 1  # T == span here: SDPA's causal mask is aligned to the first key
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal)  # (B, H, T, C/H)
+        parts = []
+        for read in reads:
+            keys, values = cache.read(layer, read.slots, read.span)  # (rows, H, span, C/H)
+            causal = read.mask is None and seq > 1  # T == span here: SDPA's causal mask is aligned to the first key
+            parts.append(
+                F.scaled_dot_product_attention(q[read.rows], keys, values, attn_mask=read.mask, is_causal=causal)
+            )
+        y = parts[0] if len(parts) == 1 else torch.cat(parts)  # (B, H, T, C/H)
         return self.out_proj(y.transpose(1, 2).reshape(batch, seq, -1))  # (B, T, C)
 
 
@@ -227,11 +245,10 @@ class TransformerBlock(nn.Module):
         layer: int,
         slots: Slots,
         positions: Positions,
-        mask: torch.Tensor | None,
-        span: int,
+        reads: Sequence[Read],
     ) -> torch.Tensor:
         """`forward` for new tokens attending through the cache (`MultiHeadSelfAttention.decode`)."""
-        x = x + self.attn.decode(self.ln_1(x), cache, layer, slots, positions, mask, span)
+        x = x + self.attn.decode(self.ln_1(x), cache, layer, slots, positions, reads)
         return x + self.mlp(self.ln_2(x))  # (B, T, C)
 
     def forward_with_past(

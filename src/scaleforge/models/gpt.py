@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from scaleforge.models.attention import KVCache, Positions, Slots, TransformerBlock, transformer_tp_plan
+from scaleforge.models.attention import KVCache, Positions, Read, Slots, TransformerBlock, transformer_tp_plan
 from scaleforge.registry import register_model
 
 
@@ -118,9 +119,14 @@ class GPT(nn.Module):
         if not aligned or (seq > 1 and start > 0):
             keys = torch.arange(span, device=tokens.device)
             mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, span): own earlier tokens
+        reads = (
+            _reads(rows, positions, span, mask)
+            if seq == 1 and not aligned
+            else [Read(slice(0, batch), rows, span, mask)]
+        )
         x = self.embed(tokens, positions)  # (B, T, C)
         for layer, block in enumerate(self.blocks):
-            x = block.decode(x, cache, layer, rows, where, mask, span)  # (B, T, C)
+            x = block.decode(x, cache, layer, rows, where, reads)  # (B, T, C)
         cache.advance(rows, seq)
         return self.head(x)  # (B, T, vocab_size)
 
@@ -142,3 +148,30 @@ class GPT(nn.Module):
             keys.append(layer_keys)
             values.append(layer_values)
         return self.head(x), torch.stack(keys), torch.stack(values)  # (B, T, V), (layers, B, H, P + T, head_dim)
+
+
+# a step's attention is split in two reads when that reads at most this share of the keys one read would
+SPLIT_BELOW = 0.75
+
+
+def _reads(rows: Slots, positions: torch.Tensor, span: int, mask: torch.Tensor | None) -> list[Read]:
+    """The reads of one new token a row at `positions` (B, 1): one read of every row's first `span` positions, or,
+    for a run of slots whose lengths differ enough, two runs each read up to its own longest (the engine keeps
+    its sequences in slots in the order they came, the longest first, so a step's short sequences sit together
+    and need not read as far as its longest one)."""
+    batch = positions.shape[0]
+    whole = [Read(slice(0, batch), rows, span, mask)]
+    if not isinstance(rows, slice) or batch < 2 or mask is None:
+        return whole
+    ends = [position + 1 for position in positions[:, 0].tolist()]
+    before = list(itertools.accumulate(ends, max))
+    after = list(itertools.accumulate(reversed(ends), max))[::-1]
+    keys, split = min((k * before[k - 1] + (batch - k) * after[k], k) for k in range(1, batch))
+    if keys > SPLIT_BELOW * batch * span:
+        return whole
+    first, second = before[split - 1], after[split]
+    start = rows.start or 0
+    return [
+        Read(slice(0, split), slice(start, start + split), first, mask[:split, ..., :first]),
+        Read(slice(split, batch), slice(start + split, start + batch), second, mask[split:, ..., :second]),
+    ]
