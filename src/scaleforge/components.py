@@ -4,14 +4,16 @@ parameters. Light to import (no torch.distributed), so that loading a trained mo
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from scaleforge import registry
 from scaleforge.config import DATA_PROVIDED, ModelSection, signature_of
-from scaleforge.data.base import DataInfo
 from scaleforge.errors import ConfigError, DataError
+
+if TYPE_CHECKING:  # scaleforge.data imports this module: a name for annotations only, or neither could come first
+    from scaleforge.data.base import DataInfo
 
 
 def construct(factory: Callable[..., Any], key: str, **kwargs: Any) -> Any:

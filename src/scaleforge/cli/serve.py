@@ -28,7 +28,9 @@ def _serve_arguments(parser: Parser) -> None:
     from scaleforge.cli.fields import add_fields
     from scaleforge.serve.settings import ServeSettings
 
-    parser.add_argument("run_dir", metavar="RUN_DIR_OR_MODEL", help="a run directory, or its final/ folder")
+    parser.add_argument(
+        "run_dir", metavar="RUN_DIR", nargs="?", help="a run directory, or its final/ folder (or --repository DIR)"
+    )
     trust_arguments(parser)
     add_fields(parser, ServeSettings, exclude=NOT_OPTIONS)
     parser.add_argument(
@@ -53,4 +55,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = settings_from(ServeSettings, args, api_key=api_key)
     if settings.backend == "onnxruntime":
         require("export", "scaleforge serve --backend onnxruntime")
+    if (args.run_dir is None) == (settings.repository is None):
+        raise UsageError("give a RUN_DIR to serve one run, or --repository DIR to serve a model repository, not both")
+    if settings.repository is not None:
+        from scaleforge.serve.server import serve_repository
+
+        return 0 if serve_repository(settings) else 1
+    for option, value in (("--default-model", settings.default_model),):
+        if value is not None:
+            raise UsageError(f"{option} applies to --repository")
     return 0 if serve(args.run_dir, settings) else 1

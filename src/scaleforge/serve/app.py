@@ -19,7 +19,7 @@ import multiprocessing
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, MutableMapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
@@ -369,8 +369,19 @@ class ServingApp:
         run_batch: Callable[[list[np.ndarray]], list[dict[str, Any]]] | None = None,
         load_seconds: float | None = None,
         timed_batches: Sequence[tuple[int, float]] = (),
+        *,
+        identity: Mapping[str, Any] | None = None,
+        name: str | None = None,
     ) -> None:
         self.model, self.settings = model, settings
+        # what every answer says produced it (beside its outputs), and the name completions answer for
+        self.identity = (
+            dict(identity) if identity is not None else {"model": model.card.name, "version": model.card.version}
+        )
+        self.name = name if name is not None else model.card.name
+        self.answer_headers = (
+            {"X-Model-Version": str(self.identity["model_version"])} if "model_version" in self.identity else None
+        )
         self.metrics = ServerMetrics(settings.max_batch_size, model.device, allocator=run_batch is None)
         self.metrics.model_load.set(model.load_seconds if load_seconds is None else load_seconds)
         self.batcher = Batcher(
@@ -413,7 +424,7 @@ class ServingApp:
         return Completions(
             loop,
             self.metrics.generation,
-            name=model.card.name,
+            name=self.name,
             encode=model.tokenizer.encode,
             context=slots.context,
             max_prompts=settings.max_batch_size,
@@ -565,12 +576,11 @@ class ServingApp:
 
     async def _answer(self, instances: list[np.ndarray], receive: Receive) -> Response:
         """The response for checked instances: from the cache where it has them, else through the batcher."""
-        card = self.model.card
         if self.cache is None:
             outputs = await self._batched(instances, receive)
             if isinstance(outputs, Response):
                 return outputs
-            return _Json({"outputs": outputs, "model": card.name, "version": card.version})
+            return _Json({"outputs": outputs, **self.identity}, headers=self.answer_headers)
         keys = [self.cache.key(instance) for instance in instances]
         found = [self.cache.get(key) for key in keys]
         missing = [i for i, output in enumerate(found) if output is None]
@@ -583,7 +593,7 @@ class ServingApp:
             for i, output in zip(missing, computed, strict=True):
                 found[i] = output
                 self.cache.put(keys[i], output)
-        return _Json({"outputs": found, "model": card.name, "version": card.version})
+        return _Json({"outputs": found, **self.identity}, headers=self.answer_headers)
 
     async def _batched(self, instances: list[np.ndarray], receive: Receive) -> list[Any] | Response:
         """The outputs for `instances` from the batcher, or the response that says why there are none."""

@@ -157,7 +157,7 @@ class ManifestChecks:
 
     def problem(self, final: Path) -> str | None:
         """None if `final` matches its manifest, else what does not."""
-        state = _file_state(final)
+        state = file_state(final)
         known = self._said.get(final)
         if known is not None and known[0] == state:
             return known[1]
@@ -209,7 +209,8 @@ def _version(version: int, path: Path, checks: ManifestChecks) -> VersionFolder:
     return VersionFolder(version, path, final)
 
 
-def _file_state(folder: Path) -> tuple[tuple[str, int, int], ...]:
+def file_state(folder: Path) -> tuple[tuple[str, int, int], ...]:
+    """The names, sizes and modification times of `folder`'s entries (empty if it cannot be read)."""
     try:
         entries = sorted(folder.iterdir())
         return tuple((entry.name, entry.stat().st_size, entry.stat().st_mtime_ns) for entry in entries)

@@ -114,6 +114,32 @@ def serve(path: str | Path, settings: ServeSettings) -> bool:
         worker.close()  # after the drain: every admitted request has its answer
 
 
+def serve_repository(settings: ServeSettings) -> bool:
+    """Serve every model of the repository `settings.repository` until stopped (`serve.hosting`); False if the
+    server never started."""
+    from scaleforge.serve.hosting import Hosting
+
+    assert settings.repository is not None
+    check_tls(settings.tls_cert, settings.tls_key)
+    check_address(settings.host, settings.port)
+    root = Path(settings.repository)
+    if not root.is_dir():
+        raise UsageError(f"--repository {root}: not a folder")
+    for option, value in (("--backend onnxruntime", settings.backend == "onnxruntime"), ("--onnx", settings.onnx)):
+        if value:
+            raise UsageError(f"{option} applies to one run; a repository's models are served with --backend torch")
+    if settings.model_process:
+        raise UsageError("--model-process applies to one run; a repository's models run beside the server")
+    device = select_device_option(settings.device)
+    trust = Trust(settings.trust_code, settings.signing_key_env)
+    hosting = Hosting(root, settings, device, trust, default_model=settings.default_model, poll_s=settings.poll_s)
+    gate = hosting.gate()
+    config = _config(gate, settings)
+    banner = f"serving the model repository {root} on {device}"
+    banner += f" (scanned every {settings.poll_s:g} s)" if settings.poll_s else " (scanned on POST /v1/admin/reload)"
+    return _run(DrainingServer(config, gate, banner, settings.drain_grace_s))
+
+
 def _run(server: DrainingServer) -> bool:
     """Serve until stopped, what loading made frozen out of the garbage collector (`freeze_garbage`); whether
     the server started."""
@@ -131,20 +157,7 @@ def _server(
     timed_batches: list[tuple[int, float]],
 ) -> DrainingServer:
     gate = create_app(model, settings, run_batch=worker, load_seconds=load_seconds, timed_batches=timed_batches)
-    config = uvicorn.Config(
-        gate,
-        host=settings.host,
-        port=settings.port,
-        log_level="warning",
-        access_log=False,
-        lifespan="on",
-        timeout_graceful_shutdown=max(30.0, 2 * settings.timeout_ms / 1000),
-        # requests being read or answered, beyond the queue and a batch: more get 503 from uvicorn, so memory
-        # stays bounded (each holds at most its endpoint's body limit) whatever the load
-        limit_concurrency=settings.max_queue + 2 * settings.max_batch_size + 64,
-        ssl_certfile=settings.tls_cert,
-        ssl_keyfile=settings.tls_key,
-    )
+    config = _config(gate, settings)
     card = model.card
     banner = (
         f"serving {card.name} ({card.task}, version {card.version}) on {model.device}, {threads} {settings.backend} "
@@ -158,6 +171,23 @@ def _server(
         banner += f" | completions: {settings.max_batch_size} slots, <= {settings.max_step_tokens} tokens a step"
         banner += ", static batching" if settings.batching == "static" else ""
     return DrainingServer(config, gate, banner, settings.drain_grace_s)
+
+
+def _config(gate: Gate, settings: ServeSettings) -> uvicorn.Config:
+    return uvicorn.Config(
+        gate,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=max(30.0, 2 * settings.timeout_ms / 1000),
+        # requests being read or answered, beyond the queue and a batch: more get 503 from uvicorn, so memory
+        # stays bounded (each holds at most its endpoint's body limit) whatever the load
+        limit_concurrency=settings.max_queue + 2 * settings.max_batch_size + 64,
+        ssl_certfile=settings.tls_cert,
+        ssl_keyfile=settings.tls_key,
+    )
 
 
 def check_address(host: str, port: int) -> None:

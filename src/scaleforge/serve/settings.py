@@ -118,6 +118,29 @@ class ServeSettings:
             "metavar": "VAR",
         },
     )
+    repository: str | None = field(
+        default=None,
+        metadata={
+            "help": "serve every model of this model repository, DIR/<name>/<version>/ (instead of RUN_DIR), each "
+            "version a run directory or its final/; DIR/<name>/serving.yaml sets its versions, traffic and batching",
+            "metavar": "DIR",
+        },
+    )
+    default_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "with --repository: the model /v1/predict serves (default: the first by name)",
+            "metavar": "NAME",
+        },
+    )
+    poll_s: float = field(
+        default=2.0,
+        metadata={
+            "range": "non-negative",
+            "help": "with --repository: scan it for new, changed and removed versions this often (0: only on "
+            "POST /v1/admin/reload)",
+        },
+    )
     tls_cert: str | None = field(
         default=None, metadata={"help": "serve HTTPS with this PEM certificate (with --tls-key)", "metavar": "FILE"}
     )

@@ -1,0 +1,469 @@
+"""`scaleforge serve --repository DIR`: every model of a model repository (`serve.repository`) in one server.
+
+Each version served is a `ServingApp` of its own, with its own batcher, queue bounds, result cache, completions
+engine and metrics, and the model's `serving.yaml` batching over the server's options. A version is loaded on a
+thread beside the event loop and warmed (`ServedModel.prepare`) before it takes traffic; one that fails to load
+is `failed`, with its error in `GET /v1/models`, and the others serve on. A version's states:
+
+- `pending`: its folder is not complete yet (still being copied, or its files do not match its manifest);
+- `loading`, then `ready` (taking traffic) or `failed`;
+- `draining`: no longer served (its folder was removed, or the policy dropped it): it takes no new request,
+  answers those it has, then is unloaded.
+
+Routes: `POST /v1/models/{name}/predict` (a version drawn by the model's traffic weights, or kept by its sticky
+header), `POST /v1/models/{name}/versions/{version}/predict` (pinned), the same for `/predict/image` and
+`/completions`; `POST /v1/completions` picks the model by the body's `model`; `POST /v1/predict` and
+`/v1/predict/image` serve the default model (`--default-model`, else the first by name). Every answer names the
+model, the repository version (`model_version`) and the weights' digest (`digest`), the version in the
+`X-Model-Version` header too. `GET /v1/models` lists every model with its versions, their states and weights.
+
+The repository is scanned again every `--poll-s` seconds and on `POST /v1/admin/reload` (behind the API key;
+403 when the server has none): versions that appear are loaded, removed ones drained, and a changed
+`serving.yaml` takes effect (a bad one keeps the model's last good settings, its problem shown in `/v1/models`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import orjson
+import torch
+from fastapi import FastAPI, File, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from scaleforge.runs import Trust
+from scaleforge.serve.app import (
+    BodyLimit,
+    Gate,
+    ServerMetrics,
+    ServingApp,
+    _error,
+    _Json,
+)
+from scaleforge.serve.completions import openai_error
+from scaleforge.serve.model import MAX_IMAGE_BYTES, ServedModel
+from scaleforge.serve.repository import (
+    ManifestChecks,
+    ModelFolder,
+    ServingConfig,
+    choose_version,
+    file_state,
+    scan,
+    weights_of,
+)
+from scaleforge.serve.settings import ServeSettings
+
+VersionState = Literal["pending", "loading", "ready", "failed", "draining"]
+DEFAULT_BODY_MB = 64.0  # every endpoint's body limit without --max-body-mb: the models differ in their inputs
+DRAIN_POLL_S = 0.01
+
+
+@dataclass(eq=False)
+class Hosted:
+    """One version of a model as this server holds it."""
+
+    model: str
+    version: int
+    path: Path
+    state: VersionState
+    error: str | None = None  # failed: why; pending: what is missing
+    app: ServingApp | None = None  # ready or draining
+    digest: str | None = None
+    in_flight: int = 0  # requests routed to it and not yet answered
+    files: Any = None  # the state of its final/ files when it was loaded (or failed): loaded again if they change
+    _lifespan: contextlib.AsyncExitStack | None = field(default=None, repr=False)
+
+
+class Hosting:
+    """A model repository at `root`, served with `settings` on `device` (see the module)."""
+
+    def __init__(
+        self,
+        root: Path,
+        settings: ServeSettings,
+        device: torch.device,
+        trust: Trust,
+        *,
+        default_model: str | None = None,
+        poll_s: float = 2.0,
+    ) -> None:
+        self.root, self.settings, self.device, self.trust = root, settings, device, trust
+        self.default_model, self.poll_s = default_model, poll_s
+        self.metrics = ServerMetrics(settings.max_batch_size, device)
+        self.metrics.registry.register(_VersionMetrics(self))
+        self.models: dict[str, ModelFolder] = {}  # as last scanned
+        self.serving: dict[str, ServingConfig] = {}  # each model's last good serving.yaml
+        self.hosted: dict[tuple[str, int], Hosted] = {}
+        self._checks = ManifestChecks()
+        self._refreshing = asyncio.Lock()
+        self._load_lock = threading.Lock()
+        self._loads: set[asyncio.Task[None]] = set()
+        self.api = self._build_api()
+
+    def gate(self) -> Gate:
+        """The application behind its `Gate`: the API key, body limits and request metrics."""
+        megabytes = self.settings.max_body_mb or DEFAULT_BODY_MB
+        source = f"--max-body-mb {megabytes:g}" if self.settings.max_body_mb else f"{megabytes:g} MiB by default"
+        limit = BodyLimit(int(megabytes * 2**20), f"{source} for a repository's models")
+        image = BodyLimit(max(limit.max_bytes, MAX_IMAGE_BYTES), limit.source)
+        return Gate(
+            self.api,
+            self.metrics,
+            body_limit=limit,
+            image_body_limit=image,
+            api_key=self.settings.api_key,
+            predict_fast=None,
+        )
+
+    # ---- the repository ------------------------------------------------------------------------------------
+
+    async def refresh(self) -> dict[str, Any]:
+        """Scan the repository and act on what changed: load new versions, drain those no longer served; what it
+        started, as `POST /v1/admin/reload` answers."""
+        async with self._refreshing:
+            models = await asyncio.to_thread(scan, self.root, self._checks)
+            started, draining = [], []
+            for name, folder in models.items():
+                if folder.serving is not None:
+                    self.serving[name] = folder.serving
+            self.models = models
+            wanted: set[tuple[str, int]] = set()
+            for name, folder in models.items():
+                served = folder.served if folder.serving is not None else _last_served(self, name)
+                for version in served:
+                    found = folder.versions.get(version)
+                    if found is None:
+                        continue
+                    wanted.add((name, version))
+                    hosted = self.hosted.get((name, version))
+                    if found.final is None:
+                        if hosted is None or hosted.state == "pending":
+                            self.hosted[name, version] = Hosted(name, version, found.path, "pending", found.pending)
+                        continue  # a loaded version whose folder is being replaced serves on until it is complete
+                    files = file_state(found.final)
+                    if (
+                        hosted is None
+                        or hosted.state == "pending"
+                        or (hosted.state == "failed" and hosted.files != files)
+                    ):
+                        hosted = self.hosted[name, version] = Hosted(name, version, found.final, "loading", files=files)
+                        self._start(self._load(hosted, self._settings_of(name)))
+                        started.append(f"{name}/{version}")
+            for key, hosted in list(self.hosted.items()):
+                if key not in wanted and hosted.state != "draining":
+                    draining.append(f"{hosted.model}/{hosted.version}")
+                    self._start(self._unload(hosted))
+            return {"loading": started, "draining": draining}
+
+    def _loaded(self, final: Path, settings: ServeSettings) -> ServedModel:
+        """A version's model, loaded and warmed, on a thread: one at a time (imports that two threads start at once
+        see each other's modules half made; and warming times the model, which another load would disturb)."""
+        with self._load_lock:
+            model = ServedModel(final, self.device, trust=self.trust)
+            model.prepare(settings.threads, settings.max_batch_size, time_batches=settings.latency_target_ms > 0)
+            return model
+
+    def _settings_of(self, name: str) -> ServeSettings:
+        serving = self.serving.get(name)
+        return dataclasses.replace(self.settings, **serving.batching.given()) if serving else self.settings
+
+    def _start(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._loads.add(task)
+        task.add_done_callback(self._loads.discard)
+
+    async def settled(self) -> None:
+        """Return once every load and drain started so far has ended."""
+        while self._loads:
+            await asyncio.gather(*list(self._loads), return_exceptions=True)
+
+    async def _load(self, hosted: Hosted, settings: ServeSettings) -> None:
+        """Load `hosted` on a thread, warm it, start its batcher; `failed` with the error if any step fails."""
+        try:
+            model = await asyncio.to_thread(self._loaded, hosted.path, settings)
+            identity = {"model": hosted.model, "model_version": hosted.version, "digest": model.card.version}
+            app = ServingApp(model, settings, None, model.load_seconds, identity=identity, name=hosted.model)
+            stack = contextlib.AsyncExitStack()
+            await stack.enter_async_context(app.lifespan(app.api))
+        except Exception as error:  # noqa: BLE001 - one model's failure leaves the others serving
+            hosted.state, hosted.error = "failed", f"{type(error).__name__}: {error}".splitlines()[0]
+            return
+        if self.hosted.get((hosted.model, hosted.version)) is not hosted:  # dropped while it loaded
+            await stack.aclose()
+            return
+        hosted.app, hosted.digest, hosted._lifespan, hosted.state = app, model.card.version, stack, "ready"
+
+    async def _unload(self, hosted: Hosted) -> None:
+        """Stop routing to `hosted`, let the requests it has end, then close it."""
+        hosted.state = "draining"
+        deadline = time.monotonic() + max(30.0, 2 * self.settings.timeout_ms / 1000)
+        while hosted.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        if hosted._lifespan is not None:
+            await hosted._lifespan.aclose()
+        if self.hosted.get((hosted.model, hosted.version)) is hosted:
+            del self.hosted[hosted.model, hosted.version]
+
+    async def close(self) -> None:
+        """Answer what every version admitted, then close them all."""
+        await self.settled()
+        await asyncio.gather(*(self._unload(hosted) for hosted in list(self.hosted.values())))
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            with contextlib.suppress(Exception):  # a scan that fails (a folder vanishing mid-read) is tried again
+                await self.refresh()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, api: FastAPI) -> AsyncIterator[None]:
+        """The first scan and its loads before the server is ready; the watch while it serves; a drain at the end."""
+        await self.refresh()
+        await self.settled()
+        watch = asyncio.get_running_loop().create_task(self._watch()) if self.poll_s > 0 else None
+        api.state.ready = True
+        yield
+        api.state.ready = False
+        if watch is not None:
+            watch.cancel()
+        await self.close()
+
+    # ---- routing -------------------------------------------------------------------------------------------
+
+    def ready_versions(self, name: str) -> list[int]:
+        return sorted(h.version for h in self.hosted.values() if h.model == name and h.state == "ready")
+
+    def route(self, name: str, version: int | None, request: Request, *, openai: bool = False) -> Hosted | Response:
+        """The ready version of model `name` a request goes to (`version` when pinned), or the refusal."""
+        folder = self.models.get(name)
+        if folder is None:
+            return self._refused(404, f"no model {name!r} in the repository (GET /v1/models lists them)", openai)
+        if version is not None:
+            hosted = self.hosted.get((name, version))
+            if hosted is None:
+                return self._refused(404, f"{name} has no version {version} served", openai)
+            if hosted.state != "ready":
+                why = f": {hosted.error}" if hosted.error else ""
+                return self._refused(503, f"{name} version {version} is {hosted.state}{why}", openai, retry=True)
+            return hosted
+        serving = self.serving.get(name, ServingConfig())
+        weights = weights_of(serving, self.ready_versions(name))
+        if not weights:
+            states = {f"{h.version}": h.state for h in self.hosted.values() if h.model == name}
+            return self._refused(503, f"no version of {name} is ready ({states or 'none served'})", openai, retry=True)
+        sticky = request.headers.get(serving.sticky_header) if serving.sticky_header else None
+        return self.hosted[name, choose_version(weights, sticky, salt=name)]
+
+    def _refused(self, status: int, detail: str, openai: bool, *, retry: bool = False) -> Response:
+        headers = {"Retry-After": "1"} if retry else None
+        reason = "invalid" if status < 500 else "shutting_down"
+        return self.metrics.refuse(reason, status, detail, headers, openai=openai)
+
+    @contextlib.contextmanager
+    def _serving(self, hosted: Hosted) -> Iterator[ServingApp]:
+        hosted.in_flight += 1
+        try:
+            assert hosted.app is not None
+            yield hosted.app
+        finally:
+            hosted.in_flight -= 1
+
+    def _default(self) -> str | None:
+        if self.default_model is not None:
+            return self.default_model
+        return next(iter(self.models), None)
+
+    # ---- the routes ----------------------------------------------------------------------------------------
+
+    def _build_api(self) -> FastAPI:
+        api = FastAPI(title="scaleforge", summary=f"the models of {self.root}", lifespan=self.lifespan)
+        api.state.ready = False
+        api.state.draining = False
+        api.add_exception_handler(StarletteHTTPException, self._http_error)  # type: ignore[arg-type]
+        api.add_exception_handler(RequestValidationError, self._invalid_request)  # type: ignore[arg-type]
+        route = api.add_api_route
+        route("/v1/models", self.list_models, methods=["GET"])
+        route("/v1/models/{name}/predict", self.predict, methods=["POST"])
+        route("/v1/models/{name}/versions/{version}/predict", self.predict, methods=["POST"])
+        route("/v1/models/{name}/predict/image", self.predict_image, methods=["POST"])
+        route("/v1/models/{name}/versions/{version}/predict/image", self.predict_image, methods=["POST"])
+        route("/v1/models/{name}/completions", self.complete, methods=["POST"])
+        route("/v1/models/{name}/versions/{version}/completions", self.complete, methods=["POST"])
+        route("/v1/predict", self.predict_default, methods=["POST"])
+        route("/v1/predict/image", self.predict_image_default, methods=["POST"])
+        route("/v1/completions", self.complete_by_body, methods=["POST"])
+        route("/v1/admin/reload", self.reload, methods=["POST"])
+        route("/health/live", self.live, methods=["GET"])
+        route("/health/ready", self.ready, methods=["GET"])
+        route("/metrics", self.prometheus, methods=["GET"])
+        return api
+
+    async def _http_error(self, request: Request, error: StarletteHTTPException) -> Response:
+        return _error(error.status_code, str(error.detail), getattr(error, "headers", None))
+
+    async def _invalid_request(self, request: Request, error: RequestValidationError) -> Response:
+        problems = [f"{'.'.join(str(part) for part in e['loc'])}: {e['msg']}" for e in error.errors()]
+        return self.metrics.refuse("invalid", 422, "; ".join(problems))
+
+    async def predict(self, request: Request, name: str, version: int | None = None) -> Response:
+        """Outputs for a list of instances from model `name` (a version drawn by its traffic, or `version`)."""
+        hosted = self.route(name, version, request)
+        if isinstance(hosted, Response):
+            return hosted
+        body = await request.body()
+        with self._serving(hosted) as app:
+            return await app.answer_predict(body, request.receive)
+
+    async def predict_default(self, request: Request) -> Response:
+        """`/v1/predict`: the default model's."""
+        name = self._default()
+        if name is None:
+            return _error(404, f"the repository {self.root} holds no model yet")
+        return await self.predict(request, name)
+
+    async def predict_image(
+        self,
+        request: Request,
+        name: str,
+        file: Annotated[UploadFile, File(description="an image file (PNG, JPEG, ...)")],
+        version: int | None = None,
+    ) -> Response:
+        """The output for one uploaded image from model `name`."""
+        hosted = self.route(name, version, request)
+        if isinstance(hosted, Response):
+            return hosted
+        with self._serving(hosted) as app:
+            if app.model.info.image is None:
+                return self.metrics.refuse("invalid", 422, f"{name} does not take images: it answers /predict")
+            return await app.predict_image(request, file)
+
+    async def predict_image_default(
+        self, request: Request, file: Annotated[UploadFile, File(description="an image file (PNG, JPEG, ...)")]
+    ) -> Response:
+        name = self._default()
+        if name is None:
+            return _error(404, f"the repository {self.root} holds no model yet")
+        return await self.predict_image(request, name, file)
+
+    async def complete(self, request: Request, name: str, version: int | None = None) -> Response:
+        """OpenAI's completions from model `name` (the body's `model` must name it)."""
+        hosted = self.route(name, version, request, openai=True)
+        if isinstance(hosted, Response):
+            return hosted
+        with self._serving(hosted) as app:
+            if app.completions is None:
+                return await app._no_completions(request)
+            return await app.completions.complete(request)
+
+    async def complete_by_body(self, request: Request) -> Response:
+        """`/v1/completions`: the model the body's `model` names."""
+        try:
+            body = orjson.loads(await request.body())
+        except orjson.JSONDecodeError as error:
+            return openai_error(400, f"the body is not valid JSON ({error})", None, "invalid_json")
+        name = body.get("model") if isinstance(body, dict) else None
+        if not isinstance(name, str):
+            return openai_error(400, "model: give the name of a model of GET /v1/models", "model", "invalid_value")
+        return await self.complete(request, name)
+
+    async def list_models(self) -> dict[str, Any]:
+        """Every model in OpenAI's list shape, each with its versions (state, weight, digest, error), its traffic
+        and sticky header, and, where its serving.yaml cannot be read, the problem."""
+        data = []
+        for name, folder in self.models.items():
+            serving = self.serving.get(name, ServingConfig())
+            weights = weights_of(serving, self.ready_versions(name))
+            total = sum(weights.values()) or 1.0
+            versions = []
+            for version, found in folder.versions.items():
+                hosted = self.hosted.get((name, version))
+                entry: dict[str, Any] = {"version": version, "state": hosted.state if hosted else "not served"}
+                if hosted is not None and hosted.error:
+                    entry["error"] = hosted.error
+                elif found.pending and hosted is not None:
+                    entry["error"] = found.pending
+                if hosted is not None and hosted.app is not None:
+                    card = hosted.app.model.card
+                    entry |= {"digest": card.version, "task": card.task, "input_schema": card.input_schema}
+                entry["traffic"] = weights.get(version, 0.0) / total
+                entry["shadow"] = serving.shadow == version
+                versions.append(entry)
+            model = {
+                "id": name,
+                "object": "model",
+                "created": int(folder.path.stat().st_mtime),
+                "owned_by": "scaleforge",
+            }
+            model |= {"default": name == self._default(), "versions": versions, "sticky_header": serving.sticky_header}
+            if folder.problem is not None:
+                model["problem"] = folder.problem
+            data.append(model)
+        return {"object": "list", "data": data}
+
+    async def reload(self) -> Response:
+        """Scan the repository now (the API key is required: without one configured, admin routes are refused)."""
+        if self.settings.api_key is None:
+            return _error(403, "admin routes need the server to have an API key (--api-key-env)")
+        started = await self.refresh()
+        return _Json(started)
+
+    async def live(self) -> Response:
+        for hosted in self.hosted.values():
+            app = hosted.app
+            if app is not None and app.batcher.hung:
+                return _error(503, f"{hosted.model} version {hosted.version}: {app.batcher.hung_message()}")
+        return _Json({"status": "live"})
+
+    async def ready(self) -> Response:
+        state = self.api.state
+        if state.ready and not state.draining:
+            return _Json({"status": "ready"})
+        return _error(503, "draining" if state.draining else "loading")
+
+    async def prometheus(self) -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _last_served(hosting: Hosting, name: str) -> list[int]:
+    """The versions of `name` served now (its serving.yaml became unreadable: it keeps what it had)."""
+    return sorted(h.version for h in hosting.hosted.values() if h.model == name and h.state != "draining")
+
+
+class _VersionMetrics(Collector):
+    """Every served version's metrics, each sample labelled with its model and version, merged by family and named
+    `scaleforge_version_...` (`scaleforge_version_inference_seconds{model="digits",model_version="2"}`), apart
+    from the server's own `scaleforge_...` metrics of every request."""
+
+    def __init__(self, hosting: Hosting) -> None:
+        self.hosting = hosting
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        for hosted in list(self.hosting.hosted.values()):
+            if hosted.app is None:
+                continue
+            labels = {"model": hosted.model, "model_version": str(hosted.version)}
+            for family in hosted.app.metrics.registry.collect():
+                if family.name.startswith("process_"):
+                    continue  # one process: the server's own registry has them
+                merged = families.get(family.name)
+                if merged is None:
+                    name = family.name.replace("scaleforge_", "scaleforge_version_", 1)
+                    merged = families[family.name] = Metric(name, family.documentation, family.type, family.unit)
+                for sample in family.samples:
+                    renamed = merged.name + sample.name[len(family.name) :]
+                    merged.add_sample(renamed, {**sample.labels, **labels}, sample.value)
+        yield from families.values()

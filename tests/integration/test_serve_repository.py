@@ -1,0 +1,213 @@
+"""`scaleforge serve --repository DIR` as a user runs it: a real server process on 127.0.0.1 serving a model
+repository of several models and versions, driven over HTTP while versions are added and removed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from scaleforge import load_config
+from scaleforge.runs import write_manifest
+from scaleforge.training.trainer import train
+from tests.conftest import REPO, until
+from tests.integration.test_serve import metric
+
+pytestmark = pytest.mark.timeout(300)
+
+QUICK = ["logging.progress=none", "logging.tensorboard=false", "logging.plot=false", "checkpoint.every_steps=0"]
+IMAGE = [[[0.5] * 8 for _ in range(8)]]  # one digits instance, (1, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two digits runs of different weights, a small gpt on text, each trained for a few steps."""
+    folder = tmp_path_factory.mktemp("runs")
+    for name, seed in (("digits-a", 0), ("digits-b", 1)):
+        train(load_config(None, [*QUICK, "training.max_steps=20", f"seed={seed}"]), folder / name)
+    (folder / "corpus.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 200)
+    gpt = ["model.architecture=gpt", "model.n_layers=1", "model.d_model=32", "model.n_heads=2"]
+    text = ["data.dataset=text", f"data.path={folder / 'corpus.txt'}", "data.seq_len=32", "training.batch_size=16"]
+    train(load_config(None, [*QUICK, *gpt, *text, "training.max_steps=10"]), folder / "gpt")
+    return {"a": folder / "digits-a", "b": folder / "digits-b", "gpt": folder / "gpt"}
+
+
+@pytest.fixture
+def repository(tmp_path: Path, runs: dict[str, Path]) -> Path:
+    """digits (versions 1 and 2, a 50/50 split sticky by X-User), gpt (1), broken (1: its weights unreadable,
+    its manifest matching them) and copying (1: no manifest yet)."""
+    root = tmp_path / "models"
+    shutil.copytree(runs["a"], root / "digits" / "1")
+    shutil.copytree(runs["b"] / "final", root / "digits" / "2")  # a version may be a run's final/ itself
+    (root / "digits" / "serving.yaml").write_text("traffic: {1: 50, 2: 50}\nsticky_header: X-User\n")
+    shutil.copytree(runs["gpt"], root / "gpt" / "1")
+    broken = root / "broken" / "1" / "final"
+    shutil.copytree(runs["a"] / "final", broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    write_manifest(broken)
+    copying = root / "copying" / "1" / "final"
+    shutil.copytree(runs["a"] / "final", copying)
+    (copying / "manifest.json").unlink()
+    return root
+
+
+@pytest.fixture
+def served(repository: Path) -> Iterator[str]:
+    with repository_server(repository, "--default-model", "digits", "--poll-s", "0.2") as url:
+        yield url
+
+
+class repository_server:
+    """`scaleforge serve --repository ROOT --port 0 FLAGS` in a process of its own; its base URL."""
+
+    def __init__(self, root: Path, *flags: str) -> None:
+        self.command = [sys.executable, "-m", "scaleforge", "serve", "--repository", str(root), "--port", "0", *flags]
+
+    def __enter__(self) -> str:
+        environment = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.process = subprocess.Popen(
+            self.command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        assert self.process.stdout is not None
+        banner = self.process.stdout.readline()
+        found = re.search(r"(https?)://127\.0\.0\.1:(\d+)", banner)
+        assert found, banner + self.process.stdout.read()
+        return f"{found.group(1)}://127.0.0.1:{found.group(2)}"
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=60)
+
+
+def versions_of(listing: dict, model: str) -> dict[int, dict]:
+    entry = next(entry for entry in listing["data"] if entry["id"] == model)
+    return {version["version"]: version for version in entry["versions"]}
+
+
+def test_every_model_and_version_is_listed_with_its_state_and_answered_on_its_routes(served: str) -> None:
+    with httpx.Client(base_url=served, timeout=30) as client:
+        listing = client.get("/v1/models").json()
+        assert listing["object"] == "list"
+        assert [entry["id"] for entry in listing["data"]] == ["broken", "copying", "digits", "gpt"]
+        digits = versions_of(listing, "digits")
+        assert {v: (e["state"], e["traffic"]) for v, e in digits.items()} == {1: ("ready", 0.5), 2: ("ready", 0.5)}, (
+            digits
+        )
+        assert digits[1]["digest"] != digits[2]["digest"] and digits[1]["task"] == "classification"
+        broken = versions_of(listing, "broken")[1]
+        assert broken["state"] == "failed" and broken["error"]
+        copying = versions_of(listing, "copying")[1]
+        assert copying["state"] == "pending" and "manifest.json" in copying["error"]
+
+        pinned = client.post("/v1/models/digits/versions/2/predict", json={"inputs": [IMAGE]})
+        assert pinned.status_code == 200 and pinned.headers["X-Model-Version"] == "2"
+        answer = pinned.json()
+        assert (answer["model"], answer["model_version"], answer["digest"]) == ("digits", 2, digits[2]["digest"])
+        assert len(answer["outputs"]) == 1
+        default = client.post("/v1/predict", json={"inputs": [IMAGE]})
+        assert default.status_code == 200 and default.json()["model"] == "digits"
+
+        assert client.post("/v1/models/broken/predict", json={"inputs": [IMAGE]}).status_code == 503
+        assert client.post("/v1/models/copying/versions/1/predict", json={"inputs": [IMAGE]}).status_code == 503
+        missing = client.post("/v1/models/nope/predict", json={"inputs": [IMAGE]})
+        assert missing.status_code == 404 and "no model 'nope'" in missing.json()["detail"]
+        assert client.post("/v1/models/digits/versions/7/predict", json={"inputs": [IMAGE]}).status_code == 404
+
+        body = {"model": "gpt", "prompt": "the quick", "max_tokens": 5, "temperature": 0}
+        completion = client.post("/v1/completions", json=body)
+        assert completion.status_code == 200 and completion.json()["model"] == "gpt"
+        pinned_completion = client.post("/v1/models/gpt/versions/1/completions", json=body)
+        assert pinned_completion.json()["choices"][0]["text"] == completion.json()["choices"][0]["text"]
+        unknown = client.post("/v1/completions", json={**body, "model": "nope"})
+        assert unknown.status_code == 404 and unknown.json()["error"]["message"]
+        assert client.post("/v1/admin/reload").status_code == 403  # no API key: no admin routes
+
+        text = client.get("/metrics").text
+    assert metric(text, "scaleforge_version_inference_seconds_count", model="digits", model_version="2") >= 1
+
+
+def test_the_split_follows_its_weights_and_a_sticky_header_keeps_one_version(served: str) -> None:
+    with httpx.Client(base_url=served, timeout=30) as client:
+        drawn = Counter(
+            client.post("/v1/models/digits/predict", json={"inputs": [IMAGE]}).json()["model_version"]
+            for _ in range(300)
+        )
+        sticky = {
+            user: {
+                client.post("/v1/models/digits/predict", json={"inputs": [IMAGE]}, headers={"X-User": user}).json()[
+                    "model_version"
+                ]
+                for _ in range(5)
+            }
+            for user in (f"user-{index}" for index in range(40))
+        }
+    assert abs(drawn[1] / 300 - 0.5) < 4 * (0.25 / 300) ** 0.5, drawn  # four standard deviations
+    assert all(len(versions) == 1 for versions in sticky.values())  # each user keeps one version
+    assert {next(iter(versions)) for versions in sticky.values()} == {1, 2}  # and users are split
+
+
+def test_versions_added_and_removed_under_load_fail_no_request(served: str, repository: Path, runs: dict) -> None:
+    statuses: Counter[int] = Counter()
+    versions: Counter[int] = Counter()
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(base_url=served, timeout=30) as client:
+            while not stop.is_set():
+                answer = client.post("/v1/models/digits/predict", json={"inputs": [IMAGE]})
+                statuses[answer.status_code] += 1
+                if answer.status_code == 200:
+                    versions[answer.json()["model_version"]] += 1
+
+    async def state_of(version: int) -> httpx.Response:
+        async with httpx.AsyncClient(base_url=served) as client:
+            listing = (await client.get("/v1/models")).json()
+            found = versions_of(listing, "digits").get(version, {}).get("state")
+            return httpx.Response(200 if found == "ready" else 404 if found in (None, "not served") else 503)
+
+    sender = threading.Thread(target=load)
+    sender.start()
+    try:
+        time.sleep(0.5)
+        shutil.copytree(runs["b"], repository / "digits" / "3.partial")  # copied beside, then renamed into place
+        (repository / "digits" / "3.partial").rename(repository / "digits" / "3")
+        (repository / "digits" / "serving.yaml").write_text("traffic: {2: 50, 3: 50}\n")  # 1 is no longer served
+        asyncio.run(until(lambda: state_of(3), 200))
+        asyncio.run(until(lambda: state_of(1), 404))  # drained, then unloaded
+        shutil.rmtree(repository / "digits" / "2")
+        asyncio.run(until(lambda: state_of(2), 404))
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        sender.join()
+    assert set(statuses) == {200}, statuses
+    assert versions[1] and versions[3]  # traffic moved from the old versions to the new one
+
+
+def test_bad_repository_arguments_are_one_line_and_exit_2(tmp_path: Path, runs: dict[str, Path], cli) -> None:
+    cases = [
+        ((), "give a RUN_DIR to serve one run, or --repository DIR"),
+        ((str(runs["a"]), "--repository", str(tmp_path)), "give a RUN_DIR to serve one run, or --repository DIR"),
+        (("--repository", str(tmp_path / "missing")), f"--repository {tmp_path / 'missing'}: not a folder"),
+        (("--repository", str(tmp_path), "--model-process"), "--model-process applies to one run"),
+        (("--repository", str(tmp_path), "--backend", "onnxruntime"), "--backend onnxruntime applies to one run"),
+        ((str(runs["a"]), "--default-model", "digits"), "--default-model applies to --repository"),
+        (("--repository", str(tmp_path), "--poll-s", "-1"), "--poll-s: expected a non-negative number"),
+    ]
+    for args, message in cases:
+        result = cli("serve", *args)
+        assert result.code == 2 and message in result.err, (args, result.err)
+        assert result.err.count("\n") == 1
