@@ -4,6 +4,7 @@ repository of several models and versions, driven over HTTP while versions are a
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -20,6 +21,7 @@ import httpx
 import pytest
 
 from scaleforge import load_config
+from scaleforge.data.digits import digits
 from scaleforge.runs import write_manifest
 from scaleforge.training.trainer import train
 from tests.conftest import REPO, until
@@ -41,7 +43,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     gpt = ["model.architecture=gpt", "model.n_layers=1", "model.d_model=32", "model.n_heads=2"]
     text = ["data.dataset=text", f"data.path={folder / 'corpus.txt'}", "data.seq_len=32", "training.batch_size=16"]
     train(load_config(None, [*QUICK, *gpt, *text, "training.max_steps=10"]), folder / "gpt")
-    return {"a": folder / "digits-a", "b": folder / "digits-b", "gpt": folder / "gpt"}
+    train(load_config(None, [*QUICK, "training.max_steps=2", "training.learning_rate=0.0001"]), folder / "weak")
+    train(load_config(None, [*QUICK, "training.max_steps=150"]), folder / "strong")
+    runs = {"a": folder / "digits-a", "b": folder / "digits-b", "gpt": folder / "gpt"}
+    return {**runs, "weak": folder / "weak", "strong": folder / "strong"}
 
 
 @pytest.fixture
@@ -211,3 +216,64 @@ def test_bad_repository_arguments_are_one_line_and_exit_2(tmp_path: Path, runs: 
         result = cli("serve", *args)
         assert result.code == 2 and message in result.err, (args, result.err)
         assert result.err.count("\n") == 1
+
+
+def test_labelled_feedback_makes_the_ab_report_name_the_better_version(
+    tmp_path: Path, runs: dict[str, Path], cli
+) -> None:
+    root = tmp_path / "models"
+    shutil.copytree(runs["weak"], root / "ab" / "1")
+    shutil.copytree(runs["strong"], root / "ab" / "2")
+    shutil.copytree(runs["a"], root / "ab" / "3")
+    (root / "ab" / "serving.yaml").write_text("traffic: {1: 50, 2: 50}\nshadow: 3\n")
+    images, labels = digits().val.inputs, digits().val.targets
+    reports = []
+    answered: Counter[int] = Counter()
+    log = tmp_path / "feedback.jsonl"
+    with (
+        repository_server(root, "--poll-s", "0", "--feedback-log", str(log)) as url,
+        httpx.Client(base_url=url, timeout=30) as client,
+    ):
+        for start in range(0, 4 * 120, 4):
+            rows = [index % len(labels) for index in range(start, start + 4)]
+            answer = client.post("/v1/models/ab/predict", json={"inputs": images[rows].tolist()})
+            assert answer.status_code == 200 and answer.headers["X-Request-Id"] == answer.json()["request_id"]
+            answered[answer.json()["model_version"]] += 1
+            given = client.post(
+                "/v1/feedback", json={"request_id": answer.json()["request_id"], "label": labels[rows].tolist()}
+            )
+            assert given.status_code == 200 and given.json()["model_version"] == answer.json()["model_version"]
+            if start % 40 == 0:
+                reports.append(client.get("/v1/models/ab/ab", params={"control": 1}).json())
+        again = client.post("/v1/feedback", json={"request_id": answer.json()["request_id"], "label": [0, 0, 0, 0]})
+        unknown = client.post("/v1/feedback", json={"request_id": "nope", "label": 1})
+        wrong_count = client.post("/v1/feedback", json={"request_id": "nope", "label": [1, 2]})
+        bad_reward = client.post("/v1/feedback", json={"request_id": "x", "reward": "high"})
+        report = client.get("/v1/models/ab/ab", params={"control": 1}).json()
+        reversed_report = client.get("/v1/models/ab/ab", params={"control": 2}).json()
+        text = client.get("/metrics").text
+        from_server = cli("ab", "report", url, "--control", "1")
+    from_log = cli("ab", "report", str(log), "--control", "1", "--json")
+    assert from_server.code == 0 and "promote" in from_server.out and "ab: accuracy, control 1" in from_server.out
+    logged = {row["version"]: row for row in json.loads(from_log.out)["versions"]}
+    assert {version: row["requests"] for version, row in logged.items()} == {
+        row["version"]: row["requests"] for row in report["versions"]
+    }
+    assert logged["2"]["verdict"] == "promote"
+    assert {version: row["outcomes"] for version, row in logged.items()} == {
+        row["version"]: row["outcomes"] for row in report["versions"]
+    }
+    assert set(answered) == {1, 2}  # the shadow's answers are never returned
+    assert (again.status_code, unknown.status_code, bad_reward.status_code) == (409, 404, 422)
+    assert wrong_count.status_code == 404  # an unknown id is refused before its labels are read
+    verdicts = {row["version"]: row for row in report["versions"]}
+    assert report["control"] == "1" and verdicts["2"]["verdict"] == "promote", report["table"]
+    assert verdicts["3"]["outcomes"] > 0  # the shadow scored on the same labels, never shown
+    assert {row["version"]: row["verdict"] for row in reversed_report["versions"]}["1"] == "keep the control"
+    first = next(row for row in reports[0]["versions"] if row["version"] == "2")
+    assert first["verdict"] != "promote"  # after 1 request each, not enough data yet
+    accuracy = {
+        version: metric(text, "scaleforge_version_accuracy", model="ab", model_version=version) for version in "12"
+    }
+    assert accuracy["2"] > accuracy["1"] + 0.2
+    assert metric(text, "scaleforge_version_outcomes_total", kind="label", model="ab", model_version="3") > 0

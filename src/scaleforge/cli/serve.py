@@ -61,7 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from scaleforge.serve.server import serve_repository
 
         return 0 if serve_repository(settings) else 1
-    for option, value in (("--default-model", settings.default_model),):
+    for option, value in (("--default-model", settings.default_model), ("--feedback-log", settings.feedback_log)):
         if value is not None:
             raise UsageError(f"{option} applies to --repository")
     return 0 if serve(args.run_dir, settings) else 1

@@ -63,6 +63,8 @@ from scaleforge.serve.settings import ServeSettings
 from scaleforge.serve.worker import ModelFailed, WorkerDied
 
 Scope = MutableMapping[str, Any]
+# told a request's outputs once answered: the fields and headers to add to its answer (a request id, say)
+OnAnswer = Callable[[list[Any]], tuple[dict[str, Any], dict[str, str]]]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
@@ -517,14 +519,15 @@ class ServingApp:
         """Outputs for a list of instances, batched with other requests'."""
         return await self.answer_predict(await request.body(), request.receive)
 
-    async def answer_predict(self, body: bytes, receive: Receive) -> Response:
+    async def answer_predict(self, body: bytes, receive: Receive, on_answer: OnAnswer | None = None) -> Response:
         """The answer to a `POST /v1/predict` body (status, `detail` or outputs, headers), whichever path it came by:
         FastAPI's route, or the `Gate`'s fast path, which skips FastAPI's routing (it costs more than the rest of a
-        small model's request). `receive` is watched for the client going away while the request waits."""
+        small model's request). `receive` is watched for the client going away while the request waits;
+        `on_answer` is told the outputs of a request answered and gives fields and headers to add to its answer."""
         instances = await self._checked_instances(body)
         if isinstance(instances, Response):
             return instances
-        return await self._answer(instances, receive)
+        return await self._answer(instances, receive, on_answer)
 
     async def _checked_instances(self, body: bytes) -> list[np.ndarray] | Response:
         """`body`'s instances, checked, or the refusal: 422 for what the model cannot take, 503 for what the batcher
@@ -567,20 +570,29 @@ class ServingApp:
         self, request: Request, file: Annotated[UploadFile, File(description="an image file (PNG, JPEG, ...)")]
     ) -> Response:
         """The output for one uploaded image, preprocessed as the training images were."""
+        return await self.answer_image(request, file)
+
+    async def answer_image(self, request: Request, file: UploadFile, on_answer: OnAnswer | None = None) -> Response:
+        """`predict_image`'s answer (`on_answer` as for `answer_predict`)."""
         data = await file.read()
         try:  # decoding takes a while for large images: off the event loop
             instance = await run_in_threadpool(self.model.decode_image, data)
         except InvalidInput as error:
             return self.metrics.refuse("invalid", 422, str(error))
-        return await self._answer([instance], request.receive)
+        return await self._answer([instance], request.receive, on_answer)
 
-    async def _answer(self, instances: list[np.ndarray], receive: Receive) -> Response:
+    def _answered(self, outputs: list[Any], on_answer: OnAnswer | None) -> Response:
+        fields, headers = on_answer(outputs) if on_answer is not None else ({}, {})
+        headers = {**(self.answer_headers or {}), **headers}
+        return _Json({"outputs": outputs, **self.identity, **fields}, headers=headers or None)
+
+    async def _answer(self, instances: list[np.ndarray], receive: Receive, on_answer: OnAnswer | None) -> Response:
         """The response for checked instances: from the cache where it has them, else through the batcher."""
         if self.cache is None:
             outputs = await self._batched(instances, receive)
             if isinstance(outputs, Response):
                 return outputs
-            return _Json({"outputs": outputs, **self.identity}, headers=self.answer_headers)
+            return self._answered(outputs, on_answer)
         keys = [self.cache.key(instance) for instance in instances]
         found = [self.cache.get(key) for key in keys]
         missing = [i for i, output in enumerate(found) if output is None]
@@ -593,7 +605,7 @@ class ServingApp:
             for i, output in zip(missing, computed, strict=True):
                 found[i] = output
                 self.cache.put(keys[i], output)
-        return _Json({"outputs": found, **self.identity}, headers=self.answer_headers)
+        return self._answered(found, on_answer)
 
     async def _batched(self, instances: list[np.ndarray], receive: Receive) -> list[Any] | Response:
         """The outputs for `instances` from the batcher, or the response that says why there are none."""

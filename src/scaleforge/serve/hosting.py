@@ -40,10 +40,11 @@ from fastapi import FastAPI, File, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from scaleforge.errors import UsageError
 from scaleforge.runs import Trust
 from scaleforge.serve.app import (
     BodyLimit,
@@ -54,6 +55,7 @@ from scaleforge.serve.app import (
     _Json,
 )
 from scaleforge.serve.completions import openai_error
+from scaleforge.serve.feedback import Feedback, FeedbackError
 from scaleforge.serve.model import MAX_IMAGE_BYTES, ServedModel
 from scaleforge.serve.repository import (
     ManifestChecks,
@@ -111,6 +113,15 @@ class Hosting:
         self._refreshing = asyncio.Lock()
         self._load_lock = threading.Lock()
         self._loads: set[asyncio.Task[None]] = set()
+        self._shadows: set[asyncio.Task[Any]] = set()  # copies of requests a shadow version is answering
+        self.feedback = Feedback()
+        if settings.feedback_log is not None:
+            try:
+                self.feedback.log = Path(settings.feedback_log).open("a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+            except OSError as error:
+                raise UsageError(
+                    f"--feedback-log {settings.feedback_log}: cannot append to it ({error.strerror})"
+                ) from None
         self.api = self._build_api()
 
     def gate(self) -> Gate:
@@ -218,9 +229,13 @@ class Hosting:
             del self.hosted[hosted.model, hosted.version]
 
     async def close(self) -> None:
-        """Answer what every version admitted, then close them all."""
+        """Answer what every version admitted (and the copies a shadow has), then close them all."""
         await self.settled()
+        await asyncio.gather(*list(self._shadows), return_exceptions=True)
         await asyncio.gather(*(self._unload(hosted) for hosted in list(self.hosted.values())))
+        if self.feedback.log is not None:
+            self.feedback.log.close()
+            self.feedback.log = None
 
     async def _watch(self) -> None:
         while True:
@@ -306,6 +321,8 @@ class Hosting:
         route("/v1/predict/image", self.predict_image_default, methods=["POST"])
         route("/v1/completions", self.complete_by_body, methods=["POST"])
         route("/v1/admin/reload", self.reload, methods=["POST"])
+        route("/v1/feedback", self.take_feedback, methods=["POST"])
+        route("/v1/models/{name}/ab", self.ab, methods=["GET"])
         route("/health/live", self.live, methods=["GET"])
         route("/health/ready", self.ready, methods=["GET"])
         route("/metrics", self.prometheus, methods=["GET"])
@@ -319,13 +336,46 @@ class Hosting:
         return self.metrics.refuse("invalid", 422, "; ".join(problems))
 
     async def predict(self, request: Request, name: str, version: int | None = None) -> Response:
-        """Outputs for a list of instances from model `name` (a version drawn by its traffic, or `version`)."""
+        """Outputs for a list of instances from model `name` (a version drawn by its traffic, or `version`), with
+        the request id its outcome can be given for; a copy goes to the model's shadow version, if it has one."""
         hosted = self.route(name, version, request)
         if isinstance(hosted, Response):
             return hosted
         body = await request.body()
+        answered = self._on_answer(hosted)
         with self._serving(hosted) as app:
-            return await app.answer_predict(body, request.receive)
+            response = await app.answer_predict(body, request.receive, answered)
+        shadow = self._shadow_of(name, hosted)
+        if shadow is not None and answered.request_id is not None:
+            self._start_shadow(shadow, answered.request_id, lambda app, hook: app.answer_predict(body, _never, hook))
+        return response
+
+    def _on_answer(self, hosted: Hosted) -> _Answered:
+        assert hosted.app is not None
+        return _Answered(self.feedback, hosted.model, hosted.version, hosted.app.model.info.class_names)
+
+    def _shadow_of(self, name: str, hosted: Hosted) -> Hosted | None:
+        """The model's shadow version when it is ready and is not the one that answered."""
+        serving = self.serving.get(name)
+        if serving is None or serving.shadow is None or serving.shadow == hosted.version:
+            return None
+        shadow = self.hosted.get((name, serving.shadow))
+        return shadow if shadow is not None and shadow.state == "ready" else None
+
+    def _start_shadow(self, shadow: Hosted, request_id: str, ask: Any) -> None:
+        """Have `shadow` answer the copy of a request (`ask(app, on_answer)`), its answer recorded, never returned."""
+
+        def record(outputs: list[Any]) -> tuple[dict[str, Any], dict[str, str]]:
+            self.feedback.shadowed(request_id, shadow.version, outputs)
+            return {}, {}
+
+        async def answer() -> None:
+            with self._serving(shadow) as app:
+                await ask(app, record)
+
+        task = asyncio.get_running_loop().create_task(answer())
+        self._shadows.add(task)
+        task.add_done_callback(self._shadows.discard)
 
     async def predict_default(self, request: Request) -> Response:
         """`/v1/predict`: the default model's."""
@@ -348,7 +398,7 @@ class Hosting:
         with self._serving(hosted) as app:
             if app.model.info.image is None:
                 return self.metrics.refuse("invalid", 422, f"{name} does not take images: it answers /predict")
-            return await app.predict_image(request, file)
+            return await app.answer_image(request, file, self._on_answer(hosted))
 
     async def predict_image_default(
         self, request: Request, file: Annotated[UploadFile, File(description="an image file (PNG, JPEG, ...)")]
@@ -413,6 +463,42 @@ class Hosting:
             data.append(model)
         return {"object": "list", "data": data}
 
+    async def take_feedback(self, request: Request) -> Response:
+        """`POST /v1/feedback`: a request's outcome, `{"request_id": ..., "label": ...}` (a class index or name,
+        or one per instance) or `{"request_id": ..., "reward": ...}`, counted for the version that answered it."""
+        try:
+            body = orjson.loads(await request.body())
+        except orjson.JSONDecodeError as error:
+            return self.metrics.refuse("invalid", 422, f"the body is not valid JSON ({error})")
+        if not isinstance(body, dict) or not isinstance(body.get("request_id"), str):
+            return self.metrics.refuse("invalid", 422, "request_id: give the request_id of an answer")
+        unknown = sorted(set(body) - {"request_id", "label", "reward"})
+        if unknown:
+            return self.metrics.refuse("invalid", 422, f"{unknown[0]}: not a field of feedback (label or reward)")
+        reward = body.get("reward")
+        if reward is not None and (isinstance(reward, bool) or not isinstance(reward, int | float)):
+            return self.metrics.refuse("invalid", 422, f"reward: expected a number, got {reward!r}")
+        try:
+            answer = self.feedback.outcome(body["request_id"], body.get("label"), reward)
+        except FeedbackError as error:
+            return self.metrics.refuse("invalid", error.status, str(error))
+        return _Json({"request_id": body["request_id"], "model": answer.model, "model_version": answer.version})
+
+    async def ab(
+        self, name: str, mde: float | None = None, control: int | None = None, metric: str | None = None
+    ) -> Response:
+        """`GET /v1/models/{name}/ab`: the A/B report of the model's versions (docs/ab-testing.md)."""
+        if name not in self.models:
+            return _error(404, f"no model {name!r} in the repository (GET /v1/models lists them)")
+        if metric not in (None, "accuracy", "reward"):
+            return self.metrics.refuse("invalid", 422, f"metric: accuracy or reward, not {metric!r}")
+        try:
+            served = sorted(h.version for h in self.hosted.values() if h.model == name and h.state == "ready")
+            report = self.feedback.report(name, served, metric=metric, control=control, mde=mde)  # type: ignore[arg-type]
+        except UsageError as error:
+            return self.metrics.refuse("invalid", 422, str(error))
+        return _Json({"model": name, **report.to_dict(), "table": report.table()})
+
     async def reload(self) -> Response:
         """Scan the repository now (the API key is required: without one configured, admin routes are refused)."""
         if self.settings.api_key is None:
@@ -442,6 +528,27 @@ def _last_served(hosting: Hosting, name: str) -> list[int]:
     return sorted(h.version for h in hosting.hosted.values() if h.model == name and h.state != "draining")
 
 
+@dataclass
+class _Answered:
+    """A request's `OnAnswer` hook: records its outputs for their outcome, and adds the request id to its answer."""
+
+    feedback: Feedback
+    model: str
+    version: int
+    class_names: Any
+    request_id: str | None = None
+
+    def __call__(self, outputs: list[Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        self.request_id = self.feedback.answered(self.model, self.version, outputs, self.class_names)
+        return {"request_id": self.request_id}, {"X-Request-Id": self.request_id}
+
+
+async def _never() -> dict[str, Any]:
+    """The `receive` of a request copied to a shadow version: its client never goes away."""
+    await asyncio.Event().wait()
+    raise AssertionError("unreachable")
+
+
 class _VersionMetrics(Collector):
     """Every served version's metrics, each sample labelled with its model and version, merged by family and named
     `scaleforge_version_...` (`scaleforge_version_inference_seconds{model="digits",model_version="2"}`), apart
@@ -467,3 +574,31 @@ class _VersionMetrics(Collector):
                     renamed = merged.name + sample.name[len(family.name) :]
                     merged.add_sample(renamed, {**sample.labels, **labels}, sample.value)
         yield from families.values()
+        yield from self._outcomes()
+
+    def _outcomes(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "scaleforge_version_answered",
+            "requests answered, by model and version (a shadow's included)",
+            labels=["model", "model_version"],
+        )
+        outcomes = CounterMetricFamily(
+            "scaleforge_version_outcomes", "outcomes received by kind", labels=["model", "model_version", "kind"]
+        )
+        accuracy = GaugeMetricFamily(
+            "scaleforge_version_accuracy", "online accuracy from the labels received", labels=["model", "model_version"]
+        )
+        reward = GaugeMetricFamily(
+            "scaleforge_version_mean_reward", "mean of the rewards received", labels=["model", "model_version"]
+        )
+        for model in list(self.hosting.models):
+            for version, sums in self.hosting.feedback.outcomes(model).items():
+                labels = [model, str(version)]
+                requests.add_metric(labels, sums.requests)
+                outcomes.add_metric([*labels, "label"], sums.labelled)
+                outcomes.add_metric([*labels, "reward"], sums.rewarded)
+                if sums.labelled:
+                    accuracy.add_metric(labels, sums.correct / sums.labelled)
+                if sums.rewarded:
+                    reward.add_metric(labels, sums.reward_mean)
+        yield from (requests, outcomes, accuracy, reward)

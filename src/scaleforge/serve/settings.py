@@ -141,6 +141,14 @@ class ServeSettings:
             "POST /v1/admin/reload)",
         },
     )
+    feedback_log: str | None = field(
+        default=None,
+        metadata={
+            "help": "with --repository: append every request answered and every outcome given (POST /v1/feedback) "
+            "to this file as JSON lines, for `scaleforge ab report FILE`",
+            "metavar": "FILE",
+        },
+    )
     tls_cert: str | None = field(
         default=None, metadata={"help": "serve HTTPS with this PEM certificate (with --tls-key)", "metavar": "FILE"}
     )
