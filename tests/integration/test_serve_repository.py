@@ -211,6 +211,7 @@ def test_bad_repository_arguments_are_one_line_and_exit_2(tmp_path: Path, runs: 
         (("--repository", str(tmp_path), "--backend", "onnxruntime"), "--backend onnxruntime applies to one run"),
         ((str(runs["a"]), "--default-model", "digits"), "--default-model applies to --repository"),
         (("--repository", str(tmp_path), "--poll-s", "-1"), "--poll-s: expected a non-negative number"),
+        (("--repository", str(tmp_path), "--default-model", "nope"), "--default-model nope: "),
     ]
     for args, message in cases:
         result = cli("serve", *args)
@@ -277,3 +278,68 @@ def test_labelled_feedback_makes_the_ab_report_name_the_better_version(
     }
     assert accuracy["2"] > accuracy["1"] + 0.2
     assert metric(text, "scaleforge_version_outcomes_total", kind="label", model="ab", model_version="3") > 0
+
+
+def test_a_newer_version_takes_over_only_once_it_is_ready_and_a_failing_one_never(
+    tmp_path: Path, runs: dict[str, Path]
+) -> None:
+    root = tmp_path / "models"
+    shutil.copytree(runs["a"], root / "digits" / "1")  # no serving.yaml: the newest complete version is served
+    statuses: Counter[int] = Counter()
+    versions: Counter[int] = Counter()
+    stop = threading.Event()
+
+    def load(url: str) -> None:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            while not stop.is_set():
+                answer = client.post("/v1/models/digits/predict", json={"inputs": [IMAGE]})
+                statuses[answer.status_code] += 1
+                if answer.status_code == 200:
+                    versions[answer.json()["model_version"]] += 1
+
+    def listed(url: str) -> dict[int, dict]:
+        return versions_of(httpx.get(f"{url}/v1/models").json(), "digits")
+
+    async def state_of(url: str, version: int, state: str) -> httpx.Response:
+        async with httpx.AsyncClient(base_url=url) as client:
+            found = versions_of((await client.get("/v1/models")).json(), "digits").get(version, {}).get("state")
+            return httpx.Response(200 if found == state else 503)
+
+    with repository_server(root, "--poll-s", "0.2") as url:
+        sender = threading.Thread(target=load, args=(url,))
+        sender.start()
+        try:
+            copying = root / "digits" / "2" / "final"
+            shutil.copytree(runs["b"] / "final", copying)
+            (copying / "manifest.json").unlink()  # still being copied: its manifest comes last
+            asyncio.run(until(lambda: state_of(url, 2, "pending"), 200))
+            assert listed(url)[1]["state"] == "ready"
+            shutil.copy(runs["b"] / "final" / "manifest.json", copying / "manifest.json")
+            asyncio.run(until(lambda: state_of(url, 2, "ready"), 200))
+            asyncio.run(until(lambda: state_of(url, 1, "not served"), 200))
+            broken = root / "digits" / "3" / "final"
+            shutil.copytree(runs["a"] / "final", broken)
+            (broken / "model.safetensors").write_bytes(b"not safetensors")
+            write_manifest(broken)
+            asyncio.run(until(lambda: state_of(url, 3, "failed"), 200))
+            assert listed(url)[2]["state"] == "ready"  # the failed successor does not take the model down
+            before = listed(url)[2].get("digest")
+            assert before, listed(url)
+            shutil.rmtree(broken.parent)
+            replaced = root / "digits" / "2" / "final"
+            files = sorted(path.name for path in (runs["a"] / "final").iterdir() if path.name != "manifest.json")
+            for name in [*files, "manifest.json"]:  # another run's files in place, the manifest last
+                shutil.copy(runs["a"] / "final" / name, replaced / f"{name}.new")
+                (replaced / f"{name}.new").rename(replaced / name)
+            asyncio.run(until(lambda: state_of(url, 2, "ready"), 200))
+            deadline = time.monotonic() + 20
+            while listed(url)[2].get("digest") == before and time.monotonic() < deadline:
+                time.sleep(0.1)
+            listed_after = listed(url)
+            after = listed_after[2].get("digest")
+        finally:
+            stop.set()
+            sender.join()
+    assert set(statuses) == {200}, statuses
+    assert versions[1] and versions[2] and not versions[3]
+    assert after != before, listed_after  # the version's new weights serve, loaded beside the old ones first

@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import json
 import multiprocessing
+import re
 import signal
 import sys
 import time
@@ -83,6 +84,8 @@ ENDPOINTS = frozenset(  # counted by name in metrics; any other path counts as "
         "/docs",
     }
 )
+# a model repository's routes, counted by their template (`/v1/models/{name}/versions/{version}/predict`)
+MODEL_ROUTE = re.compile(r"^/v1/models/[^/]+(/versions/[^/]+)?/(predict|predict/image|completions|ab)$")
 REJECTIONS = (
     "queue_full",
     "deadline",
@@ -92,6 +95,7 @@ REJECTIONS = (
     "shutting_down",
     "model_error",
     "model_hung",
+    "not_ready",
 )
 WATCH_AFTER_S = 0.02  # a request waiting longer has its connection watched, to drop it if the client goes away
 # a body up to this size is decoded on the event loop: a hand-over would cost a small request more than its
@@ -158,10 +162,15 @@ class BodyDecoder:
     async def decode(self, body: bytes) -> list[np.ndarray] | int:
         """`decode_body` of `body`, away from the event loop."""
         if sys.platform.startswith("linux"):
+            forking = self._pool is None
             if self._pool is None:
                 self._pool = self._fork()
             try:
-                return await asyncio.wrap_future(self._pool.submit(_decode_forked, body, self.max_rows))
+                future = self._pool.submit(_decode_forked, body, self.max_rows)  # forks on the first submit
+                if forking:
+                    global _FORKED
+                    _FORKED = None  # the process has its copy: this one need not keep the model alive
+                return await asyncio.wrap_future(future)
             except BrokenProcessPool:  # the process died (out of memory, say): a new one for the next body
                 self._pool = None
         return await run_in_threadpool(decode_body, self.model, body, self.max_rows)
@@ -721,6 +730,17 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
+def _endpoint(path: str) -> str:
+    """The `endpoint` label of a request to `path`: the path of a known endpoint, the template of a repository
+    model's route, else "other" (the label's values stay few, whatever paths are asked for)."""
+    if path in ENDPOINTS:
+        return path
+    found = MODEL_ROUTE.match(path)
+    if found is None:
+        return "other"
+    return "/v1/models/{name}" + ("/versions/{version}" if found.group(1) else "") + "/" + found.group(2)
+
+
 _READ = frozenset({b"content-type", b"content-length", b"x-api-key", b"authorization"})
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
@@ -755,14 +775,14 @@ class Gate:
         self._counts: dict[tuple[str, int], Any] = {}  # (endpoint, status) -> its counter
         self.in_flight = 0  # requests being answered (a plain count: they are all on the event loop)
         metrics.in_flight.set_function(lambda: self.in_flight)
-        self._latencies = {endpoint: metrics.latency.labels(endpoint) for endpoint in (*ENDPOINTS, "other")}
+        self._latencies: dict[str, Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        endpoint = path if path in ENDPOINTS else "other"
+        endpoint = _endpoint(path)
         status = 499  # no answer started: the client went away (a crash would have sent a 500)
         started = time.perf_counter()
         self.in_flight += 1
@@ -774,18 +794,21 @@ class Gate:
             if counter is None:
                 counter = self._counts[endpoint, status] = self.metrics.requests.labels(endpoint, str(status))
             counter.inc()
-            self._latencies[endpoint].observe(time.perf_counter() - started)
+            latency = self._latencies.get(endpoint)
+            if latency is None:
+                latency = self._latencies[endpoint] = self.metrics.latency.labels(endpoint)
+            latency.observe(time.perf_counter() - started)
 
     async def _admit(self, scope: Scope, receive: Receive, send: Send, path: str) -> int:
         """Answer the request; the status sent (499: none, the client went away)."""
         headers = {  # the few it reads (ASGI gives names in lower case)
             name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"] if name in _READ
         }
-        openai = path in OPENAI_PATHS
+        openai = path in OPENAI_PATHS or (path.endswith("/completions") and path.startswith("/v1/models/"))
         if self.api_key is not None and not path.startswith("/health/") and not self._authorized(headers):
             refused = self.metrics.refuse("unauthorized", 401, "a valid API key is required", _CHALLENGE, openai=openai)
             return await _sent(refused, scope, receive, send)
-        limit = self.image_body_limit if path == "/v1/predict/image" else self.body_limit
+        limit = self.image_body_limit if path.endswith("/predict/image") else self.body_limit
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit.max_bytes:
             return await _sent(self._too_large(limit, openai), scope, receive, send)

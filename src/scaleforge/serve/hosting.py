@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -86,7 +87,12 @@ class Hosted:
     digest: str | None = None
     in_flight: int = 0  # requests routed to it and not yet answered
     files: Any = None  # the state of its final/ files when it was loaded (or failed): loaded again if they change
+    settings: ServeSettings | None = None  # what it was loaded with: loaded again if its batching changes
+    replacement: Hosted | None = None  # a new copy loading to take its place (its files or batching changed)
     _lifespan: contextlib.AsyncExitStack | None = field(default=None, repr=False)
+
+    def settings_or(self, default: ServeSettings) -> ServeSettings:
+        return self.settings or default
 
 
 class Hosting:
@@ -106,9 +112,11 @@ class Hosting:
         self.default_model, self.poll_s = default_model, poll_s
         self.metrics = ServerMetrics(settings.max_batch_size, device)
         self.metrics.registry.register(_VersionMetrics(self))
+        self.metrics.queue_depth.set_function(self._queued)  # every version's queue: one figure to scale on
         self.models: dict[str, ModelFolder] = {}  # as last scanned
         self.serving: dict[str, ServingConfig] = {}  # each model's last good serving.yaml
         self.hosted: dict[tuple[str, int], Hosted] = {}
+        self._wanted: set[tuple[str, int]] = set()  # the versions the last scan's policies serve
         self._checks = ManifestChecks()
         self._refreshing = asyncio.Lock()
         self._load_lock = threading.Lock()
@@ -142,50 +150,97 @@ class Hosting:
     # ---- the repository ------------------------------------------------------------------------------------
 
     async def refresh(self) -> dict[str, Any]:
-        """Scan the repository and act on what changed: load new versions, drain those no longer served; what it
-        started, as `POST /v1/admin/reload` answers."""
+        """Scan the repository and act on what changed: load the versions to serve (new ones, ready ones whose
+        files or batching changed, failed ones whose files changed), retire those no longer served; what it
+        started, as `POST /v1/admin/reload` answers.
+
+        The policy chooses among complete versions (and those loaded already, whose folders may be rewritten in
+        place), so a newer folder still being copied changes nothing; the pending folders it would choose are
+        listed as pending. A version the policy drops keeps serving until a
+        version of its model that the policy keeps is ready (`_retire`), so that a model is never without a
+        ready version because its next one is still loading, or failed."""
         async with self._refreshing:
             models = await asyncio.to_thread(scan, self.root, self._checks)
-            started, draining = [], []
+            started: list[str] = []
             for name, folder in models.items():
                 if folder.serving is not None:
                     self.serving[name] = folder.serving
             self.models = models
-            wanted: set[tuple[str, int]] = set()
+            self._wanted = set()
             for name, folder in models.items():
-                served = folder.served if folder.serving is not None else _last_served(self, name)
-                for version in served:
-                    found = folder.versions.get(version)
-                    if found is None:
-                        continue
-                    wanted.add((name, version))
+                serving = self.serving.get(name)
+                # a version loaded already stays a candidate while its folder is rewritten in place
+                complete = [
+                    version
+                    for version, found in folder.versions.items()
+                    if found.final is not None or self._state(name, version) in ("ready", "loading")
+                ]
+                if serving is None and folder.problem is not None:  # never read well: serve nothing yet
+                    continue
+                serving = serving or ServingConfig()
+                for version in serving.served(list(folder.versions)):  # chosen but not complete: shown pending
+                    found = folder.versions[version]
                     hosted = self.hosted.get((name, version))
-                    if found.final is None:
-                        if hosted is None or hosted.state == "pending":
-                            self.hosted[name, version] = Hosted(name, version, found.path, "pending", found.pending)
-                        continue  # a loaded version whose folder is being replaced serves on until it is complete
-                    files = file_state(found.final)
-                    if (
-                        hosted is None
-                        or hosted.state == "pending"
-                        or (hosted.state == "failed" and hosted.files != files)
-                    ):
-                        hosted = self.hosted[name, version] = Hosted(name, version, found.final, "loading", files=files)
-                        self._start(self._load(hosted, self._settings_of(name)))
+                    if found.final is None and (hosted is None or hosted.state in ("pending", "failed")):
+                        self.hosted[name, version] = Hosted(name, version, found.path, "pending", found.pending)
+                        self._wanted.add((name, version))
+                for version in serving.served(complete):
+                    self._wanted.add((name, version))
+                    final = folder.versions[version].final
+                    if final is not None and self._needs_load(name, version, final):
                         started.append(f"{name}/{version}")
-            for key, hosted in list(self.hosted.items()):
-                if key not in wanted and hosted.state != "draining":
-                    draining.append(f"{hosted.model}/{hosted.version}")
-                    self._start(self._unload(hosted))
+            draining = self._retire()
             return {"loading": started, "draining": draining}
 
-    def _loaded(self, final: Path, settings: ServeSettings) -> ServedModel:
-        """A version's model, loaded and warmed, on a thread: one at a time (imports that two threads start at once
-        see each other's modules half made; and warming times the model, which another load would disturb)."""
+    def _needs_load(self, name: str, version: int, final: Path) -> bool:
+        """Start loading `name`/`version` from `final` if it needs it: whether it was started."""
+        hosted = self.hosted.get((name, version))
+        files, settings = file_state(final), self._settings_of(name)
+        if hosted is not None and hosted.state in ("loading", "ready") and hosted.replacement is not None:
+            return False  # a new copy is loading already
+        if (
+            hosted is None
+            or hosted.state in ("pending", "draining")
+            or (hosted.state == "failed" and hosted.files != files)
+        ):
+            fresh = self.hosted[name, version] = Hosted(name, version, final, "loading", files=files, settings=settings)
+            self._start(self._load(fresh, settings))
+            return True
+        if hosted.state == "ready" and (hosted.files != files or hosted.settings != settings):
+            # new weights, or new batching, in place: a new copy loads beside, then takes over
+            hosted.replacement = Hosted(name, version, final, "loading", files=files, settings=settings)
+            self._start(self._load(hosted.replacement, settings, replacing=hosted))
+            return True
+        return False
+
+    def _retire(self) -> list[str]:
+        """Drain the versions no longer wanted, but a model's ready ones only once a wanted version of it is ready;
+        what it started draining."""
+        ready_wanted = {model for (model, version) in self._wanted if self._state(model, version) == "ready"}
+        draining = []
+        for key, hosted in list(self.hosted.items()):
+            if key in self._wanted or hosted.state == "draining":
+                continue
+            if hosted.state == "ready" and hosted.model not in ready_wanted and hosted.model in self.models:
+                continue  # the last ready version of its model: it serves until its successor is ready
+            draining.append(f"{hosted.model}/{hosted.version}")
+            self._start(self._unload(hosted))
+        return draining
+
+    def _state(self, model: str, version: int) -> str | None:
+        hosted = self.hosted.get((model, version))
+        return None if hosted is None else hosted.state
+
+    def _loaded(self, final: Path, settings: ServeSettings) -> tuple[ServedModel, list[tuple[int, float]]]:
+        """A version's model, loaded and warmed, on a thread, and its timed batches: one at a time (imports that two
+        threads start at once see each other's modules half made; and warming times the model, which another load
+        would disturb). torch's threads are the process's: each load sets them for its model, the last for all."""
         with self._load_lock:
             model = ServedModel(final, self.device, trust=self.trust)
-            model.prepare(settings.threads, settings.max_batch_size, time_batches=settings.latency_target_ms > 0)
-            return model
+            _, timed = model.prepare(
+                settings.threads, settings.max_batch_size, time_batches=settings.latency_target_ms > 0
+            )
+            return model, timed
 
     def _settings_of(self, name: str) -> ServeSettings:
         serving = self.serving.get(name)
@@ -201,38 +256,58 @@ class Hosting:
         while self._loads:
             await asyncio.gather(*list(self._loads), return_exceptions=True)
 
-    async def _load(self, hosted: Hosted, settings: ServeSettings) -> None:
-        """Load `hosted` on a thread, warm it, start its batcher; `failed` with the error if any step fails."""
+    async def _load(self, hosted: Hosted, settings: ServeSettings, replacing: Hosted | None = None) -> None:
+        """Load `hosted` on a thread, warm it, start its batcher; `failed` with the error if any step fails. A
+        `replacing` version's new copy takes its place once ready (and it drains); if the copy fails, the version
+        serves on, its error shown, until its files change again."""
+        stack = contextlib.AsyncExitStack()
         try:
-            model = await asyncio.to_thread(self._loaded, hosted.path, settings)
+            model, timed = await asyncio.to_thread(self._loaded, hosted.path, settings)
             identity = {"model": hosted.model, "model_version": hosted.version, "digest": model.card.version}
-            app = ServingApp(model, settings, None, model.load_seconds, identity=identity, name=hosted.model)
-            stack = contextlib.AsyncExitStack()
+            app = ServingApp(model, settings, None, model.load_seconds, timed, identity=identity, name=hosted.model)
             await stack.enter_async_context(app.lifespan(app.api))
         except Exception as error:  # noqa: BLE001 - one model's failure leaves the others serving
-            hosted.state, hosted.error = "failed", f"{type(error).__name__}: {error}".splitlines()[0]
-            return
-        if self.hosted.get((hosted.model, hosted.version)) is not hosted:  # dropped while it loaded
-            await stack.aclose()
+            await _closed(stack, hosted)
+            failure = f"{type(error).__name__}: {error}".splitlines()[0]
+            hosted.state, hosted.error = "failed", failure
+            if replacing is not None:
+                replacing.replacement, replacing.files, replacing.settings = None, hosted.files, hosted.settings
+                replacing.error = f"its new files failed to load (serving the ones before): {failure}"
             return
         hosted.app, hosted.digest, hosted._lifespan, hosted.state = app, model.card.version, stack, "ready"
+        key = (hosted.model, hosted.version)
+        if replacing is not None:
+            if self.hosted.get(key) is replacing and replacing.state == "ready":
+                self.hosted[key] = hosted
+                self._start(self._unload(replacing))
+            else:  # the version went away meanwhile
+                await _closed(stack, hosted)
+            return
+        if self.hosted.get(key) is not hosted:  # dropped while it loaded
+            await _closed(stack, hosted)
+            return
+        self._retire()  # versions it succeeds can go now
 
     async def _unload(self, hosted: Hosted) -> None:
-        """Stop routing to `hosted`, let the requests it has end, then close it."""
+        """Stop routing to `hosted`, let the requests it has end, then close it (an error closing it is printed,
+        and it is gone all the same)."""
         hosted.state = "draining"
-        deadline = time.monotonic() + max(30.0, 2 * self.settings.timeout_ms / 1000)
-        while hosted.in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(DRAIN_POLL_S)
-        if hosted._lifespan is not None:
-            await hosted._lifespan.aclose()
-        if self.hosted.get((hosted.model, hosted.version)) is hosted:
-            del self.hosted[hosted.model, hosted.version]
+        deadline = time.monotonic() + max(30.0, 2 * hosted.settings_or(self.settings).timeout_ms / 1000)
+        try:
+            while hosted.in_flight and time.monotonic() < deadline:
+                await asyncio.sleep(DRAIN_POLL_S)
+            if hosted._lifespan is not None:
+                await _closed(hosted._lifespan, hosted)
+        finally:
+            hosted.app = None
+            if self.hosted.get((hosted.model, hosted.version)) is hosted:
+                del self.hosted[hosted.model, hosted.version]
 
     async def close(self) -> None:
         """Answer what every version admitted (and the copies a shadow has), then close them all."""
         await self.settled()
         await asyncio.gather(*list(self._shadows), return_exceptions=True)
-        await asyncio.gather(*(self._unload(hosted) for hosted in list(self.hosted.values())))
+        await asyncio.gather(*(self._unload(h) for h in list(self.hosted.values())), return_exceptions=True)
         if self.feedback.log is not None:
             self.feedback.log.close()
             self.feedback.log = None
@@ -240,8 +315,12 @@ class Hosting:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.poll_s)
-            with contextlib.suppress(Exception):  # a scan that fails (a folder vanishing mid-read) is tried again
+            try:
                 await self.refresh()
+            except Exception as error:  # noqa: BLE001 - a scan that fails (a folder vanishing mid-read) is tried again
+                print(
+                    f"scaleforge serve: scanning {self.root} failed, tried again: {error}", file=sys.stderr, flush=True
+                )
 
     @contextlib.asynccontextmanager
     async def lifespan(self, api: FastAPI) -> AsyncIterator[None]:
@@ -258,6 +337,15 @@ class Hosting:
 
     # ---- routing -------------------------------------------------------------------------------------------
 
+    def _queued(self) -> int:
+        """Requests waiting in every loaded version's batcher (and sequences waiting for a completions slot)."""
+        total = 0
+        for hosted in list(self.hosted.values()):
+            app = hosted.app
+            if app is not None:
+                total += app.batcher.queued + (app.completions.loop.waiting if app.completions is not None else 0)
+        return total
+
     def ready_versions(self, name: str) -> list[int]:
         return sorted(h.version for h in self.hosted.values() if h.model == name and h.state == "ready")
 
@@ -268,7 +356,7 @@ class Hosting:
             return self._refused(404, f"no model {name!r} in the repository (GET /v1/models lists them)", openai)
         if version is not None:
             hosted = self.hosted.get((name, version))
-            if hosted is None:
+            if hosted is None or hosted.state == "draining":
                 return self._refused(404, f"{name} has no version {version} served", openai)
             if hosted.state != "ready":
                 why = f": {hosted.error}" if hosted.error else ""
@@ -284,7 +372,7 @@ class Hosting:
 
     def _refused(self, status: int, detail: str, openai: bool, *, retry: bool = False) -> Response:
         headers = {"Retry-After": "1"} if retry else None
-        reason = "invalid" if status < 500 else "shutting_down"
+        reason = "invalid" if status < 500 else "not_ready"
         return self.metrics.refuse(reason, status, detail, headers, openai=openai)
 
     @contextlib.contextmanager
@@ -297,9 +385,11 @@ class Hosting:
             hosted.in_flight -= 1
 
     def _default(self) -> str | None:
+        """`--default-model`, else the first model by name with a ready version (else the first by name)."""
         if self.default_model is not None:
             return self.default_model
-        return next(iter(self.models), None)
+        ready = (name for name in self.models if self.ready_versions(name))
+        return next(ready, next(iter(self.models), None))
 
     # ---- the routes ----------------------------------------------------------------------------------------
 
@@ -454,7 +544,7 @@ class Hosting:
             model = {
                 "id": name,
                 "object": "model",
-                "created": int(folder.path.stat().st_mtime),
+                "created": _created(folder.path),
                 "owned_by": "scaleforge",
             }
             model |= {"default": name == self._default(), "versions": versions, "sticky_header": serving.sticky_header}
@@ -507,10 +597,16 @@ class Hosting:
         return _Json(started)
 
     async def live(self) -> Response:
-        for hosted in self.hosted.values():
+        """200 while every loaded version answers its batches (and a language model its decoding steps) within
+        --batch-timeout-s; else 503 naming the version."""
+        for hosted in list(self.hosted.values()):
             app = hosted.app
-            if app is not None and app.batcher.hung:
+            if app is None:
+                continue
+            if app.batcher.hung:
                 return _error(503, f"{hosted.model} version {hosted.version}: {app.batcher.hung_message()}")
+            if app.completions is not None and app.completions.loop.hung:
+                return _error(503, f"{hosted.model} version {hosted.version}: {app.completions.loop.hung_message()}")
         return _Json({"status": "live"})
 
     async def ready(self) -> Response:
@@ -523,9 +619,12 @@ class Hosting:
         return PlainTextResponse(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def _last_served(hosting: Hosting, name: str) -> list[int]:
-    """The versions of `name` served now (its serving.yaml became unreadable: it keeps what it had)."""
-    return sorted(h.version for h in hosting.hosted.values() if h.model == name and h.state != "draining")
+async def _closed(stack: contextlib.AsyncExitStack, hosted: Hosted) -> None:
+    """Close a version's lifespan; an error doing so is printed, not raised (the version goes all the same)."""
+    try:
+        await stack.aclose()
+    except Exception as error:  # noqa: BLE001 - closing one version must not stop the others closing
+        print(f"scaleforge serve: closing {hosted.model}/{hosted.version} failed: {error}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -549,6 +648,18 @@ async def _never() -> dict[str, Any]:
     raise AssertionError("unreachable")
 
 
+# a version's metrics that only a Gate of its own would feed: the repository has one Gate, whose metrics these are
+_SERVER_ONLY = frozenset({"scaleforge_requests", "scaleforge_request_seconds", "scaleforge_in_flight"})
+
+
+def _created(folder: Path) -> int:
+    """A model folder's modification time, as OpenAI's `created` (0 once removed, until the next scan)."""
+    try:
+        return int(folder.stat().st_mtime)
+    except OSError:
+        return 0
+
+
 class _VersionMetrics(Collector):
     """Every served version's metrics, each sample labelled with its model and version, merged by family and named
     `scaleforge_version_...` (`scaleforge_version_inference_seconds{model="digits",model_version="2"}`), apart
@@ -564,8 +675,8 @@ class _VersionMetrics(Collector):
                 continue
             labels = {"model": hosted.model, "model_version": str(hosted.version)}
             for family in hosted.app.metrics.registry.collect():
-                if family.name.startswith("process_"):
-                    continue  # one process: the server's own registry has them
+                if family.name.startswith("process_") or family.name in _SERVER_ONLY:
+                    continue  # one process and one front: the server's own registry has them
                 merged = families.get(family.name)
                 if merged is None:
                     name = family.name.replace("scaleforge_", "scaleforge_version_", 1)

@@ -28,7 +28,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
@@ -67,7 +67,7 @@ class ServingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     versions: Latest | list[PositiveInt] | Literal["all"] | None = None
-    traffic: dict[PositiveInt, float] | None = None
+    traffic: dict[PositiveInt, Annotated[float, Field(allow_inf_nan=False)]] | None = None
     sticky_header: str | None = Field(default=None, pattern=r"^[A-Za-z0-9-]+$")
     shadow: PositiveInt | None = None
     batching: Batching = Batching()

@@ -125,6 +125,8 @@ def serve_repository(settings: ServeSettings) -> bool:
     root = Path(settings.repository)
     if not root.is_dir():
         raise UsageError(f"--repository {root}: not a folder")
+    if settings.default_model is not None and not (root / settings.default_model).is_dir():
+        raise UsageError(f"--default-model {settings.default_model}: {root} has no such model folder")
     for option, value in (("--backend onnxruntime", settings.backend == "onnxruntime"), ("--onnx", settings.onnx)):
         if value:
             raise UsageError(f"{option} applies to one run; a repository's models are served with --backend torch")

@@ -129,7 +129,7 @@ class ServeSettings:
     default_model: str | None = field(
         default=None,
         metadata={
-            "help": "with --repository: the model /v1/predict serves (default: the first by name)",
+            "help": "with --repository: the model /v1/predict serves (default: the first by name with a ready version)",
             "metavar": "NAME",
         },
     )
