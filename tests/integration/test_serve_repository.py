@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from scaleforge import load_config
@@ -343,3 +344,55 @@ def test_a_newer_version_takes_over_only_once_it_is_ready_and_a_failing_one_neve
     assert set(statuses) == {200}, statuses
     assert versions[1] and versions[2] and not versions[3]
     assert after != before, listed_after  # the version's new weights serve, loaded beside the old ones first
+
+
+def test_the_open_inference_protocol_serves_tritons_own_client(served: str) -> None:
+    http = pytest.importorskip("tritonclient.http", reason="tritonclient[http] is in the dev extra")
+    images = np.asarray(digits().val.inputs[:5], dtype=np.float32)
+    client = http.InferenceServerClient(url=served.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("digits") and client.is_model_ready("digits", "2")
+    assert not client.is_model_ready("copying", "1")
+    metadata = client.get_model_metadata("digits", "2")
+    assert metadata["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
+    assert {output["name"] for output in metadata["outputs"]} == {"top_class", "probability", "probabilities"}
+
+    answers = {}
+    for binary in (True, False):  # the raw-bytes extension, Triton's client's default, and plain JSON
+        tensor = http.InferInput("input", list(images.shape), "FP32")
+        tensor.set_data_from_numpy(images, binary_data=binary)
+        wanted = [http.InferRequestedOutput(name, binary_data=binary) for name in ("probabilities", "top_class")]
+        result = client.infer("digits", [tensor], model_version="2", outputs=wanted, request_id="r1")
+        answers[binary] = (result.as_numpy("probabilities"), result.as_numpy("top_class"))
+        assert result.get_response()["model_version"] == "2" and result.get_response()["id"] == "r1"
+    every = client.infer("digits", [tensor], model_version="2")  # no outputs named: every one, as raw bytes
+    ours = httpx.post(f"{served}/v1/models/digits/versions/2/predict", json={"inputs": images.tolist()}).json()
+    expected = np.asarray([output["probabilities"] for output in ours["outputs"]], dtype=np.float32)
+    for probabilities, top in answers.values():
+        assert probabilities.shape == (5, 10) and np.allclose(probabilities, expected, atol=1e-6)
+        assert top.dtype == np.int64 and top.tolist() == [output["top_class"] for output in ours["outputs"]]
+    assert np.allclose(every.as_numpy("probability"), expected.max(axis=1), atol=1e-6)
+
+    bad = http.InferInput("input", [1, 64], "FP32")
+    bad.set_data_from_numpy(np.zeros((1, 64), dtype=np.float32))
+    with pytest.raises(Exception, match=r"expected numbers shaped \[batch, 1, 8, 8\]"):
+        client.infer("digits", [bad])
+    with pytest.raises(Exception, match="not ready"):
+        client.get_model_metadata("nope")
+    client.close()
+
+
+def test_an_admin_reload_picks_up_a_new_version_at_once_behind_the_api_key(
+    tmp_path: Path, runs: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "models"
+    shutil.copytree(runs["a"], root / "digits" / "1")
+    monkeypatch.setenv("SCALEFORGE_TEST_ADMIN_KEY", "s3cret")
+    with repository_server(root, "--poll-s", "0", "--api-key-env", "SCALEFORGE_TEST_ADMIN_KEY") as url:
+        headers = {"X-API-Key": "s3cret"}
+        shutil.copytree(runs["b"], root / "digits" / "2")
+        assert httpx.post(f"{url}/v1/admin/reload").status_code == 401  # no key
+        reloaded = httpx.post(f"{url}/v1/admin/reload", headers=headers, timeout=30)
+        assert reloaded.status_code == 200 and reloaded.json()["loading"] == ["digits/2"]
+        listing = httpx.get(f"{url}/v1/models", headers=headers).json()
+        assert versions_of(listing, "digits")[2]["state"] in ("loading", "ready")

@@ -597,11 +597,14 @@ class ServingApp:
 
     async def _answer(self, instances: list[np.ndarray], receive: Receive, on_answer: OnAnswer | None) -> Response:
         """The response for checked instances: from the cache where it has them, else through the batcher."""
+        outputs = await self.outputs_for(instances, receive)
+        return outputs if isinstance(outputs, Response) else self._answered(outputs, on_answer)
+
+    async def outputs_for(self, instances: list[np.ndarray], receive: Receive) -> list[Any] | Response:
+        """The outputs for checked instances (from the cache where it has them, else through the batcher), or the
+        response that says why there are none."""
         if self.cache is None:
-            outputs = await self._batched(instances, receive)
-            if isinstance(outputs, Response):
-                return outputs
-            return self._answered(outputs, on_answer)
+            return await self._batched(instances, receive)
         keys = [self.cache.key(instance) for instance in instances]
         found = [self.cache.get(key) for key in keys]
         missing = [i for i, output in enumerate(found) if output is None]
@@ -614,7 +617,7 @@ class ServingApp:
             for i, output in zip(missing, computed, strict=True):
                 found[i] = output
                 self.cache.put(keys[i], output)
-        return self._answered(found, on_answer)
+        return found
 
     async def _batched(self, instances: list[np.ndarray], receive: Receive) -> list[Any] | Response:
         """The outputs for `instances` from the batcher, or the response that says why there are none."""

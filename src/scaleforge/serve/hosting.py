@@ -39,7 +39,7 @@ import orjson
 import torch
 from fastapi import FastAPI, File, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -47,6 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scaleforge.errors import UsageError
 from scaleforge.runs import Trust
+from scaleforge.serve import v2
 from scaleforge.serve.app import (
     BodyLimit,
     Gate,
@@ -413,6 +414,15 @@ class Hosting:
         route("/v1/admin/reload", self.reload, methods=["POST"])
         route("/v1/feedback", self.take_feedback, methods=["POST"])
         route("/v1/models/{name}/ab", self.ab, methods=["GET"])
+        route("/v2", self.v2_server, methods=["GET"])
+        route("/v2/health/live", self.v2_live, methods=["GET"])
+        route("/v2/health/ready", self.v2_ready, methods=["GET"])
+        route("/v2/models/{name}", self.v2_model, methods=["GET"])
+        route("/v2/models/{name}/versions/{version}", self.v2_model, methods=["GET"])
+        route("/v2/models/{name}/ready", self.v2_model_ready, methods=["GET"])
+        route("/v2/models/{name}/versions/{version}/ready", self.v2_model_ready, methods=["GET"])
+        route("/v2/models/{name}/infer", self.v2_infer, methods=["POST"])
+        route("/v2/models/{name}/versions/{version}/infer", self.v2_infer, methods=["POST"])
         route("/health/live", self.live, methods=["GET"])
         route("/health/ready", self.ready, methods=["GET"])
         route("/metrics", self.prometheus, methods=["GET"])
@@ -615,8 +625,79 @@ class Hosting:
             return _Json({"status": "ready"})
         return _error(503, "draining" if state.draining else "loading")
 
+    # ---- the Open Inference Protocol (KServe v2, Triton's HTTP/REST API) -------------------------------------
+
+    async def v2_server(self) -> Response:
+        """Server metadata."""
+        from scaleforge import __version__
+
+        return _Json({"name": "scaleforge", "version": __version__, "extensions": ["binary_tensor_data"]})
+
+    async def v2_live(self) -> Response:
+        return await self.live()
+
+    async def v2_ready(self) -> Response:
+        return await self.ready()
+
+    async def v2_model(self, name: str, version: int | None = None) -> Response:
+        """A model's (or one version's) metadata: its versions, its input and its outputs."""
+        hosted = self._v2_hosted(name, version)
+        if isinstance(hosted, Response):
+            return hosted
+        assert hosted.app is not None
+        versions = [str(v) for v in self.ready_versions(name)] if version is None else [str(version)]
+        return _Json(v2.metadata(name, versions, hosted.app.model))
+
+    async def v2_model_ready(self, name: str, version: int | None = None) -> Response:
+        """200 when the model (any version, or `version`) is ready to infer, else 400, as Triton answers."""
+        ready = self.ready_versions(name)
+        if ready and (version is None or version in ready):
+            return _Json({"name": name, "ready": True})
+        return JSONResponse({"name": name, "ready": False}, status_code=400)
+
+    async def v2_infer(self, request: Request, name: str, version: int | None = None) -> Response:
+        """An inference request of the protocol: its one input tensor holds the instances (see `serve.v2`)."""
+        hosted = self.route(name, version, request)
+        if isinstance(hosted, Response):
+            return _v2_error(hosted)
+        body = await request.body()
+        with self._serving(hosted) as app:
+            try:
+                infer = v2.read_request(body, request.headers.get(v2.HEADER_LENGTH))
+                instances = v2.instances(infer, app.model, app.settings.max_batch_size)
+            except v2.ProtocolError as error:
+                self.metrics.rejections.labels("invalid").inc()
+                return JSONResponse({"error": str(error)}, status_code=400)
+            answers = await app.outputs_for(instances, request.receive)
+        if isinstance(answers, Response):
+            return _v2_error(answers)
+        try:
+            content, headers = v2.write_response(name, hosted.version, infer, v2.output_tensors(answers))
+        except v2.ProtocolError as error:
+            return JSONResponse({"error": str(error)}, status_code=400)
+        return Response(content, headers={**headers, "X-Model-Version": str(hosted.version)})
+
+    def _v2_hosted(self, name: str, version: int | None) -> Hosted | Response:
+        ready = self.ready_versions(name)
+        chosen = version if version is not None else (ready[-1] if ready else None)
+        hosted = self.hosted.get((name, chosen)) if chosen is not None else None
+        if hosted is None or hosted.state != "ready":
+            which = f"{name} version {version}" if version is not None else name
+            return JSONResponse({"error": f"{which} is not ready (or not in the repository)"}, status_code=404)
+        return hosted
+
     async def prometheus(self) -> PlainTextResponse:
         return PlainTextResponse(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _v2_error(response: Response) -> Response:
+    """A refusal in the protocol's error shape, `{"error": message}`, with its status and headers."""
+    try:
+        detail = orjson.loads(bytes(response.body)).get("detail", "refused")
+    except (orjson.JSONDecodeError, AttributeError):
+        detail = "refused"
+    headers = {name: value for name, value in response.headers.items() if name.lower() == "retry-after"}
+    return JSONResponse({"error": str(detail)}, status_code=response.status_code, headers=headers or None)
 
 
 async def _closed(stack: contextlib.AsyncExitStack, hosted: Hosted) -> None:
