@@ -26,7 +26,7 @@ from scaleforge.data.digits import digits
 from scaleforge.runs import write_manifest
 from scaleforge.training.trainer import train
 from tests.conftest import REPO, until
-from tests.integration.test_serve import metric
+from tests.integration.test_serve import metric, png
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -125,6 +125,13 @@ def test_every_model_and_version_is_listed_with_its_state_and_answered_on_its_ro
         assert len(answer["outputs"]) == 1
         default = client.post("/v1/predict", json={"inputs": [IMAGE]})
         assert default.status_code == 200 and default.json()["model"] == "digits"
+        grey = [[round(v * 255) for v in row] for row in IMAGE[0]]
+        upload = {"file": ("digit.png", png(grey, "L"), "image/png")}
+        image = client.post("/v1/models/digits/versions/2/predict/image", files=upload)
+        assert image.status_code == 200 and image.json()["model_version"] == 2
+        assert image.json()["outputs"][0]["top_class"] == pinned.json()["outputs"][0]["top_class"]
+        not_images = client.post("/v1/models/gpt/predict/image", files=upload)
+        assert not_images.status_code == 422 and "does not take images" in not_images.json()["detail"]
 
         assert client.post("/v1/models/broken/predict", json={"inputs": [IMAGE]}).status_code == 503
         assert client.post("/v1/models/copying/versions/1/predict", json={"inputs": [IMAGE]}).status_code == 503
@@ -143,6 +150,8 @@ def test_every_model_and_version_is_listed_with_its_state_and_answered_on_its_ro
 
         text = client.get("/metrics").text
     assert metric(text, "scaleforge_version_inference_seconds_count", model="digits", model_version="2") >= 1
+    routes = 'scaleforge_requests_total{endpoint="/v1/models/{name}/versions/{version}/predict",status="200"}'
+    assert routes in text  # a model's routes counted by their template, not as "other"
 
 
 def test_the_split_follows_its_weights_and_a_sticky_header_keeps_one_version(served: str) -> None:

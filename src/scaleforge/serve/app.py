@@ -386,8 +386,13 @@ class ServingApp:
     ) -> None:
         self.model, self.settings = model, settings
         # what every answer says produced it (beside its outputs), and the name completions answer for
+        # `version` is the weights' digest, under the name it had before model repositories gave answers a
+        # `model_version`: kept for the clients that read it
+        card = model.card
         self.identity = (
-            dict(identity) if identity is not None else {"model": model.card.name, "version": model.card.version}
+            dict(identity)
+            if identity is not None
+            else {"model": card.name, "version": card.version, "digest": card.version}
         )
         self.name = name if name is not None else model.card.name
         self.answer_headers = (
@@ -646,7 +651,7 @@ class ServingApp:
         schema (and, for a language model on text, the completions endpoint)."""
         card = self.model.card
         entry = {"id": card.name, "object": "model", "created": card.created, "owned_by": "scaleforge"}
-        entry |= {"version": card.version, "task": card.task, "input_schema": card.input_schema}
+        entry |= {"version": card.version, "digest": card.version, "task": card.task, "input_schema": card.input_schema}
         if self.completions is not None:
             entry["completions"] = {"endpoint": "/v1/completions", "context": self.completions.context}
         return {"object": "list", "data": [entry]}

@@ -157,9 +157,9 @@ class Hosting:
 
         The policy chooses among complete versions (and those loaded already, whose folders may be rewritten in
         place), so a newer folder still being copied changes nothing; the pending folders it would choose are
-        listed as pending. A version the policy drops keeps serving until a
-        version of its model that the policy keeps is ready (`_retire`), so that a model is never without a
-        ready version because its next one is still loading, or failed."""
+        listed as pending. A version the policy drops keeps serving until a version of its model that the policy
+        keeps is ready (`_retire`), so that a model is never without a ready version because its next one is still
+        loading, or failed."""
         async with self._refreshing:
             models = await asyncio.to_thread(scan, self.root, self._checks)
             started: list[str] = []
