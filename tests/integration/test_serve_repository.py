@@ -113,6 +113,7 @@ def test_every_model_and_version_is_listed_with_its_state_and_answered_on_its_ro
             digits
         )
         assert digits[1]["digest"] != digits[2]["digest"] and digits[1]["task"] == "classification"
+        assert digits[2]["input_schema"]["image"]["endpoint"] == "/v1/models/digits/predict/image"
         broken = versions_of(listing, "broken")[1]
         assert broken["state"] == "failed" and broken["error"]
         copying = versions_of(listing, "copying")[1]

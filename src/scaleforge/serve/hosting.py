@@ -547,7 +547,10 @@ class Hosting:
                     entry["error"] = found.pending
                 if hosted is not None and hosted.app is not None:
                     card = hosted.app.model.card
-                    entry |= {"digest": card.version, "task": card.task, "input_schema": card.input_schema}
+                    schema = dict(card.input_schema)
+                    if isinstance(schema.get("image"), dict):  # this model's own route, not the one-run server's
+                        schema["image"] = {**schema["image"], "endpoint": f"/v1/models/{name}/predict/image"}
+                    entry |= {"digest": card.version, "task": card.task, "input_schema": schema}
                 entry["traffic"] = weights.get(version, 0.0) / total
                 entry["shadow"] = serving.shadow == version
                 versions.append(entry)
