@@ -145,6 +145,9 @@ def test_every_model_and_version_is_listed_with_its_state_and_answered_on_its_ro
         assert completion.status_code == 200 and completion.json()["model"] == "gpt"
         pinned_completion = client.post("/v1/models/gpt/versions/1/completions", json=body)
         assert pinned_completion.json()["choices"][0]["text"] == completion.json()["choices"][0]["text"]
+        with client.stream("POST", "/v1/models/gpt/completions", json={**body, "stream": True}) as streamed:
+            events = [line for line in streamed.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]" and len(events) >= 2
         unknown = client.post("/v1/completions", json={**body, "model": "nope"})
         assert unknown.status_code == 404 and unknown.json()["error"]["message"]
         assert client.post("/v1/admin/reload").status_code == 403  # no API key: no admin routes

@@ -30,7 +30,7 @@ import dataclasses
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -39,7 +39,7 @@ import orjson
 import torch
 from fastapi import FastAPI, File, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -516,7 +516,10 @@ class Hosting:
         with self._serving(hosted) as app:
             if app.completions is None:
                 return await app._no_completions(request)
-            return await app.completions.complete(request)
+            response = await app.completions.complete(request)
+            if isinstance(response, StreamingResponse):  # the version is in use until the stream has ended
+                response.body_iterator = _counted(response.body_iterator, hosted)
+            return response
 
     async def complete_by_body(self, request: Request) -> Response:
         """`/v1/completions`: the model the body's `model` names."""
@@ -691,6 +694,16 @@ class Hosting:
 
     async def prometheus(self) -> PlainTextResponse:
         return PlainTextResponse(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _counted(stream: AsyncIterable[Any], hosted: Hosted) -> AsyncIterator[Any]:
+    """`stream`, with `hosted` counted in flight until it ends (or its client goes away)."""
+    hosted.in_flight += 1
+    try:
+        async for chunk in stream:
+            yield chunk
+    finally:
+        hosted.in_flight -= 1
 
 
 def _v2_error(response: Response) -> Response:
