@@ -114,6 +114,37 @@ def import_graph() -> dict[str, set[str]]:
     return graph
 
 
+def import_time_graph() -> dict[str, set[str]]:
+    """Each module and the modules its module-level imports run when it is first imported: the module imported and
+    every package above it (`from scaleforge.data.base import x` runs `scaleforge/data/__init__.py` first), but not
+    the root package nor the importer's own packages. A cycle here fails whichever of its modules a process imports
+    first (a name taken from a module still half made), whatever `import_graph`, which sees a package's modules
+    and not its `__init__`'s own imports as one, says."""
+    paths = sorted(PACKAGE.rglob("*.py"))
+    names = {module_name(path): path for path in paths}
+    known = set(names)
+    graph: dict[str, set[str]] = {}
+    for name, path in names.items():
+        tree = ast.parse(path.read_text(), str(path))
+        statements: list[ast.stmt] = []
+        for node in tree.body:  # at module level, in a plain `if` or `try` too; never under TYPE_CHECKING
+            if isinstance(node, ast.If):
+                statements += [] if _type_checking_only(node) else node.body + node.orelse
+            elif isinstance(node, ast.Try):
+                statements += node.body
+            else:
+                statements.append(node)
+        found = _imports(ast.Module(body=statements, type_ignores=[]), name, path.name == "__init__.py", known)
+        ran = set()
+        for other in found:
+            while other and other != "scaleforge":
+                if other != name and not name.startswith(other + "."):
+                    ran.add(other)
+                other = other.rpartition(".")[0]
+        graph[name] = ran
+    return graph
+
+
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """The strongly connected components of more than one module (Tarjan), each sorted."""
     index: dict[str, int] = {}
@@ -218,14 +249,18 @@ def main() -> int:
     print(f"{len(graph)} modules, {sum(len(v) for v in graph.values())} imports between them\n")
     print(picture(graph))
     found_cycles = cycles(graph)
+    at_import = cycles(import_time_graph())
     wrong = upward(graph)
     print(f"\nimport cycles: {len(found_cycles)}")
     for component in found_cycles:
         print("  " + " <-> ".join(name.removeprefix("scaleforge.") for name in component))
+    print(f"cycles at import time (packages' __init__ included): {len(at_import)}")
+    for component in at_import:
+        print("  " + " <-> ".join(name.removeprefix("scaleforge.") for name in component))
     print(f"upward imports: {len(wrong)}")
     for module, other in wrong:
         print(f"  {module.removeprefix('scaleforge.')} -> {other.removeprefix('scaleforge.')}")
-    return 1 if found_cycles or wrong else 0
+    return 1 if found_cycles or at_import or wrong else 0
 
 
 if __name__ == "__main__":

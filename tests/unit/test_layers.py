@@ -12,6 +12,29 @@ def test_no_module_is_part_of_an_import_cycle() -> None:
     assert found == [], "import cycles:\n" + "\n".join(" <-> ".join(component) for component in found)
 
 
+def test_no_module_is_part_of_a_cycle_of_imports_run_at_import_time() -> None:
+    found = layers.cycles(layers.import_time_graph())
+    assert found == [], "cycles at import time:\n" + "\n".join(" <-> ".join(component) for component in found)
+
+
+def test_an_import_runs_the_packages_above_the_module_it_names(tmp_path, monkeypatch) -> None:
+    package = tmp_path / "scaleforge"
+    (package / "data").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "components.py").write_text("from scaleforge.data.base import DataInfo\n")
+    (package / "data" / "__init__.py").write_text("from scaleforge.data import image_folder\n")
+    (package / "data" / "base.py").write_text("DataInfo = object\n")
+    (package / "data" / "image_folder.py").write_text("from scaleforge.components import factory_of\n")
+    monkeypatch.setattr(layers, "PACKAGE", package)
+    assert layers.cycles(layers.import_time_graph()) == [
+        ["scaleforge.components", "scaleforge.data", "scaleforge.data.image_folder"]
+    ]
+    (package / "components.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from scaleforge.data.base import DataInfo\n"
+    )
+    assert layers.cycles(layers.import_time_graph()) == []
+
+
 def test_no_module_imports_a_layer_above_its_own() -> None:
     wrong = layers.upward(layers.import_graph())
     assert wrong == [], "upward or forbidden imports (see LAYERS and FORBIDDEN in tests/layers.py):\n" + "\n".join(
