@@ -99,10 +99,14 @@ def _imports(tree: ast.AST, module: str, is_package: bool, known: set[str]) -> s
     return found
 
 
+def _modules() -> dict[str, Path]:
+    """Every module of the package by name, with its file."""
+    return {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+
+
 def import_graph() -> dict[str, set[str]]:
     """Each scaleforge module and the scaleforge modules it imports (a package's __init__ counts as the package)."""
-    paths = sorted(PACKAGE.rglob("*.py"))
-    names = {module_name(path): path for path in paths}
+    names = _modules()
     known = set(names)
     graph: dict[str, set[str]] = {}
     for name, path in names.items():
@@ -120,8 +124,7 @@ def import_time_graph() -> dict[str, set[str]]:
     the root package nor the importer's own packages. A cycle here fails whichever of its modules a process imports
     first (a name taken from a module still half made), whatever `import_graph`, which sees a package's modules
     and not its `__init__`'s own imports as one, says."""
-    paths = sorted(PACKAGE.rglob("*.py"))
-    names = {module_name(path): path for path in paths}
+    names = _modules()
     known = set(names)
     graph: dict[str, set[str]] = {}
     for name, path in names.items():

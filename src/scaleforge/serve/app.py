@@ -667,26 +667,36 @@ class ServingApp:
             why = f"{card.name} is served with --backend {self.settings.backend}: completions need --backend torch"
         return self.metrics.refuse("invalid", 400, why, openai=True)
 
+    def hung(self) -> str | None:
+        """Why the model is taken for hung (a batch, or a language model's decoding step, has outlived
+        --batch-timeout-s), or None."""
+        if self.batcher.hung:
+            return self.batcher.hung_message()
+        if self.completions is not None and self.completions.loop.hung:
+            return self.completions.loop.hung_message()
+        return None
+
     async def live(self) -> Response:
         """200 while the process answers and its model answers its batches (and a language model its decoding
         steps) within --batch-timeout-s; 503 while a batch or a step on the model's thread has outlived it (requests
         get 503 too, until the model answers)."""
-        if self.batcher.hung:
-            return _error(503, self.batcher.hung_message())
-        if self.completions is not None and self.completions.loop.hung:
-            return _error(503, self.completions.loop.hung_message())
-        return _Json({"status": "live"})
+        hung = self.hung()
+        return _Json({"status": "live"}) if hung is None else _error(503, hung)
 
     async def ready(self) -> Response:
         """200 once the model is loaded and serving; 503 before, and while draining for shutdown."""
-        state = self.api.state
-        if state.ready and not state.draining:
-            return _Json({"status": "ready"})
-        return _error(503, "draining" if state.draining else "loading")
+        return readiness(self.api.state)
 
     async def prometheus(self) -> PlainTextResponse:
         """Prometheus text exposition."""
         return PlainTextResponse(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def readiness(state: Any) -> Response:
+    """`/health/ready`'s answer for an application's `state`: 200 once serving, 503 before and while draining."""
+    if state.ready and not state.draining:
+        return _Json({"status": "ready"})
+    return _error(503, "draining" if state.draining else "loading")
 
 
 def create_app(

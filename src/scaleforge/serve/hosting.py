@@ -55,6 +55,7 @@ from scaleforge.serve.app import (
     ServingApp,
     _error,
     _Json,
+    readiness,
 )
 from scaleforge.serve.completions import openai_error
 from scaleforge.serve.feedback import Feedback, FeedbackError
@@ -91,9 +92,6 @@ class Hosted:
     settings: ServeSettings | None = None  # what it was loaded with: loaded again if its batching changes
     replacement: Hosted | None = None  # a new copy loading to take its place (its files or batching changed)
     _lifespan: contextlib.AsyncExitStack | None = field(default=None, repr=False)
-
-    def settings_or(self, default: ServeSettings) -> ServeSettings:
-        return self.settings or default
 
 
 class Hosting:
@@ -293,7 +291,7 @@ class Hosting:
         """Stop routing to `hosted`, let the requests it has end, then close it (an error closing it is printed,
         and it is gone all the same)."""
         hosted.state = "draining"
-        deadline = time.monotonic() + max(30.0, 2 * hosted.settings_or(self.settings).timeout_ms / 1000)
+        deadline = time.monotonic() + max(30.0, 2 * (hosted.settings or self.settings).timeout_ms / 1000)
         try:
             while hosted.in_flight and time.monotonic() < deadline:
                 await asyncio.sleep(DRAIN_POLL_S)
@@ -599,8 +597,7 @@ class Hosting:
         if metric not in (None, "accuracy", "reward"):
             return self.metrics.refuse("invalid", 422, f"metric: accuracy or reward, not {metric!r}")
         try:
-            served = sorted(h.version for h in self.hosted.values() if h.model == name and h.state == "ready")
-            report = self.feedback.report(name, served, metric=metric, control=control, mde=mde)  # type: ignore[arg-type]
+            report = self.feedback.report(name, self.ready_versions(name), metric=metric, control=control, mde=mde)  # type: ignore[arg-type]
         except UsageError as error:
             return self.metrics.refuse("invalid", 422, str(error))
         return _Json({"model": name, **report.to_dict(), "table": report.table()})
@@ -616,20 +613,13 @@ class Hosting:
         """200 while every loaded version answers its batches (and a language model its decoding steps) within
         --batch-timeout-s; else 503 naming the version."""
         for hosted in list(self.hosted.values()):
-            app = hosted.app
-            if app is None:
-                continue
-            if app.batcher.hung:
-                return _error(503, f"{hosted.model} version {hosted.version}: {app.batcher.hung_message()}")
-            if app.completions is not None and app.completions.loop.hung:
-                return _error(503, f"{hosted.model} version {hosted.version}: {app.completions.loop.hung_message()}")
+            hung = hosted.app.hung() if hosted.app is not None else None
+            if hung is not None:
+                return _error(503, f"{hosted.model} version {hosted.version}: {hung}")
         return _Json({"status": "live"})
 
     async def ready(self) -> Response:
-        state = self.api.state
-        if state.ready and not state.draining:
-            return _Json({"status": "ready"})
-        return _error(503, "draining" if state.draining else "loading")
+        return readiness(self.api.state)
 
     # ---- the Open Inference Protocol (KServe v2, Triton's HTTP/REST API) -------------------------------------
 
