@@ -479,6 +479,26 @@ def test_the_model_process_is_restarted_when_it_dies_and_ends_with_the_server(sl
     assert third in started and all(gone(pid) for pid in started)  # SIGTERM to the server ended them all
 
 
+def test_two_workers_run_two_batches_at_once_and_end_with_the_server(slow_run: Path) -> None:
+    flags = ("--threads", "1", "--workers", "2", "--trust-code", "--max-batch-size", "1")
+
+    async def four(url: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            return await asyncio.gather(*(client.post("/v1/predict", json={"inputs": [IMAGE]}) for _ in range(4)))
+
+    with server(slow_run, *flags) as (url, process):
+        workers = {pid for pid in children(process.pid) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()}
+        answers = asyncio.run(four(url))  # each batch takes 0.5 s: the second starts while the first runs
+        text = httpx.get(f"{url}/metrics").text
+        process.kill()
+        process.wait(timeout=30)
+        assert [pid for pid in workers if not gone(pid, within_s=10)] == []
+    assert len(workers) == 2 and [answer.status_code for answer in answers] == [200] * 4
+    assert len({json.dumps(answer.json()["outputs"]) for answer in answers}) == 1  # the same weights in both
+    batches = [metric(text, "scaleforge_model_process_batches_total", process=str(index)) for index in (0, 1)]
+    assert sum(batches) == 4 and min(batches) >= 1, batches
+
+
 def test_a_model_process_that_hangs_is_restarted_and_its_batch_refused(slow_run: Path) -> None:
     # every batch sleeps 0.5 s: past a 0.2 s batch timeout, it is taken for hung
     with server(slow_run, *SLOW, "--batch-timeout-s", "0.2") as (url, process):
@@ -579,7 +599,7 @@ def test_bench_serve_prints_its_table_and_plot(digits_run: Path, tmp_path: Path)
     out = tmp_path / "bench"
     command = [sys.executable, "-m", "scaleforge", "bench", "serve", str(digits_run), "--concurrency", "1,4"]
     command += ["--requests", "40", "--seconds", "5", "--overload", "2", "--repeats", "2", "--no-litserve"]
-    command += ["--beside-large", "2", "--out", str(out)]
+    command += ["--beside-large", "2", "--workers", "2", "--out", str(out)]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=240, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads((out / "serve.json").read_text())
@@ -592,6 +612,7 @@ def test_bench_serve_prints_its_table_and_plot(digits_run: Path, tmp_path: Path)
     bounded, load = loads[-1]  # the same overload, on a server told to keep twice the unloaded p99
     assert bounded.startswith("scaleforge, batching, --latency-target-ms ") and load.startswith("2x capacity")
     servers = {"scaleforge, batching", "scaleforge, batch 1", "bare FastAPI, constant", bounded}
+    servers |= {"scaleforge, batching, 2 workers", "2 servers, one port (SO_REUSEPORT)"}
     assert {target for target, _ in loads} == servers
     closed = [level for level in report["levels"] if level["load"].endswith("in flight")]
     assert all(level["statuses"] == {"200": 40} and level["p99_ms"] > 0 for level in closed)
@@ -620,6 +641,8 @@ def test_bad_serve_arguments_are_one_line_and_exit_2(digits_run: Path, tmp_path:
             ((str(digits_run), "--device", "tpu"), "--device: 'tpu' is not a device"),
             ((str(digits_run), "--backend", "onnxruntime", "--onnx", str(tmp_path / "x.onnx")), "--format onnx"),
             ((str(digits_run), "--onnx", str(tmp_path / "x.onnx")), "--onnx applies to --backend onnxruntime"),
+            ((str(digits_run), "--workers", "2", "--no-model-process"), "--no-model-process runs it beside HTTP"),
+            ((str(digits_run), "--workers", "0"), "--workers: expected a positive"),
             (
                 (str(digits_run), "--backend", "onnxruntime", "--signing-key-env", "KEY"),
                 "--signing-key-env checks final/, not the exported ONNX file",

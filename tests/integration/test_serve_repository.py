@@ -26,7 +26,7 @@ from scaleforge.data.digits import digits
 from scaleforge.runs import write_manifest
 from scaleforge.training.trainer import train
 from tests.conftest import REPO, until
-from tests.integration.test_serve import metric, png
+from tests.integration.test_serve import children, metric, png
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -222,6 +222,7 @@ def test_bad_repository_arguments_are_one_line_and_exit_2(tmp_path: Path, runs: 
         ((str(runs["a"]), "--repository", str(tmp_path)), "give a RUN_DIR to serve one run, or --repository DIR"),
         (("--repository", str(tmp_path / "missing")), f"--repository {tmp_path / 'missing'}: not a folder"),
         (("--repository", str(tmp_path), "--model-process"), "--model-process applies to one run"),
+        (("--repository", str(tmp_path), "--workers", "2", "--no-model-process"), "--workers 2 serves the model"),
         (("--repository", str(tmp_path), "--backend", "onnxruntime"), "--backend onnxruntime applies to one run"),
         ((str(runs["a"]), "--default-model", "digits"), "--default-model applies to --repository"),
         (("--repository", str(tmp_path), "--poll-s", "-1"), "--poll-s: expected a non-negative number"),
@@ -409,3 +410,64 @@ def test_an_admin_reload_picks_up_a_new_version_at_once_behind_the_api_key(
         assert reloaded.status_code == 200 and reloaded.json()["loading"] == ["digits/2"]
         listing = httpx.get(f"{url}/v1/models", headers=headers).json()
         assert versions_of(listing, "digits")[2]["state"] in ("loading", "ready")
+
+
+def test_two_workers_keep_one_count_of_requests_and_feedback(tmp_path: Path, runs: dict[str, Path]) -> None:
+    root = tmp_path / "models"
+    shutil.copytree(runs["weak"], root / "ab" / "1")
+    shutil.copytree(runs["strong"], root / "ab" / "2")
+    (root / "ab" / "serving.yaml").write_text("traffic: {1: 50, 2: 50}\n")
+    shutil.copytree(runs["gpt"], root / "gpt" / "1")  # a language model: decoded in the server's process
+    images, labels = digits().val.inputs, digits().val.targets
+    answered: Counter[int] = Counter()
+    correct: Counter[int] = Counter()
+    lock = threading.Lock()
+
+    def client(url: str, offset: int) -> None:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            for start in range(offset, offset + 4 * 40, 4):
+                rows = [index % len(labels) for index in range(start, start + 4)]
+                answer = http.post("/v1/models/ab/predict", json={"inputs": images[rows].tolist()})
+                assert answer.status_code == 200, answer.text
+                body = answer.json()
+                right = sum(
+                    out["top_class"] == int(label) for out, label in zip(body["outputs"], labels[rows], strict=True)
+                )
+                given = http.post(
+                    "/v1/feedback", json={"request_id": body["request_id"], "label": labels[rows].tolist()}
+                )
+                assert given.status_code == 200, given.text
+                with lock:
+                    answered[body["model_version"]] += 1
+                    correct[body["model_version"]] += right
+
+    serving = repository_server(root, "--poll-s", "0", "--workers", "2")
+    with serving as url:
+        server = serving.process.pid
+        workers = [pid for pid in children(server) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+        clients = [threading.Thread(target=client, args=(url, 1000 * index)) for index in range(4)]
+        for thread in clients:
+            thread.start()
+        for thread in clients:
+            thread.join()
+        report = httpx.get(f"{url}/v1/models/ab/ab", params={"control": 1}).json()
+        text = httpx.get(f"{url}/metrics").text
+        completion = httpx.post(f"{url}/v1/completions", json={"model": "gpt", "prompt": "the", "max_tokens": 3})
+    assert len(workers) == 4  # two model processes for each digits version, none for the language model
+    assert completion.status_code == 200 and completion.json()["model"] == "gpt"
+    rows = {int(row["version"]): row for row in report["versions"]}
+    assert sum(answered.values()) == 160 and set(answered) == {1, 2}
+    for version in (1, 2):  # every request and every outcome counted once, by the one process that keeps them
+        assert rows[version]["requests"] == answered[version] and rows[version]["outcomes"] == 4 * answered[version]
+        assert rows[version]["value"] == pytest.approx(correct[version] / (4 * answered[version]))
+        batches = [
+            metric(
+                text,
+                "scaleforge_version_model_process_batches_total",
+                model="ab",
+                model_version=str(version),
+                process=str(index),
+            )
+            for index in (0, 1)
+        ]
+        assert 1 <= sum(batches) <= answered[version]  # batches of one or more requests, over the two processes

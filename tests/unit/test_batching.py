@@ -458,3 +458,56 @@ def test_a_batch_past_hung_after_s_fails_with_the_queue_and_refuses_new_requests
         assert model.batches == [[1], [4]]  # the refused ones never ran
 
     run(scenario())
+
+
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_with_parallel_slots_that_many_batches_run_at_once_and_no_more(parallel: int) -> None:
+    running, most = 0, 0
+    lock = threading.Lock()
+    both = threading.Barrier(2, timeout=1.0)  # a batch waits here for a second one to run beside it
+
+    def model(instances: list[int]) -> list[int]:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        try:
+            with contextlib.suppress(threading.BrokenBarrierError):
+                both.wait()
+            time.sleep(0.05)
+            return [2 * instance for instance in instances]
+        finally:
+            with lock:
+                running -= 1
+
+    async def scenario() -> tuple[list, float]:
+        b = Batcher(model, max_batch_size=2, max_delay_s=0.0, max_queue=100, timeout_s=30.0, parallel=parallel)
+        b.start()
+        results = await asyncio.gather(*(b.submit([i]) for i in range(12)))
+        wait = b.expected_wait_s(2)
+        await b.close()
+        return results, wait
+
+    results, _ = run(scenario())
+    assert [result.outputs for result in results] == [[2 * i] for i in range(12)]
+    assert most == parallel  # the pool's processes all busy, never one batch too many
+
+
+def test_the_wait_a_request_faces_is_shared_among_parallel_slots() -> None:
+    async def wait_for(parallel: int) -> float:
+        model = RecordingModel()
+        model.release.clear()
+        b = batcher(model, max_batch_size=2, parallel=parallel)
+        b._batch_seconds, b._batch_size = 0.1, 2.0  # as if recent batches took 0.1 s for 2 instances
+        b.start()
+        pending = [asyncio.ensure_future(b.submit([i])) for i in range(8)]
+        while len(model.started) < parallel:  # every slot busy
+            await asyncio.sleep(0.01)
+        wait = b.expected_wait_s(2)
+        model.release.set()
+        await asyncio.gather(*pending)
+        await b.close()
+        return wait
+
+    one, two = run(wait_for(1)), run(wait_for(2))
+    assert one > 0 and two < one  # the queue ahead drains through two slots at once

@@ -70,3 +70,32 @@ def test_answers_that_are_not_classes_take_rewards_only() -> None:
     feedback.outcome(request, reward=1.0)
     report = feedback.report("regressor", [1, 2], mde=0.5)
     assert [row.version for row in report.rows] == ["1", "2"] and report.metric == "reward"
+
+
+def test_ab_report_merges_several_servers_logs_in_time_order(tmp_path, cli) -> None:  # noqa: ANN001
+    import json
+    import random
+
+    rng = random.Random(0)
+    events = []
+    for index in range(600):  # version 2 ahead at first, behind later: the always-valid p-value depends on the order
+        version = 1 + index % 2
+        chance = {1: 0.5, 2: 0.9} if index < 300 else {1: 0.8, 2: 0.3}
+        events.append({"event": "request", "model": "m", "version": version})
+        events.append({"event": "label", "model": "m", "version": version, "right": [rng.random() < chance[version]]})
+    lines = [json.dumps({"time": 1000.0 + number, **event}) + "\n" for number, event in enumerate(events)]
+    whole, first, second = tmp_path / "whole.jsonl", tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    whole.write_text("".join(lines))
+    picks = [rng.random() < 0.5 for _ in lines]  # each event written by one of two servers
+    first.write_text("".join(line for line, pick in zip(lines, picks, strict=True) if pick))
+    second.write_text("".join(line for line, pick in zip(lines, picks, strict=True) if not pick))
+    one = cli("ab", "report", str(whole), "--control", "1", "--look-every", "20", "--json")
+    both = cli("ab", "report", str(second), str(first), "--control", "1", "--look-every", "20", "--json")
+    assert one.code == both.code == 0
+    assert json.loads(both.out) == json.loads(one.out)  # the same looks, in the same order, as one log gives
+    assert {row["version"]: row["requests"] for row in json.loads(both.out)["versions"]} == {"1": 300, "2": 300}
+    (tmp_path / "bad.jsonl").write_text(lines[0] + '{"event": "request", "model": "m", "version": 1}\n')
+    untimed = cli("ab", "report", str(first), str(tmp_path / "bad.jsonl"))
+    mixed = cli("ab", "report", "http://127.0.0.1:9", str(first))
+    assert untimed.code == 2 and f"{tmp_path / 'bad.jsonl'}, line 2: not an event" in untimed.err
+    assert mixed.code == 2 and "give one server's URL, or feedback logs" in mixed.err

@@ -93,18 +93,21 @@ def free_port() -> int:
 
 
 def targets(
-    run_dir: str, *, max_batch_size: int, max_delay_ms: float, litserve: bool, trust: Trust = UNTRUSTED
+    run_dir: str,
+    *,
+    max_batch_size: int,
+    max_delay_ms: float,
+    litserve: bool,
+    trust: Trust = UNTRUSTED,
+    workers: Sequence[int] = (),
 ) -> list[Target]:
-    """The servers to compare, each on a port of its own, each opening the run with `trust`."""
+    """The servers to compare, each on a port of its own, each opening the run with `trust`; for each count of
+    `workers`, scaleforge with that many model processes and that many whole servers sharing a port."""
     # the server's own queue bound and deadline: the closed-loop levels never fill the queue; the overload does
     serve = [sys.executable, "-m", "scaleforge", "serve", run_dir, "--port", "{port}", *trust_flags(trust)]
+    batching = [*serve, "--max-batch-size", str(max_batch_size), "--max-delay-ms", str(max_delay_ms)]
     found = [
-        Target(
-            "scaleforge, batching",
-            [*serve, "--max-batch-size", str(max_batch_size), "--max-delay-ms", str(max_delay_ms)],
-            "/v1/predict",
-            "/health/ready",
-        ),
+        Target("scaleforge, batching", batching, "/v1/predict", "/health/ready"),
         Target(
             "scaleforge, batch 1",
             [*serve, "--max-batch-size", "1", "--max-delay-ms", "0"],
@@ -118,6 +121,8 @@ def targets(
             "/health/ready",
         ),
     ]
+    for count in workers:
+        found += _scaled_out(count, batching, [run_dir, str(max_batch_size), str(max_delay_ms)], trust)
     if litserve:
         found.append(
             Target(
@@ -138,6 +143,26 @@ def targets(
             )
         )
     return found
+
+
+def _scaled_out(count: int, batching: list[str], run: list[str], trust: Trust) -> list[Target]:
+    """scaleforge with `--workers count` (`batching`: its command but that flag), and `count` whole servers on
+    one port (`run`: the run directory, batch size and delay, as `serve_targets reuseport` takes them)."""
+    reuseport = [sys.executable, "-m", "scaleforge.bench.serve_targets", "reuseport", "{port}", *run, str(count)]
+    return [
+        Target(
+            f"scaleforge, batching, {count} workers",
+            [*batching, "--workers", str(count)],
+            "/v1/predict",
+            "/health/ready",
+        ),
+        Target(
+            f"{count} servers, one port (SO_REUSEPORT)",
+            [*reuseport, *trust_flags(trust)],
+            "/v1/predict",
+            "/health/ready",
+        ),
+    ]
 
 
 @dataclass
@@ -334,6 +359,7 @@ def run_serve_benchmark(
     repeats: int = 1,
     beside_large: int = 0,
     trust: Trust = UNTRUSTED,
+    workers: Sequence[int] = (),
 ) -> dict[str, Any]:
     """Measure every target at every level (`repeats` times, in turn, reporting the median run) and, with
     `beside_large`, that many small requests in flight alone and beside large bodies; print and return the
@@ -345,7 +371,14 @@ def run_serve_benchmark(
     workload = Workload(body, concurrency, requests, seconds, repeats, overload)
     litserve = litserve and _litserve_installed()
     out.mkdir(parents=True, exist_ok=True)
-    found = targets(run_dir, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms, litserve=litserve, trust=trust)
+    found = targets(
+        run_dir,
+        max_batch_size=max_batch_size,
+        max_delay_ms=max_delay_ms,
+        litserve=litserve,
+        trust=trust,
+        workers=workers,
+    )
     batching = found[0]  # scaleforge with batching: the server that the overload and the large bodies go to
     large: dict[str, Any] | None = None
     with contextlib.ExitStack() as stack:

@@ -4,11 +4,19 @@
 - `bare`: a FastAPI endpoint on uvicorn that answers every `POST /v1/predict` with a constant, no model: the
   ceiling of the load generator and of the HTTP stack on this machine;
 - `litserve`: the same model behind LitServe (the optional `bench` extra), through the same `ServedModel`
-  contract, with the same batch size and delay.
+  contract, with the same batch size and delay;
+- `reuseport`: `scaleforge serve --workers`'s alternative, `python -m scaleforge.bench.serve_targets reuseport
+  PORT RUN_DIR MAX_BATCH_SIZE MAX_DELAY_MS COUNT [TRUST FLAGS]`: COUNT whole scaleforge servers, each with the
+  model on its thread and the cores shared out, listening on one port (SO_REUSEPORT: the kernel spreads the
+  connections). Nothing is shared between them, so this is the ceiling of that design: request ids, feedback
+  and A/B counts, and reloads would also need a store the servers share, which costs more.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import signal
+import socket
 import sys
 from typing import Any
 
@@ -40,6 +48,72 @@ def run_litserve(port: int, run_dir: str, max_batch_size: int, max_delay_ms: flo
     api = ScaleforgeLitAPI(run_dir, trust, max_batch_size=max_batch_size, batch_timeout=max_delay_ms / 1000)
     server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=30)
     server.run(host="127.0.0.1", port=port, generate_client_file=False)
+
+
+def run_reuseport(
+    port: int, run_dir: str, max_batch_size: int, max_delay_ms: float, count: int, trust_flags: list[str]
+) -> None:
+    """`count` servers of the run on `port`, each loading the model before any listens (so that none gets
+    connections while another still loads); returns when they have all ended."""
+    from scaleforge.processes import ParentDeathGuard
+
+    context = multiprocessing.get_context("spawn")
+    loaded = context.Barrier(count)
+    servers = [
+        context.Process(
+            target=_one_of_many,
+            args=(
+                ParentDeathGuard(signal.SIGKILL),
+                loaded,
+                port,
+                run_dir,
+                max_batch_size,
+                max_delay_ms,
+                count,
+                trust_flags,
+            ),
+        )
+        for _ in range(count)
+    ]
+    for server in servers:
+        server.start()
+    signal.signal(signal.SIGTERM, lambda *_: [server.terminate() for server in servers])
+    for server in servers:
+        server.join()
+
+
+def _one_of_many(
+    guard: Any,
+    loaded: Any,
+    port: int,
+    run_dir: str,
+    max_batch_size: int,
+    max_delay_ms: float,
+    count: int,
+    trust_flags: list[str],
+) -> None:
+    guard()
+    import uvicorn
+
+    from scaleforge.runs import Trust
+    from scaleforge.serve.app import create_app
+    from scaleforge.serve.model import ServedModel, cpu_cores
+    from scaleforge.serve.server import _config
+    from scaleforge.serve.settings import ServeSettings
+    from scaleforge.serve.worker import freeze_garbage
+
+    signing = trust_flags[trust_flags.index("--signing-key-env") + 1] if "--signing-key-env" in trust_flags else None
+    model = ServedModel(run_dir, trust=Trust("--trust-code" in trust_flags, signing))
+    settings = ServeSettings(port=port, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms)
+    model.prepare(max(1, cpu_cores() // count), max_batch_size, time_batches=False)
+    gate = create_app(model, settings)
+    loaded.wait()
+    listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    listening.bind(("127.0.0.1", port))
+    freeze_garbage()
+    uvicorn.Server(_config(gate, settings)).run(sockets=[listening])
 
 
 try:
@@ -83,5 +157,7 @@ if __name__ == "__main__":
     kind, port = sys.argv[1], int(sys.argv[2])
     if kind == "bare":
         run_bare(port)
+    elif kind == "reuseport":
+        run_reuseport(port, sys.argv[3], int(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6]), sys.argv[7:])
     else:
         run_litserve(port, sys.argv[3], int(sys.argv[4]), float(sys.argv[5]), sys.argv[6:])

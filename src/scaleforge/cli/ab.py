@@ -1,14 +1,18 @@
 """`scaleforge ab report URL_OR_LOG`: the A/B report of a served model's versions, from a running server
-(`GET /v1/models/{name}/ab`) or from the feedback log a server wrote (`--feedback-log`)."""
+(`GET /v1/models/{name}/ab`) or from the feedback logs servers wrote (`--feedback-log`), several merged in time
+order."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import heapq
 import json
 import os
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +31,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     ab = commands.add_parser("ab", help="A/B tests of a served model's versions")
     subcommands = ab.add_subparsers(dest="ab_command", required=True, parser_class=Parser)
     report = subcommands.add_parser("report", help="the A/B report of a model's versions", description=DESCRIPTION)
-    report.add_argument("source", metavar="URL_OR_LOG", help="a server's URL (http://...), or a feedback log file")
+    report.add_argument(
+        "source",
+        metavar="URL_OR_LOG",
+        nargs="+",
+        help="a server's URL (http://...), or one or more feedback log files (several servers' logs are merged in "
+        "time order, as one server would have seen them)",
+    )
     report.add_argument("--model", metavar="NAME", help="the model (default: the only one)")
     report.add_argument("--control", type=positive_int, metavar="VERSION", help="default: most requests")
     report.add_argument("--mde", type=positive_float, help="the minimum effect worth detecting (default: 0.02)")
@@ -42,7 +52,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 def cmd_ab_report(args: argparse.Namespace) -> int:
     """Print the report; exit 0."""
-    report = _from_server(args) if args.source.startswith(("http://", "https://")) else _from_log(args)
+    urls = [source for source in args.source if source.startswith(("http://", "https://"))]
+    if urls and len(args.source) > 1:
+        raise UsageError(
+            f"give one server's URL, or feedback logs; not {len(args.source)} sources with a URL among them"
+        )
+    report = _from_server(args, urls[0]) if urls else _from_logs(args)
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
@@ -55,8 +70,8 @@ def cmd_ab_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _from_server(args: argparse.Namespace) -> dict[str, Any]:
-    url = args.source.rstrip("/")
+def _from_server(args: argparse.Namespace, source: str) -> dict[str, Any]:
+    url = source.rstrip("/")
     if "/v1/models/" not in url:
         model = args.model or _only_model(url, args)
         url = f"{url}/v1/models/{urllib.parse.quote(model)}/ab"
@@ -89,15 +104,37 @@ def _get(url: str, args: argparse.Namespace) -> Any:
         raise UsageError(f"{url}: cannot be reached ({getattr(error, 'reason', error)})") from None
 
 
-def _from_log(args: argparse.Namespace) -> dict[str, Any]:
+def _from_logs(args: argparse.Namespace) -> dict[str, Any]:
+    """The report of the feedback logs `args.source`, one server's each, their events merged in time order."""
     from scaleforge.serve.feedback import replay
 
-    path = Path(args.source)
-    try:
-        with path.open(encoding="utf-8") as lines:
-            options = {"metric": args.metric, "control": args.control, "mde": args.mde}
-            feedback, model = replay(lines, args.model, look_every=args.look_every, **options)
-    except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"{path}: cannot be read as a feedback log ({error})") from None
+    options = {"metric": args.metric, "control": args.control, "mde": args.mde}
+    with contextlib.ExitStack() as stack:
+        logs = []
+        for source in args.source:
+            path = Path(source)
+            try:
+                logs.append(_timed_lines(stack.enter_context(path.open(encoding="utf-8")), path))
+            except OSError as error:
+                raise UsageError(f"{path}: cannot be read as a feedback log ({error.strerror or error})") from None
+        try:
+            merged = (line for _, line in heapq.merge(*logs, key=lambda timed: timed[0]))
+            feedback, model = replay(merged, args.model, look_every=args.look_every, **options)
+        except (OSError, UnicodeDecodeError) as error:
+            raise UsageError(f"{' '.join(args.source)}: cannot be read as feedback logs ({error})") from None
     report = feedback.report(model, **options)
     return {"model": model, **report.to_dict(), "table": report.table()}
+
+
+def _timed_lines(lines: Iterator[str], path: Path) -> Iterator[tuple[float, str]]:
+    """A log's lines with the time each event was written (a server writes them in time order)."""
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            when = float(json.loads(line)["time"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise UsageError(
+                f"{path}, line {number}: not an event of a feedback log ({type(error).__name__})"
+            ) from None
+        yield when, line

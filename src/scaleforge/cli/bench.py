@@ -191,6 +191,14 @@ def _serve(benchmarks: argparse._SubParsersAction) -> None:
         help="N small requests in flight alone, then beside a client sending full batches (large bodies), on "
         "scaleforge with batching: their p99 with and without (0: skip)",
     )
+    serve.add_argument(
+        "--workers",
+        type=comma_separated(positive_int),
+        default=[],
+        metavar="N,N,...",
+        help="also scaleforge with --workers N (one HTTP process, N model processes), and N whole servers sharing "
+        "the port (SO_REUSEPORT, nothing shared between them), for each N",
+    )
     serve.add_argument("--no-litserve", action="store_true", help="skip LitServe even if installed")
     serve.add_argument("--out", default="runs/bench-serve", help="where logs, JSON and the plot go")
     json_argument(serve)
@@ -372,6 +380,7 @@ def cmd_bench_serve(args: argparse.Namespace) -> int:
         out=Path(args.out),
         as_json=args.json,
         trust=trust(args),
+        workers=args.workers,
     )
     return 0
 

@@ -42,7 +42,8 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from pydantic import BaseModel, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -61,7 +62,7 @@ from scaleforge.serve.completions import (
 )
 from scaleforge.serve.model import MAX_IMAGE_BYTES, InvalidInput, OnnxRuntimeModel, ServedModel
 from scaleforge.serve.settings import ServeSettings
-from scaleforge.serve.worker import ModelFailed, WorkerDied
+from scaleforge.serve.worker import ModelFailed, ModelPool, WorkerDied
 
 Scope = MutableMapping[str, Any]
 # told a request's outputs once answered: the fields and headers to add to its answer (a request id, say)
@@ -308,6 +309,21 @@ class GpuCollector:
             yield GaugeMetricFamily(name, description, value=value)
 
 
+class _PoolBatches(Collector):
+    """`scaleforge_model_process_batches_total{process="i"}`: the batches each model process of a pool answered."""
+
+    def __init__(self, pool: ModelPool) -> None:
+        self.pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "scaleforge_model_process_batches", "batches answered, by model process (--workers)", labels=["process"]
+        )
+        for index, count in enumerate(self.pool.batches):
+            family.add_metric([str(index)], count)
+        yield family
+
+
 class _ResultCache:
     """An LRU of outputs keyed by model version and an instance's bytes."""
 
@@ -411,7 +427,10 @@ class ServingApp:
             timed_batches=timed_batches,
             # a model process is watched by `ModelProcess`, which restarts it; a thread cannot be stopped, only awaited
             hung_after_s=settings.batch_timeout_s if run_batch is None else 0.0,
+            parallel=len(run_batch.processes) if isinstance(run_batch, ModelPool) else 1,
         )
+        if isinstance(run_batch, ModelPool):
+            self.metrics.registry.register(_PoolBatches(run_batch))
         self.metrics.queue_depth.set_function(lambda: self.batcher.queued)
         self.cache = _ResultCache(settings.cache_size, model.card.version) if settings.cache_size > 0 else None
         self.decoder = BodyDecoder(model, settings.max_batch_size)
@@ -709,8 +728,8 @@ def create_app(
     fast_path: bool = True,
 ) -> Gate:
     """The application serving `model` (already loaded) with `settings`: FastAPI behind the `Gate` (see
-    `ServingApp`). Batches run in `run_batch` (a `ModelProcess`, say; `model.answer` on the model's thread by
-    default); `fast_path=False` sends every request through FastAPI's routes."""
+    `ServingApp`). Batches run in `run_batch` (a `ModelPool` of model processes, say; `model.answer` on the model's
+    thread by default); `fast_path=False` sends every request through FastAPI's routes."""
     return ServingApp(model, settings, run_batch, load_seconds, timed_batches).gate(fast_path=fast_path)
 
 

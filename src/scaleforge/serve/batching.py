@@ -12,7 +12,8 @@ refused at once when the work queued before it would take longer than `timeout_s
 batches): it would only wait to be refused, and the requests that are admitted keep their latency. A batch
 that the model has not answered within `hung_after_s` fails its requests and those queued (`ModelHung`), and
 new ones are refused the same way until the model answers it: a model's thread cannot be stopped, and
-requests behind it would only wait for their deadlines.
+requests behind it would only wait for their deadlines. With `parallel` > 1 (a pool of model processes), up to
+that many batches run at once, each on a thread of its own: the next batch gathers while a slot is free.
 """
 
 from __future__ import annotations
@@ -130,10 +131,15 @@ class Batcher:
         latency_target_s: float = 0.0,
         timed_batches: Sequence[tuple[int, float]] = (),
         hung_after_s: float = 0.0,
+        parallel: int = 1,
     ) -> None:
-        if min(max_batch_size, max_queue) < 1 or min(max_delay_s, latency_target_s, hung_after_s) < 0 or timeout_s <= 0:
+        if (
+            min(max_batch_size, max_queue, parallel) < 1
+            or min(max_delay_s, latency_target_s, hung_after_s) < 0
+            or timeout_s <= 0
+        ):
             raise ValueError(
-                "max_batch_size and max_queue must be at least 1, max_delay_s >= 0, timeout_s > 0, "
+                "max_batch_size, max_queue and parallel must be at least 1, max_delay_s >= 0, timeout_s > 0, "
                 "latency_target_s >= 0, hung_after_s >= 0"
             )
         self.latency_target_s = latency_target_s
@@ -152,11 +158,13 @@ class Batcher:
         self.queued = 0  # requests waiting for a batch
         self._queued_rows = 0  # their instances
         self._arrival = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")  # the model's own thread
+        self.parallel = parallel  # batches run at once
+        # the model's own thread (one for each batch that may run at once)
+        self._executor = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="model")
         self._loop_task: asyncio.Task[None] | None = None
         self._closing = False
-        self.running = 0  # instances in the batch being run
-        self._running_since = 0.0
+        self.running = 0  # instances in the batches being run
+        self._batches: dict[int, tuple[float, int]] = {}  # the running batches' starts and rows, by id
         # moving averages over recent batches, for the wait a new request would face (None: none has run yet)
         self._batch_seconds: float | None = None
         self._batch_size = 1.0
@@ -256,7 +264,8 @@ class Batcher:
         if self._batch_seconds is None:
             return 0.0
         ahead = max(0.0, (self._queued_rows + instances) / max(1.0, self._batch_size) - 1)
-        return (ahead + (1 if self.running else 0)) * self._batch_seconds
+        busy = 1 if len(self._batches) >= self.parallel else 0  # no slot free: the first to end frees one
+        return (ahead / self.parallel + busy) * self._batch_seconds
 
     def batch_rows(self) -> int:
         """The most rows the next batch may hold: `max_batch_size`, or fewer to keep `latency_target_s`."""
@@ -270,10 +279,11 @@ class Batcher:
         the queue and them (by the fitted `cost`)."""
         rows = self.batch_rows()
         running = 0.0
-        if self.running:
-            running = max(0.0, self._running_since + self.cost.seconds(self.running) - time.perf_counter())
+        if len(self._batches) >= self.parallel:  # until the first running batch ends
+            now = time.perf_counter()
+            running = min(max(0.0, since + self.cost.seconds(n) - now) for since, n in self._batches.values())
         batches = -(-(self._queued_rows + instances) // rows)  # ceiling
-        return running + batches * self.cost.seconds(rows)
+        return running + -(-batches // self.parallel) * self.cost.seconds(rows)
 
     def _leave_queue(self, ticket: Ticket, state: str) -> bool:
         """Take `ticket` out of the queue's counts, as `state`; False if it was not queued."""
@@ -289,22 +299,36 @@ class Batcher:
             ticket.future.set_exception(DeadlineExceeded(f"queued for more than {self.timeout_s * 1000:g} ms"))
 
     async def _batch_loop(self) -> None:
+        slots = asyncio.Semaphore(self.parallel)  # a batch gathers only while one may start
+        runs: set[asyncio.Task[None]] = set()
         while True:
+            await slots.acquire()
             batch = await self._next_batch()
             if not batch:
-                return  # closing, and nothing left
-            try:
-                await self._run(batch)
-            except Exception as error:  # noqa: BLE001 - the batch's requests fail with it, the loop goes on
-                for ticket in batch:
-                    ticket.state = "done"
-                    if not ticket.future.done():
-                        ticket.future.set_exception(error)
+                break  # closing, and nothing left
+            run = asyncio.get_running_loop().create_task(self._settled(batch))
+            runs.add(run)
+            run.add_done_callback(runs.discard)
+            run.add_done_callback(lambda _: slots.release())
+        if runs:
+            await asyncio.wait(runs)
+
+    async def _settled(self, batch: list[Ticket]) -> None:
+        """Run `batch`; if that raises, its requests fail with the error (and the loop goes on)."""
+        try:
+            await self._run(batch)
+        except Exception as error:  # noqa: BLE001
+            for ticket in batch:
+                ticket.state = "done"
+                if not ticket.future.done():
+                    ticket.future.set_exception(error)
 
     async def _run(self, batch: list[Ticket]) -> None:
         instances = [instance for ticket in batch for instance in ticket.instances]
         started = time.perf_counter()
-        self.running, self._running_since = len(instances), started
+        key = id(batch)
+        self._batches[key] = (started, len(instances))
+        self.running += len(instances)
         try:
             running = asyncio.get_running_loop().run_in_executor(self._executor, self.run_batch, instances)
             if self.hung_after_s:
@@ -314,7 +338,8 @@ class Batcher:
                     return
             outputs = await running
         finally:
-            self.running = 0
+            self.running -= len(instances)
+            del self._batches[key]
         seconds = time.perf_counter() - started
         if self._batch_seconds is None:
             self._batch_seconds, self._batch_size = seconds, float(len(instances))

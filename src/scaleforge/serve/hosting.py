@@ -70,6 +70,7 @@ from scaleforge.serve.repository import (
     weights_of,
 )
 from scaleforge.serve.settings import ServeSettings
+from scaleforge.serve.worker import ModelPool
 
 VersionState = Literal["pending", "loading", "ready", "failed", "draining"]
 DEFAULT_BODY_MB = 64.0  # every endpoint's body limit without --max-body-mb: the models differ in their inputs
@@ -230,16 +231,36 @@ class Hosting:
         hosted = self.hosted.get((model, version))
         return None if hosted is None else hosted.state
 
-    def _loaded(self, final: Path, settings: ServeSettings) -> tuple[ServedModel, list[tuple[int, float]]]:
-        """A version's model, loaded and warmed, on a thread, and its timed batches: one at a time (imports that two
-        threads start at once see each other's modules half made; and warming times the model, which another load
-        would disturb). torch's threads are the process's: each load sets them for its model, the last for all."""
+    def _loaded(
+        self, final: Path, settings: ServeSettings
+    ) -> tuple[ServedModel, list[tuple[int, float]], ModelPool | None]:
+        """A version's model, loaded and warmed, on a thread, its timed batches, and with `workers` > 1 the pool of
+        processes that holds its weights (a language model's stay here: its completions decode in this process).
+        Loaded here one at a time (imports that two threads start at once see each other's modules half made; and
+        warming times the model, which another load would disturb). torch's threads are the process's: each load
+        sets them for its model, the last for all."""
+        timing = settings.latency_target_ms > 0
+        if settings.workers > 1:
+            with self._load_lock:
+                model = ServedModel(final, self.device, weights=False, trust=self.trust)  # the run checked
+            if not model.generates_text:
+                # started from one of the event loop's worker threads, which live as long as the loop: a model
+                # process dies with the thread that started it (`ParentDeathGuard`)
+                pool = ModelPool(
+                    settings.workers,
+                    str(final),
+                    str(self.device),
+                    settings.threads,
+                    settings.max_batch_size,
+                    time_batches=timing,
+                    hung_s=settings.batch_timeout_s,
+                    trust=self.trust,
+                )
+                return model, pool.timed_batches, pool
         with self._load_lock:
             model = ServedModel(final, self.device, trust=self.trust)
-            _, timed = model.prepare(
-                settings.threads, settings.max_batch_size, time_batches=settings.latency_target_ms > 0
-            )
-            return model, timed
+            _, timed = model.prepare(settings.threads, settings.max_batch_size, time_batches=timing)
+            return model, timed, None
 
     def _settings_of(self, name: str) -> ServeSettings:
         serving = self.serving.get(name)
@@ -261,9 +282,12 @@ class Hosting:
         serves on, its error shown, until its files change again."""
         stack = contextlib.AsyncExitStack()
         try:
-            model, timed = await asyncio.to_thread(self._loaded, hosted.path, settings)
+            model, timed, pool = await asyncio.to_thread(self._loaded, hosted.path, settings)
+            if pool is not None:  # closed once the version's batcher has answered what it admitted
+                stack.push_async_callback(asyncio.to_thread, pool.close)
             identity = {"model": hosted.model, "model_version": hosted.version, "digest": model.card.version}
-            app = ServingApp(model, settings, None, model.load_seconds, timed, identity=identity, name=hosted.model)
+            load_seconds = model.load_seconds if pool is None else pool.load_seconds
+            app = ServingApp(model, settings, pool, load_seconds, timed, identity=identity, name=hosted.model)
             await stack.enter_async_context(app.lifespan(app.api))
         except Exception as error:  # noqa: BLE001 - one model's failure leaves the others serving
             await _closed(stack, hosted)

@@ -15,7 +15,7 @@ repository of large models again and again hashes each version once.
     traffic: {1: 90, 2: 10}      # weights of the served versions; default: all to the newest ready one
     sticky_header: X-User-Id     # requests with this header keep to one version (its value hashed)
     shadow: 3                    # a version that gets a copy of the traffic; its answers are recorded, not returned
-    batching: {max_batch_size: 16, max_delay_ms: 2, max_queue: 128, timeout_ms: 1000}
+    batching: {max_batch_size: 16, max_delay_ms: 2, max_queue: 128, timeout_ms: 1000, workers: 2}
 
 `choose_version` picks a version for one request from the weights of the versions ready now.
 """
@@ -56,6 +56,7 @@ class Batching(BaseModel):
     max_delay_ms: float | None = Field(default=None, ge=0)
     max_queue: PositiveInt | None = None
     timeout_ms: float | None = Field(default=None, gt=0)
+    workers: PositiveInt | None = None  # model processes for each version (--workers)
 
     def given(self) -> dict[str, Any]:
         """The options this sets, by name."""

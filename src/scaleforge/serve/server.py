@@ -16,7 +16,7 @@ from scaleforge.hardware import select_device_option
 from scaleforge.runs import Trust
 from scaleforge.serve.app import Gate, ServeSettings, create_app
 from scaleforge.serve.model import ServedModel
-from scaleforge.serve.worker import ModelProcess, freeze_garbage
+from scaleforge.serve.worker import ModelPool, freeze_garbage
 
 
 class DrainingServer(uvicorn.Server):
@@ -67,6 +67,7 @@ def serve(path: str | Path, settings: ServeSettings) -> bool:
     device = select_device_option(settings.device)
     timing = settings.latency_target_ms > 0  # the batcher's cost model starts from timed batches
     trust = Trust(settings.trust_code, settings.signing_key_env)
+    check_workers(settings)
     if settings.backend == "onnxruntime":
         if settings.model_process:
             raise UsageError("--model-process applies to --backend torch (ONNX Runtime runs beside HTTP on a thread)")
@@ -77,7 +78,7 @@ def serve(path: str | Path, settings: ServeSettings) -> bool:
         return _run(_server(model, settings, None, model.load_seconds, threads, timed))
     if settings.onnx is not None:
         raise UsageError("--onnx applies to --backend onnxruntime")
-    if settings.model_process is not True:
+    if settings.model_process is not True and settings.workers == 1:
         model = ServedModel(path, device, trust=trust)  # loaded before the server listens, never per request
         threads, timed = model.prepare(settings.threads, settings.max_batch_size, time_batches=timing)
         # auto: a process of its own for a CPU model whose compute dominates, so that it runs in parallel with
@@ -93,12 +94,15 @@ def serve(path: str | Path, settings: ServeSettings) -> bool:
     else:  # the process chooses the threads and times the batches itself
         model = ServedModel(path, device, weights=False, trust=trust)  # checks the run before a process starts
         if model.generates_text:
+            option = "--model-process" if settings.workers == 1 else f"--workers {settings.workers}"
             raise UsageError(
-                "--model-process: a language model's completions are decoded in the server's process, a step for "
-                "every running sequence at once (continuous batching); leave --model-process out"
+                f"{option}: a language model's completions are decoded in the server's process, a step for "
+                f"every running sequence at once (continuous batching); leave {option.split()[0]} out"
             )
         threads, timed, time_in_process = settings.threads, [], timing
-    worker = ModelProcess(
+    # one model process, or --workers of them (a pool of one is that process, its threads chosen as above)
+    pool = ModelPool(
+        settings.workers,
         str(path),
         str(device),
         threads,
@@ -109,9 +113,9 @@ def serve(path: str | Path, settings: ServeSettings) -> bool:
         trust=trust,
     )
     try:
-        return _run(_server(model, settings, worker, worker.load_seconds, worker.threads, worker.timed_batches))
+        return _run(_server(model, settings, pool, pool.load_seconds, pool.threads, pool.timed_batches))
     finally:
-        worker.close()  # after the drain: every admitted request has its answer
+        pool.close()  # after the drain: every admitted request has its answer
 
 
 def serve_repository(settings: ServeSettings) -> bool:
@@ -132,12 +136,15 @@ def serve_repository(settings: ServeSettings) -> bool:
             raise UsageError(f"{option} applies to one run; a repository's models are served with --backend torch")
     if settings.model_process:
         raise UsageError("--model-process applies to one run; a repository's models run beside the server")
+    check_workers(settings)
     device = select_device_option(settings.device)
     trust = Trust(settings.trust_code, settings.signing_key_env)
     hosting = Hosting(root, settings, device, trust, default_model=settings.default_model, poll_s=settings.poll_s)
     gate = hosting.gate()
     config = _config(gate, settings)
     banner = f"serving the model repository {root} on {device}"
+    if settings.workers > 1:
+        banner += f", each version in {settings.workers} model processes (a language model's in this one)"
     banner += f" (scanned every {settings.poll_s:g} s)" if settings.poll_s else " (scanned on POST /v1/admin/reload)"
     return _run(DrainingServer(config, gate, banner, settings.drain_grace_s))
 
@@ -153,7 +160,7 @@ def _run(server: DrainingServer) -> bool:
 def _server(
     model: ServedModel,
     settings: ServeSettings,
-    worker: ModelProcess | None,
+    worker: ModelPool | None,
     load_seconds: float,
     threads: int,
     timed_batches: list[tuple[int, float]],
@@ -164,7 +171,7 @@ def _server(
     banner = (
         f"serving {card.name} ({card.task}, version {card.version}) on {model.device}, {threads} {settings.backend} "
         "thread"
-        f"{'s' * (threads != 1)}{' in a model process' if worker else ''}, loaded in {load_seconds:.2f}s"
+        f"{'s' * (threads != 1)}{_in_processes(worker)}, loaded in {load_seconds:.2f}s"
         f" | batches of <= {settings.max_batch_size}, delay <= {settings.max_delay_ms:g} ms,"
         f" queue {settings.max_queue}, timeout {settings.timeout_ms:g} ms,"
         f" bodies <= {gate.body_limit.max_bytes:,} bytes"
@@ -173,6 +180,14 @@ def _server(
         banner += f" | completions: {settings.max_batch_size} slots, <= {settings.max_step_tokens} tokens a step"
         banner += ", static batching" if settings.batching == "static" else ""
     return DrainingServer(config, gate, banner, settings.drain_grace_s)
+
+
+def _in_processes(worker: ModelPool | None) -> str:
+    """Where the model runs, for the banner: '' on the server's thread."""
+    if worker is None:
+        return ""
+    count = len(worker.processes)
+    return f" in each of {count} model processes" if count > 1 else " in a model process"
 
 
 def _config(gate: Gate, settings: ServeSettings) -> uvicorn.Config:
@@ -190,6 +205,21 @@ def _config(gate: Gate, settings: ServeSettings) -> uvicorn.Config:
         ssl_certfile=settings.tls_cert,
         ssl_keyfile=settings.tls_key,
     )
+
+
+def check_workers(settings: ServeSettings) -> None:
+    """A usage error if `--workers N` (N > 1) is given with an option that keeps the model on a thread."""
+    if settings.workers == 1:
+        return
+    for option, given in (
+        ("--no-model-process", settings.model_process is False),
+        ("--backend onnxruntime", settings.backend == "onnxruntime"),
+    ):
+        if given:
+            raise UsageError(
+                f"--workers {settings.workers} serves the model from that many processes; {option} runs it beside "
+                "HTTP on a thread: give one or the other"
+            )
 
 
 def check_address(host: str, port: int) -> None:

@@ -67,6 +67,16 @@ class ServeSettings:
             "auto: a process on a CPU when the model's compute dominates, a full batch taking >= 0.5 ms an instance)"
         },
     )
+    workers: int = field(
+        default=1,
+        metadata={
+            "range": "positive",
+            "help": "model processes serving the model (with --repository, each version of every model but language "
+            "models, which decode in the server's process), that many batches running at once; one HTTP process "
+            "keeps request ids, feedback, A/B counts, the queue and reloads for all. Each gets --threads torch "
+            "threads (0: the cores shared out). 1: the model on a thread or in one process, see --model-process",
+        },
+    )
     drain_grace_s: float = field(
         default=0.0,
         metadata={

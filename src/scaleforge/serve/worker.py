@@ -6,6 +6,10 @@ waits for its answers (JSON-ready dicts); the batcher does not change. The proce
 the server drains on either and then closes the pipe, which ends the process. If the server dies, however it
 dies, the process is killed (`ParentDeathGuard`), mid-batch or loading too, so it never outlives the server. A
 process that dies mid-batch fails that batch (503) and is started again for the next one.
+
+`--workers N` serves the model from N such processes (`ModelPool`), the batcher running up to N batches at once,
+each on a free process: one HTTP process keeps what every request must see alike (request ids, feedback and A/B
+counts, the repository and its reloads, the queue), and the model's compute is spread over the processes.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import multiprocessing
+import queue
 import signal
 from multiprocessing.connection import Connection
 from typing import Any
@@ -47,19 +52,27 @@ class ModelProcess:
         timed_batches: list[tuple[int, float]] | None = None,
         hung_s: float = 60.0,
         trust: Trust = UNTRUSTED,
+        wait: bool = True,
     ) -> None:
         """`threads` 0: chosen by timing a batch of `batch_size` (`ServedModel.choose_threads`); with
         `time_batches`, batches of 1 and `batch_size` are timed too (`timed_batches`, unless given). A batch
-        not answered within `hung_s` is taken for hung: the process is killed and started again."""
+        not answered within `hung_s` is taken for hung: the process is killed and started again. Without
+        `wait`, the process is started but not waited for: `wait_ready` does that (processes that load at once)."""
         self.hung_s = hung_s
         self.path, self.device, self.threads, self.batch_size = path, device, threads, batch_size
         self.time_batches = time_batches
         self.trust = trust  # how the child opens the run
         self.timed_batches: list[tuple[int, float]] = list(timed_batches or [])
         self.load_seconds = 0.0
-        self._start()
+        self._launch()
+        if wait:
+            self.wait_ready()
 
     def _start(self) -> None:
+        self._launch()
+        self.wait_ready()
+
+    def _launch(self) -> None:
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked locks or threads
         self._conn, child = context.Pipe()
         # a restart keeps the threads chosen and the batches timed at the first start
@@ -76,6 +89,9 @@ class ModelProcess:
         )
         self.process.start()
         child.close()
+
+    def wait_ready(self) -> None:
+        """Wait for the started process to load the model; a usage error, the process ended, if it could not."""
         try:
             status, value = self._conn.recv()
         except EOFError:
@@ -124,6 +140,10 @@ class ModelProcess:
             self._conn.send(None)
         self._end(timeout_s=30)
 
+    def kill(self) -> None:
+        """End the process now, whatever it is doing."""
+        self._end(timeout_s=0)
+
     def _end(self, timeout_s: float) -> None:
         """Wait up to `timeout_s` for the process to exit, kill it if it has not (it ignores SIGTERM), and
         close the pipe."""
@@ -132,6 +152,79 @@ class ModelProcess:
             self.process.kill()
             self.process.join()
         self._conn.close()
+
+
+class ModelPool:
+    """The run at `path` served by `count` model processes (`ModelProcess`), loading at once. Called with a batch
+    from up to `count` threads at once (the batcher's, `Batcher(parallel=count)`), it runs each on a free process.
+    `batches[i]` counts the batches process `i` has answered."""
+
+    def __init__(
+        self,
+        count: int,
+        path: str,
+        device: str,
+        threads: int,
+        batch_size: int,
+        *,
+        time_batches: bool = False,
+        timed_batches: list[tuple[int, float]] | None = None,
+        hung_s: float = 60.0,
+        trust: Trust = UNTRUSTED,
+    ) -> None:
+        """`threads` 0: for one process, chosen by timing as `ModelProcess` does; for several, the CPU's cores
+        shared out (at least one each) on a CPU, where a process timing its own threads would take every core as
+        if alone, and one each on a GPU, whose work is not theirs. With `time_batches`, the first process times
+        batches of 1 and `batch_size` (`timed_batches`, unless given)."""
+        if count < 1:
+            raise ValueError(f"a pool of {count} processes")
+        if not threads and count > 1:
+            from scaleforge.serve.model import cpu_cores  # torch's: loaded by the server already
+
+            threads = max(1, cpu_cores() // count) if device.startswith("cpu") else 1
+        self.processes: list[ModelProcess] = []
+        try:
+            for index in range(count):
+                self.processes.append(
+                    ModelProcess(
+                        path,
+                        device,
+                        threads,
+                        batch_size,
+                        time_batches=time_batches and index == 0,
+                        timed_batches=timed_batches,
+                        hung_s=hung_s,
+                        trust=trust,
+                        wait=False,
+                    )
+                )
+            for process in self.processes:
+                process.wait_ready()
+        except BaseException:
+            for process in self.processes:
+                process.kill()  # loading still, or failed: nothing to finish
+            raise
+        first = self.processes[0]
+        self.threads, self.timed_batches = first.threads, first.timed_batches
+        self.load_seconds = max(process.load_seconds for process in self.processes)
+        self.batches = [0] * count
+        self._free: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for index in range(count):
+            self._free.put(index)
+
+    def __call__(self, instances: list[np.ndarray]) -> list[dict[str, Any]]:
+        index = self._free.get()  # the batcher runs at most `count` batches at once: one is free
+        try:
+            answers = self.processes[index](instances)
+            self.batches[index] += 1
+            return answers
+        finally:
+            self._free.put(index)
+
+    def close(self) -> None:
+        """End every process once it has answered its batch (the server has drained)."""
+        for process in self.processes:
+            process.close()
 
 
 def _work(
