@@ -441,10 +441,15 @@ def test_two_workers_keep_one_count_of_requests_and_feedback(tmp_path: Path, run
                     answered[body["model_version"]] += 1
                     correct[body["model_version"]] += right
 
-    serving = repository_server(root, "--poll-s", "0", "--workers", "2")
+    def model_processes(server: int) -> set[int]:
+        return {pid for pid in children(server) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()}
+
+    async def two_left() -> httpx.Response:
+        return httpx.Response(200 if len(model_processes(serving.process.pid)) == 2 else 503)
+
+    serving = repository_server(root, "--poll-s", "0.2", "--workers", "2")
     with serving as url:
-        server = serving.process.pid
-        workers = [pid for pid in children(server) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+        workers = model_processes(serving.process.pid)
         clients = [threading.Thread(target=client, args=(url, 1000 * index)) for index in range(4)]
         for thread in clients:
             thread.start()
@@ -453,7 +458,12 @@ def test_two_workers_keep_one_count_of_requests_and_feedback(tmp_path: Path, run
         report = httpx.get(f"{url}/v1/models/ab/ab", params={"control": 1}).json()
         text = httpx.get(f"{url}/metrics").text
         completion = httpx.post(f"{url}/v1/completions", json={"model": "gpt", "prompt": "the", "max_tokens": 3})
+        (root / "ab" / "serving.yaml").write_text("versions: [2]\n")  # version 1 drains: its processes end
+        asyncio.run(until(two_left, 200, within_s=60))
+        left = model_processes(serving.process.pid)
+        kept = httpx.post(f"{url}/v1/models/ab/predict", json={"inputs": [IMAGE]})
     assert len(workers) == 4  # two model processes for each digits version, none for the language model
+    assert left < workers and kept.status_code == 200 and kept.json()["model_version"] == 2
     assert completion.status_code == 200 and completion.json()["model"] == "gpt"
     rows = {int(row["version"]): row for row in report["versions"]}
     assert sum(answered.values()) == 160 and set(answered) == {1, 2}
