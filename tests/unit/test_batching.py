@@ -490,6 +490,8 @@ def test_with_parallel_slots_that_many_batches_run_at_once_and_no_more(parallel:
 
     results, _ = run(scenario())
     assert [result.outputs for result in results] == [[2 * i] for i in range(12)]
+    with pytest.raises(ValueError, match="hung_after_s watches a model on one thread"):
+        Batcher(model, max_batch_size=2, max_delay_s=0.0, max_queue=1, timeout_s=1.0, parallel=2, hung_after_s=1.0)
     assert most == parallel  # the pool's processes all busy, never one batch too many
 
 

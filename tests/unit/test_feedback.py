@@ -96,6 +96,9 @@ def test_ab_report_merges_several_servers_logs_in_time_order(tmp_path, cli) -> N
     assert {row["version"]: row["requests"] for row in json.loads(both.out)["versions"]} == {"1": 300, "2": 300}
     (tmp_path / "bad.jsonl").write_text(lines[0] + '{"event": "request", "model": "m", "version": 1}\n')
     untimed = cli("ab", "report", str(first), str(tmp_path / "bad.jsonl"))
+    (tmp_path / "odd.jsonl").write_text(lines[0] + '{"time": 1, "event": "label", "model": "m", "version": 1}\n')
+    unlabelled = cli("ab", "report", str(first), str(tmp_path / "odd.jsonl"))
     mixed = cli("ab", "report", "http://127.0.0.1:9", str(first))
     assert untimed.code == 2 and f"{tmp_path / 'bad.jsonl'}, line 2: not an event" in untimed.err
+    assert unlabelled.code == 2 and f"{tmp_path / 'odd.jsonl'}, line 2: not an event" in unlabelled.err
     assert mixed.code == 2 and "give one server's URL, or feedback logs" in mixed.err

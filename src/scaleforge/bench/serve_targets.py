@@ -107,7 +107,7 @@ def _one_of_many(
     settings = ServeSettings(port=port, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms)
     model.prepare(max(1, cpu_cores() // count), max_batch_size, time_batches=False)
     gate = create_app(model, settings)
-    loaded.wait()
+    loaded.wait(timeout=300)  # a server that failed to load breaks it: the others end too
     listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

@@ -127,14 +127,15 @@ def _from_logs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _timed_lines(lines: Iterator[str], path: Path) -> Iterator[tuple[float, str]]:
-    """A log's lines with the time each event was written (a server writes them in time order)."""
+    """A log's lines with the time each event was written (a server writes them in time order), each checked."""
+    from scaleforge.serve.feedback import read_event
+
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            when = float(json.loads(line)["time"])
+            when = float(read_event(line)["time"])
         except (ValueError, KeyError, TypeError) as error:
-            raise UsageError(
-                f"{path}, line {number}: not an event of a feedback log ({type(error).__name__})"
-            ) from None
+            reason = str(error) if isinstance(error, ValueError) else type(error).__name__
+            raise UsageError(f"{path}, line {number}: not an event of a feedback log ({reason})") from None
         yield when, line

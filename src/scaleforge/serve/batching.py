@@ -142,6 +142,10 @@ class Batcher:
                 "max_batch_size, max_queue and parallel must be at least 1, max_delay_s >= 0, timeout_s > 0, "
                 "latency_target_s >= 0, hung_after_s >= 0"
             )
+        if parallel > 1 and hung_after_s:
+            raise ValueError(
+                "hung_after_s watches a model on one thread; parallel batches run on processes, watched there"
+            )
         self.latency_target_s = latency_target_s
         self.hung_after_s = hung_after_s  # 0: a batch is never taken for hung
         self.hung = False  # the running batch has outlived hung_after_s, and the model has not answered it yet

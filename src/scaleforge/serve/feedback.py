@@ -177,25 +177,23 @@ def replay(
         if not line.strip():
             continue
         try:
-            event = json.loads(line)
-            kind, name, version = event["event"], str(event["model"]), int(event["version"])
-        except (ValueError, KeyError, TypeError) as error:
-            raise UsageError(f"line {number} of the feedback log is not an event ({type(error).__name__})") from None
+            event = read_event(line)
+        except ValueError as error:
+            raise UsageError(f"line {number} of the feedback log is not an event ({error})") from None
+        kind, name, version = event["event"], str(event["model"]), int(event["version"])
         models.add(name)
         if model is not None and name != model:
             continue
         sums = feedback._versions(name, version)
         if kind == "request":
             sums.add_request()
-        elif kind == "label" and isinstance(event.get("right"), list):
+        elif kind == "label":
             for right in event["right"]:
                 sums.add_label(bool(right))
             since_look += 1
-        elif kind == "reward" and isinstance(event.get("reward"), int | float):
+        else:
             sums.add_reward(float(event["reward"]))
             since_look += 1
-        else:
-            raise UsageError(f"line {number} of the feedback log is not an event: {line.strip()[:80]}")
         if since_look >= look_every:
             since_look = 0
             with contextlib.suppress(UsageError):  # too early for a report (the control has no outcome yet)
@@ -229,3 +227,17 @@ def _labels(label: Any, count: int, class_names: Sequence[str] | None) -> list[i
             each = list(class_names).index(each)
         indices.append(each)
     return indices
+
+
+def read_event(line: str) -> dict[str, Any]:
+    """One line of a feedback log as its event; a `ValueError` saying, in a few words, why it is not one."""
+    try:
+        event = json.loads(line)
+        kind, _, _ = event["event"], str(event["model"]), int(event["version"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(type(error).__name__) from None
+    if kind == "request" or (kind == "label" and isinstance(event.get("right"), list)):
+        return event
+    if kind == "reward" and isinstance(event.get("reward"), int | float) and not isinstance(event["reward"], bool):
+        return event
+    raise ValueError(line.strip()[:80])

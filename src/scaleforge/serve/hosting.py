@@ -240,24 +240,23 @@ class Hosting:
         warming times the model, which another load would disturb). torch's threads are the process's: each load
         sets them for its model, the last for all."""
         timing = settings.latency_target_ms > 0
-        if settings.workers > 1:
-            with self._load_lock:
-                model = ServedModel(final, self.device, weights=False, trust=self.trust)  # the run checked
-            if not model.generates_text:
-                # started from one of the event loop's worker threads, which live as long as the loop: a model
-                # process dies with the thread that started it (`ParentDeathGuard`)
-                pool = ModelPool(
-                    settings.workers,
-                    str(final),
-                    str(self.device),
-                    settings.threads,
-                    settings.max_batch_size,
-                    time_batches=timing,
-                    hung_s=settings.batch_timeout_s,
-                    trust=self.trust,
-                )
-                return model, pool.timed_batches, pool
         with self._load_lock:
+            if settings.workers > 1:
+                checked = ServedModel(final, self.device, weights=False, trust=self.trust)
+                if not checked.generates_text:
+                    # started from one of the event loop's worker threads, which live as long as the loop: a model
+                    # process dies with the thread that started it (`ParentDeathGuard`)
+                    pool = ModelPool(
+                        settings.workers,
+                        str(final),
+                        str(self.device),
+                        settings.threads,
+                        settings.max_batch_size,
+                        time_batches=timing,
+                        hung_s=settings.batch_timeout_s,
+                        trust=self.trust,
+                    )
+                    return checked, pool.timed_batches, pool
             model = ServedModel(final, self.device, trust=self.trust)
             _, timed = model.prepare(settings.threads, settings.max_batch_size, time_batches=timing)
             return model, timed, None

@@ -136,9 +136,13 @@ class ModelProcess:
 
     def close(self) -> None:
         """End the process once it has answered its batch (the server has drained)."""
+        self.ask_to_end()
+        self._end(timeout_s=30)
+
+    def ask_to_end(self) -> None:
+        """Tell the process to exit once it has answered its batch (again: no harm)."""
         with contextlib.suppress(OSError):
             self._conn.send(None)
-        self._end(timeout_s=30)
 
     def kill(self) -> None:
         """End the process now, whatever it is doing."""
@@ -198,7 +202,9 @@ class ModelPool:
                         wait=False,
                     )
                 )
-            for process in self.processes:
+                if time_batches and index == 0:  # its batches timed before the others load beside it
+                    self.processes[0].wait_ready()
+            for process in self.processes[1 if time_batches else 0 :]:
                 process.wait_ready()
         except BaseException:
             for process in self.processes:
@@ -222,7 +228,9 @@ class ModelPool:
             self._free.put(index)
 
     def close(self) -> None:
-        """End every process once it has answered its batch (the server has drained)."""
+        """End every process once it has answered its batch (the server has drained), all at once."""
+        for process in self.processes:
+            process.ask_to_end()
         for process in self.processes:
             process.close()
 
