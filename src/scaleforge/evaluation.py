@@ -39,5 +39,5 @@ def evaluate_model(
     objective = build_objective(config.training, data.info)
     objective.loss.to(device_)
     autocast = make_autocast(precision, device_)
-    batches = eval_batches(data.val, eval_batch_size(config.training), device_, config.data.num_workers)
+    batches = eval_batches(data.val, eval_batch_size(config.training, data.info), device_, config.data.num_workers)
     return evaluate(ParallelModel.single(model), batches, objective, autocast)

@@ -205,12 +205,25 @@ def test_bench_overhead_prints_json(cli) -> None:
     assert result.code == 0, result.err
     report = json.loads(result.out)
     assert report["steps"] == 50  # rounded up to whole log intervals
-    plain, trainer = report["results"]
-    assert (plain["loop"], trainer["loop"]) == ("plain PyTorch loop", "scaleforge trainer")
-    assert 0 < plain["median_step_ms"] < 1000 and 0 < trainer["median_step_ms"] < 1000
-    ratio = plain["median_step_ms"] / trainer["median_step_ms"]  # one repeat: the pair ratio is this ratio
-    assert trainer["throughput_vs_plain"] == pytest.approx(ratio)
-    assert trainer["samples_per_s"] == pytest.approx(128 / (trainer["median_step_ms"] / 1e3))
+    assert [(row["workload"], row["loop"]) for row in report["results"]] == [
+        ("mlp-128", "plain PyTorch loop"),
+        ("mlp-128", "scaleforge trainer"),
+        ("digits", "plain PyTorch loop"),
+        ("digits", "scaleforge trainer"),
+    ]
+    batches = {"mlp-128": 128, "digits": 64}
+    for plain, trainer in zip(report["results"][::2], report["results"][1::2], strict=True):
+        assert 0 < plain["median_step_ms"] < 1000 and 0 < trainer["median_step_ms"] < 1000
+        ratio = plain["median_step_ms"] / trainer["median_step_ms"]  # one repeat: the pair ratio is this ratio
+        assert trainer["throughput_vs_plain"] == pytest.approx(ratio) and trainer["pair_ratios"] == [
+            trainer["throughput_vs_plain"]
+        ]
+        batch = batches[trainer["workload"]]
+        assert trainer["samples_per_s"] == pytest.approx(batch / (trainer["median_step_ms"] / 1e3))
+    assert {workload["name"]: workload["evaluation"] for workload in report["workloads"]} == {
+        "mlp-128": "none in the timed steps",
+        "digits": "after every epoch",
+    }
 
 
 def test_step_clock_times_the_steps_after_warm_up() -> None:

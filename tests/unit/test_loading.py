@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 from scaleforge.data.base import InMemoryDataset
 from scaleforge.data.loading import (
     BatchPlan,
+    EpochIndexPlan,
     EvalBatches,
     TrainBatches,
     epoch_permutation,
@@ -88,6 +89,16 @@ def test_rank_slice_is_contiguous_per_rank() -> None:
     plan = BatchPlan(16, grad_accum_steps=2, world_size=2, rank=1)
     slices = plan.rank_slice(global_batch)
     assert [s.tolist() for s in slices] == [[108, 109, 110, 111], [112, 113, 114, 115]]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_the_step_table_holds_the_steps_micro_batches(rank: int) -> None:
+    plan = BatchPlan(16, grad_accum_steps=2, world_size=2, rank=rank)
+    index_plan = EpochIndexPlan(100, plan, seed=3)
+    index_plan.set_epoch(2, start_step=1)
+    listed = [[indices.tolist() for indices in step] for step in index_plan.steps()]
+    table = index_plan.step_table(torch.device("cpu"))
+    assert table.shape == (100 // 16 - 1, 2, 4) and table.tolist() == listed
 
 
 def test_permutation_depends_on_seed_and_epoch_only() -> None:

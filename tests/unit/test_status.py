@@ -94,3 +94,20 @@ def test_an_exited_process_not_yet_reaped_does_not_run() -> None:
     assert Path(f"/proc/{process.pid}").exists()  # a zombie until waited for
     assert not process_alive(process.pid, started)
     process.wait()
+
+
+def test_the_heartbeat_rewrites_the_status_once_its_interval_has_passed(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    from scaleforge.training.callbacks import RunState
+
+    clock = [1000.0]
+    monkeypatch.setattr(status.time, "monotonic", lambda: clock[0])
+    write_status(tmp_path, "running", strategy="single", processes=1)
+    heartbeat = status.StatusHeartbeat(every_s=30)
+    state = RunState(tmp_path, 100, 10, 8)
+    heartbeat.on_train_start(state)
+    written = []
+    monkeypatch.setattr(status, "write_status", lambda run_dir, state, **details: written.append(details["step"]))
+    for step, now in ((10, 1001.0), (20, 1029.9), (30, 1030.0), (40, 1031.0), (50, 1061.0)):
+        clock[0] = now
+        heartbeat.on_log(state, {"step": step})
+    assert written == [30, 50]  # 30 s after the start, then 30 s after that rewrite

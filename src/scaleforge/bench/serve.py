@@ -124,24 +124,10 @@ def targets(
     for count in workers:
         found += _scaled_out(count, batching, [run_dir, str(max_batch_size), str(max_delay_ms)], trust)
     if litserve:
-        found.append(
-            Target(
-                "LitServe, batching",
-                [
-                    sys.executable,
-                    "-m",
-                    "scaleforge.bench.serve_targets",
-                    "litserve",
-                    "{port}",
-                    run_dir,
-                    str(max_batch_size),
-                    str(max_delay_ms),
-                    *trust_flags(trust),
-                ],
-                "/predict",
-                "/health",
-            )
-        )
+        module = [sys.executable, "-m", "scaleforge.bench.serve_targets"]
+        run = [run_dir, str(max_batch_size), str(max_delay_ms), *trust_flags(trust)]
+        for name, kind in (("LitServe, batching", "litserve"), ("LitServe, batching, fast_queue", "litserve-fast")):
+            found.append(Target(name, [*module, kind, "{port}", *run], "/predict", "/health"))
     return found
 
 

@@ -3,8 +3,9 @@
 
 - `bare`: a FastAPI endpoint on uvicorn that answers every `POST /v1/predict` with a constant, no model: the
   ceiling of the load generator and of the HTTP stack on this machine;
-- `litserve`: the same model behind LitServe (the optional `bench` extra), through the same `ServedModel`
-  contract, with the same batch size and delay;
+- `litserve`, `litserve-fast`: the same model behind LitServe (the optional `bench` extra), through the same
+  `ServedModel` contract, with the same batch size and delay, with LitServe's defaults and with the speed option
+  its documentation recommends (`fast_queue=True`);
 - `reuseport`: `scaleforge serve --workers`'s alternative, `python -m scaleforge.bench.serve_targets reuseport
   PORT RUN_DIR MAX_BATCH_SIZE MAX_DELAY_MS COUNT [TRUST FLAGS]`: COUNT whole scaleforge servers, each with the
   model on its thread and the cores shared out, listening on one port (SO_REUSEPORT: the kernel spreads the
@@ -22,16 +23,18 @@ from typing import Any
 
 
 def run_bare(port: int) -> None:
+    import orjson
     import uvicorn
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import Response
 
     app = FastAPI()
     constant = {"outputs": [{"top_class": 0, "probability": 1.0}], "model": "constant", "version": "0"}
 
     @app.post("/v1/predict")
-    async def predict() -> JSONResponse:
-        return JSONResponse(constant)
+    async def predict() -> Response:
+        # encoded for every request with orjson, as scaleforge encodes its answers
+        return Response(orjson.dumps(constant), media_type="application/json")
 
     @app.get("/health/ready")
     async def ready() -> dict[str, str]:
@@ -40,13 +43,17 @@ def run_bare(port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
-def run_litserve(port: int, run_dir: str, max_batch_size: int, max_delay_ms: float, trust_flags: list[str]) -> None:
-    """LitServe over the run, opened as `trust_flags` (`scaleforge serve`'s --trust-code, --signing-key-env) say."""
-    trust = {"code": "--trust-code" in trust_flags}
-    if "--signing-key-env" in trust_flags:
-        trust["signing_key_env"] = trust_flags[trust_flags.index("--signing-key-env") + 1]
+def run_litserve(
+    port: int, run_dir: str, max_batch_size: int, max_delay_ms: float, flags: list[str], *, fast: bool = False
+) -> None:
+    """LitServe over the run, opened as `flags` (`scaleforge serve`'s --trust-code, --signing-key-env) say; with
+    `fast`, with the speed option its documentation recommends (`fast_queue=True`: ZeroMQ between the HTTP server
+    and the model's worker instead of multiprocessing queues), else with its defaults."""
+    trust = {"code": "--trust-code" in flags}
+    if "--signing-key-env" in flags:
+        trust["signing_key_env"] = flags[flags.index("--signing-key-env") + 1]
     api = ScaleforgeLitAPI(run_dir, trust, max_batch_size=max_batch_size, batch_timeout=max_delay_ms / 1000)
-    server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=30)
+    server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=30, fast_queue=fast)
     server.run(host="127.0.0.1", port=port, generate_client_file=False)
 
 
@@ -159,5 +166,5 @@ if __name__ == "__main__":
         run_bare(port)
     elif kind == "reuseport":
         run_reuseport(port, sys.argv[3], int(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6]), sys.argv[7:])
-    else:
-        run_litserve(port, sys.argv[3], int(sys.argv[4]), float(sys.argv[5]), sys.argv[6:])
+    else:  # litserve, litserve-fast
+        run_litserve(port, sys.argv[3], int(sys.argv[4]), float(sys.argv[5]), sys.argv[6:], fast=kind.endswith("fast"))

@@ -36,7 +36,7 @@ def _overhead(benchmarks: argparse._SubParsersAction) -> None:
     )
     overhead.add_argument("--steps", type=positive_int, default=300, help="timed steps per measurement (default 300)")
     overhead.add_argument(
-        "--repeats", type=positive_int, default=5, help="interleaved repeats; medians are reported (default 5)"
+        "--repeats", type=positive_int, default=7, help="interleaved repeats; medians are reported (default 7)"
     )
     overhead.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
     overhead.add_argument("--no-lightning", action="store_true", help="skip PyTorch Lightning even if installed")

@@ -191,6 +191,14 @@ class EpochIndexPlan:
         global_batches = usable.view(self.steps_per_epoch, self.plan.global_batch_size)[self.start_step :]
         return [self.plan.rank_slice(batch) for batch in global_batches]
 
+    def step_table(self, device: torch.device) -> torch.Tensor:
+        """`steps` as one tensor on `device`, (remaining steps, accumulation steps, micro-batch size): the same
+        indices, cut in one view rather than a list a step."""
+        plan = self.plan
+        order = self.order(self.seed, self.epoch)[: self.steps_per_epoch * plan.global_batch_size].to(device)
+        table = order.view(self.steps_per_epoch, plan.world_size, plan.grad_accum_steps, plan.micro_batch_size)
+        return table[self.start_step :, plan.rank]
+
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         draw_base = stream_seed(self.seed, self.epoch, 1)  # apart from the order's stream, (seed, epoch)
         for micro_indices in self.steps():
@@ -252,8 +260,8 @@ class TrainBatches:
         self.index_plan.set_epoch(epoch, start_step)
         if self.loader is None:
             dataset = self.dataset
-            for micro_indices in self.index_plan.steps():
-                yield [dataset[indices.to(self.device)] for indices in micro_indices]  # type: ignore[index]
+            for micro_indices in self.index_plan.step_table(self.device):  # (accumulation steps, micro-batch) a step
+                yield [dataset[indices] for indices in micro_indices]  # type: ignore[index]
             return
         batches = iter(self.loader)  # forks the workers on the first epoch: before the prefetcher's thread exists
         position = start_step * self.plan.global_batch_size

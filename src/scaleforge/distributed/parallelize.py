@@ -149,7 +149,9 @@ class ParallelModel:
             outputs = self.train_module(inputs)
             # a loss that reads the inputs as well (distillation: its teacher's view of the same batch)
             extra = (inputs,) if getattr(loss_fn, "takes_inputs", False) else ()
-            loss = loss_fn(outputs, targets, *extra) * loss_scale
+            loss = loss_fn(outputs, targets, *extra)
+            if loss_scale != 1:  # no multiply (a kernel, and a node for backward) for one micro-batch a step
+                loss = loss * loss_scale
         (scaler.scale(loss) if scaler is not None else loss).backward()
         return loss.detach()
 
@@ -231,9 +233,13 @@ class ParallelModel:
 
     def any_process(self, flag: bool) -> bool:
         """True on every process when `flag` is true on any (rank 0's callbacks asking to stop, say)."""
+        return self.any_processes(flag)[0]
+
+    def any_processes(self, *flags: bool) -> list[bool]:
+        """For each of `flags`, True on every process when it is true on any: one collective for them all."""
         if self.mesh is None:
-            return flag
-        return bool(self.all_reduce_sum(torch.tensor(float(flag))) > 0)
+            return list(flags)
+        return [total > 0 for total in self.all_reduce_sum(torch.tensor([float(flag) for flag in flags])).tolist()]
 
     def gather(self, value: Any) -> list[Any] | None:
         """Every process's `value` (small, plain data), in rank order, on rank 0; None on the others."""

@@ -28,7 +28,8 @@ class MLPBlock(nn.Module):
         super().__init__()
         self.linear = nn.Linear(in_features, out_features)
         self.activation = ACTIVATIONS[activation]()
-        self.dropout = nn.Dropout(dropout_rate)
+        # no dropout is no module: nn.Dropout(0) still costs a call in every step (it holds no state either way)
+        self.dropout = nn.Dropout(dropout_rate) if dropout_rate > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.activation(self.linear(x)))  # (B, out_features)

@@ -88,9 +88,12 @@ class Accuracy:
 
     def update(self, outputs: torch.Tensor, targets: torch.Tensor, loss_sum: torch.Tensor) -> None:
         logits = outputs.reshape(-1, outputs.shape[-1])
-        labels = targets.reshape(-1, 1)
-        top = logits.topk(self.top_k, dim=-1).indices
-        self.correct = self.correct + (top == labels).any(dim=-1).sum()
+        labels = targets.reshape(-1)
+        if self.top_k == 1:  # three kernels rather than five
+            right = (logits.argmax(dim=-1) == labels).sum()
+        else:
+            right = (logits.topk(self.top_k, dim=-1).indices == labels[:, None]).any(dim=-1).sum()
+        self.correct = self.correct + right
         self.count += labels.shape[0]
 
     def sync(self, reduce_sum: ReduceSum) -> None:

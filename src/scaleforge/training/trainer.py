@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import random
@@ -69,6 +70,7 @@ from scaleforge.training.checkpoint import (
     checkpoint_name,
     load_checkpoint,
 )
+from scaleforge.training.flops import StepFlops, counted_flops, peak_flops, transformer_flops_per_token
 from scaleforge.training.metrics import JsonlLogger, LossPlot, TensorBoardLogger, build_progress
 from scaleforge.training.monitoring import PrometheusExporter, SystemMonitor
 from scaleforge.training.objectives import Objective, default_objective
@@ -182,9 +184,18 @@ def setup_runtime(config: RunConfig, env: DistEnv | None = None) -> tuple[torch.
     return device, resolve_precision(config.training.precision, device)
 
 
-def eval_batch_size(training: TrainingSection) -> int:
-    """Evaluation needs no gradients, so it takes larger batches than training's micro-batches."""
-    return max(256, training.batch_size // training.grad_accum_steps)
+EVAL_ROWS = 512  # an evaluation batch's rows, at most, unless training's micro-batches are larger
+EVAL_LOGITS = 2**26  # a language model's evaluation batch holds at most this many logits (256 MiB in float32)
+
+
+def eval_batch_size(training: TrainingSection, info: DataInfo | None = None) -> int:
+    """Evaluation needs no gradients, so it takes larger batches than training's micro-batches: `EVAL_ROWS` (a small
+    validation split is one batch, whose fixed costs it pays once), fewer for a language model whose batch of
+    logits (rows x seq_len x vocabulary) would pass `EVAL_LOGITS`, and never fewer than a micro-batch."""
+    rows = EVAL_ROWS
+    if info is not None and info.vocab_size and info.seq_len:
+        rows = min(rows, max(1, EVAL_LOGITS // (info.seq_len * info.vocab_size)))
+    return max(rows, training.batch_size // training.grad_accum_steps)
 
 
 def seed_everything(seed: int) -> None:
@@ -303,27 +314,45 @@ def evaluate(
     parallel.begin_eval()
     for metric in objective.metrics:
         metric.reset()
-    totals = torch.zeros(2)  # loss sum, count
+    # the loss summed on the device, the count on the host: nothing is read back until the end
+    loss_sum: torch.Tensor | float = 0.0
+    count = 0
     for inputs, targets in batches:
         with autocast():
             outputs = parallel.forward(inputs, targets)
             if outputs is None or not parallel.holds_outputs:
                 continue
             batch_loss = objective.loss(outputs, targets).float() * targets.numel()
-        count = torch.tensor(targets.numel(), device=batch_loss.device)
-        totals = totals.to(batch_loss.device) + torch.stack([batch_loss, count])
+        loss_sum, count = loss_sum + batch_loss, count + targets.numel()
         for metric in objective.metrics:
             metric.update(outputs, targets, batch_loss)
     module.train(was_training)
     if parallel.dims.world_size > 1:  # as check_metrics_combine requires
-        totals = parallel.all_reduce_sum(totals)
+        device = parallel.device
+        totals = torch.stack(
+            [torch.as_tensor(loss_sum, dtype=torch.float32, device=device), torch.tensor(float(count), device=device)]
+        )
+        loss_sum, count = parallel.all_reduce_sum(totals).tolist()
         for metric in objective.metrics:
             metric.sync(parallel.all_reduce_sum)  # type: ignore[attr-defined]
-    loss_sum, count = totals.tolist()
-    result = {"val_loss": loss_sum / max(1, count)}
+    result = {"val_loss": float(loss_sum) / max(1, count)}
     for metric in objective.metrics:
         result.update({f"val_{name}": value for name, value in metric.compute().items()})
     return result
+
+
+@contextlib.contextmanager
+def setup_frozen() -> Iterator[None]:
+    """Leave what exists now (torch, the model, the callbacks' libraries: some 200,000 objects once TensorBoard and
+    its kin are imported) out of the cyclic garbage collector's full passes for the block, and hand it back after
+    it. A full pass over them stops a step for about 100 ms, which lands in some step windows and not others; with
+    them frozen it takes well under a millisecond. Given back at the end, so that what setup left for the collector
+    is collected, in a process that trains again (a search, a test session)."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def train(
@@ -443,9 +472,11 @@ class Trainer:
     started: float  # perf_counter() as setup began
     checkpoint: Path | None = None  # the one the run resumed from
     start_step: int = 0  # the step within the first epoch the loop runs, where a resumed run continues
+    steps_before: int = 0  # the steps a resumed run had made before this process's loop
     checkpointer: Checkpointer = field(init=False)  # built once the run is announced
     stop_request: StopRequest = field(default_factory=lambda: StopRequest(patient=is_launched_worker()))
     monitor: SystemMonitor | None = None  # `logging.system_metrics`
+    flops: StepFlops = field(default_factory=StepFlops)  # this process's FLOPs a step (`training.flops`)
     data_wait: DataWaitClock = field(default_factory=DataWaitClock)
     window: LogWindow = field(default_factory=LogWindow)
     last_eval: dict[str, Any] = field(default_factory=dict)
@@ -474,6 +505,7 @@ class Trainer:
             model = build_model(config.model, data.info).to(device)
             model = prepare_model(model, training, PreparationContext(data.info, dims))
             num_parameters = count_parameters(model)
+            flops = step_flops(model, config, data.info, dims, device, precision)  # the whole model, before it is split
             objective = build_checked_objective(training, data.info, dims, device)
             plan, layout = plan_training(config, model, dims, device, precision)
             check_validation_share(data, dims)
@@ -491,7 +523,7 @@ class Trainer:
         plan = dataclasses.replace(plan, rank=parallel.dp_rank)
         batches = TrainBatches(data.train, plan, seed=config.seed, device=device, num_workers=config.data.num_workers)
         eval_batches = EvalBatches(  # its workers start now, before the optimizer's state and training grow the process
-            data.val, eval_batch_size(training), device, config.data.num_workers, parallel.eval_shard()
+            data.val, eval_batch_size(training, data.info), device, config.data.num_workers, parallel.eval_shard()
         )
         total_steps = training.max_steps or training.epochs * batches.steps_per_epoch
         optimizer = build_optimizer(training, parallel.module)
@@ -517,6 +549,7 @@ class Trainer:
             state=RunState(run_dir, total_steps, batches.steps_per_epoch, training.batch_size),
             started=started,
             checkpoint=checkpoint,
+            flops=flops,
         )
         trainer.resume()
         trainer.announce()
@@ -582,7 +615,8 @@ class Trainer:
             self.stop_request.installed(),
         ):
             self.start()
-            loop_time = self.loop()
+            with setup_frozen():
+                loop_time = self.loop()
             return self.finish(loop_time)
 
     def start(self) -> None:
@@ -593,6 +627,7 @@ class Trainer:
         if self.config.logging.system_metrics:
             self.monitor = SystemMonitor(self.device, info.seq_len if info.vocab_size is not None else None)
         self.window = LogWindow(state.step, time.perf_counter())
+        self.steps_before = state.step
         self.parallel.module.train()
 
     def loop(self) -> float:
@@ -615,23 +650,32 @@ class Trainer:
             if state.should_stop or state.step >= state.total_steps:
                 break
         if self.window.losses:  # stopped early between log lines
-            self.log()
+            self.log()  # a signal now is the end of the run: it stops here anyway
         loop_time = time.perf_counter() - loop_started
         if self.last_eval.get("step") != state.step:
             self.validate()
         return loop_time
 
     def step(self, micro_batches: MicroBatches) -> None:
-        """One optimizer step, then the schedule's; the loss stays on the device until the next log line."""
-        loss = train_step(
-            self.parallel,
-            micro_batches,
-            self.objective.loss,
-            self.optimizer,
-            autocast=self.autocast,
-            scaler=self.scaler,
-            clip_grad_norm=self.config.training.clip_grad_norm,
-        )
+        """One optimizer step, then the schedule's; the loss stays on the device until the next log line. The
+        run's first step is counted by `FlopCounterMode` when no formula gave the model's FLOPs."""
+
+        def work() -> torch.Tensor:
+            return train_step(
+                self.parallel,
+                micro_batches,
+                self.objective.loss,
+                self.optimizer,
+                autocast=self.autocast,
+                scaler=self.scaler,
+                clip_grad_norm=self.config.training.clip_grad_norm,
+            )
+
+        if self.flops.per_step is None and self.flops.method is None:
+            loss, counted = counted_flops(work)
+            self.flops.per_step, self.flops.method = counted or None, "FlopCounterMode over the first step"
+        else:
+            loss = work()
         self.window.lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used, before the scheduler moves it
         if self.scheduler is not None:
             self.scheduler.step()
@@ -639,24 +683,27 @@ class Trainer:
         self.state.step += 1
 
     def after_step(self) -> None:
-        """Log, evaluate and checkpoint when they are due; stop, checkpointed, when a signal asked to."""
+        """Log, evaluate and checkpoint when they are due; stop, checkpointed, when a signal asked to: one process
+        at the step it notices the signal, several at the first log line after it (`log`), where they agree on
+        it without a collective of its own, so that the steps between log lines hold none."""
         config, step = self.config, self.state.step
+        signalled = self.stop_request.signum is not None if self.parallel.mesh is None else False
         if step % config.logging.every_steps == 0 or step == self.state.total_steps:
-            self.log()
+            signalled = self.log()
         if config.training.eval_every_steps and step % config.training.eval_every_steps == 0:
             self.validate()
         saved = config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0
         if saved:
             self.save_checkpoint()
-        # a signal reaches the processes at different moments: they agree on the step they stop after
-        if self.parallel.any_process(self.stop_request.signum is not None) and step < self.state.total_steps:
+        if signalled and step < self.state.total_steps:
             self.stop(self.save_checkpoint() if not saved else self.run_dir / "checkpoints" / checkpoint_name(step))
 
     # ---------------------------------------------------------------------- logging, evaluation, checkpoints
 
-    def log(self) -> None:
+    def log(self) -> bool:
         """A log line: the mean loss over the window's steps and every replica, the rate, the throughput and the
-        share of time spent waiting for data (and the system's figures)."""
+        share of time spent waiting for data (and the system's figures); whether any process has been asked to
+        stop by a signal (agreed on here by every process, in one collective with the callbacks' request)."""
         state, window = self.state, self.window
         steps = state.step - window.step
         # The mean over data-parallel replicas: the processes that hold a loss (the last pipeline stage, once
@@ -676,12 +723,19 @@ class Trainer:
             "data_wait_share": (self.data_wait.seconds - window.data_wait) / elapsed,
         }
         record.update(self.skipped_samples())
+        mfu = self.flops.utilisation(steps / elapsed)
+        if mfu is not None:
+            record["mfu"] = mfu
         if self.monitor is not None:
             record.update(self.monitor.sample(record["samples_per_s"]))
         self.window = LogWindow(state.step, now, self.data_wait.seconds)
         state.history.append(record)
         self.callbacks.on_log(state, record)
-        state.should_stop = self.parallel.any_process(state.should_stop)
+        # a signal reaches the processes at different moments: they agree on the step they stop after
+        state.should_stop, signalled = self.parallel.any_processes(
+            state.should_stop, self.stop_request.signum is not None
+        )
+        return signalled
 
     def validate(self) -> None:
         """Evaluate on this process's share of the validation split; every process records the combined figures."""
@@ -755,6 +809,7 @@ class Trainer:
             "samples_per_s": state.step * self.config.training.batch_size / max(loop_time, 1e-9),
             "data_wait_s": self.data_wait.seconds,
             "data_wait_share": self.data_wait.seconds / max(loop_time, 1e-9),
+            **self.flops.summary((state.step - self.steps_before) / max(loop_time, 1e-9)),
             **self.skipped_samples(),
             "device": str(self.device),
             "precision": self.precision,
@@ -763,6 +818,20 @@ class Trainer:
             "stopped_early": state.should_stop,
             "memory_per_process": memory,
         }
+
+
+def step_flops(
+    model: nn.Module, config: RunConfig, info: DataInfo, dims: ParallelDims, device: torch.device, precision: str
+) -> StepFlops:
+    """This process's FLOPs a step from the transformer formula (the whole `model`'s, over the global batch's tokens,
+    shared out over the processes), or left for the first step to count; with the device's peak (see `flops`)."""
+    flops = StepFlops(peak=peak_flops(device, precision))
+    per_token = transformer_flops_per_token(model, info.seq_len) if info.seq_len else None
+    if per_token is not None:
+        assert info.seq_len is not None
+        flops.per_step = per_token * config.training.batch_size * info.seq_len / dims.world_size
+        flops.method = "6N + 12LHQT a token (PaLM, appendix B)"
+    return flops
 
 
 def process_memory(optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, Any]:
