@@ -50,11 +50,12 @@ support-matrix: setup
 		|| status=1; \
 	$(BIN)/python -m tests.support_matrix .support-matrix docs/support-matrix.md; exit $$status
 
-# The checks that need a GPU (tests/gpu_check.sh): trainings and a generation on CUDA, their figures printed and
-# logged under gpu-check/. For a machine with CUDA whose Python already holds PyTorch and the requirements: it runs
-# from the source tree, with no setup (and no package index).
+# The checks that need a GPU (scaleforge.bench.gpu_check): trainings, resume, checkpoints, benchmarks and a 1B gpt
+# on CUDA, their figures printed and written to gpu-check/gpu-check.json as they come. For a machine with CUDA whose
+# Python already holds PyTorch and the core requirements: it runs from the source tree, with no setup (and no
+# package index). Without a GPU it says so and exits 0.
 gpu-check:
-	bash tests/gpu_check.sh
+	PYTHONPATH=src $${PYTHON:-python3} -m scaleforge.bench.gpu_check
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

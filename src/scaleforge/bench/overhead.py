@@ -48,6 +48,7 @@ class Workload:
     """What every loop trains: `mlp-128`, synthetic rows timed inside one epoch."""
 
     name: str = "mlp-128"
+    device: str = "cpu"
     num_features: int = 128
     num_classes: int = 10
     hidden_layers: tuple[int, ...] = (512, 256)
@@ -77,6 +78,7 @@ class DigitsWorkload:
     """`digits`: MLP 64-256-256-10 on digits, batch 64, Adam, evaluated after every epoch."""
 
     name: str = "digits"
+    device: str = "cpu"
     hidden_layers: tuple[int, ...] = (256, 256)
     batch_size: int = 64
     learning_rate: float = 1e-3
@@ -89,7 +91,14 @@ class DigitsWorkload:
             f"training.learning_rate={self.learning_rate}",
             "training.optimizer=adam",
             f"training.max_steps={WARMUP_STEPS + steps}",
+            f"hardware.device={self.device}",
         ]
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for `device`'s queued work (a GPU's), so that the clock reads what it ran."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def time_plain_loop(workload: Workload | DigitsWorkload, steps: int) -> float:
@@ -106,17 +115,18 @@ def time_plain_digits(workload: DigitsWorkload, steps: int) -> float:
     from scaleforge.data.digits import digits
 
     config = load_config(None, workload.overrides(steps))
+    device = torch.device(workload.device)
     splits = digits()
-    inputs, targets = splits.train.inputs, splits.train.targets  # type: ignore[attr-defined]
-    val_inputs, val_targets = splits.val.inputs, splits.val.targets  # type: ignore[attr-defined]
+    inputs, targets = splits.train.inputs.to(device), splits.train.targets.to(device)  # type: ignore[attr-defined]
+    val_inputs, val_targets = splits.val.inputs.to(device), splits.val.targets.to(device)  # type: ignore[attr-defined]
     torch.manual_seed(config.seed)
-    model = MLP(splits.info.input_shape, 10, workload.hidden_layers, **_mlp_options(config))
+    model = MLP(splits.info.input_shape, 10, workload.hidden_layers, **_mlp_options(config)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=workload.learning_rate)
     batch, total, step, epoch = workload.batch_size, WARMUP_STEPS + steps, 0, 0
-    window = torch.zeros(())
+    window = torch.zeros((), device=device)
     start = 0.0
     while True:
-        order = epoch_permutation(len(inputs), config.seed, epoch)
+        order = epoch_permutation(len(inputs), config.seed, epoch).to(device)
         for first in range(0, len(inputs) // batch * batch, batch):
             indices = order[first : first + batch]
             optimizer.zero_grad(set_to_none=True)
@@ -129,8 +139,10 @@ def time_plain_digits(workload: DigitsWorkload, steps: int) -> float:
                 float(window)  # the log line's one read back
                 window.zero_()
             if step == WARMUP_STEPS:
+                synchronize(device)
                 start = time.perf_counter()
             if step == total:
+                synchronize(device)
                 return (time.perf_counter() - start) / steps
         model.eval()
         with torch.no_grad():
@@ -154,20 +166,28 @@ def _mlp_options(config: Any) -> dict[str, Any]:
 
 def time_plain_synthetic(workload: Workload, steps: int) -> float:
     """Seconds per step of a hand-written loop: gather a batch from tensors, forward, backward, step."""
-    inputs, targets = workload.data(steps)
-    model = workload.model()
+    device = torch.device(workload.device)
+    inputs, targets = (tensor.to(device) for tensor in workload.data(steps))
+    model = workload.model().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=workload.learning_rate)
-    order = epoch_permutation(len(inputs), 0, 0)
+    order = epoch_permutation(len(inputs), 0, 0).to(device)
     batch = workload.batch_size
+    window = torch.zeros((), device=device)
     start = 0.0
     for step in range(WARMUP_STEPS + steps):
         if step == WARMUP_STEPS:
+            synchronize(device)
             start = time.perf_counter()
         indices = order[step * batch : (step + 1) * batch]
         optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(inputs[indices]), targets[indices])
         loss.backward()
         optimizer.step()
+        window += loss.detach()
+        if (step + 1) % LOG_INTERVAL == 0:
+            float(window)  # read back once a log interval, as the trainer does
+            window.zero_()
+    synchronize(device)
     return (time.perf_counter() - start) / steps
 
 
@@ -204,15 +224,15 @@ def time_trainer(workload: Workload | DigitsWorkload, steps: int) -> float:
         f"training.max_steps={WARMUP_STEPS + steps}",
         "training.optimizer=adam",
         *TRAINER_DEFAULTS,
+        f"hardware.device={workload.device}",
     ]
     return _trained(load_config(None, overrides))
 
 
-# what the trainer runs with in every workload: no checkpoints (they have their own benchmark), on the CPU where
-# the plain loop runs also on a machine with a GPU, full precision, progress as plain lines, no plot at the end
+# what the trainer runs with in every workload: no checkpoints (they have their own benchmark), full precision,
+# progress as plain lines, no plot at the end; on the workload's device, where the plain loop runs
 TRAINER_DEFAULTS = [
     "checkpoint.every_steps=0",
-    "hardware.device=cpu",
     "training.precision=32",
     "logging.progress=plain",
     "logging.plot=false",
@@ -236,7 +256,8 @@ def time_lightning(workload: Workload, steps: int) -> float:
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):  # its banner lines would break the table
         logging.getLogger(name).setLevel(logging.ERROR)
 
-    inputs, targets = workload.data(steps)
+    device = torch.device(workload.device)
+    inputs, targets = (tensor.to(device) for tensor in workload.data(steps))  # where Lightning trains
 
     class Module(L.LightningModule):
         def __init__(self) -> None:
@@ -265,7 +286,7 @@ def time_lightning(workload: Workload, steps: int) -> float:
         contextlib.redirect_stderr(io.StringIO()),
     ):
         trainer = L.Trainer(
-            accelerator="cpu",
+            accelerator="gpu" if device.type == "cuda" else "cpu",
             devices=1,
             max_steps=WARMUP_STEPS + steps,
             log_every_n_steps=LOG_INTERVAL,  # the same logging cadence as the trainer's default
@@ -292,7 +313,7 @@ class InMemoryBatches:
         return len(self.inputs) // self.batch_size
 
     def __iter__(self) -> Any:
-        order = epoch_permutation(len(self.inputs), 0, self.epoch)
+        order = epoch_permutation(len(self.inputs), 0, self.epoch).to(self.inputs.device)
         self.epoch += 1
         for step in range(len(self)):
             indices = order[step * self.batch_size : (step + 1) * self.batch_size]
@@ -309,7 +330,13 @@ def lightning_available() -> bool:
 
 
 def run_overhead_benchmark(
-    *, steps: int = 300, repeats: int = 7, lightning: bool = True, as_json: bool = False, threads: int | None = None
+    *,
+    steps: int = 300,
+    repeats: int = 7,
+    lightning: bool = True,
+    as_json: bool = False,
+    threads: int | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Measure, print (table or JSON) and return the step times of each loop on each workload.
 
@@ -318,7 +345,7 @@ def run_overhead_benchmark(
     steps = -(-steps // LOG_INTERVAL) * LOG_INTERVAL
     if threads is not None:
         torch.set_num_threads(threads)
-    workloads: list[Workload | DigitsWorkload] = [Workload(), DigitsWorkload()]
+    workloads: list[Workload | DigitsWorkload] = [Workload(device=device), DigitsWorkload(device=device)]
     loops: dict[str, Callable[[Any, int], float]] = {
         "plain PyTorch loop": time_plain_loop,
         "scaleforge trainer": time_trainer,
@@ -363,6 +390,7 @@ def run_overhead_benchmark(
         "repeats": repeats,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "device": device if device == "cpu" else f"{device} ({torch.cuda.get_device_name(torch.device(device))})",
         "machine": f"{platform.machine()} {platform.processor() or platform.system()}",
         "results": rows,
     }

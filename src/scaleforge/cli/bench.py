@@ -40,6 +40,9 @@ def _overhead(benchmarks: argparse._SubParsersAction) -> None:
     )
     overhead.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
     overhead.add_argument("--no-lightning", action="store_true", help="skip PyTorch Lightning even if installed")
+    overhead.add_argument(
+        "--device", default="cpu", help="where every loop trains: cpu (default), cuda or cuda:N (`make gpu-check`)"
+    )
     json_argument(overhead)
     overhead.set_defaults(handler=cmd_bench_overhead)
 
@@ -272,9 +275,16 @@ def _generate_arguments(generate: Parser) -> None:
 def cmd_bench_overhead(args: argparse.Namespace) -> int:
     """The trainer's step time against a plain loop."""
     from scaleforge.bench.overhead import run_overhead_benchmark
+    from scaleforge.hardware import select_device_option
 
+    device = str(select_device_option(args.device))  # a device this machine lacks is one usage line
     run_overhead_benchmark(
-        steps=args.steps, repeats=args.repeats, lightning=not args.no_lightning, as_json=args.json, threads=args.threads
+        steps=args.steps,
+        repeats=args.repeats,
+        lightning=not args.no_lightning,
+        as_json=args.json,
+        threads=args.threads,
+        device=device,
     )
     return 0
 
