@@ -321,6 +321,7 @@ class EvalBatches:
         num_batches = max(1, -(-largest_share // batch_size))
         mine = torch.arange(len(dataset)).tensor_split(count)[index]  # type: ignore[arg-type]
         self.pieces = [piece for piece in mine.tensor_split(num_batches) if len(piece)]
+        self.ranges = [(int(piece[0]), int(piece[-1]) + 1) for piece in self.pieces]  # each piece is consecutive
         self.dataset, self.device = dataset, device
         self.skipped = 0  # samples of the last evaluation a dataset with `on_error: skip` could not read
         self.loader: DataLoader | None = None
@@ -345,8 +346,12 @@ class EvalBatches:
         self.skipped = 0
         device = self.device
         if self.loader is None:
-            for piece in self.pieces:
-                inputs, targets = self.dataset[piece]  # type: ignore[index]
+            plain = type(self.dataset).__getitem__ is InMemoryDataset.__getitem__
+            for piece, (start, end) in zip(self.pieces, self.ranges, strict=True):
+                if plain:  # a piece is a run of consecutive samples: views of the tensors, not gathered copies
+                    inputs, targets = self.dataset.inputs[start:end], self.dataset.targets[start:end]  # type: ignore[attr-defined]
+                else:  # a subclass may compute its samples
+                    inputs, targets = self.dataset[piece]  # type: ignore[index]
                 yield inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             return
         started, self._started = self._started, None

@@ -148,7 +148,8 @@ class ParallelModel:
         with autocast():
             outputs = self.train_module(inputs)
             # a loss that reads the inputs as well (distillation: its teacher's view of the same batch)
-            extra = (inputs,) if getattr(loss_fn, "takes_inputs", False) else ()
+            # a class attribute, looked up on the class: nn.Module's own lookup of a missing one raises inside
+            extra = (inputs,) if getattr(type(loss_fn), "takes_inputs", False) else ()
             loss = loss_fn(outputs, targets, *extra)
             if loss_scale != 1:  # no multiply (a kernel, and a node for backward) for one micro-batch a step
                 loss = loss * loss_scale
