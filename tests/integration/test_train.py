@@ -236,8 +236,12 @@ def test_step_clock_times_the_steps_after_warm_up() -> None:
 
 def test_compiled_model_trains_like_the_eager_one(tmp_path: Path) -> None:
     overrides = ["training.max_steps=5", "model.dropout_rate=0.0", "checkpoint.every_steps=0", *QUICK]
+    from torch._dynamo.utils import counters
+
     train(load_config(None, overrides), tmp_path / "eager")
+    counters.clear()
     train(load_config(None, [*overrides, "training.compile=true"]), tmp_path / "compiled")
+    assert counters["frames"]["ok"] > 0  # it compiled (counting the model's FLOPs must not stop dynamo)
     eager, compiled = _final_weights(tmp_path / "eager"), _final_weights(tmp_path / "compiled")
     assert set(eager) == set(compiled)  # no `_orig_mod.` prefixes in the saved names
     for name in eager:

@@ -70,7 +70,29 @@ def test_mfu_is_the_achieved_share_of_the_peak() -> None:
     }
 
 
-def test_a_run_counts_its_first_step_and_writes_the_figures_in_its_summary(tmp_path: Path) -> None:
+def test_counting_leaves_the_model_and_the_random_streams_as_they_were() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.5), torch.nn.BatchNorm1d(16))
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    inputs = torch.randn(4, 8)
+    state = torch.random.get_rng_state()
+    assert flops.flops_per_sample(model, inputs) == 3 * 2 * 8 * 16 - 2 * 8 * 16  # no input gradient
+    assert model.training and all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())  # no BN update
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert flops.flops_per_sample(model, torch.randn(4, 3)) is None  # a model it cannot run: no figure, no error
+
+
+def test_several_processes_agree_on_a_signal_about_every_second_and_at_every_log_line() -> None:
+    from scaleforge.training.trainer import stop_check_steps
+
+    assert stop_check_steps(0.001, 50) == 50  # fast steps: at log lines only
+    assert stop_check_steps(0.1, 50) == 10
+    assert stop_check_steps(2.0, 50) == 1  # a step longer than a second: at every step
+    assert stop_check_steps(0.0, 10) == 10
+
+
+def test_a_run_counts_its_flops_and_writes_the_figures_in_its_summary(tmp_path: Path) -> None:
     quick = ["logging.progress=none", "logging.tensorboard=false", "logging.plot=false", "checkpoint.every_steps=0"]
     overrides = [*quick, "training.max_steps=3", "model.hidden_layers=[32]", "training.batch_size=16"]
     train(load_config(None, overrides), tmp_path / "run")
@@ -78,5 +100,5 @@ def test_a_run_counts_its_first_step_and_writes_the_figures_in_its_summary(tmp_p
     # digits' MLP 64-32-10: forward 2 x 16 x (64 x 32 + 32 x 10); backward twice that, less the input's gradient
     forward = 2 * 16 * (64 * 32 + 32 * 10)
     assert summary["flops_per_step"] == 3 * forward - 2 * 16 * 64 * 32
-    assert summary["flops_method"] == "FlopCounterMode over the first step" and summary["tflops_per_s"] > 0
+    assert summary["flops_method"] == "FlopCounterMode over a forward and backward pass" and summary["tflops_per_s"] > 0
     assert "mfu" not in summary  # a CPU has no peak in the table

@@ -148,8 +148,7 @@ class ParallelModel:
         with autocast():
             outputs = self.train_module(inputs)
             # a loss that reads the inputs as well (distillation: its teacher's view of the same batch)
-            # a class attribute, looked up on the class: nn.Module's own lookup of a missing one raises inside
-            extra = (inputs,) if getattr(type(loss_fn), "takes_inputs", False) else ()
+            extra = (inputs,) if takes_inputs(loss_fn) else ()
             loss = loss_fn(outputs, targets, *extra)
             if loss_scale != 1:  # no multiply (a kernel, and a node for backward) for one micro-batch a step
                 loss = loss * loss_scale
@@ -414,6 +413,12 @@ def _quiet_redistribution() -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
+
+
+def takes_inputs(loss_fn: Any) -> bool:
+    """Whether a loss reads the batch's inputs too (`takes_inputs`, on its class or on itself), looked up without
+    nn.Module's own lookup of a missing attribute, which raises and catches an error at every step."""
+    return bool(getattr(type(loss_fn), "takes_inputs", False) or getattr(loss_fn, "__dict__", {}).get("takes_inputs"))
 
 
 def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:

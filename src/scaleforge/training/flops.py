@@ -6,10 +6,11 @@ FLOPs per step, per process, by one of two methods, named with the figure:
   torchtitan): `N` the parameters that multiply activations (every linear layer's, the output head's included
   when it shares the token embedding; not the embeddings' lookups), `L` layers, `H` heads of size `Q`, `T` the
   context. Times the tokens of a step, shared out over the processes;
-- any other model: counted by torch's `FlopCounterMode` over the run's first step (forward and backward, as the
-  model computes them on this process). A compiled model's kernels do not pass through it: its first micro-batch's
-  forward is counted on the model before compilation, times three (the backward pass costs twice the forward),
-  times the micro-batches of a step.
+- any other model: counted by torch's `FlopCounterMode` over a forward and backward pass of a few training samples
+  at setup, on the whole model before it is split or compiled (in eval mode, the random streams put back, the
+  gradients dropped: training goes on as if it had not run), per sample, times the global batch, shared out over
+  the processes. Not over a training step: under a dispatch mode dynamo gives up compiling the module's call for
+  good in torch 2.13, so a compiled run would train uncompiled.
 
 The peak is the dense (no sparsity) figure of the datasheet for the device and the precision the run computes in
 (`PEAKS`); a device not listed has no MFU, only its achieved FLOP/s.
@@ -81,6 +82,24 @@ def transformer_flops_per_token(model: nn.Module, seq_len: int) -> float | None:
         return None
     multiplying = sum(module.weight.numel() for module in model.modules() if isinstance(module, nn.Linear))
     return 6 * multiplying + 12 * len(blocks) * heads * head_dim * seq_len
+
+
+def flops_per_sample(model: nn.Module, inputs: torch.Tensor) -> float | None:
+    """The FLOPs of a forward and backward pass of `model` on `inputs` (a few samples), per sample; None if that
+    cannot be counted. Leaves the model as it was: its mode, its gradients (none) and the random streams."""
+    was_training = model.training
+    devices = [inputs.device] if inputs.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            model.eval()  # no running statistics updated, no dropout drawn: the products are the same
+            _, counted = counted_flops(lambda: model(inputs).float().sum().backward())
+    except Exception:  # noqa: BLE001 - a model FlopCounterMode cannot follow has no FLOP figure; it trains all the same
+        return None
+    finally:
+        model.train(was_training)
+        for parameter in model.parameters():
+            parameter.grad = None
+    return counted / len(inputs) if counted else None
 
 
 def counted_flops(work: Callable[[], Any]) -> tuple[Any, float]:

@@ -63,7 +63,7 @@ def run_state(run_dir: Path) -> str:
 
 def _alive(record: dict[str, Any]) -> bool:
     """Whether the run that wrote `record` still runs: on this host, one of its processes (not another that
-    reuses its id); on another, one whose last word (every log line: `StatusHeartbeat`) is recent."""
+    reuses its id); on another, one whose last word (every 30 s: `StatusHeartbeat`) is recent."""
     if record.get("host") != socket.gethostname():
         return time.time() - float(record.get("time", 0)) < STALE_S
     return bool(_live(_local_processes(record)))

@@ -48,7 +48,7 @@ from scaleforge.config import (
     dump_yaml,
     signature_of,
 )
-from scaleforge.data.base import DataInfo, DatasetSplits
+from scaleforge.data.base import DataInfo, DatasetSplits, InMemoryDataset
 from scaleforge.data.loading import BatchPlan, DataWaitClock, EvalBatches, TrainBatches
 from scaleforge.distributed.env import (
     DistEnv,
@@ -60,7 +60,13 @@ from scaleforge.distributed.env import (
 )
 from scaleforge.distributed.launch import is_launched_worker
 from scaleforge.distributed.parallel_dims import ParallelDims
-from scaleforge.distributed.parallelize import ParallelModel, ParallelPlan, parallelize, plan_parallelism
+from scaleforge.distributed.parallelize import (
+    ParallelModel,
+    ParallelPlan,
+    parallelize,
+    plan_parallelism,
+    takes_inputs,
+)
 from scaleforge.errors import AgreedError, ConfigError, UsageError
 from scaleforge.hardware import Autocast, make_autocast, resolve_precision, select_device
 from scaleforge.runs import run_signing_key, save_final
@@ -70,7 +76,7 @@ from scaleforge.training.checkpoint import (
     checkpoint_name,
     load_checkpoint,
 )
-from scaleforge.training.flops import StepFlops, counted_flops, peak_flops, transformer_flops_per_token
+from scaleforge.training.flops import StepFlops, flops_per_sample, peak_flops, transformer_flops_per_token
 from scaleforge.training.metrics import JsonlLogger, LossPlot, TensorBoardLogger, build_progress
 from scaleforge.training.monitoring import PrometheusExporter, SystemMonitor
 from scaleforge.training.objectives import Objective, default_objective
@@ -341,6 +347,18 @@ def evaluate(
     return result
 
 
+STOP_CHECK_S = 1.0  # several processes agree on a signal at least this often, or at every step if steps are longer
+
+
+def stop_check_steps(step_s: float, log_every: int) -> int:
+    """How many steps apart several processes agree on a signal (a collective and a host sync, `any_processes`):
+    about `STOP_CHECK_S` worth of steps, so that a stop comes within about a second of a signal (well inside a
+    launcher's 30 s before it kills its workers), but no more often than every step, and no less often than every
+    log line, where they agree anyway. A small model's steps are far shorter than a second: it agrees at its log
+    lines alone, and the steps between them hold no collective beyond the strategy's own."""
+    return max(1, min(log_every, int(STOP_CHECK_S / max(step_s, 1e-9))))
+
+
 @contextlib.contextmanager
 def setup_frozen() -> Iterator[None]:
     """Leave what exists now (torch, the model, the callbacks' libraries: some 200,000 objects once TensorBoard and
@@ -348,6 +366,9 @@ def setup_frozen() -> Iterator[None]:
     it. A full pass over them stops a step for about 100 ms, which lands in some step windows and not others; with
     them frozen it takes well under a millisecond. Given back at the end, so that what setup left for the collector
     is collected, in a process that trains again (a search, a test session)."""
+    if gc.get_freeze_count():  # the caller froze some already: theirs to keep frozen, and this adds nothing
+        yield
+        return
     gc.freeze()
     try:
         yield
@@ -473,6 +494,7 @@ class Trainer:
     checkpoint: Path | None = None  # the one the run resumed from
     start_step: int = 0  # the step within the first epoch the loop runs, where a resumed run continues
     steps_before: int = 0  # the steps a resumed run had made before this process's loop
+    stop_every: int = 1  # several processes: steps between their agreements on a signal (`stop_check_steps`)
     checkpointer: Checkpointer = field(init=False)  # built once the run is announced
     stop_request: StopRequest = field(default_factory=lambda: StopRequest(patient=is_launched_worker()))
     monitor: SystemMonitor | None = None  # `logging.system_metrics`
@@ -505,7 +527,7 @@ class Trainer:
             model = build_model(config.model, data.info).to(device)
             model = prepare_model(model, training, PreparationContext(data.info, dims))
             num_parameters = count_parameters(model)
-            flops = step_flops(model, config, data.info, dims, device, precision)  # the whole model, before it is split
+            flops = step_flops(model, config, data.train, data.info, dims, device, precision)  # before it is split
             objective = build_checked_objective(training, data.info, dims, device)
             plan, layout = plan_training(config, model, dims, device, precision)
             check_validation_share(data, dims)
@@ -657,25 +679,16 @@ class Trainer:
         return loop_time
 
     def step(self, micro_batches: MicroBatches) -> None:
-        """One optimizer step, then the schedule's; the loss stays on the device until the next log line. The
-        run's first step is counted by `FlopCounterMode` when no formula gave the model's FLOPs."""
-
-        def work() -> torch.Tensor:
-            return train_step(
-                self.parallel,
-                micro_batches,
-                self.objective.loss,
-                self.optimizer,
-                autocast=self.autocast,
-                scaler=self.scaler,
-                clip_grad_norm=self.config.training.clip_grad_norm,
-            )
-
-        if self.flops.per_step is None and self.flops.method is None:
-            loss, counted = counted_flops(work)
-            self.flops.per_step, self.flops.method = counted or None, "FlopCounterMode over the first step"
-        else:
-            loss = work()
+        """One optimizer step, then the schedule's; the loss stays on the device until the next log line."""
+        loss = train_step(
+            self.parallel,
+            micro_batches,
+            self.objective.loss,
+            self.optimizer,
+            autocast=self.autocast,
+            scaler=self.scaler,
+            clip_grad_norm=self.config.training.clip_grad_norm,
+        )
         self.window.lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used, before the scheduler moves it
         if self.scheduler is not None:
             self.scheduler.step()
@@ -684,12 +697,18 @@ class Trainer:
 
     def after_step(self) -> None:
         """Log, evaluate and checkpoint when they are due; stop, checkpointed, when a signal asked to: one process
-        at the step it notices the signal, several at the first log line after it (`log`), where they agree on
-        it without a collective of its own, so that the steps between log lines hold none."""
-        config, step = self.config, self.state.step
-        signalled = self.stop_request.signum is not None if self.parallel.mesh is None else False
-        if step % config.logging.every_steps == 0 or step == self.state.total_steps:
+        at the step it notices the signal; several at the first step, every `stop_every` steps, where they agree
+        on it (see `log`)."""
+        config, step, state = self.config, self.state.step, self.state
+        signalled = False
+        if step % config.logging.every_steps == 0 or step == state.total_steps:
             signalled = self.log()
+        elif self.parallel.mesh is None:  # one process: its own flag, read for nothing at every step
+            signalled = self.stop_request.signum is not None
+        elif step % self.stop_every == 0:  # slow steps: agree more often than at log lines (`log`)
+            state.should_stop, signalled = self.parallel.any_processes(
+                state.should_stop, self.stop_request.signum is not None
+            )
         if config.training.eval_every_steps and step % config.training.eval_every_steps == 0:
             self.validate()
         saved = config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0
@@ -710,9 +729,13 @@ class Trainer:
         # per tensor-parallel group) each add their share.
         loss_weight = 1 / self.dims.dp if self.parallel.holds_outputs else 0.0
         step_sum = torch.stack(window.losses).float().sum() * loss_weight
-        mean_loss = float(self.parallel.all_reduce_sum(step_sum)) / steps  # the one host sync per log line
         now = time.perf_counter()
         elapsed = max(now - window.time, 1e-9)
+        # the one host sync per log line: the loss, and the window's time, the same mean on every process
+        shares = torch.stack([step_sum, torch.tensor(elapsed / self.dims.world_size, device=step_sum.device)])
+        loss_sum, mean_elapsed = self.parallel.all_reduce_sum(shares).tolist()
+        mean_loss = loss_sum / steps
+        self.stop_every = stop_check_steps(mean_elapsed / steps, self.config.logging.every_steps)
         record = {
             "step": state.step,
             "epoch": state.epoch,
@@ -821,17 +844,44 @@ class Trainer:
 
 
 def step_flops(
-    model: nn.Module, config: RunConfig, info: DataInfo, dims: ParallelDims, device: torch.device, precision: str
+    model: nn.Module,
+    config: RunConfig,
+    train: Any,
+    info: DataInfo,
+    dims: ParallelDims,
+    device: torch.device,
+    precision: str,
 ) -> StepFlops:
-    """This process's FLOPs a step from the transformer formula (the whole `model`'s, over the global batch's tokens,
-    shared out over the processes), or left for the first step to count; with the device's peak (see `flops`)."""
+    """This process's FLOPs a step: the whole `model`'s over the global batch, shared out over the processes, from
+    the transformer formula or counted on a few training samples (see `flops`); with the device's peak."""
     flops = StepFlops(peak=peak_flops(device, precision))
     per_token = transformer_flops_per_token(model, info.seq_len) if info.seq_len else None
     if per_token is not None:
         assert info.seq_len is not None
-        flops.per_step = per_token * config.training.batch_size * info.seq_len / dims.world_size
+        per_sample: float | None = per_token * info.seq_len
         flops.method = "6N + 12LHQT a token (PaLM, appendix B)"
+    else:
+        samples = first_samples(train, min(8, config.training.batch_size))
+        per_sample = flops_per_sample(model, samples.to(device)) if samples is not None else None
+        flops.method = "FlopCounterMode over a forward and backward pass"
+    if per_sample is not None:
+        flops.per_step = per_sample * config.training.batch_size / dims.world_size
     return flops
+
+
+def first_samples(dataset: Any, count: int) -> torch.Tensor | None:
+    """The inputs of a dataset's first `count` samples as one batch (for counting FLOPs); None if they cannot be
+    read so (a sample that is not a pair of tensors, or unreadable)."""
+    try:
+        if isinstance(dataset, InMemoryDataset):
+            return dataset.inputs[:count]
+        from torch.utils.data import default_collate
+
+        samples = [dataset[index] for index in range(min(count, len(dataset)))]
+        inputs, _ = default_collate([sample for sample in samples if sample is not None])
+    except Exception:  # noqa: BLE001 - no FLOP figure, and the run trains all the same
+        return None
+    return inputs if isinstance(inputs, torch.Tensor) else None
 
 
 def process_memory(optimizer: torch.optim.Optimizer, device: torch.device) -> dict[str, Any]:
@@ -893,7 +943,7 @@ def prometheus_exporter(section: LoggingSection, env: DistEnv) -> PrometheusExpo
 def check_loss_sees_inputs(objective: Objective, name: str, dims: ParallelDims) -> None:
     """A loss that reads the batch's inputs (`takes_inputs`: distillation) cannot run where the last pipeline
     stage computes the loss without them."""
-    if getattr(objective.loss, "takes_inputs", False) and dims.pp > 1:
+    if takes_inputs(objective.loss) and dims.pp > 1:
         raise ConfigError(
             f"training.loss: {name} reads the batch's inputs, which pipeline stages after the first never see; use ddp"
         )
