@@ -101,6 +101,18 @@ def test_the_step_table_holds_the_steps_micro_batches(rank: int) -> None:
     assert table.shape == (100 // 16 - 1, 2, 4) and table.tolist() == listed
 
 
+def test_in_memory_batches_gather_the_step_tables_samples() -> None:
+    inputs, targets = torch.randn(100, 3), torch.arange(100)
+    plan = BatchPlan(16, grad_accum_steps=2, world_size=2, rank=1)
+    batches = TrainBatches(InMemoryDataset(inputs, targets), plan, seed=3, device=torch.device("cpu"))
+    batches.index_plan.set_epoch(1, 2)
+    expected = [[(inputs[i], targets[i]) for i in step] for step in batches.index_plan.steps()]
+    got = list(batches.epoch(1, 2))
+    assert len(got) == len(expected) == 100 // 16 - 2
+    for step, want in zip(got, expected, strict=True):
+        assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(step, want, strict=True))
+
+
 def test_permutation_depends_on_seed_and_epoch_only() -> None:
     first = epoch_permutation(NUM_SAMPLES, seed=7, epoch=3)
     assert torch.equal(first, epoch_permutation(NUM_SAMPLES, seed=7, epoch=3))

@@ -259,8 +259,13 @@ class TrainBatches:
         """The micro-batches of each step of `epoch`, from step `start_step` on."""
         self.index_plan.set_epoch(epoch, start_step)
         if self.loader is None:
-            dataset = self.dataset
-            for micro_indices in self.index_plan.step_table(self.device):  # (accumulation steps, micro-batch) a step
+            dataset, table = self.dataset, self.index_plan.step_table(self.device)
+            if type(dataset).__getitem__ is InMemoryDataset.__getitem__:  # gathered with index_select: half the
+                inputs, targets = dataset.inputs, dataset.targets  # time of indexing with a tensor
+                for micro_indices in table:  # (accumulation steps, micro-batch) a step
+                    yield [(inputs.index_select(0, i), targets.index_select(0, i)) for i in micro_indices]
+                return
+            for micro_indices in table:  # a subclass may compute its samples
                 yield [dataset[indices] for indices in micro_indices]  # type: ignore[index]
             return
         batches = iter(self.loader)  # forks the workers on the first epoch: before the prefetcher's thread exists
