@@ -72,6 +72,23 @@ class Workload:
         torch.manual_seed(0)
         return MLP((self.num_features,), self.num_classes, self.hidden_layers, "relu", 0.0)
 
+    def overrides(self, steps: int) -> list[str]:
+        """The trainer's config for the same model, data, optimizer and batch."""
+        return [
+            "model.architecture=mlp",
+            f"model.hidden_layers={list(self.hidden_layers)}",
+            "model.dropout_rate=0.0",
+            "data.dataset=synthetic",
+            f"data.num_samples={self.num_samples(steps)}",
+            f"data.num_features={self.num_features}",
+            f"data.num_classes={self.num_classes}",
+            f"training.batch_size={self.batch_size}",
+            f"training.learning_rate={self.learning_rate}",
+            f"training.max_steps={WARMUP_STEPS + steps}",
+            "training.optimizer=adam",
+            f"hardware.device={self.device}",
+        ]
+
 
 @dataclass(frozen=True)
 class DigitsWorkload:
@@ -208,43 +225,22 @@ class StepClock(Callback):
 
 
 def time_trainer(workload: Workload | DigitsWorkload, steps: int) -> float:
-    """Seconds per step of `scaleforge.training` with the default logging, on the same workload."""
-    if isinstance(workload, DigitsWorkload):
-        return _trained(load_config(None, [*workload.overrides(steps), *TRAINER_DEFAULTS]))
-    overrides = [
-        "model.architecture=mlp",
-        f"model.hidden_layers={list(workload.hidden_layers)}",
-        "model.dropout_rate=0.0",
-        "data.dataset=synthetic",
-        f"data.num_samples={workload.num_samples(steps)}",
-        f"data.num_features={workload.num_features}",
-        f"data.num_classes={workload.num_classes}",
-        f"training.batch_size={workload.batch_size}",
-        f"training.learning_rate={workload.learning_rate}",
-        f"training.max_steps={WARMUP_STEPS + steps}",
-        "training.optimizer=adam",
-        *TRAINER_DEFAULTS,
-        f"hardware.device={workload.device}",
-    ]
-    return _trained(load_config(None, overrides))
+    """Seconds per step of `scaleforge.training` with the default logging, on the same workload, after the warm-up."""
+    clock = StepClock()
+    config = load_config(None, [*workload.overrides(steps), *TRAINER_DEFAULTS])
+    with tempfile.TemporaryDirectory() as run_dir, contextlib.redirect_stdout(io.StringIO()):
+        train(config, Path(run_dir), callbacks=[clock])
+    return clock.seconds_per_step(after=WARMUP_STEPS)
 
 
 # what the trainer runs with in every workload: no checkpoints (they have their own benchmark), full precision,
-# progress as plain lines, no plot at the end; on the workload's device, where the plain loop runs
+# progress as plain lines, no plot at the end
 TRAINER_DEFAULTS = [
     "checkpoint.every_steps=0",
     "training.precision=32",
     "logging.progress=plain",
     "logging.plot=false",
 ]
-
-
-def _trained(config: Any) -> float:
-    """Seconds per step of the trainer on `config`, after the warm-up."""
-    clock = StepClock()
-    with tempfile.TemporaryDirectory() as run_dir, contextlib.redirect_stdout(io.StringIO()):
-        train(config, Path(run_dir), callbacks=[clock])
-    return clock.seconds_per_step(after=WARMUP_STEPS)
 
 
 def time_lightning(workload: Workload, steps: int) -> float:

@@ -49,12 +49,16 @@ def run_litserve(
     """LitServe over the run, opened as `flags` (`scaleforge serve`'s --trust-code, --signing-key-env) say; with
     `fast`, with the speed option its documentation recommends (`fast_queue=True`: ZeroMQ between the HTTP server
     and the model's worker instead of multiprocessing queues), else with its defaults."""
-    trust = {"code": "--trust-code" in flags}
-    if "--signing-key-env" in flags:
-        trust["signing_key_env"] = flags[flags.index("--signing-key-env") + 1]
-    api = ScaleforgeLitAPI(run_dir, trust, max_batch_size=max_batch_size, batch_timeout=max_delay_ms / 1000)
+    api = ScaleforgeLitAPI(run_dir, trust_of(flags), max_batch_size=max_batch_size, batch_timeout=max_delay_ms / 1000)
     server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, timeout=30, fast_queue=fast)
     server.run(host="127.0.0.1", port=port, generate_client_file=False)
+
+
+def trust_of(flags: list[str]) -> dict[str, Any]:
+    """`Trust`'s fields from `scaleforge serve`'s --trust-code and --signing-key-env among `flags` (plain data: a
+    LitAPI is pickled into LitServe's worker)."""
+    signing = flags[flags.index("--signing-key-env") + 1] if "--signing-key-env" in flags else None
+    return {"code": "--trust-code" in flags, "signing_key_env": signing}
 
 
 def run_reuseport(
@@ -109,8 +113,7 @@ def _one_of_many(
     from scaleforge.serve.settings import ServeSettings
     from scaleforge.serve.worker import freeze_garbage
 
-    signing = trust_flags[trust_flags.index("--signing-key-env") + 1] if "--signing-key-env" in trust_flags else None
-    model = ServedModel(run_dir, trust=Trust("--trust-code" in trust_flags, signing))
+    model = ServedModel(run_dir, trust=Trust(**trust_of(trust_flags)))
     settings = ServeSettings(port=port, max_batch_size=max_batch_size, max_delay_ms=max_delay_ms)
     model.prepare(max(1, cpu_cores() // count), max_batch_size, time_batches=False)
     gate = create_app(model, settings)

@@ -210,6 +210,12 @@ class EpochIndexPlan:
         return (self.steps_per_epoch - self.start_step) * self.plan.grad_accum_steps
 
 
+def plain_in_memory(dataset: Dataset) -> bool:
+    """Whether `dataset` is an `InMemoryDataset` whose samples are its tensors' rows (a subclass that computes its
+    samples in `__getitem__` is not): its batches can be cut from the tensors directly."""
+    return type(dataset).__getitem__ is InMemoryDataset.__getitem__
+
+
 def epoch_order(dataset: Dataset) -> Callable[[int, int], torch.Tensor] | None:
     """A sharded dataset's order (`windowed_permutation` over its `shard_sizes` and `shuffle_window`), or None
     for the plain permutation of every sample."""
@@ -260,8 +266,8 @@ class TrainBatches:
         self.index_plan.set_epoch(epoch, start_step)
         if self.loader is None:
             dataset, table = self.dataset, self.index_plan.step_table(self.device)
-            if type(dataset).__getitem__ is InMemoryDataset.__getitem__:  # gathered with index_select: half the
-                inputs, targets = dataset.inputs, dataset.targets  # time of indexing with a tensor
+            if plain_in_memory(dataset):  # gathered with index_select: half the time of indexing with a tensor
+                inputs, targets = dataset.inputs, dataset.targets
                 for micro_indices in table:  # (accumulation steps, micro-batch) a step
                     yield [(inputs.index_select(0, i), targets.index_select(0, i)) for i in micro_indices]
                 return
@@ -351,7 +357,7 @@ class EvalBatches:
         self.skipped = 0
         device = self.device
         if self.loader is None:
-            plain = type(self.dataset).__getitem__ is InMemoryDataset.__getitem__
+            plain = plain_in_memory(self.dataset)
             for piece, (start, end) in zip(self.pieces, self.ranges, strict=True):
                 if plain:  # a piece is a run of consecutive samples: views of the tensors, not gathered copies
                     inputs, targets = self.dataset.inputs[start:end], self.dataset.targets[start:end]  # type: ignore[attr-defined]

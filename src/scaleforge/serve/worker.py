@@ -52,12 +52,11 @@ class ModelProcess:
         timed_batches: list[tuple[int, float]] | None = None,
         hung_s: float = 60.0,
         trust: Trust = UNTRUSTED,
-        wait: bool = True,
     ) -> None:
         """`threads` 0: chosen by timing a batch of `batch_size` (`ServedModel.choose_threads`); with
         `time_batches`, batches of 1 and `batch_size` are timed too (`timed_batches`, unless given). A batch
-        not answered within `hung_s` is taken for hung: the process is killed and started again. Without
-        `wait`, the process is started but not waited for: `wait_ready` does that (processes that load at once)."""
+        not answered within `hung_s` is taken for hung: the process is killed and started again. The process is
+        started here and not waited for: `wait_ready` does that (`ModelPool` starts several, then waits)."""
         self.hung_s = hung_s
         self.path, self.device, self.threads, self.batch_size = path, device, threads, batch_size
         self.time_batches = time_batches
@@ -65,8 +64,6 @@ class ModelProcess:
         self.timed_batches: list[tuple[int, float]] = list(timed_batches or [])
         self.load_seconds = 0.0
         self._launch()
-        if wait:
-            self.wait_ready()
 
     def _start(self) -> None:
         self._launch()
@@ -199,7 +196,6 @@ class ModelPool:
                         timed_batches=timed_batches,
                         hung_s=hung_s,
                         trust=trust,
-                        wait=False,
                     )
                 )
                 if time_batches and index == 0:  # its batches timed before the others load beside it

@@ -92,7 +92,7 @@ def flops_per_sample(model: nn.Module, inputs: torch.Tensor) -> float | None:
     try:
         with torch.random.fork_rng(devices=devices):
             model.eval()  # no running statistics updated, no dropout drawn: the products are the same
-            _, counted = counted_flops(lambda: model(inputs).float().sum().backward())
+            counted = counted_flops(lambda: model(inputs).float().sum().backward())
     except Exception:  # noqa: BLE001 - a model FlopCounterMode cannot follow has no FLOP figure; it trains all the same
         return None
     finally:
@@ -102,11 +102,11 @@ def flops_per_sample(model: nn.Module, inputs: torch.Tensor) -> float | None:
     return counted / len(inputs) if counted else None
 
 
-def counted_flops(work: Callable[[], Any]) -> tuple[Any, float]:
-    """`work()`'s result, and the FLOPs torch's `FlopCounterMode` counted while it ran (on this process)."""
+def counted_flops(work: Callable[[], object]) -> float:
+    """The FLOPs torch's `FlopCounterMode` counts while `work()` runs (on this process)."""
     with FlopCounterMode(display=False) as counter:
-        result = work()
-    return result, float(counter.get_total_flops())
+        work()
+    return float(counter.get_total_flops())
 
 
 @dataclass

@@ -706,9 +706,7 @@ class Trainer:
         elif self.parallel.mesh is None:  # one process: its own flag, read for nothing at every step
             signalled = self.stop_request.signum is not None
         elif step % self.stop_every == 0:  # slow steps: agree more often than at log lines (`log`)
-            state.should_stop, signalled = self.parallel.any_processes(
-                state.should_stop, self.stop_request.signum is not None
-            )
+            signalled = self.agree_to_stop()
         if config.training.eval_every_steps and step % config.training.eval_every_steps == 0:
             self.validate()
         saved = config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0
@@ -754,7 +752,13 @@ class Trainer:
         self.window = LogWindow(state.step, now, self.data_wait.seconds)
         state.history.append(record)
         self.callbacks.on_log(state, record)
-        # a signal reaches the processes at different moments: they agree on the step they stop after
+        return self.agree_to_stop()
+
+    def agree_to_stop(self) -> bool:
+        """Whether any process got a signal, and (in `should_stop`) whether any callback asked to stop: a signal
+        reaches the processes at different moments, so they agree here on the step they stop after, in one
+        collective for both."""
+        state = self.state
         state.should_stop, signalled = self.parallel.any_processes(
             state.should_stop, self.stop_request.signum is not None
         )
