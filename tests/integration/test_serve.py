@@ -444,8 +444,18 @@ def children(pid: int) -> set[int]:
     return found
 
 
+def model_processes(server_pid: int) -> set[int]:
+    """The server's model processes: children started by multiprocessing's spawn (one that ends meanwhile is not)."""
+    found = set()
+    for pid in children(server_pid):
+        with contextlib.suppress(OSError):
+            if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text():
+                found.add(pid)
+    return found
+
+
 def model_process(server_pid: int) -> int:
-    (worker,) = [pid for pid in children(server_pid) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+    (worker,) = model_processes(server_pid)
     return worker
 
 
@@ -487,7 +497,7 @@ def test_two_workers_run_two_batches_at_once_and_end_with_the_server(slow_run: P
             return await asyncio.gather(*(client.post("/v1/predict", json={"inputs": [IMAGE]}) for _ in range(4)))
 
     with server(slow_run, *flags) as (url, process):
-        workers = {pid for pid in children(process.pid) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()}
+        workers = model_processes(process.pid)
         answers = asyncio.run(four(url))  # each batch takes 0.5 s: the second starts while the first runs
         text = httpx.get(f"{url}/metrics").text
         process.kill()
@@ -513,7 +523,7 @@ def test_a_model_process_that_hangs_is_restarted_and_its_batch_refused(slow_run:
 def test_a_small_model_runs_on_a_thread_and_a_killed_server_leaves_no_model_process_behind(digits_run: Path) -> None:
     with server(digits_run) as (url, process):  # the MLP's requests cost more than its compute: no process
         assert httpx.post(f"{url}/v1/predict", json={"inputs": [IMAGE]}).status_code == 200
-        assert not [pid for pid in children(process.pid) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+        assert not model_processes(process.pid)
     with server(digits_run, "--model-process") as (url, process):
         worker = model_process(process.pid)
         assert httpx.post(f"{url}/v1/predict", json={"inputs": [IMAGE]}).status_code == 200
@@ -694,7 +704,7 @@ def test_a_hung_batch_on_the_models_thread_turns_liveness_to_503_until_the_model
 
     with server(run_dir, *flags) as (url, process):
         seen = asyncio.run(scenario(url))
-        assert not [pid for pid in children(process.pid) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+        assert not model_processes(process.pid)
     assert seen["live before"].status_code == 200
     assert "not answered its batch within 0.5 s (--batch-timeout-s)" in seen["live while hung"].json()["detail"]
     assert seen["new request"].status_code == 503 and "refused until it does" in seen["new request"].text

@@ -26,7 +26,7 @@ from scaleforge.data.digits import digits
 from scaleforge.runs import write_manifest
 from scaleforge.training.trainer import train
 from tests.conftest import REPO, until
-from tests.integration.test_serve import children, metric, png
+from tests.integration.test_serve import metric, model_processes, png
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -440,9 +440,6 @@ def test_two_workers_keep_one_count_of_requests_and_feedback(tmp_path: Path, run
                 with lock:
                     answered[body["model_version"]] += 1
                     correct[body["model_version"]] += right
-
-    def model_processes(server: int) -> set[int]:
-        return {pid for pid in children(server) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()}
 
     async def two_left() -> httpx.Response:
         return httpx.Response(200 if len(model_processes(serving.process.pid)) == 2 else 503)
