@@ -6,6 +6,7 @@ import io
 import time
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from scaleforge.training.callbacks import RunState
@@ -42,3 +43,36 @@ def test_tensorboard_writes_one_event_per_record(tmp_path: Path) -> None:
     assert sorted(events.Tags()["scalars"]) == ["train/loss", "train/lr", "val/accuracy", "val/loss"]
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 2.0), (2, 1.0)]
     assert [(e.step, e.value) for e in events.Scalars("val/accuracy")] == [(2, 0.75)]
+
+
+def test_tensorboard_events_reach_the_disk_every_flush_interval_before_the_file_closes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A live TensorBoard reads a running run's events: written from the training thread, they are flushed once
+    `FLUSH_S` has passed since the last flush (a clock the test moves), not only at checkpoints and the end."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from scaleforge.training import metrics
+
+    now = [1000.0]
+    monkeypatch.setattr(metrics.time, "monotonic", lambda: now[0])
+    logger = TensorBoardLogger(tmp_path)
+    state = RunState(tmp_path, total_steps=3, steps_per_epoch=3, global_batch_size=8)
+    logger.on_train_start(state)
+
+    def shown() -> list[int]:
+        events = EventAccumulator(str(tmp_path))
+        events.Reload()
+        if "train/loss" not in events.Tags()["scalars"]:
+            return []
+        return [event.step for event in events.Scalars("train/loss")]
+
+    logger.on_log(state, {"step": 1, "epoch": 0, "time": time.time(), "loss": 2.0})
+    assert shown() == []  # within the interval of the first event's flush: still in the file's buffer
+    now[0] += metrics.EventFile.FLUSH_S
+    logger.on_log(state, {"step": 2, "epoch": 0, "time": time.time(), "loss": 1.5})
+    assert shown() == [1, 2]
+    logger.on_log(state, {"step": 3, "epoch": 0, "time": time.time(), "loss": 1.0})
+    logger.on_checkpoint(state, tmp_path)
+    assert shown() == [1, 2, 3]
+    logger.close()
