@@ -93,7 +93,7 @@ class Accuracy:
             right = (logits.argmax(dim=-1) == labels).sum()
         else:
             right = (logits.topk(self.top_k, dim=-1).indices == labels[:, None]).any(dim=-1).sum()
-        self.correct = self.correct + right
+        self.correct = right if self.count == 0 else self.correct + right  # no kernel to add to 0
         self.count += labels.shape[0]
 
     def sync(self, reduce_sum: ReduceSum) -> None:
@@ -119,7 +119,7 @@ class Perplexity:
         self.count = 0
 
     def update(self, outputs: torch.Tensor, targets: torch.Tensor, loss_sum: torch.Tensor) -> None:
-        self.loss_sum = self.loss_sum + loss_sum
+        self.loss_sum = loss_sum if self.count == 0 else self.loss_sum + loss_sum
         self.count += targets.numel()
 
     def sync(self, reduce_sum: ReduceSum) -> None:

@@ -329,7 +329,7 @@ def evaluate(
             if outputs is None or not parallel.holds_outputs:
                 continue
             batch_loss = objective.loss(outputs, targets).float() * targets.numel()
-        loss_sum, count = loss_sum + batch_loss, count + targets.numel()
+        loss_sum, count = batch_loss if count == 0 else loss_sum + batch_loss, count + targets.numel()
         for metric in objective.metrics:
             metric.update(outputs, targets, batch_loss)
     module.train(was_training)
