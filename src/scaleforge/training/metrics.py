@@ -45,33 +45,29 @@ class JsonlLogger(Callback):
 
 
 class TensorBoardLogger(Callback):
-    """Scalars under `train/` and `val/` in TensorBoard event files.
+    """Scalars under `train/` and `val/` in TensorBoard event files (`EventFile`).
 
     Each record becomes one event holding all its values, rather than one event per scalar as `add_scalar`
-    writes, and events are written by `EventFile` from the training thread.
+    writes.
     """
 
     def __init__(self, log_dir: Path) -> None:
         self.log_dir = log_dir
         self.events: EventFile | None = None
-        self.summary_type: Any = None
 
     def on_train_start(self, state: RunState) -> None:
-        from tensorboard.compat.proto.summary_pb2 import Summary  # TensorBoard is imported only when used
-
         # A resumed run logs again what came after its checkpoint: TensorBoard hides the earlier run's events
         # from the step after the checkpoint on, so that no step shows twice (a fresh run has none to hide).
         self.events = EventFile(self.log_dir, purge_step=state.step + 1)
-        self.summary_type = Summary
 
     def _scalars(self, prefix: str, record: dict[str, Any]) -> None:
         values = [
-            self.summary_type.Value(tag=f"{prefix}/{name.removeprefix('val_')}", simple_value=value)
+            (f"{prefix}/{name.removeprefix('val_')}", value)
             for name, value in record.items()
             if name not in ("step", "epoch", "time") and isinstance(value, int | float)
         ]
         assert self.events is not None
-        self.events.summary(self.summary_type(value=values), record["step"], record["time"])
+        self.events.add(record["step"], record["time"], values)
 
     def on_log(self, state: RunState, record: dict[str, Any]) -> None:
         self._scalars("train", record)
@@ -92,46 +88,56 @@ _event_files = itertools.count()  # the last part of an event file's name: sever
 
 
 class EventFile:
-    """One TensorBoard event file, in the name and records `SummaryWriter` writes, written from the calling thread
-    and flushed every `FLUSH_S` seconds (and by `flush`).
+    """One TensorBoard event file, in the name and records `SummaryWriter` writes. Events are kept as plain values
+    and written, from the training thread, every `FLUSH_S` seconds (and by `flush` and `close`): what TensorBoard
+    can read is what was flushed, which `SummaryWriter` does every 120 s.
 
     Not `SummaryWriter`'s file writer: it hands each event to a writer thread, which checksums it in pure Python
     while the training thread waits for the interpreter. Measured on digits' MLP on 2 cores: 92 us of training
-    time an event through the thread, 25 us written here; an evaluation after every epoch of 22 steps with the
-    thread's writer cost the trainer about 1% of its throughput (`scaleforge bench overhead`).
+    time an event through the thread, 25 us written at once from the training thread; within a run, between steps
+    that have just used the caches, an event written at once took 92-117 us (`scaleforge bench overhead`'s
+    `digits`: about 0.5% of its throughput), against a few microseconds kept and written with the others.
     """
 
     FLUSH_S = 5.0
 
     def __init__(self, log_dir: Path, purge_step: int | None = None) -> None:
         from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+        from tensorboard.compat.proto.summary_pb2 import Summary
         from tensorboard.summary.writer.record_writer import RecordWriter
 
         log_dir.mkdir(parents=True, exist_ok=True)
         name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(_event_files)}"
         self.file = (log_dir / name).open("wb")
         self.records = RecordWriter(self.file)
-        self.event_type = Event
-        self.flushed = 0.0  # time.monotonic() of the last flush: the first event is flushed at once
-        self.write(Event(wall_time=time.time(), file_version="brain.Event:2"))
+        self.event_type, self.summary_type = Event, Summary
+        self.pending: list[tuple[int, float, list[tuple[str, float]]]] = []
+        self.records.write(Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
         if purge_step is not None:  # TensorBoard hides the events of this step on that are older than this one
-            self.write(Event(wall_time=time.time(), step=purge_step, session_log=SessionLog(status=SessionLog.START)))
+            start = SessionLog(status=SessionLog.START)
+            self.records.write(Event(wall_time=time.time(), step=purge_step, session_log=start).SerializeToString())
+        self.flush()
 
-    def write(self, event: Any) -> None:
-        self.records.write(event.SerializeToString())
+    def add(self, step: int, wall_time: float, values: list[tuple[str, float]]) -> None:
+        """One event holding `values` (tag, number) at `step`."""
+        self.pending.append((step, wall_time, values))
         if time.monotonic() - self.flushed >= self.FLUSH_S:
             self.flush()
 
-    def summary(self, summary: Any, step: int, wall_time: float) -> None:
-        """One event holding `summary`'s values at `step`."""
-        self.write(self.event_type(summary=summary, step=step, wall_time=wall_time))
-
     def flush(self) -> None:
+        """Write the events kept so far and flush the file."""
+        Value = self.summary_type.Value  # noqa: N806 - the protobuf class
+        for step, wall_time, values in self.pending:
+            summary = self.summary_type(value=[Value(tag=tag, simple_value=value) for tag, value in values])
+            self.records.write(self.event_type(summary=summary, step=step, wall_time=wall_time).SerializeToString())
+        self.pending.clear()
         self.file.flush()
         self.flushed = time.monotonic()
 
     def close(self) -> None:
-        self.file.close()
+        if not self.file.closed:
+            self.flush()
+            self.file.close()
 
 
 # how a log line shows the system figures (`train.monitoring`); '' leaves one to metrics.jsonl and TensorBoard
