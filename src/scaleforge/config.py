@@ -148,6 +148,12 @@ class ParallelSection:
     microbatches: int | None = field(default=None, metadata=POSITIVE)
     cpu_offload: bool = False
     timeout_s: float = field(default=600.0, metadata=POSITIVE)
+    # ddp's gradient all-reduce: as is, in bf16 or fp16 (half the bytes), or PowerSGD's low-rank approximation
+    # with error feedback, after `powersgd_start_step` steps of plain all-reduce (torch's default: 1,000)
+    grad_compression: Literal["none", "bf16", "fp16", "powersgd"] = "none"
+    powersgd_rank: int = field(default=4, metadata=POSITIVE)
+    powersgd_start_step: int = field(default=1000, metadata={"minimum": 2})
+    reduce_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # fsdp's (and hybrid's) gradient reduce-scatter
 
 
 @dataclass(frozen=True)
@@ -635,12 +641,31 @@ def _check_parallel(parallel: ParallelSection, origins: Mapping[str, str]) -> No
             raise _fail(
                 origins, f"parallel.{key}", f"sizes a mesh dimension that parallel.strategy={parallel.strategy} lacks"
             )
+    _check_compression(parallel, origins)
     if "pp" not in dimensions:  # pipeline options for a strategy without stages would be silently ignored
         defaults = ParallelSection()
         for key in ("stages", "schedule", "microbatches"):
             if getattr(parallel, key) != getattr(defaults, key):
                 message = f"shapes pipeline stages, which parallel.strategy={parallel.strategy} lacks"
                 raise _fail(origins, f"parallel.{key}", message)
+
+
+def _check_compression(parallel: ParallelSection, origins: Mapping[str, str]) -> None:
+    """Gradient compression where there is a reduction it applies to; its options only with it. One process
+    (`single`, or `auto` started alone) reduces nothing: the setting is then a no-op, so a config runs anywhere."""
+    strategy, defaults = parallel.strategy, ParallelSection()
+    if parallel.grad_compression != "none" and strategy not in ("auto", "single", "ddp"):
+        hint = "; for its gradient reduction use parallel.reduce_dtype" if strategy in ("fsdp", "hybrid") else ""
+        message = f"compresses ddp's gradient all-reduce, which parallel.strategy={strategy} does not use{hint}"
+        raise _fail(origins, "parallel.grad_compression", message)
+    if parallel.grad_compression != "powersgd":
+        for key in ("powersgd_rank", "powersgd_start_step"):
+            if getattr(parallel, key) != getattr(defaults, key):
+                raise _fail(origins, f"parallel.{key}", "applies to parallel.grad_compression=powersgd only")
+    if parallel.reduce_dtype != "fp32" and strategy not in ("fsdp", "hybrid"):
+        hint = "; ddp compresses with parallel.grad_compression" if strategy in ("auto", "ddp") else ""
+        message = f"sets fsdp's gradient reduction, which parallel.strategy={strategy} does not use{hint}"
+        raise _fail(origins, "parallel.reduce_dtype", message)
 
 
 def _check_range(value: Any, metadata: Mapping[str, Any], origins: Mapping[str, str], key: str) -> None:

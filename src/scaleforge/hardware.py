@@ -16,6 +16,8 @@ Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
 
 # The dtype that mixed precision computes in (None: everything in fp32).
 PRECISIONS: dict[str, torch.dtype | None] = {"32": None, "bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
+# `parallel.reduce_dtype`: what fsdp reduce-scatters gradients in
+REDUCE_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:

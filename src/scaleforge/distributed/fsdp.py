@@ -12,14 +12,19 @@ from scaleforge.distributed.pipeline_parallel import present_blocks
 
 
 def apply_fsdp(
-    model: nn.Module, dp_mesh: DeviceMesh, *, param_dtype: torch.dtype | None, cpu_offload: bool = False
+    model: nn.Module,
+    dp_mesh: DeviceMesh,
+    *,
+    param_dtype: torch.dtype | None,
+    reduce_dtype: torch.dtype = torch.float32,
+    cpu_offload: bool = False,
 ) -> nn.Module:
     """Shard each block, then the root (which takes what is left: embeddings, head).
 
     With a low-precision `param_dtype`, parameters are gathered and computed in it while the sharded master
-    copy, gradient reduction and optimizer stay in fp32.
+    copy and optimizer stay in fp32; gradients are reduce-scattered in `reduce_dtype` (`parallel.reduce_dtype`).
     """
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     for _, block in present_blocks(model):
         fully_shard(block, mesh=dp_mesh, mp_policy=policy, offload_policy=offload)

@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from scaleforge.config import ParallelSection, TrainingSection
 from scaleforge.distributed.activation_checkpoint import apply_ac
+from scaleforge.distributed.compression import FixedSync, GradCompression, GradSync
 from scaleforge.distributed.ddp import apply_ddp
 from scaleforge.distributed.fsdp import apply_fsdp
 from scaleforge.distributed.parallel_dims import ParallelDims
@@ -44,7 +45,7 @@ from scaleforge.distributed.pipeline_parallel import (
 )
 from scaleforge.distributed.tensor_parallel import apply_tp, check_tp
 from scaleforge.errors import ConfigError
-from scaleforge.hardware import PRECISIONS, Autocast
+from scaleforge.hardware import PRECISIONS, REDUCE_DTYPES, Autocast
 
 if TYPE_CHECKING:
     from torch.distributed.pipelining.schedules import PipelineScheduleSingle
@@ -79,6 +80,8 @@ class ParallelModel:
     schedule: PipelineScheduleSingle | None = None
     pipeline_loss: ScaledLoss | None = None
     microbatches: int = 1
+    # what the gradients' data-parallel reduction sends (ddp and fsdp; None where it is not counted)
+    grad_sync: GradSync | None = None
     _eval_rows: int | None = None
 
     @classmethod
@@ -357,13 +360,31 @@ def parallelize(
     if training.compile:
         apply_compile(model, per_block=dims.strategy not in ("single", "ddp"))
     train_module = model
+    sync: GradSync | None = None
     if dims.strategy == "ddp":
         train_module = apply_ddp(model, mesh["dp"], device)  # type: ignore[index]
+        sync = GradCompression(
+            parallel.grad_compression,
+            train_module,
+            mesh["dp"].get_group(),  # type: ignore[index]
+            rank=parallel.powersgd_rank,
+            start_step=parallel.powersgd_start_step,
+        )
     elif dims.shards_data:
-        param_dtype = PRECISIONS[precision]
-        apply_fsdp(model, mesh["dp"], param_dtype=param_dtype, cpu_offload=parallel.cpu_offload)  # type: ignore[index]
+        param_dtype, reduce_dtype = PRECISIONS[precision], REDUCE_DTYPES[parallel.reduce_dtype]
+        apply_fsdp(
+            model,
+            mesh["dp"],  # type: ignore[index]
+            param_dtype=param_dtype,
+            reduce_dtype=reduce_dtype,
+            cpu_offload=parallel.cpu_offload,
+        )
+        if dims.strategy == "fsdp":  # each process reduce-scatters its whole gradient
+            sync = FixedSync(sum(p.numel() for p in model.parameters() if p.requires_grad) * reduce_dtype.itemsize)
     if plan.stage_bounds is None:
-        return ParallelModel(module=model, train_module=train_module, dims=dims, device=device, mesh=mesh)
+        return ParallelModel(
+            module=model, train_module=train_module, dims=dims, device=device, mesh=mesh, grad_sync=sync
+        )
 
     pipeline_loss = ScaledLoss(loss_fn)
     schedule = build_schedule(

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -129,8 +129,16 @@ class Checkpointer:
         self._async_writer = _Writer(checkpoint_dir, cache_staged_state_dict=True) if use_async else None
         self._pending: Future[Any] | None = None
 
-    def save(self, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, progress: dict[str, Any]) -> Path:
-        """Checkpoint the state after `progress["step"]` steps; returns the folder it is (or will be) committed to."""
+    def save(
+        self,
+        *,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        progress: dict[str, Any],
+        own: dict[str, torch.Tensor] | None = None,
+    ) -> Path:
+        """Checkpoint the state after `progress["step"]` steps; returns the folder it is (or will be) committed to.
+        `own` holds tensors of this process alone (PowerSGD's error feedback), saved under `comm.rankR`."""
         self.wait()
         final = self.checkpoint_dir / checkpoint_name(progress["step"])
         staging = final.with_name(final.name + ".tmp")
@@ -143,7 +151,9 @@ class Checkpointer:
             dist.barrier()
         model_state, optim_state = get_state_dict(model, optimizer, options=STATE_DICT_OPTIONS)
         files[f"rng-{self.rank}.json"] = _write_json(staging / f"rng-{self.rank}.json", capture_rng())
-        state = {"model": model_state, "optim": optim_state}
+        state: dict[str, Any] = {"model": model_state, "optim": optim_state}
+        if own:
+            state[OWN] = {f"rank{self.rank}": own}
         writer = self._async_writer or _Writer(staging)
         writer.fs = digests = _HashingFileSystem()
         if self._committer is None:
@@ -398,12 +408,21 @@ def checked_checkpoint(path: Path, signing_key: bytes | None = None) -> Path:
     return path
 
 
-def load_checkpoint(folder: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def load_checkpoint(
+    folder: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, own: OwnState | None = None
+) -> dict[str, Any]:
     """Load `folder` (already verified) into `model` and `optimizer` and this process's random states, whatever
-    the number of processes that wrote it; returns its progress."""
+    the number of processes that wrote it; returns its progress. `own` gets this process's own tensors (see
+    `Checkpointer.save`) when as many processes wrote the checkpoint as read it, else nothing (`own.starts_afresh`
+    says why)."""
     distributed = dist.is_initialized() and dist.get_world_size() > 1
     model_state, optim_state = get_state_dict(model, optimizer, options=STATE_DICT_OPTIONS)
-    state = {"model": model_state, "optim": optim_state}
+    state: dict[str, Any] = {"model": model_state, "optim": optim_state}
+    rank = dist.get_rank() if distributed else 0
+    if own is not None:
+        mine = own_template(read_metadata(folder), rank, dist.get_world_size() if distributed else 1, own)
+        if mine is not None:
+            state[OWN] = {f"rank{rank}": mine}
     try:
         dcp.load(
             state, storage_reader=SafeFileSystemReader(folder), planner=_SafeLoadPlanner(), no_dist=not distributed
@@ -419,11 +438,45 @@ def load_checkpoint(folder: Path, *, model: torch.nn.Module, optimizer: torch.op
         optim_state_dict=state["optim"],
         options=STATE_DICT_OPTIONS,
     )
-    rank = dist.get_rank() if distributed else 0
+    if own is not None and OWN in state:
+        own.load_state_dict(state[OWN][f"rank{rank}"])
     rng_file = folder / f"rng-{rank}.json"
     # a run resumed on more processes than wrote the checkpoint: the new ones take rank 0's streams
     restore_rng(json.loads((rng_file if rng_file.is_file() else folder / "rng-0.json").read_text()))
     return json.loads((folder / PROGRESS).read_text())
+
+
+OWN = "comm"  # the checkpoint's tensors of each process alone: comm.rankR.<name>
+
+
+class OwnState(Protocol):
+    """What holds tensors of one process alone (a gradient reduction's error feedback, say)."""
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None: ...
+
+    def starts_afresh(self, reason: str) -> None:
+        """Told that the checkpoint holds nothing for this process, and why."""
+        ...
+
+
+def own_template(metadata: Metadata, rank: int, world_size: int, own: OwnState) -> dict[str, torch.Tensor] | None:
+    """Empty tensors of this process's own entries in a checkpoint's metadata, to load them into; None (and `own`
+    told why) when the checkpoint has none, or was written by another number of processes."""
+    prefix = f"{OWN}.rank"
+    writers = {key[len(prefix) :].partition(".")[0] for key in metadata.state_dict_metadata if key.startswith(prefix)}
+    if not writers:
+        own.starts_afresh("the checkpoint holds none")
+        return None
+    if len(writers) != world_size:
+        own.starts_afresh(f"the checkpoint's was written by {len(writers)} processes, this run has {world_size}")
+        return None
+    mine = f"{prefix}{rank}."
+    template = {}
+    for key, entry in metadata.state_dict_metadata.items():
+        if key.startswith(mine):
+            size, dtype = entry.size, entry.properties.dtype  # type: ignore[union-attr]
+            template[key[len(mine) :]] = torch.empty(size, dtype=dtype)
+    return template
 
 
 PATHLIB = ("pathlib", "pathlib._local")

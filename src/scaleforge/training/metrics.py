@@ -164,6 +164,8 @@ def _format_record(record: dict[str, Any]) -> str:
             parts.append(f"{value:,.0f} samples/s")
         elif name == "data_wait_share":
             parts.append(f"data wait {value:.0%}")
+        elif name == "grad_sync_bytes":
+            parts.append(f"grad sync {value / 2**20:,.2f} MiB/step")
         elif name in SYSTEM_FIGURES:
             if SYSTEM_FIGURES[name]:
                 parts.append(SYSTEM_FIGURES[name].format(value))

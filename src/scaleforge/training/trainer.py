@@ -584,7 +584,9 @@ class Trainer:
         if self.checkpoint is None:
             return
         state = self.state
-        progress = load_checkpoint(self.checkpoint, model=self.parallel.module, optimizer=self.optimizer)
+        progress = load_checkpoint(
+            self.checkpoint, model=self.parallel.module, optimizer=self.optimizer, own=self.parallel.grad_sync
+        )
         order = getattr(self.data.train, "order_digest", None)
         if progress.get("data_order", order) != order:
             raise ConfigError(
@@ -617,6 +619,8 @@ class Trainer:
         write_status(run_dir, "running", strategy=dims.strategy, processes=dims.world_size, ranks=ranks)
         checkpoint = self.checkpoint
         resumed = f" | resumed at step {self.state.step} from {checkpoint.name}" if checkpoint is not None else ""
+        afresh = self.parallel.grad_sync.afresh if self.parallel.grad_sync is not None else None
+        resumed += f" ({afresh})" if checkpoint is not None and afresh else ""
         print(
             f"run {run_dir} | {config.model.architecture} ({self.num_parameters:,} parameters) on "
             f"{config.data.dataset} | device {self.device} | precision {self.precision} | "
@@ -744,6 +748,8 @@ class Trainer:
             "data_wait_share": (self.data_wait.seconds - window.data_wait) / elapsed,
         }
         record.update(self.skipped_samples())
+        if self.parallel.grad_sync is not None:  # what each step's gradient reduction sent from this process
+            record["grad_sync_bytes"] = self.parallel.grad_sync.take_bytes(steps) // steps
         mfu = self.flops.utilisation(steps / elapsed)
         if mfu is not None:
             record["mfu"] = mfu
@@ -783,7 +789,13 @@ class Trainer:
         if order is not None:
             progress["data_order"] = order
         progress.update(self.skipped_samples())  # the count goes on from there in a resumed run
-        path = self.checkpointer.save(model=self.parallel.module, optimizer=self.optimizer, progress=progress)
+        sync = self.parallel.grad_sync
+        path = self.checkpointer.save(
+            model=self.parallel.module,
+            optimizer=self.optimizer,
+            progress=progress,
+            own=sync.state_dict() if sync is not None else None,
+        )
         self.callbacks.on_checkpoint(self.state, path)
         self.state.should_stop = self.parallel.any_process(self.state.should_stop)
         return path
