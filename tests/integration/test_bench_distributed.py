@@ -52,6 +52,29 @@ def test_weak_scaling_over_one_and_two_processes(cli, tmp_path: Path) -> None:
     assert (out / "scaling-weak.png").read_bytes().startswith(PNG_MAGIC)
 
 
+@pytest.mark.timeout(180)
+@pytest.mark.slow
+def test_gradient_compression_settings_side_by_side(cli, tmp_path: Path) -> None:
+    out = tmp_path / "compression"
+    result = cli(
+        "bench", "scaling", *TINY, "--nproc", "2", "--grad-compression", "bf16,powersgd", "--steps", "30",
+        "--out", str(out),
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    saved = json.loads((out / "grad-compression.json").read_text())
+    rows = {row["setting"]: row for row in saved["results"]}
+    assert list(rows) == ["none", "bf16", "powersgd"]  # none first, as the reference
+    assert rows["none"]["grad_sync_bytes_per_step"] == saved["num_parameters"] * 4  # every gradient in fp32
+    assert rows["bf16"]["bytes_vs_none"] == 0.5
+    assert rows["powersgd"]["bytes_vs_none"] < 0.5
+    for row in rows.values():
+        assert load_config(Path(row["run_dir"]) / "config.yaml").parallel.grad_compression == row["setting"]
+        assert row["samples_per_s"] > 0 and row["val_loss"] > 0
+    assert load_config(Path(rows["powersgd"]["run_dir"]) / "config.yaml").parallel.powersgd_start_step == 10
+    assert [cells[0] for cells in table_rows(result.out)] == ["none", "bf16", "powersgd"]
+    assert (out / "grad-compression.png").read_bytes().startswith(PNG_MAGIC)
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.slow
 def test_fsdp_keeps_about_half_the_state_of_ddp_and_a_strategy_the_model_refuses_is_shown(cli, tmp_path: Path) -> None:
@@ -86,7 +109,9 @@ def test_fsdp_keeps_about_half_the_state_of_ddp_and_a_strategy_the_model_refuses
         (["scaling", "--nproc", "1,x", "--mode", "weak"], "usage error: argument --nproc: expected a positive integer"),
         (["scaling", "--nproc", "0,2", "--mode", "weak"], "expected a positive integer, got 0"),
         (["scaling", "--nproc", "1,2", "--mode", "sideways"], "argument --mode: invalid choice: 'sideways'"),
-        (["scaling", "--nproc", "1,2"], "the following arguments are required: --mode"),
+        (["scaling", "--nproc", "1,2"], "--mode: strong or weak is required (unless --grad-compression)"),
+        (["scaling", "--nproc", "2", "--grad-compression", "bf16,zip"], "--grad-compression: zip: expected none,"),
+        (["scaling", "--nproc", "1", "--grad-compression", "bf16"], "needs --nproc of at least 2"),
         (["scaling", "--nproc", "1,2", "--mode", "weak", "--strategy", "fdsp"], "did you mean 'fsdp'?"),
         (["scaling", "--nproc", "1,2", "--mode", "weak", "--steps", "20"], "--steps: 20 steps give fewer than 3"),
         (["scaling", "--nproc", "1,3", "--mode", "strong"], "training.batch_size: 16 does not split into 3 processes"),

@@ -279,3 +279,150 @@ def plot_scaling(result: dict[str, Any], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
+
+
+# ------------------------------------------------------------------------------ gradient compression
+
+
+def run_compression_benchmark(
+    config_path: str | None,
+    overrides: Sequence[str],
+    *,
+    processes: int,
+    settings: Sequence[str],
+    steps: int,
+    powersgd_rank: int,
+    powersgd_start_step: int,
+    out: Path,
+    as_json: bool = False,
+) -> dict[str, Any]:
+    """Train the config under ddp on `processes` processes once per `parallel.grad_compression` setting, with the
+    same global batch, and compare the gradient bytes each process all-reduced per step, the throughput and the
+    validation loss at the end with those of `none`; print (table or JSON) and write
+    `OUT/grad-compression.json` and `.png`. Runs go to `OUT/compression-SETTING`."""
+    if processes < 2:
+        raise UsageError("--grad-compression compares ddp's all-reduce, which needs --nproc of at least 2")
+    if steps < MIN_STEPS:
+        raise UsageError(f"--steps: {steps} is fewer than {MIN_STEPS} (one warm-up and two measured log intervals)")
+    settings = ["none", *[setting for setting in dict.fromkeys(settings) if setting != "none"]]
+    config = load_config(config_path, overrides)
+    threads = threads_per_process(processes)
+    plans = []
+    for setting in settings:  # every setting checked before any run starts
+        run_overrides = [
+            "parallel.strategy=ddp",
+            f"parallel.grad_compression={setting}",
+            f"training.max_steps={steps}",
+            f"logging.every_steps={LOG_INTERVAL}",
+        ]
+        if setting == "powersgd":
+            run_overrides += [
+                f"parallel.powersgd_rank={powersgd_rank}",
+                f"parallel.powersgd_start_step={powersgd_start_step}",
+            ]
+        load_config(config_path, [*overrides, *run_overrides])
+        plans.append((setting, [*config_arguments(config_path, overrides), *run_overrides]))
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for setting, config_args in plans:
+        if not as_json:
+            print(
+                f"compression-{setting}: ddp on {processes} x {counted(threads, 'thread')}, {steps} steps", flush=True
+            )
+        run = train_in_child(config_args, nproc=processes, threads=threads, run_dir=out / f"compression-{setting}")
+        run.check()
+        rows.append(compression_row(setting, run, powersgd_start_step if setting == "powersgd" else 0))
+    base = rows[0]
+    for row in rows:
+        row["bytes_vs_none"] = row["grad_sync_bytes_per_step"] / base["grad_sync_bytes_per_step"]
+        row["samples_per_s_vs_none"] = row["samples_per_s"] / base["samples_per_s"]
+        row["val_loss_vs_none"] = row["val_loss"] / base["val_loss"] - 1
+    result = {
+        "benchmark": "grad-compression",
+        "config": config_path,
+        "overrides": list(overrides),
+        "model": config.model.architecture,
+        "num_parameters": rows[0]["num_parameters"],
+        "processes": processes,
+        "threads_per_process": threads,
+        "global_batch_size": config.training.batch_size,
+        "steps": steps,
+        "powersgd_rank": powersgd_rank,
+        "powersgd_start_step": powersgd_start_step,
+        **machine(),
+        "results": rows,
+    }
+    plot_compression(result, out / "grad-compression.png")
+    title = (
+        f"Gradient compression: {result['model']} ({result['num_parameters']:,} parameters), ddp on {processes} "
+        f"processes x {counted(threads, 'thread')}, global batch {result['global_batch_size']}, {steps} steps"
+    )
+    notes = [
+        "bytes/step: the gradient bytes each process all-reduced a step (after PowerSGD's plain-all-reduce start, "
+        f"{powersgd_start_step} steps; rank {result['powersgd_rank']}); a ring all-reduce sends 2(n-1)/n times that",
+        f"samples/s: median over the {LOG_INTERVAL}-step log intervals after the first; val loss: at the last step",
+    ]
+    columns = ["setting", "bytes/step", "vs none", "samples/s", "vs none", "val loss", "vs none"]
+    table = [
+        [
+            row["setting"],
+            f"{row['grad_sync_bytes_per_step']:,}",
+            f"{row['bytes_vs_none']:.3f}x",
+            f"{row['samples_per_s']:,.1f}",
+            f"{row['samples_per_s_vs_none']:.2f}x",
+            f"{row['val_loss']:.4f}",
+            f"{row['val_loss_vs_none']:+.2%}",
+        ]
+        for row in rows
+    ]
+    report(
+        result, out / "grad-compression.json", as_json=as_json, title=title, columns=columns, rows=table, notes=notes
+    )
+    return result
+
+
+def compression_row(setting: str, run: TrainingRun, start_step: int) -> dict[str, Any]:
+    """One setting's figures: bytes a step once compression runs, steady throughput, the final validation loss."""
+    metrics = run.metrics
+    steady = [
+        r["grad_sync_bytes"] for r in metrics if "grad_sync_bytes" in r and r["step"] - LOG_INTERVAL >= start_step
+    ]
+    intervals = steady_intervals(metrics)
+    return {
+        "setting": setting,
+        "grad_sync_bytes_per_step": int(statistics.median(steady)),
+        "samples_per_s": statistics.median(intervals),
+        "val_loss": run.summary["val_loss"],
+        "num_parameters": run.summary["num_parameters"],
+        "losses": [(r["step"], r["loss"]) for r in metrics if "loss" in r],
+        "run_dir": str(run.run_dir),
+    }
+
+
+def plot_compression(result: dict[str, Any], path: Path) -> None:
+    """Bytes per step and throughput against `none`, and the training loss of each setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    rows = result["results"]
+    names = [row["setting"] for row in rows]
+    figure, (bytes_axis, speed_axis, loss_axis) = plt.subplots(1, 3, figsize=(14, 4), dpi=120)
+    bytes_axis.bar(names, [row["bytes_vs_none"] for row in rows])
+    bytes_axis.set_ylabel("gradient bytes a step, vs none")
+    speed_axis.bar(names, [row["samples_per_s_vs_none"] for row in rows])
+    speed_axis.set_ylabel("samples/s, vs none")
+    for row in rows:
+        steps, losses = zip(*row["losses"], strict=True)
+        loss_axis.plot(steps, losses, label=row["setting"])
+    loss_axis.set_xlabel("step")
+    loss_axis.set_ylabel("training loss")
+    loss_axis.legend()
+    figure.suptitle(
+        f"gradient compression: {result['model']}, ddp on {result['processes']} processes, "
+        f"PowerSGD rank {result['powersgd_rank']} from step {result['powersgd_start_step']}"
+    )
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

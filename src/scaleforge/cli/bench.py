@@ -65,13 +65,29 @@ def _scaling(benchmarks: argparse._SubParsersAction) -> None:
     scaling.add_argument(
         "--mode",
         choices=("strong", "weak"),
-        required=True,
-        help="strong: the global batch stays training.batch_size; weak: each process gets training.batch_size",
+        help="strong: the global batch stays training.batch_size; weak: each process gets training.batch_size "
+        "(required unless --grad-compression)",
     )
     scaling.add_argument(
         "--strategy", default="ddp", help="ddp, fsdp, tp, pp or hybrid: how runs above 1 process split (default ddp)"
     )
     scaling.add_argument("--steps", type=positive_int, default=100, help="steps per run, at least 30 (default 100)")
+    scaling.add_argument(
+        "--grad-compression",
+        type=comma_separated(str),
+        metavar="S,S,...",
+        help="instead of process counts, compare parallel.grad_compression settings (none, bf16, fp16, powersgd) "
+        "under ddp on the largest --nproc: bytes per step, throughput, validation loss",
+    )
+    scaling.add_argument(
+        "--powersgd-rank", type=positive_int, default=4, help="PowerSGD's rank with --grad-compression (default 4)"
+    )
+    scaling.add_argument(
+        "--powersgd-start-step",
+        type=positive_int,
+        default=10,
+        help="steps of plain all-reduce before PowerSGD starts, in place of torch's 1,000 (default 10)",
+    )
     scaling.add_argument("--out", default="runs/bench-scaling", help="where runs and results go (default %(default)s)")
     json_argument(scaling)
     scaling.set_defaults(handler=cmd_bench_scaling)
@@ -294,6 +310,26 @@ def cmd_bench_scaling(args: argparse.Namespace) -> int:
     from scaleforge.bench.scaling import run_scaling_benchmark
 
     config_path, overrides = split_config_args(args.config)
+    if args.grad_compression is not None:
+        from scaleforge.bench.scaling import run_compression_benchmark
+
+        unknown = sorted(set(args.grad_compression) - {"none", "bf16", "fp16", "powersgd"})
+        if unknown:
+            raise UsageError(f"--grad-compression: {', '.join(unknown)}: expected none, bf16, fp16 or powersgd")
+        run_compression_benchmark(
+            config_path,
+            overrides,
+            processes=max(args.nproc),
+            settings=args.grad_compression,
+            steps=args.steps,
+            powersgd_rank=args.powersgd_rank,
+            powersgd_start_step=args.powersgd_start_step,
+            out=Path(args.out),
+            as_json=args.json,
+        )
+        return 0
+    if args.mode is None:
+        raise UsageError("--mode: strong or weak is required (unless --grad-compression)")
     run_scaling_benchmark(
         config_path,
         overrides,
