@@ -16,12 +16,13 @@ from tests.integration.test_resume import RUN, assert_bitwise_equal, logged, sta
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-STEPS = ["training.max_steps=16"]
+STEPS: list[str] = []  # the resume tests' 40 steps: a run signalled at step 8 is still training
 POWERSGD = ["parallel.grad_compression=powersgd", "parallel.powersgd_rank=2", "parallel.powersgd_start_step=4"]
 SETTINGS = {
     "bf16": ["parallel.grad_compression=bf16"],
     "fp16": ["parallel.grad_compression=fp16"],
-    "powersgd": POWERSGD,
+    # async checkpoints: PowerSGD's tensors change between the checkpoints of steps 3 (before it starts) and 6
+    "powersgd": [*POWERSGD, "checkpoint.async=true"],
 }
 
 
@@ -69,8 +70,8 @@ def test_each_compression_trains_counts_its_bytes_and_resumes_bitwise(
         assert all(counted[step] == full[step] for step in (1, 2, 3))  # plain all-reduce until powersgd_start_step
         weights = load_file(str(uninterrupted / "final" / "model.safetensors"))
         elements = powersgd_elements([list(t.shape) for t in weights.values()], rank=2)
-        assert all(counted[step] == elements * 4 for step in range(5, 17))
-        assert counted[16] < full[16] / 4
+        assert all(counted[step] == elements * 4 for step in range(5, 41))
+        assert counted[40] < full[40] / 4
     else:
         assert all(counted[step] * 2 == full[step] for step in counted)
     losses = [loss for _, loss in logged(uninterrupted)]
@@ -112,7 +113,17 @@ def test_powersgd_resumed_on_another_number_of_processes_starts_afresh_and_says_
     assert resumed.code == 0, resumed.err
     message = "PowerSGD's error feedback and factors start afresh: the checkpoint's was written by 2 processes, "
     assert message + "this run has 4" in resumed.out
-    assert max(step for step, _ in logged(run_dir)) == 16
+    assert max(step for step, _ in logged(run_dir)) == 40
+    counted = sync_bytes(run_dir)
+    assert counted[40] < counted[1] / 4  # compressing from the first step resumed: its start step is long past
+
+
+def test_powersgd_refuses_fp16_loss_scaling(tmp_path: Path) -> None:
+    result = run_subprocess(
+        "train", *RUN, *POWERSGD, "training.precision=fp16-mixed", "--nproc", "2", "--run-dir", str(tmp_path / "r")
+    )
+    assert result.code == 2, result.err
+    assert "parallel.grad_compression: powersgd cannot run under fp16-mixed" in result.err
 
 
 def _train_in_buckets(rank: int, store: str, out: str) -> None:

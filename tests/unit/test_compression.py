@@ -5,6 +5,7 @@ the all-reduce is the identity, the compression and its error feedback are not).
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,8 +27,10 @@ def group(tmp_path: Path) -> Iterator[dist.ProcessGroup]:
         dist.destroy_process_group()
 
 
-def build(model: nn.Module, group: dist.ProcessGroup) -> tuple[DistributedDataParallel, GradCompression]:
-    ddp = DistributedDataParallel(copy.deepcopy(model), process_group=group, bucket_cap_mb=0.004)  # several buckets
+def build_with(
+    model: nn.Module, group: dist.ProcessGroup, bucket_mb: float = 0.004
+) -> tuple[DistributedDataParallel, GradCompression]:
+    ddp = DistributedDataParallel(copy.deepcopy(model), process_group=group, bucket_cap_mb=bucket_mb)
     return ddp, GradCompression("powersgd", ddp, group, rank=2, start_step=2)
 
 
@@ -40,9 +43,14 @@ def steps(ddp: DistributedDataParallel, optimizer: torch.optim.Optimizer, first:
         optimizer.step()
 
 
-def test_powersgd_state_survives_regrouped_buckets_and_a_checkpoint(group: dist.ProcessGroup) -> None:
+# a bucket for about every layer, or one for all: then the two 48x24 matrices, another shape between them, are
+# laid out together (PowerSGD groups a bucket's factors by shape)
+@pytest.mark.parametrize("bucket_mb", [0.004, 1.0])
+def test_powersgd_state_survives_regrouped_buckets_and_a_checkpoint(group: dist.ProcessGroup, bucket_mb: float) -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(24, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 6))
+    layers = [nn.Linear(24, 48), nn.Linear(48, 48), nn.Linear(48, 24), nn.Linear(24, 48), nn.Linear(48, 6)]
+    model = nn.Sequential(*[part for layer in layers for part in (layer, nn.ReLU())][:-1])
+    build = functools.partial(build_with, bucket_mb=bucket_mb)
 
     reference, _ = build(model, group)
     reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
@@ -52,7 +60,8 @@ def test_powersgd_state_survives_regrouped_buckets_and_a_checkpoint(group: dist.
     optimizer = torch.optim.SGD(regrouped.parameters(), lr=0.1, momentum=0.9)
     steps(regrouped, optimizer, 0, 5)
     powersgd = compression.powersgd
-    assert powersgd is not None and len(powersgd.layouts) > 1 and powersgd.state.error_dict
+    assert powersgd is not None and len(powersgd.layouts) == (1 if bucket_mb == 1.0 else 4)
+    assert powersgd.state.error_dict
     powersgd._keep_all()  # as when DDP regroups its buckets: the state back to the parameters, placed again
     assert powersgd.kept and not powersgd.state.error_dict
     saved = {key: value.clone() for key, value in compression.state_dict().items()}
@@ -80,13 +89,13 @@ def test_without_its_state_a_resumed_powersgd_run_takes_other_steps(group: dist.
     """The test above fails if the state is not carried: the error feedback changes the steps."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(24, 48), nn.ReLU(), nn.Linear(48, 6))
-    reference, _ = build(model, group)
+    reference, _ = build_with(model, group)
     reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
     steps(reference, reference_optimizer, 0, 8)
-    restarted, compression = build(model, group)
+    restarted, compression = build_with(model, group)
     optimizer = torch.optim.SGD(restarted.parameters(), lr=0.1)
     steps(restarted, optimizer, 0, 4)
-    fresh, fresh_compression = build(model, group)
+    fresh, fresh_compression = build_with(model, group)
     fresh.module.load_state_dict(restarted.module.state_dict())
     fresh_compression.powersgd.state.iter = 4  # type: ignore[union-attr]
     steps(fresh, torch.optim.SGD(fresh.parameters(), lr=0.1), 4, 8)

@@ -304,6 +304,11 @@ def run_compression_benchmark(
         raise UsageError("--grad-compression compares ddp's all-reduce, which needs --nproc of at least 2")
     if steps < MIN_STEPS:
         raise UsageError(f"--steps: {steps} is fewer than {MIN_STEPS} (one warm-up and two measured log intervals)")
+    if "powersgd" in settings and steps - LOG_INTERVAL < powersgd_start_step:
+        raise UsageError(
+            f"--powersgd-start-step: {powersgd_start_step} leaves no {LOG_INTERVAL}-step log interval of PowerSGD "
+            f"in {steps} steps; use at most {steps - LOG_INTERVAL}"
+        )
     settings = ["none", *[setting for setting in dict.fromkeys(settings) if setting != "none"]]
     config = load_config(config_path, overrides)
     threads = threads_per_process(processes)

@@ -59,6 +59,10 @@ class GradSync(Protocol):
         """Told that a resumed run's checkpoint holds no state of this process, and why."""
         ...
 
+    def resumed_at(self, step: int) -> None:
+        """Told the step a resumed run goes on from."""
+        ...
+
     @property
     def afresh(self) -> str | None:
         """What a resumed run should say about its state starting afresh (None: nothing)."""
@@ -81,6 +85,9 @@ class FixedSync:
         pass
 
     def starts_afresh(self, reason: str) -> None:
+        pass
+
+    def resumed_at(self, step: int) -> None:
         pass
 
     @property
@@ -126,6 +133,11 @@ class GradCompression:
         if self.powersgd is not None:
             self._afresh = f"PowerSGD's error feedback and factors start afresh: {reason}"
 
+    def resumed_at(self, step: int) -> None:
+        """A resumed run goes on from `step`: PowerSGD, whose state started afresh, still starts at its step."""
+        if self.powersgd is not None and self._afresh is not None:
+            self.powersgd.state.iter = step
+
     @property
     def afresh(self) -> str | None:
         return self._afresh
@@ -155,6 +167,12 @@ class PowerSGD:
 
     # unannotated: DDP compares a hook's annotations with its classes, and annotations here are strings
     def hook(self, state, bucket):  # type: ignore[no-untyped-def]
+        if self.last is not None:
+            # PowerSGD chains each bucket's three all-reduces in callbacks, which gloo runs on its own threads:
+            # with several buckets in flight the processes issued them in different orders (a collective
+            # mismatch that aborted the run, or a hang). A bucket starts once the one before it is done, and
+            # so does any change to the state below.
+            self.last.wait()
         index, buffer = bucket.index(), bucket.buffer()
         layout = [
             (self.names[id(param)], grad.storage_offset() - buffer.storage_offset())
@@ -170,11 +188,6 @@ class PowerSGD:
             self._place(index, buffer)
         compressed = state.iter >= state.start_powerSGD_iter
         before = state.total_numel_after_compression
-        if self.last is not None:
-            # PowerSGD chains each bucket's three all-reduces in callbacks, which gloo runs on its own threads:
-            # with several buckets in flight the processes issued them in different orders (a collective
-            # mismatch that aborted the run, or a hang). A bucket starts once the one before it is done.
-            self.last.wait()
         future = self.last = powerSGD_hook.powerSGD_hook(state, bucket)
         elements = state.total_numel_after_compression - before if compressed else buffer.numel()
         self.bytes += elements * buffer.element_size()
@@ -225,24 +238,29 @@ class PowerSGD:
         self.state.q_memory_dict.clear()
 
     def _place(self, index: int, buffer: torch.Tensor) -> None:
-        """Build bucket `index`'s state from its parameters' kept state, where every parameter of it has one."""
+        """Build bucket `index`'s state from its parameters' kept state: the error feedback of each (zero for one
+        without), the Q factors where every compressed parameter has one of the size it needs now (else all are
+        drawn afresh, as torch does for a new bucket)."""
         layout = self.layouts[index]
         names = [name for name, _ in layout]
-        if all("error" in self.kept.get(name, {}) for name in names):
+        if any("error" in self.kept.get(name, {}) for name in names):
             error = torch.zeros_like(buffer)
             for name, offset in layout:
-                kept = self.kept[name].pop("error")
-                error[offset : offset + kept.numel()] = kept.to(buffer)
+                kept = self.kept.get(name, {}).pop("error", None)
+                if kept is not None and kept.numel() == self.params[name].numel():
+                    error[offset : offset + kept.numel()] = kept.to(buffer).reshape(-1)
             self.state.error_dict[index] = error
         factors = self._factors(names)
-        if factors and all("q" in self.kept.get(name, {}) for name, _, _ in factors):
-            q = torch.cat([self.kept[name].pop("q").to(buffer).reshape(-1) for name, _, _ in factors])
+        kept_q = [self.kept.get(name, {}).pop("q", None) for name, _, _ in factors]
+        sizes = [(q, columns * rank) for q, (_, columns, rank) in zip(kept_q, factors, strict=True)]
+        if all(q is not None and q.numel() == size for q, size in sizes):
+            qs = [q.to(buffer).reshape(-1) for q in kept_q if q is not None]
             rows = sum(self.params[name].shape[0] * rank for name, _, rank in factors)
-            self.state.q_memory_dict[index] = q
-            self.state.p_memory_dict[index] = torch.empty(rows, dtype=buffer.dtype, device=buffer.device)
+            # an empty pair for a bucket without matrices to compress, as torch leaves it: no draw from the stream
+            self.state.q_memory_dict[index] = torch.cat(qs) if qs else buffer.new_empty(0)
+            self.state.p_memory_dict[index] = buffer.new_empty(rows)
         for name in names:
-            if not self.kept.get(name, True):
-                del self.kept[name]
+            self.kept.pop(name, None)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         per_parameter = {name: dict(parts) for name, parts in self.kept.items()}
@@ -269,7 +287,7 @@ class PowerSGD:
         self.kept = {}
         for key, value in tensors.items():
             kind, _, name = key.partition(".")
-            if kind in ("error", "q"):
+            if kind in ("error", "q") and name in self.params:  # a parameter the model no longer has: dropped
                 self.kept.setdefault(name, {})[kind] = value
         self.state.iter = int(tensors["iter"])
         position, has_gauss = (int(v) for v in tensors["rng_position"])

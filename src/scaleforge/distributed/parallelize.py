@@ -362,6 +362,12 @@ def parallelize(
     train_module = model
     sync: GradSync | None = None
     if dims.strategy == "ddp":
+        if parallel.grad_compression == "powersgd" and precision == "fp16-mixed":
+            raise ConfigError(
+                "parallel.grad_compression: powersgd cannot run under fp16-mixed: the loss scaler's overflowing "
+                "steps would put inf into PowerSGD's error feedback and factors, which carry over to every later "
+                "step; use bf16-mixed or 32"
+            )
         train_module = apply_ddp(model, mesh["dp"], device)  # type: ignore[index]
         sync = GradCompression(
             parallel.grad_compression,

@@ -241,6 +241,7 @@ class _Writer(dcp.FileSystemWriter):
 
     def __init__(self, path: Path, cache_staged_state_dict: bool = False) -> None:
         super().__init__(path, thread_count=WRITER_THREADS, cache_staged_state_dict=cache_staged_state_dict)
+        self._cached_layout: list[tuple[str, Any, Any]] | None = None
 
     def write_data(self, plan: Any, planner: Any) -> Future[Any]:
         # DCP's extra writer threads die silently on an error (a full disk), leaving items unwritten: fail the
@@ -257,9 +258,20 @@ class _Writer(dcp.FileSystemWriter):
         if not self.cache_staged_state_dict:
             return super().stage(state_dict)
         self.per_thread_copy_ahead = 0  # as DCP's: the state is already on the CPU when it is written
-        if self.state_dict_cache is None:
+        layout = _layout(state_dict)
+        if self.state_dict_cache is None or layout != self._cached_layout:  # a process's own tensors may change
             self.state_dict_cache = _create_cpu_state_dict(state_dict, pin_memory=torch.cuda.is_available())
+            self._cached_layout = layout
         return _copy_state_dict(state_dict, self.state_dict_cache)
+
+
+def _layout(state: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """The names, shapes and dtypes of a (nested) state dict's tensors: what a staging buffer must match."""
+    if isinstance(state, dict):
+        return [entry for key, value in state.items() for entry in _layout(value, f"{prefix}{key}.")]
+    if isinstance(state, torch.Tensor):
+        return [(prefix, tuple(state.shape), state.dtype)]
+    return [(prefix, None, None)]
 
 
 class _HashingFileSystem(FileSystem):

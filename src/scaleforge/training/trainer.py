@@ -597,6 +597,8 @@ class Trainer:
         position = resume_position(progress, self.config, state.steps_per_epoch, self.checkpoint)
         self.skipped_before = int(progress.get("skipped_samples", 0))
         state.step, state.epoch, self.start_step = position
+        if self.parallel.grad_sync is not None:
+            self.parallel.grad_sync.resumed_at(state.step)
         if self.scheduler is not None and progress.get("scheduler") is not None:
             self.scheduler.load_state_dict(progress["scheduler"])
         if self.scaler is not None and progress.get("scaler") is not None:
