@@ -309,24 +309,9 @@ def run_compression_benchmark(
             f"--powersgd-start-step: {powersgd_start_step} leaves no {LOG_INTERVAL}-step log interval of PowerSGD "
             f"in {steps} steps; use at most {steps - LOG_INTERVAL}"
         )
-    settings = ["none", *[setting for setting in dict.fromkeys(settings) if setting != "none"]]
     config = load_config(config_path, overrides)
     threads = threads_per_process(processes)
-    plans = []
-    for setting in settings:  # every setting checked before any run starts
-        run_overrides = [
-            "parallel.strategy=ddp",
-            f"parallel.grad_compression={setting}",
-            f"training.max_steps={steps}",
-            f"logging.every_steps={LOG_INTERVAL}",
-        ]
-        if setting == "powersgd":
-            run_overrides += [
-                f"parallel.powersgd_rank={powersgd_rank}",
-                f"parallel.powersgd_start_step={powersgd_start_step}",
-            ]
-        load_config(config_path, [*overrides, *run_overrides])
-        plans.append((setting, [*config_arguments(config_path, overrides), *run_overrides]))
+    plans = plan_compression(config_path, overrides, settings, steps, powersgd_rank, powersgd_start_step)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for setting, config_args in plans:
@@ -358,13 +343,50 @@ def run_compression_benchmark(
         "results": rows,
     }
     plot_compression(result, out / "grad-compression.png")
+    _report_compression(result, out, as_json=as_json)
+    return result
+
+
+def plan_compression(
+    config_path: str | None,
+    overrides: Sequence[str],
+    settings: Sequence[str],
+    steps: int,
+    powersgd_rank: int,
+    powersgd_start_step: int,
+) -> list[tuple[str, list[str]]]:
+    """Each setting (`none` first, the reference) and the config arguments of its run, every one checked before
+    any run starts."""
+    plans = []
+    for setting in ["none", *[setting for setting in dict.fromkeys(settings) if setting != "none"]]:
+        run_overrides = [
+            "parallel.strategy=ddp",
+            f"parallel.grad_compression={setting}",
+            f"training.max_steps={steps}",
+            f"logging.every_steps={LOG_INTERVAL}",
+        ]
+        if setting == "powersgd":
+            run_overrides += [
+                f"parallel.powersgd_rank={powersgd_rank}",
+                f"parallel.powersgd_start_step={powersgd_start_step}",
+            ]
+        load_config(config_path, [*overrides, *run_overrides])
+        plans.append((setting, [*config_arguments(config_path, overrides), *run_overrides]))
+    return plans
+
+
+def _report_compression(result: dict[str, Any], out: Path, *, as_json: bool) -> None:
+    """Print the table (or JSON) and write `OUT/grad-compression.json`."""
+    processes, steps, rows = result["processes"], result["steps"], result["results"]
+    threads = result["threads_per_process"]
     title = (
         f"Gradient compression: {result['model']} ({result['num_parameters']:,} parameters), ddp on {processes} "
         f"processes x {counted(threads, 'thread')}, global batch {result['global_batch_size']}, {steps} steps"
     )
     notes = [
         "bytes/step: the gradient bytes each process all-reduced a step (after PowerSGD's plain-all-reduce start, "
-        f"{powersgd_start_step} steps; rank {result['powersgd_rank']}); a ring all-reduce sends 2(n-1)/n times that",
+        f"{result['powersgd_start_step']} steps; rank {result['powersgd_rank']}); a ring all-reduce sends 2(n-1)/n "
+        "times that",
         f"samples/s: median over the {LOG_INTERVAL}-step log intervals after the first; val loss: at the last step",
     ]
     columns = ["setting", "bytes/step", "vs none", "samples/s", "vs none", "val loss", "vs none"]
@@ -383,7 +405,6 @@ def run_compression_benchmark(
     report(
         result, out / "grad-compression.json", as_json=as_json, title=title, columns=columns, rows=table, notes=notes
     )
-    return result
 
 
 def compression_row(setting: str, run: TrainingRun, start_step: int) -> dict[str, Any]:
