@@ -36,6 +36,8 @@ MULTI_PROCESS_STRATEGIES = tuple(
     for name in typing.get_args(typing.get_type_hints(ParallelSection)["strategy"])
     if name not in ("auto", "single")
 )
+# `bench scaling --grad-compression`: the settings of `parallel.grad_compression`
+GRAD_COMPRESSIONS: tuple[str, ...] = typing.get_args(typing.get_type_hints(ParallelSection)["grad_compression"])
 
 
 @dataclass(frozen=True)

@@ -311,11 +311,13 @@ def cmd_bench_scaling(args: argparse.Namespace) -> int:
 
     config_path, overrides = split_config_args(args.config)
     if args.grad_compression is not None:
+        from scaleforge.bench.harness import GRAD_COMPRESSIONS
         from scaleforge.bench.scaling import run_compression_benchmark
 
-        unknown = sorted(set(args.grad_compression) - {"none", "bf16", "fp16", "powersgd"})
+        unknown = sorted(set(args.grad_compression) - set(GRAD_COMPRESSIONS))
         if unknown:
-            raise UsageError(f"--grad-compression: {', '.join(unknown)}: expected none, bf16, fp16 or powersgd")
+            expected = f"{', '.join(GRAD_COMPRESSIONS[:-1])} or {GRAD_COMPRESSIONS[-1]}"
+            raise UsageError(f"--grad-compression: {', '.join(unknown)}: expected {expected}")
         run_compression_benchmark(
             config_path,
             overrides,
