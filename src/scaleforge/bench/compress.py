@@ -22,6 +22,7 @@ import torch
 
 from scaleforge.bench.harness import machine, report
 from scaleforge.errors import UsageError
+from scaleforge.hardware import onnx_session
 from scaleforge.runs import UNTRUSTED, Trust
 
 ONNX_ROWS = 32
@@ -110,8 +111,6 @@ def _distil(final: Path, path: Path, trust: Trust) -> None:
 
 def _onnx_throughput(run_dir: Path, file: Path, trust: Trust) -> float | None:
     """Samples/s of the run's ONNX export under ONNX Runtime at batch `ONNX_ROWS` (None if it cannot export)."""
-    import onnxruntime
-
     from scaleforge.compress.convert import median_ms
     from scaleforge.export.formats import export_run
     from scaleforge.runs import example_inputs, load_description
@@ -122,7 +121,7 @@ def _onnx_throughput(run_dir: Path, file: Path, trust: Trust) -> float | None:
         print(f"  no ONNX export: {error}")
         return None
     _, info = load_description(run_dir, trust)
-    session = onnxruntime.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+    session = onnx_session(file)
     feed = {session.get_inputs()[0].name: example_inputs(info, ONNX_ROWS).numpy()}
     return ONNX_ROWS / median_ms(lambda: session.run(None, feed)) * 1000
 

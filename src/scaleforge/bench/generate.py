@@ -72,7 +72,7 @@ from scaleforge.errors import UsageError
 from scaleforge.generation.decoders import CachedGPT, Decoder, Recompute
 from scaleforge.generation.language_model import Generation
 from scaleforge.generation.sampling import SamplingOptions
-from scaleforge.hardware import select_device_option
+from scaleforge.hardware import onnx_session, select_device_option
 from scaleforge.models.gpt import GPT
 from scaleforge.runs import UNTRUSTED, Trust
 
@@ -546,11 +546,7 @@ def _timed_generation(generation: Generation, synchronize: Callable[[], None]) -
 
 
 def _onnx_session(path: Path) -> Any:
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()  # as many threads as torch's ways get
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return onnx_session(path, torch.get_num_threads())  # as many threads as torch's ways get
 
 
 class OnnxFullSequence:

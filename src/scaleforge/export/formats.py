@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from scaleforge.errors import UsageError, describe_export_error
+from scaleforge.hardware import onnx_session
 from scaleforge.runs import INT8_FORMATS, UNTRUSTED, Trust, compression_of, open_run, verify_final
 
 FORMATS = {"onnx": ".onnx", "torch-export": ".pt2", "aoti": ".aoti.pt2"}
@@ -236,12 +237,7 @@ def _write_kv_cache_pair(
 def _generate_with_pair(files: dict[str, Path], rows: np.ndarray, prompt: int) -> np.ndarray:
     """The logits (B, T, V) of `rows` (B, T) from the prefill graph on the first `prompt` tokens, then the decode
     graph one token at a time."""
-    import onnxruntime
-
-    prefill, decode = (
-        onnxruntime.InferenceSession(str(files[name]), providers=["CPUExecutionProvider"])
-        for name in ("prefill", "decode")
-    )
+    prefill, decode = (onnx_session(files[name]) for name in ("prefill", "decode"))
     logits, keys, values = prefill.run(None, {"tokens": rows[:, :prompt]})
     steps = [logits]
     for position in range(prompt, rows.shape[1]):
@@ -392,9 +388,7 @@ def _export_onnx_dynamic_int8(
 
 
 def _onnx_runner(path: Path) -> Any:
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = onnx_session(path)
     name = session.get_inputs()[0].name
     return lambda batch: session.run(None, {name: batch.numpy()})[0]
 

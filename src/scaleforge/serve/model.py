@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from scaleforge.errors import UsageError
+from scaleforge.hardware import onnx_session
 from scaleforge.runs import UNTRUSTED, Trust, find_final, load_description, open_run, run_tokenizer
 
 MAX_IMAGE_PIXELS = 4096 * 4096  # larger uploads are refused before they are decoded
@@ -79,12 +80,8 @@ class OnnxRuntimeModel(torch.nn.Module):
 
     def set_threads(self, threads: int) -> None:
         """Run on `threads` threads (0: ONNX Runtime's default)."""
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
         try:
-            self.session = onnxruntime.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+            self.session = onnx_session(self.path, threads)
         except Exception as error:  # noqa: BLE001 - ONNX Runtime raises its own kinds for unreadable files
             raise UsageError(f"{self.path} is not an ONNX model ONNX Runtime can run: {error}") from error
         self._input = self.session.get_inputs()[0].name
