@@ -14,7 +14,8 @@ from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 
-STRATEGIES = {"single": 1, "ddp": 2, "fsdp": 2, "tp": 2, "pp": 2, "hybrid": 4}  # processes each cell runs on
+# processes each cell runs on; `hybrid + hsdp` is hybrid with its dp split into 2 replicas of 2 shards, beside tp=2
+STRATEGIES = {"single": 1, "ddp": 2, "fsdp": 2, "hsdp": 4, "tp": 2, "pp": 2, "hybrid": 4, "hybrid + hsdp": 8}
 MODES = {
     "eager": [],
     "compiled": ["training.compile=true"],
@@ -50,7 +51,7 @@ def record_cell(strategy: str, mode: str, precision: str) -> Iterator[Cell]:
     finally:
         directory = os.environ.get(RESULTS_DIR)
         if directory:
-            path = Path(directory) / f"{strategy}-{mode}-{precision}.json".replace(" ", "")
+            path = Path(directory) / f"{strategy}-{mode}-{precision}.json".replace(" ", "").replace("+", "_")
             path.parent.mkdir(parents=True, exist_ok=True)
             record = {"strategy": strategy, "mode": mode, "precision": precision, "outcome": cell.outcome}
             path.write_text(json.dumps(record))

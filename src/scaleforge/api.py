@@ -167,7 +167,7 @@ def _fit_launched(
     from scaleforge.training.run_dir import default_run_dir, resume_point
 
     options.check()
-    ParallelDims.resolve(config.parallel, options.world_size)
+    ParallelDims.resolve(config.parallel, options.world_size, options.nproc)
     check_device_per_process(config.hardware.device, DistEnv(world_size=options.world_size))
     select_device(config.hardware.device)  # a device this node lacks
     # One run directory for every worker and every restart: nodes agree on it through the job's id.

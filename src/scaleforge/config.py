@@ -122,10 +122,15 @@ class HardwareSection:
 MESH_DIMENSIONS: dict[str, tuple[str, ...]] = {
     "ddp": ("dp",),
     "fsdp": ("dp",),
+    "hsdp": ("dp",),
     "tp": ("tp",),
     "pp": ("pp",),
     "hybrid": ("dp", "tp", "pp"),
 }
+# The strategies that may run FSDP2, whose gradient reductions parallel.reduce_dtype sets.
+SHARDING = ("fsdp", "hsdp", "hybrid")
+# The strategies whose dp dimension FSDP2 may split into groups that replicate and groups that shard (HSDP).
+SPLITS_DP = ("hsdp", "hybrid")
 
 
 @dataclass(frozen=True)
@@ -135,12 +140,17 @@ class ParallelSection:
     `dp`, `tp` and `pp` size the device mesh of `hybrid` (their product is the number of processes; `dp` left
     out takes what remains). `stages` lists the block indices where pipeline stages 2, 3, ... begin (left out:
     balanced by parameter count); `microbatches` is how many pieces the pipeline cuts each batch into (left out:
-    one per stage). `timeout_s` is how long a collective waits for the other processes before the run fails,
+    one per stage). `dp_replicate` x `dp_shard` splits the data-parallel processes of `hsdp` (and of `hybrid`)
+    into groups that each shard the model (`dp_shard` processes) and replicate it across groups (`dp_replicate`):
+    one given, the other takes what remains; neither, `hsdp` shards within a node and replicates across nodes.
+    `timeout_s` is how long a collective waits for the other processes before the run fails,
     naming the process that stopped responding (a hang), so that a restart can take over.
     """
 
-    strategy: Literal["auto", "single", "ddp", "fsdp", "tp", "pp", "hybrid"] = "auto"
+    strategy: Literal["auto", "single", "ddp", "fsdp", "hsdp", "tp", "pp", "hybrid"] = "auto"
     dp: int | None = field(default=None, metadata=POSITIVE)
+    dp_replicate: int | None = field(default=None, metadata=POSITIVE)
+    dp_shard: int | None = field(default=None, metadata=POSITIVE)
     tp: int = field(default=1, metadata=POSITIVE)
     pp: int = field(default=1, metadata=POSITIVE)
     stages: list[int] | None = None
@@ -153,7 +163,7 @@ class ParallelSection:
     grad_compression: Literal["none", "bf16", "fp16", "powersgd"] = "none"
     powersgd_rank: int = field(default=4, metadata=POSITIVE)
     powersgd_start_step: int = field(default=1000, metadata={"minimum": 2})
-    reduce_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # fsdp's (and hybrid's) gradient reduce-scatter
+    reduce_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # fsdp's (hsdp's, hybrid's) gradient reductions
 
 
 @dataclass(frozen=True)
@@ -641,6 +651,11 @@ def _check_parallel(parallel: ParallelSection, origins: Mapping[str, str]) -> No
             raise _fail(
                 origins, f"parallel.{key}", f"sizes a mesh dimension that parallel.strategy={parallel.strategy} lacks"
             )
+    if parallel.strategy not in SPLITS_DP:
+        for key in ("dp_replicate", "dp_shard"):
+            if getattr(parallel, key) is not None:
+                message = f"splits the dp dimension of hsdp or hybrid, not of parallel.strategy={parallel.strategy}"
+                raise _fail(origins, f"parallel.{key}", message)
     _check_compression(parallel, origins)
     if "pp" not in dimensions:  # pipeline options for a strategy without stages would be silently ignored
         defaults = ParallelSection()
@@ -655,14 +670,14 @@ def _check_compression(parallel: ParallelSection, origins: Mapping[str, str]) ->
     (`single`, or `auto` started alone) reduces nothing: the setting is then a no-op, so a config runs anywhere."""
     strategy, defaults = parallel.strategy, ParallelSection()
     if parallel.grad_compression != "none" and strategy not in ("auto", "single", "ddp"):
-        hint = "; for its gradient reduction use parallel.reduce_dtype" if strategy in ("fsdp", "hybrid") else ""
+        hint = "; for its gradient reduction use parallel.reduce_dtype" if strategy in SHARDING else ""
         message = f"compresses ddp's gradient all-reduce, which parallel.strategy={strategy} does not use{hint}"
         raise _fail(origins, "parallel.grad_compression", message)
     if parallel.grad_compression != "powersgd":
         for key in ("powersgd_rank", "powersgd_start_step"):
             if getattr(parallel, key) != getattr(defaults, key):
                 raise _fail(origins, f"parallel.{key}", "applies to parallel.grad_compression=powersgd only")
-    if parallel.reduce_dtype != "fp32" and strategy not in ("fsdp", "hybrid"):
+    if parallel.reduce_dtype != "fp32" and strategy not in SHARDING:
         hint = "; ddp compresses with parallel.grad_compression" if strategy in ("auto", "ddp") else ""
         message = f"sets fsdp's gradient reduction, which parallel.strategy={strategy} does not use{hint}"
         raise _fail(origins, "parallel.reduce_dtype", message)

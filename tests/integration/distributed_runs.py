@@ -39,6 +39,8 @@ RUN = [
 ]
 GPT = MODEL + RUN
 TOLERANCE = 1e-4
+# HSDP on 4 processes: two groups of two, each sharding the model, replicating it across the groups
+HSDP = ["parallel.strategy=hsdp", "parallel.dp_replicate=2"]
 
 
 def read_weights(run_dir: Path) -> dict[str, torch.Tensor]:

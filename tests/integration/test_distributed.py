@@ -20,6 +20,7 @@ from scaleforge.training.trainer import train
 from tests.conftest import REPO, run_subprocess
 from tests.integration.distributed_runs import (
     GPT,
+    HSDP,
     MODEL,
     RUN,
     TOLERANCE,
@@ -79,6 +80,21 @@ def test_hybrid_meshes_with_pipeline_stages_match_one_process(reference: Path, t
     run_dir = tmp_path / "hybrid"
     launch(run_dir, "parallel.strategy=hybrid", *mesh, nproc=4)
     assert max_difference(read_weights(reference), read_weights(run_dir)) <= TOLERANCE
+
+
+def test_hsdp_shards_within_groups_and_replicates_across_them_and_matches_one_process(
+    reference: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "hsdp"
+    with record_cell("hsdp", "eager", "32"):
+        result = launch(run_dir, *HSDP, nproc=4)
+        assert "hsdp on 4 processes (dp=2 replicas x 2 shards x tp=1 x pp=1)" in result.out
+        assert max_difference(read_weights(reference), read_weights(run_dir)) <= TOLERANCE
+        assert logged_losses(run_dir) == pytest.approx(logged_losses(reference), abs=TOLERANCE)
+    # each process reduce-scatters its whole gradient in its group, then all-reduces its half across the groups
+    parameters = sum(tensor.numel() for tensor in read_weights(reference).values())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {r["grad_sync_bytes"] for r in records if "grad_sync_bytes" in r} == {(parameters + parameters // 2) * 4}
 
 
 def test_the_mlp_tensor_parallel_plan_matches_one_process(tmp_path: Path) -> None:

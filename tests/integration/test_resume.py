@@ -22,7 +22,15 @@ from scaleforge import load_config
 from scaleforge.training.checkpoint import list_checkpoints, newest_good_checkpoint
 from scaleforge.training.trainer import train
 from tests.conftest import REPO, gone, run_subprocess
-from tests.integration.distributed_runs import GPT, MODEL, TOLERANCE, max_difference, read_weights, single_process_run
+from tests.integration.distributed_runs import (
+    GPT,
+    HSDP,
+    MODEL,
+    TOLERANCE,
+    max_difference,
+    read_weights,
+    single_process_run,
+)
 from tests.integration.distributed_runs import RUN as SHARED_RUN
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # multi-process runs, each several seconds
@@ -367,6 +375,7 @@ ONE = []  # one process, strategy single
 DDP, FSDP = ["parallel.strategy=ddp", "--nproc", "2"], ["parallel.strategy=fsdp", "--nproc", "2"]
 TP, PP = ["parallel.strategy=tp", "--nproc", "2"], ["parallel.strategy=pp", "--nproc", "2"]
 HYBRID = ["parallel.strategy=hybrid", "parallel.dp=2", "parallel.tp=2", "--nproc", "4"]
+HSDP_4 = [*HSDP, "--nproc", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -378,8 +387,17 @@ def reshard_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize(
     ("written_by", "resumed_on"),
     # a replicated (ddp) checkpoint read by one process is the 2-to-1 case with the least to get wrong: left out
-    [(ONE, DDP), (ONE, FSDP), (FSDP, ONE), (TP, ONE), (PP, ONE), (HYBRID, FSDP)],
-    ids=["ddp-1-to-2", "fsdp-1-to-2", "fsdp-2-to-1", "tp-2-to-1", "pp-2-to-1", "hybrid-4-to-fsdp-2"],
+    [(ONE, DDP), (ONE, FSDP), (FSDP, ONE), (TP, ONE), (PP, ONE), (HYBRID, FSDP), (HSDP_4, TP), (ONE, HSDP_4)],
+    ids=[
+        "ddp-1-to-2",
+        "fsdp-1-to-2",
+        "fsdp-2-to-1",
+        "tp-2-to-1",
+        "pp-2-to-1",
+        "hybrid-4-to-fsdp-2",
+        "hsdp-4-to-tp-2",
+        "hsdp-1-to-4",
+    ],
 )
 def test_a_checkpoint_resumes_on_another_number_of_processes(
     reshard_reference: Path, tmp_path: Path, written_by: list[str], resumed_on: list[str]

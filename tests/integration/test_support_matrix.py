@@ -2,7 +2,8 @@
 single-process eager run of the same precision, or be refused up front with a config error.
 
 `make test` runs the cells in CORE (the ones most likely to break together; hybrid meshes are trained by
-tests/integration/test_distributed.py and resumed by test_resume.py); `make support-matrix` runs every
+tests/integration/test_distributed.py and resumed by test_resume.py; hybrid with hsdp inside, on 8 processes,
+runs here only); `make support-matrix` runs every
 cell (SCALEFORGE_MATRIX=all) and renders `docs/support-matrix.md` from the outcomes. The eager fp32 cells of the
 multi-process strategies are recorded by tests/integration/test_distributed.py.
 """
@@ -22,8 +23,13 @@ from tests.support_matrix import MODES, PRECISIONS, STRATEGIES, record_cell
 pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
 TOLERANCES = {"32": 1e-4, "fp16-mixed": 1e-3, "bf16-mixed": 1e-2}  # bf16 keeps 8 bits of mantissa
-REFUSED = {"fp16-mixed": ("fsdp", "tp", "pp", "hybrid")}  # fp16 needs a gradient scaler these do not support
-HYBRID_MESH = ["parallel.dp=2", "parallel.tp=2"]
+# fp16 needs a gradient scaler these do not support
+REFUSED = {"fp16-mixed": ("fsdp", "hsdp", "tp", "pp", "hybrid", "hybrid + hsdp")}
+MESHES = {
+    "hsdp": ["parallel.strategy=hsdp", "parallel.dp_replicate=2"],
+    "hybrid": ["parallel.strategy=hybrid", "parallel.dp=2", "parallel.tp=2"],
+    "hybrid + hsdp": ["parallel.strategy=hybrid", "parallel.dp=4", "parallel.dp_replicate=2", "parallel.tp=2"],
+}
 CORE = {
     ("single", "compiled + checkpointing", "32"),
     ("ddp", "compiled + checkpointing", "32"),
@@ -36,7 +42,7 @@ CORE = {
     ("ddp", "eager", "fp16-mixed"),
     ("pp", "eager", "fp16-mixed"),
 }
-RECORDED_ELSEWHERE = {(strategy, "eager", "32") for strategy in ("single", "ddp", "fsdp", "tp", "pp")}
+RECORDED_ELSEWHERE = {(strategy, "eager", "32") for strategy in ("single", "ddp", "fsdp", "hsdp", "tp", "pp")}
 ALL = os.environ.get("SCALEFORGE_MATRIX") == "all"
 CELLS = [
     (strategy, mode, precision)
@@ -62,9 +68,8 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]
 
 @pytest.mark.parametrize(("strategy", "mode", "precision"), CELLS, ids=["/".join(cell) for cell in CELLS])
 def test_cell(reference: Callable[[str], Path], tmp_path: Path, strategy: str, mode: str, precision: str) -> None:
-    overrides = [f"parallel.strategy={strategy}", f"training.precision={precision}", *MODES[mode]]
-    if strategy == "hybrid":
-        overrides += HYBRID_MESH
+    mesh = MESHES.get(strategy, [f"parallel.strategy={strategy}"])
+    overrides = [*mesh, f"training.precision={precision}", *MODES[mode]]
     run_dir = tmp_path / "run"
     with record_cell(strategy, mode, precision) as cell:
         if strategy in REFUSED.get(precision, ()):

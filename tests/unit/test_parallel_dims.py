@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from scaleforge.config import ParallelSection, load_config
@@ -43,8 +45,45 @@ def test_bad_arithmetic_is_explained(section: ParallelSection, world: int, messa
         ParallelDims.resolve(section, world)
 
 
-def test_shards_data_only_for_fsdp_and_hybrid() -> None:
+@pytest.mark.parametrize(
+    ("section", "world", "per_node", "expected"),
+    [
+        (ParallelSection(strategy="hsdp", dp_replicate=2), 4, None, (4, 2, 2)),
+        (ParallelSection(strategy="hsdp", dp_shard=4), 8, None, (8, 2, 4)),
+        (ParallelSection(strategy="hsdp", dp_replicate=2, dp_shard=1), 2, None, (2, 2, 1)),
+        (ParallelSection(strategy="hsdp"), 8, 4, (8, 2, 4)),  # sharded within each node of 4, replicated across 2
+        (ParallelSection(strategy="hsdp"), 4, None, (4, 1, 4)),  # one node: fsdp over it
+        (ParallelSection(strategy="hybrid", tp=2, dp_replicate=2), 8, None, (4, 2, 2)),
+        (ParallelSection(strategy="hybrid", tp=2), 8, 4, (4, 1, 4)),  # hybrid splits dp only when asked
+    ],
+)
+def test_hsdp_splits_dp_into_replicas_of_sharding_groups(
+    section: ParallelSection, world: int, per_node: int | None, expected: tuple
+) -> None:
+    dims = ParallelDims.resolve(section, world, per_node)
+    assert (dims.dp, dims.dp_replicate, dims.dp_shard) == expected
+    assert dims.shards_data and dims.world_size == world
+
+
+@pytest.mark.parametrize(
+    ("section", "world", "per_node", "message"),
+    [
+        (ParallelSection(strategy="hsdp", dp_replicate=3), 4, None, "dp_replicate=3 x dp_shard=? does not make the 4"),
+        (ParallelSection(strategy="hsdp", dp_shard=3), 4, None, "parallel.dp_shard: 3 does not divide the 4"),
+        (ParallelSection(strategy="hsdp", dp_replicate=2, dp_shard=3), 4, None, "dp_replicate=2 x dp_shard=3"),
+        (ParallelSection(strategy="hsdp"), 6, 4, "4 processes a node do not divide its 6"),
+    ],
+)
+def test_bad_hsdp_arithmetic_is_explained(
+    section: ParallelSection, world: int, per_node: int | None, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        ParallelDims.resolve(section, world, per_node)
+
+
+def test_shards_data_only_for_fsdp_hsdp_and_hybrid() -> None:
     assert ParallelDims("fsdp", 2, 1, 1).shards_data and ParallelDims("hybrid", 2, 2, 1).shards_data
+    assert ParallelDims("hsdp", 4, 1, 1, dp_replicate=2).shards_data
     assert not ParallelDims("ddp", 2, 1, 1).shards_data and not ParallelDims("tp", 1, 2, 1).shards_data
     assert not ParallelDims("hybrid", 1, 2, 2).shards_data  # no dp dimension to shard over
 
@@ -58,6 +97,16 @@ def test_shards_data_only_for_fsdp_and_hybrid() -> None:
         (["parallel.stages=[3, 3]"], "parallel.stages: expected increasing block indices above 0"),
         (["parallel.schedule=interleaved"], "parallel.schedule"),
         (["parallel.microbatches=0"], "parallel.microbatches"),
+        (
+            ["parallel.strategy=fsdp", "parallel.dp_replicate=2"],
+            "parallel.dp_replicate: splits the dp dimension of hsdp",
+        ),
+        (
+            ["parallel.dp_shard=2"],
+            "parallel.dp_shard: splits the dp dimension of hsdp or hybrid, not of parallel.strat",
+        ),
+        (["parallel.strategy=hsdp", "parallel.dp_shard=0"], "parallel.dp_shard"),
+        (["parallel.strategy=hsdp", "parallel.grad_compression=bf16"], "for its gradient reduction use parallel.red"),
     ],
 )
 def test_parallel_section_is_checked_at_load_time(overrides: list[str], message: str) -> None:

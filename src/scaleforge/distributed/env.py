@@ -26,16 +26,19 @@ class DistEnv:
     local_rank: int = 0
     world_size: int = 1
     restart_count: int = 0  # how many times the launcher has restarted the workers after a failure
+    local_world_size: int = 1  # processes on this node
 
     @classmethod
     def from_environ(cls) -> DistEnv:
-        """Read RANK, LOCAL_RANK, WORLD_SIZE and TORCHELASTIC_RESTART_COUNT; a process started without a launcher
-        is rank 0 of 1."""
+        """Read RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE and TORCHELASTIC_RESTART_COUNT; a process started
+        without a launcher is rank 0 of 1."""
+        world_size = int(os.environ.get("WORLD_SIZE", 1))
         return cls(
             rank=int(os.environ.get("RANK", 0)),
             local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-            world_size=int(os.environ.get("WORLD_SIZE", 1)),
+            world_size=world_size,
             restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
+            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
         )
 
     @property

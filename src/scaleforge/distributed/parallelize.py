@@ -380,13 +380,13 @@ def parallelize(
         param_dtype, reduce_dtype = PRECISIONS[precision], REDUCE_DTYPES[parallel.reduce_dtype]
         apply_fsdp(
             model,
-            mesh["dp"],  # type: ignore[index]
+            dims.fsdp_mesh(mesh),  # type: ignore[arg-type]
             param_dtype=param_dtype,
             reduce_dtype=reduce_dtype,
             cpu_offload=parallel.cpu_offload,
         )
-        if dims.strategy == "fsdp":  # each process reduce-scatters its whole gradient
-            sync = FixedSync(sum(p.numel() for p in model.parameters() if p.requires_grad) * reduce_dtype.itemsize)
+        if dims.strategy in ("fsdp", "hsdp"):
+            sync = FixedSync(fsdp_sync_bytes(model, dims, reduce_dtype))
     if plan.stage_bounds is None:
         return ParallelModel(
             module=model, train_module=train_module, dims=dims, device=device, mesh=mesh, grad_sync=sync
@@ -413,6 +413,16 @@ def parallelize(
         pipeline_loss=pipeline_loss,
         microbatches=plan.microbatches,
     )
+
+
+def fsdp_sync_bytes(model: nn.Module, dims: ParallelDims, reduce_dtype: torch.dtype) -> int:
+    """What FSDP2 reduces per step on each process: its whole gradient reduce-scattered within the sharding group,
+    then (HSDP) its shard all-reduced across the replicating groups."""
+    elements = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if dims.dp_replicate > 1:
+        sharded = elements // dims.dp_shard  # a group of one does not reduce-scatter
+        elements = (elements if dims.dp_shard > 1 else 0) + sharded
+    return elements * reduce_dtype.itemsize
 
 
 def apply_compile(model: nn.Module, *, per_block: bool) -> None:

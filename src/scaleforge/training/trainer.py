@@ -386,7 +386,7 @@ def train(
     starts afresh, a path starts from that checkpoint. Workers restarted by the launcher always resume `auto`.
     """
     env = DistEnv.from_environ()
-    dims = ParallelDims.resolve(config.parallel, env.world_size)
+    dims = ParallelDims.resolve(config.parallel, env.world_size, env.local_world_size)
     device, precision = setup_runtime(config, env)
     init_distributed(env, device, timeout_s=config.parallel.timeout_s, required=dims.strategy != "single")
     try:
@@ -934,7 +934,10 @@ def describe(dims: ParallelDims) -> str:
     if dims.strategy == "single":
         return "1 process"
     processes = f"{dims.world_size} process{'es' if dims.world_size > 1 else ''}"
-    return f"{dims.strategy} on {processes} (dp={dims.dp} x tp={dims.tp} x pp={dims.pp})"
+    dp = f"dp={dims.dp}"
+    if dims.dp_replicate > 1:
+        dp = f"dp={dims.dp_replicate} replicas x {dims.dp_shard} shard{'s' * (dims.dp_shard > 1)}"
+    return f"{dims.strategy} on {processes} ({dp} x tp={dims.tp} x pp={dims.pp})"
 
 
 def check_metrics_combine(objective: Objective, dims: ParallelDims) -> None:
