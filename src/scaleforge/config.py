@@ -127,6 +127,8 @@ MESH_DIMENSIONS: dict[str, tuple[str, ...]] = {
     "pp": ("pp",),
     "hybrid": ("dp", "tp", "pp"),
 }
+# Pipeline schedules that run one stage on each pipeline process (the others run parallel.stages_per_process).
+SINGLE_STAGE_SCHEDULES = ("gpipe", "1f1b")
 # The strategies that may run FSDP2, whose gradient reductions parallel.reduce_dtype sets.
 SHARDING = ("fsdp", "hsdp", "hybrid")
 # The strategies whose dp dimension FSDP2 may split into groups that replicate and groups that shard (HSDP).
@@ -139,11 +141,13 @@ class ParallelSection:
 
     `dp`, `tp` and `pp` size the device mesh of `hybrid` (their product is the number of processes; `dp` left
     out takes what remains). `stages` lists the block indices where pipeline stages 2, 3, ... begin (left out:
-    balanced by parameter count); `microbatches` is how many pieces the pipeline cuts each batch into (left out:
-    one per stage). `dp_replicate` x `dp_shard` splits the data-parallel processes of `hsdp` (and of `hybrid`)
-    into groups that each shard the model (`dp_shard` processes) and replicate it across groups (`dp_replicate`):
-    one given, the other takes what remains; neither, `hsdp` shards within a node and replicates across nodes.
-    `timeout_s` is how long a collective waits for the other processes before the run fails,
+    balanced by parameter count); `schedule` orders the micro-batches' steps: `gpipe` and `1f1b` run one stage a
+    process, `interleaved_1f1b` and `zero_bubble` run `stages_per_process` (left out: 2) virtual stages a process,
+    stage s on pipeline process s mod pp; `microbatches` is how many pieces the pipeline cuts each batch into
+    (left out: one per pipeline process). `dp_replicate` x `dp_shard` splits the data-parallel processes of `hsdp`
+    (and of `hybrid`) into groups that each shard the model (`dp_shard` processes) and replicate it across groups
+    (`dp_replicate`): one given, the other takes what remains; neither, `hsdp` shards within a node and replicates
+    across nodes. `timeout_s` is how long a collective waits for the other processes before the run fails,
     naming the process that stopped responding (a hang), so that a restart can take over.
     """
 
@@ -154,7 +158,8 @@ class ParallelSection:
     tp: int = field(default=1, metadata=POSITIVE)
     pp: int = field(default=1, metadata=POSITIVE)
     stages: list[int] | None = None
-    schedule: Literal["gpipe", "1f1b"] = "1f1b"
+    schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"] = "1f1b"
+    stages_per_process: int | None = field(default=None, metadata=POSITIVE)
     microbatches: int | None = field(default=None, metadata=POSITIVE)
     cpu_offload: bool = False
     timeout_s: float = field(default=600.0, metadata=POSITIVE)
@@ -164,6 +169,11 @@ class ParallelSection:
     powersgd_rank: int = field(default=4, metadata=POSITIVE)
     powersgd_start_step: int = field(default=1000, metadata={"minimum": 2})
     reduce_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # fsdp's (hsdp's, hybrid's) gradient reductions
+
+    @property
+    def virtual_stages(self) -> int:
+        """Pipeline stages each pipeline process runs: `stages_per_process`, by default 1 for gpipe and 1f1b, else 2."""
+        return self.stages_per_process or (1 if self.schedule in SINGLE_STAGE_SCHEDULES else 2)
 
 
 @dataclass(frozen=True)
@@ -659,10 +669,15 @@ def _check_parallel(parallel: ParallelSection, origins: Mapping[str, str]) -> No
     _check_compression(parallel, origins)
     if "pp" not in dimensions:  # pipeline options for a strategy without stages would be silently ignored
         defaults = ParallelSection()
-        for key in ("stages", "schedule", "microbatches"):
+        for key in ("stages", "schedule", "stages_per_process", "microbatches"):
             if getattr(parallel, key) != getattr(defaults, key):
                 message = f"shapes pipeline stages, which parallel.strategy={parallel.strategy} lacks"
                 raise _fail(origins, f"parallel.{key}", message)
+    if parallel.schedule in SINGLE_STAGE_SCHEDULES and parallel.stages_per_process not in (None, 1):
+        message = (
+            f"the {parallel.schedule} schedule runs one stage a process; interleaved_1f1b and zero_bubble run more"
+        )
+        raise _fail(origins, "parallel.stages_per_process", message)
 
 
 def _check_compression(parallel: ParallelSection, origins: Mapping[str, str]) -> None:

@@ -75,6 +75,31 @@ def test_gradient_compression_settings_side_by_side(cli, tmp_path: Path) -> None
     assert (out / "grad-compression.png").read_bytes().startswith(PNG_MAGIC)
 
 
+@pytest.mark.timeout(180)
+@pytest.mark.slow
+def test_pipeline_schedules_side_by_side(cli, tmp_path: Path) -> None:
+    out = tmp_path / "schedules"
+    deep = [*TINY, "model.hidden_layers=[32, 32, 32, 32]"]  # 4 blocks: 2 stages on each of 2 processes
+    result = cli(
+        "bench", "scaling", *deep, "--nproc", "2", "--schedules", "1f1b,interleaved_1f1b,zero_bubble", "--steps", "30",
+        "--out", str(out),
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    saved = json.loads((out / "schedules.json").read_text())
+    rows = {row["schedule"]: row for row in saved["results"]}
+    assert list(rows) == ["1f1b", "interleaved_1f1b", "zero_bubble"]
+    assert [rows[name]["stages"] for name in rows] == [2, 4, 4]
+    assert rows["1f1b"]["bubble"] == pytest.approx(1 / 3)  # (p - 1) / (m + p - 1), 2 micro-batches on 2 processes
+    assert rows["interleaved_1f1b"]["bubble"] == pytest.approx(1 / 5)  # (p - 1) / (v m + p - 1)
+    assert rows["zero_bubble"]["bubble"] < rows["interleaved_1f1b"]["bubble"]
+    for row in rows.values():
+        assert load_config(Path(row["run_dir"]) / "config.yaml").parallel.schedule == row["schedule"]
+        assert row["samples_per_s"] > 0 and row["val_loss"] > 0
+    assert rows["1f1b"]["samples_per_s_vs_first"] == 1.0
+    assert [cells[0] for cells in table_rows(result.out)] == list(rows)
+    assert (out / "schedules.png").read_bytes().startswith(PNG_MAGIC)
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.slow
 def test_fsdp_keeps_about_half_the_state_of_ddp_and_a_strategy_the_model_refuses_is_shown(cli, tmp_path: Path) -> None:
@@ -109,7 +134,9 @@ def test_fsdp_keeps_about_half_the_state_of_ddp_and_a_strategy_the_model_refuses
         (["scaling", "--nproc", "1,x", "--mode", "weak"], "usage error: argument --nproc: expected a positive integer"),
         (["scaling", "--nproc", "0,2", "--mode", "weak"], "expected a positive integer, got 0"),
         (["scaling", "--nproc", "1,2", "--mode", "sideways"], "argument --mode: invalid choice: 'sideways'"),
-        (["scaling", "--nproc", "1,2"], "--mode: strong or weak is required (unless --grad-compression)"),
+        (["scaling", "--nproc", "1,2"], "--mode: strong or weak is required (unless --grad-compression or --sch"),
+        (["scaling", "--nproc", "2", "--schedules", "1f1b,zb"], "--schedules: zb: expected gpipe, 1f1b,"),
+        (["scaling", "--nproc", "1", "--schedules", "1f1b"], "--schedules compares pipeline schedules, which need"),
         (["scaling", "--nproc", "2", "--grad-compression", "bf16,zip"], "--grad-compression: zip: expected none,"),
         (["scaling", "--nproc", "1", "--grad-compression", "bf16"], "needs --nproc of at least 2"),
         (

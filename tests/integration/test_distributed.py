@@ -97,6 +97,35 @@ def test_hsdp_shards_within_groups_and_replicates_across_them_and_matches_one_pr
     assert {r["grad_sync_bytes"] for r in records if "grad_sync_bytes" in r} == {(parameters + parameters // 2) * 4}
 
 
+@pytest.fixture(scope="module")
+def deep_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One process, a gpt of 4 blocks: enough for 2 stages on each of 2 pipeline processes."""
+    return single_process_run(tmp_path_factory.mktemp("deep") / "run", "model.n_layers=4")
+
+
+@pytest.mark.parametrize(
+    ("mesh", "nproc"),
+    [
+        (["parallel.strategy=pp", "parallel.schedule=interleaved_1f1b", "parallel.microbatches=4"], 2),
+        (["parallel.strategy=pp", "parallel.schedule=zero_bubble", "parallel.microbatches=4"], 2),
+        (["parallel.strategy=hybrid", "parallel.dp=2", "parallel.pp=2", "parallel.schedule=interleaved_1f1b"], 4),
+    ],
+    ids=["interleaved-1f1b", "zero-bubble", "interleaved-under-fsdp"],
+)
+def test_two_stages_a_process_match_one_process(
+    deep_reference: Path, tmp_path: Path, mesh: list[str], nproc: int
+) -> None:
+    run_dir = tmp_path / "run"
+    result = launch(run_dir, "model.n_layers=4", *mesh, nproc=nproc)
+    assert "schedule, 4 stages (2 a process)" in result.out
+    assert max_difference(read_weights(deep_reference), read_weights(run_dir)) <= TOLERANCE
+    assert logged_losses(run_dir) == pytest.approx(logged_losses(deep_reference), abs=TOLERANCE)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    microbatches = summary["pipeline_microbatches"]
+    # below one stage a process at the same micro-batches: 1F1B's (p - 1) / (m + p - 1)
+    assert summary["pipeline_stages"] == 4 and 0 < summary["pipeline_bubble"] < 1 / (microbatches + 1)
+
+
 def test_the_mlp_tensor_parallel_plan_matches_one_process(tmp_path: Path) -> None:
     # three hidden layers: a column/row pair, then an unpaired column-wise layer gathered for the head
     mlp = ["model.architecture=mlp", "model.hidden_layers=[32, 32, 16]", "model.dropout_rate=0"]

@@ -97,6 +97,8 @@ def test_shards_data_only_for_fsdp_hsdp_and_hybrid() -> None:
         (["parallel.stages=[3, 3]"], "parallel.stages: expected increasing block indices above 0"),
         (["parallel.schedule=interleaved"], "parallel.schedule"),
         (["parallel.microbatches=0"], "parallel.microbatches"),
+        (["parallel.strategy=pp", "parallel.stages_per_process=2"], "the 1f1b schedule runs one stage a process"),
+        (["parallel.strategy=ddp", "parallel.stages_per_process=2"], "parallel.stages_per_process: shapes pipeline"),
         (
             ["parallel.strategy=fsdp", "parallel.dp_replicate=2"],
             "parallel.dp_replicate: splits the dp dimension of hsdp",

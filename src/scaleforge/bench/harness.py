@@ -38,6 +38,8 @@ MULTI_PROCESS_STRATEGIES = tuple(
 )
 # `bench scaling --grad-compression`: the settings of `parallel.grad_compression`
 GRAD_COMPRESSIONS: tuple[str, ...] = typing.get_args(typing.get_type_hints(ParallelSection)["grad_compression"])
+# `bench scaling --schedules`: the settings of `parallel.schedule`
+PIPELINE_SCHEDULES: tuple[str, ...] = typing.get_args(typing.get_type_hints(ParallelSection)["schedule"])
 
 
 @dataclass(frozen=True)

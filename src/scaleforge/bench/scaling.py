@@ -300,10 +300,7 @@ def run_compression_benchmark(
     same global batch, and compare the gradient bytes each process all-reduced per step, the throughput and the
     validation loss at the end with those of `none`; print (table or JSON) and write
     `OUT/grad-compression.json` and `.png`. Runs go to `OUT/compression-SETTING`."""
-    if processes < 2:
-        raise UsageError("--grad-compression compares ddp's all-reduce, which needs --nproc of at least 2")
-    if steps < MIN_STEPS:
-        raise UsageError(f"--steps: {steps} is fewer than {MIN_STEPS} (one warm-up and two measured log intervals)")
+    check_comparison("--grad-compression compares ddp's all-reduce", processes, steps)
     if "powersgd" in settings and steps - LOG_INTERVAL < powersgd_start_step:
         raise UsageError(
             f"--powersgd-start-step: {powersgd_start_step} leaves no {LOG_INTERVAL}-step log interval of PowerSGD "
@@ -327,8 +324,46 @@ def run_compression_benchmark(
         row["bytes_vs_none"] = row["grad_sync_bytes_per_step"] / base["grad_sync_bytes_per_step"]
         row["samples_per_s_vs_none"] = row["samples_per_s"] / base["samples_per_s"]
         row["val_loss_vs_none"] = row["val_loss"] / base["val_loss"] - 1
-    result = {
-        "benchmark": "grad-compression",
+    result = comparison_result(
+        "grad-compression",
+        config_path,
+        overrides,
+        config,
+        rows,
+        processes=processes,
+        threads=threads,
+        steps=steps,
+        powersgd_rank=powersgd_rank,
+        powersgd_start_step=powersgd_start_step,
+    )
+    plot_compression(result, out / "grad-compression.png")
+    _report_compression(result, out, as_json=as_json)
+    return result
+
+
+def check_comparison(what: str, processes: int, steps: int) -> None:
+    """A usage error unless a comparison of settings (`what`) has several processes and enough steps to measure."""
+    if processes < 2:
+        raise UsageError(f"{what}, which needs --nproc of at least 2")
+    if steps < MIN_STEPS:
+        raise UsageError(f"--steps: {steps} is fewer than {MIN_STEPS} (one warm-up and two measured log intervals)")
+
+
+def comparison_result(
+    benchmark: str,
+    config_path: str | None,
+    overrides: Sequence[str],
+    config: Any,
+    rows: list[dict[str, Any]],
+    *,
+    processes: int,
+    threads: int,
+    steps: int,
+    **settings: Any,
+) -> dict[str, Any]:
+    """What a comparison of settings writes: the config, the processes and the machine, and a row per setting."""
+    return {
+        "benchmark": benchmark,
         "config": config_path,
         "overrides": list(overrides),
         "model": config.model.architecture,
@@ -337,14 +372,10 @@ def run_compression_benchmark(
         "threads_per_process": threads,
         "global_batch_size": config.training.batch_size,
         "steps": steps,
-        "powersgd_rank": powersgd_rank,
-        "powersgd_start_step": powersgd_start_step,
+        **settings,
         **machine(),
         "results": rows,
     }
-    plot_compression(result, out / "grad-compression.png")
-    _report_compression(result, out, as_json=as_json)
-    return result
 
 
 def plan_compression(
@@ -449,6 +480,100 @@ def plot_compression(result: dict[str, Any], path: Path) -> None:
         f"gradient compression: {result['model']}, ddp on {result['processes']} processes, "
         f"PowerSGD rank {result['powersgd_rank']} from step {result['powersgd_start_step']}"
     )
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def run_schedule_benchmark(
+    config_path: str | None,
+    overrides: Sequence[str],
+    *,
+    processes: int,
+    schedules: Sequence[str],
+    steps: int,
+    out: Path,
+    as_json: bool = False,
+) -> dict[str, Any]:
+    """Train the config under pp on `processes` processes once per `parallel.schedule`, with the same global batch
+    and micro-batches, and compare the throughput, the schedule's bubble and the final validation loss with the
+    first schedule's; print (table or JSON) and write `OUT/schedules.json` and `.png`. Runs go to
+    `OUT/schedule-NAME`."""
+    check_comparison("--schedules compares pipeline schedules", processes, steps)
+    config = load_config(config_path, overrides)
+    threads = threads_per_process(processes)
+    plans = []
+    for schedule in dict.fromkeys(schedules):
+        run_overrides = ["parallel.strategy=pp", f"parallel.schedule={schedule}", f"training.max_steps={steps}"]
+        run_overrides.append(f"logging.every_steps={LOG_INTERVAL}")
+        load_config(config_path, [*overrides, *run_overrides])  # every run's config checked before any starts
+        plans.append((schedule, [*config_arguments(config_path, overrides), *run_overrides]))
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for schedule, config_args in plans:
+        if not as_json:
+            print(f"schedule-{schedule}: pp on {processes} x {counted(threads, 'thread')}, {steps} steps", flush=True)
+        run = train_in_child(config_args, nproc=processes, threads=threads, run_dir=out / f"schedule-{schedule}")
+        run.check()
+        summary = run.summary
+        rows.append(
+            {
+                "schedule": schedule,
+                "stages": summary["pipeline_stages"],
+                "microbatches": summary["pipeline_microbatches"],
+                "bubble": summary["pipeline_bubble"],
+                "samples_per_s": statistics.median(steady_intervals(run.metrics)),
+                "val_loss": summary["val_loss"],
+                "num_parameters": summary["num_parameters"],
+                "run_dir": str(run.run_dir),
+            }
+        )
+    for row in rows:
+        row["samples_per_s_vs_first"] = row["samples_per_s"] / rows[0]["samples_per_s"]
+    result = comparison_result(
+        "pipeline-schedules", config_path, overrides, config, rows, processes=processes, threads=threads, steps=steps
+    )
+    plot_schedules(result, out / "schedules.png")
+    title = (
+        f"Pipeline schedules: {result['model']} ({result['num_parameters']:,} parameters), pp on {processes} "
+        f"processes x {counted(threads, 'thread')}, global batch {result['global_batch_size']}, {steps} steps"
+    )
+    notes = [
+        "bubble: the schedule's idle share of a step (docs/distributed.md#pipeline-schedules)",
+        f"samples/s: median over the {LOG_INTERVAL}-step log intervals after the first; val loss: at the last step",
+    ]
+    columns = ["schedule", "stages", "micro-batches", "bubble", "samples/s", f"vs {rows[0]['schedule']}", "val loss"]
+    table = [
+        [
+            row["schedule"],
+            str(row["stages"]),
+            str(row["microbatches"]),
+            f"{row['bubble']:.1%}",
+            f"{row['samples_per_s']:,.1f}",
+            f"{row['samples_per_s_vs_first']:.2f}x",
+            f"{row['val_loss']:.4f}",
+        ]
+        for row in rows
+    ]
+    report(result, out / "schedules.json", as_json=as_json, title=title, columns=columns, rows=table, notes=notes)
+    return result
+
+
+def plot_schedules(result: dict[str, Any], path: Path) -> None:
+    """Throughput and bubble of each schedule."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    rows = result["results"]
+    names = [row["schedule"] for row in rows]
+    figure, (speed_axis, bubble_axis) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    speed_axis.bar(names, [row["samples_per_s"] for row in rows])
+    speed_axis.set_ylabel("samples/s")
+    bubble_axis.bar(names, [100 * row["bubble"] for row in rows])
+    bubble_axis.set_ylabel("bubble, % of a step")
+    figure.suptitle(f"pipeline schedules: {result['model']}, pp on {result['processes']} processes")
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)

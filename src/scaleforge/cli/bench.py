@@ -66,7 +66,7 @@ def _scaling(benchmarks: argparse._SubParsersAction) -> None:
         "--mode",
         choices=("strong", "weak"),
         help="strong: the global batch stays training.batch_size; weak: each process gets training.batch_size "
-        "(required unless --grad-compression)",
+        "(required unless --grad-compression or --schedules)",
     )
     scaling.add_argument(
         "--strategy", default="ddp", help="ddp, fsdp, tp, pp or hybrid: how runs above 1 process split (default ddp)"
@@ -87,6 +87,13 @@ def _scaling(benchmarks: argparse._SubParsersAction) -> None:
         type=positive_int,
         default=10,
         help="steps of plain all-reduce before PowerSGD starts, in place of torch's 1,000 (default 10)",
+    )
+    scaling.add_argument(
+        "--schedules",
+        type=comma_separated(str),
+        metavar="S,S,...",
+        help="instead of process counts, compare parallel.schedule settings (gpipe, 1f1b, interleaved_1f1b, "
+        "zero_bubble) under pp on the largest --nproc: throughput, bubble, validation loss",
     )
     scaling.add_argument("--out", default="runs/bench-scaling", help="where runs and results go (default %(default)s)")
     json_argument(scaling)
@@ -305,6 +312,13 @@ def cmd_bench_overhead(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_names(option: str, given: list[str], allowed: tuple[str, ...]) -> None:
+    """A usage error naming those of `given` that are not `allowed`."""
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise UsageError(f"{option}: {', '.join(unknown)}: expected {', '.join(allowed[:-1])} or {allowed[-1]}")
+
+
 def cmd_bench_scaling(args: argparse.Namespace) -> int:
     """Throughput at each process count."""
     from scaleforge.bench.scaling import run_scaling_benchmark
@@ -314,10 +328,7 @@ def cmd_bench_scaling(args: argparse.Namespace) -> int:
         from scaleforge.bench.harness import GRAD_COMPRESSIONS
         from scaleforge.bench.scaling import run_compression_benchmark
 
-        unknown = sorted(set(args.grad_compression) - set(GRAD_COMPRESSIONS))
-        if unknown:
-            expected = f"{', '.join(GRAD_COMPRESSIONS[:-1])} or {GRAD_COMPRESSIONS[-1]}"
-            raise UsageError(f"--grad-compression: {', '.join(unknown)}: expected {expected}")
+        _check_names("--grad-compression", args.grad_compression, GRAD_COMPRESSIONS)
         run_compression_benchmark(
             config_path,
             overrides,
@@ -330,8 +341,23 @@ def cmd_bench_scaling(args: argparse.Namespace) -> int:
             as_json=args.json,
         )
         return 0
+    if args.schedules is not None:
+        from scaleforge.bench.harness import PIPELINE_SCHEDULES
+        from scaleforge.bench.scaling import run_schedule_benchmark
+
+        _check_names("--schedules", args.schedules, PIPELINE_SCHEDULES)
+        run_schedule_benchmark(
+            config_path,
+            overrides,
+            processes=max(args.nproc),
+            schedules=args.schedules,
+            steps=args.steps,
+            out=Path(args.out),
+            as_json=args.json,
+        )
+        return 0
     if args.mode is None:
-        raise UsageError("--mode: strong or weak is required (unless --grad-compression)")
+        raise UsageError("--mode: strong or weak is required (unless --grad-compression or --schedules)")
     run_scaling_benchmark(
         config_path,
         overrides,

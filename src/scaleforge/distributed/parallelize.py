@@ -35,9 +35,11 @@ from scaleforge.distributed.ddp import apply_ddp
 from scaleforge.distributed.fsdp import apply_fsdp
 from scaleforge.distributed.parallel_dims import ParallelDims
 from scaleforge.distributed.pipeline_parallel import (
+    bubble_fraction,
     build_schedule,
     check_pipelinable,
     check_stage_ties,
+    held_stages,
     keep_stage,
     present_blocks,
     stage_bounds,
@@ -48,7 +50,7 @@ from scaleforge.errors import ConfigError
 from scaleforge.hardware import PRECISIONS, REDUCE_DTYPES, Autocast
 
 if TYPE_CHECKING:
-    from torch.distributed.pipelining.schedules import PipelineScheduleSingle
+    from torch.distributed.pipelining.schedules import _PipelineSchedule
 
 
 class ScaledLoss(nn.Module):
@@ -69,7 +71,8 @@ class ParallelModel:
 
     `module` holds this process's parameters (the whole model or its pipeline stage, possibly sharded);
     training calls `train_module` (a DDP wrapper, or `module` itself); `device` is where this process computes.
-    Under pipeline parallelism `schedule` runs the stage and `pipeline_loss` is the loss it applies.
+    Under pipeline parallelism `schedule` runs the process's stages (`stages_per_process` of them) and
+    `pipeline_loss` is the loss it applies; `bubble` is the schedule's idle share of a step (`bubble_fraction`).
     """
 
     module: nn.Module
@@ -77,9 +80,12 @@ class ParallelModel:
     dims: ParallelDims
     device: torch.device
     mesh: DeviceMesh | None = None
-    schedule: PipelineScheduleSingle | None = None
+    schedule: _PipelineSchedule | None = None
     pipeline_loss: ScaledLoss | None = None
     microbatches: int = 1
+    schedule_name: str = ""
+    stages_per_process: int = 1
+    bubble: float = 0.0
     # what the gradients' data-parallel reduction sends (ddp and fsdp; None where it is not counted)
     grad_sync: GradSync | None = None
     _eval_rows: int | None = None
@@ -90,6 +96,17 @@ class ParallelModel:
         tensors = itertools.chain(model.parameters(), model.buffers())  # an int8 model holds buffers only
         device = next(tensors, torch.empty(0)).device
         return cls(module=model, train_module=model, dims=ParallelDims("single", 1, 1, 1), device=device)
+
+    def pipeline_summary(self) -> dict[str, Any]:
+        """The pipeline's schedule, stages and bubble for the run's summary (nothing without pipelining)."""
+        if self.schedule is None:
+            return {}
+        return {
+            "pipeline_schedule": self.schedule_name,
+            "pipeline_stages": self.dims.pp * self.stages_per_process,
+            "pipeline_microbatches": self.microbatches,
+            "pipeline_bubble": self.bubble,
+        }
 
     def coordinate(self, dim: str) -> int:
         """This process's index along mesh dimension `dim` (0 without a mesh)."""
@@ -282,6 +299,7 @@ class ParallelPlan:
     stage_bounds: list[range] | None  # the blocks of each pipeline stage, when pp > 1
     tensor_parallel: bool  # whether the model's tensor-parallel plan splits its layers
     microbatches: int  # pipeline micro-batches per replica micro-batch
+    stages_per_process: int = 1  # pipeline stages each pipeline process runs
 
 
 def plan_parallelism(
@@ -293,6 +311,7 @@ def plan_parallelism(
     parallel: ParallelSection,
     precision: str,
     micro_batch_size: int,
+    compile: bool = False,
 ) -> ParallelPlan:
     """Check that `dims.strategy` applies to `model` and say how: every refusal is a config error, raised here,
     on every process alike, with no collective involved."""
@@ -310,10 +329,13 @@ def plan_parallelism(
         raise ConfigError("parallel.cpu_offload: the parameters already live in CPU memory; it needs a GPU")
     bounds = None
     microbatches = parallel.microbatches or dims.pp
+    per_process = parallel.virtual_stages if dims.pp > 1 else 1
     if dims.pp > 1:
         check_pipelinable(model, architecture)
-        bounds = stage_bounds(model, dims.pp, parallel.stages)
+        option = "parallel.pp" if per_process == 1 else "parallel.pp x parallel.stages_per_process"
+        bounds = stage_bounds(model, dims.pp * per_process, parallel.stages, option)
         check_stage_ties(model, bounds)
+        _check_schedule(parallel.schedule, dims.pp, microbatches, compile=compile)
         if micro_batch_size % microbatches:
             raise ConfigError(
                 f"parallel.microbatches: each replica's micro-batch of {micro_batch_size} samples "
@@ -327,10 +349,26 @@ def plan_parallelism(
             )
     tensor_parallel = dims.tp > 1 or dims.strategy == "tp"
     if tensor_parallel:  # a plan covers the blocks a process holds: under pp, each stage's
-        stages = [model] if bounds is None else [stage_view(model, bounds, i) for i in range(dims.pp)]
+        stages = [model] if bounds is None else [stage_view(model, bounds, i) for i in range(len(bounds))]
         for stage in stages:
             check_tp(stage, dims.tp, architecture)
-    return ParallelPlan(stage_bounds=bounds, tensor_parallel=tensor_parallel, microbatches=microbatches)
+    return ParallelPlan(
+        stage_bounds=bounds, tensor_parallel=tensor_parallel, microbatches=microbatches, stages_per_process=per_process
+    )
+
+
+def _check_schedule(schedule: str, pp: int, microbatches: int, *, compile: bool) -> None:
+    """What the multi-stage schedules need of the micro-batches and the model."""
+    if schedule in ("interleaved_1f1b", "zero_bubble") and microbatches % pp:
+        raise ConfigError(
+            f"parallel.microbatches: the {schedule} schedule runs micro-batches in rounds of one per pipeline "
+            f"process ({pp}); {microbatches} is not a multiple of {pp}"
+        )
+    if schedule == "zero_bubble" and compile:
+        raise ConfigError(
+            "training.compile: the zero_bubble schedule splits each backward into its input and weight gradients, "
+            "which torch.compile's graphs do not; use interleaved_1f1b or leave compile off"
+        )
 
 
 def parallelize(
@@ -351,14 +389,18 @@ def parallelize(
     behaves the same at every scale.
     """
     mesh = dims.build_mesh(device.type, parallel.timeout_s) if dims.strategy != "single" else None
+    held: list[int] = []
     if plan.stage_bounds is not None:
-        keep_stage(model, plan.stage_bounds, mesh["pp"].get_local_rank())  # type: ignore[index]
+        held = held_stages(mesh["pp"].get_local_rank(), dims.pp, plan.stages_per_process)  # type: ignore[index]
+        keep_stage(model, plan.stage_bounds, held)
     if plan.tensor_parallel:
         apply_tp(model, mesh["tp"])  # type: ignore[index]
     if training.activation_checkpointing:
         apply_ac(model)
     if training.compile:
         apply_compile(model, per_block=dims.strategy not in ("single", "ddp"))
+    # a process running several stages runs each as a module of its own (views sharing this model's weights)
+    parts = [model] if len(held) < 2 else [stage_view(model, plan.stage_bounds, i) for i in held]  # type: ignore[arg-type]
     train_module = model
     sync: GradSync | None = None
     if dims.strategy == "ddp":
@@ -378,13 +420,14 @@ def parallelize(
         )
     elif dims.shards_data:
         param_dtype, reduce_dtype = PRECISIONS[precision], REDUCE_DTYPES[parallel.reduce_dtype]
-        apply_fsdp(
-            model,
-            dims.fsdp_mesh(mesh),  # type: ignore[arg-type]
-            param_dtype=param_dtype,
-            reduce_dtype=reduce_dtype,
-            cpu_offload=parallel.cpu_offload,
-        )
+        for part in parts:  # each stage a root of its own
+            apply_fsdp(
+                part,
+                dims.fsdp_mesh(mesh),  # type: ignore[arg-type]
+                param_dtype=param_dtype,
+                reduce_dtype=reduce_dtype,
+                cpu_offload=parallel.cpu_offload,
+            )
         if dims.strategy in ("fsdp", "hsdp"):
             sync = FixedSync(fsdp_sync_bytes(model, dims, reduce_dtype))
     if plan.stage_bounds is None:
@@ -394,15 +437,16 @@ def parallelize(
 
     pipeline_loss = ScaledLoss(loss_fn)
     schedule = build_schedule(
-        model,
-        stage_index=mesh["pp"].get_local_rank(),  # type: ignore[index]
-        num_stages=dims.pp,
+        parts,
+        stage_indices=held,
+        num_stages=len(plan.stage_bounds),
         device=device,
         group=mesh["pp"].get_group(),  # type: ignore[index]
         schedule=parallel.schedule,
         microbatches=plan.microbatches,
         loss_fn=pipeline_loss,
     )
+    bubble = bubble_fraction(parallel.schedule, dims.pp, plan.stages_per_process, plan.microbatches, schedule)
     return ParallelModel(
         module=model,
         train_module=model,
@@ -412,6 +456,9 @@ def parallelize(
         schedule=schedule,
         pipeline_loss=pipeline_loss,
         microbatches=plan.microbatches,
+        schedule_name=parallel.schedule,
+        stages_per_process=plan.stages_per_process,
+        bubble=bubble,
     )
 
 

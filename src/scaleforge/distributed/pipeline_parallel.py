@@ -1,5 +1,6 @@
 """Pipeline parallelism with `torch.distributed.pipelining`: the model's blocks are cut into consecutive stages,
-one per pipeline process, and each batch flows through them in micro-batches (GPipe or 1F1B).
+one per pipeline process (GPipe, 1F1B) or several (interleaved 1F1B, zero bubble: stage s on process s mod pp),
+and each batch flows through them in micro-batches.
 
 A model can be pipelined when it is `embed -> blocks -> head`: submodules named `embed` and `head` around a
 `blocks` list, with a forward that runs exactly those in that order. A stage is the same model with the other
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -20,7 +21,7 @@ from torch.distributed import ProcessGroup
 from scaleforge.errors import ConfigError
 
 if TYPE_CHECKING:
-    from torch.distributed.pipelining.schedules import PipelineScheduleSingle
+    from torch.distributed.pipelining.schedules import _PipelineSchedule
 
 
 class StagePlaceholder(nn.Identity):
@@ -42,12 +43,15 @@ def check_pipelinable(model: nn.Module, architecture: str) -> None:
         )
 
 
-def stage_bounds(model: nn.Module, num_stages: int, starts: Sequence[int] | None) -> list[range]:
-    """The blocks of each stage: cut where `starts` says (`parallel.stages`), else balanced by parameter count."""
+def stage_bounds(
+    model: nn.Module, num_stages: int, starts: Sequence[int] | None, option: str = "parallel.pp"
+) -> list[range]:
+    """The blocks of each stage: cut where `starts` says (`parallel.stages`), else balanced by parameter count.
+    `option` is what sets the number of stages, for the error."""
     num_blocks = len(model.blocks)  # type: ignore[arg-type]
     if num_stages > num_blocks:
         raise ConfigError(
-            f"parallel.pp: {num_stages} pipeline stages need at least {num_stages} blocks; the model has {num_blocks}"
+            f"{option}: {num_stages} pipeline stages need at least {num_stages} blocks; the model has {num_blocks}"
         )
     if starts is not None:
         if len(starts) != num_stages - 1:
@@ -108,23 +112,39 @@ def check_stage_ties(model: nn.Module, bounds: list[range]) -> None:
                     )
 
 
-def keep_stage(model: nn.Module, bounds: list[range], stage_index: int) -> None:
-    """Turn `model` in place into stage `stage_index`: the other stages' parts become placeholders."""
+def held_stages(pp_rank: int, pp: int, per_process: int) -> list[int]:
+    """The stages pipeline process `pp_rank` of `pp` runs: `pp_rank`, `pp_rank + pp`, ... (torch's loop placement,
+    which the interleaved and zero-bubble schedules expect): the first stage on the first process, the last on
+    the last."""
+    return [pp_rank + round_ * pp for round_ in range(per_process)]
+
+
+def keep_stage(model: nn.Module, bounds: list[range], stage_index: int | Sequence[int]) -> None:
+    """Turn `model` in place into stage `stage_index` (or the stages listed, together): the other stages' parts
+    become placeholders."""
+    held = [stage_index] if isinstance(stage_index, int) else list(stage_index)
+    kept = {block for index in held for block in bounds[index]}
     blocks: nn.ModuleList = model.blocks  # type: ignore[assignment]
     for index in range(len(blocks)):
-        if index not in bounds[stage_index]:
+        if index not in kept:
             blocks[index] = StagePlaceholder()
-    if stage_index > 0:
+    if 0 not in held:
         model.embed = StagePlaceholder()
-    if stage_index < len(bounds) - 1:
+    if len(bounds) - 1 not in held:
         model.head = StagePlaceholder()
 
 
 def stage_view(model: nn.Module, bounds: list[range], stage_index: int) -> nn.Module:
-    """What `keep_stage` would leave of `model` for stage `stage_index`, as a new module sharing the weights, so
-    per-stage checks run before any process splits its model."""
+    """What `keep_stage` would leave of `model` for stage `stage_index`, as a new module sharing the submodules
+    and weights: for per-stage checks before any process splits its model, and as each stage's module where a
+    process runs several. Its own containers and hooks are its own, so that FSDP2 may shard it as a root of its
+    own, beside the other stages' views."""
+    if model._parameters or model._buffers:  # noqa: SLF001 - a root's own tensors would not be shared
+        raise ConfigError("parallel: a pipelined model keeps its parameters in embed, blocks and head, not at its root")
     view = copy.copy(model)
-    view._modules = dict(model._modules)  # noqa: SLF001 - a shallow copy would share (and keep_stage edit) these
+    for name, value in vars(model).items():
+        if isinstance(value, dict):  # _modules, _parameters and every hook table
+            setattr(view, name, copy.copy(value))
     view.blocks = nn.ModuleList(list(model.blocks))  # type: ignore[arg-type]
     keep_stage(view, bounds, stage_index)
     return view
@@ -143,25 +163,53 @@ def _stage_parts(model: nn.Module, bounds: list[range]) -> list[list[tuple[str, 
 
 
 def build_schedule(
-    stage_module: nn.Module,
+    stage_modules: Sequence[nn.Module],
     *,
-    stage_index: int,
+    stage_indices: Sequence[int],
     num_stages: int,
     device: torch.device,
     group: ProcessGroup,
     schedule: str,
     microbatches: int,
     loss_fn: nn.Module,
-) -> PipelineScheduleSingle:
-    """The schedule that runs this process's stage; `loss_fn` is applied per micro-batch on the last stage.
+) -> _PipelineSchedule:
+    """The schedule that runs this process's stages (`stage_modules[i]` is stage `stage_indices[i]`); `loss_fn` is
+    applied per micro-batch on the last stage.
 
     The schedule adds up the micro-batches' gradients without rescaling them (`scale_grads=False`): its own
     rescaling divides everything accumulated in `.grad`, which is wrong under gradient accumulation, so the
     loss function carries the 1 / micro-batches factor instead.
     """
     # imported here: torch.distributed.pipelining imports torch._dynamo, 0.4 s of every process's start otherwise
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+    from torch.distributed.pipelining import (
+        PipelineStage,
+        Schedule1F1B,
+        ScheduleGPipe,
+        ScheduleInterleaved1F1B,
+        ScheduleInterleavedZeroBubble,
+    )
 
-    stage = PipelineStage(stage_module, stage_index, num_stages, device, group=group)
-    schedules = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
-    return schedules[schedule](stage, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)
+    stages = [
+        PipelineStage(module, index, num_stages, device, group=group)
+        for module, index in zip(stage_modules, stage_indices, strict=True)
+    ]
+    if schedule in ("gpipe", "1f1b"):
+        single = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
+        return single(stages[0], n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)
+    multi = {"interleaved_1f1b": ScheduleInterleaved1F1B, "zero_bubble": ScheduleInterleavedZeroBubble}[schedule]
+    return multi(stages, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)
+
+
+def bubble_fraction(schedule: str, pp: int, per_process: int, microbatches: int, built: Any = None) -> float:
+    """The share of a training step each pipeline process idles, by the schedule's own shape: (p - 1) / (m + p - 1)
+    for GPipe and 1F1B over p processes and m micro-batches, (p - 1) / (v m + p - 1) interleaved over v stages a
+    process (Megatron's figures); for zero bubble, the idle slots of the schedule `built` (its `pipeline_order`),
+    a forward, an input-gradient and a weight-gradient step each taking one slot."""
+    if pp == 1:
+        return 0.0
+    if schedule != "zero_bubble" or built is None:
+        return (pp - 1) / (per_process * microbatches + pp - 1)
+    order = built.pipeline_order
+    makespan = max(len(actions) for actions in order.values())
+    busy = sum(action is not None for actions in order.values() for action in actions)
+    return 1 - busy / (makespan * len(order))

@@ -237,6 +237,7 @@ def plan_training(
         parallel=config.parallel,
         precision=precision,
         micro_batch_size=plan.micro_batch_size,
+        compile=config.training.compile,
     )
     return plan, layout
 
@@ -626,7 +627,7 @@ class Trainer:
         print(
             f"run {run_dir} | {config.model.architecture} ({self.num_parameters:,} parameters) on "
             f"{config.data.dataset} | device {self.device} | precision {self.precision} | "
-            f"{self.state.total_steps} steps | {describe(dims)}{resumed}"
+            f"{self.state.total_steps} steps | {describe(dims)}{describe_pipeline(self.parallel)}{resumed}"
         )
 
     # ------------------------------------------------------------------------------------------------- run
@@ -856,6 +857,7 @@ class Trainer:
             "precision": self.precision,
             "strategy": dims.strategy,
             "processes": dims.world_size,
+            **self.parallel.pipeline_summary(),
             "stopped_early": state.should_stop,
             "memory_per_process": memory,
         }
@@ -938,6 +940,18 @@ def describe(dims: ParallelDims) -> str:
     if dims.dp_replicate > 1:
         dp = f"dp={dims.dp_replicate} replicas x {dims.dp_shard} shard{'s' * (dims.dp_shard > 1)}"
     return f"{dims.strategy} on {processes} ({dp} x tp={dims.tp} x pp={dims.pp})"
+
+
+def describe_pipeline(parallel: ParallelModel) -> str:
+    """` | 1f1b schedule, 2 stages of 1 a process, 4 micro-batches, bubble 20%` ('' without pipelining)."""
+    pipeline = parallel.pipeline_summary()
+    if not pipeline:
+        return ""
+    return (
+        f" | {pipeline['pipeline_schedule']} schedule, {pipeline['pipeline_stages']} stages "
+        f"({parallel.stages_per_process} a process), {pipeline['pipeline_microbatches']} micro-batches, "
+        f"bubble {pipeline['pipeline_bubble']:.0%}"
+    )
 
 
 def check_metrics_combine(objective: Objective, dims: ParallelDims) -> None:
