@@ -80,6 +80,7 @@ def test_gradient_compression_settings_side_by_side(cli, tmp_path: Path) -> None
 def test_pipeline_schedules_side_by_side(cli, tmp_path: Path) -> None:
     out = tmp_path / "schedules"
     deep = [*TINY, "model.hidden_layers=[32, 32, 32, 32]"]  # 4 blocks: 2 stages on each of 2 processes
+    deep += ["parallel.microbatches=4"]  # a pipeline option, given as the user's own
     result = cli(
         "bench", "scaling", *deep, "--nproc", "2", "--schedules", "1f1b,interleaved_1f1b,zero_bubble", "--steps", "30",
         "--out", str(out),
@@ -89,8 +90,8 @@ def test_pipeline_schedules_side_by_side(cli, tmp_path: Path) -> None:
     rows = {row["schedule"]: row for row in saved["results"]}
     assert list(rows) == ["1f1b", "interleaved_1f1b", "zero_bubble"]
     assert [rows[name]["stages"] for name in rows] == [2, 4, 4]
-    assert rows["1f1b"]["bubble"] == pytest.approx(1 / 3)  # (p - 1) / (m + p - 1), 2 micro-batches on 2 processes
-    assert rows["interleaved_1f1b"]["bubble"] == pytest.approx(1 / 5)  # (p - 1) / (v m + p - 1)
+    assert rows["1f1b"]["bubble"] == pytest.approx(1 / 5)  # (p - 1) / (m + p - 1), 4 micro-batches on 2 processes
+    assert rows["interleaved_1f1b"]["bubble"] == pytest.approx(1 / 9)  # (p - 1) / (v m + p - 1)
     assert rows["zero_bubble"]["bubble"] < rows["interleaved_1f1b"]["bubble"]
     for row in rows.values():
         assert load_config(Path(row["run_dir"]) / "config.yaml").parallel.schedule == row["schedule"]

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from scaleforge import load_config
 from scaleforge.training.trainer import train
@@ -126,6 +127,33 @@ def test_two_stages_a_process_match_one_process(
     assert summary["pipeline_stages"] == 4 and 0 < summary["pipeline_bubble"] < 1 / (microbatches + 1)
 
 
+@pytest.fixture(scope="module")
+def tied_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One process, a gpt whose head is its token embedding."""
+    return single_process_run(tmp_path_factory.mktemp("tied") / "run", "model.tie_embeddings=true")
+
+
+@pytest.mark.parametrize(
+    ("mesh", "nproc"),
+    [
+        (["parallel.strategy=pp"], 2),
+        (["parallel.strategy=hybrid", "parallel.dp=2", "parallel.pp=2"], 4),
+        (["parallel.strategy=hybrid", "parallel.tp=2", "parallel.pp=2"], 4),
+    ],
+    ids=["pp", "dp-x-pp", "tp-x-pp"],
+)
+def test_a_tied_embedding_split_across_stages_matches_one_process(
+    tied_reference: Path, tmp_path: Path, mesh: list[str], nproc: int
+) -> None:
+    run_dir = tmp_path / "run"
+    launch(run_dir, "model.tie_embeddings=true", *mesh, nproc=nproc)
+    weights = read_weights(run_dir)
+    # the first stage's copy and the last one's: one weight, as in the single process's state dict
+    assert torch.equal(weights["embed.token.weight"], weights["head.proj.weight"])
+    assert max_difference(read_weights(tied_reference), weights) <= TOLERANCE
+    assert logged_losses(run_dir) == pytest.approx(logged_losses(tied_reference), abs=TOLERANCE)
+
+
 def test_the_mlp_tensor_parallel_plan_matches_one_process(tmp_path: Path) -> None:
     # three hidden layers: a column/row pair, then an unpaired column-wise layer gathered for the head
     mlp = ["model.architecture=mlp", "model.hidden_layers=[32, 32, 16]", "model.dropout_rate=0"]
@@ -179,8 +207,8 @@ def test_bad_parallel_configs_fail_before_any_process_starts(cli, args: list[str
 
 def test_a_strategy_that_cannot_apply_to_the_model_is_said_once_by_rank_0(tmp_path: Path) -> None:
     # every such refusal, in tests/unit/test_parallelize.py; here, how the launched job reports one
-    overrides = ["parallel.strategy=pp", "model.tie_embeddings=true"]
+    overrides = ["parallel.strategy=pp", "model.n_layers=1"]
     result = run_subprocess("train", *MODEL, *RUN, *overrides, "--nproc", "2", "--run-dir", str(tmp_path / "run"))
     assert result.code == 2, result.err
     errors = [line for line in result.err.splitlines() if line.strip()]
-    assert errors == [errors[0]] and "are one tied weight" in errors[0], result.err  # one line, said once
+    assert errors == [errors[0]] and "need at least 2 blocks" in errors[0], result.err  # one line, said once

@@ -12,7 +12,7 @@ from scaleforge.components import build_model
 from scaleforge.data.loading import BatchPlan
 from scaleforge.distributed.parallel_dims import ParallelDims
 from scaleforge.distributed.parallelize import plan_parallelism
-from scaleforge.distributed.pipeline_parallel import bubble_fraction
+from scaleforge.distributed.pipeline_parallel import StageTie, bubble_fraction, stage_ties
 from scaleforge.errors import ConfigError
 from scaleforge.training.trainer import build_data
 from tests.integration.distributed_runs import MODEL, RUN
@@ -24,7 +24,6 @@ from tests.integration.distributed_runs import MODEL, RUN
         (["parallel.strategy=tp", "model.architecture=lstm"], "model 'lstm' declares no tensor-parallel plan"),
         (["parallel.strategy=tp", "model.n_heads=3", "model.d_model=48"], "3 attention heads, which do not split"),
         (["parallel.strategy=pp", "model.n_layers=1"], "parallel.pp: 2 pipeline stages need at least 2 blocks"),
-        (["parallel.strategy=pp", "model.tie_embeddings=true"], "are one tied weight"),
         (["parallel.strategy=pp", "parallel.microbatches=3"], "does not split into 3 pipeline micro-batches"),
         (["parallel.strategy=fsdp", "training.precision=fp16-mixed"], "training.precision: fp16-mixed needs"),
         (
@@ -44,7 +43,6 @@ from tests.integration.distributed_runs import MODEL, RUN
         "tp-without-plan",
         "tp-heads",
         "pp-too-few-blocks",
-        "pp-tied",
         "pp-microbatches",
         "fsdp-fp16",
         "interleaved-too-few-blocks",
@@ -91,3 +89,12 @@ def test_the_zero_bubble_schedules_idle_slots_are_counted_from_its_order() -> No
         pipeline_order = {0: [None, "F", "I", "W", "F", None], 1: ["F", "F", "I", "I", "W", "W"]}
 
     assert bubble_fraction("zero_bubble", 2, 2, 2, Built()) == pytest.approx(2 / 12)
+
+
+def test_a_weight_tied_across_stages_is_found_with_its_names_and_stages() -> None:
+    config = load_config(None, [*MODEL, *RUN, "model.tie_embeddings=true", "model.n_layers=4"])
+    model = build_model(config.model, build_data(config.data).info)
+    bounds = [range(0, 1), range(1, 2), range(2, 3), range(3, 4)]
+    (tie,) = stage_ties(model, bounds)
+    assert tie == StageTie(("embed.token.weight", "head.proj.weight"), (0, 3))
+    assert stage_ties(model, [range(0, 4)]) == []  # one stage: one weight

@@ -500,7 +500,7 @@ def run_schedule_benchmark(
     first schedule's; print (table or JSON) and write `OUT/schedules.json` and `.png`. Runs go to
     `OUT/schedule-NAME`."""
     check_comparison("--schedules compares pipeline schedules", processes, steps)
-    config = load_config(config_path, overrides)
+    config = load_config(config_path, [*overrides, "parallel.strategy=pp"])  # pipeline options may be given
     threads = threads_per_process(processes)
     plans = []
     for schedule in dict.fromkeys(schedules):

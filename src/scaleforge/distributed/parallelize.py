@@ -17,7 +17,7 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,14 +35,15 @@ from scaleforge.distributed.ddp import apply_ddp
 from scaleforge.distributed.fsdp import apply_fsdp
 from scaleforge.distributed.parallel_dims import ParallelDims
 from scaleforge.distributed.pipeline_parallel import (
+    StageTie,
     bubble_fraction,
     build_schedule,
     check_pipelinable,
-    check_stage_ties,
     held_stages,
     keep_stage,
     present_blocks,
     stage_bounds,
+    stage_ties,
     stage_view,
 )
 from scaleforge.distributed.tensor_parallel import apply_tp, check_tp
@@ -86,6 +87,7 @@ class ParallelModel:
     schedule_name: str = ""
     stages_per_process: int = 1
     bubble: float = 0.0
+    ties: list[TiedCopy] = field(default_factory=list)
     # what the gradients' data-parallel reduction sends (ddp and fsdp; None where it is not counted)
     grad_sync: GradSync | None = None
     _eval_rows: int | None = None
@@ -181,13 +183,21 @@ class ParallelModel:
     def _stage_target(self, targets: torch.Tensor, losses: list[torch.Tensor]) -> dict[str, Any]:
         return {"target": targets, "losses": losses} if self.is_last_stage else {}
 
+    def sum_tied_gradients(self) -> None:
+        """Add up the gradients of each weight tied across pipeline stages over the processes holding a copy, so
+        every copy takes the same step, as the one weight of a single process does (Megatron's embedding
+        all-reduce). Called once the step's backward passes are done."""
+        for tie in self.ties:
+            tie.sum_gradients()
+
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Scale the gradients so their total norm, over the whole model, is at most `max_norm`."""
         # Gradients on different meshes (tensor-parallel layers, sharded embeddings, plain tensors) are kept
         # apart: foreach kernels refuse to mix them, and each kind's norm is reduced over its own mesh.
         groups: dict[Any, list[nn.Parameter]] = {}
+        copies = {id(tie.param) for tie in self.ties if not tie.counted}  # a tied weight's norm counts once
         for param in self.module.parameters():
-            if param.grad is not None:
+            if param.grad is not None and id(param) not in copies:
                 mesh = param.grad.device_mesh if isinstance(param.grad, DTensor) else None
                 groups.setdefault(mesh, []).append(param)
         squared = torch.zeros((), device=self.device)
@@ -200,6 +210,9 @@ class ParallelModel:
         total = squared.sqrt()
         for params in groups.values():
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        for tie in self.ties:
+            if not tie.counted:
+                torch.nn.utils.clip_grads_with_norm_([tie.param], max_norm, total)
         return total
 
     # -------------------------------------------------------------------------------------------- evaluation
@@ -289,7 +302,10 @@ class ParallelModel:
         parts = self.gather(local)
         if parts is None:
             return None
-        return {name: tensor for part in parts for name, tensor in part.items()}
+        state = {name: tensor for part in parts for name, tensor in part.items()}
+        for tie in self.ties:
+            check_tied_copies(state, tie.names)
+        return state
 
 
 @dataclass(frozen=True)
@@ -300,6 +316,7 @@ class ParallelPlan:
     tensor_parallel: bool  # whether the model's tensor-parallel plan splits its layers
     microbatches: int  # pipeline micro-batches per replica micro-batch
     stages_per_process: int = 1  # pipeline stages each pipeline process runs
+    ties: list[StageTie] = field(default_factory=list)  # weights shared across stages held by different processes
 
 
 def plan_parallelism(
@@ -327,14 +344,14 @@ def plan_parallelism(
         )
     if parallel.cpu_offload and device.type != "cuda":
         raise ConfigError("parallel.cpu_offload: the parameters already live in CPU memory; it needs a GPU")
-    bounds = None
+    bounds, ties = None, []
     microbatches = parallel.microbatches or dims.pp
     per_process = parallel.virtual_stages if dims.pp > 1 else 1
     if dims.pp > 1:
         check_pipelinable(model, architecture)
         option = "parallel.pp" if per_process == 1 else "parallel.pp x parallel.stages_per_process"
         bounds = stage_bounds(model, dims.pp * per_process, parallel.stages, option)
-        check_stage_ties(model, bounds)
+        ties = stage_ties(model, bounds)
         _check_schedule(parallel.schedule, dims.pp, microbatches, compile=compile)
         if micro_batch_size % microbatches:
             raise ConfigError(
@@ -353,7 +370,11 @@ def plan_parallelism(
         for stage in stages:
             check_tp(stage, dims.tp, architecture)
     return ParallelPlan(
-        stage_bounds=bounds, tensor_parallel=tensor_parallel, microbatches=microbatches, stages_per_process=per_process
+        stage_bounds=bounds,
+        tensor_parallel=tensor_parallel,
+        microbatches=microbatches,
+        stages_per_process=per_process,
+        ties=ties,
     )
 
 
@@ -435,6 +456,7 @@ def parallelize(
             module=model, train_module=train_module, dims=dims, device=device, mesh=mesh, grad_sync=sync
         )
 
+    ties = tied_copies(model, plan.ties, mesh, dims.pp, parallel.timeout_s)  # type: ignore[arg-type]
     pipeline_loss = ScaledLoss(loss_fn)
     schedule = build_schedule(
         parts,
@@ -459,7 +481,64 @@ def parallelize(
         schedule_name=parallel.schedule,
         stages_per_process=plan.stages_per_process,
         bubble=bubble,
+        ties=ties,
     )
+
+
+@dataclass
+class TiedCopy:
+    """This process's copy `param` of a weight tied across pipeline stages (`StageTie`), and the group of the
+    processes holding the other copies (the same data- and tensor-parallel place on the other stages). `counted`:
+    whether this copy's gradient counts in the gradient norm (the first stage's; the sum is the same on each)."""
+
+    param: nn.Parameter
+    names: tuple[str, ...]
+    group: dist.ProcessGroup
+    counted: bool
+
+    def sum_gradients(self) -> None:
+        param = self.param
+        if param.grad is None:  # this stage did not use it this step
+            param.grad = torch.zeros_like(param)
+        grad = param.grad.to_local() if isinstance(param.grad, DTensor) else param.grad
+        dist.all_reduce(grad, group=self.group)
+
+
+def tied_copies(model: nn.Module, ties: list[StageTie], mesh: DeviceMesh, pp: int, timeout_s: float) -> list[TiedCopy]:
+    """For each weight tied across stages on different pipeline processes, this process's copy (if it holds one)
+    and its group. Every process creates every group (torch requires it), one per data- and tensor-parallel
+    place."""
+    from datetime import timedelta
+
+    copies = []
+    grid = mesh.mesh.reshape(pp, -1)  # global ranks: pipeline position x every other place
+    own = dict(model.named_parameters(remove_duplicate=False))
+    for tie in ties:
+        positions = sorted({stage % pp for stage in tie.stages})
+        if len(positions) < 2:  # one process holds every copy: they are one parameter there
+            continue
+        mine = None
+        for place in range(grid.shape[1]):
+            ranks = [int(grid[position, place]) for position in positions]
+            group = dist.new_group(ranks, timeout=timedelta(seconds=timeout_s))
+            mine = group if dist.get_rank() in ranks else mine
+        name = next((name for name in tie.names if name in own), None)
+        if name is not None and mine is not None:
+            first = mesh["pp"].get_local_rank() == positions[0]
+            copies.append(TiedCopy(own[name], tie.names, mine, counted=first))
+    return copies
+
+
+def check_tied_copies(state: dict[str, torch.Tensor], names: tuple[str, ...]) -> None:
+    """Every name of a tied weight in `state` (gathered from the stages) holds the same values: the copies took
+    the same steps. A difference is a bug, never rounding: the run stops rather than save two weights as one."""
+    present = [name for name in names if name in state]
+    for name in present[1:]:
+        if not torch.equal(state[name], state[present[0]]):
+            difference = (state[name].float() - state[present[0]].float()).abs().max().item()
+            raise RuntimeError(
+                f"the tied weight's copies {present[0]} and {name} differ by up to {difference:.3g} after training"
+            )
 
 
 def fsdp_sync_bytes(model: nn.Module, dims: ParallelDims, reduce_dtype: torch.dtype) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -97,19 +98,29 @@ def _parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def check_stage_ties(model: nn.Module, bounds: list[range]) -> None:
-    """Weights shared between parts that land on different stages (tied embeddings) cannot be split apart."""
-    owners: dict[int, tuple[int, str]] = {}
+@dataclass(frozen=True)
+class StageTie:
+    """A weight that parts on several pipeline stages share (a gpt's token embedding and its head): its names in
+    the whole model, and the stages that hold it, in order. Each stage's process keeps a copy; their gradients are
+    summed each step (`TiedCopy`), so the copies stay one weight."""
+
+    names: tuple[str, ...]
+    stages: tuple[int, ...]
+
+
+def stage_ties(model: nn.Module, bounds: list[range]) -> list[StageTie]:
+    """The weights shared between parts that land on different stages."""
+    holders: dict[int, tuple[list[str], list[int]]] = {}
     for index, parts in enumerate(_stage_parts(model, bounds)):
         for part_name, part in parts:
-            for param_name, param in part.named_parameters():
-                owner = owners.setdefault(id(param), (index, f"{part_name}.{param_name}"))
-                if owner[0] != index:
-                    raise ConfigError(
-                        f"parallel: {owner[1]} (stage {owner[0]}) and {part_name}.{param_name} (stage {index}) are "
-                        "one tied weight, which cannot be split between pipeline stages; untie it "
-                        "(gpt: model.tie_embeddings=false) or use fewer stages"
-                    )
+            for param_name, param in part.named_parameters(remove_duplicate=False):
+                names, stages = holders.setdefault(id(param), ([], []))
+                names.append(f"{part_name}.{param_name}")
+                if index not in stages:
+                    stages.append(index)
+    return [
+        StageTie(tuple(dict.fromkeys(names)), tuple(stages)) for names, stages in holders.values() if len(stages) > 1
+    ]
 
 
 def held_stages(pp_rank: int, pp: int, per_process: int) -> list[int]:

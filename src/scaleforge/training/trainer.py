@@ -293,6 +293,7 @@ def train_step(
                 inputs, targets, loss_fn, autocast=autocast, scaler=scaler, loss_scale=1 / accum
             )
         total = loss if total is None else total + loss
+    parallel.sum_tied_gradients()
     if clip_grad_norm is not None:
         if scaler is not None:
             scaler.unscale_(optimizer)
