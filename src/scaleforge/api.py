@@ -168,12 +168,14 @@ def _fit_launched(
 
     options.check()
     ParallelDims.resolve(config.parallel, options.world_size, options.nproc)
+    if options.elastic:  # the job must fit its fewest nodes too
+        ParallelDims.resolve(config.parallel, options.nproc * options.node_range[0], options.nproc)
     check_device_per_process(config.hardware.device, DistEnv(world_size=options.world_size))
     select_device(config.hardware.device)  # a device this node lacks
     # One run directory for every worker and every restart: nodes agree on it through the job's id.
     if run_dir is not None:
         chosen = Path(run_dir)
-    elif options.nnodes > 1:
+    elif options.max_nodes > 1:
         chosen = Path("runs") / f"{config.name}-{options.rdzv_id or 'multinode'}"
     else:
         chosen = default_run_dir(config)

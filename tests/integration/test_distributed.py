@@ -193,6 +193,8 @@ def test_a_script_started_by_torchrun_directly_trains(reference: Path, tmp_path:
         (["parallel.strategy=ddp", "parallel.tp=2"], "parallel.tp: sizes a mesh dimension that parallel.strategy=ddp"),
         (["parallel.stages=[2, 1]"], "parallel.stages: expected increasing block indices above 0"),
         (["--nnodes", "2"], "--nnodes above 1 needs --rdzv-endpoint"),
+        (["--nnodes", "2:1"], "--nnodes: expected N or MIN:MAX with 1 <= MIN <= MAX, got '2:1'"),
+        (["--nnodes", "one"], "--nnodes: expected N or MIN:MAX (positive integers), got 'one'"),
         (["--nproc", "0"], "argument --nproc: expected a positive integer"),
         (["--nproc", "2", "hardware.device=mps"], "hardware.device: 'mps' is one device, but each of the 2"),
         (["parallel.microbatches=4"], "parallel.microbatches: shapes pipeline stages, which parallel.strategy=auto"),

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from scaleforge.training.checkpoint import newest_good_checkpoint
 from tests.conftest import REPO
 from tests.integration.distributed_runs import (
     GPT,
@@ -151,24 +155,61 @@ def test_a_restart_takes_over_from_a_hung_rank(
     assert max_difference(read_weights(reference), read_weights(run_dir)) <= TOLERANCE
 
 
-def test_two_nodes_meet_at_a_rendezvous_endpoint(reference: Path, tmp_path: Path) -> None:
+def start_nodes(
+    stack: contextlib.ExitStack, tmp_path: Path, run_dir: Path, *args: str, nnodes: str = "2"
+) -> tuple[list[subprocess.Popen], list[Path]]:
+    """Two launchers as two nodes of one job (`scaleforge train GPT ARGS`), each in a session of its own (a node
+    is killed with its workers), meeting at node 0's rendezvous store; their outputs go to node0.log, node1.log."""
     with socket.socket() as probe:  # a free port for node 0's rendezvous store
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    nodes, logs = [], [tmp_path / f"node{rank}.log" for rank in (0, 1)]
+    for rank, log in enumerate(logs):
+        output = stack.enter_context(log.open("w"))
+        command = [sys.executable, "-m", "scaleforge", "train", *GPT, *args, "--run-dir", str(run_dir)]
+        command += ["--nnodes", nnodes, "--node-rank", str(rank), "--nproc", "1"]
+        command += ["--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "job"]
+        node = subprocess.Popen(
+            command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
+        stack.callback(_kill_group, node)  # a node left running after a failed wait
+        nodes.append(node)
+    return nodes, logs
+
+
+def test_two_nodes_meet_at_a_rendezvous_endpoint(reference: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
     with contextlib.ExitStack() as stack:
-        nodes = []
-        for rank, log in enumerate(logs):
-            output = stack.enter_context(log.open("w"))
-            node_flags = ["--nnodes", "2", "--node-rank", str(rank), "--nproc", "1"]
-            command = [sys.executable, "-m", "scaleforge", "train", *GPT, "--run-dir", str(run_dir), *node_flags]
-            command += ["--rdzv-endpoint", f"127.0.0.1:{port}"]
-            node = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT, text=True)
-            stack.callback(node.kill)  # a node left running after a failed wait
-            nodes.append(node)
+        nodes, logs = start_nodes(stack, tmp_path, run_dir)
         codes = [node.wait(timeout=300) for node in nodes]
     outputs = [log.read_text() for log in logs]
     assert codes == [0, 0], outputs
     assert "ddp on 2 processes" in outputs[0] and "done:" not in outputs[1]  # node 0 holds rank 0
     assert max_difference(read_weights(reference), read_weights(run_dir)) <= TOLERANCE
+
+
+def test_an_elastic_job_goes_on_alone_when_the_node_without_the_store_is_killed(tmp_path: Path) -> None:
+    longer = ["training.max_steps=60", "checkpoint.every_steps=5", "logging.every_steps=5"]
+    reference = single_process_run(tmp_path / "reference", *longer)  # the same global batch, never interrupted
+    run_dir = tmp_path / "run"
+    with contextlib.ExitStack() as stack:
+        nodes, logs = start_nodes(stack, tmp_path, run_dir, *longer, "--max-restarts", "1", nnodes="1:2")
+        deadline = time.monotonic() + 180
+        while newest_good_checkpoint(run_dir / "checkpoints") is None:  # both nodes trained 5 steps: node 1 goes
+            assert time.monotonic() < deadline and nodes[0].poll() is None, logs[0].read_text()
+            time.sleep(0.1)
+        _kill_group(nodes[1])
+        assert nodes[0].wait(timeout=300) == 0, logs[0].read_text()
+    out = logs[0].read_text()
+    assert "ddp on 2 processes" in out  # before: both nodes
+    assert re.search(r"rank \d on node \d \(.+\) stopped: no heartbeat for 5 s", out), out
+    assert "restart 1: the workers failed and were started again; resuming from" in out
+    assert "60 steps | 1 process | resumed at step" in out  # after: node 0 alone
+    assert max_difference(read_weights(reference), read_weights(run_dir)) <= TOLERANCE
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL a node: its launcher and the workers it started (a session of their own)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait()

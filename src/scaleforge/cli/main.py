@@ -86,7 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _user_error(error: ScaleforgeError) -> int:
     """Say a user error once and return its exit code. Workers leave their errors for the launcher, which prints
     one. Under torchrun, which reports failed workers its own way, rank 0 also says its error."""
-    from scaleforge.distributed.launch import is_launched_worker, record_error
+    from scaleforge.distributed.env import record_error
+    from scaleforge.distributed.launch import is_launched_worker
 
     if _is_main_process() and not is_launched_worker():
         print(error.one_line(), file=sys.stderr)
@@ -100,8 +101,9 @@ def _user_error(error: ScaleforgeError) -> int:
 def _peer_failure(error: Exception) -> int | None:
     """The exit code of a failure caused by another process of the job (a hung or lost peer); None for any other
     failure, which is the process's own."""
-    from scaleforge.distributed.env import PEER_FAILED_EXIT, PEER_FAILED_GRACE_S, PeerHung, lost_peer
-    from scaleforge.distributed.launch import is_launched_worker, record_error, restarts_left
+    from scaleforge.distributed.env import PEER_FAILED_EXIT, PEER_FAILED_GRACE_S, PeerHung, lost_peer, record_error
+    from scaleforge.distributed.launch import is_launched_worker, restarts_left
+    from scaleforge.distributed.peer_watch import BEAT_S, ENDPOINT_VAR, SILENT_AFTER_S
 
     if isinstance(error, PeerHung):
         # the launcher says it when the job fails; a worker about to be restarted says why itself
@@ -110,7 +112,9 @@ def _peer_failure(error: Exception) -> int | None:
         record_error(str(error))
         return error.exit_code
     if is_launched_worker() and lost_peer(error):  # the launcher reports the peer's failure instead
-        time.sleep(PEER_FAILED_GRACE_S)
+        # across nodes, long enough for the peer watch to name a peer that went (it ends the process then)
+        watched = os.environ.get(ENDPOINT_VAR) is not None
+        time.sleep(PEER_FAILED_GRACE_S + (SILENT_AFTER_S + 2 * BEAT_S if watched else 0))
         return PEER_FAILED_EXIT
     return None
 

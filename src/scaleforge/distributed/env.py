@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -203,3 +204,11 @@ def errors_agreed(env: DistEnv) -> Iterator[None]:
     if len(failed) < env.world_size or len({outcome for _, outcome in failed}) > 1:
         line = f"rank {rank}: {line}"
     raise AgreedError(line, exit_code) from failure
+
+
+def record_error(message: str) -> None:
+    """A worker's one-line error, left where the elastic launcher collects a failed worker's message."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with open(path, "w") as file:
+            json.dump({"message": message, "timestamp": int(time.time())}, file)

@@ -7,22 +7,24 @@ in its environment, exactly as under `torchrun`, so the two ways of starting a r
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
 import sys
-import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from scaleforge.distributed.env import PEER_FAILED_EXIT, PEER_HUNG_EXIT
+from scaleforge.distributed.peer_watch import ENDPOINT_VAR, JOB_VAR
 from scaleforge.errors import UsageError
 from scaleforge.processes import parent_environment
 
 # torch's elastic modules name their loggers under these; the launcher reports failures itself.
 ELASTIC_LOGGERS = ("torch.distributed.elastic", "torch.distributed.launcher")
+# An elastic job's rendezvous, once it has its fewest nodes, waits this long for more before the round starts.
+ELASTIC_LAST_CALL_S = 3.0
 # Set for the workers this launcher starts: they leave user errors to it rather than printing them.
 LAUNCHED = "SCALEFORGE_LAUNCHED"
 
@@ -32,7 +34,14 @@ class LaunchOptions:
     """torchrun's flags, with the same meaning: processes per node, nodes, this node's rank, rendezvous."""
 
     nproc: int = field(default=1, metadata={"help": "processes on this node", "range": "positive"})
-    nnodes: int = field(default=1, metadata={"help": "nodes taking part", "range": "positive"})
+    nnodes: str = field(
+        default="1",
+        metadata={
+            "help": "nodes taking part: N, or MIN:MAX for an elastic job that goes on as nodes leave and join (with "
+            "--max-restarts)",
+            "metavar": "N|MIN:MAX",
+        },
+    )
     node_rank: int = field(default=0, metadata={"help": "this node's index", "range": "non-negative"})
     rdzv_endpoint: str | None = field(
         default=None, metadata={"help": "where the nodes meet (needed for --nnodes > 1)", "metavar": "HOST:PORT"}
@@ -47,9 +56,32 @@ class LaunchOptions:
     )
 
     @property
+    def node_range(self) -> tuple[int, int]:
+        """(fewest, most) nodes: `--nnodes N` is (N, N), `--nnodes MIN:MAX` elastic."""
+        text = str(self.nnodes)
+        low, _, high = text.partition(":")
+        try:
+            fewest, most = int(low), int(high or low)
+        except ValueError:
+            raise UsageError(f"--nnodes: expected N or MIN:MAX (positive integers), got {text!r}") from None
+        if not 1 <= fewest <= most:
+            raise UsageError(f"--nnodes: expected N or MIN:MAX with 1 <= MIN <= MAX, got {text!r}")
+        return fewest, most
+
+    @property
+    def max_nodes(self) -> int:
+        return self.node_range[1]
+
+    @property
+    def elastic(self) -> bool:
+        """Whether nodes may leave and join (`--nnodes MIN:MAX`)."""
+        fewest, most = self.node_range
+        return fewest < most
+
+    @property
     def world_size(self) -> int:
-        """Processes over all nodes."""
-        return self.nproc * self.nnodes
+        """Processes over all nodes (the most, for an elastic job)."""
+        return self.nproc * self.max_nodes
 
     @property
     def needs_launcher(self) -> bool:
@@ -58,12 +90,11 @@ class LaunchOptions:
 
     def check(self) -> None:
         """Refuse flags that cannot describe a job."""
-        if self.nnodes > 1 and self.rdzv_endpoint is None:
+        most = self.max_nodes
+        if most > 1 and self.rdzv_endpoint is None:
             raise UsageError("--nnodes above 1 needs --rdzv-endpoint HOST:PORT, the address of node 0")
-        if not 0 <= self.node_rank < self.nnodes:
-            raise UsageError(
-                f"--node-rank {self.node_rank} is not a node of --nnodes {self.nnodes} (0..{self.nnodes - 1})"
-            )
+        if not 0 <= self.node_rank < most:
+            raise UsageError(f"--node-rank {self.node_rank} is not a node of --nnodes {self.nnodes} (0..{most - 1})")
 
 
 def threads_per_process(nproc: int) -> int:
@@ -84,18 +115,34 @@ def launch(worker_args: Sequence[str], options: LaunchOptions) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    single_node = options.nnodes == 1
+    fewest, most = options.node_range
+    single_node = most == 1
+    if single_node:
+        rendezvous: dict[str, Any] = {"rdzv_backend": "c10d", "rdzv_endpoint": "localhost:0", "rdzv_configs": {}}
+    elif options.elastic:  # a dynamic rendezvous that node 0 hosts: nodes join, leave, and the job goes on
+        rendezvous = {
+            "rdzv_backend": "c10d",
+            "rdzv_endpoint": options.rdzv_endpoint,
+            "rdzv_configs": {
+                "is_host": options.node_rank == 0,
+                "last_call_timeout": ELASTIC_LAST_CALL_S,
+                # a node that stops beating is dropped from the next round after 3 s, not torch's 15
+                "keep_alive_interval": 1,
+                "keep_alive_max_attempt": 3,
+            },
+        }
+    else:
+        rendezvous = {"rdzv_backend": "static", "rdzv_endpoint": options.rdzv_endpoint}
+        rendezvous["rdzv_configs"] = {"rank": options.node_rank}
     config = LaunchConfig(
-        min_nodes=options.nnodes,
-        max_nodes=options.nnodes,
+        min_nodes=fewest,
+        max_nodes=most,
         nproc_per_node=options.nproc,
         # nodes meet under one job id: torchrun's default when none is given
         run_id=options.rdzv_id or (uuid.uuid4().hex if single_node else "none"),
-        rdzv_backend="c10d" if single_node else "static",
-        rdzv_endpoint="localhost:0" if single_node else options.rdzv_endpoint,  # type: ignore[arg-type]
-        rdzv_configs={} if single_node else {"rank": options.node_rank},
         max_restarts=options.max_restarts,
         monitor_interval=0.1,
+        **rendezvous,
     )
     try:
         with _worker_environment(options):
@@ -119,6 +166,9 @@ def _worker_environment(options: LaunchOptions) -> Iterator[None]:
     levels = {logger: logger.level for logger in loggers if logger.name.startswith(ELASTIC_LOGGERS)}
     os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_process(options.nproc)))
     os.environ[LAUNCHED] = "1"
+    if options.max_nodes > 1:  # the workers' peer watch beats in the rendezvous store (see distributed/peer_watch.py)
+        os.environ[ENDPOINT_VAR] = str(options.rdzv_endpoint)
+        os.environ[JOB_VAR] = options.rdzv_id or "none"
     # Workers watch the launcher (`guard_from_environment`): torch's elastic agent, which starts them in sessions
     # of their own, runs inside the launcher, so a launcher killed outright would leave them to no one. SIGKILL,
     # not SIGTERM, the signal a live launcher stops its workers with: that stop writes a checkpoint at the next
@@ -146,7 +196,7 @@ def report_failure(error: object) -> int:
     """Say why the workers failed; returns the launcher's exit code (2 for a user error, else 1).
 
     A user error is the cause whenever there is one (the other processes may have failed only because a peer
-    left): its one line, as the worker left it in the launcher's error file (see `record_error`), already
+    left): its one line, as the worker left it in the launcher's error file (see `env.record_error`), already
     naming its rank unless every process met it. Then a hang, as a worker whose collective timed out named it.
     Otherwise the first worker that crashed is named.
     """
@@ -189,11 +239,3 @@ def restarts_left() -> bool:
     """Whether the launcher will start this worker again after it fails."""
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
     return restarts < int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0))
-
-
-def record_error(message: str) -> None:
-    """A worker's one-line error, left where the elastic launcher collects a failed worker's message."""
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if path:
-        with open(path, "w") as file:
-            json.dump({"message": message, "timestamp": int(time.time())}, file)

@@ -27,9 +27,12 @@ def default_run_dir(config: RunConfig) -> Path:
     return Path("runs") / f"{config.name}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
-def resume_point(run_dir: Path, resume: str, signing_key: bytes | None = None) -> Path | None:
+def resume_point(
+    run_dir: Path, resume: str, signing_key: bytes | None = None, *, restarted: bool = False
+) -> Path | None:
     """The checkpoint to resume from: `resume` itself (a checkpoint's path, checked), the newest good one of
-    `run_dir` (`auto`), or none (`never`, or `auto` with none there, when `run_dir` must hold no other run).
+    `run_dir` (`auto`), or none (`never`, or `auto` with none there, when `run_dir` must hold no other run, unless
+    the workers were `restarted`: what it holds is their own first attempt's, which starts over).
     Damaged checkpoints (and, with `signing_key`, unsigned or wrongly signed ones) are reported as warnings and
     passed over. A run is finished when its `final/` exists: it is renamed into place once complete."""
     if (run_dir / "final").exists():
@@ -49,6 +52,6 @@ def resume_point(run_dir: Path, resume: str, signing_key: bytes | None = None) -
     if resume not in ("auto", "never"):
         return checked_checkpoint(Path(resume), signing_key)
     checkpoint = newest_good_checkpoint(run_dir / "checkpoints", signing_key=signing_key) if resume == "auto" else None
-    if checkpoint is None:
+    if checkpoint is None and not restarted:
         check_run_dir(run_dir)
     return checkpoint

@@ -67,6 +67,7 @@ from scaleforge.distributed.parallelize import (
     plan_parallelism,
     takes_inputs,
 )
+from scaleforge.distributed.peer_watch import PeerWatch
 from scaleforge.errors import AgreedError, ConfigError, UsageError
 from scaleforge.hardware import Autocast, make_autocast, resolve_precision, select_device
 from scaleforge.runs import run_signing_key, save_final
@@ -391,11 +392,14 @@ def train(
     dims = ParallelDims.resolve(config.parallel, env.world_size, env.local_world_size)
     device, precision = setup_runtime(config, env)
     init_distributed(env, device, timeout_s=config.parallel.timeout_s, required=dims.strategy != "single")
+    watch = PeerWatch.start_for(env)  # several nodes: a process of another node that goes is noticed in seconds
     try:
         run_dir, checkpoint = agree_on_start(run_dir, config, env, resume)
         with status_reported(run_dir, env, dims):
             # the trainer, and the model and optimizer with it, is gone before `train` leaves the process group
             summary = Trainer.setup(config, run_dir, env, dims, device, precision, callbacks, checkpoint).run()
+        if watch is not None:  # on a failure it watches on, to name a peer that has gone (cli.main)
+            watch.stop()
     finally:
         teardown_distributed()
     return {**summary, "run_dir": str(run_dir)}
@@ -435,7 +439,7 @@ def agree_on_checkpoint(run_dir: Path, resume: str, env: DistEnv, config: RunCon
     found: list[Any] = [None]
     if env.is_main:
         try:
-            found = [resume_point(run_dir, resume, run_signing_key(config))]
+            found = [resume_point(run_dir, resume, run_signing_key(config), restarted=env.restart_count > 0)]
         except UsageError as error:
             found = [error]
     if env.distributed:
