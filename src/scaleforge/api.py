@@ -168,8 +168,8 @@ def _fit_launched(
 
     options.check()
     ParallelDims.resolve(config.parallel, options.world_size, options.nproc)
-    if options.elastic:  # the job must fit its fewest nodes too
-        ParallelDims.resolve(config.parallel, options.nproc * options.node_range[0], options.nproc)
+    for nodes in range(options.node_range[0], options.max_nodes):  # an elastic job must fit every node count
+        ParallelDims.resolve(config.parallel, options.nproc * nodes, options.nproc)
     check_device_per_process(config.hardware.device, DistEnv(world_size=options.world_size))
     select_device(config.hardware.device)  # a device this node lacks
     # One run directory for every worker and every restart: nodes agree on it through the job's id.

@@ -48,3 +48,19 @@ def test_a_rank_that_beats_is_never_named() -> None:
 def test_the_last_rank_watches_the_first() -> None:
     watch = PeerWatch(DistEnv(rank=3, world_size=4), dist.HashStore(), node="node 1", on_silent=print)
     assert watch.watched == 0
+
+
+def test_a_rank_that_finished_or_never_beat_is_not_named() -> None:
+    lines: list[str] = []
+    now = [0.0]
+    watch = watch_of_rank_2(lines, now)
+    since = None
+    for _ in range(10):  # never beats (it could not reach the store): not watched
+        now[0] += 1.0
+        since = watch.check(0, since)
+    since = watch.check(3, since)
+    watch.store.set("done/3", "1")  # rank 3 finished its part (rank 0 may still be saving)
+    for _ in range(10):
+        now[0] += 1.0
+        since = watch.check(3, since)
+    assert lines == []

@@ -13,11 +13,13 @@ left, from the newest good checkpoint) or ends the job with that line.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -59,35 +61,27 @@ class PeerWatch:
         self._thread = threading.Thread(target=self._run, name="scaleforge-peer-watch", daemon=True)
 
     @classmethod
-    def start_for(cls, env: DistEnv) -> PeerWatch | None:
-        """The watch of a worker in a job of several nodes (None otherwise, or when the store cannot be reached:
-        the collectives' own timeout remains)."""
-        endpoint = os.environ.get(ENDPOINT_VAR)
-        if not endpoint or not env.distributed:
+    def start_for(cls, env: DistEnv, store: dist.Store | None) -> PeerWatch | None:
+        """The watch of a worker in a job of several nodes, beating in the job's `store` (`job_store`; None: no
+        watch). Its keys are this round's: rank 0 draws a token every process receives (a collective)."""
+        if store is None:
             return None
-        host, _, port = endpoint.rpartition(":")
-        try:
-            client = dist.TCPStore(
-                host, int(port), is_master=False, timeout=timedelta(seconds=10), wait_for_workers=False
-            )
-        except (RuntimeError, ValueError):
-            return None
-        # one set of keys for each round of the job: a restart after a node joined keeps its restart count, and
-        # each round's processes meet at a store address (MASTER_ADDR:MASTER_PORT) of their own
-        round_ = f"{env.restart_count}/{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
-        prefix = f"scaleforge/peer-watch/{os.environ.get(JOB_VAR, 'job')}/{round_}/"
+        token = [uuid.uuid4().hex if env.is_main else None]
+        dist.broadcast_object_list(token, src=0)
         node = f"node {os.environ.get('GROUP_RANK', '?')} ({socket.gethostname()})"
-        watch = cls(env, dist.PrefixStore(prefix, client), node=node)
+        watch = cls(env, dist.PrefixStore(f"peer-watch/{token[0]}/", store), node=node)
         watch._thread.start()
         return watch
 
-    def check(self, beats: int, since: tuple[int, float] | None) -> tuple[int, float]:
+    def check(self, beats: int, since: tuple[int, float] | None) -> tuple[int, float] | None:
         """One look at the watched rank: its beat count now, and when it last moved; calls `on_silent` once it
-        has not moved for `SILENT_AFTER_S` (a rank that has not beaten yet counts from the first look)."""
+        has not moved for `SILENT_AFTER_S` since its first beat, unless it has finished (`stop`)."""
         now = self.clock()
+        if beats == 0:  # not beating yet (or never: a process that could not reach the store is not watched)
+            return None
         if since is None or beats != since[0]:
             return beats, now
-        if now - since[1] >= SILENT_AFTER_S:
+        if now - since[1] >= SILENT_AFTER_S and not self.store.check([f"done/{self.watched}"]):
             node = self._node_of(self.watched)
             self.on_silent(
                 f"rank {self.watched} on {node} stopped: no heartbeat for {SILENT_AFTER_S:g} s (seen by rank "
@@ -108,9 +102,37 @@ class PeerWatch:
             try:
                 self.store.add(f"beat/{self.env.rank}", 1)
                 beats = self.store.add(f"beat/{self.watched}", 0)  # 0 if it has not beaten yet
-            except (RuntimeError, ValueError):  # the store went with node 0, which ends the job anyway
-                return
-            since = self.check(beats, since)
+                since = self.check(beats, since)
+            except (RuntimeError, ValueError):  # the store did not answer: try again (it went with node 0 if
+                continue  # it never answers again, which ends the job anyway)
 
     def stop(self) -> None:
+        """Stop beating, having said so: this process has finished its part (rank 0 may save on alone)."""
+        with contextlib.suppress(RuntimeError, ValueError):
+            self.store.set(f"done/{self.env.rank}", "1")
         self._stop.set()
+
+
+def job_store() -> dist.Store | None:
+    """A client of the job's rendezvous store, under this job's prefix, in a job of several nodes (None otherwise,
+    or when the store cannot be reached)."""
+    endpoint = os.environ.get(ENDPOINT_VAR)
+    if not endpoint:
+        return None
+    host, _, port = endpoint.rpartition(":")
+    try:
+        client = dist.TCPStore(host, int(port), is_master=False, timeout=timedelta(seconds=10), wait_for_workers=False)
+    except (RuntimeError, ValueError):
+        return None
+    return dist.PrefixStore(f"scaleforge/{os.environ.get(JOB_VAR, 'job')}/", client)
+
+
+def started_before(store: dist.Store | None, env: DistEnv) -> bool:
+    """On rank 0: whether this job's workers have started before (a restart after a failure, or after a node
+    joined, which torch's restart count does not count); False elsewhere and in a job of one node."""
+    if store is None or not env.is_main:
+        return False
+    try:
+        return store.add("starts", 1) > 1
+    except (RuntimeError, ValueError):
+        return False

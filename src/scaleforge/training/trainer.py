@@ -67,7 +67,7 @@ from scaleforge.distributed.parallelize import (
     plan_parallelism,
     takes_inputs,
 )
-from scaleforge.distributed.peer_watch import PeerWatch
+from scaleforge.distributed.peer_watch import PeerWatch, job_store, started_before
 from scaleforge.errors import AgreedError, ConfigError, UsageError
 from scaleforge.hardware import Autocast, make_autocast, resolve_precision, select_device
 from scaleforge.runs import run_signing_key, save_final
@@ -392,9 +392,11 @@ def train(
     dims = ParallelDims.resolve(config.parallel, env.world_size, env.local_world_size)
     device, precision = setup_runtime(config, env)
     init_distributed(env, device, timeout_s=config.parallel.timeout_s, required=dims.strategy != "single")
-    watch = PeerWatch.start_for(env)  # several nodes: a process of another node that goes is noticed in seconds
+    store = job_store() if env.distributed else None  # several nodes: the job's rendezvous store
+    restarted = env.restart_count > 0 or started_before(store, env)
+    watch = PeerWatch.start_for(env, store)  # a process of another node that goes is noticed in seconds
     try:
-        run_dir, checkpoint = agree_on_start(run_dir, config, env, resume)
+        run_dir, checkpoint = agree_on_start(run_dir, config, env, resume, restarted=restarted)
         with status_reported(run_dir, env, dims):
             # the trainer, and the model and optimizer with it, is gone before `train` leaves the process group
             summary = Trainer.setup(config, run_dir, env, dims, device, precision, callbacks, checkpoint).run()
@@ -405,14 +407,21 @@ def train(
     return {**summary, "run_dir": str(run_dir)}
 
 
-def agree_on_start(run_dir: Path | None, config: RunConfig, env: DistEnv, resume: str) -> tuple[Path, Path | None]:
-    """The run directory and the checkpoint to start from, the same on every process (a worker the launcher
-    restarted resumes `auto`); every process has checked them before rank 0 starts writing."""
+def agree_on_start(
+    run_dir: Path | None, config: RunConfig, env: DistEnv, resume: str, *, restarted: bool = False
+) -> tuple[Path, Path | None]:
+    """The run directory and the checkpoint to start from, the same on every process (workers the launcher
+    `restarted`, after a failure or as nodes joined, resume `auto`; `restarted` counts on rank 0); every process
+    has checked them before rank 0 starts writing."""
     run_dir = agree_on_run_dir(run_dir, config, env)
-    checkpoint = agree_on_checkpoint(run_dir, "auto" if env.restart_count else resume, env, config)
-    if env.is_main and env.restart_count:
+    restarted = restarted or env.restart_count > 0
+    checkpoint = agree_on_checkpoint(run_dir, "auto" if restarted else resume, env, config, restarted=restarted)
+    if env.is_main and restarted:
         where = f"resuming from {checkpoint}" if checkpoint else "no checkpoint yet: training starts over"
-        print(f"restart {env.restart_count}: the workers failed and were started again; {where}")
+        if env.restart_count:
+            print(f"restart {env.restart_count}: the workers failed and were started again; {where}")
+        else:
+            print(f"the job's nodes changed and the workers were started again; {where}")
     if env.distributed:
         dist.barrier()
     return run_dir, checkpoint
@@ -433,13 +442,15 @@ def status_reported(run_dir: Path, env: DistEnv, dims: ParallelDims) -> Iterator
         write_status(run_dir, "finished", strategy=dims.strategy, processes=dims.world_size)
 
 
-def agree_on_checkpoint(run_dir: Path, resume: str, env: DistEnv, config: RunConfig) -> Path | None:
+def agree_on_checkpoint(
+    run_dir: Path, resume: str, env: DistEnv, config: RunConfig, *, restarted: bool = False
+) -> Path | None:
     """The checkpoint to start from (rank 0 finds and verifies it; every process gets its answer), after
     checking that `run_dir` may be used: a finished run is never trained again, and a run is never overwritten."""
     found: list[Any] = [None]
     if env.is_main:
         try:
-            found = [resume_point(run_dir, resume, run_signing_key(config), restarted=env.restart_count > 0)]
+            found = [resume_point(run_dir, resume, run_signing_key(config), restarted=restarted)]
         except UsageError as error:
             found = [error]
     if env.distributed:
