@@ -415,6 +415,18 @@ def test_a_checkpoint_resumes_on_another_number_of_processes(
     assert max_difference(read_weights(reshard_reference), read_weights(tmp_path / "resumed")) <= TOLERANCE
 
 
+def test_a_tied_checkpoint_of_one_process_resumes_under_pp(tmp_path: Path) -> None:
+    # one process keeps the tied weight's optimizer state once, under the embedding's name; the last stage's copy
+    # is the head's
+    tied = ["model.tie_embeddings=true", "checkpoint.every_steps=10"]
+    reference = single_process_run(tmp_path / "reference", *tied)
+    checkpoint = reference / "checkpoints" / "step-00000010"
+    command = ["train", *GPT, *tied, "parallel.strategy=pp", "--nproc", "2", "--run-dir", str(tmp_path / "pp")]
+    result = run_subprocess(*command, "--resume", str(checkpoint), timeout=300)
+    assert result.code == 0, result.err
+    assert max_difference(read_weights(reference), read_weights(tmp_path / "pp")) <= TOLERANCE
+
+
 def test_bench_checkpoint_measures_against_torch_save(cli, tmp_path: Path) -> None:
     out = tmp_path / "bench"
     result = cli("bench", "checkpoint", *GPT, "--repeats", "1", "--out", str(out), "--json")

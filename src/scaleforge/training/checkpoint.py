@@ -29,7 +29,7 @@ import random
 import shutil
 import threading
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -421,14 +421,22 @@ def checked_checkpoint(path: Path, signing_key: bytes | None = None) -> Path:
 
 
 def load_checkpoint(
-    folder: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, own: OwnState | None = None
+    folder: Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    own: OwnState | None = None,
+    tied: Sequence[Sequence[str]] = (),
 ) -> dict[str, Any]:
     """Load `folder` (already verified) into `model` and `optimizer` and this process's random states, whatever
     the number of processes that wrote it; returns its progress. `own` gets this process's own tensors (see
     `Checkpointer.save`) when as many processes wrote the checkpoint as read it, else nothing (`own.starts_afresh`
-    says why)."""
+    says why). `tied` lists the names of each weight tied across pipeline stages: a checkpoint written by a
+    process that held the weight once keeps its optimizer state under one of them, which the others read."""
     distributed = dist.is_initialized() and dist.get_world_size() > 1
     model_state, optim_state = get_state_dict(model, optimizer, options=STATE_DICT_OPTIONS)
+    renamed = _tied_renames(optim_state, read_metadata(folder), tied) if tied else {}
+    _rename_optimizer_state(optim_state, renamed)
     state: dict[str, Any] = {"model": model_state, "optim": optim_state}
     rank = dist.get_rank() if distributed else 0
     if own is not None:
@@ -443,6 +451,7 @@ def load_checkpoint(
         causes = [cause for cause, _ in error.failures.values()]
         detail = first_line(causes[0]) if causes else first_line(error)
         raise UsageError(f"checkpoint {folder} cannot be loaded: {detail}") from error
+    _rename_optimizer_state(state["optim"], {saved: name for name, saved in renamed.items()})
     set_state_dict(
         model,
         optimizer,
@@ -456,6 +465,28 @@ def load_checkpoint(
     # a run resumed on more processes than wrote the checkpoint: the new ones take rank 0's streams
     restore_rng(json.loads((rng_file if rng_file.is_file() else folder / "rng-0.json").read_text()))
     return json.loads((folder / PROGRESS).read_text())
+
+
+def _tied_renames(optim_state: dict[str, Any], metadata: Metadata, tied: Sequence[Sequence[str]]) -> dict[str, str]:
+    """{a tied weight's name here: the name the checkpoint keeps its optimizer state under}, where they differ
+    (the optimizer's state dict is flat: `state.<name>.<key>`, `param_groups.<name>.<key>`)."""
+    saved = [key.removeprefix("optim.") for key in metadata.state_dict_metadata if key.startswith("optim.state.")]
+    renames = {}
+    for names in tied:
+        present = [name for name in names if any(key.startswith(f"state.{name}.") for key in saved)]
+        for name in names:
+            held = any(key.startswith(f"state.{name}.") for key in optim_state)
+            if held and present and name not in present:
+                renames[name] = present[0]
+    return renames
+
+
+def _rename_optimizer_state(optim_state: dict[str, Any], renames: dict[str, str]) -> None:
+    """Move parameters' entries of a flat optimizer state dict to other names, in place."""
+    for old, new in renames.items():
+        for kind in ("state", "param_groups"):
+            for key in [key for key in optim_state if key.startswith(f"{kind}.{old}.")]:
+                optim_state[f"{kind}.{new}.{key.removeprefix(f'{kind}.{old}.')}"] = optim_state.pop(key)
 
 
 OWN = "comm"  # the checkpoint's tensors of each process alone: comm.rankR.<name>

@@ -602,7 +602,11 @@ class Trainer:
             return
         state = self.state
         progress = load_checkpoint(
-            self.checkpoint, model=self.parallel.module, optimizer=self.optimizer, own=self.parallel.grad_sync
+            self.checkpoint,
+            model=self.parallel.module,
+            optimizer=self.optimizer,
+            own=self.parallel.grad_sync,
+            tied=[tie.names for tie in self.parallel.ties],
         )
         order = getattr(self.data.train, "order_digest", None)
         if progress.get("data_order", order) != order:
