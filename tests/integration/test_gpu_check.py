@@ -29,6 +29,7 @@ def test_gpu_check_without_a_gpu_says_so_and_exits_0() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(660)  # beyond the rehearsal's own 600 s: it took over 300 s on a slow 2-core machine
 def test_gpu_check_rehearsed_on_the_cpu_passes_every_row_and_writes_its_json(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "scaleforge.bench.gpu_check", "--rehearse", "--out", str(tmp_path)],

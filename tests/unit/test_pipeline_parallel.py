@@ -7,11 +7,12 @@ import torch
 from torch import nn
 
 from scaleforge.distributed.pipeline_parallel import (
+    StageTie,
     balanced_starts,
     check_pipelinable,
-    check_stage_ties,
     keep_stage,
     stage_bounds,
+    stage_ties,
     stage_view,
 )
 from scaleforge.errors import ConfigError
@@ -84,10 +85,12 @@ def test_stages_together_compute_the_whole_model_under_its_own_names() -> None:
     assert names == set(whole.state_dict()) and not set(stages[0].state_dict()) & set(stages[1].state_dict())
 
 
-def test_a_weight_tied_across_stages_is_refused() -> None:
-    with pytest.raises(ConfigError, match=r"embed.token.weight \(stage 0\) and head.proj.weight \(stage 1\)"):
-        check_stage_ties(gpt(tie=True), [range(0, 2), range(2, 4)])
-    check_stage_ties(gpt(tie=True), [range(0, 4)])  # one stage holds both ends
+def test_a_weight_tied_across_stages_is_found_with_the_stages_holding_it() -> None:
+    assert stage_ties(gpt(tie=True), [range(0, 2), range(2, 4)]) == [
+        StageTie(("embed.token.weight", "head.proj.weight"), (0, 1))
+    ]
+    assert stage_ties(gpt(tie=True), [range(0, 4)]) == []  # one stage holds both ends
+    assert stage_ties(gpt(tie=False), [range(0, 2), range(2, 4)]) == []
 
 
 def test_only_embed_blocks_head_models_can_be_pipelined() -> None:

@@ -456,14 +456,32 @@ def parallelize(
             module=model, train_module=train_module, dims=dims, device=device, mesh=mesh, grad_sync=sync
         )
 
-    ties = tied_copies(model, plan.ties, mesh, dims.pp, parallel.timeout_s)  # type: ignore[arg-type]
+    return _pipelined(model, parts, held, plan, dims=dims, device=device, mesh=mesh, parallel=parallel, loss_fn=loss_fn)
+
+
+def _pipelined(
+    model: nn.Module,
+    parts: list[nn.Module],
+    held: list[int],
+    plan: ParallelPlan,
+    *,
+    dims: ParallelDims,
+    device: torch.device,
+    mesh: DeviceMesh,
+    parallel: ParallelSection,
+    loss_fn: nn.Module,
+) -> ParallelModel:
+    """`model`, this process's share of a pipeline (its stages `held`, run as `parts`), with its schedule and the
+    groups of the weights it shares with other stages."""
+    assert plan.stage_bounds is not None
+    ties = tied_copies(model, plan.ties, mesh, dims.pp, parallel.timeout_s)
     pipeline_loss = ScaledLoss(loss_fn)
     schedule = build_schedule(
         parts,
         stage_indices=held,
         num_stages=len(plan.stage_bounds),
         device=device,
-        group=mesh["pp"].get_group(),  # type: ignore[index]
+        group=mesh["pp"].get_group(),
         schedule=parallel.schedule,
         microbatches=plan.microbatches,
         loss_fn=pipeline_loss,
