@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from scaleforge.bench.link import throttled_link
 from scaleforge.bench.memory import add_reference_ratios, memory_row
 from scaleforge.config import load_config
+from scaleforge.errors import UsageError
 
 # A tiny model, so that start-up dominates and each run takes seconds.
 TINY = ["model.architecture=mlp", "model.hidden_layers=[64]", "data.dataset=synthetic", "data.num_samples=2048"]
@@ -73,6 +75,35 @@ def test_gradient_compression_settings_side_by_side(cli, tmp_path: Path) -> None
     assert load_config(Path(rows["powersgd"]["run_dir"]) / "config.yaml").parallel.powersgd_start_step == 10
     assert [cells[0] for cells in table_rows(result.out)] == ["none", "bf16", "powersgd"]
     assert (out / "grad-compression.png").read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.slow
+def test_gradient_compression_over_a_throttled_link(cli, tmp_path: Path) -> None:
+    try:
+        with throttled_link("1mbit"):
+            pass
+    except UsageError as error:  # not root, no iproute2, or no right to make namespaces (a container)
+        pytest.skip(f"no throttled link here: {error}")
+    out = tmp_path / "compression"
+    result = cli(
+        "bench", "scaling", *TINY, "--nproc", "2", "--grad-compression", "none", "--steps", "30", "--link", "1mbit",
+        "--out", str(out),
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    saved = json.loads((out / "grad-compression.json").read_text())
+    (row,) = saved["results"]
+    assert saved["link"] == "1mbit" and row["link_samples_per_s_vs_none"] == 1.0
+    # 2 nodes of 1 process, node 1's output beside node 0's; the same math as on one node
+    over_link = out / "compression-none-1mbit"
+    assert "ddp on 2 processes" in (over_link / "output.log").read_text()
+    assert (over_link / "node1.log").exists()
+    assert json.loads((over_link / "summary.json").read_text())["val_loss"] == pytest.approx(row["val_loss"], 1e-6)
+    # 2 x 19,240 gradient bytes a step through 125,000 bytes/s: far slower than loopback (about 20x here)
+    assert row["link_samples_per_s"] < row["samples_per_s"] / 2
+    assert "samples/s (1mbit)" in result.out
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    assert "sfbench" not in namespaces  # deleted when the benchmark ended
 
 
 @pytest.mark.timeout(180)
@@ -140,6 +171,9 @@ def test_fsdp_keeps_about_half_the_state_of_ddp_and_a_strategy_the_model_refuses
         (["scaling", "--nproc", "1", "--schedules", "1f1b"], "--schedules compares pipeline schedules, which need"),
         (["scaling", "--nproc", "2", "--grad-compression", "bf16,zip"], "--grad-compression: zip: expected none,"),
         (["scaling", "--nproc", "1", "--grad-compression", "bf16"], "needs --nproc of at least 2"),
+        (["scaling", "--nproc", "2", "--grad-compression", "bf16", "--link", "fast"], "--link: 'fast' is not a rate"),
+        (["scaling", "--nproc", "3", "--grad-compression", "bf16", "--link", "1mbit"], "two nodes: --nproc 3 is odd"),
+        (["scaling", "--nproc", "1,2", "--mode", "weak", "--link", "1mbit"], "--link: only with --grad-compression"),
         (
             [
                 "scaling",

@@ -74,6 +74,21 @@ class StallingGPT(GPT):
 """
 
 
+# Slow while its process is the job's only one (1 s a forward pass), so that a node joins while it trains.
+LONELY_MODEL = """
+import os, time
+from scaleforge.models.gpt import GPT
+from scaleforge.registry import register_model
+
+@register_model("lonely_gpt")
+class LonelyGPT(GPT):
+    def forward(self, tokens):
+        if os.environ.get("WORLD_SIZE") == "1":
+            time.sleep(1)
+        return super().forward(tokens)
+"""
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return single_process_run(tmp_path_factory.mktemp("reference") / "run")
@@ -156,25 +171,37 @@ def test_a_restart_takes_over_from_a_hung_rank(
 
 
 def start_nodes(
-    stack: contextlib.ExitStack, tmp_path: Path, run_dir: Path, *args: str, nnodes: str = "2"
+    stack: contextlib.ExitStack,
+    tmp_path: Path,
+    run_dir: Path,
+    *args: str,
+    nnodes: str = "2",
+    ranks: tuple[int, ...] = (0, 1),
 ) -> tuple[list[subprocess.Popen], list[Path]]:
-    """Two launchers as two nodes of one job (`scaleforge train GPT ARGS`), each in a session of its own (a node
-    is killed with its workers), meeting at node 0's rendezvous store; their outputs go to node0.log, node1.log."""
+    """Launchers as nodes of one job (`scaleforge train GPT ARGS`), each in a session of its own (a node is killed
+    with its workers), meeting at node 0's rendezvous store; their outputs go to node0.log, node1.log."""
     with socket.socket() as probe:  # a free port for node 0's rendezvous store
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    nodes, logs = [], [tmp_path / f"node{rank}.log" for rank in (0, 1)]
-    for rank, log in enumerate(logs):
-        output = stack.enter_context(log.open("w"))
-        command = [sys.executable, "-m", "scaleforge", "train", *GPT, *args, "--run-dir", str(run_dir)]
-        command += ["--nnodes", nnodes, "--node-rank", str(rank), "--nproc", "1"]
-        command += ["--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "job"]
-        node = subprocess.Popen(
-            command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT, text=True, start_new_session=True
-        )
-        stack.callback(_kill_group, node)  # a node left running after a failed wait
-        nodes.append(node)
+    nodes, logs = [], [tmp_path / f"node{rank}.log" for rank in ranks]
+    for rank, log in zip(ranks, logs, strict=True):
+        nodes.append(start_node(stack, rank, log, port, run_dir, *args, nnodes=nnodes))
     return nodes, logs
+
+
+def start_node(
+    stack: contextlib.ExitStack, rank: int, log: Path, port: int, run_dir: Path, *args: str, nnodes: str
+) -> subprocess.Popen:
+    """Node `rank` of a job meeting at 127.0.0.1:`port`, killed (with its workers) when `stack` closes."""
+    output = stack.enter_context(log.open("w"))
+    command = [sys.executable, "-m", "scaleforge", "train", *GPT, *args, "--run-dir", str(run_dir)]
+    command += ["--nnodes", nnodes, "--node-rank", str(rank), "--nproc", "1"]
+    command += ["--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "job"]
+    node = subprocess.Popen(
+        command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    stack.callback(_kill_group, node)  # a node left running after a failed wait
+    return node
 
 
 def test_two_nodes_meet_at_a_rendezvous_endpoint(reference: Path, tmp_path: Path) -> None:
@@ -205,6 +232,32 @@ def test_an_elastic_job_goes_on_alone_when_the_node_without_the_store_is_killed(
     assert re.search(r"rank \d on node \d \(.+\) stopped: no heartbeat for 5 s", out), out
     assert "restart 1: the workers failed and were started again; resuming from" in out
     assert "60 steps | 1 process | resumed at step" in out  # after: node 0 alone
+    assert max_difference(read_weights(reference), read_weights(run_dir)) <= TOLERANCE
+
+
+def test_a_node_that_joins_an_elastic_job_restarts_it_on_both_from_the_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "lonely_model.py").write_text(LONELY_MODEL)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.syspath_prepend(tmp_path)  # the reference trains in this process
+    longer = ["imports=[lonely_model]", "model.architecture=lonely_gpt", "training.max_steps=60"]
+    longer += ["checkpoint.every_steps=5", "logging.every_steps=5"]
+    reference = single_process_run(tmp_path / "reference", *longer)  # the same global batch, never interrupted
+    run_dir, elastic = tmp_path / "run", [*longer, "--max-restarts", "1"]
+    with contextlib.ExitStack() as stack:
+        (first,), (log,) = start_nodes(stack, tmp_path, run_dir, *elastic, nnodes="1:2", ranks=(0,))
+        deadline = time.monotonic() + 180
+        while newest_good_checkpoint(run_dir / "checkpoints") is None:  # node 0 trained 5 steps alone: node 1 comes
+            assert time.monotonic() < deadline and first.poll() is None, log.read_text()
+            time.sleep(0.1)
+        port = int(re.findall(r"127\.0\.0\.1:(\d+)", " ".join(first.args))[0])
+        second = start_node(stack, 1, tmp_path / "node1.log", port, run_dir, *elastic, nnodes="1:2")
+        assert first.wait(timeout=300) == 0, log.read_text()
+        assert second.wait(timeout=60) == 0, (tmp_path / "node1.log").read_text()
+    out = log.read_text()
+    assert "60 steps | 1 process" in out  # before: node 0 alone
+    assert re.search(r"60 steps \| ddp on 2 processes .*\| resumed at step \d+ from step-", out), out  # then both
     assert max_difference(read_weights(reference), read_weights(run_dir)) <= TOLERANCE
 
 

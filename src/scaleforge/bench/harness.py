@@ -8,6 +8,7 @@ line on stderr; that line is kept, so a benchmark can show the refusal instead o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -15,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from typing import Any
 
 import torch
 
+from scaleforge.bench.link import Link
 from scaleforge.config import ParallelSection
 from scaleforge.console import print_table
 from scaleforge.errors import UsageError, did_you_mean, one_of
@@ -36,6 +39,7 @@ MULTI_PROCESS_STRATEGIES = tuple(
     for name in typing.get_args(typing.get_type_hints(ParallelSection)["strategy"])
     if name not in ("auto", "single")
 )
+NODE_GRACE_S = 10  # a node left running this long after the other failed is killed
 # `bench scaling --grad-compression`: the settings of `parallel.grad_compression`
 GRAD_COMPRESSIONS: tuple[str, ...] = typing.get_args(typing.get_type_hints(ParallelSection)["grad_compression"])
 # `bench scaling --schedules`: the settings of `parallel.schedule`
@@ -90,13 +94,7 @@ def train_in_child(config_args: Sequence[str], *, nproc: int, threads: int, run_
     `run_dir` belongs to the benchmark: an earlier run there is replaced. Later overrides win, so the quiet
     settings here override the config's.
     """
-    shutil.rmtree(run_dir, ignore_errors=True)
-    run_dir.mkdir(parents=True)
-    # The launcher passes OMP_NUM_THREADS on to its workers when it is set; hardware.threads sets torch's own
-    # pool, which a single process (started without the launcher) uses too.
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-    command = [sys.executable, "-m", "scaleforge", "train", *config_args, *QUIET_RUN, f"hardware.threads={threads}"]
-    command += ["--nproc", str(nproc), "--run-dir", str(run_dir)]
+    command, env = _train_command(config_args, nproc=nproc, threads=threads, run_dir=run_dir)
     with (run_dir / "output.log").open("w") as log:
         # killed with the benchmark, whose run directory it is: nothing of it is kept (a launcher's workers follow)
         guard = ParentDeathGuard(signal.SIGKILL)
@@ -104,8 +102,69 @@ def train_in_child(config_args: Sequence[str], *, nproc: int, threads: int, run_
             command, stdout=log, stderr=subprocess.PIPE, text=True, env=env, check=False, preexec_fn=guard
         )
         log.write(process.stderr)
-    lines = [line for line in process.stderr.splitlines() if line.strip()]
-    return TrainingRun(run_dir, process.returncode, lines[-1] if lines else "")
+    return TrainingRun(run_dir, process.returncode, _last_line(process.stderr))
+
+
+def train_on_two_nodes(
+    config_args: Sequence[str], link: Link, *, nproc_per_node: int, threads: int, run_dir: Path
+) -> TrainingRun:
+    """`train_in_child` as two nodes joined by `link`, `nproc_per_node` processes each, node 0 (which writes the
+    run directory) hosting the rendezvous; node 1's output goes to `<run dir>/node1.log`."""
+    command, env = _train_command(config_args, nproc=nproc_per_node, threads=threads, run_dir=run_dir)
+    logs = [run_dir / "output.log", run_dir / "node1.log"]
+    guard = ParentDeathGuard(signal.SIGKILL)
+    with contextlib.ExitStack() as stack:
+        nodes = []
+        for rank, (node, path) in enumerate(zip(link.nodes, logs, strict=True)):
+            log = stack.enter_context(path.open("w"))
+            arguments = ["--nnodes", "2", "--node-rank", str(rank), "--rdzv-endpoint", link.rendezvous]
+            nodes.append(
+                subprocess.Popen(
+                    [*node.prefix(), *command, *arguments, "--rdzv-id", "bench"],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                    env=env,
+                    preexec_fn=guard,
+                )
+            )
+            stack.callback(_stop, nodes[-1])  # one node failing leaves the other waiting for it: not kept
+        failed, failed_at = 0, 0.0  # the node that failed first, and when
+        while any(node.poll() is None for node in nodes):
+            codes = [node.poll() for node in nodes]
+            if not failed_at and any(codes):
+                failed, failed_at = next(rank for rank, code in enumerate(codes) if code), time.monotonic()
+            if failed_at and time.monotonic() - failed_at > NODE_GRACE_S:
+                break  # the other node, given a while to fail of itself, is killed
+            time.sleep(0.2)
+        if not failed_at:  # both ended between two looks
+            failed = next((rank for rank, node in enumerate(nodes) if node.poll()), 0)
+        code = nodes[failed].poll() or 0
+    return TrainingRun(run_dir, code, _last_line(logs[failed].read_text()))
+
+
+def _train_command(
+    config_args: Sequence[str], *, nproc: int, threads: int, run_dir: Path
+) -> tuple[list[str], dict[str, str]]:
+    """The `scaleforge train` command of a child run and its environment; `run_dir` made empty."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    # The launcher passes OMP_NUM_THREADS on to its workers when it is set; hardware.threads sets torch's own
+    # pool, which a single process (started without the launcher) uses too.
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "scaleforge", "train", *config_args, *QUIET_RUN, f"hardware.threads={threads}"]
+    return [*command, "--nproc", str(nproc), "--run-dir", str(run_dir)], env
+
+
+def _last_line(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    if process.poll() is None:
+        process.kill()
+        process.wait()
 
 
 def check_strategy(name: str, option: str) -> None:

@@ -14,6 +14,7 @@ first (warm-up: allocator, first communication) and any interval that contains a
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,9 @@ from scaleforge.bench.harness import (
     machine,
     report,
     train_in_child,
+    train_on_two_nodes,
 )
+from scaleforge.bench.link import Link, check_rate, check_tools, throttled_link
 from scaleforge.config import load_config
 from scaleforge.console import counted
 from scaleforge.data.loading import BatchPlan
@@ -294,36 +297,45 @@ def run_compression_benchmark(
     powersgd_rank: int,
     powersgd_start_step: int,
     out: Path,
+    link: str | None = None,
     as_json: bool = False,
 ) -> dict[str, Any]:
     """Train the config under ddp on `processes` processes once per `parallel.grad_compression` setting, with the
     same global batch, and compare the gradient bytes each process all-reduced per step, the throughput and the
     validation loss at the end with those of `none`; print (table or JSON) and write
-    `OUT/grad-compression.json` and `.png`. Runs go to `OUT/compression-SETTING`."""
+    `OUT/grad-compression.json` and `.png`. Runs go to `OUT/compression-SETTING`.
+
+    With `link` (a rate, such as 100mbit), each setting runs a second time as two nodes of `processes / 2`
+    processes joined by a link of that speed (`bench/link.py`), in `OUT/compression-SETTING-LINK`, and its
+    throughput there is reported beside the first."""
     check_comparison("--grad-compression compares ddp's all-reduce", processes, steps)
     if "powersgd" in settings and steps - LOG_INTERVAL < powersgd_start_step:
         raise UsageError(
             f"--powersgd-start-step: {powersgd_start_step} leaves no {LOG_INTERVAL}-step log interval of PowerSGD "
             f"in {steps} steps; use at most {steps - LOG_INTERVAL}"
         )
+    if link is not None:
+        link = check_link(link, processes)
     config = load_config(config_path, overrides)
     threads = threads_per_process(processes)
     plans = plan_compression(config_path, overrides, settings, steps, powersgd_rank, powersgd_start_step)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for setting, config_args in plans:
-        if not as_json:
-            print(
-                f"compression-{setting}: ddp on {processes} x {counted(threads, 'thread')}, {steps} steps", flush=True
-            )
-        run = train_in_child(config_args, nproc=processes, threads=threads, run_dir=out / f"compression-{setting}")
-        run.check()
-        rows.append(compression_row(setting, run, powersgd_start_step if setting == "powersgd" else 0))
-    base = rows[0]
-    for row in rows:
-        row["bytes_vs_none"] = row["grad_sync_bytes_per_step"] / base["grad_sync_bytes_per_step"]
-        row["samples_per_s_vs_none"] = row["samples_per_s"] / base["samples_per_s"]
-        row["val_loss_vs_none"] = row["val_loss"] / base["val_loss"] - 1
+    with throttled_link(link) if link is not None else contextlib.nullcontext() as wire:
+        for setting, config_args in plans:
+            if not as_json:
+                print(
+                    f"compression-{setting}: ddp on {processes} x {counted(threads, 'thread')}, {steps} steps",
+                    flush=True,
+                )
+            run = train_in_child(config_args, nproc=processes, threads=threads, run_dir=out / f"compression-{setting}")
+            run.check()
+            rows.append(compression_row(setting, run, powersgd_start_step if setting == "powersgd" else 0))
+            if wire is not None:
+                run_dir = out / f"compression-{setting}-{wire.rate}"
+                run = _over_link(wire, config_args, processes, threads, run_dir, as_json)
+                rows[-1]["link_samples_per_s"] = statistics.median(steady_intervals(run.metrics))
+    add_compression_ratios(rows)
     result = comparison_result(
         "grad-compression",
         config_path,
@@ -335,10 +347,42 @@ def run_compression_benchmark(
         steps=steps,
         powersgd_rank=powersgd_rank,
         powersgd_start_step=powersgd_start_step,
+        link=link,
     )
     plot_compression(result, out / "grad-compression.png")
     _report_compression(result, out, as_json=as_json)
     return result
+
+
+def check_link(rate: str, processes: int) -> str:
+    """`--link`'s rate, checked with what it needs before any run starts (two nodes of the same size, root)."""
+    if processes % 2:
+        raise UsageError(f"--link splits the processes over two nodes: --nproc {processes} is odd")
+    rate = check_rate(rate)
+    check_tools()
+    return rate
+
+
+def _over_link(
+    wire: Link, config_args: list[str], processes: int, threads: int, run_dir: Path, quiet: bool
+) -> TrainingRun:
+    """One setting's run as two nodes over `wire` (announced unless `quiet`); raises if it failed."""
+    if not quiet:
+        print(f"{run_dir.name}: ddp on 2 nodes x {processes // 2} over a {wire.rate} link", flush=True)
+    run = train_on_two_nodes(config_args, wire, nproc_per_node=processes // 2, threads=threads, run_dir=run_dir)
+    run.check()
+    return run
+
+
+def add_compression_ratios(rows: list[dict[str, Any]]) -> None:
+    """Each setting's bytes, throughput (on each link) and loss against those of the first row (`none`)."""
+    base = rows[0]
+    for row in rows:
+        row["bytes_vs_none"] = row["grad_sync_bytes_per_step"] / base["grad_sync_bytes_per_step"]
+        row["samples_per_s_vs_none"] = row["samples_per_s"] / base["samples_per_s"]
+        row["val_loss_vs_none"] = row["val_loss"] / base["val_loss"] - 1
+        if "link_samples_per_s" in row:
+            row["link_samples_per_s_vs_none"] = row["link_samples_per_s"] / base["link_samples_per_s"]
 
 
 def check_comparison(what: str, processes: int, steps: int) -> None:
@@ -433,6 +477,15 @@ def _report_compression(result: dict[str, Any], out: Path, *, as_json: bool) -> 
         ]
         for row in rows
     ]
+    link = result.get("link")
+    if link is not None:  # the throughput over the slow link, beside that of one machine's loopback
+        columns[3:5] = ["samples/s (loopback)", "vs none", f"samples/s ({link})", "vs none"]
+        for cells, row in zip(table, rows, strict=True):
+            cells[5:5] = [f"{row['link_samples_per_s']:,.1f}", f"{row['link_samples_per_s_vs_none']:.2f}x"]
+        notes.append(
+            f"({link}): the same run as 2 nodes of {processes // 2} joined by a {link} link (network namespaces, "
+            "tc's token-bucket filter); (loopback): one node"
+        )
     report(
         result, out / "grad-compression.json", as_json=as_json, title=title, columns=columns, rows=table, notes=notes
     )
@@ -468,7 +521,17 @@ def plot_compression(result: dict[str, Any], path: Path) -> None:
     figure, (bytes_axis, speed_axis, loss_axis) = plt.subplots(1, 3, figsize=(14, 4), dpi=120)
     bytes_axis.bar(names, [row["bytes_vs_none"] for row in rows])
     bytes_axis.set_ylabel("gradient bytes a step, vs none")
-    speed_axis.bar(names, [row["samples_per_s_vs_none"] for row in rows])
+    link = result.get("link")
+    if link is None:
+        speed_axis.bar(names, [row["samples_per_s_vs_none"] for row in rows])
+    else:  # side by side: one machine's loopback, the slow link
+        places = range(len(rows))
+        loopback = [row["samples_per_s_vs_none"] for row in rows]
+        speed_axis.bar([x - 0.2 for x in places], loopback, width=0.4, label="loopback")
+        slow = [row["link_samples_per_s_vs_none"] for row in rows]
+        speed_axis.bar([x + 0.2 for x in places], slow, width=0.4, label=f"{link} link")
+        speed_axis.set_xticks(list(places), names)
+        speed_axis.legend()
     speed_axis.set_ylabel("samples/s, vs none")
     for row in rows:
         steps, losses = zip(*row["losses"], strict=True)

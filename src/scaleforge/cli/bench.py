@@ -89,6 +89,12 @@ def _scaling(benchmarks: argparse._SubParsersAction) -> None:
         help="steps of plain all-reduce before PowerSGD starts, in place of torch's 1,000 (default 10)",
     )
     scaling.add_argument(
+        "--link",
+        metavar="RATE",
+        help="with --grad-compression, run each setting also as two nodes joined by a link of RATE (tc's units, "
+        "such as 100mbit; network namespaces on this machine, which needs root) and report both throughputs",
+    )
+    scaling.add_argument(
         "--schedules",
         type=comma_separated(str),
         metavar="S,S,...",
@@ -338,9 +344,12 @@ def cmd_bench_scaling(args: argparse.Namespace) -> int:
             powersgd_rank=args.powersgd_rank,
             powersgd_start_step=args.powersgd_start_step,
             out=Path(args.out),
+            link=args.link,
             as_json=args.json,
         )
         return 0
+    if args.link is not None:
+        raise UsageError("--link: only with --grad-compression (it measures the gradients' all-reduce over a link)")
     if args.schedules is not None:
         from scaleforge.bench.harness import PIPELINE_SCHEDULES
         from scaleforge.bench.scaling import run_schedule_benchmark
