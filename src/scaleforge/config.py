@@ -112,10 +112,14 @@ class CheckpointSection:
 
 @dataclass(frozen=True)
 class HardwareSection:
-    """Where to run: `device: auto` picks cuda, then mps, then cpu."""
+    """Where to run: `device: auto` picks cuda, then mps, then cpu. `cpu_watts`: the processor's rated power (all
+    its packages), for the energy estimate where no counter is readable; `carbon_intensity`: grams of CO2 a kWh
+    of the grid the machine draws from (the world's average by default)."""
 
     device: str = "auto"
     threads: int | None = field(default=None, metadata=POSITIVE)
+    cpu_watts: float | None = field(default=None, metadata=POSITIVE)
+    carbon_intensity: float = field(default=475.0, metadata=NON_NEGATIVE)
 
 
 # The device-mesh dimensions each strategy spans (`single` spans none; `auto` resolves to single or ddp).

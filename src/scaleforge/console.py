@@ -24,3 +24,12 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]
 def counted(number: int, noun: str) -> str:
     """`1 thread`, `2 threads`."""
     return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def format_energy(joules: float | None, source: str | None) -> str:
+    """`12.3 kJ`, marked `~` when estimated rather than counted (see training/energy.py); '' when unknown."""
+    if joules is None:
+        return ""
+    scaled = next(((joules / 10**power, unit) for power, unit in ((6, "MJ"), (3, "kJ")) if joules >= 10**power), None)
+    value, unit = scaled or (joules, "J")
+    return f"{'~' if source is None or 'estimate' in source else ''}{value:,.1f} {unit}"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from scaleforge.bench.harness import energy_cell
 from scaleforge.bench.link import throttled_link
 from scaleforge.bench.memory import add_reference_ratios, memory_row
 from scaleforge.config import load_config
@@ -49,6 +50,8 @@ def test_weak_scaling_over_one_and_two_processes(cli, tmp_path: Path) -> None:
         assert row["samples_per_s"] > 0 and row["peak_mib"] > 0 and row["peak_kind"] in ("rss", "cuda_allocated")
         assert cells[:5] == [str(row[key]) for key in PLAN_KEYS]
         assert cells[5:8] == [f"{row['samples_per_s']:,.1f}", f"{row['speedup']:.2f}", f"{row['efficiency']:.2f}"]
+        summary = json.loads((Path(row["run_dir"]) / "summary.json").read_text())
+        assert row["samples_per_j"] == summary["samples_per_j"] > 0 and cells[9] == energy_cell(row)
     assert rows[0]["speedup"] == rows[0]["efficiency"] == 1.0
     assert rows[1]["efficiency"] == pytest.approx(rows[1]["speedup"] / 2)
     assert (out / "scaling-weak.png").read_bytes().startswith(PNG_MAGIC)

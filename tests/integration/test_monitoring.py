@@ -3,13 +3,16 @@ curves `scaleforge plot` draws and the table `scaleforge runs` prints."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -17,6 +20,7 @@ import pytest
 from PIL import Image
 
 from scaleforge import load_config
+from scaleforge.training.energy import Counter, EnergyMeter
 from scaleforge.training.status import write_status
 from scaleforge.training.trainer import train
 from tests.conftest import REPO
@@ -59,6 +63,40 @@ def test_every_log_line_holds_the_processs_cpu_memory_and_token_rate(digits_run:
     assert "cpu_percent" not in records(quiet)[0]
 
 
+def test_a_run_records_the_energy_it_used_and_where_the_figure_comes_from(digits_run: Path) -> None:
+    summary = json.loads((digits_run / "summary.json").read_text())
+    lines = [record for record in records(digits_run) if "loss" in record]
+    assert all(line["power_w"] > 0 for line in lines)
+    totals = [line["energy_j"] for line in lines]
+    assert totals == sorted(totals) and 0 < totals[-1] < summary["energy_j"]  # the job's, through each log line
+    assert summary["energy_source"] in ("estimate", "rapl")  # this machine's processor, estimated or counted
+    if summary["energy_source"] == "estimate":
+        assert "set hardware.cpu_watts" in summary["energy_note"]  # the default power a core, said
+    assert summary["samples_per_j"] == pytest.approx(30 * 64 / summary["energy_j"])
+    assert summary["co2_g"] == pytest.approx(summary["energy_j"] / 3.6e6 * 475)
+    assert "tokens_per_j" not in summary  # images, not tokens
+
+
+def test_a_resumed_run_adds_its_energy_to_that_of_the_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from scaleforge.training import trainer
+
+    def meter(joules_per_read: int) -> Callable[..., EnergyMeter]:
+        readings = itertools.count(0, joules_per_read)
+        return lambda *args, **kwargs: EnergyMeter([Counter(lambda: next(readings), 2**64, 1.0)], "rapl")
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    monkeypatch.setattr(trainer, "energy_meter", meter(1_000))  # every reading 1 kJ more
+    overrides = [*QUICK, "training.max_steps=10", "checkpoint.every_steps=5", "logging.every_steps=5"]
+    train(load_config(None, overrides), first)
+    progress = json.loads((first / "checkpoints" / "step-00000005" / "progress.json").read_text())
+    assert progress["energy_j"] >= 1_000  # the job's energy through step 5
+    monkeypatch.setattr(trainer, "energy_meter", meter(0))  # the resumed run uses none
+    summary = train(load_config(None, overrides), second, resume=str(first / "checkpoints" / "step-00000005"))
+    assert summary["energy_j"] == progress["energy_j"] and summary["energy_source"] == "rapl"
+
+
 def test_the_prometheus_endpoint_answers_while_the_run_trains_and_runs_shows_where_it_stands(cli, tmp_path: Path):  # noqa: ANN001
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "scaleforge", "train", "training.epochs=500", "logging.every_steps=5",
@@ -80,6 +118,7 @@ def test_the_prometheus_endpoint_answers_while_the_run_trains_and_runs_shows_whe
             time.sleep(0.2)
         assert step >= 10, text  # it answers while the run trains, and the figures move
         assert 'scaleforge_train_loss{rank="0"}' in text and 'scaleforge_train_rss_mib{rank="0"}' in text
+        assert 'scaleforge_train_power_w{rank="0"}' in text and 'scaleforge_train_energy_j{rank="0"}' in text
         status = json.loads((run_dir / "status.json").read_text())
         assert status["state"] == "running" and status["pid"] == process.pid
         result = subprocess.run([sys.executable, "-m", "scaleforge", "runs", str(tmp_path), "--json"], cwd=REPO,
@@ -123,8 +162,12 @@ def test_runs_lists_each_run_with_its_model_steps_best_metric_and_status(cli, di
     assert rows["finished"]["best"] == ["val_accuracy", best] and rows["finished"]["steps"] == 30
     assert rows["finished"]["model"] == "mlp" and rows["finished"]["strategy"] == "single"
     assert rows["killed"]["steps"] == 30  # from its metrics.jsonl
+    assert rows["finished"]["energy_j"] == json.loads((digits_run / "summary.json").read_text())["energy_j"]
+    last_line = [record for record in records(digits_run) if "energy_j" in record][-1]
+    assert rows["killed"]["energy_j"] == last_line["energy_j"]  # through its last log line
     table = cli("runs", str(folder))
     assert "finished" in table.out and "resumable" in table.out and "accuracy" in table.out
+    assert re.search(r"~?\d+\.\d (k|M)?J", table.out), table.out
 
 
 def test_plot_draws_the_curves_of_a_run_and_overlays_several(cli, digits_run: Path, tmp_path: Path) -> None:  # noqa: ANN001

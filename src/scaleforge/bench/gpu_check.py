@@ -153,6 +153,7 @@ def figures_of(run_dir: Path) -> dict[str, Any]:
     """What a run's summary says about speed, FLOPs and memory."""
     summary = json.loads((run_dir / "summary.json").read_text())
     keep = ("steps", "samples_per_s", "tflops_per_s", "mfu", "peak_source", "flops_method", "precision", "device")
+    keep += ("energy_j", "energy_source", "samples_per_j")  # NVML's counter on a GPU (docs/energy.md)
     figures = {key: summary[key] for key in keep if key in summary}
     memory = summary.get("memory_per_process") or [{}]
     if memory and isinstance(memory[0], dict) and "peak_mib" in memory[0]:

@@ -77,10 +77,30 @@ class TrainingRun:
         """The run's `metrics.jsonl`: log-interval and evaluation records, in order."""
         return [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines()]
 
+    def energy(self) -> dict[str, Any]:
+        """The run's energy figures from its summary (a run that wrote none: zeros, source `none`)."""
+        summary = self.summary
+        return {
+            "energy_j": summary.get("energy_j", 0.0),
+            "samples_per_j": summary.get("samples_per_j", 0.0),
+            "energy_source": summary.get("energy_source", "none"),
+        }
+
     def peak_memory(self) -> tuple[float, str]:
         """The highest peak over the run's processes (MiB) and what it counts (`rss` or `cuda_allocated`)."""
         worst = max(self.summary["memory_per_process"], key=lambda process: process["peak_mib"])
         return worst["peak_mib"], worst["peak_kind"]
+
+
+ENERGY_NOTE = (
+    "samples/J: the samples trained per joule the whole run used, every process's (setup included); ~: estimated "
+    "from CPU time and the processor's rated power, where no energy counter is readable (docs/energy.md)"
+)
+
+
+def energy_cell(row: dict[str, Any]) -> str:
+    """A row's samples per joule, `~` in front when estimated."""
+    return f"{'~' if 'estimate' in row['energy_source'] else ''}{row['samples_per_j']:,.1f}"
 
 
 def config_arguments(config_path: str | None, overrides: Sequence[str]) -> list[str]:

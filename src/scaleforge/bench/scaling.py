@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from scaleforge.bench.harness import (
+    ENERGY_NOTE,
     TrainingRun,
     check_strategy,
     config_arguments,
+    energy_cell,
     machine,
     report,
     train_in_child,
@@ -214,6 +216,7 @@ def size_row(plan: SizePlan, run: TrainingRun, threads: int) -> dict[str, Any]:
         "interval_samples_per_s": intervals,
         "peak_mib": peak_mib,
         "peak_kind": peak_kind,
+        **run.energy(),
         "run_dir": str(run.run_dir),
     }
 
@@ -231,7 +234,7 @@ def _report(result: dict[str, Any], out: Path, *, as_json: bool) -> None:
         f"with an evaluation; torch {result['torch']}; runs and logs in {out}/"
     )
     columns = ["processes", "strategy", "threads/process", "global batch", "batch/process", "samples/s"]
-    columns += ["speed-up", "efficiency", "peak MiB/process"]
+    columns += ["speed-up", "efficiency", "peak MiB/process", "samples/J"]
     table = [
         [
             str(row["processes"]),
@@ -243,11 +246,12 @@ def _report(result: dict[str, Any], out: Path, *, as_json: bool) -> None:
             f"{row['speedup']:.2f}",
             f"{row['efficiency']:.2f}",
             f"{row['peak_mib']:,.0f} {row['peak_kind']}",
+            energy_cell(row),
         ]
         for row in result["results"]
     ]
     path = out / f"scaling-{result['mode']}.json"
-    report(result, path, as_json=as_json, title=title, columns=columns, rows=table, notes=[note])
+    report(result, path, as_json=as_json, title=title, columns=columns, rows=table, notes=[note, ENERGY_NOTE])
 
 
 def plot_scaling(result: dict[str, Any], path: Path) -> None:
@@ -464,7 +468,8 @@ def _report_compression(result: dict[str, Any], out: Path, *, as_json: bool) -> 
         "times that",
         f"samples/s: median over the {LOG_INTERVAL}-step log intervals after the first; val loss: at the last step",
     ]
-    columns = ["setting", "bytes/step", "vs none", "samples/s", "vs none", "val loss", "vs none"]
+    columns = ["setting", "bytes/step", "vs none", "samples/s", "vs none", "val loss", "vs none", "samples/J"]
+    notes.append(ENERGY_NOTE)
     table = [
         [
             row["setting"],
@@ -474,6 +479,7 @@ def _report_compression(result: dict[str, Any], out: Path, *, as_json: bool) -> 
             f"{row['samples_per_s_vs_none']:.2f}x",
             f"{row['val_loss']:.4f}",
             f"{row['val_loss_vs_none']:+.2%}",
+            energy_cell(row),
         ]
         for row in rows
     ]
@@ -504,6 +510,7 @@ def compression_row(setting: str, run: TrainingRun, start_step: int) -> dict[str
         "samples_per_s": statistics.median(intervals),
         "val_loss": run.summary["val_loss"],
         "num_parameters": run.summary["num_parameters"],
+        **run.energy(),
         "losses": [(r["step"], r["loss"]) for r in metrics if "loss" in r],
         "run_dir": str(run.run_dir),
     }
@@ -588,6 +595,7 @@ def run_schedule_benchmark(
                 "samples_per_s": statistics.median(steady_intervals(run.metrics)),
                 "val_loss": summary["val_loss"],
                 "num_parameters": summary["num_parameters"],
+                **run.energy(),
                 "run_dir": str(run.run_dir),
             }
         )
@@ -606,6 +614,8 @@ def run_schedule_benchmark(
         f"samples/s: median over the {LOG_INTERVAL}-step log intervals after the first; val loss: at the last step",
     ]
     columns = ["schedule", "stages", "micro-batches", "bubble", "samples/s", f"vs {rows[0]['schedule']}", "val loss"]
+    columns.append("samples/J")
+    notes.append(ENERGY_NOTE)
     table = [
         [
             row["schedule"],
@@ -615,6 +625,7 @@ def run_schedule_benchmark(
             f"{row['samples_per_s']:,.1f}",
             f"{row['samples_per_s_vs_first']:.2f}x",
             f"{row['val_loss']:.4f}",
+            energy_cell(row),
         ]
         for row in rows
     ]

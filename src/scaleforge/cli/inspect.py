@@ -73,7 +73,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_runs(args: argparse.Namespace) -> int:
     """A table (or JSON) of the run directories in a folder."""
-    from scaleforge.console import print_table
+    from scaleforge.console import format_energy, print_table
     from scaleforge.training.curves import describe_runs
 
     rows = describe_runs(Path(args.folder))
@@ -92,10 +92,11 @@ def cmd_runs(args: argparse.Namespace) -> int:
             f"{row['steps']:,}",
             f"{row['best'][0].removeprefix('val_')} {row['best'][1]:.4f}" if row["best"] else "",
             f"{row['wall_time_s']:.1f}s" if row["wall_time_s"] is not None else "",
+            format_energy(row["energy_j"], row["energy_source"]),
             row["status"],
         ]
         for row in rows
     ]
-    columns = ["run", "model", "strategy", "processes", "steps", "best val", "wall time", "status"]
+    columns = ["run", "model", "strategy", "processes", "steps", "best val", "wall time", "energy", "status"]
     print_table(f"runs in {args.folder}", columns, table)
     return 0

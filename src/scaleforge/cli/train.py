@@ -61,6 +61,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train through `scaleforge.api.fit`, under the launcher when more than one process is asked for."""
     from scaleforge.api import WorkersFailed, fit
     from scaleforge.cli.fields import settings_from
+    from scaleforge.console import format_energy
     from scaleforge.distributed.env import DistEnv
     from scaleforge.distributed.launch import LaunchOptions
     from scaleforge.processes import guard_from_environment
@@ -74,7 +75,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return failure.exit_code
     if not options.needs_launcher and DistEnv.from_environ().is_main:
         metrics = " | ".join(f"{k} {v:.4f}" for k, v in run.summary.items() if k.startswith("val_"))
-        print(f"done: {run.summary['steps']} steps in {run.summary['wall_time_s']:.1f}s | {metrics}")
+        energy = format_energy(run.summary.get("energy_j"), run.summary.get("energy_source"))
+        print(f"done: {run.summary['steps']} steps in {run.summary['wall_time_s']:.1f}s, {energy} | {metrics}")
         print(f"results: {run.run_dir}/ ({', '.join(sorted(p.name for p in run.run_dir.iterdir()))})")
     return 0
 

@@ -25,6 +25,7 @@ class RunState:
     epoch: int = 0
     should_stop: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
+    energy_j: float = 0.0  # the job's energy through the last log line (earlier attempts' included, see energy.py)
 
 
 class Callback:

@@ -139,6 +139,9 @@ def describe_run(run_dir: Path) -> dict[str, Any]:
         "steps": steps,
         "best": _best(val or [(_read_json(run_dir / "final" / "compression.json").get("after") or {})]),
         "wall_time_s": wall,
+        # the finished run's, else the job's through its last log line (a run still training, or stopped)
+        "energy_j": summary.get("energy_j", next((r["energy_j"] for r in reversed(train) if "energy_j" in r), None)),
+        "energy_source": summary.get("energy_source"),
         "status": run_state(run_dir),
     }
 

@@ -150,6 +150,8 @@ SYSTEM_FIGURES = {
     "gpu_memory_peak_mib": "",
     "gpu_utilization_percent": "gpu busy {:.0f}%",
     "gpu_power_w": "",
+    "power_w": "power {:,.0f} W",
+    "energy_j": "",
 }
 
 

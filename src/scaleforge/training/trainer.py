@@ -77,6 +77,7 @@ from scaleforge.training.checkpoint import (
     checkpoint_name,
     load_checkpoint,
 )
+from scaleforge.training.energy import EnergyMeter, energy_meter
 from scaleforge.training.flops import StepFlops, flops_per_sample, peak_flops, transformer_flops_per_token
 from scaleforge.training.metrics import JsonlLogger, LossPlot, TensorBoardLogger, build_progress
 from scaleforge.training.monitoring import PrometheusExporter, SystemMonitor
@@ -508,6 +509,7 @@ class Trainer:
     callbacks: CallbackList
     state: RunState  # step, epoch, history and should_stop: what the callbacks see
     started: float  # perf_counter() as setup began
+    energy: EnergyMeter  # this process's share of the run's energy, from the start of its setup
     checkpoint: Path | None = None  # the one the run resumed from
     start_step: int = 0  # the step within the first epoch the loop runs, where a resumed run continues
     steps_before: int = 0  # the steps a resumed run had made before this process's loop
@@ -520,6 +522,7 @@ class Trainer:
     window: LogWindow = field(default_factory=LogWindow)
     last_eval: dict[str, Any] = field(default_factory=dict)
     skipped_before: int = 0  # training samples skipped as unreadable before the checkpoint the run resumed from
+    setup_j: float = 0.0  # this process's energy before training started, added at the end
 
     # ------------------------------------------------------------------------------------------------ setup
 
@@ -537,6 +540,7 @@ class Trainer:
     ) -> Trainer:
         """Build every part on this process, resume from `checkpoint` and announce the run."""
         started = time.perf_counter()
+        energy = energy_meter(device, local_rank=env.local_rank, cpu_watts=config.hardware.cpu_watts)
         training = config.training
         seed_everything(config.seed)  # the same on every process: every replica starts from the same weights
         with errors_agreed(env):  # a user error here, on any process, stops them all with one message
@@ -587,6 +591,7 @@ class Trainer:
             callbacks=hooks,
             state=RunState(run_dir, total_steps, batches.steps_per_epoch, training.batch_size),
             started=started,
+            energy=energy,
             checkpoint=checkpoint,
             flops=flops,
         )
@@ -617,6 +622,7 @@ class Trainer:
             )
         position = resume_position(progress, self.config, state.steps_per_epoch, self.checkpoint)
         self.skipped_before = int(progress.get("skipped_samples", 0))
+        self.state.energy_j = float(progress.get("energy_j", 0.0))
         state.step, state.epoch, self.start_step = position
         if self.parallel.grad_sync is not None:
             self.parallel.grad_sync.resumed_at(state.step)
@@ -675,6 +681,7 @@ class Trainer:
         state.should_stop = self.parallel.any_process(state.should_stop)  # callbacks run on rank 0 alone
         if self.config.logging.system_metrics:
             self.monitor = SystemMonitor(self.device, info.seq_len if info.vocab_size is not None else None)
+        self.setup_j = self.energy.take()  # counted at the end: the log lines' power is the training loop's
         self.window = LogWindow(state.step, time.perf_counter())
         self.steps_before = state.step
         self.parallel.module.train()
@@ -756,9 +763,12 @@ class Trainer:
         step_sum = torch.stack(window.losses).float().sum() * loss_weight
         now = time.perf_counter()
         elapsed = max(now - window.time, 1e-9)
-        # the one host sync per log line: the loss, and the window's time, the same mean on every process
-        shares = torch.stack([step_sum, torch.tensor(elapsed / self.dims.world_size, device=step_sum.device)])
-        loss_sum, mean_elapsed = self.parallel.all_reduce_sum(shares).tolist()
+        # the one host sync per log line: the loss, the window's time (the same mean on every process) and the
+        # job's energy in the window (each process's share, see energy.py)
+        own = [elapsed / self.dims.world_size, self.energy.take()]
+        shares = torch.cat([step_sum.reshape(1), torch.tensor(own, device=step_sum.device)])
+        loss_sum, mean_elapsed, energy = self.parallel.all_reduce_sum(shares).tolist()
+        state.energy_j += energy
         mean_loss = loss_sum / steps
         self.stop_every = stop_check_steps(mean_elapsed / steps, self.config.logging.every_steps)
         record = {
@@ -769,6 +779,8 @@ class Trainer:
             "lr": window.lr,
             "samples_per_s": steps * self.config.training.batch_size / elapsed,
             "data_wait_share": (self.data_wait.seconds - window.data_wait) / elapsed,
+            "power_w": energy / mean_elapsed,
+            "energy_j": state.energy_j,
         }
         record.update(self.skipped_samples())
         if self.parallel.grad_sync is not None:  # what each step's gradient reduction sent from this process
@@ -836,6 +848,8 @@ class Trainer:
         """Gather the whole model, then (rank 0) write final/ and summary.json and tell the callbacks; returns the
         summary."""
         memory = self.parallel.gather(process_memory(self.optimizer, self.device))
+        own = self.energy.take() + self.setup_j  # since the last log line, and the setup
+        self.state.energy_j += float(self.parallel.all_reduce_sum(torch.tensor(own, dtype=torch.float64)))
         full_state = self.parallel.full_state_dict()  # every process takes part in gathering the shards
         summary = self.summary(loop_time, memory)
         if self.env.is_main:
@@ -879,8 +893,24 @@ class Trainer:
             "processes": dims.world_size,
             **self.parallel.pipeline_summary(),
             "stopped_early": state.should_stop,
+            **self.energy_summary(),
             "memory_per_process": memory,
         }
+
+    def energy_summary(self) -> dict[str, Any]:
+        """The run's energy (every process's, earlier attempts' through their last checkpoint), what it is per
+        sample (and token), its source, and the CO2 the grid emitted for it."""
+        state, hardware, seq_len = self.state, self.config.hardware, self.data.info.seq_len
+        joules = max(state.energy_j, 1e-9)
+        figures: dict[str, Any] = {"energy_j": state.energy_j, "energy_source": self.energy.source}
+        if self.energy.note:
+            figures["energy_note"] = self.energy.note
+        figures["samples_per_j"] = state.step * self.config.training.batch_size / joules
+        if seq_len and self.data.info.vocab_size is not None:
+            figures["tokens_per_j"] = figures["samples_per_j"] * seq_len
+        figures["co2_g"] = state.energy_j / 3.6e6 * hardware.carbon_intensity
+        figures["carbon_intensity_g_per_kwh"] = hardware.carbon_intensity
+        return figures
 
 
 def step_flops(
@@ -1015,6 +1045,7 @@ def _progress(state: RunState, config: RunConfig, scheduler: Any, scaler: Any) -
         "global_sample_position": state.step * config.training.batch_size,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
+        "energy_j": state.energy_j,
     }
 
 
