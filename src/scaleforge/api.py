@@ -6,6 +6,7 @@ train` ends with the same weights, bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -21,12 +22,13 @@ from scaleforge.config import (
     build_config,
     config_data,
     dump_yaml,
+    load_config,
     mapping_data,
     rebuild_data,
     set_value,
 )
 from scaleforge.errors import ScaleforgeError, UsageError
-from scaleforge.runs import TOKENIZER, TRUSTED, UNTRUSTED, Trust, find_final, load_run, open_run
+from scaleforge.runs import TOKENIZER, TRUSTED, UNTRUSTED, Trust, find_final, load_run, open_run, run_config
 
 if TYPE_CHECKING:
     from torch import nn
@@ -130,17 +132,34 @@ def fit(
 
 
 def evaluate(
-    run: Run | str | Path, *, trust_code: bool = False, signing_key_env: str | None = None, device: str | None = None
+    run: Run | str | Path,
+    *,
+    trust_code: bool = False,
+    signing_key_env: str | None = None,
+    device: str | None = None,
+    data: str | Path | None = None,
+    overrides: Sequence[str] = (),
 ) -> dict[str, float]:
-    """A finished run's metrics on the validation split of the data it was trained on. A path is opened as data
-    (`trust_code` lets its config's own code run); a `Run` that `fit` returned is this process's own."""
+    """A finished run's metrics on the validation split of the data it was trained on, or of other data: `data`, a
+    config file whose `data` section stands in for the run's, and `overrides`, `data.KEY=VALUE` items on top (such
+    as another task's `data.classes`). A path is opened as data (`trust_code` lets its config's own code run); a
+    `Run` that `fit` returned is this process's own."""
     from scaleforge.evaluation import evaluate_model
 
     trust = run.trust() if isinstance(run, Run) else Trust(trust_code, signing_key_env)
     path = run.run_dir if isinstance(run, Run) else run
     opened = open_run(path, trust)
+    config = opened.config
+    outside = [item for item in overrides if not item.startswith("data.")]
+    if outside:
+        raise UsageError(f"{outside[0]}: evaluation takes data.KEY=VALUE overrides only (the model is the run's)")
+    if data is not None:
+        config = dataclasses.replace(config, data=load_config(data, overrides).data)
+    elif overrides:
+        config = dataclasses.replace(config, data=run_config(find_final(path), trust, overrides).data)
     tokenizer_file = find_final(path) / TOKENIZER
-    return evaluate_model(opened.model, opened.config, device, tokenizer_file if tokenizer_file.is_file() else None)
+    tokenizer = tokenizer_file if tokenizer_file.is_file() else None
+    return evaluate_model(opened.model, config, device, tokenizer, expected=opened.info)
 
 
 def _as_given(config: ConfigSource, overrides: Overrides) -> list[str] | None:

@@ -62,6 +62,8 @@ class DataSection:
 
     dataset: str = "digits"
     num_workers: int = field(default=0, metadata=NON_NEGATIVE)
+    # class-incremental tasks: keep the samples of these classes only (both splits); the model's head keeps every class
+    classes: list[int] | None = None
     params: dict[str, Any] = field(default_factory=dict)
     factory: Callable[..., Any] | None = field(default=None, compare=False, repr=False)  # resolved at load
 

@@ -27,8 +27,18 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "option of `train`.",
         populate=_distill_arguments,
     ).set_defaults(handler=cmd_distill)
-    evaluate = commands.add_parser("eval", help="evaluate a trained run on its validation split")
+    evaluate = commands.add_parser(
+        "eval",
+        help="evaluate a trained run on its validation split, or on other data",
+        description="Print a trained run's validation metrics: on the data it was trained on, or with --data and "
+        "data.KEY=VALUE overrides on other data of the same shape (another task of a class-incremental sequence, "
+        "say: data.classes=[0,1,2,3,4]).",
+    )
     run_dir_arguments(evaluate)
+    evaluate.add_argument(
+        "overrides", nargs="*", metavar="data.KEY=VALUE", help="changes to the data section evaluated on"
+    )
+    evaluate.add_argument("--data", metavar="CONFIG.yaml", help="a config whose data section stands in for the run's")
     evaluate.set_defaults(handler=cmd_eval)
 
 
@@ -102,7 +112,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Print a trained run's validation metrics."""
     from scaleforge.api import evaluate
 
-    results = evaluate(args.run_dir, trust_code=args.trust_code, signing_key_env=args.signing_key_env)
+    results = evaluate(
+        args.run_dir,
+        trust_code=args.trust_code,
+        signing_key_env=args.signing_key_env,
+        data=args.data,
+        overrides=args.overrides,
+    )
     for name, value in results.items():
         print(f"{name}: {value:.4f}")
     return 0

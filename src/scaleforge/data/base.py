@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch.utils.data import Dataset
 
+from scaleforge.errors import ConfigError
+
 if TYPE_CHECKING:
     from PIL.Image import Image
 
@@ -120,3 +122,32 @@ class DatasetSplits:
     val: Dataset
     info: DataInfo
     tokenizer: Tokenizer | None = None
+
+
+def keep_classes(splits: DatasetSplits, classes: list[int]) -> DatasetSplits:
+    """`splits` with the samples of `classes` only, in both splits (`data.classes`: one task of a class-incremental
+    sequence); the info, and so the model's head, keeps every class of the dataset."""
+    info = splits.info
+    if info.task != "classification" or info.num_classes is None:
+        raise ConfigError(f"data.classes: the dataset is {info.task} data; classes can be kept of classification data")
+    outside = sorted({c for c in classes if not 0 <= c < info.num_classes})
+    if outside:
+        raise ConfigError(f"data.classes: {outside} outside the dataset's classes, 0 to {info.num_classes - 1}")
+    if not classes:
+        raise ConfigError(f"data.classes: empty; list the classes to keep, of 0 to {info.num_classes - 1}")
+    kept = dataclasses.replace(splits, train=_of_classes(splits.train, classes), val=_of_classes(splits.val, classes))
+    if len(kept.train) == 0:  # type: ignore[arg-type]
+        raise ConfigError(f"data.classes: no training sample is of classes {sorted(set(classes))}")
+    return kept
+
+
+def _of_classes(dataset: Dataset, classes: list[int]) -> Dataset:
+    """The samples of `dataset` whose label is one of `classes`: gathered at once from tensors in memory, else
+    indexed after reading each sample's label once."""
+    wanted = torch.tensor(sorted(set(classes)))
+    if isinstance(dataset, InMemoryDataset):
+        keep = torch.isin(dataset.targets, wanted.to(dataset.targets.device))
+        return InMemoryDataset(dataset.inputs[keep], dataset.targets[keep])
+    labels = set(wanted.tolist())
+    indices = [i for i in range(len(dataset)) if int(dataset[i][1]) in labels]  # type: ignore[arg-type]
+    return torch.utils.data.Subset(dataset, indices)

@@ -48,7 +48,7 @@ from scaleforge.config import (
     dump_yaml,
     signature_of,
 )
-from scaleforge.data.base import DataInfo, DatasetSplits, InMemoryDataset
+from scaleforge.data.base import DataInfo, DatasetSplits, InMemoryDataset, keep_classes
 from scaleforge.data.loading import BatchPlan, DataWaitClock, EvalBatches, TrainBatches
 from scaleforge.distributed.env import (
     DistEnv,
@@ -98,6 +98,8 @@ def build_data(section: DataSection) -> DatasetSplits:
     splits = construct(factory_of(section.factory, registry.DATASETS, section.dataset), "data", **section.params)
     if not isinstance(splits, DatasetSplits):
         raise ConfigError(f"data.dataset: '{section.dataset}' returned {type(splits).__name__}, not DatasetSplits")
+    if section.classes is not None:
+        splits = keep_classes(splits, section.classes)
     if len(splits.val) == 0:  # type: ignore[arg-type]
         raise ConfigError(f"data: the validation split of '{section.dataset}' is empty; raise data.val_fraction")
     return splits
