@@ -782,7 +782,7 @@ class Trainer:
             "samples_per_s": steps * self.config.training.batch_size / elapsed,
             "data_wait_share": (self.data_wait.seconds - window.data_wait) / elapsed,
             "power_w": energy / mean_elapsed,
-            "energy_j": state.energy_j,
+            "energy_j": round(state.energy_j, 3),  # to the mJ: the shares are summed in float32
         }
         record.update(self.skipped_samples())
         if self.parallel.grad_sync is not None:  # what each step's gradient reduction sent from this process
@@ -904,7 +904,7 @@ class Trainer:
         sample (and token), its source, and the CO2 the grid emitted for it."""
         state, hardware, seq_len = self.state, self.config.hardware, self.data.info.seq_len
         joules = max(state.energy_j, 1e-9)
-        figures: dict[str, Any] = {"energy_j": state.energy_j, "energy_source": self.energy.source}
+        figures: dict[str, Any] = {"energy_j": round(state.energy_j, 3), "energy_source": self.energy.source}
         if self.energy.note:
             figures["energy_note"] = self.energy.note
         figures["samples_per_j"] = state.step * self.config.training.batch_size / joules
