@@ -69,6 +69,17 @@ class DataSection:
 
 
 @dataclass(frozen=True)
+class ContinualSection:
+    """Learning a new task without forgetting the earlier ones, which the run `training.init_from` names learned
+    (docs/continual.md). `replay`: a buffer of `buffer_size` earlier samples (chosen per class, or at random), kept
+    in that run's final/, joins this task's training data, and this run keeps a buffer of every task so far."""
+
+    strategy: Literal["none", "replay"] = "none"
+    buffer_size: int = field(default=500, metadata=POSITIVE)
+    selection: Literal["class_balanced", "random"] = "class_balanced"
+
+
+@dataclass(frozen=True)
 class TrainingSection:
     """How the model is optimised. `batch_size` is the global batch per optimizer step."""
 
@@ -97,6 +108,7 @@ class TrainingSection:
     # fake-quantized training (PT2E QAT, torchao's x86 quantizer): the model is exported and trained as it will
     # compute in int8; `scaleforge compress --method qat` converts the result. Single process or ddp
     quantization_aware: bool = False
+    continual: ContinualSection = ContinualSection()
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -13,6 +14,10 @@ from scaleforge.data.loading import eval_batches
 from scaleforge.distributed.parallelize import ParallelModel
 from scaleforge.errors import ConfigError
 from scaleforge.hardware import make_autocast
+
+if TYPE_CHECKING:
+    from scaleforge.runs import Trust
+
 from scaleforge.training.trainer import (
     build_data,
     build_objective,
@@ -59,3 +64,35 @@ def check_same_shape(info: DataInfo, expected: DataInfo) -> None:
         given, wanted = getattr(info, name), getattr(expected, name)
         if given != wanted:
             raise ConfigError(f"data: its {name} is {given}, but the run's model was built for {wanted}")
+
+
+def continual_report(runs: list[str], trust: Trust) -> dict[str, Any]:
+    """Each run of a task sequence (in the order the tasks were learned) on the validation split of every task (each
+    run's own `data` section): `accuracy[i][j]`, run i on task j; `average_accuracy[i]`, over the tasks 1..i it
+    has seen; `forgetting[j]` of each earlier task, its best accuracy before the last task less the last run's
+    (Chaudhry et al. 2018, as Avalanche reports it), and their mean."""
+    from scaleforge.runs import open_run
+
+    opened = [open_run(run, trust) for run in runs]
+    matrix = []
+    for run, loaded in zip(runs, opened, strict=True):
+        row = []
+        for task in opened:
+            metrics = evaluate_model(
+                loaded.model, dataclasses.replace(loaded.config, data=task.config.data), expected=loaded.info
+            )
+            if "val_accuracy" not in metrics:
+                raise ConfigError(
+                    f"{run}: its metrics have no accuracy ({', '.join(metrics)}); the report compares accuracy"
+                )
+            row.append(metrics["val_accuracy"])
+        matrix.append(row)
+    last = len(matrix) - 1
+    forgetting = [max(matrix[i][j] for i in range(j, last)) - matrix[last][j] for j in range(last)]
+    return {
+        "runs": [str(run) for run in runs],
+        "accuracy": matrix,
+        "average_accuracy": [sum(row[: i + 1]) / (i + 1) for i, row in enumerate(matrix)],
+        "forgetting": forgetting,
+        "average_forgetting": sum(forgetting) / len(forgetting) if forgetting else 0.0,
+    }

@@ -159,11 +159,13 @@ def save_final(
     config: RunConfig,
     info: DataInfo,
     tokenizer: Tokenizer | None = None,
+    extra: dict[str, bytes] | None = None,
 ) -> None:
     """Write `final/` atomically: the full state dict as safetensors, the resolved config, the dataset's
-    description, its `tokenizer` (if it has one) and their manifest (signed with `checkpoint.signing_key_env`'s
-    key), each file fsynced, in a folder renamed into place once complete. A process killed on the way leaves
-    `final.partial/`, never a `final/`; an earlier `final/` at the same place is replaced only by a complete one."""
+    description, its `tokenizer` (if it has one), `extra` files (name: contents) and their manifest (signed with
+    `checkpoint.signing_key_env`'s key), each file fsynced, in a folder renamed into place once complete. A
+    process killed on the way leaves `final.partial/`, never a `final/`; an earlier `final/` at the same place is
+    replaced only by a complete one."""
     from safetensors.torch import save
 
     key = run_signing_key(config)
@@ -185,6 +187,7 @@ def save_final(
     }
     if tokenizer is not None:
         contents[TOKENIZER] = tokenizer.to_json().encode()
+    contents.update(extra or {})
     files = {name: write_durably(staging / name, data) for name, data in contents.items()}
     write_manifest(staging, key, files)
     fsync_dir(staging)

@@ -1,12 +1,15 @@
 """Tasks of a class-incremental sequence: `data.classes` keeps a subset of a dataset's classes while the model's
-head keeps them all, and `scaleforge eval RUN` measures a run on another task's data."""
+head keeps them all, `scaleforge eval RUN` measures a run on another task's data, replay keeps the first task
+that plain fine-tuning forgets, and `scaleforge continual report` gives the accuracy matrix and forgetting."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from scaleforge import load_config
 from scaleforge.training.trainer import build_data, train
@@ -17,10 +20,74 @@ FIRST, SECOND = "data.classes=[0,1,2,3,4]", "data.classes=[5,6,7,8,9]"
 
 @pytest.fixture(scope="module")
 def first_task(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A digits MLP trained on classes 0-4 only."""
+    """A digits MLP trained on classes 0-4 only, keeping a replay buffer of them."""
     run_dir = tmp_path_factory.mktemp("continual") / "first"
-    train(load_config(None, [*QUICK, FIRST, "training.epochs=5"]), run_dir)
+    train(load_config(None, [*QUICK, FIRST, "training.epochs=5", "training.continual.strategy=replay"]), run_dir)
     return run_dir
+
+
+REPLAY = "training.continual.strategy=replay"
+
+
+@pytest.fixture(scope="module")
+def second_tasks(first_task: Path) -> dict[str, Path]:
+    """Classes 5-9 learned from the first task's weights: by plain fine-tuning, and with replay (whose first task
+    was trained with replay too, so that it kept a buffer)."""
+    runs = {}
+    for strategy in ("none", "replay"):
+        run_dir = first_task.parent / f"second-{strategy}"
+        overrides = [*QUICK, SECOND, "training.epochs=5", f"training.init_from={first_task}"]
+        train(load_config(None, [*overrides, f"training.continual.strategy={strategy}"]), run_dir)
+        runs[strategy] = run_dir
+    return runs
+
+
+def test_replay_keeps_the_first_task_that_fine_tuning_forgets(cli, first_task: Path, second_tasks) -> None:  # noqa: ANN001
+    def accuracy(run: Path, *args: str) -> float:
+        result = cli("eval", str(run), *args)
+        assert result.code == 0, result.err
+        return float(result.out.split("val_accuracy: ")[1].split()[0])
+
+    before = accuracy(first_task)
+    assert before > 0.9
+    assert accuracy(second_tasks["none"], FIRST) < before - 0.5  # plain fine-tuning forgets it
+    assert accuracy(second_tasks["replay"], FIRST) > before - 0.1  # replay keeps it within 10 points
+    assert accuracy(second_tasks["replay"], SECOND) > 0.7  # while it learns the second
+    first = load_file(first_task / "final" / "replay.safetensors")
+    assert sorted(first["targets"].bincount().tolist()) == [100] * 5  # 500 samples, 100 of each class it saw
+    second = load_file(second_tasks["replay"] / "final" / "replay.safetensors")
+    assert second["targets"].bincount().tolist() == [50] * 10  # every class so far, in equal shares
+    assert "replay.safetensors" in json.loads((first_task / "final" / "manifest.json").read_text())["files"]
+    assert not (second_tasks["none"] / "final" / "replay.safetensors").exists()
+
+
+def test_the_report_gives_the_accuracy_matrix_and_forgetting(cli, first_task: Path, second_tasks) -> None:  # noqa: ANN001
+    result = cli("continual", "report", str(first_task), str(second_tasks["replay"]), "--json")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    (first_on_first, first_on_second), (second_on_first, second_on_second) = report["accuracy"]
+    assert first_on_second == 0.0 and first_on_first > 0.9  # before the second task, none of its classes
+    assert report["forgetting"] == [pytest.approx(first_on_first - second_on_first)]
+    assert report["average_accuracy"] == [first_on_first, pytest.approx((second_on_first + second_on_second) / 2)]
+    table = cli("continual", "report", str(first_task), str(second_tasks["none"]))
+    assert table.code == 0 and "forgetting after the last task" in table.out and "task 2" in table.out
+
+
+def test_a_buffer_changed_after_its_run_is_refused(cli, first_task: Path, tmp_path: Path) -> None:  # noqa: ANN001
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(first_task, copy)
+    buffer = copy / "final" / "replay.safetensors"
+    data = bytearray(buffer.read_bytes())
+    data[-1] ^= 1  # one bit of one sample
+    buffer.write_bytes(bytes(data))
+    result = cli("train", *QUICK, SECOND, REPLAY, f"training.init_from={copy}", "--run-dir", str(tmp_path / "run"))
+    assert result.code == 2 and "replay.safetensors does not match its SHA-256" in result.err, result.err
+    tokens = cli(
+        "train", *QUICK, "data.dataset=synthetic", "data.kind=tokens", REPLAY, "--run-dir", str(tmp_path / "t")
+    )
+    assert tokens.code == 2 and "replay keeps samples of classification data, not language_modeling" in tokens.err
 
 
 def test_data_classes_keeps_those_classes_in_both_splits_and_the_whole_head() -> None:

@@ -1,4 +1,4 @@
-"""`scaleforge train`, `distill` and `eval`."""
+"""`scaleforge train`, `distill`, `eval` and `continual report`."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import argparse
 from scaleforge.cli.arguments import (
     Parser,
     config_argument,
+    json_argument,
     load_config_args,
     run_dir_arguments,
     split_config_args,
+    trust_arguments,
 )
 
 
@@ -40,6 +42,19 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     evaluate.add_argument("--data", metavar="CONFIG.yaml", help="a config whose data section stands in for the run's")
     evaluate.set_defaults(handler=cmd_eval)
+    continual = commands.add_parser("continual", help="tasks learned one after another: what was kept")
+    actions = continual.add_subparsers(dest="continual_command", required=True, parser_class=Parser)
+    report = actions.add_parser(
+        "report",
+        help="the accuracy of each run of a task sequence on every task, average accuracy and forgetting",
+        description="Evaluate each run of a sequence (RUN_1 trained on task 1, RUN_2 from RUN_1 on task 2, ...) on "
+        "the validation data of every task (each run's own data section): the accuracy matrix, the average "
+        "accuracy over the tasks seen so far, and how much of each task the last run forgot.",
+    )
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="the runs, in the order the tasks were learned")
+    trust_arguments(report)
+    json_argument(report)
+    report.set_defaults(handler=cmd_continual_report)
 
 
 def _train_arguments(parser: Parser) -> None:
@@ -121,4 +136,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     for name, value in results.items():
         print(f"{name}: {value:.4f}")
+    return 0
+
+
+def cmd_continual_report(args: argparse.Namespace) -> int:
+    """The accuracy matrix of a task sequence, with average accuracy and forgetting."""
+    import json
+
+    from scaleforge.cli.arguments import trust
+    from scaleforge.console import print_table
+    from scaleforge.evaluation import continual_report
+
+    result = continual_report(args.runs, trust(args))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    tasks = len(result["runs"])
+    columns = ["after task", "run", *[f"task {j + 1}" for j in range(tasks)], "average (seen)"]
+    table = [
+        [str(i + 1), run, *[f"{value:.4f}" for value in row], f"{average:.4f}"]
+        for i, (run, row, average) in enumerate(
+            zip(result["runs"], result["accuracy"], result["average_accuracy"], strict=True)
+        )
+    ]
+    forgetting = ", ".join(f"task {j + 1} {value:+.4f}" for j, value in enumerate(result["forgetting"]))
+    notes = [f"forgetting after the last task (best earlier accuracy - last): {forgetting or 'none (one task)'}"]
+    notes.append(f"average forgetting: {result['average_forgetting']:.4f}" if result["forgetting"] else "")
+    print_table("Accuracy on each task's validation split", columns, table)
+    for note in filter(None, notes):
+        print(note)
     return 0

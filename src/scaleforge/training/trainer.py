@@ -77,6 +77,7 @@ from scaleforge.training.checkpoint import (
     checkpoint_name,
     load_checkpoint,
 )
+from scaleforge.training.continual import REPLAY_FILE, check_continual, earlier_buffer, select_buffer, with_buffer
 from scaleforge.training.energy import EnergyMeter, energy_meter
 from scaleforge.training.flops import StepFlops, flops_per_sample, peak_flops, transformer_flops_per_token
 from scaleforge.training.metrics import JsonlLogger, LossPlot, TensorBoardLogger, build_progress
@@ -103,6 +104,17 @@ def build_data(section: DataSection) -> DatasetSplits:
     if len(splits.val) == 0:  # type: ignore[arg-type]
         raise ConfigError(f"data: the validation split of '{section.dataset}' is empty; raise data.val_fraction")
     return splits
+
+
+def with_earlier_tasks(data: DatasetSplits, config: RunConfig) -> DatasetSplits:
+    """The data with what `training.continual` adds of the earlier tasks: their replay buffer (none without
+    replay, or when the run it starts from kept none)."""
+    continual = config.training.continual
+    if continual.strategy == "none":
+        return data
+    check_continual(continual, data.info.task)
+    buffer = earlier_buffer(config.training.init_from, config.checkpoint.signing_key_env)
+    return with_buffer(data, buffer) if buffer is not None else data
 
 
 def build_objective(section: TrainingSection, info: DataInfo) -> Objective:
@@ -546,7 +558,7 @@ class Trainer:
         training = config.training
         seed_everything(config.seed)  # the same on every process: every replica starts from the same weights
         with errors_agreed(env):  # a user error here, on any process, stops them all with one message
-            data = build_data(config.data)
+            data = with_earlier_tasks(build_data(config.data), config)
             model = build_model(config.model, data.info).to(device)
             model = prepare_model(model, training, PreparationContext(data.info, dims))
             num_parameters = count_parameters(model)
@@ -856,7 +868,16 @@ class Trainer:
         summary = self.summary(loop_time, memory)
         if self.env.is_main:
             assert full_state is not None
-            save_final(self.run_dir / "final", full_state, self.config, self.data.info, self.data.tokenizer)
+            extra = {}
+            if self.config.training.continual.strategy == "replay":  # this task's and the earlier ones' samples
+                from safetensors.torch import save
+
+                extra[REPLAY_FILE] = save(
+                    select_buffer(self.data.train, self.config.training.continual, self.config.seed)
+                )
+            save_final(
+                self.run_dir / "final", full_state, self.config, self.data.info, self.data.tokenizer, extra=extra
+            )
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             self.callbacks.on_train_end(self.state, summary)
         return summary
