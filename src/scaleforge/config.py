@@ -72,11 +72,18 @@ class DataSection:
 class ContinualSection:
     """Learning a new task without forgetting the earlier ones, which the run `training.init_from` names learned
     (docs/continual.md). `replay`: a buffer of `buffer_size` earlier samples (chosen per class, or at random), kept
-    in that run's final/, joins this task's training data, and this run keeps a buffer of every task so far."""
+    in that run's final/, joins this task's training data, and this run keeps a buffer of every task so far.
+    `ewc`: elastic weight consolidation, `ewc_lambda / 2 * sum(F * (w - w_before)^2)` added to the training loss,
+    F the earlier tasks' Fisher information (estimated on `fisher_samples` samples, kept in final/). `lwf`:
+    learning without forgetting, the distillation loss with the run it starts from as the teacher."""
 
-    strategy: Literal["none", "replay"] = "none"
+    strategy: Literal["none", "replay", "ewc", "lwf"] = "none"
     buffer_size: int = field(default=500, metadata=POSITIVE)
     selection: Literal["class_balanced", "random"] = "class_balanced"
+    ewc_lambda: float = field(default=1e5, metadata=NON_NEGATIVE)
+    fisher_samples: int = field(default=1000, metadata=POSITIVE)
+    lwf_temperature: float = field(default=2.0, metadata=POSITIVE)
+    lwf_weight: float = field(default=0.2, metadata=NON_NEGATIVE)  # the soft term's share, 0 to 1
 
 
 @dataclass(frozen=True)

@@ -31,12 +31,15 @@ REPLAY = "training.continual.strategy=replay"
 
 @pytest.fixture(scope="module")
 def second_tasks(first_task: Path) -> dict[str, Path]:
-    """Classes 5-9 learned from the first task's weights: by plain fine-tuning, and with replay (whose first task
-    was trained with replay too, so that it kept a buffer)."""
+    """Classes 5-9 learned from the first task's weights: by plain fine-tuning, and with each strategy (EWC's
+    first task trained with EWC, so that it kept its Fisher; replay's with replay, so that it kept a buffer)."""
+    ewc_first = first_task.parent / "first-ewc"
+    train(load_config(None, [*QUICK, FIRST, "training.epochs=5", "training.continual.strategy=ewc"]), ewc_first)
     runs = {}
-    for strategy in ("none", "replay"):
+    for strategy in ("none", "replay", "ewc", "lwf"):
         run_dir = first_task.parent / f"second-{strategy}"
-        overrides = [*QUICK, SECOND, "training.epochs=5", f"training.init_from={first_task}"]
+        start = ewc_first if strategy == "ewc" else first_task
+        overrides = [*QUICK, SECOND, "training.epochs=5", f"training.init_from={start}"]
         train(load_config(None, [*overrides, f"training.continual.strategy={strategy}"]), run_dir)
         runs[strategy] = run_dir
     return runs
@@ -59,6 +62,26 @@ def test_replay_keeps_the_first_task_that_fine_tuning_forgets(cli, first_task: P
     assert second["targets"].bincount().tolist() == [50] * 10  # every class so far, in equal shares
     assert "replay.safetensors" in json.loads((first_task / "final" / "manifest.json").read_text())["files"]
     assert not (second_tasks["none"] / "final" / "replay.safetensors").exists()
+
+
+def test_ewc_and_lwf_each_lose_less_of_the_first_task_than_fine_tuning(cli, second_tasks) -> None:  # noqa: ANN001
+    def accuracy(run: Path, *args: str) -> float:
+        result = cli("eval", str(run), *args)
+        assert result.code == 0, result.err
+        return float(result.out.split("val_accuracy: ")[1].split()[0])
+
+    forgot = accuracy(second_tasks["none"], FIRST)
+    for strategy in ("ewc", "lwf"):
+        assert accuracy(second_tasks[strategy], FIRST) > forgot + 0.1, strategy
+        assert accuracy(second_tasks[strategy], SECOND) > 0.5, strategy  # and it learned the second task
+    ewc = load_file(second_tasks["ewc"] / "final" / "ewc.safetensors")
+    first = load_file(second_tasks["ewc"].parent / "first-ewc" / "final" / "ewc.safetensors")
+    weights = load_file(second_tasks["ewc"] / "final" / "model.safetensors")
+    for name, value in weights.items():
+        assert torch.equal(ewc[f"anchor.{name}"], value)  # anchored to this run's weights
+        assert bool((ewc[f"fisher.{name}"] >= first[f"fisher.{name}"]).all())  # the earlier task's Fisher, and more
+    config = load_config(second_tasks["lwf"] / "config.yaml")
+    assert config.training.continual.strategy == "lwf" and config.training.loss.name == "auto"  # as the user wrote
 
 
 def test_the_report_gives_the_accuracy_matrix_and_forgetting(cli, first_task: Path, second_tasks) -> None:  # noqa: ANN001
@@ -87,7 +110,11 @@ def test_a_buffer_changed_after_its_run_is_refused(cli, first_task: Path, tmp_pa
     tokens = cli(
         "train", *QUICK, "data.dataset=synthetic", "data.kind=tokens", REPLAY, "--run-dir", str(tmp_path / "t")
     )
-    assert tokens.code == 2 and "replay keeps samples of classification data, not language_modeling" in tokens.err
+    assert tokens.code == 2 and "replay is for classification data, not language_modeling" in tokens.err
+    alone = cli("train", *QUICK, "training.continual.strategy=lwf", f"--run-dir={tmp_path / 'l'}")
+    assert alone.code == 2 and "lwf learns from the run it starts from: give training.init_from" in alone.err
+    sharded = cli("train", *QUICK, "training.continual.strategy=ewc", "parallel.strategy=fsdp")
+    assert sharded.code == 2 and "ewc reads whole parameters: it runs under single or ddp, not fsdp" in sharded.err
 
 
 def test_data_classes_keeps_those_classes_in_both_splits_and_the_whole_head() -> None:

@@ -16,6 +16,7 @@ forward-backward pass on this process's share. Every process runs the loop; only
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import gc
 import json
@@ -77,7 +78,18 @@ from scaleforge.training.checkpoint import (
     checkpoint_name,
     load_checkpoint,
 )
-from scaleforge.training.continual import REPLAY_FILE, check_continual, earlier_buffer, select_buffer, with_buffer
+from scaleforge.training.continual import (
+    EWC_FILE,
+    REPLAY_FILE,
+    EWCLoss,
+    check_continual,
+    earlier_buffer,
+    earlier_file,
+    ewc_state,
+    lwf_loss,
+    select_buffer,
+    with_buffer,
+)
 from scaleforge.training.energy import EnergyMeter, energy_meter
 from scaleforge.training.flops import StepFlops, flops_per_sample, peak_flops, transformer_flops_per_token
 from scaleforge.training.metrics import JsonlLogger, LossPlot, TensorBoardLogger, build_progress
@@ -106,15 +118,26 @@ def build_data(section: DataSection) -> DatasetSplits:
     return splits
 
 
-def with_earlier_tasks(data: DatasetSplits, config: RunConfig) -> DatasetSplits:
+def with_earlier_tasks(data: DatasetSplits, config: RunConfig, dims: ParallelDims) -> DatasetSplits:
     """The data with what `training.continual` adds of the earlier tasks: their replay buffer (none without
-    replay, or when the run it starts from kept none)."""
-    continual = config.training.continual
+    replay, or when the run it starts from kept none); every strategy checked against the data and the layout."""
+    continual, training = config.training.continual, config.training
     if continual.strategy == "none":
         return data
-    check_continual(continual, data.info.task)
-    buffer = earlier_buffer(config.training.init_from, config.checkpoint.signing_key_env)
+    check_continual(continual, data.info.task, dims.strategy, training.init_from)
+    if continual.strategy != "replay":
+        return data
+    buffer = earlier_buffer(training.init_from, config.checkpoint.signing_key_env)
     return with_buffer(data, buffer) if buffer is not None else data
+
+
+def continual_training(training: TrainingSection) -> TrainingSection:
+    """`training` with the loss `training.continual` trains with: `lwf`'s distillation from the run it starts
+    from; the section as it is otherwise."""
+    continual = training.continual
+    if continual.strategy != "lwf" or training.init_from is None:
+        return training
+    return dataclasses.replace(training, loss=lwf_loss(continual, training.init_from))
 
 
 def build_objective(section: TrainingSection, info: DataInfo) -> Objective:
@@ -537,6 +560,8 @@ class Trainer:
     last_eval: dict[str, Any] = field(default_factory=dict)
     skipped_before: int = 0  # training samples skipped as unreadable before the checkpoint the run resumed from
     setup_j: float = 0.0  # this process's energy before training started, added at the end
+    train_loss: nn.Module | None = None  # the loss training minimises, where it is not the objective's (`ewc`)
+    earlier_ewc: dict[str, torch.Tensor] | None = None  # the earlier tasks' EWC state (`training.continual`)
 
     # ------------------------------------------------------------------------------------------------ setup
 
@@ -558,12 +583,12 @@ class Trainer:
         training = config.training
         seed_everything(config.seed)  # the same on every process: every replica starts from the same weights
         with errors_agreed(env):  # a user error here, on any process, stops them all with one message
-            data = with_earlier_tasks(build_data(config.data), config)
+            data = with_earlier_tasks(build_data(config.data), config, dims)
             model = build_model(config.model, data.info).to(device)
             model = prepare_model(model, training, PreparationContext(data.info, dims))
             num_parameters = count_parameters(model)
             flops = step_flops(model, config, data.train, data.info, dims, device, precision)  # before it is split
-            objective = build_checked_objective(training, data.info, dims, device)
+            objective = build_checked_objective(continual_training(training), data.info, dims, device)
             plan, layout = plan_training(config, model, dims, device, precision)
             check_validation_share(data, dims)
             hooks = build_process_callbacks(config, run_dir, env, callbacks)
@@ -578,6 +603,11 @@ class Trainer:
             loss_fn=objective.loss,
         )
         plan = dataclasses.replace(plan, rank=parallel.dp_rank)
+        earlier_ewc, train_loss = None, None
+        if training.continual.strategy == "ewc":  # the earlier tasks' Fisher and weights, if a run kept them
+            earlier_ewc = earlier_file(training.init_from, EWC_FILE, config.checkpoint.signing_key_env)
+            if earlier_ewc is not None:  # the parameters of `model` are the ones single and ddp train
+                train_loss = EWCLoss(objective.loss, model, earlier_ewc, training.continual.ewc_lambda)
         batches = TrainBatches(data.train, plan, seed=config.seed, device=device, num_workers=config.data.num_workers)
         eval_batches = EvalBatches(  # its workers start now, before the optimizer's state and training grow the process
             data.val, eval_batch_size(training, data.info), device, config.data.num_workers, parallel.eval_shard()
@@ -608,6 +638,8 @@ class Trainer:
             energy=energy,
             checkpoint=checkpoint,
             flops=flops,
+            train_loss=train_loss,
+            earlier_ewc=earlier_ewc,
         )
         trainer.resume()
         trainer.announce()
@@ -731,7 +763,7 @@ class Trainer:
         loss = train_step(
             self.parallel,
             micro_batches,
-            self.objective.loss,
+            self.train_loss or self.objective.loss,
             self.optimizer,
             autocast=self.autocast,
             scaler=self.scaler,
@@ -868,19 +900,29 @@ class Trainer:
         summary = self.summary(loop_time, memory)
         if self.env.is_main:
             assert full_state is not None
-            extra = {}
-            if self.config.training.continual.strategy == "replay":  # this task's and the earlier ones' samples
-                from safetensors.torch import save
-
-                extra[REPLAY_FILE] = save(
-                    select_buffer(self.data.train, self.config.training.continual, self.config.seed)
-                )
+            extra = self.continual_files(full_state)
             save_final(
                 self.run_dir / "final", full_state, self.config, self.data.info, self.data.tokenizer, extra=extra
             )
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             self.callbacks.on_train_end(self.state, summary)
         return summary
+
+    def continual_files(self, full_state: dict[str, torch.Tensor]) -> dict[str, bytes]:
+        """What `training.continual` keeps in final/ for the next task: `replay`'s buffer of this task's and the
+        earlier ones' samples, `ewc`'s Fisher of every task so far with these weights (estimated on a copy of
+        the model on the CPU)."""
+        from safetensors.torch import save
+
+        continual, seed = self.config.training.continual, self.config.seed
+        if continual.strategy == "replay":
+            return {REPLAY_FILE: save(select_buffer(self.data.train, continual, seed))}
+        if continual.strategy == "ewc":
+            model = build_model(self.config.model, self.data.info)
+            model.load_state_dict(full_state)
+            loss = copy.deepcopy(self.objective.loss).cpu()
+            return {EWC_FILE: save(ewc_state(model, self.data.train, loss, continual, seed, self.earlier_ewc))}
+        return {}
 
     def skipped_samples(self) -> dict[str, int]:
         """`skipped_samples`, the training samples left out so far as unreadable (`data.on_error: skip`), over every
