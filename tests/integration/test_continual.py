@@ -112,7 +112,12 @@ def test_a_buffer_changed_after_its_run_is_refused(cli, first_task: Path, tmp_pa
     )
     assert tokens.code == 2 and "replay is for classification data, not language_modeling" in tokens.err
     alone = cli("train", *QUICK, "training.continual.strategy=lwf", f"--run-dir={tmp_path / 'l'}")
-    assert alone.code == 2 and "lwf learns from the run it starts from: give training.init_from" in alone.err
+    assert alone.code == 2 and "lwf learns from the run it starts from: give training.init_from a run" in alone.err
+    weights = f"training.init_from={first_task / 'final' / 'model.safetensors'}"
+    file = cli("train", *QUICK, SECOND, "training.continual.strategy=lwf", weights, f"--run-dir={tmp_path / 'f'}")
+    assert file.code == 2 and "give training.init_from a run directory" in file.err
+    qat = cli("train", *QUICK, "training.continual.strategy=ewc", "training.quantization_aware=true")
+    assert qat.code == 2 and "ewc estimates its Fisher on the plain model" in qat.err
     sharded = cli("train", *QUICK, "training.continual.strategy=ewc", "parallel.strategy=fsdp")
     assert sharded.code == 2 and "ewc reads whole parameters: it runs under single or ddp, not fsdp" in sharded.err
 
@@ -179,3 +184,28 @@ def test_a_subset_of_a_dataset_read_sample_by_sample() -> None:
     kept = keep_classes(DatasetSplits(Listed([0, 1, 2, 1]), Listed([2, 1]), info), [1])
     assert [int(kept.train[i][0][0]) for i in range(len(kept.train))] == [1, 3]  # samples 1 and 3
     assert len(kept.val) == 1
+
+
+def test_classes_of_images_gathered_a_batch_at_a_time(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from scaleforge.data.base import keep_classes
+    from scaleforge.data.image_folder import image_folder
+    from scaleforge.training.continual import fisher_information, select_buffer
+
+    rng = np.random.default_rng(0)
+    for i in range(30):  # three classes of ten
+        folder = tmp_path / "images" / f"class{i % 3}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    splits = image_folder(str(tmp_path / "images"), image_size=8, augment=False, cache_dir=str(tmp_path / "cache"))
+    kept = keep_classes(splits, [0, 2])  # splits of images without an inputs tensor (GatheredImages)
+    assert {int(kept.train[i][1]) for i in range(len(kept.train))} == {0, 2}
+    assert len(kept.train) + len(kept.val) == 20
+    section = load_config(None, ["training.continual.buffer_size=4"]).training.continual
+    buffer = select_buffer(kept.train, section, seed=0)
+    assert buffer["inputs"].shape == (4, 3, 8, 8) and sorted(buffer["targets"].tolist()) == [0, 0, 2, 2]
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3))
+    fisher = fisher_information(model, kept.train, torch.nn.CrossEntropyLoss(), samples=8, seed=0)
+    assert fisher["1.weight"].shape == (3, 192) and bool((fisher["1.weight"] >= 0).all())

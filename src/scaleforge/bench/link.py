@@ -98,6 +98,8 @@ def throttled_link(rate: str) -> Iterator[Link]:
     finally:
         for node in nodes:  # deleting a namespace deletes its end of the pair, and with it the other
             subprocess.run(["ip", "netns", "delete", node.namespace], capture_output=True, check=False)
+        # a pair made but not yet moved into the namespaces (a setup step that failed) is still here
+        subprocess.run(["ip", "link", "delete", nodes[0].interface], capture_output=True, check=False)
 
 
 def _delete_stale() -> None:
@@ -106,7 +108,8 @@ def _delete_stale() -> None:
     for line in listed.splitlines():
         name = line.split()[0] if line.split() else ""
         found = re.fullmatch(rf"{PREFIX}(\d+)[ab]", name)
-        if found and not _alive(int(found.group(1))):
+        # this process's own names too: left by an earlier process that had this process's number
+        if found and (int(found.group(1)) == os.getpid() or not _alive(int(found.group(1)))):
             subprocess.run(["ip", "netns", "delete", name], capture_output=True, check=False)
 
 

@@ -320,6 +320,9 @@ def run_compression_benchmark(
         )
     if link is not None:
         link = check_link(link, processes)
+        # gloo over the link: each node's processes would pick cuda:LOCAL_RANK (the same GPUs on one machine),
+        # and NCCL would reach the other node by shared memory rather than the throttled link
+        overrides = [*overrides, "hardware.device=cpu"]
     config = load_config(config_path, overrides)
     threads = threads_per_process(processes)
     plans = plan_compression(config_path, overrides, settings, steps, powersgd_rank, powersgd_start_step)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from scaleforge.config import RunConfig, dump_yaml
+from scaleforge.config import ContinualSection, RunConfig, dump_yaml
 from scaleforge.data.base import DataInfo
 from scaleforge.errors import AgreedError, UsageError
 from scaleforge.runs import (
@@ -252,6 +252,8 @@ def _train_from(model: nn.Module, config: RunConfig, partial: Path, nproc: int, 
     with tempfile.TemporaryDirectory() as scratch:
         start = Path(scratch) / "start.safetensors"
         save_file({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, str(start))
+        # compression's fine-tuning is not a task of a continual sequence: it keeps no buffer, penalty or teacher
+        changes.setdefault("continual", ContinualSection())
         training = dataclasses.replace(config.training, max_steps=None, init_from=str(start), **changes)
         config = dataclasses.replace(config, training=training)
         if nproc == 1:

@@ -145,9 +145,13 @@ def _of_classes(dataset: Dataset, classes: list[int]) -> Dataset:
     """The samples of `dataset` whose label is one of `classes`: gathered at once from tensors in memory, else
     indexed after reading each sample's label once."""
     wanted = torch.tensor(sorted(set(classes)))
-    if isinstance(dataset, InMemoryDataset):
+    if type(dataset) is InMemoryDataset:  # exactly: a subclass may hold no `inputs` tensor (GatheredImages)
         keep = torch.isin(dataset.targets, wanted.to(dataset.targets.device))
         return InMemoryDataset(dataset.inputs[keep], dataset.targets[keep])
-    labels = set(wanted.tolist())
-    indices = [i for i in range(len(dataset)) if int(dataset[i][1]) in labels]  # type: ignore[arg-type]
+    targets = getattr(dataset, "targets", None)
+    if isinstance(targets, torch.Tensor) and len(targets) == len(dataset):  # type: ignore[arg-type]
+        indices = torch.isin(targets.cpu(), wanted).nonzero().flatten().tolist()
+    else:
+        labels = set(wanted.tolist())
+        indices = [i for i in range(len(dataset)) if int(dataset[i][1]) in labels]  # type: ignore[arg-type]
     return torch.utils.data.Subset(dataset, indices)

@@ -49,21 +49,39 @@ def earlier_file(
         final = verify_final(init_from, signing_key_env)
     except UsageError as error:
         raise ConfigError(f"training.init_from: {error}") from error
-    return load((final / name).read_bytes()) if (final / name).is_file() else None
+    if not (final / name).is_file():
+        return None
+    try:
+        return load((final / name).read_bytes())
+    except Exception as error:  # noqa: BLE001 - safetensors' own error types: a file it cannot read
+        raise ConfigError(f"training.init_from: {final / name} cannot be read: {error}") from error
 
 
 def earlier_buffer(init_from: str | None, signing_key_env: str | None = None) -> InMemoryDataset | None:
     """The replay buffer the run `init_from` kept; None when it kept none (a first task trained without replay)."""
     tensors = earlier_file(init_from, REPLAY_FILE, signing_key_env)
-    return InMemoryDataset(tensors["inputs"], tensors["targets"]) if tensors is not None else None
+    if tensors is None:
+        return None
+    inputs, targets = tensors.get("inputs"), tensors.get("targets")
+    if inputs is None or targets is None or len(inputs) != len(targets) or targets.dim() != 1:
+        raise ConfigError(f"training.init_from: its {REPLAY_FILE} is not a buffer of inputs and one target each")
+    return InMemoryDataset(inputs, targets)
 
 
 def with_buffer(splits: DatasetSplits, buffer: InMemoryDataset) -> DatasetSplits:
     """`splits` whose training split also holds `buffer`'s samples (in memory at once when both are tensors)."""
     import dataclasses
 
-    train = splits.train
-    if isinstance(train, InMemoryDataset):
+    train, classes = splits.train, splits.info.num_classes
+    if (
+        classes is not None
+        and len(buffer)
+        and not 0 <= int(buffer.targets.min()) <= int(buffer.targets.max()) < classes
+    ):
+        raise ConfigError(
+            f"training.continual: the replay buffer holds labels outside this dataset's {classes} classes"
+        )
+    if type(train) is InMemoryDataset:  # exactly: a subclass may hold no `inputs` tensor (GatheredImages)
         if buffer.inputs.shape[1:] != train.inputs.shape[1:]:
             raise ConfigError(
                 f"training.continual: the replay buffer's inputs are {tuple(buffer.inputs.shape[1:])}, this "
@@ -95,7 +113,7 @@ def select_buffer(dataset: Dataset, section: ContinualSection, seed: int) -> dic
             chosen_parts.append(members[torch.randperm(len(members), generator=generator)[:share]])
         chosen = torch.cat(chosen_parts)
     chosen = chosen.sort().values
-    samples = [dataset[int(i)] for i in chosen] if not isinstance(dataset, InMemoryDataset) else None
+    samples = [dataset[int(i)] for i in chosen] if type(dataset) is not InMemoryDataset else None
     if samples is None:
         assert isinstance(dataset, InMemoryDataset)
         inputs, labels = dataset.inputs[chosen], dataset.targets[chosen]
@@ -106,20 +124,25 @@ def select_buffer(dataset: Dataset, section: ContinualSection, seed: int) -> dic
 
 def _labels(dataset: Dataset) -> torch.Tensor:
     """Every sample's label, from the tensor in memory or read sample by sample."""
-    if isinstance(dataset, InMemoryDataset):
-        return dataset.targets.cpu()
+    targets = getattr(dataset, "targets", None)
+    if isinstance(targets, torch.Tensor) and len(targets) == len(dataset):  # type: ignore[arg-type]
+        return targets.cpu()
     return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])  # type: ignore[arg-type]
 
 
-def check_continual(section: ContinualSection, task: str, strategy: str, init_from: str | None) -> None:
+def check_continual(
+    section: ContinualSection, task: str, strategy: str, init_from: str | None, *, quantization_aware: bool = False
+) -> None:
     """A config error for a continual strategy the data, the parallel strategy or the start cannot take."""
     key = "training.continual.strategy"
     if section.strategy in ("replay", "lwf") and task != "classification":
         raise ConfigError(f"{key}: {section.strategy} is for classification data, not {task}")
     if section.strategy == "ewc" and strategy not in PENALISED:
         raise ConfigError(f"{key}: ewc reads whole parameters: it runs under single or ddp, not {strategy}")
-    if section.strategy == "lwf" and init_from is None:
-        raise ConfigError(f"{key}: lwf learns from the run it starts from: give training.init_from")
+    if section.strategy == "ewc" and quantization_aware:
+        raise ConfigError(f"{key}: ewc estimates its Fisher on the plain model, not under training.quantization_aware")
+    if section.strategy == "lwf" and (init_from is None or Path(init_from).is_file()):
+        raise ConfigError(f"{key}: lwf learns from the run it starts from: give training.init_from a run directory")
     if section.strategy == "lwf" and not 0 <= section.lwf_weight <= 1:
         raise ConfigError(f"training.continual.lwf_weight: {section.lwf_weight} is not between 0 and 1")
 
@@ -148,6 +171,8 @@ class EWCLoss(nn.Module):
                 )
             device = parameter.device
             self.terms.append((parameter, fisher.to(device, parameter.dtype), anchor.to(device, parameter.dtype)))
+        if not self.terms:
+            raise ConfigError("training.init_from: its EWC state names none of this model's parameters")
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         penalty = sum((fisher * (parameter - anchor).pow(2)).sum() for parameter, fisher, anchor in self.terms)
@@ -163,18 +188,17 @@ def fisher_information(
     order = torch.randperm(len(dataset), generator=generator)[:samples]  # type: ignore[arg-type]
     fisher = {name: torch.zeros_like(p) for name, p in model.named_parameters() if p.requires_grad}
     model.eval()
-    batches = order.split(batch_size)
-    for indices in batches:
-        if isinstance(dataset, InMemoryDataset):
+    for indices in order.split(batch_size):
+        if type(dataset) is InMemoryDataset:
             inputs, targets = dataset.inputs[indices], dataset.targets[indices]
         else:
             pairs = [dataset[int(i)] for i in indices]
             inputs, targets = torch.stack([p[0] for p in pairs]), torch.stack([torch.as_tensor(p[1]) for p in pairs])
         model.zero_grad(set_to_none=True)
-        loss(model(inputs), targets).backward()
+        loss(model(inputs.cpu()), targets.cpu()).backward()
         for name, parameter in model.named_parameters():
-            if parameter.grad is not None and name in fisher:
-                fisher[name] += parameter.grad.detach().pow(2) / len(batches)
+            if parameter.grad is not None and name in fisher:  # each batch weighed by its samples
+                fisher[name] += parameter.grad.detach().pow(2) * len(indices) / len(order)
     return fisher
 
 

@@ -124,11 +124,28 @@ def with_earlier_tasks(data: DatasetSplits, config: RunConfig, dims: ParallelDim
     continual, training = config.training.continual, config.training
     if continual.strategy == "none":
         return data
-    check_continual(continual, data.info.task, dims.strategy, training.init_from)
+    check_continual(
+        continual, data.info.task, dims.strategy, training.init_from, quantization_aware=training.quantization_aware
+    )
     if continual.strategy != "replay":
         return data
     buffer = earlier_buffer(training.init_from, config.checkpoint.signing_key_env)
     return with_buffer(data, buffer) if buffer is not None else data
+
+
+def ewc_penalty(
+    config: RunConfig, model: nn.Module, loss: nn.Module
+) -> tuple[dict[str, torch.Tensor] | None, nn.Module | None]:
+    """Under `ewc`: the earlier tasks' state that the run `init_from` names kept (None if it kept none), and the
+    training loss with its penalty on `model`'s parameters (built before the strategy wraps the model: activation
+    checkpointing renames parameters, and DDP and FSDP-free strategies keep these objects)."""
+    training = config.training
+    if training.continual.strategy != "ewc":
+        return None, None
+    earlier = earlier_file(training.init_from, EWC_FILE, config.checkpoint.signing_key_env)
+    if earlier is None:
+        return None, None
+    return earlier, EWCLoss(loss, model, earlier, training.continual.ewc_lambda)
 
 
 def continual_training(training: TrainingSection) -> TrainingSection:
@@ -589,6 +606,7 @@ class Trainer:
             num_parameters = count_parameters(model)
             flops = step_flops(model, config, data.train, data.info, dims, device, precision)  # before it is split
             objective = build_checked_objective(continual_training(training), data.info, dims, device)
+            earlier_ewc, train_loss = ewc_penalty(config, model, objective.loss)  # before wrappers rename parameters
             plan, layout = plan_training(config, model, dims, device, precision)
             check_validation_share(data, dims)
             hooks = build_process_callbacks(config, run_dir, env, callbacks)
@@ -603,11 +621,6 @@ class Trainer:
             loss_fn=objective.loss,
         )
         plan = dataclasses.replace(plan, rank=parallel.dp_rank)
-        earlier_ewc, train_loss = None, None
-        if training.continual.strategy == "ewc":  # the earlier tasks' Fisher and weights, if a run kept them
-            earlier_ewc = earlier_file(training.init_from, EWC_FILE, config.checkpoint.signing_key_env)
-            if earlier_ewc is not None:  # the parameters of `model` are the ones single and ddp train
-                train_loss = EWCLoss(objective.loss, model, earlier_ewc, training.continual.ewc_lambda)
         batches = TrainBatches(data.train, plan, seed=config.seed, device=device, num_workers=config.data.num_workers)
         eval_batches = EvalBatches(  # its workers start now, before the optimizer's state and training grow the process
             data.val, eval_batch_size(training, data.info), device, config.data.num_workers, parallel.eval_shard()
@@ -727,7 +740,7 @@ class Trainer:
         state.should_stop = self.parallel.any_process(state.should_stop)  # callbacks run on rank 0 alone
         if self.config.logging.system_metrics:
             self.monitor = SystemMonitor(self.device, info.seq_len if info.vocab_size is not None else None)
-        self.setup_j = self.energy.take()  # counted at the end: the log lines' power is the training loop's
+        self.setup_j = self.energy.take()  # counted apart: the log lines' power is the training loop's
         self.window = LogWindow(state.step, time.perf_counter())
         self.steps_before = state.step
         self.parallel.module.train()
@@ -810,11 +823,12 @@ class Trainer:
         now = time.perf_counter()
         elapsed = max(now - window.time, 1e-9)
         # the one host sync per log line: the loss, the window's time (the same mean on every process) and the
-        # job's energy in the window (each process's share, see energy.py)
-        own = [elapsed / self.dims.world_size, self.energy.take()]
+        # job's energy in the window and, once, in the setup (each process's share, see energy.py)
+        own = [elapsed / self.dims.world_size, self.energy.take(), self.setup_j]
         shares = torch.cat([step_sum.reshape(1), torch.tensor(own, device=step_sum.device)])
-        loss_sum, mean_elapsed, energy = self.parallel.all_reduce_sum(shares).tolist()
-        state.energy_j += energy
+        loss_sum, mean_elapsed, energy, setup = self.parallel.all_reduce_sum(shares).tolist()
+        state.energy_j += energy + setup  # the setup's energy once, in the first line, so checkpoints hold it
+        self.setup_j = 0.0
         mean_loss = loss_sum / steps
         self.stop_every = stop_check_steps(mean_elapsed / steps, self.config.logging.every_steps)
         record = {
@@ -894,7 +908,7 @@ class Trainer:
         """Gather the whole model, then (rank 0) write final/ and summary.json and tell the callbacks; returns the
         summary."""
         memory = self.parallel.gather(process_memory(self.optimizer, self.device))
-        own = self.energy.take() + self.setup_j  # since the last log line, and the setup
+        own = self.energy.take() + self.setup_j  # since the last log line (and the setup, if no line came)
         self.state.energy_j += float(self.parallel.all_reduce_sum(torch.tensor(own, dtype=torch.float64)))
         full_state = self.parallel.full_state_dict()  # every process takes part in gathering the shards
         summary = self.summary(loop_time, memory)
