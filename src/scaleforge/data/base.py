@@ -148,10 +148,23 @@ def _of_classes(dataset: Dataset, classes: list[int]) -> Dataset:
     if type(dataset) is InMemoryDataset:  # exactly: a subclass may hold no `inputs` tensor (GatheredImages)
         keep = torch.isin(dataset.targets, wanted.to(dataset.targets.device))
         return InMemoryDataset(dataset.inputs[keep], dataset.targets[keep])
+    indices = torch.isin(labels_of(dataset), wanted).nonzero().flatten().tolist()
+    return torch.utils.data.Subset(dataset, indices)
+
+
+def labels_of(dataset: Dataset) -> torch.Tensor:
+    """Every sample's label, on the CPU: from the dataset's `targets` tensor where it has one, else read sample by
+    sample."""
     targets = getattr(dataset, "targets", None)
     if isinstance(targets, torch.Tensor) and len(targets) == len(dataset):  # type: ignore[arg-type]
-        indices = torch.isin(targets.cpu(), wanted).nonzero().flatten().tolist()
-    else:
-        labels = set(wanted.tolist())
-        indices = [i for i in range(len(dataset)) if int(dataset[i][1]) in labels]  # type: ignore[arg-type]
-    return torch.utils.data.Subset(dataset, indices)
+        return targets.cpu()
+    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])  # type: ignore[arg-type]
+
+
+def gather(dataset: Dataset, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inputs and targets of the samples at `indices`, as two batched tensors: sliced at once from tensors in
+    memory, else read one by one and stacked."""
+    if type(dataset) is InMemoryDataset:  # exactly: a subclass may hold no `inputs` tensor (GatheredImages)
+        return dataset.inputs[indices], dataset.targets[indices]
+    pairs = [dataset[int(i)] for i in indices]
+    return torch.stack([p[0] for p in pairs]), torch.stack([torch.as_tensor(p[1]) for p in pairs])

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from scaleforge.config import ComponentSpec, ContinualSection
-from scaleforge.data.base import DatasetSplits, InMemoryDataset
+from scaleforge.data.base import DatasetSplits, InMemoryDataset, gather, labels_of
 from scaleforge.errors import ConfigError, UsageError
 
 REPLAY_FILE = "replay.safetensors"
@@ -100,7 +100,7 @@ def select_buffer(dataset: Dataset, section: ContinualSection, seed: int) -> dic
     """`section.buffer_size` samples of `dataset` (this task's training data with the earlier buffer), as the
     tensors of `replay.safetensors`: the same number from every class (those with fewer give all they have), or at
     random, drawn with the run's seed."""
-    targets = _labels(dataset)
+    targets = labels_of(dataset)
     generator = torch.Generator().manual_seed(seed)
     if section.selection == "random":
         chosen = torch.randperm(len(targets), generator=generator)[: section.buffer_size]
@@ -113,21 +113,8 @@ def select_buffer(dataset: Dataset, section: ContinualSection, seed: int) -> dic
             chosen_parts.append(members[torch.randperm(len(members), generator=generator)[:share]])
         chosen = torch.cat(chosen_parts)
     chosen = chosen.sort().values
-    samples = [dataset[int(i)] for i in chosen] if type(dataset) is not InMemoryDataset else None
-    if samples is None:
-        assert isinstance(dataset, InMemoryDataset)
-        inputs, labels = dataset.inputs[chosen], dataset.targets[chosen]
-    else:
-        inputs, labels = torch.stack([s[0] for s in samples]), torch.stack([torch.as_tensor(s[1]) for s in samples])
+    inputs, labels = gather(dataset, chosen)
     return {"inputs": inputs.detach().cpu().contiguous(), "targets": labels.detach().cpu().contiguous()}
-
-
-def _labels(dataset: Dataset) -> torch.Tensor:
-    """Every sample's label, from the tensor in memory or read sample by sample."""
-    targets = getattr(dataset, "targets", None)
-    if isinstance(targets, torch.Tensor) and len(targets) == len(dataset):  # type: ignore[arg-type]
-        return targets.cpu()
-    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])  # type: ignore[arg-type]
 
 
 def check_continual(
@@ -189,11 +176,7 @@ def fisher_information(
     fisher = {name: torch.zeros_like(p) for name, p in model.named_parameters() if p.requires_grad}
     model.eval()
     for indices in order.split(batch_size):
-        if type(dataset) is InMemoryDataset:
-            inputs, targets = dataset.inputs[indices], dataset.targets[indices]
-        else:
-            pairs = [dataset[int(i)] for i in indices]
-            inputs, targets = torch.stack([p[0] for p in pairs]), torch.stack([torch.as_tensor(p[1]) for p in pairs])
+        inputs, targets = gather(dataset, indices)
         model.zero_grad(set_to_none=True)
         loss(model(inputs.cpu()), targets.cpu()).backward()
         for name, parameter in model.named_parameters():
