@@ -68,7 +68,8 @@ def test_a_run_records_the_energy_it_used_and_where_the_figure_comes_from(digits
     lines = [record for record in records(digits_run) if "loss" in record]
     assert all(line["power_w"] > 0 for line in lines)
     totals = [line["energy_j"] for line in lines]
-    assert totals == sorted(totals) and 0 < totals[-1] < summary["energy_j"]  # the job's, through each log line
+    assert totals == sorted(totals) and 0 < totals[-1] <= summary["energy_j"]  # the job's, through each log line
+    # (equal where the CPU clock, at 10 ms a tick, did not move between the last line and the end)
     assert summary["energy_source"] in ("estimate", "rapl")  # this machine's processor, estimated or counted
     if summary["energy_source"] == "estimate":
         assert "set hardware.cpu_watts" in summary["energy_note"]  # the default power a core, said
