@@ -2,7 +2,7 @@
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-# every extra (serve, export, stream, search, bench) and the test tools; the core alone: tests/lean_install.sh
+# every extra (serve, export, stream, search, data, federated, bench) and the test tools; the core alone: tests/lean_install.sh
 EXTRAS ?= all,dev
 comma := ,
 STAMP := $(VENV)/.setup-$(subst $(comma),-,$(EXTRAS))

@@ -28,13 +28,14 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("training", ["training", "evaluation"]),
     ("compress, export", ["compress", "export"]),
     ("serve, stream", ["serve", "stream"]),
-    ("search, bench", ["search", "bench"]),
+    ("search, federated, bench", ["search", "federated", "bench"]),
     ("cli, api", ["cli", "api", "__init__", "__main__"]),
 ]
 # Imports that the layer order admits but the design does not: product code never imports the benchmarks, and
 # serving and streaming read run directories without the trainer or torch.distributed.
 FORBIDDEN = [
     ("search", "bench"),
+    ("federated", "bench"),
     ("serve", "distributed"),
     ("stream", "distributed"),
     ("serve", "training"),

@@ -57,6 +57,20 @@ class ModelSection:
 
 
 @dataclass(frozen=True)
+class PartitionSection:
+    """One part of the training split, for one client of a federation (`scaleforge federate` sets it for each):
+    the split cut into `parts` by `scheme` with `seed`, and this run trains on part `index`; the validation split
+    stays whole. `iid`: shuffled and cut evenly; `dirichlet:ALPHA`: each class spread over the parts in
+    Dirichlet(ALPHA) proportions (the smaller ALPHA, the more skewed); `by-class:K`: K classes a part, each class
+    cut evenly among the parts that hold it (docs/federated.md)."""
+
+    scheme: str = "iid"
+    parts: int = field(default=1, metadata=POSITIVE)  # 1: the whole split
+    index: int = field(default=0, metadata=NON_NEGATIVE)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class DataSection:
     """`data.dataset`, the dataset's constructor arguments, and how batches are loaded."""
 
@@ -64,6 +78,7 @@ class DataSection:
     num_workers: int = field(default=0, metadata=NON_NEGATIVE)
     # class-incremental tasks: keep the samples of these classes only (both splits); the model's head keeps every class
     classes: list[int] | None = None
+    partition: PartitionSection = PartitionSection()
     params: dict[str, Any] = field(default_factory=dict)
     factory: Callable[..., Any] | None = field(default=None, compare=False, repr=False)  # resolved at load
 
@@ -115,6 +130,9 @@ class TrainingSection:
     # fake-quantized training (PT2E QAT, torchao's x86 quantizer): the model is exported and trained as it will
     # compute in int8; `scaleforge compress --method qat` converts the result. Single process or ddp
     quantization_aware: bool = False
+    # FedProx's proximal term: mu / 2 * ||w - w0||^2 added to the training loss, w0 the weights training starts
+    # from (training.init_from; a federation's global model); 0 leaves the loss as it is. Single process or ddp
+    proximal_mu: float = field(default=0.0, metadata=NON_NEGATIVE)
     continual: ContinualSection = ContinualSection()
 
 

@@ -13,13 +13,13 @@ import warnings
 from collections.abc import Sequence
 from typing import NoReturn
 
-from scaleforge.cli import ab, bench, compress, data, generate, inspect, search, serve, stream, train
+from scaleforge.cli import ab, bench, compress, data, federate, generate, inspect, search, serve, stream, train
 from scaleforge.cli.arguments import Parser
 from scaleforge.errors import AgreedError, ScaleforgeError, ScaleforgeWarning
 from scaleforge.training.signals import Interrupted
 
 # in the order `--help` lists them
-COMMAND_GROUPS = (train, data, compress, generate, inspect, serve, ab, stream, search, bench)
+COMMAND_GROUPS = (train, data, compress, generate, inspect, serve, ab, stream, search, federate, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -51,6 +51,7 @@ from scaleforge.config import (
 )
 from scaleforge.data.base import DataInfo, DatasetSplits, InMemoryDataset, keep_classes
 from scaleforge.data.loading import BatchPlan, DataWaitClock, EvalBatches, TrainBatches
+from scaleforge.data.partition import keep_part
 from scaleforge.distributed.env import (
     DistEnv,
     check_device_per_process,
@@ -80,6 +81,7 @@ from scaleforge.training.checkpoint import (
 )
 from scaleforge.training.continual import (
     EWC_FILE,
+    PENALISED,
     REPLAY_FILE,
     EWCLoss,
     check_continual,
@@ -113,6 +115,7 @@ def build_data(section: DataSection) -> DatasetSplits:
         raise ConfigError(f"data.dataset: '{section.dataset}' returned {type(splits).__name__}, not DatasetSplits")
     if section.classes is not None:
         splits = keep_classes(splits, section.classes)
+    splits = keep_part(splits, section.partition)
     if len(splits.val) == 0:  # type: ignore[arg-type]
         raise ConfigError(f"data: the validation split of '{section.dataset}' is empty; raise data.val_fraction")
     return splits
@@ -122,6 +125,9 @@ def with_earlier_tasks(data: DatasetSplits, config: RunConfig, dims: ParallelDim
     """The data with what `training.continual` adds of the earlier tasks: their replay buffer (none without
     replay, or when the run it starts from kept none); every strategy checked against the data and the layout."""
     continual, training = config.training.continual, config.training
+    if training.proximal_mu > 0 and dims.strategy not in PENALISED:
+        raise ConfigError(f"training.proximal_mu: the proximal term reads whole parameters: it runs under single or "
+                          f"ddp, not {dims.strategy}")  # fmt: skip
     if continual.strategy == "none":
         return data
     check_continual(
@@ -138,14 +144,21 @@ def ewc_penalty(
 ) -> tuple[dict[str, torch.Tensor] | None, nn.Module | None]:
     """Under `ewc`: the earlier tasks' state that the run `init_from` names kept (None if it kept none), and the
     training loss with its penalty on `model`'s parameters (built before the strategy wraps the model: activation
-    checkpointing renames parameters, and DDP and FSDP-free strategies keep these objects)."""
+    checkpointing renames parameters, and DDP and FSDP-free strategies keep these objects). Under
+    `training.proximal_mu`, that loss (or the plain one) also gets FedProx's proximal term: EWC's penalty with a
+    Fisher of ones, anchored to the weights training starts from."""
     training = config.training
-    if training.continual.strategy != "ewc":
-        return None, None
-    earlier = earlier_file(training.init_from, EWC_FILE, config.checkpoint.signing_key_env)
-    if earlier is None:
-        return None, None
-    return earlier, EWCLoss(loss, model, earlier, training.continual.ewc_lambda)
+    earlier, train_loss = None, None
+    if training.continual.strategy == "ewc":
+        earlier = earlier_file(training.init_from, EWC_FILE, config.checkpoint.signing_key_env)
+        if earlier is not None:
+            train_loss = EWCLoss(loss, model, earlier, training.continual.ewc_lambda)
+    if training.proximal_mu > 0:
+        anchors = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+        state = {f"{kind}.{name}": (torch.ones_like(p) if kind == "fisher" else p) for name, p in anchors.items()
+                 for kind in ("fisher", "anchor")}  # fmt: skip
+        train_loss = EWCLoss(train_loss or loss, model, state, training.proximal_mu)
+    return earlier, train_loss
 
 
 def continual_training(training: TrainingSection) -> TrainingSection:

@@ -1,0 +1,84 @@
+"""A federation's client: each round it trains its part of the data with the normal trainer, from the global model.
+
+The client's config is the federation's with `data.partition` set to its part, `training.init_from` to the global
+model of the round, `training.epochs` to the local epochs (the config's own schedule, run over them), FedProx's
+`training.proximal_mu`, and a seed of the round and the part. Its run directory, `clients/<part>/run` under the
+federation's, holds the last round it trained (its log in `clients/<part>/train.log`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from safetensors.torch import save_file
+
+from scaleforge.config import config_from_dict
+from scaleforge.federated import quiet_flower
+from scaleforge.runs import read_weights
+from scaleforge.training.trainer import train
+
+PART, PARTS = "partition-id", "num-partitions"  # the node config's keys (Flower's, in simulation and deployment)
+
+
+def client_config(
+    raw: dict[str, Any], part: int, parts: int, scheme: str, settings: dict[str, Any], folder: Path
+) -> dict[str, Any]:
+    """The config (as data) client `part` of `parts` trains a round with: `raw`, the federation's config, with the
+    round's `settings` (local-epochs, proximal-mu, server-round) and the global model in `folder`."""
+    config = json.loads(json.dumps(raw))  # a deep copy of plain data
+    seed = int(config.get("seed", 0))
+    config["seed"] = seed + 1000 * int(settings["server-round"]) + part  # each round's and part's own order
+    data, training = config.setdefault("data", {}), config.setdefault("training", {})
+    data["partition"] = {"scheme": scheme, "parts": parts, "index": part, "seed": seed}
+    training.update(epochs=int(settings["local-epochs"]), max_steps=None, init_from=str(folder / "global.safetensors"))
+    training["proximal_mu"] = float(settings.get("proximal-mu", 0.0))
+    logging = config.setdefault("logging", {})
+    logging.update(tensorboard=False, plot=False, progress="plain", prometheus_port=None)
+    config.setdefault("checkpoint", {})["every_steps"] = 0  # a round is short: it is redone if the client dies
+    return config
+
+
+def train_round(message: Message, context: Context, raw: dict[str, Any], run_dir: str, scheme: str) -> Message:
+    """Train this client's part for a round from the global model in `message`; reply with the new weights and
+    the samples they were trained on (FedAvg's weight)."""
+    quiet_flower()
+    part, parts = int(context.node_config[PART]), int(context.node_config[PARTS])
+    settings = dict(message.content["config"])
+    folder = Path(run_dir) / "clients" / str(part)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    save_file(dict(message.content["arrays"].to_torch_state_dict()), str(folder / "global.safetensors"))
+    config = config_from_dict(client_config(raw, part, parts, scheme, settings, folder))
+    with (folder / "train.log").open("w") as log, contextlib.redirect_stdout(log):
+        summary = train(config, folder / "run", resume="never")
+    weights = read_weights(folder / "run" / "final" / "model.safetensors")
+    losses = [json.loads(line).get("loss") for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [loss for loss in losses if loss is not None]
+    metrics = {
+        "num-examples": int(summary["steps"]) * config.training.batch_size,
+        "partition": part,
+        "train_loss": float(losses[-1]) if losses else float("nan"),
+    }
+    return Message(RecordDict({"arrays": ArrayRecord(weights), "metrics": MetricRecord(metrics)}), reply_to=message)
+
+
+def client_app(raw: dict[str, Any], run_dir: str, scheme: str) -> ClientApp:
+    """The Flower client app of a federation of config `raw` (as data) writing to `run_dir`."""
+    app = ClientApp()
+
+    @app.query()
+    def part(message: Message, context: Context) -> Message:  # which part this node trains: the server's order
+        record = ConfigRecord({PART: int(context.node_config[PART])})
+        return Message(RecordDict({"part": record}), reply_to=message)
+
+    @app.train()
+    def train_(message: Message, context: Context) -> Message:
+        return train_round(message, context, raw, run_dir, scheme)
+
+    return app
