@@ -19,7 +19,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "stream": ("cv2",),
     "search": ("optuna",),
     "data": ("datasets", "tokenizers", "boto3"),
-    "federated": ("flwr", "ray", "opacus"),
+    "federated": ("flwr", "ray"),
     "bench": ("aiohttp",),
 }
 

@@ -59,15 +59,58 @@ def _descendants(pid: int) -> list[int]:
         return []
 
 
+CLIENT_CALLBACKS = """
+import os, signal, time
+from pathlib import Path
+
+from scaleforge import register_callback
+from scaleforge.training.callbacks import Callback
+
+
+@register_callback("die_once")
+class DieOnce(Callback):
+    \"\"\"Kills its own process (SIGKILL) as training starts, in client `part`'s first round only.\"\"\"
+
+    def __init__(self, part: int, marker: str) -> None:
+        self.part, self.marker = part, Path(marker)
+
+    def on_train_start(self, state) -> None:
+        if state.run_dir.parent.name == str(self.part) and not self.marker.exists():
+            self.marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+@register_callback("pause")
+class Pause(Callback):
+    \"\"\"Sleeps PAUSE_S seconds (an environment variable, unset: none) as a client's round starts.\"\"\"
+
+    def on_train_start(self, state) -> None:
+        time.sleep(float(os.environ.get("PAUSE_S", "0")))
+"""
+
+
+@pytest.fixture
+def with_callbacks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A module of client callbacks importable by the command, its host and Ray's actors; returns its folder."""
+    (tmp_path / "client_callbacks.py").write_text(CLIENT_CALLBACKS)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    return tmp_path
+
+
 @pytest.mark.slow
-def test_a_federation_killed_and_run_again_resumes_from_its_last_round_exactly(tmp_path: Path) -> None:
-    args = ["--clients", "2", "--rounds", "4", "--strategy", "fedadam", "--partition", "by-class:6"]
+def test_a_federation_killed_and_run_again_resumes_from_its_last_round_exactly(
+    tmp_path: Path, with_callbacks: Path
+) -> None:
+    config = tmp_path / "paused.yaml"  # its clients pause where PAUSE_S says: the killed run's, so it is killed mid-way
+    config.write_text("imports: [client_callbacks]\ntraining:\n  callbacks: [{name: pause}]\n")
+    args = [str(config), "--clients", "2", "--rounds", "4", "--strategy", "fedadam", "--partition", "by-class:6"]
     whole = run_subprocess("federate", *args, "--run-dir", str(tmp_path / "whole"), timeout=300)
     assert whole.code == 0, whole.err[-3000:]
     run_dir = tmp_path / "killed"
     command = [sys.executable, "-m", "scaleforge", "federate", *args, "--run-dir", str(run_dir)]
     log = (tmp_path / "killed.log").open("w")
-    process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    env = {**os.environ, "PAUSE_S": "2"}
+    process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline, started = time.monotonic() + 240, []
     while not (run_dir / "checkpoints" / "round-0002").is_dir() and time.monotonic() < deadline:
         started = _descendants(process.pid) or started  # the host, Ray's processes and the clients
@@ -79,17 +122,43 @@ def test_a_federation_killed_and_run_again_resumes_from_its_last_round_exactly(t
     assert all(gone(pid) for pid in started), [psutil.Process(p).name() for p in started if not gone(p, 0)]
     again = run_subprocess("federate", *args, "--run-dir", str(run_dir), timeout=300)
     assert again.code == 0, again.err[-3000:]
-    assert "from round 2" in again.out or "from round 3" in again.out  # the newest checkpoint when it was killed
+    assert "from round 2" in again.out  # the newest checkpoint when it was killed (round 3's clients were pausing)
     expected, got = (
         load_file(tmp_path / "whole" / "final" / "model.safetensors"),
         load_file(run_dir / "final" / "model.safetensors"),
     )
     assert all((expected[k] == got[k]).all() for k in expected)  # FedAdam's moments and the sampling carried exactly
     assert [line["round"] for line in lines(run_dir)] == [0, 1, 2, 3, 4]
-    assert json.loads((run_dir / "summary.json").read_text())["resumed_from_round"] in (2, 3)
-    other = run_subprocess("federate", *args[:-2], "--partition", "iid", "--run-dir", str(run_dir))
+    assert json.loads((run_dir / "summary.json").read_text())["resumed_from_round"] == 2
+    other = run_subprocess("federate", *args[:-2], "--partition", "iid", "--run-dir", str(run_dir))  # same config
     assert other.code == 2 and other.err.count("\n") == 1
     assert "holds a federation with partition by-class:6, not iid" in other.err
+    changed = run_subprocess("federate", *args, "training.learning_rate=0.01", "--run-dir", str(run_dir))
+    assert changed.code == 2 and "holds a federation of another config" in changed.err
+
+
+@pytest.mark.slow
+def test_a_client_killed_mid_round_leaves_the_round_to_the_others_when_min_clients_allows(
+    tmp_path: Path, with_callbacks: Path
+) -> None:
+    config = tmp_path / "dying.yaml"
+    dying = f"{{name: die_once, part: 1, marker: {tmp_path / 'died'}}}"
+    config.write_text(f"imports: [client_callbacks]\ntraining:\n  callbacks: [{dying}]\n")
+    run_dir = tmp_path / "tolerant"
+    result = run_subprocess("federate", str(config), "--clients", "3", "--rounds", "2", "--min-clients", "2",
+                            "--run-dir", str(run_dir), timeout=300)  # fmt: skip
+    assert result.code == 0, result.err[-3000:]
+    rounds = lines(run_dir)
+    assert (rounds[1]["clients"], rounds[1]["failed"], rounds[1]["parts"]) == (2, 1, [0, 2])  # client 1 died
+    assert (rounds[2]["clients"], rounds[2]["failed"]) == (3, 0)  # and its place was taken by a new actor
+    (tmp_path / "died").unlink()
+    strict = run_subprocess(
+        "federate", str(config), "--clients", "3", "--rounds", "2", "--run-dir", str(tmp_path / "strict")
+    )
+    assert strict.code == 1
+    last = strict.err.strip().splitlines()[-1]
+    assert last.startswith("round 1: 2 of 3 clients replied, 3 needed; ") and "died" in last
+    assert not (tmp_path / "strict" / "final").exists()
 
 
 @pytest.mark.parametrize(
@@ -101,6 +170,8 @@ def test_a_federation_killed_and_run_again_resumes_from_its_last_round_exactly(t
         (["--clients", "4", "--rounds", "1", "--fraction-fit", "0.1"], "--fraction-fit 0.1 of 4 clients samples none"),
         (["--clients", "4", "--rounds", "1", "training.batchsize=3"], "training.batchsize: unknown key"),
         (["--clients", "2", "--rounds", "1", "--partition", "by-class:11"], "more classes than the dataset's 10"),
+        (["--clients", "20", "--rounds", "1", "--partition", "dirichlet:0.1"], "fewer than training.batch_size 64"),
+        (["--clients", "2", "--rounds", "1", "--strategy", "fedprox", "parallel.strategy=fsdp"], "proximal term reads"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(cli, tmp_path: Path, args: list[str], expected: str) -> None:

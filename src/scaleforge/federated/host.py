@@ -4,9 +4,11 @@ outlives the command.
 Ray's GCS server, raylet and actors end with the process that started Ray, but the agents the raylet starts
 (the dashboard agent, the runtime-env agent) are orphaned and run on when that process is killed. Every process Ray
 starts stays in the process group of the one that started it, so the simulation runs in a child of the command
-that leads a group of its own: when the command dies, however it dies, the kernel signals the host
-(`ParentDeathGuard`), which kills its whole group; when the host ends or is killed otherwise, the command kills
-the group. The command keeps its own group, so a terminal's Ctrl-C still reaches it.
+that leads a group of its own, and kills that whole group when the command dies, however it dies: its standard
+input is a pipe from the command, which reaches its end when the command's last copy of it closes (a thread
+waits for that), and the kernel's parent-death signal says the same (though `ray.init` replaces the SIGTERM
+handler, the pipe does not depend on one). When the host ends or is killed otherwise, the command kills the
+group. The command keeps its own group, so a terminal's Ctrl-C still reaches it.
 
 `python -m scaleforge.federated.host OPTIONS RUN_DIR` (OPTIONS: `FederationOptions` as JSON); a round that fails
 ends it with exit 1 and one line on stderr after `ERROR_MARK`, which the command reports as its own error.
@@ -21,8 +23,9 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from scaleforge.errors import AgreedError
 from scaleforge.federated import quiet_flower
@@ -38,7 +41,12 @@ def run_hosted(options: FederationOptions, run_dir: Path) -> None:
     """Run the federation's rounds in a host process; `AgreedError` (exit 1) when a round fails."""
     command = [sys.executable, "-m", "scaleforge.federated.host", json.dumps(dataclasses.asdict(options)), str(run_dir)]
     host = subprocess.Popen(
-        command, stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=ParentDeathGuard(signal.SIGTERM)
+        command,
+        stdin=subprocess.PIPE,  # never written: its end, when this process dies, is the host's signal to stop
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=ParentDeathGuard(signal.SIGTERM),
     )
     failure: list[str] = []
     relay = threading.Thread(target=_relay, args=(host.stderr, failure), daemon=True)
@@ -64,16 +72,51 @@ def _relay(stream: IO[str], failure: list[str]) -> None:
 
 
 def _stop_group(host: subprocess.Popen[str]) -> None:
-    """Whatever is left of the host's group: asked to stop, then killed."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(host.pid, sig)
-        except (ProcessLookupError, PermissionError):
+    """Whatever is left of the host's group: asked to stop, given `STOP_GRACE_S`, then killed."""
+    if not _signal_group(host.pid, signal.SIGTERM):
+        return
+    deadline = time.monotonic() + STOP_GRACE_S
+    while time.monotonic() < deadline:
+        if host.poll() is not None and not _signal_group(host.pid, 0):  # 0: whether any process of it is left
             return
+        time.sleep(0.1)
+    _signal_group(host.pid, signal.SIGKILL)
+    host.wait()
+
+
+def _signal_group(group: int, sig: int) -> bool:
+    """Send `sig` to process group `group`; whether the group still had a process."""
+    try:
+        os.killpg(group, sig)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def replace_dead_actors() -> None:
+    """Have Flower's actor pool replace an actor whose process died (a client killed mid-round) with a new one.
+
+    Flower 1.42's Ray backend puts the actor of a failed job back in its pool whatever the failure, so a dead
+    actor stays there and every later job sent to it fails as well: one killed client would fail some client in
+    every later round. The job's failure still reaches the round (which goes on if `--min-clients` allows); only
+    the actor it ran on is new. Done once in the host process, where the simulation's pool lives."""
+    import ray
+    from flwr.simulation.ray_transport.ray_actor import BasicActorPool
+
+    fetch = BasicActorPool.fetch_result_and_return_actor_to_pool
+    if getattr(fetch, "replaces_dead_actors", False):
+        return
+
+    def fetch_replacing(self: BasicActorPool, future: Any) -> Any:
         try:
-            host.wait(timeout=STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            continue
+            return fetch(self, future)
+        except ray.exceptions.RayActorError:
+            # the backend's error path puts this future's actor back in the pool: make it a live one
+            self._future_to_actor[future] = self.create_actor_fn()
+            raise
+
+    fetch_replacing.replaces_dead_actors = True  # type: ignore[attr-defined]
+    BasicActorPool.fetch_result_and_return_actor_to_pool = fetch_replacing  # type: ignore[method-assign]
 
 
 def simulate(federation: Federation) -> None:
@@ -83,6 +126,7 @@ def simulate(federation: Federation) -> None:
 
     from scaleforge.federated.client import client_app
 
+    replace_dead_actors()
     server = ServerApp()
     server.main()(federation.main)
     options = federation.options
@@ -117,8 +161,15 @@ def _kill_group(*_: object) -> None:
     os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
+def _kill_group_at_end_of_input() -> None:
+    while os.read(0, 4096):  # b"" once the command's end of the pipe closes: it died (unbuffered: sys.stdin's
+        pass  # lock, held by a daemon thread, would stop the interpreter's shutdown)
+    _kill_group()
+
+
 def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, _kill_group)  # the command's death (the parent-death signal) or its stop
+    threading.Thread(target=_kill_group_at_end_of_input, daemon=True).start()
     quiet_flower()
     fields = json.loads(argv[0])
     options = FederationOptions(**{**fields, "overrides": tuple(fields["overrides"])})

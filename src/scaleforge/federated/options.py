@@ -10,7 +10,16 @@ from scaleforge.errors import ConfigError, UsageError
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 # What a resumed federation must share with the one it continues (the number of rounds may grow).
-SAME_ON_RESUME = ("clients", "partition", "strategy", "local_epochs", "fraction_fit", "proximal_mu", "server_lr")
+SAME_ON_RESUME = (
+    "clients",
+    "partition",
+    "strategy",
+    "local_epochs",
+    "fraction_fit",
+    "min_clients",
+    "proximal_mu",
+    "server_lr",
+)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,9 @@ checkpoint, and the result is the one an uninterrupted federation gets.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -21,12 +23,12 @@ from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 from safetensors.torch import save
 
-from scaleforge.config import RunConfig, config_data, load_config
+from scaleforge.config import RunConfig, config_data, dump_yaml, load_config
 from scaleforge.errors import UsageError
 from scaleforge.evaluation import evaluate_model
 from scaleforge.federated.options import SAME_ON_RESUME, FederationOptions
 from scaleforge.federated.strategies import build_strategy, configure_round, load_strategy_state, strategy_state
-from scaleforge.runs import ManifestMismatch, check_manifest, read_weights, save_final
+from scaleforge.runs import ManifestMismatch, check_manifest, read_weights, run_signing_key, save_final
 from scaleforge.training.preparations import PreparationContext, load_initial_weights
 from scaleforge.training.trainer import build_data, build_model, seed_everything
 
@@ -61,14 +63,14 @@ class Federation:
 
     def _resume(self) -> None:
         """Continue after the newest checkpoint that matches its manifest, if the run directory has one."""
-        for folder in sorted((self.run_dir / CHECKPOINTS).glob("round-*"), reverse=True):
+        for folder in reversed(round_folders(self.run_dir)):
             try:
-                check_manifest(folder)
+                check_manifest(folder, run_signing_key(self.config))
             except ManifestMismatch as error:
                 print(f"warning: {folder.name} is damaged ({error}); trying the one before")
                 continue
             state = json.loads((folder / STATE).read_text())
-            self._check_same({**state["settings"], "done": state["round"]})
+            self._check_same({**state["settings"], "done": state["round"]})  # the config's digest among them
             self.model.load_state_dict(read_weights(folder / "model.safetensors"))
             load_strategy_state(self.strategy, read_weights(folder / STRATEGY))
             self.round, self.history = int(state["round"]), list(state["history"])
@@ -76,7 +78,12 @@ class Federation:
             return
 
     def _check_same(self, settings: dict[str, Any]) -> None:
-        mine = self.options.settings()
+        mine = self.settings()
+        if settings.get("config") != mine["config"]:
+            raise UsageError(
+                f"{self.run_dir} holds a federation of another config (its checkpoints' config.yaml): give another "
+                f"--run-dir, or the same config and overrides to continue it"
+            )
         if self.options.rounds < int(settings.get("done", 0)):
             raise UsageError(
                 f"{self.run_dir} has run {settings['done']} rounds, more than --rounds {self.options.rounds}"
@@ -87,6 +94,11 @@ class Federation:
                     f"{self.run_dir} holds a federation with {name.replace('_', '-')} {settings.get(name)}, not "
                     f"{mine[name]}: give another --run-dir, or the same settings to continue it"
                 )
+
+    def settings(self) -> dict[str, Any]:
+        """What a checkpoint records to check a resumed federation against: the options, and the resolved
+        config's digest (its model, data, training and seed)."""
+        return {**self.options.settings(), "config": hashlib.sha256(dump_yaml(self.config).encode()).hexdigest()}
 
     # ---------------------------------------------------------------------------------------------- rounds
 
@@ -129,13 +141,21 @@ class Federation:
 
     def _parts_in_order(self, grid: Grid) -> list[int]:
         """Every client's node id, in the order of the parts they train (asked once, when all have connected)."""
-        while len(nodes := list(grid.get_node_ids())) < self.options.clients:
+        clients, timeout = self.options.clients, self.options.round_timeout_s
+        deadline = time.monotonic() + timeout
+        while len(nodes := list(grid.get_node_ids())) < clients:
+            if time.monotonic() > deadline:
+                raise FederationFailed(f"{len(nodes)} of {clients} clients connected within {timeout:g} s")
             time.sleep(0.5)
         asks = [Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=node) for node in nodes]
         parts = {}
-        for reply in grid.send_and_receive(asks, timeout=self.options.round_timeout_s):
+        for reply in grid.send_and_receive(asks, timeout=timeout):
             if not reply.has_error():
                 parts[reply.metadata.src_node_id] = int(reply.content["part"]["partition-id"])
+        if sorted(parts.values()) != list(range(clients)):
+            raise FederationFailed(
+                f"the clients said they train parts {sorted(parts.values())}, not 0 to {clients - 1}"
+            )
         return sorted(parts, key=parts.__getitem__)
 
     def _good_replies(self, server_round: int, messages: list[Message], replies: list[Message]) -> list[Message]:
@@ -163,7 +183,9 @@ class Federation:
             f"{key} {value:.4f}" for key, value in line.items() if key.startswith(("val_", "train_")) and value == value
         )
         print(
-            f"round {line['round']}/{self.options.rounds} | {line['clients']} clients | {shown}"
+            f"round {line['round']}/{self.options.rounds} | {line['clients']} clients"
+            + (f" ({line['failed']} failed)" if line.get("failed") else "")
+            + f" | {shown}"
             + (f" | {line['bytes_sent'] / 1e6:.2f} MB sent | {line['round_s']:.1f}s" if line["round"] else ""),
             flush=True,
         )
@@ -171,11 +193,11 @@ class Federation:
     def _checkpoint(self) -> None:
         """`checkpoints/round-NNNN/`, written atomically; the history rewritten to metrics.jsonl; older ones gone."""
         folder = self.run_dir / CHECKPOINTS / f"round-{self.round:04d}"
-        state = {"round": self.round, "settings": self.options.settings(), "history": self.history}
+        state = {"round": self.round, "settings": self.settings(), "history": self.history}
         extra = {STATE: json.dumps(state, indent=1).encode(), STRATEGY: save(strategy_state(self.strategy))}
         save_final(folder, self.model.state_dict(), self.config, self.data.info, extra=extra)
         self.write_metrics()
-        for old in sorted((self.run_dir / CHECKPOINTS).glob("round-*"))[:-KEEP]:
+        for old in round_folders(self.run_dir)[:-KEEP]:
             shutil.rmtree(old, ignore_errors=True)
 
     def write_metrics(self) -> None:
@@ -198,6 +220,12 @@ class Federation:
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
+
+
+def round_folders(run_dir: Path) -> list[Path]:
+    """The run's round checkpoints, oldest first (not a `.partial` one a killed write left)."""
+    folders = (run_dir / CHECKPOINTS).glob("round-*")
+    return sorted(folder for folder in folders if re.fullmatch(r"round-\d{4,}", folder.name))
 
 
 def _first_sentence(reason: str) -> str:

@@ -13,6 +13,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from scaleforge.errors import UsageError
 from scaleforge.federated import quiet_flower
 from scaleforge.federated.host import run_hosted
 from scaleforge.federated.options import FederationOptions
@@ -52,13 +55,33 @@ def federate(options: FederationOptions) -> dict[str, Any]:
 
 
 def check_client_config(federation: Federation) -> None:
-    """The config client 0 trains with, built and its data cut here: a config error stops the command before any
-    client starts (where it would fail every client's round)."""
+    """The config client 0 trains with, built and its data cut here, and every client's part against the batch
+    size: a config error stops the command before any client starts (where it would fail every round)."""
     from scaleforge.config import config_from_dict
+    from scaleforge.data.base import labels_of
+    from scaleforge.data.partition import parse_scheme, part_indices
+    from scaleforge.distributed.parallel_dims import ParallelDims
     from scaleforge.federated.client import client_config
-    from scaleforge.training.trainer import build_data
+    from scaleforge.training.trainer import build_data, with_earlier_tasks
 
     options = federation.options
-    settings = {"server-round": 1, "local-epochs": options.local_epochs, "proximal-mu": options.proximal_mu}
-    raw = client_config(federation.raw, 0, options.clients, options.partition, settings, federation.run_dir)
-    build_data(config_from_dict(raw).data)
+    settings = {"server-round": 1, "local-epochs": options.local_epochs}
+    if options.strategy == "fedprox":  # the key FedProx's configure_train adds
+        settings["proximal-mu"] = options.proximal_mu
+    config = config_from_dict(
+        client_config(federation.raw, 0, options.clients, options.partition, settings, federation.run_dir)
+    )
+    with_earlier_tasks(build_data(config.data), config, ParallelDims.resolve(config.parallel, 1, 1))
+    train, info = federation.data.train, federation.data.info
+    iid = parse_scheme(options.partition)[0] == "iid"
+    labels = np.zeros(len(train), dtype=np.int64) if iid else labels_of(train).numpy()  # type: ignore[arg-type]
+    parts = part_indices(labels, options.partition, options.clients, federation.config.seed, info.num_classes)
+    batch = config.training.batch_size
+    small = [(index, len(part)) for index, part in enumerate(parts) if len(part) < batch]
+    if small:
+        index, size = small[0]
+        raise UsageError(
+            f"--partition {options.partition} gives client {index} {size} training samples, fewer than "
+            f"training.batch_size {batch}: lower the batch size, or use fewer clients"
+            + ("" if iid else " or a more even split")
+        )

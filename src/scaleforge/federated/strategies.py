@@ -37,7 +37,7 @@ def strategy_state(strategy: Strategy) -> dict[str, torch.Tensor]:
     state = {}
     for kind in ("m_t", "v_t"):
         for name, value in (getattr(strategy, kind, None) or {}).items():
-            state[f"{kind}.{name}"] = torch.from_numpy(np.ascontiguousarray(value))
+            state[f"{kind}.{name}"] = torch.from_numpy(np.array(value, copy=True))  # 0-d stays 0-d
     return state
 
 
