@@ -171,6 +171,13 @@ def test_a_client_killed_mid_round_leaves_the_round_to_the_others_when_min_clien
         (["--clients", "4", "--rounds", "1", "training.batchsize=3"], "training.batchsize: unknown key"),
         (["--clients", "2", "--rounds", "1", "--partition", "by-class:11"], "more classes than the dataset's 10"),
         (["--clients", "20", "--rounds", "1", "--partition", "dirichlet:0.1"], "fewer than training.batch_size 64"),
+        (["server", "--clients", "2", "--rounds", "1", "--listen", "nowhere"], "--listen: 'nowhere' is not HOST:PORT"),
+        (
+            ["server", "--clients", "2", "--rounds", "1", "--ssl-certfile", "x.pem"],
+            "TLS needs --ssl-ca-certfile, --ssl",
+        ),
+        (["client", "--server", "nowhere", "--partition", "0"], "--server: 'nowhere' is not HOST:PORT"),
+        (["client", "--server", "127.0.0.1:9", "--partition", "0", "--root-certificates", "none.pem"], "TLS file not"),
         (["--clients", "2", "--rounds", "1", "--strategy", "fedprox", "parallel.strategy=fsdp"], "proximal term reads"),
     ],
 )
@@ -178,3 +185,51 @@ def test_bad_arguments_exit_2_with_one_line(cli, tmp_path: Path, args: list[str]
     result = cli("federate", *args, "--run-dir", str(tmp_path / "run"))
     assert result.code == 2, result.err
     assert expected in result.err and result.err.count("\n") == 1
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_server_and_two_clients_as_processes_federate_over_tls(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"  # self-signed: its own authority
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    address = f"127.0.0.1:{_free_port()}"
+    tls = ["--ssl-ca-certfile", str(cert), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
+    server_dir = tmp_path / "server"
+    scaleforge = [sys.executable, "-m", "scaleforge", "federate"]
+    commands = [[*scaleforge, "server", "--clients", "2", "--rounds", "2", "--listen", address, *tls,
+                 "--run-dir", str(server_dir)]]  # fmt: skip
+    commands += [[*scaleforge, "client", "--server", address, "--partition", str(part), "--root-certificates",
+                  str(cert), "--run-dir", str(tmp_path / f"client{part}")] for part in (0, 1)]  # fmt: skip
+    logs = [(tmp_path / f"{i}.log").open("w+") for i in range(3)]
+    processes = [
+        subprocess.Popen(c, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        for c, log in zip(commands, logs, strict=True)
+    ]
+    started: set[int] = set()
+    deadline = time.monotonic() + 300
+    while any(p.poll() is None for p in processes) and time.monotonic() < deadline:
+        started.update(pid for p in processes for pid in _descendants(p.pid))  # the SuperLink, SuperNodes, hosts
+        time.sleep(0.5)
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+    outputs = [log.seek(0) or log.read() for log in logs]
+    assert [p.returncode for p in processes] == [0, 0, 0], outputs
+    assert "(TLS)" in outputs[0] and all("trained 2 round(s); the federation is over" in out for out in outputs[1:])
+    rounds = lines(server_dir)
+    assert [(line["round"], line["clients"]) for line in rounds] == [(0, 0), (1, 2), (2, 2)]
+    assert rounds[2]["val_accuracy"] > rounds[0]["val_accuracy"] + 0.2
+    check_manifest(server_dir / "final")
+    assert len(started) >= 6 and all(gone(pid) for pid in started)  # nothing of Flower's is left

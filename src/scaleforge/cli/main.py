@@ -39,6 +39,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> a
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["search", "show"]:
         return search.build_show_parser().parse_args(argv[2:])
+    if argv[:1] == ["federate"] and argv[1:2] and argv[1] in federate.SUBCOMMANDS:
+        parser = federate.build_sub_parser(argv[1])
+        argv = argv[2:]
     args, extra = parser.parse_known_args(argv)
     overrides = [item for item in extra if "=" in item and not item.startswith("-")]
     unknown = [item for item in extra if item not in overrides]

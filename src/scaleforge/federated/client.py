@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +24,18 @@ from scaleforge.federated import quiet_flower
 from scaleforge.runs import read_weights
 from scaleforge.training.trainer import train
 
-PART, PARTS = "partition-id", "num-partitions"  # the node config's keys (Flower's, in simulation and deployment)
+PART = "partition-id"  # the node config's key (Flower's, in simulation and deployment)
 
 
-def client_config(
-    raw: dict[str, Any], part: int, parts: int, scheme: str, settings: dict[str, Any], folder: Path
-) -> dict[str, Any]:
-    """The config (as data) client `part` of `parts` trains a round with: `raw`, the federation's config, with the
-    round's `settings` (local-epochs, proximal-mu, server-round) and the global model in `folder`."""
+def client_config(raw: dict[str, Any], part: int, settings: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """The config (as data) client `part` trains a round with: `raw`, the client's config, with the round's
+    `settings` from the server (partition, parts, split-seed, local-epochs, proximal-mu, server-round) and the
+    global model in `folder`."""
     config = json.loads(json.dumps(raw))  # a deep copy of plain data
-    seed = int(config.get("seed", 0))
-    config["seed"] = seed + 1000 * int(settings["server-round"]) + part  # each round's and part's own order
+    config["seed"] = int(config.get("seed", 0)) + 1000 * int(settings["server-round"]) + part  # each its own order
     data, training = config.setdefault("data", {}), config.setdefault("training", {})
-    data["partition"] = {"scheme": scheme, "parts": parts, "index": part, "seed": seed}
+    split = {"scheme": str(settings["partition"]), "parts": int(settings["parts"]), "seed": int(settings["split-seed"])}
+    data["partition"] = {**split, "index": part}  # the same cut on every client: the server's seed
     training.update(epochs=int(settings["local-epochs"]), max_steps=None, init_from=str(folder / "global.safetensors"))
     training["proximal_mu"] = float(settings.get("proximal-mu", 0.0))
     logging = config.setdefault("logging", {})
@@ -44,17 +44,16 @@ def client_config(
     return config
 
 
-def train_round(message: Message, context: Context, raw: dict[str, Any], run_dir: str, scheme: str) -> Message:
-    """Train this client's part for a round from the global model in `message`; reply with the new weights and
-    the samples they were trained on (FedAvg's weight)."""
+def train_round(message: Message, context: Context, raw: dict[str, Any], folder: Path) -> Message:
+    """Train this client's part for a round from the global model in `message`, in `folder`; reply with the new
+    weights and the samples they were trained on (FedAvg's weight)."""
     quiet_flower()
-    part, parts = int(context.node_config[PART]), int(context.node_config[PARTS])
+    part = int(context.node_config[PART])
     settings = dict(message.content["config"])
-    folder = Path(run_dir) / "clients" / str(part)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     save_file(dict(message.content["arrays"].to_torch_state_dict()), str(folder / "global.safetensors"))
-    config = config_from_dict(client_config(raw, part, parts, scheme, settings, folder))
+    config = config_from_dict(client_config(raw, part, settings, folder))
     with (folder / "train.log").open("w") as log, contextlib.redirect_stdout(log):
         summary = train(config, folder / "run", resume="never")
     weights = read_weights(folder / "run" / "final" / "model.safetensors")
@@ -68,8 +67,8 @@ def train_round(message: Message, context: Context, raw: dict[str, Any], run_dir
     return Message(RecordDict({"arrays": ArrayRecord(weights), "metrics": MetricRecord(metrics)}), reply_to=message)
 
 
-def client_app(raw: dict[str, Any], run_dir: str, scheme: str) -> ClientApp:
-    """The Flower client app of a federation of config `raw` (as data) writing to `run_dir`."""
+def client_app(raw: dict[str, Any], folder_of: Callable[[int], Path]) -> ClientApp:
+    """The Flower client app of config `raw` (as data); `folder_of(part)` is where a part's round is trained."""
     app = ClientApp()
 
     @app.query()
@@ -79,6 +78,6 @@ def client_app(raw: dict[str, Any], run_dir: str, scheme: str) -> ClientApp:
 
     @app.train()
     def train_(message: Message, context: Context) -> Message:
-        return train_round(message, context, raw, run_dir, scheme)
+        return train_round(message, context, raw, folder_of(int(context.node_config[PART])))
 
     return app

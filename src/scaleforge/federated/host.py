@@ -37,24 +37,36 @@ ERROR_MARK = "scaleforge-federation-error: "
 STOP_GRACE_S = 5.0
 
 
-def run_hosted(options: FederationOptions, run_dir: Path) -> None:
-    """Run the federation's rounds in a host process; `AgreedError` (exit 1) when a round fails."""
-    command = [sys.executable, "-m", "scaleforge.federated.host", json.dumps(dataclasses.asdict(options)), str(run_dir)]
-    host = subprocess.Popen(
-        command,
+def start_host(arguments: list[str], **popen: Any) -> subprocess.Popen[str]:
+    """`python -m scaleforge.federated.host ARGUMENTS` leading a process group of its own, stopped with this
+    process however it ends (`stop_group` stops it otherwise). `popen`: `subprocess.Popen`'s output arguments."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "scaleforge.federated.host", *arguments],
         stdin=subprocess.PIPE,  # never written: its end, when this process dies, is the host's signal to stop
-        stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
         preexec_fn=ParentDeathGuard(signal.SIGTERM),
+        **popen,
     )
+
+
+def keep_in_group(command: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """Run `command` (Flower's SuperLink or SuperNode) in a host's process group, output to `log`: it and
+    whatever it starts end with this process."""
+    with log.open("a") as file:
+        return start_host(["--command", *command], stdout=file, stderr=subprocess.STDOUT, env=env)
+
+
+def run_hosted(options: FederationOptions, run_dir: Path) -> None:
+    """Run the federation's rounds in a host process; `AgreedError` (exit 1) when a round fails."""
+    host = start_host([json.dumps(dataclasses.asdict(options)), str(run_dir)], stderr=subprocess.PIPE)
     failure: list[str] = []
     relay = threading.Thread(target=_relay, args=(host.stderr, failure), daemon=True)
     relay.start()
     try:
         code = host.wait()
     finally:
-        _stop_group(host)
+        stop_group(host)
     relay.join(timeout=5)
     if failure:
         raise AgreedError(failure[0], exit_code=1)
@@ -71,7 +83,7 @@ def _relay(stream: IO[str], failure: list[str]) -> None:
             sys.stderr.write(line)
 
 
-def _stop_group(host: subprocess.Popen[str]) -> None:
+def stop_group(host: subprocess.Popen[str]) -> None:
     """Whatever is left of the host's group: asked to stop, given `STOP_GRACE_S`, then killed."""
     if not _signal_group(host.pid, signal.SIGTERM):
         return
@@ -136,7 +148,8 @@ def simulate(federation: Federation) -> None:
         "init_args": {"num_cpus": min(cores, options.clients), "include_dashboard": False, "log_to_driver": True},
     }
     run_dir = federation.run_dir
-    client = client_app(federation.raw, str(run_dir.resolve()), options.partition)
+    clients = run_dir.resolve() / "clients"
+    client = client_app(federation.raw, lambda part: clients / str(part))
     try:
         run_simulation(server, client, num_supernodes=options.clients, backend_config=backend)
     finally:
@@ -170,6 +183,8 @@ def _kill_group_at_end_of_input() -> None:
 def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, _kill_group)  # the command's death (the parent-death signal) or its stop
     threading.Thread(target=_kill_group_at_end_of_input, daemon=True).start()
+    if argv[:1] == ["--command"]:  # keep a command in this group, ending with it
+        return subprocess.run(argv[1:], stdin=subprocess.DEVNULL, check=False).returncode
     quiet_flower()
     fields = json.loads(argv[0])
     options = FederationOptions(**{**fields, "overrides": tuple(fields["overrides"])})

@@ -95,6 +95,12 @@ class Federation:
                     f"{mine[name]}: give another --run-dir, or the same settings to continue it"
                 )
 
+    def round_settings(self) -> dict[str, Any]:
+        """What every client is told each round besides the global model (FedProx adds its proximal-mu)."""
+        options = self.options
+        return {"local-epochs": options.local_epochs, "partition": options.partition, "parts": options.clients,
+                "split-seed": self.config.seed}  # fmt: skip
+
     def settings(self) -> dict[str, Any]:
         """What a checkpoint records to check a resumed federation against: the options, and the resolved
         config's digest (its model, data, training and seed)."""
@@ -116,7 +122,7 @@ class Federation:
             self._record({"round": 0, **self._evaluate(), "clients": 0, "bytes_sent": 0, "bytes_received": 0})
         for server_round in range(self.round + 1, self.options.rounds + 1):
             started = time.perf_counter()
-            settings = ConfigRecord({"local-epochs": self.options.local_epochs})
+            settings = ConfigRecord(self.round_settings())
             messages = configure_round(self.strategy, server_round, arrays, settings, grid, self.config.seed, order)
             replies = list(grid.send_and_receive(messages, timeout=self.options.round_timeout_s))
             good = self._good_replies(server_round, messages, replies)
@@ -154,7 +160,8 @@ class Federation:
                 parts[reply.metadata.src_node_id] = int(reply.content["part"]["partition-id"])
         if sorted(parts.values()) != list(range(clients)):
             raise FederationFailed(
-                f"the clients said they train parts {sorted(parts.values())}, not 0 to {clients - 1}"
+                f"{len(parts)} of {clients} clients said which part they train ({sorted(parts.values())}); each "
+                f"of 0 to {clients - 1} is needed"
             )
         return sorted(parts, key=parts.__getitem__)
 

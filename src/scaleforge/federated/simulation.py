@@ -28,14 +28,20 @@ def run_dir_of(options: FederationOptions, name: str) -> Path:
     )
 
 
-def federate(options: FederationOptions) -> dict[str, Any]:
-    """Run (or continue) the federation `options` describes; returns its summary (with `run_dir`)."""
-    quiet_flower()
+def prepared_run_dir(options: FederationOptions) -> tuple[Federation, Path]:
+    """The federation's server side on its run directory (made, or resumed): every check before a process
+    starts, of the config, the data and what the directory holds."""
     from scaleforge.config import load_config
 
     run_dir = run_dir_of(options, load_config(options.config, options.overrides).name)
     run_dir.mkdir(parents=True, exist_ok=True)
-    federation = Federation(options, run_dir)  # every check before a process starts: config, data, resume
+    return Federation(options, run_dir), run_dir
+
+
+def federate(options: FederationOptions) -> dict[str, Any]:
+    """Run (or continue) the federation `options` describes; returns its summary (with `run_dir`)."""
+    quiet_flower()
+    federation, run_dir = prepared_run_dir(options)
     check_client_config(federation)
     summary_file = run_dir / "summary.json"
     if federation.round >= options.rounds and summary_file.is_file():
@@ -65,12 +71,10 @@ def check_client_config(federation: Federation) -> None:
     from scaleforge.training.trainer import build_data, with_earlier_tasks
 
     options = federation.options
-    settings = {"server-round": 1, "local-epochs": options.local_epochs}
+    settings = {"server-round": 1, **federation.round_settings()}
     if options.strategy == "fedprox":  # the key FedProx's configure_train adds
         settings["proximal-mu"] = options.proximal_mu
-    config = config_from_dict(
-        client_config(federation.raw, 0, options.clients, options.partition, settings, federation.run_dir)
-    )
+    config = config_from_dict(client_config(federation.raw, 0, settings, federation.run_dir))
     with_earlier_tasks(build_data(config.data), config, ParallelDims.resolve(config.parallel, 1, 1))
     train, info = federation.data.train, federation.data.info
     iid = parse_scheme(options.partition)[0] == "iid"
