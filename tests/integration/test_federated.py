@@ -171,6 +171,12 @@ def test_a_client_killed_mid_round_leaves_the_round_to_the_others_when_min_clien
         (["--clients", "4", "--rounds", "1", "training.batchsize=3"], "training.batchsize: unknown key"),
         (["--clients", "2", "--rounds", "1", "--partition", "by-class:11"], "more classes than the dataset's 10"),
         (["--clients", "20", "--rounds", "1", "--partition", "dirichlet:0.1"], "fewer than training.batch_size 64"),
+        (["--clients", "4", "--rounds", "1", "--dp-noise", "1"], "needs --dp-noise and --dp-clip together"),
+        (
+            ["--clients", "4", "--rounds", "1", "--dp-noise", "1", "--dp-clip", "1", "--strategy", "fedadam"],
+            "fedavg or",
+        ),
+        (["--clients", "4", "--rounds", "1", "--dp-noise", "1", "--dp-clip", "1", "--min-clients", "3"], "must reply"),
         (["server", "--clients", "2", "--rounds", "1", "--listen", "nowhere"], "--listen: 'nowhere' is not HOST:PORT"),
         (
             ["server", "--clients", "2", "--rounds", "1", "--ssl-certfile", "x.pem"],

@@ -56,11 +56,14 @@ def train_round(message: Message, context: Context, raw: dict[str, Any], folder:
     config = config_from_dict(client_config(raw, part, settings, folder))
     with (folder / "train.log").open("w") as log, contextlib.redirect_stdout(log):
         summary = train(config, folder / "run", resume="never")
-    weights = read_weights(folder / "run" / "final" / "model.safetensors")
+    trained = read_weights(folder / "run" / "final" / "model.safetensors")
+    weights = {name: trained[name] for name in message.content["arrays"]}  # in the global model's order (the
+    # safetensors file's is sorted), which differential privacy's clipping pairs by position
     losses = [json.loads(line).get("loss") for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [loss for loss in losses if loss is not None]
     metrics = {
         "num-examples": int(summary["steps"]) * config.training.batch_size,
+        "dp-weight": 1,  # under differential privacy every client weighs the same
         "partition": part,
         "train_loss": float(losses[-1]) if losses else float("nan"),
     }

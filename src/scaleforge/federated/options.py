@@ -55,6 +55,23 @@ class FederationOptions:
     server_lr: float = field(
         default=0.01, metadata={"help": "fedadam: the server's learning rate (eta)", "range": "positive"}
     )
+    dp_noise: float | None = field(
+        default=None,
+        metadata={
+            "help": "differential privacy: the noise multiplier z (Gaussian noise of z * clip / clients sampled on "
+            "the average of the clipped updates); with --dp-clip",
+            "range": "positive",
+            "metavar": "Z",
+        },
+    )
+    dp_clip: float | None = field(
+        default=None,
+        metadata={"help": "differential privacy: the norm each client's update is clipped to", "range": "positive",
+                  "metavar": "C"},
+    )  # fmt: skip
+    dp_delta: float = field(
+        default=1e-5, metadata={"help": "differential privacy: the delta epsilon is reported at", "range": "fraction"}
+    )
     round_timeout_s: float = field(
         default=600.0,
         metadata={"help": "how long a round waits for replies", "range": "positive", "flag": "--round-timeout"},
@@ -72,6 +89,23 @@ class FederationOptions:
             raise UsageError(f"--min-clients {self.min_clients} is more than the {self.clients} clients")
         if self.sampled() < 1:
             raise UsageError(f"--fraction-fit {self.fraction_fit} of {self.clients} clients samples none")
+        if (self.dp_noise is None) != (self.dp_clip is None):
+            raise UsageError("differential privacy needs --dp-noise and --dp-clip together")
+        if self.private and self.strategy == "fedadam":
+            raise UsageError(
+                "--dp-noise: the noise is calibrated to an average of clipped updates, which fedadam's server step "
+                "is not; use fedavg or fedprox"
+            )
+        if self.private and self.min_clients is not None and self.min_clients < self.sampled():
+            raise UsageError(
+                f"--min-clients {self.min_clients}: with differential privacy every client sampled ({self.sampled()}) "
+                f"must reply, as the noise is calibrated to their number"
+            )
+
+    @property
+    def private(self) -> bool:
+        """Whether updates are clipped and noised (differential privacy)."""
+        return self.dp_noise is not None
 
     def sampled(self) -> int:
         """The clients sampled each round: Flower's rule, the fraction rounded down, at least `min_clients`."""

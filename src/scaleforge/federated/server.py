@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
@@ -27,7 +28,13 @@ from scaleforge.config import RunConfig, config_data, dump_yaml, load_config
 from scaleforge.errors import UsageError
 from scaleforge.evaluation import evaluate_model
 from scaleforge.federated.options import SAME_ON_RESUME, FederationOptions
-from scaleforge.federated.strategies import build_strategy, configure_round, load_strategy_state, strategy_state
+from scaleforge.federated.strategies import (
+    build_strategy,
+    configure_round,
+    load_strategy_state,
+    privacy_spent,
+    strategy_state,
+)
 from scaleforge.runs import ManifestMismatch, check_manifest, read_weights, run_signing_key, save_final
 from scaleforge.training.preparations import PreparationContext, load_initial_weights
 from scaleforge.training.trainer import build_data, build_model, seed_everything
@@ -126,10 +133,7 @@ class Federation:
             messages = configure_round(self.strategy, server_round, arrays, settings, grid, self.config.seed, order)
             replies = list(grid.send_and_receive(messages, timeout=self.options.round_timeout_s))
             good = self._good_replies(server_round, messages, replies)
-            aggregated, _ = self.strategy.aggregate_train(server_round, good)
-            if aggregated is not None:  # held in the model's dtypes (FedAdam's step comes back in float64), as
-                self.model.load_state_dict(aggregated.to_torch_state_dict())  # the checkpoint holds it
-                arrays = ArrayRecord(self.model.state_dict())
+            arrays = self._aggregate(server_round, good, arrays)
             line = {
                 "round": server_round,
                 "train_loss": _weighted_loss(good),
@@ -141,9 +145,26 @@ class Federation:
                 "bytes_received": sum(m.content["arrays"].count_bytes() for m in good),
                 "round_s": round(time.perf_counter() - started, 3),
             }
+            if self.options.private:
+                line["dp_epsilon"] = privacy_spent(self.options, server_round)
             self.round = server_round
             self._record(line)
             self._checkpoint()
+
+    def _aggregate(self, server_round: int, good: list[Message], arrays: ArrayRecord) -> ArrayRecord:
+        """The next global model from the round's replies: the strategy's aggregate, held in the model's dtypes
+        (FedAdam's step comes back in float64) as the checkpoint holds it. Differential privacy's noise is drawn
+        from numpy's global generator: seeded with the round for the call, its state given back after."""
+        saved = np.random.get_state()
+        np.random.seed((self.config.seed * 1_000_003 + server_round) % 2**32)
+        try:
+            aggregated, _ = self.strategy.aggregate_train(server_round, good)
+        finally:
+            np.random.set_state(saved)
+        if aggregated is None:
+            return arrays
+        self.model.load_state_dict(aggregated.to_torch_state_dict())
+        return ArrayRecord(self.model.state_dict())
 
     def _parts_in_order(self, grid: Grid) -> list[int]:
         """Every client's node id, in the order of the parts they train (asked once, when all have connected)."""
@@ -193,6 +214,7 @@ class Federation:
             f"round {line['round']}/{self.options.rounds} | {line['clients']} clients"
             + (f" ({line['failed']} failed)" if line.get("failed") else "")
             + f" | {shown}"
+            + (f" | epsilon {line['dp_epsilon']:.2f} (delta {self.options.dp_delta:g})" if "dp_epsilon" in line else "")
             + (f" | {line['bytes_sent'] / 1e6:.2f} MB sent | {line['round_s']:.1f}s" if line["round"] else ""),
             flush=True,
         )
@@ -224,6 +246,16 @@ class Federation:
             "bytes_sent": sum(line["bytes_sent"] for line in self.history),
             "bytes_received": sum(line["bytes_received"] for line in self.history),
             "resumed_from_round": self.resumed_from,
+            **(
+                {
+                    "dp_epsilon": last.get("dp_epsilon", 0.0),
+                    "dp_delta": self.options.dp_delta,
+                    "dp_noise": self.options.dp_noise,
+                    "dp_clip": self.options.dp_clip,
+                }
+                if self.options.private
+                else {}
+            ),
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary

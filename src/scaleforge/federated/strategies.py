@@ -15,6 +15,8 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from scaleforge.federated.options import FederationOptions
 
+UNIFORM = "dp-weight"  # a client's weight under differential privacy: 1, the same for all
+
 
 def build_strategy(options: FederationOptions) -> Strategy:
     """The strategy `options.strategy` names; clients evaluate nothing (the server evaluates the global model)."""
@@ -24,19 +26,44 @@ def build_strategy(options: FederationOptions) -> Strategy:
         "min_train_nodes": options.sampled(),
         "min_available_nodes": options.needed(),
     }
+    if options.private:  # every client weighs the same: the noise is calibrated to a plain average
+        common["weighted_by_key"] = UNIFORM
     if options.strategy == "fedprox":
-        return FedProx(**common, proximal_mu=options.proximal_mu)
-    if options.strategy == "fedadam":
-        return FedAdam(**common, eta=options.server_lr)
-    return FedAvg(**common)
+        strategy: Strategy = FedProx(**common, proximal_mu=options.proximal_mu)
+    elif options.strategy == "fedadam":
+        strategy = FedAdam(**common, eta=options.server_lr)
+    else:
+        strategy = FedAvg(**common)
+    if options.private:
+        from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+
+        strategy = DifferentialPrivacyServerSideFixedClipping(
+            strategy, noise_multiplier=options.dp_noise, clipping_norm=options.dp_clip,
+            num_sampled_clients=options.sampled(),
+        )  # fmt: skip
+    return strategy
+
+
+def privacy_spent(options: FederationOptions, rounds: int) -> float:
+    """Epsilon at `options.dp_delta` after `rounds` rounds, from Opacus's RDP accountant: each round one
+    subsampled Gaussian mechanism of noise multiplier z with sampling rate clients sampled / clients (the
+    fixed-size sample accounted as Poisson sampling at that rate, as DP-FedAvg reports it)."""
+    from opacus.accountants import RDPAccountant
+
+    if rounds == 0:
+        return 0.0
+    accountant = RDPAccountant()
+    accountant.history = [(options.dp_noise, options.sampled() / options.clients, rounds)]
+    return float(accountant.get_epsilon(options.dp_delta))
 
 
 def strategy_state(strategy: Strategy) -> dict[str, torch.Tensor]:
     """What the strategy carries from round to round: FedAdam's first and second moments (none for the others,
     whose rounds depend on the global model alone)."""
     state = {}
+    inner = getattr(strategy, "strategy", strategy)  # a differential-privacy wrapper's
     for kind in ("m_t", "v_t"):
-        for name, value in (getattr(strategy, kind, None) or {}).items():
+        for name, value in (getattr(inner, kind, None) or {}).items():
             state[f"{kind}.{name}"] = torch.from_numpy(np.array(value, copy=True))  # 0-d stays 0-d
     return state
 
