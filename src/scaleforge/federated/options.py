@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -91,6 +92,8 @@ class FederationOptions:
             raise UsageError(f"--fraction-fit {self.fraction_fit} of {self.clients} clients samples none")
         if (self.dp_noise is None) != (self.dp_clip is None):
             raise UsageError("differential privacy needs --dp-noise and --dp-clip together")
+        if self.private and importlib.util.find_spec("opacus") is None:
+            raise UsageError("--dp-noise needs Opacus (its privacy accountant): pip install 'scaleforge[federated]'")
         if self.private and self.strategy == "fedadam":
             raise UsageError(
                 "--dp-noise: the noise is calibrated to an average of clipped updates, which fedadam's server step "
