@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from scaleforge import load_config
 from scaleforge.runs import check_manifest
+from scaleforge.training.curves import describe_run
 from scaleforge.training.trainer import train
 from tests.conftest import REPO, gone, run_subprocess
 
@@ -45,8 +46,13 @@ def test_four_clients_on_a_dirichlet_split_come_within_three_points_of_centraliz
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["val_accuracy"] == rounds[-1]["val_accuracy"]
     # centralized: the same data, and as many steps as the clients took in all (each round the same for a part)
-    steps = 10 * sum(json.loads((run_dir / "clients" / str(i) / "run" / "summary.json").read_text())["steps"]
-                     for i in range(4))  # fmt: skip
+    per_round = [
+        json.loads((run_dir / "clients" / str(i) / "run" / "summary.json").read_text())["steps"] for i in range(4)
+    ]
+    steps = summary["steps"]
+    assert steps == 10 * sum(per_round)
+    listed = describe_run(run_dir)  # `scaleforge runs` shows it beside trained runs
+    assert (listed["strategy"], listed["processes"], listed["status"]) == ("fedavg", 4, "finished")
     central = train(load_config(None, [*QUICK, f"training.max_steps={steps}", "training.epochs=1000"]), tmp_path / "c")
     print(f"federated {summary['val_accuracy']:.4f} | centralized {central['val_accuracy']:.4f} | {steps} steps")
     assert summary["val_accuracy"] > central["val_accuracy"] - 0.03

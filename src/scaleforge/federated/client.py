@@ -64,6 +64,7 @@ def train_round(message: Message, context: Context, raw: dict[str, Any], folder:
     metrics = {
         "num-examples": int(summary["steps"]) * config.training.batch_size,
         "dp-weight": 1,  # under differential privacy every client weighs the same
+        "steps": int(summary["steps"]),
         "partition": part,
         "train_loss": float(losses[-1]) if losses else float("nan"),
     }

@@ -64,7 +64,8 @@ class Federation:
         self.round, self.history = 0, []
         self.resumed_from: int | None = None  # the round of the checkpoint this run continued from
         self.error: BaseException | None = None
-        self._resume()
+        self._resume()  # refuses a run directory of other settings before anything is written to it
+        (run_dir / "config.yaml").write_text(dump_yaml(self.config))  # as a trained run's: `scaleforge runs` lists it
 
     # ---------------------------------------------------------------------------------------------- resume
 
@@ -139,6 +140,7 @@ class Federation:
                 "train_loss": _weighted_loss(good),
                 **self._evaluate(),
                 "clients": len(good),
+                "client_steps": sum(int(m.content["metrics"]["steps"]) for m in good),
                 "parts": sorted(int(m.content["metrics"]["partition"]) for m in good),
                 "failed": len(messages) - len(good),
                 "bytes_sent": len(messages) * arrays.count_bytes(),
@@ -240,6 +242,9 @@ class Federation:
         summary = {
             "rounds": self.round,
             "clients": self.options.clients,
+            "processes": self.options.clients,  # for `scaleforge runs`: a client is a process
+            "steps": sum(line.get("client_steps", 0) for line in self.history),  # the clients' local steps in all
+            "wall_time_s": sum(line.get("round_s", 0.0) for line in self.history),
             "strategy": self.options.strategy,
             "partition": self.options.partition,
             **{key: value for key, value in last.items() if key.startswith("val_")},
