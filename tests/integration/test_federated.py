@@ -4,6 +4,7 @@ resume; no process outlives the command; bad arguments exit 2 with one line."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from scaleforge import load_config
@@ -165,6 +167,70 @@ def test_a_client_killed_mid_round_leaves_the_round_to_the_others_when_min_clien
     last = strict.err.strip().splitlines()[-1]
     assert last.startswith("round 1: 2 of 3 clients replied, 3 needed; ") and "died" in last
     assert not (tmp_path / "strict" / "final").exists()
+
+
+class InMemoryGrid:
+    """A grid whose nodes run the client app in this process, one message after the other: the server's loop
+    without Ray or Flower's runtime."""
+
+    def __init__(self, app, parts: int) -> None:  # noqa: ANN001 - a ClientApp
+        self.app, self.part_of = app, {101 + part: part for part in range(parts)}
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.part_of)
+
+    def send_and_receive(self, messages, timeout=None):  # noqa: ANN001, ANN201 - Flower's signature
+        from flwr.app import Context, RecordDict
+
+        replies = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            context = Context(1, node, {"partition-id": self.part_of[node]}, RecordDict(), {})
+            replies.append(self.app(message=message, context=context))
+        return replies
+
+
+def federate_in_process(options, run_dir: Path):  # noqa: ANN001, ANN201 - FederationOptions, Federation
+    from flwr.app import Context, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from scaleforge.federated.client import client_app
+    from scaleforge.federated.server import Federation
+
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1  # as a server's task sets them
+    federation = Federation(options, run_dir)
+    grid = InMemoryGrid(client_app(federation.raw, lambda part: run_dir / "clients" / str(part)), options.clients)
+    federation.main(grid, Context(1, 1, {}, RecordDict(), {}))  # type: ignore[arg-type]
+    assert federation.error is None, federation.error
+    federation.finish()
+    return federation
+
+
+@pytest.mark.slow
+def test_a_private_fedprox_federation_stopped_and_continued_ends_as_an_uninterrupted_one(tmp_path: Path) -> None:
+    from scaleforge.federated.options import FederationOptions
+
+    def options(rounds: int) -> FederationOptions:
+        private = {"dp_noise": 0.01, "dp_clip": 10.0}
+        return FederationOptions(None, (*QUICK, "training.batch_size=32"), clients=3, rounds=rounds,
+                                 partition="dirichlet:1", strategy="fedprox", proximal_mu=0.1, **private)  # fmt: skip
+
+    whole = federate_in_process(options(3), tmp_path / "whole")
+    federate_in_process(options(2), tmp_path / "split")
+    continued = federate_in_process(options(3), tmp_path / "split")  # more rounds than before: it goes on
+    assert continued.resumed_from == 2
+    expected, got = (
+        load_file(tmp_path / "whole" / "final" / "model.safetensors"),
+        load_file(tmp_path / "split" / "final" / "model.safetensors"),
+    )
+    assert all(torch.equal(expected[k], got[k]) for k in expected)  # the noise, seeded with the round, included
+    assert [line["round"] for line in lines(tmp_path / "split")] == [0, 1, 2, 3]
+    epsilons = [line["dp_epsilon"] for line in whole.history[1:]]
+    assert epsilons == sorted(epsilons) and epsilons == [line["dp_epsilon"] for line in lines(tmp_path / "split")[1:]]
+    noiseless = federate_in_process(dataclasses.replace(options(3), dp_noise=None, dp_clip=None), tmp_path / "plain")
+    plain = load_file(tmp_path / "plain" / "final" / "model.safetensors")
+    assert not all(torch.equal(plain[k], got[k]) for k in plain)  # the noise and the clipping changed the model
+    assert noiseless.history[-1]["val_accuracy"] > 0.5
 
 
 @pytest.mark.parametrize(

@@ -65,6 +65,7 @@ class Federation:
         self.resumed_from: int | None = None  # the round of the checkpoint this run continued from
         self.error: BaseException | None = None
         self._resume()  # refuses a run directory of other settings before anything is written to it
+        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(self.config))  # as a trained run's: `scaleforge runs` lists it
 
     # ---------------------------------------------------------------------------------------------- resume
