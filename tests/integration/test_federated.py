@@ -207,8 +207,15 @@ def federate_in_process(options, run_dir: Path):  # noqa: ANN001, ANN201 - Feder
 
 
 @pytest.mark.slow
-def test_a_private_fedprox_federation_stopped_and_continued_ends_as_an_uninterrupted_one(tmp_path: Path) -> None:
+def test_a_private_fedprox_federation_stopped_and_continued_ends_as_an_uninterrupted_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from scaleforge.federated.options import FederationOptions
+
+    # the noise's secret seed: the same for the run to three and the first two rounds, another for the one that
+    # continues them, which must take the first's from its checkpoint
+    secrets = [7, 7, 99, 5]
+    monkeypatch.setattr("scaleforge.federated.server.secret_seed", lambda: secrets.pop(0))
 
     def options(rounds: int) -> FederationOptions:
         private = {"dp_noise": 0.01, "dp_clip": 10.0}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from scaleforge.cli.arguments import Parser, config_argument, positive_float, split_config_args
+from scaleforge.cli.arguments import Parser, config_argument, non_negative_int, positive_float, split_config_args
 
 DESCRIPTION = (
     "Federated learning on Flower: N clients, each training its part of the data with the normal trainer, and a "
@@ -63,7 +63,9 @@ def build_sub_parser(name: str) -> argparse.ArgumentParser:
     )
     config_argument(parser)
     parser.add_argument("--server", required=True, metavar="HOST:PORT", help="the server's --listen address")
-    parser.add_argument("--partition", required=True, type=int, metavar="I", help="the part this client trains")
+    parser.add_argument(
+        "--partition", required=True, type=non_negative_int, metavar="I", help="the part this client trains"
+    )
     parser.add_argument("--root-certificates", metavar="PEM", help="TLS: the certificate authority of the server")
     parser.add_argument("--run-dir", help="where this client trains (default: runs/<config>-client<I>-<time>)")
     parser.add_argument("--max-wait", type=positive_float, default=120.0, metavar="S",

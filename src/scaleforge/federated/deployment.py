@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.app.error import Error
 from flwr.app.message_type import MessageType
@@ -49,6 +50,7 @@ from scaleforge.federated.host import keep_in_group, stop_group
 from scaleforge.federated.server import Federation, FederationFailed
 
 STOP = "stop"  # the key of the server's last message: the federation is over
+TRAINED = "trained"
 START_TIMEOUT_S = 60.0
 POLL_S = 0.5
 APP = """[build-system]
@@ -100,6 +102,7 @@ def flower_environment(home: Path) -> dict[str, str]:
     """The environment of Flower's processes: their own FLWR_HOME, no telemetry, no dependency installation, and
     this interpreter's scripts first on the PATH (the SuperLink and SuperNode start Flower's by name)."""
     quiet_flower()
+    os.environ["FLWR_HOME"] = str(home)  # this process's Flower clients keep their files there too, not in ~/.flwr
     scripts = str(Path(sys.executable).parent)
     return {
         **os.environ,
@@ -151,10 +154,10 @@ def serve(federation: Federation, listen: str, tls: Tls | None) -> None:
         address = f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         print(f"serving the federation on {listen} ({'TLS' if tls else 'no TLS'}); clients: scaleforge federate "
               f"client CONFIG --server {listen} --partition I", flush=True)  # fmt: skip
-        with _server_task(address, tls) as (grid, context):
+        with _server_task(address, tls) as (grid, context, outcome):
             federation.main(grid, context)
-            if federation.error is None:
-                _tell_clients_to_stop(grid)
+            outcome["completed"] = federation.error is None
+            _tell_clients_to_stop(grid)  # failed or not: they need not wait for rounds that will not come
     finally:
         stop_group(link)
     if isinstance(federation.error, FederationFailed):
@@ -171,7 +174,7 @@ def _split_address(address: str, flag: str) -> tuple[str, int]:
 
 
 @contextmanager
-def _server_task(address: str, tls: Tls | None) -> Iterator[tuple[HttpGrid, Context]]:
+def _server_task(address: str, tls: Tls | None) -> Iterator[tuple[HttpGrid, Context, dict[str, bool]]]:
     """A run registered on the SuperLink at `address`, its ServerApp task taken: a grid to its SuperNodes."""
     from flwr.cli.build import build_fab_from_files
     from flwr.cli.typing import SuperLinkConnection
@@ -201,14 +204,15 @@ def _server_task(address: str, tls: Tls | None) -> Iterator[tuple[HttpGrid, Cont
         task.context.node_id,
     )
     context = context_from_proto(task.context)
-    status = SubStatus.FAILED
+    outcome = {"completed": False}
     try:
-        yield grid, context
-        status = SubStatus.COMPLETED
+        yield grid, context, outcome
     finally:
-        request = PushTaskOutputRequest(context=context_to_proto(context), sub_status=status, details="")
-        grid._runtime_client.PushTaskOutput(request)
-        heartbeat.stop()
+        _stop(heartbeat)  # first: a beat after the task's end is refused, and Flower then interrupts the process
+        status = SubStatus.COMPLETED if outcome["completed"] else SubStatus.FAILED
+        with contextlib.suppress(Exception):  # the SuperLink stops next: what it is told now matters little
+            request = PushTaskOutputRequest(context=context_to_proto(context), sub_status=status, details="")
+            grid._runtime_client.PushTaskOutput(request)
         grid.close()
 
 
@@ -231,10 +235,22 @@ def _acquire(address: str, tls: Tls | None, kind: str, component: str, run_id: i
 
 
 def _tell_clients_to_stop(grid: HttpGrid) -> None:
-    """A last message to every client: the federation is over, their commands may end."""
+    """A last message to every client: the federation is over, their commands may end (a client that misses it
+    ends when it cannot reach the server for its --max-wait)."""
     content = RecordDict({"config": ConfigRecord({STOP: 1})})
-    messages = [Message(content, message_type=MessageType.QUERY, dst_node_id=node) for node in grid.get_node_ids()]
-    grid.send_and_receive(messages, timeout=30)
+    try:
+        nodes = list(grid.get_node_ids())
+        grid.send_and_receive(
+            [Message(content, message_type=MessageType.QUERY, dst_node_id=n) for n in nodes], timeout=30
+        )
+    except Exception as error:  # noqa: BLE001 - the federation's result is written whatever the clients hear
+        print(f"warning: the clients could not be told the federation is over ({type(error).__name__})", flush=True)
+
+
+def _stop(heartbeat: HeartbeatSender) -> None:
+    with contextlib.suppress(RuntimeError):  # its thread ended already
+        if heartbeat.is_running:
+            heartbeat.stop()
 
 
 # ------------------------------------------------------------------------------------------------- client
@@ -256,28 +272,33 @@ def join(raw: dict[str, Any], server: str, part: int, run_dir: Path, tls: Tls | 
     log = run_dir / "supernode.log"
     node = keep_in_group(command, log, env=flower_environment(flower))
     app = client_app(raw, lambda _: run_dir / "round")
-    rounds = 0
+    rounds, runs = 0, set()
     try:
         wait_for_port("127.0.0.1", port, node, "Flower's SuperNode", log)
         print(f"client {part}: joined {server} ({'TLS' if tls else 'no TLS'}); waiting for rounds", flush=True)
         while node.poll() is None:
-            outcome = _run_one_task(f"127.0.0.1:{port}", app)
+            outcome = _run_one_task(f"127.0.0.1:{port}", app, runs)
             if outcome == STOP:
-                break
-            rounds += outcome == MessageType.TRAIN
+                return rounds
+            rounds += outcome == TRAINED
     finally:
         stop_group(node)
-    return rounds
+    raise AgreedError(
+        f"client {part}: lost the server at {server} after {rounds} round(s), before it ended the federation; see "
+        f"{log}",
+        exit_code=1,
+    )
 
 
-def _run_one_task(address: str, app: ClientApp) -> str | None:
-    """Run the SuperNode's next task with `app`, as `flwr-clientapp` does; its message type (`STOP` for the
-    server's last message), None when there was none."""
+def _run_one_task(address: str, app: ClientApp, runs: set[int]) -> str | None:
+    """Run the SuperNode's next task with `app`, as `flwr-clientapp` does: `TRAINED` for a round trained, `STOP`
+    for the server's last message, None otherwise (no task yet, a query, a failed round, the SuperNode gone).
+    Only tasks of the first run seen are run: anyone reaching the server can start runs of their own."""
     from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
     try:
         token = _acquire(address, None, TaskType.CLIENT_APP, "SuperExec")
-    except AgreedError:
+    except (AgreedError, httpx.HTTPError):  # none within the wait, or the SuperNode has gone
         return None
     interceptors = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), RuntimeTokenHttpInterceptor(token)]
     client = RuntimeHttpClient.from_server_address(
@@ -285,27 +306,36 @@ def _run_one_task(address: str, app: ClientApp) -> str | None:
     )
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     heartbeat.start()
-    message, context, reply, kind = None, None, None, None
+    message, context, reply, outcome = None, None, None, None
     status, details = SubStatus.FAILED, "failed"
     try:
         message, context, _, _ = pull_task_input(client)  # the run's bundle is not loaded: scaleforge's app runs
+        if not runs:
+            runs.add(context.run_id)
+        if context.run_id not in runs:
+            raise PermissionError(f"run {context.run_id} is not the federation this client joined")
         if message.metadata.message_type == MessageType.QUERY and STOP in message.content.get("config", {}):
-            reply, kind = Message(RecordDict(), reply_to=message), STOP
+            reply, outcome = Message(RecordDict(), reply_to=message), STOP
         else:
-            reply, kind = app(message=message, context=context), message.metadata.message_type
+            reply = app(message=message, context=context)
+            outcome = TRAINED if message.metadata.message_type == MessageType.TRAIN else None
         status, details = SubStatus.COMPLETED, ""
     except Exception as error:  # noqa: BLE001 - the server gets the error as the reply, as from flwr-clientapp
-        print(f"client: the round failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
-        reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(error).__name__}: {error}"),
-                        reply_to=message) if message is not None else None  # fmt: skip
-        kind = message.metadata.message_type if message is not None else None
+        print(f"client: the task failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        reason = f"{type(error).__name__}: {error}"
+        reply = (
+            Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+            if message
+            else None
+        )
     finally:
-        if reply is not None and context is not None:
-            push_message(client, reply, context)
-        push_task_output(client, context, status, details)
-        heartbeat.stop()
+        _stop(heartbeat)  # first: a beat after the task's end is refused, and Flower then interrupts the process
+        with contextlib.suppress(Exception):  # a SuperNode gone: the loop sees it end
+            if reply is not None and context is not None:
+                push_message(client, reply, context)
+            push_task_output(client, context, status, details)
         client.close()
-    return kind
+    return outcome
 
 
 # ------------------------------------------------------------------------------------------------- commands

@@ -25,13 +25,15 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from scaleforge.errors import AgreedError
 from scaleforge.federated import quiet_flower
 from scaleforge.federated.options import FederationOptions
-from scaleforge.federated.server import Federation, FederationFailed
 from scaleforge.processes import ParentDeathGuard
+
+if TYPE_CHECKING:
+    from scaleforge.federated.server import Federation
 
 ERROR_MARK = "scaleforge-federation-error: "
 STOP_GRACE_S = 5.0
@@ -137,6 +139,7 @@ def simulate(federation: Federation) -> None:
     from flwr.simulation import run_simulation
 
     from scaleforge.federated.client import client_app
+    from scaleforge.federated.server import FederationFailed
 
     replace_dead_actors()
     server = ServerApp()
@@ -186,6 +189,8 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["--command"]:  # keep a command in this group, ending with it
         return subprocess.run(argv[1:], stdin=subprocess.DEVNULL, check=False).returncode
     quiet_flower()
+    from scaleforge.federated.server import Federation
+
     fields = json.loads(argv[0])
     options = FederationOptions(**{**fields, "overrides": tuple(fields["overrides"])})
     federation = Federation(options, Path(argv[1]))

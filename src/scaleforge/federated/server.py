@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import secrets
 import shutil
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from flwr.serverapp import Grid
 from safetensors.torch import save
 
 from scaleforge.config import RunConfig, config_data, dump_yaml, load_config
-from scaleforge.errors import UsageError
+from scaleforge.errors import ConfigError, UsageError
 from scaleforge.evaluation import evaluate_model
 from scaleforge.federated.options import SAME_ON_RESUME, FederationOptions
 from scaleforge.federated.strategies import (
@@ -60,8 +61,15 @@ class Federation:
         self.model = build_model(self.config.model, self.data.info)
         if self.config.training.init_from:
             load_initial_weights(self.model, self.config.training.init_from, PreparationContext(self.data.info, None))  # type: ignore[arg-type]
+        if options.private and any(True for _ in self.model.buffers()):
+            raise ConfigError(
+                "model: differential privacy clips and noises every array the clients send, and this model has "
+                "buffers (such as BatchNorm's running statistics), which cannot be clipped as weights: use a model "
+                "without them"
+            )
         self.strategy = build_strategy(options)
         self.round, self.history = 0, []
+        self.noise_seed = secret_seed()  # differential privacy's noise: the server's secret
         self.resumed_from: int | None = None  # the round of the checkpoint this run continued from
         self.error: BaseException | None = None
         self._resume()  # refuses a run directory of other settings before anything is written to it
@@ -83,6 +91,7 @@ class Federation:
             self.model.load_state_dict(read_weights(folder / "model.safetensors"))
             load_strategy_state(self.strategy, read_weights(folder / STRATEGY))
             self.round, self.history = int(state["round"]), list(state["history"])
+            self.noise_seed = int(state.get("noise_seed", self.noise_seed))
             self.resumed_from = self.round
             return
 
@@ -132,6 +141,7 @@ class Federation:
         for server_round in range(self.round + 1, self.options.rounds + 1):
             started = time.perf_counter()
             settings = ConfigRecord(self.round_settings())
+            self._wait_for_clients(grid, order, server_round)
             messages = configure_round(self.strategy, server_round, arrays, settings, grid, self.config.seed, order)
             replies = list(grid.send_and_receive(messages, timeout=self.options.round_timeout_s))
             good = self._good_replies(server_round, messages, replies)
@@ -157,9 +167,12 @@ class Federation:
     def _aggregate(self, server_round: int, good: list[Message], arrays: ArrayRecord) -> ArrayRecord:
         """The next global model from the round's replies: the strategy's aggregate, held in the model's dtypes
         (FedAdam's step comes back in float64) as the checkpoint holds it. Differential privacy's noise is drawn
-        from numpy's global generator: seeded with the round for the call, its state given back after."""
+        from numpy's global generator: seeded for the call from the federation's secret seed (128 random bits kept
+        in its checkpoints, on the server only: a seed anyone knew would let them subtract the noise) and the
+        round, its state given back after."""
         saved = np.random.get_state()
-        np.random.seed((self.config.seed * 1_000_003 + server_round) % 2**32)
+        secret = np.random.SeedSequence([self.noise_seed, server_round])  # never sent, never logged
+        np.random.set_state(np.random.RandomState(np.random.MT19937(secret)).get_state())
         try:
             aggregated, _ = self.strategy.aggregate_train(server_round, good)
         finally:
@@ -168,6 +181,19 @@ class Federation:
             return arrays
         self.model.load_state_dict(aggregated.to_torch_state_dict())
         return ArrayRecord(self.model.state_dict())
+
+    def _wait_for_clients(self, grid: Grid, order: list[int], server_round: int) -> None:
+        """Until the round has the clients it needs connected; `FederationFailed` after `--round-timeout` (Flower's
+        sampling would wait for them forever)."""
+        needed, timeout = self.options.needed(), self.options.round_timeout_s
+        deadline = time.monotonic() + timeout
+        while len(connected := set(grid.get_node_ids()) & set(order)) < needed:
+            if time.monotonic() > deadline:
+                raise FederationFailed(
+                    f"round {server_round}: {len(connected)} of {len(order)} clients connected within {timeout:g} s, "
+                    f"{needed} needed"
+                )
+            time.sleep(0.5)
 
     def _parts_in_order(self, grid: Grid) -> list[int]:
         """Every client's node id, in the order of the parts they train (asked once, when all have connected)."""
@@ -225,7 +251,8 @@ class Federation:
     def _checkpoint(self) -> None:
         """`checkpoints/round-NNNN/`, written atomically; the history rewritten to metrics.jsonl; older ones gone."""
         folder = self.run_dir / CHECKPOINTS / f"round-{self.round:04d}"
-        state = {"round": self.round, "settings": self.settings(), "history": self.history}
+        state = {"round": self.round, "settings": self.settings(), "history": self.history,
+                 "noise_seed": str(self.noise_seed)}  # fmt: skip
         extra = {STATE: json.dumps(state, indent=1).encode(), STRATEGY: save(strategy_state(self.strategy))}
         save_final(folder, self.model.state_dict(), self.config, self.data.info, extra=extra)
         self.write_metrics()
@@ -265,6 +292,11 @@ class Federation:
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
+
+
+def secret_seed() -> int:
+    """128 random bits from the operating system."""
+    return secrets.randbits(128)
 
 
 def round_folders(run_dir: Path) -> list[Path]:
