@@ -272,14 +272,6 @@ def test_bad_arguments_exit_2_with_one_line(cli, tmp_path: Path, args: list[str]
     assert expected in result.err and result.err.count("\n") == 1
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_a_server_and_two_clients_as_processes_federate_over_tls(tmp_path: Path) -> None:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"  # self-signed: its own authority
@@ -288,7 +280,9 @@ def test_a_server_and_two_clients_as_processes_federate_over_tls(tmp_path: Path)
         + ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
         check=True, capture_output=True, timeout=60,
     )  # fmt: skip
-    address = f"127.0.0.1:{_free_port()}"
+    from scaleforge.federated.deployment import free_port
+
+    address = f"127.0.0.1:{free_port()}"
     tls = ["--ssl-ca-certfile", str(cert), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
     server_dir = tmp_path / "server"
     scaleforge = [sys.executable, "-m", "scaleforge", "federate"]

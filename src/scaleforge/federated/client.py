@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from scaleforge.config import config_from_dict
 from scaleforge.federated import quiet_flower
 from scaleforge.runs import read_weights
+from scaleforge.training.curves import read_metrics
 from scaleforge.training.trainer import train
 
 PART = "partition-id"  # the node config's key (Flower's, in simulation and deployment)
@@ -59,14 +60,13 @@ def train_round(message: Message, context: Context, raw: dict[str, Any], folder:
     trained = read_weights(folder / "run" / "final" / "model.safetensors")
     weights = {name: trained[name] for name in message.content["arrays"]}  # in the global model's order (the
     # safetensors file's is sorted), which differential privacy's clipping pairs by position
-    losses = [json.loads(line).get("loss") for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
-    losses = [loss for loss in losses if loss is not None]
+    logged = read_metrics(folder / "run")[0]  # the run's log lines, each with its training loss
     metrics = {
         "num-examples": int(summary["steps"]) * config.training.batch_size,
         "dp-weight": 1,  # under differential privacy every client weighs the same
         "steps": int(summary["steps"]),
         "partition": part,
-        "train_loss": float(losses[-1]) if losses else float("nan"),
+        "train_loss": float(logged[-1]["loss"]) if logged else float("nan"),
     }
     return Message(RecordDict({"arrays": ArrayRecord(weights), "metrics": MetricRecord(metrics)}), reply_to=message)
 

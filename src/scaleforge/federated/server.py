@@ -183,26 +183,27 @@ class Federation:
         return ArrayRecord(self.model.state_dict())
 
     def _wait_for_clients(self, grid: Grid, order: list[int], server_round: int) -> None:
-        """Until the round has the clients it needs connected; `FederationFailed` after `--round-timeout` (Flower's
-        sampling would wait for them forever)."""
-        needed, timeout = self.options.needed(), self.options.round_timeout_s
+        """Until the round has the clients it needs connected (Flower's sampling would wait for them forever)."""
+        self._connected(grid, self.options.needed(), set(order), f"round {server_round}: ")
+
+    def _connected(self, grid: Grid, needed: int, among: set[int] | None = None, prefix: str = "") -> list[int]:
+        """The connected nodes (of `among`, if given), once `needed` are; `FederationFailed` after
+        `--round-timeout`."""
+        timeout = self.options.round_timeout_s
         deadline = time.monotonic() + timeout
-        while len(connected := set(grid.get_node_ids()) & set(order)) < needed:
+        while len(nodes := [n for n in grid.get_node_ids() if among is None or n in among]) < needed:
             if time.monotonic() > deadline:
+                total = len(among) if among is not None else self.options.clients
                 raise FederationFailed(
-                    f"round {server_round}: {len(connected)} of {len(order)} clients connected within {timeout:g} s, "
-                    f"{needed} needed"
+                    f"{prefix}{len(nodes)} of {total} clients connected within {timeout:g} s, {needed} needed"
                 )
             time.sleep(0.5)
+        return nodes
 
     def _parts_in_order(self, grid: Grid) -> list[int]:
         """Every client's node id, in the order of the parts they train (asked once, when all have connected)."""
         clients, timeout = self.options.clients, self.options.round_timeout_s
-        deadline = time.monotonic() + timeout
-        while len(nodes := list(grid.get_node_ids())) < clients:
-            if time.monotonic() > deadline:
-                raise FederationFailed(f"{len(nodes)} of {clients} clients connected within {timeout:g} s")
-            time.sleep(0.5)
+        nodes = self._connected(grid, clients)
         asks = [Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=node) for node in nodes]
         parts = {}
         for reply in grid.send_and_receive(asks, timeout=timeout):
