@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "scaleforge"
 # Bottom to top. A module may import its own layer and the layers below it, never one above. A key names a module
 # or a subpackage (every module under it); the longest matching key wins.
 LAYERS: list[tuple[str, list[str]]] = [
-    ("foundation", ["errors", "registry", "config", "processes", "console", "extras", "files"]),
+    ("foundation", ["errors", "registry", "config", "processes", "network", "console", "extras", "files"]),
     ("hardware", ["hardware"]),
     ("models, data", ["models", "data", "components"]),
     ("runs", ["runs"]),

@@ -11,7 +11,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from scaleforge.network import free_port
 from scaleforge.training.checkpoint import newest_good_checkpoint
 from tests.conftest import REPO
 from tests.integration.distributed_runs import (
@@ -180,9 +180,7 @@ def start_nodes(
 ) -> tuple[list[subprocess.Popen], list[Path]]:
     """Launchers as nodes of one job (`scaleforge train GPT ARGS`), each in a session of its own (a node is killed
     with its workers), meeting at node 0's rendezvous store; their outputs go to node0.log, node1.log."""
-    with socket.socket() as probe:  # a free port for node 0's rendezvous store
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # for node 0's rendezvous store
     nodes, logs = [], [tmp_path / f"node{rank}.log" for rank in ranks]
     for rank, log in zip(ranks, logs, strict=True):
         nodes.append(start_node(stack, rank, log, port, run_dir, *args, nnodes=nnodes))

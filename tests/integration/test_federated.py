@@ -280,7 +280,7 @@ def test_a_server_and_two_clients_as_processes_federate_over_tls(tmp_path: Path)
         + ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
         check=True, capture_output=True, timeout=60,
     )  # fmt: skip
-    from scaleforge.federated.deployment import free_port
+    from scaleforge.network import free_port
 
     address = f"127.0.0.1:{free_port()}"
     tls = ["--ssl-ca-certfile", str(cert), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]

@@ -8,7 +8,6 @@ import itertools
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ import torch
 
 from scaleforge.data.loading import windowed_permutation
 from scaleforge.data.shards import shards
+from scaleforge.network import free_port
 from tests.conftest import run_subprocess
 from tests.integration.distributed_runs import TOLERANCE, max_difference, read_weights
 
@@ -312,9 +312,7 @@ def object_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     process as a user gives it, through AWS_ENDPOINT_URL and the standard credential variables."""
     import boto3
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
@@ -467,9 +465,7 @@ def test_a_failing_prefetch_leaves_the_reader_to_fetch_the_shard_or_report_it_in
     # made as the dataset was built, still can: three windows are read, the reader downloading every shard
     train = shards(remote_shards, image_size=8, channels=1, shuffle_window=300, cache_dir=str(tmp_path / "cache"),
                    cache_limit="300kB").train  # fmt: skip
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed = probe.getsockname()[1]
+    closed = free_port()
     endpoint = os.environ["AWS_ENDPOINT_URL"]
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed}")
     batches = TrainBatches(train, BatchPlan(32), seed=0, device=torch.device("cpu"), num_workers=0)
@@ -498,9 +494,7 @@ def test_an_unreachable_store_and_a_window_the_cache_cannot_hold_are_one_line_ea
     too_small = run_subprocess("train", *IMAGES, f"data.path={remote_shards}", "data.cache_limit=100kB",
                                "data.shuffle_window=500", "--run-dir", str(tmp_path / "small"))  # fmt: skip
     assert too_small.code == 2 and too_small.err.startswith("config error: data.cache_limit: 100.0 kB cannot hold")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed = probe.getsockname()[1]
+    closed = free_port()
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed}")
     unreachable = run_subprocess("train", *IMAGES, f"data.path={remote_shards}", "--run-dir", str(tmp_path / "r"))
     assert unreachable.code == 2, unreachable.err

@@ -31,7 +31,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,6 +49,7 @@ from scaleforge.bench.harness import config_arguments, machine, report, train_in
 from scaleforge.config import load_config
 from scaleforge.distributed.launch import threads_per_process
 from scaleforge.errors import UsageError
+from scaleforge.network import free_port
 from scaleforge.processes import ParentDeathGuard
 
 if TYPE_CHECKING:
@@ -266,9 +266,7 @@ def _object_store(enabled: bool, out: Path) -> Iterator[str | None]:
     if not enabled:
         yield None
         return
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     log = (out / "moto.log").open("w")
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],

@@ -22,7 +22,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from scaleforge.bench.harness import machine, report
+from scaleforge.network import free_port
 from scaleforge.processes import ParentDeathGuard
 from scaleforge.runs import UNTRUSTED, Trust
 
@@ -84,12 +84,6 @@ def trust_flags(trust: Trust) -> list[str]:
     """The command-line flags that open a run with `trust`."""
     signing = ["--signing-key-env", trust.signing_key_env] if trust.signing_key_env else []
     return [*(["--trust-code"] if trust.code else []), *signing]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def targets(

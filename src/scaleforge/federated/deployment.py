@@ -48,6 +48,7 @@ from scaleforge.errors import AgreedError, UsageError
 from scaleforge.federated import quiet_flower
 from scaleforge.federated.host import keep_in_group, stop_group
 from scaleforge.federated.server import Federation, FederationFailed
+from scaleforge.network import free_port
 
 STOP = "stop"  # the key of the server's last message: the federation is over
 TRAINED = "trained"
@@ -110,12 +111,6 @@ def flower_environment(home: Path) -> dict[str, str]:
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "PATH": scripts + os.pathsep + os.environ.get("PATH", ""),
     }
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
 
 
 def wait_for_port(host: str, port: int, process: Any, what: str, log: Path) -> None:
