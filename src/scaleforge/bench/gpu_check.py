@@ -79,7 +79,9 @@ class Plan:
     def rehearsal(cls) -> Plan:
         gpt = ["model.architecture=gpt", "model.n_layers=2", "model.d_model=64", "model.n_heads=4", "data.kind=tokens"]
         gpt += ["data.seq_len=64", "data.vocab_size=256", "training.batch_size=8"]
-        images = ["model.architecture=resnet18", "data.kind=images", "data.image_size=32", "training.batch_size=16"]
+        # 256 images of 16 pixels: the default 4,096 of 32 made this row 49 s of a 2-core rehearsal, 12 s now
+        images = ["model.architecture=resnet18", "data.kind=images", "data.image_size=16", "training.batch_size=16"]
+        images += ["data.num_samples=256"]
         return cls("cpu", 6, gpt, 3, images, compile="training.compile=false")
 
 
